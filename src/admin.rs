@@ -1,0 +1,115 @@
+//! The admin listener: `/metrics`, `/healthz`, `/readyz` and the cache purge. Kept off the
+//! consent listener so it can stay on a private address.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use bytes::Bytes;
+use http::{HeaderValue, Method, Request, Response, StatusCode};
+use hyper::body::Incoming;
+use prometheus::Registry;
+use serde_json::json;
+
+use crate::auth::{Authenticator, Permission};
+use crate::cache::ConsentCache;
+use crate::consent::ContactId;
+use crate::error::ProxyError;
+use crate::http_util::{self, Body};
+use crate::token::TokenManager;
+
+const PURGE_PREFIX: &str = "/admin/cache/";
+
+pub struct AdminRoutes {
+    registry: Registry,
+    cache: ConsentCache,
+    tokens: TokenManager,
+    auth: Arc<Authenticator>,
+    /// Set once the consent listener accepts connections, cleared when it drains.
+    serving: Arc<AtomicBool>,
+}
+
+impl AdminRoutes {
+    pub fn new(
+        registry: Registry,
+        cache: ConsentCache,
+        tokens: TokenManager,
+        auth: Arc<Authenticator>,
+        serving: Arc<AtomicBool>,
+    ) -> Self {
+        AdminRoutes {
+            registry,
+            cache,
+            tokens,
+            auth,
+            serving,
+        }
+    }
+
+    pub async fn handle(&self, request: Request<Incoming>) -> Response<Body> {
+        let path = request.uri().path();
+        let result = match (request.method(), path) {
+            (&Method::GET, "/metrics") => Ok(self.metrics().await),
+            (&Method::GET, "/healthz") => Ok(http_util::json_response(
+                StatusCode::OK,
+                &json!({"status": "ok"}),
+            )),
+            (&Method::GET, "/readyz") => Ok(self.readiness()),
+            (_, "/metrics" | "/healthz" | "/readyz") => {
+                Err(ProxyError::MethodNotAllowed { allow: "GET" })
+            }
+            (method, path) if path.starts_with(PURGE_PREFIX) => {
+                self.purge(method, &path[PURGE_PREFIX.len()..], &request)
+                    .await
+            }
+            _ => Err(ProxyError::NotFound),
+        };
+        result.unwrap_or_else(ProxyError::into_response)
+    }
+
+    async fn metrics(&self) -> Response<Body> {
+        self.cache.refresh_entry_gauge().await;
+        http_util::bytes_response(
+            StatusCode::OK,
+            HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
+            Bytes::from(crate::metrics::encode(&self.registry)),
+        )
+    }
+
+    fn readiness(&self) -> Response<Body> {
+        let reason = if !self.serving.load(Ordering::Acquire) {
+            Err("the consent listener is not accepting connections".to_owned())
+        } else {
+            self.tokens.readiness()
+        };
+        match reason {
+            Ok(()) => http_util::json_response(StatusCode::OK, &json!({"status": "ready"})),
+            Err(reason) => http_util::json_response(
+                StatusCode::SERVICE_UNAVAILABLE,
+                &json!({"status": "not_ready", "reason": reason}),
+            ),
+        }
+    }
+
+    async fn purge(
+        &self,
+        method: &Method,
+        segment: &str,
+        request: &Request<Incoming>,
+    ) -> Result<Response<Body>, ProxyError> {
+        if segment.is_empty() || segment.contains('/') {
+            return Err(ProxyError::NotFound);
+        }
+        if method != Method::DELETE {
+            return Err(ProxyError::MethodNotAllowed { allow: "DELETE" });
+        }
+        let caller = self.auth.authorize(request.headers(), Permission::Admin)?;
+        let contact = ContactId::from_path_segment(segment).ok_or(ProxyError::InvalidContactId)?;
+        self.cache.purge(&contact).await;
+        tracing::info!(
+            client = self.auth.client_name(Some(&caller)),
+            contact = %contact.masked(),
+            "cache entry purged"
+        );
+        Ok(http_util::empty_response(StatusCode::NO_CONTENT))
+    }
+}

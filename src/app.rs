@@ -1,0 +1,177 @@
+//! Wiring: builds every component from the validated settings, binds both listeners and
+//! returns a handle to stop them. Tests start whole proxies on port 0 through this.
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use prometheus::Registry;
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+
+use crate::admin::AdminRoutes;
+use crate::auth::Authenticator;
+use crate::cache::{CacheMetrics, ConsentCache};
+use crate::config::Settings;
+use crate::metrics::{self, HttpMetrics};
+use crate::proxy::{ConsentService, WriteMetrics};
+use crate::routes::{ConsentRoutes, RouteLimits};
+use crate::server::{self, ListenerLimits};
+use crate::token::{TokenManager, TokenMetrics};
+use crate::transport::{self, Transport};
+use crate::upstream::{ConsentApi, UpstreamMetrics};
+
+pub struct App;
+
+/// A running proxy.
+pub struct AppHandle {
+    pub listen_addr: SocketAddr,
+    pub admin_addr: SocketAddr,
+    pub registry: Registry,
+    pub cache: ConsentCache,
+    pub tokens: TokenManager,
+    shutdown: watch::Sender<bool>,
+    tasks: Vec<JoinHandle<()>>,
+}
+
+impl App {
+    /// Starts the proxy with the default outbound TLS roots (webpki).
+    pub async fn start(settings: Settings) -> Result<AppHandle, String> {
+        let transport = Transport::new(settings.talkdesk.timeout);
+        Self::start_with_transport(settings, transport).await
+    }
+
+    /// Starts the proxy with a given outbound transport (tests trust their own CA this way).
+    pub async fn start_with_transport(
+        settings: Settings,
+        transport: Transport,
+    ) -> Result<AppHandle, String> {
+        transport::install_crypto_provider();
+        let tls = match &settings.server.tls {
+            Some(files) => Some(server::tls_acceptor(&files.cert_file, &files.key_file)?),
+            None => None,
+        };
+        let listener = server::bind(settings.server.listen, "server.listen").await?;
+        let admin_listener =
+            server::bind(settings.server.admin_listen, "server.admin_listen").await?;
+        let listen_addr = listener.local_addr().map_err(|e| e.to_string())?;
+        let admin_addr = admin_listener.local_addr().map_err(|e| e.to_string())?;
+
+        let registry = metrics::new_registry();
+        let (shutdown, shutdown_rx) = watch::channel(false);
+        let tokens = TokenManager::start(
+            transport.clone(),
+            &settings.talkdesk,
+            &settings.token,
+            TokenMetrics::register(&registry),
+            shutdown_rx.clone(),
+        );
+        let api = Arc::new(ConsentApi::new(
+            transport,
+            tokens.clone(),
+            &settings.talkdesk,
+            UpstreamMetrics::register(&registry),
+        ));
+        let cache = ConsentCache::new(&settings.cache, CacheMetrics::register(&registry));
+        let service = ConsentService::new(api, cache.clone(), WriteMetrics::register(&registry));
+        let auth = Arc::new(Authenticator::new(
+            settings.clients.clone(),
+            settings.auth.required,
+        ));
+        if !settings.auth.required {
+            tracing::warn!(
+                "auth.required = false: ANY caller that can reach {listen_addr} may read and \
+                 write consent without a key"
+            );
+        }
+
+        let routes = Arc::new(ConsentRoutes::new(
+            service,
+            auth.clone(),
+            HttpMetrics::register(&registry),
+            RouteLimits {
+                max_body_bytes: settings.server.max_body_bytes,
+                max_header_bytes: settings.server.max_header_bytes,
+                request_timeout: settings.server.request_timeout,
+            },
+        ));
+        let serving = Arc::new(AtomicBool::new(false));
+        let admin = Arc::new(AdminRoutes::new(
+            registry.clone(),
+            cache.clone(),
+            tokens.clone(),
+            auth,
+            serving.clone(),
+        ));
+        let limits = ListenerLimits {
+            max_header_bytes: settings.server.max_header_bytes,
+            header_read_timeout: settings.server.header_read_timeout,
+            max_connections: settings.server.max_connections,
+            shutdown_grace: settings.server.shutdown_grace,
+        };
+        let admin_limits = ListenerLimits {
+            max_connections: 64,
+            ..limits.clone()
+        };
+
+        let consent_task = {
+            let serving = serving.clone();
+            let shutdown_rx = shutdown_rx.clone();
+            tokio::spawn(async move {
+                serving.store(true, Ordering::Release);
+                server::serve(
+                    listener,
+                    tls,
+                    limits,
+                    move |request| {
+                        let routes = routes.clone();
+                        async move { routes.handle(request).await }
+                    },
+                    shutdown_rx,
+                )
+                .await;
+                serving.store(false, Ordering::Release);
+            })
+        };
+        let admin_task = tokio::spawn(server::serve(
+            admin_listener,
+            None,
+            admin_limits,
+            move |request| {
+                let admin = admin.clone();
+                async move { admin.handle(request).await }
+            },
+            shutdown_rx,
+        ));
+        tracing::info!(%listen_addr, %admin_addr, "consent-proxy listening");
+        Ok(AppHandle {
+            listen_addr,
+            admin_addr,
+            registry,
+            cache,
+            tokens,
+            shutdown,
+            tasks: vec![consent_task, admin_task],
+        })
+    }
+}
+
+impl AppHandle {
+    /// Stops accepting, lets in-flight requests finish within the grace period, and returns
+    /// when both listeners are closed.
+    pub async fn shutdown(self) {
+        let _ = self.shutdown.send(true);
+        for task in self.tasks {
+            let _ = task.await;
+        }
+    }
+
+    /// Base URL of the consent listener (plain HTTP).
+    pub fn url(&self) -> String {
+        format!("http://{}", self.listen_addr)
+    }
+
+    pub fn admin_url(&self) -> String {
+        format!("http://{}", self.admin_addr)
+    }
+}

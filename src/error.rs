@@ -1,0 +1,208 @@
+//! The proxy's one error type, and the single place where errors become HTTP answers.
+//!
+//! Every failure carries where it came from (the caller, upstream, the token endpoint or the
+//! proxy itself) so logs and metrics can say whose fault it was; the mapping to the
+//! contract's status codes and `{code, message, fields}` bodies lives only here.
+
+use bytes::Bytes;
+use http::{header, HeaderValue, Response, StatusCode};
+use http_body_util::Full;
+use serde_json::json;
+
+/// Who caused a failure.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ErrorSource {
+    /// The caller sent something wrong.
+    Downstream,
+    /// The consent API failed or answered something unusable.
+    Upstream,
+    /// The token endpoint could not give a token.
+    TokenEndpoint,
+    /// A defect or resource limit inside the proxy.
+    Internal,
+}
+
+/// One field named in an `invalid_body` answer.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FieldProblem {
+    pub name: String,
+    pub description: String,
+}
+
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum ProxyError {
+    #[error("invalid contact id")]
+    InvalidContactId,
+    #[error("invalid body: {message}")]
+    InvalidBody {
+        message: String,
+        fields: Vec<FieldProblem>,
+    },
+    #[error("missing or wrong credentials")]
+    Unauthorized,
+    #[error("the client lacks the '{0}' permission")]
+    Forbidden(&'static str),
+    #[error("no such route")]
+    NotFound,
+    #[error("method not allowed")]
+    MethodNotAllowed { allow: &'static str },
+    #[error("body larger than {limit} bytes")]
+    PayloadTooLarge { limit: usize },
+    #[error("unsupported content type")]
+    UnsupportedMediaType,
+    #[error("request body not received in time")]
+    RequestTimeout,
+    #[error("upstream error: {0}")]
+    Upstream(String),
+    #[error("no valid token: {0}")]
+    TokenUnavailable(String),
+    #[error("upstream timeout")]
+    UpstreamTimeout,
+    #[error("internal error: {0}")]
+    Internal(String),
+}
+
+impl ProxyError {
+    pub fn source_kind(&self) -> ErrorSource {
+        match self {
+            ProxyError::InvalidContactId
+            | ProxyError::InvalidBody { .. }
+            | ProxyError::Unauthorized
+            | ProxyError::Forbidden(_)
+            | ProxyError::NotFound
+            | ProxyError::MethodNotAllowed { .. }
+            | ProxyError::PayloadTooLarge { .. }
+            | ProxyError::UnsupportedMediaType
+            | ProxyError::RequestTimeout => ErrorSource::Downstream,
+            ProxyError::Upstream(_) | ProxyError::UpstreamTimeout => ErrorSource::Upstream,
+            ProxyError::TokenUnavailable(_) => ErrorSource::TokenEndpoint,
+            ProxyError::Internal(_) => ErrorSource::Internal,
+        }
+    }
+
+    pub fn status(&self) -> StatusCode {
+        match self {
+            ProxyError::InvalidContactId | ProxyError::InvalidBody { .. } => {
+                StatusCode::BAD_REQUEST
+            }
+            ProxyError::Unauthorized => StatusCode::UNAUTHORIZED,
+            ProxyError::Forbidden(_) => StatusCode::FORBIDDEN,
+            ProxyError::NotFound => StatusCode::NOT_FOUND,
+            ProxyError::MethodNotAllowed { .. } => StatusCode::METHOD_NOT_ALLOWED,
+            ProxyError::PayloadTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
+            ProxyError::UnsupportedMediaType => StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            ProxyError::RequestTimeout => StatusCode::REQUEST_TIMEOUT,
+            ProxyError::Upstream(_) => StatusCode::BAD_GATEWAY,
+            ProxyError::TokenUnavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+            ProxyError::UpstreamTimeout => StatusCode::GATEWAY_TIMEOUT,
+            ProxyError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
+        }
+    }
+
+    /// The contract's machine-readable `code`.
+    pub fn code(&self) -> &'static str {
+        match self {
+            ProxyError::InvalidContactId => "invalid_contact_id",
+            ProxyError::InvalidBody { .. } => "invalid_body",
+            ProxyError::Unauthorized => "unauthorized",
+            ProxyError::Forbidden(_) => "forbidden",
+            ProxyError::NotFound => "not_found",
+            ProxyError::MethodNotAllowed { .. } => "method_not_allowed",
+            ProxyError::PayloadTooLarge { .. } => "payload_too_large",
+            ProxyError::UnsupportedMediaType => "unsupported_media_type",
+            ProxyError::RequestTimeout => "request_timeout",
+            ProxyError::Upstream(_) => "upstream_error",
+            ProxyError::TokenUnavailable(_) => "token_unavailable",
+            ProxyError::UpstreamTimeout => "upstream_timeout",
+            ProxyError::Internal(_) => "internal_error",
+        }
+    }
+
+    /// The message shown to the caller: says what went wrong without internals or secrets.
+    fn public_message(&self) -> String {
+        match self {
+            ProxyError::InvalidContactId => "contact_id must be 1 to 64 characters of A-Z a-z 0-9 + . _ -, starting with a letter, a digit or +".into(),
+            ProxyError::InvalidBody { message, .. } => message.clone(),
+            ProxyError::Unauthorized => "a valid API key is required".into(),
+            ProxyError::Forbidden(permission) => {
+                format!("this client lacks the '{permission}' permission")
+            }
+            ProxyError::NotFound => "no such route".into(),
+            ProxyError::MethodNotAllowed { allow } => format!("allowed methods: {allow}"),
+            ProxyError::PayloadTooLarge { limit } => {
+                format!("the body is larger than {limit} bytes")
+            }
+            ProxyError::UnsupportedMediaType => "the body must be application/json".into(),
+            ProxyError::RequestTimeout => "the request body was not received in time".into(),
+            ProxyError::Upstream(_) => "the consent API failed or answered something unusable".into(),
+            ProxyError::TokenUnavailable(_) => "no access token can be had from the token endpoint".into(),
+            ProxyError::UpstreamTimeout => "the consent API did not answer in time".into(),
+            ProxyError::Internal(_) => "internal error".into(),
+        }
+    }
+
+    /// The error as the contract's JSON answer, with the headers some codes require.
+    pub fn into_response(self) -> Response<Full<Bytes>> {
+        let mut body = json!({ "code": self.code(), "message": self.public_message() });
+        if let ProxyError::InvalidBody { fields, .. } = &self {
+            if !fields.is_empty() {
+                body["fields"] = fields
+                    .iter()
+                    .map(|f| json!({ "name": f.name, "description": f.description }))
+                    .collect();
+            }
+        }
+        let mut response = crate::http_util::json_response(self.status(), &body);
+        let headers = response.headers_mut();
+        match self {
+            ProxyError::Unauthorized => {
+                headers.insert(
+                    header::WWW_AUTHENTICATE,
+                    HeaderValue::from_static("Basic realm=\"consent-proxy\""),
+                );
+            }
+            ProxyError::MethodNotAllowed { allow } => {
+                headers.insert(header::ALLOW, HeaderValue::from_static(allow));
+            }
+            _ => {}
+        }
+        response
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http_body_util::BodyExt;
+
+    #[tokio::test]
+    async fn error_shape_and_headers() {
+        let response = ProxyError::Unauthorized.into_response();
+        assert_eq!(response.status(), 401);
+        assert_eq!(
+            response.headers()[header::WWW_AUTHENTICATE],
+            "Basic realm=\"consent-proxy\""
+        );
+        let body = response.into_body().collect().await.unwrap().to_bytes();
+        let value: serde_json::Value = serde_json::from_slice(&body).unwrap();
+        assert_eq!(value["code"], "unauthorized");
+
+        let response = ProxyError::InvalidBody {
+            message: "bad".into(),
+            fields: vec![FieldProblem {
+                name: "status".into(),
+                description: "required".into(),
+            }],
+        }
+        .into_response();
+        let body = response.into_body().collect().await.unwrap().to_bytes();
+        let value: serde_json::Value = serde_json::from_slice(&body).unwrap();
+        assert_eq!(value["fields"][0]["name"], "status");
+    }
+
+    #[test]
+    fn upstream_details_never_reach_the_caller() {
+        let err = ProxyError::Upstream("token abc123 rejected".into());
+        assert!(!err.public_message().contains("abc123"));
+    }
+}

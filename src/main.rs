@@ -1,0 +1,194 @@
+//! The `consent-proxy` command: serve, demo, simulator, check-config.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::{Parser, Subcommand};
+use consent_proxy::config::{LogFormat, LogSettings, Settings};
+use consent_proxy::demo::{Demo, DemoOptions};
+use consent_proxy::simulator::{Simulator, SimulatorConfig};
+use consent_proxy::{logging, App};
+
+#[derive(Parser)]
+#[command(
+    name = "consent-proxy",
+    version,
+    about = "Caching, token-sharing reverse proxy for Talkdesk's Voice Biometrics consent API"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the proxy (the default when no command is given).
+    Serve {
+        /// TOML configuration file (layered over the built-in defaults, under the environment).
+        #[arg(long)]
+        config: Option<PathBuf>,
+    },
+    /// Run the proxy and the built-in Talkdesk simulator together: no account needed.
+    Demo {
+        #[arg(long, default_value = "127.0.0.1:8080")]
+        listen: SocketAddr,
+        #[arg(long, default_value = "127.0.0.1:9464")]
+        admin_listen: SocketAddr,
+        /// The API key callers use (random when not given; at least 16 characters).
+        #[arg(long)]
+        api_key: Option<String>,
+    },
+    /// Run the Talkdesk simulator alone (token endpoint /oauth/token, API at its root).
+    Simulator {
+        #[arg(long, default_value = "127.0.0.1:8081")]
+        listen: SocketAddr,
+        #[arg(long, default_value = "sim-client")]
+        client_id: String,
+        #[arg(long, default_value = "sim-secret")]
+        client_secret: String,
+        /// Delay added before every consent-API answer.
+        #[arg(long, default_value_t = 0)]
+        latency_ms: u64,
+        /// Lifetime of issued tokens.
+        #[arg(long, default_value_t = 600)]
+        token_ttl_s: u64,
+    },
+    /// Load and validate the configuration; print it with secrets redacted.
+    CheckConfig {
+        #[arg(long)]
+        config: Option<PathBuf>,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(err) => {
+            eprintln!("cannot start the runtime: {err}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let result = match cli.command.unwrap_or(Command::Serve { config: None }) {
+        Command::Serve { config } => runtime.block_on(serve(config)),
+        Command::Demo {
+            listen,
+            admin_listen,
+            api_key,
+        } => runtime.block_on(demo(DemoOptions {
+            listen,
+            admin_listen,
+            api_key,
+        })),
+        Command::Simulator {
+            listen,
+            client_id,
+            client_secret,
+            latency_ms,
+            token_ttl_s,
+        } => runtime.block_on(simulator(
+            listen,
+            SimulatorConfig {
+                client_id,
+                client_secret,
+                latency: Duration::from_millis(latency_ms),
+                token_ttl: Duration::from_secs(token_ttl_s),
+                ..SimulatorConfig::default()
+            },
+        )),
+        Command::CheckConfig { config } => return check_config(config),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            eprintln!("consent-proxy: {err}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn serve(config: Option<PathBuf>) -> Result<(), String> {
+    let settings =
+        Settings::load(config.as_deref()).map_err(|e| format!("invalid configuration:\n{e}"))?;
+    logging::init(&settings.log)?;
+    tracing::info!(config = %settings.redacted_toml(), "effective configuration");
+    let proxy = App::start(settings).await?;
+    shutdown_signal().await;
+    tracing::info!("shutting down: draining in-flight requests");
+    proxy.shutdown().await;
+    Ok(())
+}
+
+async fn demo(options: DemoOptions) -> Result<(), String> {
+    logging::init(&LogSettings {
+        level: "info".into(),
+        format: LogFormat::Text,
+    })?;
+    let demo = Demo::start(options).await?;
+    println!("{}", demo.banner());
+    shutdown_signal().await;
+    demo.shutdown().await;
+    Ok(())
+}
+
+async fn simulator(listen: SocketAddr, config: SimulatorConfig) -> Result<(), String> {
+    logging::init(&LogSettings {
+        level: "info".into(),
+        format: LogFormat::Text,
+    })?;
+    let simulator = Simulator::start(listen, config)
+        .await
+        .map_err(|e| format!("cannot listen on {listen}: {e}"))?;
+    println!(
+        "talkdesk simulator\n  api base   {}\n  token url  {}\n  control    {}/_sim/stats",
+        simulator.base_url(),
+        simulator.token_url(),
+        simulator.base_url()
+    );
+    shutdown_signal().await;
+    simulator.shutdown().await;
+    Ok(())
+}
+
+fn check_config(config: Option<PathBuf>) -> ExitCode {
+    match Settings::load(config.as_deref()) {
+        Ok(settings) => {
+            print!("{}", settings.redacted_toml());
+            ExitCode::SUCCESS
+        }
+        Err(errors) => {
+            eprintln!("invalid configuration:");
+            for problem in &errors.0 {
+                eprintln!("  - {problem}");
+            }
+            ExitCode::from(2)
+        }
+    }
+}
+
+/// Resolves on SIGTERM or SIGINT.
+async fn shutdown_signal() {
+    let interrupt = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let mut terminate =
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(signal) => signal,
+                Err(_) => {
+                    let _ = interrupt.await;
+                    return;
+                }
+            };
+        tokio::select! {
+            _ = interrupt => {}
+            _ = terminate.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = interrupt.await;
+}

@@ -1,0 +1,114 @@
+//! The app-owned Prometheus registry and the metric helpers every component uses.
+//!
+//! Each component (HTTP layer, cache, token manager, upstream client) registers its own
+//! metrics on the one `Registry` it is handed at construction; nothing uses the global
+//! default registry, so several proxies can live in one test process.
+
+use prometheus::{
+    core::Collector, Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec,
+    IntGauge, Opts, Registry, TextEncoder,
+};
+
+/// Buckets from 25 µs (a cache hit) to 10 s (past any upstream deadline).
+pub const LATENCY_BUCKETS: &[f64] = &[
+    0.000_025, 0.000_05, 0.000_1, 0.000_25, 0.000_5, 0.001, 0.002_5, 0.005, 0.01, 0.025, 0.05, 0.1,
+    0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+];
+
+/// Registers a collector, panicking only on a programming error (duplicate or invalid name),
+/// which every test that builds an app would catch at once.
+fn register<C: Collector + Clone + 'static>(registry: &Registry, collector: C) -> C {
+    if let Err(err) = registry.register(Box::new(collector.clone())) {
+        panic!("metric registration is a programming error: {err}");
+    }
+    collector
+}
+
+pub fn counter(registry: &Registry, name: &str, help: &str) -> IntCounter {
+    register(
+        registry,
+        IntCounter::with_opts(Opts::new(name, help)).expect("valid metric"),
+    )
+}
+
+pub fn counter_vec(registry: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
+    register(
+        registry,
+        IntCounterVec::new(Opts::new(name, help), labels).expect("valid metric"),
+    )
+}
+
+pub fn gauge(registry: &Registry, name: &str, help: &str) -> IntGauge {
+    register(
+        registry,
+        IntGauge::with_opts(Opts::new(name, help)).expect("valid metric"),
+    )
+}
+
+pub fn float_gauge(registry: &Registry, name: &str, help: &str) -> prometheus::Gauge {
+    register(
+        registry,
+        prometheus::Gauge::with_opts(Opts::new(name, help)).expect("valid metric"),
+    )
+}
+
+pub fn histogram(registry: &Registry, name: &str, help: &str) -> Histogram {
+    let opts = HistogramOpts::new(name, help).buckets(LATENCY_BUCKETS.to_vec());
+    register(registry, Histogram::with_opts(opts).expect("valid metric"))
+}
+
+pub fn histogram_vec(registry: &Registry, name: &str, help: &str, labels: &[&str]) -> HistogramVec {
+    let opts = HistogramOpts::new(name, help).buckets(LATENCY_BUCKETS.to_vec());
+    register(
+        registry,
+        HistogramVec::new(opts, labels).expect("valid metric"),
+    )
+}
+
+/// A new registry with the process metrics (`process_*`) already on it.
+pub fn new_registry() -> Registry {
+    let registry = Registry::new();
+    #[cfg(target_os = "linux")]
+    if let Err(err) = registry.register(Box::new(
+        prometheus::process_collector::ProcessCollector::for_self(),
+    )) {
+        tracing::warn!(error = %err, "process metrics unavailable");
+    }
+    registry
+}
+
+/// The registry in Prometheus' text exposition format.
+pub fn encode(registry: &Registry) -> Vec<u8> {
+    let mut buffer = Vec::with_capacity(16 * 1024);
+    // Encoding into a Vec only fails on a malformed family, which registration prevents.
+    if let Err(err) = TextEncoder::new().encode(&registry.gather(), &mut buffer) {
+        tracing::error!(error = %err, "metrics encoding failed");
+    }
+    buffer
+}
+
+/// The HTTP layer's metrics: one count and one latency per answered request.
+#[derive(Clone)]
+pub struct HttpMetrics {
+    pub requests: IntCounterVec,
+    pub duration: HistogramVec,
+}
+
+impl HttpMetrics {
+    pub fn register(registry: &Registry) -> Self {
+        HttpMetrics {
+            requests: counter_vec(
+                registry,
+                "consent_proxy_requests_total",
+                "Requests answered on the consent listener.",
+                &["route", "method", "code", "client"],
+            ),
+            duration: histogram_vec(
+                registry,
+                "consent_proxy_request_duration_seconds",
+                "Time from request head to answer on the consent listener.",
+                &["route", "method"],
+            ),
+        }
+    }
+}

@@ -1,0 +1,124 @@
+//! The consent operations, independent of HTTP: a read goes through the cache to the
+//! consent API; a write goes to the consent API and then through the cache, in its own task
+//! so that a caller hanging up cannot leave the cache behind upstream.
+
+use std::sync::Arc;
+
+use http::HeaderValue;
+use prometheus::{IntCounter, Registry};
+use tokio::time::Instant;
+
+use crate::cache::{CacheStatus, ConsentCache, WriteOutcome};
+use crate::consent::{ConsentStatus, ContactId};
+use crate::error::ProxyError;
+use crate::metrics;
+use crate::upstream::{consent_status_of, ConsentAnswer, ConsentApi};
+
+#[derive(Clone)]
+pub struct WriteMetrics {
+    /// Acknowledged writes, one counter per status (indexed like `ConsentStatus::ALL`).
+    by_status: [IntCounter; 4],
+}
+
+impl WriteMetrics {
+    pub fn register(registry: &Registry) -> Self {
+        let writes = metrics::counter_vec(
+            registry,
+            "consent_proxy_consent_writes_total",
+            "Consent writes acknowledged by upstream (2xx), by the status written.",
+            &["status"],
+        );
+        WriteMetrics {
+            by_status: ConsentStatus::ALL.map(|s| writes.with_label_values(&[s.as_str()])),
+        }
+    }
+
+    fn acknowledged(&self, status: ConsentStatus) {
+        let index = ConsentStatus::ALL
+            .iter()
+            .position(|s| *s == status)
+            .unwrap_or_default();
+        self.by_status[index].inc();
+    }
+}
+
+/// A read's answer and how the cache produced it.
+pub struct ReadResult {
+    pub cache_status: CacheStatus,
+    /// Seconds since the answer was stored, for hits.
+    pub age: Option<u32>,
+    pub answer: Result<ConsentAnswer, ProxyError>,
+}
+
+#[derive(Clone)]
+pub struct ConsentService {
+    api: Arc<ConsentApi>,
+    cache: ConsentCache,
+    writes: WriteMetrics,
+}
+
+impl ConsentService {
+    pub fn new(api: Arc<ConsentApi>, cache: ConsentCache, writes: WriteMetrics) -> Self {
+        ConsentService { api, cache, writes }
+    }
+
+    pub fn cache(&self) -> &ConsentCache {
+        &self.cache
+    }
+
+    pub async fn read(
+        &self,
+        contact: &ContactId,
+        request_id: &HeaderValue,
+        deadline: Instant,
+    ) -> ReadResult {
+        let api = self.api.clone();
+        let fetch_contact = contact.clone();
+        let fetch_request_id = request_id.clone();
+        let (cache_status, age, answer) = self
+            .cache
+            .get_or_fetch(contact, deadline, move || async move {
+                api.get(&fetch_contact, &fetch_request_id, deadline).await
+            })
+            .await;
+        ReadResult {
+            cache_status,
+            age,
+            answer,
+        }
+    }
+
+    /// Writes upstream, then updates the cache; answered 2xx only when upstream said 2xx.
+    pub async fn write(
+        &self,
+        contact: &ContactId,
+        status: ConsentStatus,
+        request_id: &HeaderValue,
+        deadline: Instant,
+    ) -> Result<ConsentAnswer, ProxyError> {
+        let service = self.clone();
+        let contact = contact.clone();
+        let request_id = request_id.clone();
+        let task = tokio::spawn(async move {
+            service.cache.begin_write(&contact).await;
+            let result = service
+                .api
+                .put(&contact, status, &request_id, deadline)
+                .await;
+            let outcome = match &result {
+                Ok(answer) if answer.status.is_success() => {
+                    let written = consent_status_of(&answer.body).unwrap_or(status);
+                    service.writes.acknowledged(written);
+                    WriteOutcome::Applied(written)
+                }
+                Ok(_) => WriteOutcome::NotApplied,
+                Err(failure) if failure.outcome_unknown => WriteOutcome::Unknown,
+                Err(_) => WriteOutcome::NotApplied,
+            };
+            service.cache.finish_write(&contact, outcome).await;
+            result.map_err(|failure| failure.error)
+        });
+        task.await
+            .unwrap_or_else(|err| Err(ProxyError::Internal(format!("write task failed: {err}"))))
+    }
+}

@@ -1,0 +1,353 @@
+//! The consent listener's HTTP layer: matches the two consent routes, authenticates the
+//! caller, validates the contact and body, calls the consent service, and turns the result
+//! into the answer, with the request id, cache status, metrics and one access-log event.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{header, HeaderMap, HeaderValue, Method, Request, Response, StatusCode};
+use hyper::body::Incoming;
+use tokio::time::Instant;
+
+use crate::auth::{Authenticator, Caller, Permission};
+use crate::cache::CacheStatus;
+use crate::consent::{parse_consent_body, ContactId};
+use crate::error::{FieldProblem, ProxyError};
+use crate::http_util::{self, Body, ReadBodyError};
+use crate::metrics::HttpMetrics;
+use crate::proxy::ConsentService;
+use crate::upstream::{status_label, ConsentAnswer};
+
+const ROUTE_PREFIX: &str = "/voicebiometrics/contacts/";
+const ROUTE_SUFFIX: &str = "/consent";
+const ALLOWED_METHODS: &str = "GET, PUT";
+/// The longest caller-supplied `x-request-id` passed on; longer ones are replaced.
+const MAX_REQUEST_ID_LEN: usize = 128;
+
+/// Limits the HTTP layer enforces itself.
+#[derive(Debug, Clone)]
+pub struct RouteLimits {
+    pub max_body_bytes: usize,
+    pub max_header_bytes: usize,
+    pub request_timeout: Duration,
+}
+
+pub struct ConsentRoutes {
+    service: ConsentService,
+    auth: Arc<Authenticator>,
+    metrics: HttpMetrics,
+    limits: RouteLimits,
+}
+
+/// What the access log and metrics need to know about a handled request.
+#[derive(Default)]
+struct Outcome {
+    route: &'static str,
+    contact: Option<ContactId>,
+    caller: Option<Caller>,
+    cache_status: Option<CacheStatus>,
+    error: Option<ProxyError>,
+}
+
+impl ConsentRoutes {
+    pub fn new(
+        service: ConsentService,
+        auth: Arc<Authenticator>,
+        metrics: HttpMetrics,
+        limits: RouteLimits,
+    ) -> Self {
+        ConsentRoutes {
+            service,
+            auth,
+            metrics,
+            limits,
+        }
+    }
+
+    pub async fn handle(&self, request: Request<Incoming>) -> Response<Body> {
+        let started = Instant::now();
+        let deadline = started + self.limits.request_timeout;
+        let request_id = request_id_of(request.headers());
+        let method = request.method().clone();
+        let mut outcome = Outcome {
+            route: "other",
+            ..Outcome::default()
+        };
+
+        let mut response = match tokio::time::timeout_at(
+            deadline,
+            self.route(request, &request_id, deadline, &mut outcome),
+        )
+        .await
+        {
+            Ok(Ok(response)) => response,
+            Ok(Err(error)) => error_response(&mut outcome, error),
+            Err(_) => error_response(&mut outcome, ProxyError::UpstreamTimeout),
+        };
+        response
+            .headers_mut()
+            .insert("x-request-id", request_id.clone());
+        self.record(&method, &response, &outcome, &request_id, started);
+        response
+    }
+
+    async fn route(
+        &self,
+        request: Request<Incoming>,
+        request_id: &HeaderValue,
+        deadline: Instant,
+        outcome: &mut Outcome,
+    ) -> Result<Response<Body>, ProxyError> {
+        if header_bytes(request.headers()) > self.limits.max_header_bytes {
+            return Ok(http_util::empty_response(
+                StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+            ));
+        }
+        let segment = consent_path_segment(request.uri().path()).ok_or(ProxyError::NotFound)?;
+        outcome.route = "consent";
+        let needed = match *request.method() {
+            Method::GET => Permission::Read,
+            Method::PUT => Permission::Write,
+            _ => {
+                return Err(ProxyError::MethodNotAllowed {
+                    allow: ALLOWED_METHODS,
+                })
+            }
+        };
+        let caller = self.auth.authorize(request.headers(), needed)?;
+        outcome.caller = Some(caller);
+        let contact = ContactId::from_path_segment(segment).ok_or(ProxyError::InvalidContactId)?;
+        outcome.contact = Some(contact.clone());
+
+        if needed == Permission::Read {
+            let read = self.service.read(&contact, request_id, deadline).await;
+            outcome.cache_status = Some(read.cache_status);
+            let answer = read.answer?;
+            let mut response = answer_response(answer);
+            if matches!(response.status(), StatusCode::OK | StatusCode::NOT_FOUND) {
+                response.headers_mut().insert(
+                    "x-cache-status",
+                    HeaderValue::from_static(read.cache_status.as_str()),
+                );
+            }
+            if let Some(age) = read.age {
+                response
+                    .headers_mut()
+                    .insert(header::AGE, HeaderValue::from(age));
+            }
+            Ok(response)
+        } else {
+            check_json_content_type(request.headers())?;
+            let body = self.read_body(request.into_body(), deadline).await?;
+            let status = parse_consent_body(&body).map_err(|e| ProxyError::InvalidBody {
+                fields: e
+                    .field
+                    .map(|name| FieldProblem {
+                        name,
+                        description: e.message.clone(),
+                    })
+                    .into_iter()
+                    .collect(),
+                message: e.message,
+            })?;
+            let answer = self
+                .service
+                .write(&contact, status, request_id, deadline)
+                .await?;
+            Ok(answer_response(answer))
+        }
+    }
+
+    async fn read_body(&self, body: Incoming, deadline: Instant) -> Result<Bytes, ProxyError> {
+        let limit = self.limits.max_body_bytes;
+        if hyper::body::Body::size_hint(&body)
+            .exact()
+            .is_some_and(|len| len > limit as u64)
+        {
+            return Err(ProxyError::PayloadTooLarge { limit });
+        }
+        match tokio::time::timeout_at(deadline, http_util::read_body_limited(body, limit)).await {
+            Ok(Ok(bytes)) => Ok(bytes),
+            Ok(Err(ReadBodyError::TooLarge)) => Err(ProxyError::PayloadTooLarge { limit }),
+            Ok(Err(ReadBodyError::Failed(reason))) => Err(ProxyError::InvalidBody {
+                message: format!("the body could not be read: {reason}"),
+                fields: Vec::new(),
+            }),
+            Err(_) => Err(ProxyError::RequestTimeout),
+        }
+    }
+
+    fn record(
+        &self,
+        method: &Method,
+        response: &Response<Body>,
+        outcome: &Outcome,
+        request_id: &HeaderValue,
+        started: Instant,
+    ) {
+        let elapsed = started.elapsed();
+        let method_label = method_label(method);
+        let client = self.auth.client_name(outcome.caller.as_ref());
+        let status = response.status();
+        self.metrics
+            .requests
+            .with_label_values(&[outcome.route, method_label, status_label(status), client])
+            .inc();
+        self.metrics
+            .duration
+            .with_label_values(&[outcome.route, method_label])
+            .observe(elapsed.as_secs_f64());
+        if tracing::enabled!(tracing::Level::INFO) {
+            let contact = outcome.contact.as_ref().map(ContactId::masked);
+            tracing::info!(
+                request_id = request_id.to_str().unwrap_or("-"),
+                client,
+                method = method_label,
+                route = outcome.route,
+                contact = contact.as_deref().unwrap_or("-"),
+                status = status.as_u16(),
+                cache = outcome.cache_status.map_or("-", CacheStatus::as_str),
+                error = outcome
+                    .error
+                    .as_ref()
+                    .map(|e| e.to_string())
+                    .as_deref()
+                    .unwrap_or("-"),
+                duration_us = elapsed.as_micros() as u64,
+                "request"
+            );
+        }
+    }
+}
+
+fn error_response(outcome: &mut Outcome, error: ProxyError) -> Response<Body> {
+    let response = error.clone().into_response();
+    outcome.error = Some(error);
+    response
+}
+
+/// The upstream answer as the caller's response: status, body and the headers kept.
+fn answer_response(answer: ConsentAnswer) -> Response<Body> {
+    let content_type = answer.content_type.unwrap_or(http_util::APPLICATION_JSON);
+    let mut response = http_util::bytes_response(answer.status, content_type, answer.body);
+    if let Some(retry_after) = answer.retry_after {
+        response
+            .headers_mut()
+            .insert(header::RETRY_AFTER, retry_after);
+    }
+    response
+}
+
+/// The raw `{contact_id}` segment when `path` is exactly a consent route.
+pub fn consent_path_segment(path: &str) -> Option<&str> {
+    let segment = path
+        .strip_prefix(ROUTE_PREFIX)?
+        .strip_suffix(ROUTE_SUFFIX)?;
+    (!segment.is_empty() && !segment.contains('/')).then_some(segment)
+}
+
+/// The caller's `x-request-id` when it is short printable ASCII, else a new random one.
+fn request_id_of(headers: &HeaderMap) -> HeaderValue {
+    headers
+        .get("x-request-id")
+        .filter(|v| {
+            let bytes = v.as_bytes();
+            !bytes.is_empty()
+                && bytes.len() <= MAX_REQUEST_ID_LEN
+                && bytes.iter().all(|b| b.is_ascii_graphic())
+        })
+        .cloned()
+        .unwrap_or_else(new_request_id)
+}
+
+pub fn new_request_id() -> HeaderValue {
+    let id: u128 = rand::random();
+    // 32 hex digits are always a valid header value.
+    HeaderValue::from_str(&format!("{id:032x}")).unwrap_or(HeaderValue::from_static("-"))
+}
+
+fn method_label(method: &Method) -> &'static str {
+    match *method {
+        Method::GET => "GET",
+        Method::PUT => "PUT",
+        Method::POST => "POST",
+        Method::DELETE => "DELETE",
+        Method::HEAD => "HEAD",
+        _ => "other",
+    }
+}
+
+fn header_bytes(headers: &HeaderMap) -> usize {
+    headers
+        .iter()
+        .map(|(name, value)| name.as_str().len() + value.len() + 4)
+        .sum()
+}
+
+/// A PUT body must be JSON when its type is declared at all.
+fn check_json_content_type(headers: &HeaderMap) -> Result<(), ProxyError> {
+    let Some(value) = headers.get(header::CONTENT_TYPE) else {
+        return Ok(());
+    };
+    let essence = value
+        .to_str()
+        .unwrap_or("")
+        .split(';')
+        .next()
+        .unwrap_or("")
+        .trim()
+        .to_ascii_lowercase();
+    if essence == "application/json"
+        || (essence.starts_with("application/") && essence.ends_with("+json"))
+    {
+        Ok(())
+    } else {
+        Err(ProxyError::UnsupportedMediaType)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn paths_match_exactly() {
+        assert_eq!(
+            consent_path_segment("/voicebiometrics/contacts/%2B1555/consent"),
+            Some("%2B1555")
+        );
+        for path in [
+            "/voicebiometrics/contacts//consent",
+            "/voicebiometrics/contacts/a/b/consent",
+            "/voicebiometrics/contacts/a/consent/",
+            "//voicebiometrics/contacts/a/consent",
+            "/voicebiometrics/contacts/a/enrollment",
+            "/",
+        ] {
+            assert_eq!(consent_path_segment(path), None, "{path}");
+        }
+    }
+
+    #[test]
+    fn request_ids_are_kept_or_made() {
+        let mut headers = HeaderMap::new();
+        headers.insert("x-request-id", HeaderValue::from_static("abc-123"));
+        assert_eq!(request_id_of(&headers), "abc-123");
+        headers.insert("x-request-id", HeaderValue::from_static("has space"));
+        assert_eq!(request_id_of(&headers).len(), 32);
+    }
+
+    #[test]
+    fn content_types() {
+        let mut headers = HeaderMap::new();
+        assert!(check_json_content_type(&headers).is_ok());
+        headers.insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json; charset=utf-8"),
+        );
+        assert!(check_json_content_type(&headers).is_ok());
+        headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain"));
+        assert!(check_json_content_type(&headers).is_err());
+    }
+}

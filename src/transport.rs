@@ -1,0 +1,139 @@
+//! The pooled outbound HTTP client (hyper-util + rustls) shared by the token manager and
+//! the consent-API client: one attempt, bounded in time and in response size.
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{HeaderMap, Request, StatusCode};
+use http_body_util::{BodyExt, Full, Limited};
+use hyper_rustls::HttpsConnector;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::{TokioExecutor, TokioTimer};
+
+/// Idle upstream connections are kept this long for reuse.
+const POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(90);
+
+/// A complete upstream answer, body included.
+#[derive(Debug, Clone)]
+pub struct Answer {
+    pub status: StatusCode,
+    pub headers: HeaderMap,
+    pub body: Bytes,
+}
+
+/// How one attempt failed.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum AttemptError {
+    /// No connection could be made: nothing was sent, so retrying is always safe.
+    #[error("connect failed: {0}")]
+    Connect(String),
+    /// The attempt's time ran out; whether the request was processed is unknown.
+    #[error("timed out")]
+    Timeout,
+    /// The response was larger than allowed.
+    #[error("response larger than {0} bytes")]
+    TooLarge(usize),
+    /// The exchange broke after the request may have been sent (reset, protocol error).
+    #[error("exchange failed: {0}")]
+    Failed(String),
+}
+
+#[derive(Clone)]
+pub struct Transport {
+    client: Client<HttpsConnector<HttpConnector>, Full<Bytes>>,
+}
+
+/// Installs rustls' process-wide crypto provider (ring) once; later calls are no-ops.
+pub fn install_crypto_provider() {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+}
+
+impl Transport {
+    /// A client that speaks HTTPS (webpki roots, ALPN h2 then http/1.1) and plain HTTP.
+    pub fn new(connect_timeout: Duration) -> Self {
+        Self::with_tls(connect_timeout, webpki_client_config())
+    }
+
+    /// The same with a caller-chosen TLS configuration (tests trust their own CA this way).
+    pub fn with_tls(connect_timeout: Duration, tls: rustls::ClientConfig) -> Self {
+        let mut http = HttpConnector::new();
+        http.enforce_http(false);
+        http.set_nodelay(true);
+        http.set_connect_timeout(Some(connect_timeout));
+        let https = hyper_rustls::HttpsConnectorBuilder::new()
+            .with_tls_config(tls)
+            .https_or_http()
+            .enable_http1()
+            .enable_http2()
+            .wrap_connector(http);
+        let client = Client::builder(TokioExecutor::new())
+            .pool_timer(TokioTimer::new())
+            .timer(TokioTimer::new())
+            .pool_idle_timeout(POOL_IDLE_TIMEOUT)
+            .build(https);
+        Transport { client }
+    }
+
+    /// Sends one request and reads the whole answer, within `timeout` and `max_bytes`.
+    pub async fn attempt(
+        &self,
+        request: Request<Full<Bytes>>,
+        timeout: Duration,
+        max_bytes: usize,
+    ) -> Result<Answer, AttemptError> {
+        let exchange = async {
+            let response = self.client.request(request).await.map_err(|err| {
+                if err.is_connect() {
+                    AttemptError::Connect(error_chain(&err))
+                } else {
+                    AttemptError::Failed(error_chain(&err))
+                }
+            })?;
+            let (parts, body) = response.into_parts();
+            let body = Limited::new(body, max_bytes)
+                .collect()
+                .await
+                .map_err(|err| {
+                    if err
+                        .downcast_ref::<http_body_util::LengthLimitError>()
+                        .is_some()
+                    {
+                        AttemptError::TooLarge(max_bytes)
+                    } else {
+                        AttemptError::Failed(err.to_string())
+                    }
+                })?
+                .to_bytes();
+            Ok(Answer {
+                status: parts.status,
+                headers: parts.headers,
+                body,
+            })
+        };
+        tokio::time::timeout(timeout, exchange)
+            .await
+            .unwrap_or(Err(AttemptError::Timeout))
+    }
+}
+
+fn webpki_client_config() -> rustls::ClientConfig {
+    install_crypto_provider();
+    let mut roots = rustls::RootCertStore::empty();
+    roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
+    rustls::ClientConfig::builder()
+        .with_root_certificates(roots)
+        .with_no_client_auth()
+}
+
+/// An error and its sources on one line (hyper's top-level messages are terse).
+fn error_chain(err: &dyn std::error::Error) -> String {
+    let mut message = err.to_string();
+    let mut source = err.source();
+    while let Some(cause) = source {
+        message.push_str(": ");
+        message.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    message
+}

@@ -1,0 +1,378 @@
+//! The consent-API client: builds the upstream request (never anything of the caller's but
+//! the contact, the body and the request id), injects the shared token, retries what is safe
+//! to retry within the request's deadline, and renews the token once on a 401.
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{header, HeaderValue, Method, Request, StatusCode};
+use http_body_util::Full;
+use prometheus::{HistogramVec, IntCounterVec, Registry};
+use tokio::time::Instant;
+
+use crate::config::TalkdeskSettings;
+use crate::consent::{ConsentStatus, ContactId};
+use crate::error::ProxyError;
+use crate::metrics;
+use crate::token::TokenManager;
+use crate::transport::{Answer, AttemptError, Transport};
+
+/// Retry back-off: the first delay, doubled each time, capped; jittered.
+const RETRY_BACKOFF_FIRST: Duration = Duration::from_millis(50);
+const RETRY_BACKOFF_LAST: Duration = Duration::from_secs(2);
+
+#[derive(Clone)]
+pub struct UpstreamMetrics {
+    requests: IntCounterVec,
+    duration: HistogramVec,
+}
+
+impl UpstreamMetrics {
+    pub fn register(registry: &Registry) -> Self {
+        UpstreamMetrics {
+            requests: metrics::counter_vec(
+                registry,
+                "consent_proxy_upstream_requests_total",
+                "Attempts sent to the consent API, by HTTP status or error/timeout.",
+                &["method", "code"],
+            ),
+            duration: metrics::histogram_vec(
+                registry,
+                "consent_proxy_upstream_request_duration_seconds",
+                "Time taken by each attempt sent to the consent API.",
+                &["method"],
+            ),
+        }
+    }
+}
+
+/// An upstream answer the proxy can pass on: status, body, and the headers worth keeping.
+#[derive(Debug, Clone)]
+pub struct ConsentAnswer {
+    pub status: StatusCode,
+    pub body: Bytes,
+    pub content_type: Option<HeaderValue>,
+    pub retry_after: Option<HeaderValue>,
+}
+
+/// How a write ended when it did not end with an answer.
+#[derive(Debug, Clone)]
+pub struct WriteFailure {
+    pub error: ProxyError,
+    /// The write may have been applied upstream (timeout, connection lost after sending).
+    pub outcome_unknown: bool,
+}
+
+/// What one call (all attempts) produced.
+enum CallError {
+    /// Upstream may have processed the request.
+    Unknown(ProxyError),
+    /// Upstream certainly did not apply it (no connection, or it answered an error).
+    NotApplied(ProxyError),
+}
+
+pub struct ConsentApi {
+    transport: Transport,
+    tokens: TokenManager,
+    api_base_url: String,
+    attempt_timeout: Duration,
+    max_retries: u32,
+    max_response_bytes: usize,
+    metrics: UpstreamMetrics,
+}
+
+impl ConsentApi {
+    pub fn new(
+        transport: Transport,
+        tokens: TokenManager,
+        talkdesk: &TalkdeskSettings,
+        metrics: UpstreamMetrics,
+    ) -> Self {
+        ConsentApi {
+            transport,
+            tokens,
+            api_base_url: talkdesk.api_base_url.clone(),
+            attempt_timeout: talkdesk.timeout,
+            max_retries: talkdesk.max_retries,
+            max_response_bytes: talkdesk.max_response_bytes,
+            metrics,
+        }
+    }
+
+    /// Reads a contact's consent. `Ok` holds an answer to pass on (200 with a valid consent
+    /// body, or an upstream 4xx); anything unusable is an error.
+    pub async fn get(
+        &self,
+        contact: &ContactId,
+        request_id: &HeaderValue,
+        deadline: Instant,
+    ) -> Result<ConsentAnswer, ProxyError> {
+        let answer = self
+            .call(Method::GET, contact, None, request_id, deadline)
+            .await
+            .map_err(|e| match e {
+                CallError::Unknown(e) | CallError::NotApplied(e) => e,
+            })?;
+        if answer.status == StatusCode::OK && consent_status_of(&answer.body).is_none() {
+            return Err(ProxyError::Upstream(
+                "200 answer without a valid consent body".into(),
+            ));
+        }
+        Ok(answer)
+    }
+
+    /// Writes a contact's consent. 2xx only when upstream answered 2xx.
+    pub async fn put(
+        &self,
+        contact: &ContactId,
+        status: ConsentStatus,
+        request_id: &HeaderValue,
+        deadline: Instant,
+    ) -> Result<ConsentAnswer, WriteFailure> {
+        let body = Bytes::from_static(status.canonical_body());
+        self.call(Method::PUT, contact, Some(body), request_id, deadline)
+            .await
+            .map_err(|e| match e {
+                CallError::Unknown(error) => WriteFailure {
+                    error,
+                    outcome_unknown: true,
+                },
+                CallError::NotApplied(error) => WriteFailure {
+                    error,
+                    outcome_unknown: false,
+                },
+            })
+    }
+
+    /// All attempts of one call: retries on connect errors, 5xx and 429 (at most
+    /// `max_retries`, within the deadline), plus one retry after a token renewal on 401.
+    async fn call(
+        &self,
+        method: Method,
+        contact: &ContactId,
+        body: Option<Bytes>,
+        request_id: &HeaderValue,
+        deadline: Instant,
+    ) -> Result<ConsentAnswer, CallError> {
+        let uri = format!(
+            "{}/voicebiometrics/contacts/{}/consent",
+            self.api_base_url,
+            contact.to_path_segment()
+        );
+        let mut retries_left = self.max_retries;
+        let mut renewed_after_401 = false;
+        let mut backoff = RETRY_BACKOFF_FIRST;
+        // Once an attempt may have reached upstream, a later failure leaves the outcome unknown.
+        let mut maybe_applied = false;
+        loop {
+            let token = self
+                .tokens
+                .current(deadline)
+                .await
+                .map_err(|e| not_applied_unless(maybe_applied, e))?;
+            let now = Instant::now();
+            if now >= deadline {
+                return Err(not_applied_unless(
+                    maybe_applied,
+                    ProxyError::UpstreamTimeout,
+                ));
+            }
+            let timeout = self.attempt_timeout.min(deadline - now);
+            let request = build_request(&method, &uri, &token, request_id, body.clone())
+                .map_err(CallError::NotApplied)?;
+            let started = Instant::now();
+            let result = self
+                .transport
+                .attempt(request, timeout, self.max_response_bytes)
+                .await;
+            self.record(&method, &result, started);
+
+            // Decide between answering, retrying after a delay, or failing.
+            let retry_delay = match result {
+                Ok(answer) if answer.status == StatusCode::UNAUTHORIZED => {
+                    if renewed_after_401 {
+                        self.tokens.metrics().rejected_again().inc();
+                        return Err(CallError::NotApplied(ProxyError::Upstream(
+                            "upstream rejected a freshly renewed token".into(),
+                        )));
+                    }
+                    renewed_after_401 = true;
+                    self.tokens.reject(&token);
+                    Duration::ZERO
+                }
+                Ok(answer) if is_retryable(answer.status) && retries_left > 0 => {
+                    let delay = retry_after(&answer).unwrap_or_else(|| jittered(backoff));
+                    if Instant::now() + delay >= deadline {
+                        return finish(answer);
+                    }
+                    retries_left -= 1;
+                    backoff = (backoff * 2).min(RETRY_BACKOFF_LAST);
+                    delay
+                }
+                Ok(answer) => return finish(answer),
+                Err(AttemptError::Connect(reason)) if retries_left > 0 => {
+                    tracing::debug!(%reason, "upstream connect failed; retrying");
+                    retries_left -= 1;
+                    let delay = jittered(backoff);
+                    backoff = (backoff * 2).min(RETRY_BACKOFF_LAST);
+                    delay
+                }
+                Err(AttemptError::Connect(reason)) => {
+                    return Err(not_applied_unless(
+                        maybe_applied,
+                        ProxyError::Upstream(format!("consent API unreachable: {reason}")),
+                    ))
+                }
+                Err(AttemptError::Timeout) => {
+                    return Err(CallError::Unknown(ProxyError::UpstreamTimeout));
+                }
+                Err(err @ (AttemptError::TooLarge(_) | AttemptError::Failed(_))) => {
+                    return Err(CallError::Unknown(ProxyError::Upstream(err.to_string())));
+                }
+            };
+            // Any answer (even 5xx) means the request reached upstream.
+            maybe_applied = maybe_applied || method == Method::PUT;
+            if !retry_delay.is_zero() {
+                if Instant::now() + retry_delay >= deadline {
+                    return Err(not_applied_unless(
+                        maybe_applied,
+                        ProxyError::UpstreamTimeout,
+                    ));
+                }
+                tokio::time::sleep(retry_delay).await;
+            }
+        }
+    }
+
+    fn record(&self, method: &Method, result: &Result<Answer, AttemptError>, started: Instant) {
+        let code = match result {
+            Ok(answer) => status_label(answer.status),
+            Err(AttemptError::Timeout) => "timeout",
+            Err(_) => "error",
+        };
+        self.metrics
+            .requests
+            .with_label_values(&[method.as_str(), code])
+            .inc();
+        self.metrics
+            .duration
+            .with_label_values(&[method.as_str()])
+            .observe(started.elapsed().as_secs_f64());
+    }
+}
+
+fn not_applied_unless(maybe_applied: bool, error: ProxyError) -> CallError {
+    if maybe_applied {
+        CallError::Unknown(error)
+    } else {
+        CallError::NotApplied(error)
+    }
+}
+
+/// Turns upstream's final answer into what the caller gets.
+fn finish(answer: Answer) -> Result<ConsentAnswer, CallError> {
+    let status = answer.status;
+    // Upstream answered, but not something the proxy can pass on; a write may still have
+    // been applied (a 5xx proves nothing), so the outcome counts as unknown.
+    let reject = |why: String| Err(CallError::Unknown(ProxyError::Upstream(why)));
+    if status.is_success() || (status.is_client_error() && status != StatusCode::UNAUTHORIZED) {
+        let mut headers = answer.headers;
+        Ok(ConsentAnswer {
+            status,
+            body: answer.body,
+            content_type: headers.remove(header::CONTENT_TYPE),
+            retry_after: headers.remove(header::RETRY_AFTER),
+        })
+    } else if status.is_redirection() {
+        reject(format!(
+            "upstream answered a redirect ({})",
+            status.as_u16()
+        ))
+    } else {
+        // 5xx after the retries, or something stranger (1xx): the proxy cannot use it.
+        reject(format!("upstream answered {}", status.as_u16()))
+    }
+}
+
+fn build_request(
+    method: &Method,
+    uri: &str,
+    token: &crate::token::AccessToken,
+    request_id: &HeaderValue,
+    body: Option<Bytes>,
+) -> Result<Request<Full<Bytes>>, ProxyError> {
+    let mut builder = Request::builder()
+        .method(method.clone())
+        .uri(uri)
+        .header(header::AUTHORIZATION, token.authorization().clone())
+        .header(header::ACCEPT, "application/json")
+        .header(header::USER_AGENT, crate::USER_AGENT)
+        .header("x-request-id", request_id.clone());
+    if body.is_some() {
+        builder = builder.header(header::CONTENT_TYPE, "application/json");
+    }
+    builder
+        .body(Full::new(body.unwrap_or_default()))
+        .map_err(|_| ProxyError::Internal("upstream request could not be built".into()))
+}
+
+fn is_retryable(status: StatusCode) -> bool {
+    status.is_server_error() || status == StatusCode::TOO_MANY_REQUESTS
+}
+
+/// `Retry-After` in seconds (the HTTP-date form is not used by Talkdesk and is ignored).
+fn retry_after(answer: &Answer) -> Option<Duration> {
+    let seconds: u64 = answer
+        .headers
+        .get(header::RETRY_AFTER)?
+        .to_str()
+        .ok()?
+        .trim()
+        .parse()
+        .ok()?;
+    Some(Duration::from_secs(seconds))
+}
+
+fn jittered(delay: Duration) -> Duration {
+    delay.mul_f64(rand::random_range(0.5..=1.0))
+}
+
+/// The consent status in an upstream body, if it is a valid consent body.
+pub fn consent_status_of(body: &[u8]) -> Option<ConsentStatus> {
+    #[derive(serde::Deserialize)]
+    struct Body<'a> {
+        #[serde(borrow)]
+        status: std::borrow::Cow<'a, str>,
+    }
+    let parsed: Body<'_> = serde_json::from_slice(body).ok()?;
+    ConsentStatus::parse(&parsed.status)
+}
+
+/// A status code as a metric label without allocating.
+pub fn status_label(status: StatusCode) -> &'static str {
+    match status.as_u16() {
+        200 => "200",
+        201 => "201",
+        204 => "204",
+        400 => "400",
+        401 => "401",
+        403 => "403",
+        404 => "404",
+        405 => "405",
+        408 => "408",
+        409 => "409",
+        413 => "413",
+        415 => "415",
+        429 => "429",
+        431 => "431",
+        500 => "500",
+        502 => "502",
+        503 => "503",
+        504 => "504",
+        100..=199 => "1xx",
+        200..=299 => "2xx",
+        300..=399 => "3xx",
+        400..=499 => "4xx",
+        _ => "5xx",
+    }
+}
