@@ -65,9 +65,9 @@ pub struct WriteFailure {
 
 /// What one call (all attempts) produced.
 enum CallError {
-    /// Upstream may have processed the request.
+    /// Upstream may have processed the request: it timed out or broke after sending.
     Unknown(ProxyError),
-    /// Upstream certainly did not apply it (no connection, or it answered an error).
+    /// Upstream answered an error, or could not be reached: the call failed.
     NotApplied(ProxyError),
 }
 
@@ -162,20 +162,15 @@ impl ConsentApi {
         let mut retries_left = self.max_retries;
         let mut renewed_after_401 = false;
         let mut backoff = RETRY_BACKOFF_FIRST;
-        // Once an attempt may have reached upstream, a later failure leaves the outcome unknown.
-        let mut maybe_applied = false;
         loop {
             let token = self
                 .tokens
                 .current(deadline)
                 .await
-                .map_err(|e| not_applied_unless(maybe_applied, e))?;
+                .map_err(CallError::NotApplied)?;
             let now = Instant::now();
             if now >= deadline {
-                return Err(not_applied_unless(
-                    maybe_applied,
-                    ProxyError::UpstreamTimeout,
-                ));
+                return Err(CallError::NotApplied(ProxyError::UpstreamTimeout));
             }
             let timeout = self.attempt_timeout.min(deadline - now);
             let request = build_request(&method, &uri, &token, request_id, body.clone())
@@ -218,10 +213,9 @@ impl ConsentApi {
                     delay
                 }
                 Err(AttemptError::Connect(reason)) => {
-                    return Err(not_applied_unless(
-                        maybe_applied,
-                        ProxyError::Upstream(format!("consent API unreachable: {reason}")),
-                    ))
+                    return Err(CallError::NotApplied(ProxyError::Upstream(format!(
+                        "consent API unreachable: {reason}"
+                    ))))
                 }
                 Err(AttemptError::Timeout) => {
                     return Err(CallError::Unknown(ProxyError::UpstreamTimeout));
@@ -230,14 +224,9 @@ impl ConsentApi {
                     return Err(CallError::Unknown(ProxyError::Upstream(err.to_string())));
                 }
             };
-            // Any answer (even 5xx) means the request reached upstream.
-            maybe_applied = maybe_applied || method == Method::PUT;
             if !retry_delay.is_zero() {
                 if Instant::now() + retry_delay >= deadline {
-                    return Err(not_applied_unless(
-                        maybe_applied,
-                        ProxyError::UpstreamTimeout,
-                    ));
+                    return Err(CallError::NotApplied(ProxyError::UpstreamTimeout));
                 }
                 tokio::time::sleep(retry_delay).await;
             }
@@ -261,20 +250,11 @@ impl ConsentApi {
     }
 }
 
-fn not_applied_unless(maybe_applied: bool, error: ProxyError) -> CallError {
-    if maybe_applied {
-        CallError::Unknown(error)
-    } else {
-        CallError::NotApplied(error)
-    }
-}
-
 /// Turns upstream's final answer into what the caller gets.
 fn finish(answer: Answer) -> Result<ConsentAnswer, CallError> {
     let status = answer.status;
-    // Upstream answered, but not something the proxy can pass on; a write may still have
-    // been applied (a 5xx proves nothing), so the outcome counts as unknown.
-    let reject = |why: String| Err(CallError::Unknown(ProxyError::Upstream(why)));
+    // Upstream answered, but nothing the proxy can pass on: the call failed.
+    let reject = |why: String| Err(CallError::NotApplied(ProxyError::Upstream(why)));
     if status.is_success() || (status.is_client_error() && status != StatusCode::UNAUTHORIZED) {
         let mut headers = answer.headers;
         Ok(ConsentAnswer {

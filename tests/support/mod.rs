@@ -1,0 +1,294 @@
+//! Test harness: an in-process simulator and an in-process proxy on port 0, and a small
+//! HTTP client, so integration tests talk over real sockets.
+#![allow(dead_code)]
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use bytes::Bytes;
+use consent_proxy::config::Settings;
+use consent_proxy::simulator::{Simulator, SimulatorConfig};
+use consent_proxy::{App, AppHandle};
+use http::{HeaderMap, Method, Request};
+use http_body_util::{BodyExt, Full};
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::TokioExecutor;
+
+/// Keys of the three test clients.
+pub const RW_KEY: &str = "rw-key-0123456789abcdef";
+pub const READER_KEY: &str = "reader-key-0123456789abcdef";
+pub const ADMIN_KEY: &str = "admin-key-0123456789abcdef";
+pub const SIM_CLIENT_ID: &str = "sim-client";
+pub const SIM_CLIENT_SECRET: &str = "sim-secret-0123456789";
+
+/// A proxy configuration pointed at a simulator, with per-test overrides.
+pub struct ProxyConfig {
+    sections: BTreeMap<String, BTreeMap<String, String>>,
+    clients: bool,
+}
+
+impl ProxyConfig {
+    pub fn for_upstream(api_base_url: &str, token_url: &str) -> Self {
+        let mut config = ProxyConfig {
+            sections: BTreeMap::new(),
+            clients: true,
+        };
+        config
+            .set_str("server.listen", "127.0.0.1:0")
+            .set_str("server.admin_listen", "127.0.0.1:0")
+            .set_str("talkdesk.api_base_url", api_base_url)
+            .set_str("talkdesk.token_url", token_url)
+            .set_str("talkdesk.client_id", SIM_CLIENT_ID)
+            .set_str("talkdesk.client_secret", SIM_CLIENT_SECRET);
+        config
+    }
+
+    pub fn for_simulator(sim: &Simulator) -> Self {
+        Self::for_upstream(&sim.base_url(), &sim.token_url())
+    }
+
+    /// Sets `section.key` to a raw TOML value (`"1"`, `"true"`, `"[\"a\"]"`).
+    pub fn set(&mut self, key: &str, toml_value: &str) -> &mut Self {
+        let (section, key) = key.split_once('.').expect("section.key");
+        self.sections
+            .entry(section.to_owned())
+            .or_default()
+            .insert(key.to_owned(), toml_value.to_owned());
+        self
+    }
+
+    pub fn set_str(&mut self, key: &str, value: &str) -> &mut Self {
+        self.set(key, &toml::Value::String(value.to_owned()).to_string())
+    }
+
+    pub fn without_clients(&mut self) -> &mut Self {
+        self.clients = false;
+        self
+    }
+
+    pub fn to_toml(&self) -> String {
+        let mut out = String::new();
+        for (section, keys) in &self.sections {
+            out.push_str(&format!("[{section}]\n"));
+            for (key, value) in keys {
+                out.push_str(&format!("{key} = {value}\n"));
+            }
+        }
+        if self.clients {
+            out.push_str(&format!(
+                "[[clients]]\nname = \"rw\"\napi_key = \"{RW_KEY}\"\npermissions = [\"read\", \"write\"]\n\
+                 [[clients]]\nname = \"reader\"\napi_key = \"{READER_KEY}\"\npermissions = [\"read\"]\n\
+                 [[clients]]\nname = \"ops\"\napi_key = \"{ADMIN_KEY}\"\npermissions = [\"read\", \"write\", \"admin\"]\n"
+            ));
+        }
+        out
+    }
+
+    pub fn settings(&self) -> Settings {
+        Settings::from_toml_str(&self.to_toml())
+            .unwrap_or_else(|e| panic!("test config invalid:\n{e}\n{}", self.to_toml()))
+    }
+
+    pub async fn start(&self) -> AppHandle {
+        App::start(self.settings()).await.expect("proxy starts")
+    }
+}
+
+pub fn sim_config() -> SimulatorConfig {
+    SimulatorConfig {
+        client_id: SIM_CLIENT_ID.into(),
+        client_secret: SIM_CLIENT_SECRET.into(),
+        ..SimulatorConfig::default()
+    }
+}
+
+pub async fn start_simulator() -> Simulator {
+    Simulator::start("127.0.0.1:0".parse().unwrap(), sim_config())
+        .await
+        .expect("simulator starts")
+}
+
+/// A simulator and a proxy in front of it.
+pub struct Harness {
+    pub sim: Simulator,
+    pub proxy: AppHandle,
+    pub http: TestClient,
+}
+
+impl Harness {
+    pub async fn start() -> Harness {
+        Self::start_with(|_| {}).await
+    }
+
+    pub async fn start_with(configure: impl FnOnce(&mut ProxyConfig)) -> Harness {
+        let sim = start_simulator().await;
+        let mut config = ProxyConfig::for_simulator(&sim);
+        configure(&mut config);
+        let proxy = config.start().await;
+        Harness {
+            sim,
+            proxy,
+            http: TestClient::new(),
+        }
+    }
+
+    pub fn consent_url(&self, contact: &str) -> String {
+        format!(
+            "{}/voicebiometrics/contacts/{contact}/consent",
+            self.proxy.url()
+        )
+    }
+
+    pub async fn get(&self, contact: &str) -> TestResponse {
+        self.http
+            .send(
+                Method::GET,
+                &self.consent_url(contact),
+                &[("x-api-key", RW_KEY)],
+                None,
+            )
+            .await
+    }
+
+    pub async fn put(&self, contact: &str, status: &str) -> TestResponse {
+        self.http
+            .send(
+                Method::PUT,
+                &self.consent_url(contact),
+                &[("x-api-key", RW_KEY), ("content-type", "application/json")],
+                Some(format!(r#"{{"status":"{status}"}}"#)),
+            )
+            .await
+    }
+
+    pub async fn admin(&self, path: &str) -> TestResponse {
+        self.http
+            .send(
+                Method::GET,
+                &format!("{}{path}", self.proxy.admin_url()),
+                &[],
+                None,
+            )
+            .await
+    }
+
+    /// The value of one sample of the proxy's metrics, e.g.
+    /// `consent_proxy_cache_lookups_total{result="hit"}`; 0 when absent.
+    pub async fn metric(&self, sample: &str) -> f64 {
+        let text = self.admin("/metrics").await.text();
+        metric_value(&text, sample)
+    }
+
+    /// Waits (polling, bounded) until the proxy reports ready.
+    pub async fn wait_ready(&self) {
+        wait_until(Duration::from_secs(10), || async {
+            self.admin("/readyz").await.status == 200
+        })
+        .await;
+    }
+}
+
+/// Finds `sample` (name with labels exactly as exposed, labels sorted) in exposition text.
+pub fn metric_value(text: &str, sample: &str) -> f64 {
+    text.lines()
+        .filter(|line| !line.starts_with('#'))
+        .find_map(|line| {
+            let (name, value) = line.rsplit_once(' ')?;
+            (name == sample).then(|| value.parse().ok()).flatten()
+        })
+        .unwrap_or(0.0)
+}
+
+/// Polls `condition` every 20 ms until it holds; panics after `limit`.
+pub async fn wait_until<F, Fut>(limit: Duration, mut condition: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = tokio::time::Instant::now() + limit;
+    while !condition().await {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "condition not met within {limit:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct TestResponse {
+    pub status: u16,
+    pub headers: HeaderMap,
+    pub body: Bytes,
+}
+
+impl TestResponse {
+    pub fn json(&self) -> serde_json::Value {
+        serde_json::from_slice(&self.body)
+            .unwrap_or_else(|_| panic!("not JSON: {:?}", String::from_utf8_lossy(&self.body)))
+    }
+
+    pub fn text(&self) -> String {
+        String::from_utf8_lossy(&self.body).into_owned()
+    }
+
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers.get(name).and_then(|v| v.to_str().ok())
+    }
+
+    /// The consent status in a `{"status": ...}` body.
+    pub fn status_field(&self) -> String {
+        self.json()["status"]
+            .as_str()
+            .unwrap_or_default()
+            .to_owned()
+    }
+
+    pub fn code(&self) -> String {
+        self.json()["code"].as_str().unwrap_or_default().to_owned()
+    }
+}
+
+/// A plain HTTP/1.1 client with a connection pool.
+#[derive(Clone)]
+pub struct TestClient {
+    client: Client<hyper_util::client::legacy::connect::HttpConnector, Full<Bytes>>,
+}
+
+impl Default for TestClient {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl TestClient {
+    pub fn new() -> Self {
+        TestClient {
+            client: Client::builder(TokioExecutor::new()).build_http(),
+        }
+    }
+
+    pub async fn send(
+        &self,
+        method: Method,
+        url: &str,
+        headers: &[(&str, &str)],
+        body: Option<String>,
+    ) -> TestResponse {
+        let mut builder = Request::builder().method(method).uri(url);
+        for (name, value) in headers {
+            builder = builder.header(*name, *value);
+        }
+        let request = builder
+            .body(Full::new(Bytes::from(body.unwrap_or_default())))
+            .expect("valid request");
+        let response = self.client.request(request).await.expect("request sent");
+        let (parts, body) = response.into_parts();
+        let body = body.collect().await.expect("body read").to_bytes();
+        TestResponse {
+            status: parts.status.as_u16(),
+            headers: parts.headers,
+            body,
+        }
+    }
+}
