@@ -30,6 +30,8 @@ pub struct AppHandle {
     pub registry: Registry,
     pub cache: ConsentCache,
     pub tokens: TokenManager,
+    /// The consent listener's handler, for driving requests in-process (benchmarks).
+    pub routes: Arc<ConsentRoutes>,
     shutdown: watch::Sender<bool>,
     tasks: Vec<JoinHandle<()>>,
 }
@@ -115,6 +117,7 @@ impl App {
         };
 
         let consent_task = {
+            let consent_routes = routes.clone();
             let serving = serving.clone();
             let shutdown_rx = shutdown_rx.clone();
             tokio::spawn(async move {
@@ -124,7 +127,7 @@ impl App {
                     tls,
                     limits,
                     move |request| {
-                        let routes = routes.clone();
+                        let routes = consent_routes.clone();
                         async move { routes.handle(request).await }
                     },
                     shutdown_rx,
@@ -150,6 +153,7 @@ impl App {
             registry,
             cache,
             tokens,
+            routes,
             shutdown,
             tasks: vec![consent_task, admin_task],
         })

@@ -24,7 +24,6 @@ use std::time::Duration;
 use bytes::Bytes;
 use http::StatusCode;
 use moka::future::Cache;
-use moka::Expiry;
 use prometheus::{IntCounter, IntCounterVec, IntGauge, Registry};
 use tokio::sync::{watch, Mutex};
 use tokio::time::Instant;
@@ -58,31 +57,35 @@ impl CacheStatus {
     }
 }
 
-/// A cached answer, kept small: the common `{"status":"..."}` 200 answer is one byte of
-/// status and shares a static body; anything else keeps upstream's bytes behind an `Arc`.
+/// A cached answer, kept small (16 bytes inline): the common `{"status":"..."}` 200 answer
+/// is one byte of status and shares a static body; anything else keeps upstream's answer
+/// behind an `Arc`.
 #[derive(Clone)]
 pub struct StoredAnswer {
-    body: StoredBody,
-    /// Seconds since the cache's epoch when stored, for the `age` header.
-    stored_at_s: u32,
+    /// Upstream's answer when it is not the canonical body of `status`.
+    raw: Option<Arc<ConsentAnswer>>,
+    status: ConsentStatus,
+    /// Milliseconds since the cache's epoch when stored, wrapping (see `MAX_TTL`).
+    stored_at_ms: u32,
 }
 
-#[derive(Clone)]
-enum StoredBody {
-    Consent(ConsentStatus),
-    Raw(Arc<ConsentAnswer>),
-}
+/// Ages are kept as wrapping 32-bit milliseconds, exact while an entry is younger than
+/// 2^31 ms; no TTL may reach that, so longer configured TTLs are clamped (24 days is far past
+/// any sensible consent TTL).
+const MAX_TTL: Duration = Duration::from_millis(1 << 31);
 
 impl StoredAnswer {
     fn is_not_found(&self) -> bool {
-        matches!(&self.body, StoredBody::Raw(a) if a.status == StatusCode::NOT_FOUND)
+        self.raw
+            .as_ref()
+            .is_some_and(|a| a.status == StatusCode::NOT_FOUND)
     }
 
     /// The answer to send; no body bytes are copied.
     pub fn to_answer(&self) -> ConsentAnswer {
-        match &self.body {
-            StoredBody::Consent(status) => canonical_answer(*status),
-            StoredBody::Raw(answer) => ConsentAnswer::clone(answer),
+        match &self.raw {
+            None => canonical_answer(self.status),
+            Some(answer) => ConsentAnswer::clone(answer),
         }
     }
 }
@@ -94,37 +97,6 @@ pub fn canonical_answer(status: ConsentStatus) -> ConsentAnswer {
         body: Bytes::from_static(status.canonical_body()),
         content_type: Some(crate::http_util::APPLICATION_JSON),
         retry_after: None,
-    }
-}
-
-/// Per-entry TTL: `ttl` for 200 answers, `not_found_ttl` for 404s, reset on every update.
-struct AnswerExpiry {
-    ttl: Duration,
-    not_found_ttl: Duration,
-}
-
-impl Expiry<Arc<str>, StoredAnswer> for AnswerExpiry {
-    fn expire_after_create(
-        &self,
-        _key: &Arc<str>,
-        value: &StoredAnswer,
-        _created_at: std::time::Instant,
-    ) -> Option<Duration> {
-        Some(if value.is_not_found() {
-            self.not_found_ttl
-        } else {
-            self.ttl
-        })
-    }
-
-    fn expire_after_update(
-        &self,
-        key: &Arc<str>,
-        value: &StoredAnswer,
-        updated_at: std::time::Instant,
-        _duration_until_expiry: Option<Duration>,
-    ) -> Option<Duration> {
-        self.expire_after_create(key, value, updated_at)
     }
 }
 
@@ -211,12 +183,16 @@ pub enum WriteOutcome {
     Unknown,
 }
 
+/// The per-key bookkeeping of one lock shard.
+type Shard = Mutex<HashMap<Arc<str>, KeyState>>;
+
 struct Inner {
     answers: Cache<Arc<str>, StoredAnswer>,
-    shards: Box<[Mutex<HashMap<Arc<str>, KeyState>>]>,
+    shards: Box<[Shard]>,
     hasher: RandomState,
     epoch: Instant,
-    not_found_ttl: Duration,
+    ttl_ms: u32,
+    not_found_ttl_ms: u32,
     enabled: bool,
     metrics: CacheMetrics,
 }
@@ -229,12 +205,13 @@ pub struct ConsentCache {
 
 impl ConsentCache {
     pub fn new(settings: &CacheSettings, metrics: CacheMetrics) -> Self {
+        let ttl = settings.ttl.min(MAX_TTL);
+        let not_found_ttl = settings.not_found_ttl.min(MAX_TTL);
+        // One TTL for moka to evict by (a per-entry expiry policy costs ~40 bytes an entry);
+        // each kind's own TTL is checked exactly on every read.
         let answers = Cache::builder()
             .max_capacity(settings.max_entries)
-            .expire_after(AnswerExpiry {
-                ttl: settings.ttl,
-                not_found_ttl: settings.not_found_ttl,
-            })
+            .time_to_live(ttl.max(not_found_ttl).max(Duration::from_millis(1)))
             .build();
         let shards = (0..SHARDS).map(|_| Mutex::new(HashMap::new())).collect();
         ConsentCache {
@@ -243,7 +220,8 @@ impl ConsentCache {
                 shards,
                 hasher: RandomState::new(),
                 epoch: Instant::now(),
-                not_found_ttl: settings.not_found_ttl,
+                ttl_ms: ttl.as_millis() as u32,
+                not_found_ttl_ms: not_found_ttl.as_millis() as u32,
                 enabled: settings.enabled,
                 metrics,
             }),
@@ -273,24 +251,14 @@ impl ConsentCache {
             return (CacheStatus::Bypass, None, fetch().await);
         }
         let key = contact.as_arc();
-        if let Some(stored) = inner.answers.get(key).await {
-            inner.metrics.lookup(CacheStatus::Hit);
-            return (
-                CacheStatus::Hit,
-                Some(self.age_of(&stored)),
-                Ok(stored.to_answer()),
-            );
+        if let Some(hit) = self.fresh(key).await {
+            return hit;
         }
         let (status, fill) = {
             let mut shard = self.shard(key).lock().await;
             // A fill may have stored the answer while this request waited for the lock.
-            if let Some(stored) = inner.answers.get(key).await {
-                inner.metrics.lookup(CacheStatus::Hit);
-                return (
-                    CacheStatus::Hit,
-                    Some(self.age_of(&stored)),
-                    Ok(stored.to_answer()),
-                );
+            if let Some(hit) = self.fresh(key).await {
+                return hit;
             }
             let state = shard.entry(key.clone()).or_default();
             match &state.fill {
@@ -317,6 +285,29 @@ impl ConsentCache {
             Err(_) => Err(ProxyError::UpstreamTimeout),
         };
         (status, None, answer)
+    }
+
+    /// The key's answer as a hit, if one is stored and younger than its kind's TTL.
+    async fn fresh(
+        &self,
+        key: &Arc<str>,
+    ) -> Option<(CacheStatus, Option<u32>, Result<ConsentAnswer, ProxyError>)> {
+        let stored = self.inner.answers.get(key).await?;
+        let age_ms = self.now_ms().wrapping_sub(stored.stored_at_ms);
+        let ttl_ms = if stored.is_not_found() {
+            self.inner.not_found_ttl_ms
+        } else {
+            self.inner.ttl_ms
+        };
+        if age_ms >= ttl_ms {
+            return None;
+        }
+        self.inner.metrics.lookup(CacheStatus::Hit);
+        Some((
+            CacheStatus::Hit,
+            Some(age_ms / 1000),
+            Ok(stored.to_answer()),
+        ))
     }
 
     /// Spawns the upstream read for `key`; it stores its answer only if it is still the
@@ -356,23 +347,21 @@ impl ConsentCache {
 
     /// Stores an upstream GET answer if it is cacheable (200 with a consent body, 404).
     async fn store_read(&self, key: &Arc<str>, answer: &ConsentAnswer) {
-        let body = match answer.status {
+        let stored = match answer.status {
             StatusCode::OK => match crate::upstream::consent_status_of(&answer.body) {
                 Some(status) if answer.body[..] == *status.canonical_body() => {
-                    StoredBody::Consent(status)
+                    self.stored(status, None)
                 }
-                Some(_) => StoredBody::Raw(Arc::new(compact(answer))),
+                Some(status) => self.stored(status, Some(Arc::new(compact(answer)))),
                 None => return,
             },
-            StatusCode::NOT_FOUND if !self.inner.not_found_ttl.is_zero() => {
-                StoredBody::Raw(Arc::new(compact(answer)))
+            StatusCode::NOT_FOUND if self.inner.not_found_ttl_ms > 0 => {
+                // The status is unused for a raw answer.
+                self.stored(ConsentStatus::NoConsent, Some(Arc::new(compact(answer))))
             }
             _ => return,
         };
-        self.inner
-            .answers
-            .insert(key.clone(), self.stored(body))
-            .await;
+        self.inner.answers.insert(key.clone(), stored).await;
     }
 
     /// Marks a write to `contact` as in flight. Pair with `finish_write`.
@@ -414,7 +403,7 @@ impl ConsentCache {
             WriteOutcome::Applied(status) if !overlapped => {
                 self.inner
                     .answers
-                    .insert(key.clone(), self.stored(StoredBody::Consent(status)))
+                    .insert(key.clone(), self.stored(status, None))
                     .await;
                 self.inner
                     .metrics
@@ -471,18 +460,20 @@ impl ConsentCache {
         self.inner.answers.entry_count()
     }
 
-    fn stored(&self, body: StoredBody) -> StoredAnswer {
+    fn stored(&self, status: ConsentStatus, raw: Option<Arc<ConsentAnswer>>) -> StoredAnswer {
         StoredAnswer {
-            body,
-            stored_at_s: self.inner.epoch.elapsed().as_secs() as u32,
+            raw,
+            status,
+            stored_at_ms: self.now_ms(),
         }
     }
 
-    fn age_of(&self, stored: &StoredAnswer) -> u32 {
-        (self.inner.epoch.elapsed().as_secs() as u32).saturating_sub(stored.stored_at_s)
+    /// Milliseconds since the epoch, wrapping at 2^32 (ages are differences of these).
+    fn now_ms(&self) -> u32 {
+        self.inner.epoch.elapsed().as_millis() as u32
     }
 
-    fn shard(&self, key: &str) -> &Mutex<HashMap<Arc<str>, KeyState>> {
+    fn shard(&self, key: &str) -> &Shard {
         let hash = self.inner.hasher.hash_one(key) as usize;
         &self.inner.shards[hash & (SHARDS - 1)]
     }

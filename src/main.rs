@@ -117,8 +117,9 @@ async fn serve(config: Option<PathBuf>) -> Result<(), String> {
         Settings::load(config.as_deref()).map_err(|e| format!("invalid configuration:\n{e}"))?;
     logging::init(&settings.log)?;
     tracing::info!(config = %settings.redacted_toml(), "effective configuration");
+    let stop = shutdown_signal();
     let proxy = App::start(settings).await?;
-    shutdown_signal().await;
+    stop.await;
     tracing::info!("shutting down: draining in-flight requests");
     proxy.shutdown().await;
     Ok(())
@@ -129,9 +130,10 @@ async fn demo(options: DemoOptions) -> Result<(), String> {
         level: "info".into(),
         format: LogFormat::Text,
     })?;
+    let stop = shutdown_signal();
     let demo = Demo::start(options).await?;
     println!("{}", demo.banner());
-    shutdown_signal().await;
+    stop.await;
     demo.shutdown().await;
     Ok(())
 }
@@ -141,6 +143,7 @@ async fn simulator(listen: SocketAddr, config: SimulatorConfig) -> Result<(), St
         level: "info".into(),
         format: LogFormat::Text,
     })?;
+    let stop = shutdown_signal();
     let simulator = Simulator::start(listen, config)
         .await
         .map_err(|e| format!("cannot listen on {listen}: {e}"))?;
@@ -150,7 +153,7 @@ async fn simulator(listen: SocketAddr, config: SimulatorConfig) -> Result<(), St
         simulator.token_url(),
         simulator.base_url()
     );
-    shutdown_signal().await;
+    stop.await;
     simulator.shutdown().await;
     Ok(())
 }
@@ -171,24 +174,36 @@ fn check_config(config: Option<PathBuf>) -> ExitCode {
     }
 }
 
-/// Resolves on SIGTERM or SIGINT.
-async fn shutdown_signal() {
-    let interrupt = tokio::signal::ctrl_c();
+/// Installs the SIGTERM and SIGINT handlers at once (so a signal that arrives while starting,
+/// or just after the banner, is not fatal) and returns a future that resolves on either.
+fn shutdown_signal() -> impl std::future::Future<Output = ()> {
     #[cfg(unix)]
     {
-        let mut terminate =
-            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-                Ok(signal) => signal,
-                Err(_) => {
-                    let _ = interrupt.await;
-                    return;
+        use tokio::signal::unix::{signal, SignalKind};
+        let terminate = signal(SignalKind::terminate());
+        let interrupt = signal(SignalKind::interrupt());
+        async move {
+            match (terminate, interrupt) {
+                (Ok(mut terminate), Ok(mut interrupt)) => {
+                    tokio::select! {
+                        _ = terminate.recv() => {}
+                        _ = interrupt.recv() => {}
+                    }
                 }
-            };
-        tokio::select! {
-            _ = interrupt => {}
-            _ = terminate.recv() => {}
+                (Ok(mut terminate), Err(_)) => {
+                    terminate.recv().await;
+                }
+                (Err(_), Ok(mut interrupt)) => {
+                    interrupt.recv().await;
+                }
+                (Err(_), Err(_)) => {
+                    let _ = tokio::signal::ctrl_c().await;
+                }
+            }
         }
     }
     #[cfg(not(unix))]
-    let _ = interrupt.await;
+    async {
+        let _ = tokio::signal::ctrl_c().await;
+    }
 }

@@ -7,7 +7,6 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use http::{header, HeaderMap, HeaderValue, Method, Request, Response, StatusCode};
-use hyper::body::Incoming;
 use tokio::time::Instant;
 
 use crate::auth::{Authenticator, Caller, Permission};
@@ -65,7 +64,13 @@ impl ConsentRoutes {
         }
     }
 
-    pub async fn handle(&self, request: Request<Incoming>) -> Response<Body> {
+    /// Handles one request. Generic over the body so benchmarks can drive the handler
+    /// in-process; the server passes hyper's `Incoming`.
+    pub async fn handle<B>(&self, request: Request<B>) -> Response<Body>
+    where
+        B: hyper::body::Body,
+        B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    {
         let started = Instant::now();
         let deadline = started + self.limits.request_timeout;
         let request_id = request_id_of(request.headers());
@@ -92,13 +97,17 @@ impl ConsentRoutes {
         response
     }
 
-    async fn route(
+    async fn route<B>(
         &self,
-        request: Request<Incoming>,
+        request: Request<B>,
         request_id: &HeaderValue,
         deadline: Instant,
         outcome: &mut Outcome,
-    ) -> Result<Response<Body>, ProxyError> {
+    ) -> Result<Response<Body>, ProxyError>
+    where
+        B: hyper::body::Body,
+        B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    {
         if header_bytes(request.headers()) > self.limits.max_header_bytes {
             return Ok(http_util::empty_response(
                 StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
@@ -159,7 +168,11 @@ impl ConsentRoutes {
         }
     }
 
-    async fn read_body(&self, body: Incoming, deadline: Instant) -> Result<Bytes, ProxyError> {
+    async fn read_body<B>(&self, body: B, deadline: Instant) -> Result<Bytes, ProxyError>
+    where
+        B: hyper::body::Body,
+        B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    {
         let limit = self.limits.max_body_bytes;
         if hyper::body::Body::size_hint(&body)
             .exact()

@@ -205,17 +205,17 @@ impl ConsentApi {
                     delay
                 }
                 Ok(answer) => return finish(answer),
-                Err(AttemptError::Connect(reason)) if retries_left > 0 => {
+                Err(AttemptError::Connect(reason)) => {
+                    let delay = jittered(backoff);
+                    if retries_left == 0 || Instant::now() + delay >= deadline {
+                        return Err(CallError::NotApplied(ProxyError::Upstream(format!(
+                            "consent API unreachable: {reason}"
+                        ))));
+                    }
                     tracing::debug!(%reason, "upstream connect failed; retrying");
                     retries_left -= 1;
-                    let delay = jittered(backoff);
                     backoff = (backoff * 2).min(RETRY_BACKOFF_LAST);
                     delay
-                }
-                Err(AttemptError::Connect(reason)) => {
-                    return Err(CallError::NotApplied(ProxyError::Upstream(format!(
-                        "consent API unreachable: {reason}"
-                    ))))
                 }
                 Err(AttemptError::Timeout) => {
                     return Err(CallError::Unknown(ProxyError::UpstreamTimeout));
@@ -224,10 +224,8 @@ impl ConsentApi {
                     return Err(CallError::Unknown(ProxyError::Upstream(err.to_string())));
                 }
             };
+            // Every delay was checked against the deadline when chosen.
             if !retry_delay.is_zero() {
-                if Instant::now() + retry_delay >= deadline {
-                    return Err(CallError::NotApplied(ProxyError::UpstreamTimeout));
-                }
                 tokio::time::sleep(retry_delay).await;
             }
         }
@@ -349,10 +347,12 @@ pub fn status_label(status: StatusCode) -> &'static str {
         502 => "502",
         503 => "503",
         504 => "504",
-        100..=199 => "1xx",
-        200..=299 => "2xx",
-        300..=399 => "3xx",
-        400..=499 => "4xx",
-        _ => "5xx",
+        code => match code / 100 {
+            1 => "1xx",
+            2 => "2xx",
+            3 => "3xx",
+            4 => "4xx",
+            _ => "5xx",
+        },
     }
 }

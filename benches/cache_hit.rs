@@ -1,0 +1,126 @@
+//! A cache hit through the whole consent request handler, in-process on one core: requests
+//! per second (criterion's throughput) and heap allocations per hit (counted by a wrapping
+//! global allocator, printed once).
+
+use std::alloc::{GlobalAlloc, Layout, System};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use bytes::Bytes;
+use consent_proxy::config::Settings;
+use consent_proxy::consent::ConsentStatus;
+use consent_proxy::simulator::{Simulator, SimulatorConfig};
+use consent_proxy::App;
+use criterion::{criterion_group, criterion_main, Criterion, Throughput};
+use http::Request;
+use http_body_util::Full;
+
+struct CountingAllocator;
+
+static ALLOCATIONS: AtomicU64 = AtomicU64::new(0);
+
+unsafe impl GlobalAlloc for CountingAllocator {
+    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+        ALLOCATIONS.fetch_add(1, Ordering::Relaxed);
+        unsafe { System.alloc(layout) }
+    }
+    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+        unsafe { System.dealloc(ptr, layout) }
+    }
+    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
+        ALLOCATIONS.fetch_add(1, Ordering::Relaxed);
+        unsafe { System.realloc(ptr, layout, new_size) }
+    }
+}
+
+#[global_allocator]
+static GLOBAL: CountingAllocator = CountingAllocator;
+
+const KEY: &str = "bench-key-0123456789abcdef";
+const WORKING_SET: usize = 10_000;
+
+fn request(contact: usize) -> Request<Full<Bytes>> {
+    Request::get(format!(
+        "/voicebiometrics/contacts/%2B1555{contact:07}/consent"
+    ))
+    .header("x-api-key", KEY)
+    .body(Full::new(Bytes::new()))
+    .expect("valid request")
+}
+
+fn cache_hit(c: &mut Criterion) {
+    // One core: a current-thread runtime drives both the handler and the simulator.
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let (proxy, _simulator) = runtime.block_on(async {
+        let simulator = Simulator::start(
+            "127.0.0.1:0".parse().expect("addr"),
+            SimulatorConfig {
+                client_secret: "bench-secret".into(),
+                ..SimulatorConfig::default()
+            },
+        )
+        .await
+        .expect("simulator");
+        let settings = Settings::from_toml_str(&format!(
+            r#"
+[server]
+listen = "127.0.0.1:0"
+admin_listen = "127.0.0.1:0"
+[log]
+level = "warn"
+[talkdesk]
+api_base_url = "{}"
+token_url = "{}"
+client_id = "sim-client"
+client_secret = "bench-secret"
+[[clients]]
+name = "bench"
+api_key = "{KEY}"
+permissions = ["read"]
+"#,
+            simulator.base_url(),
+            simulator.token_url()
+        ))
+        .expect("settings");
+        let proxy = App::start(settings).await.expect("proxy");
+        for contact in 0..WORKING_SET {
+            simulator.set_status(&format!("+1555{contact:07}"), ConsentStatus::Consented);
+            let response = proxy.routes.handle(request(contact)).await;
+            assert_eq!(response.status(), 200);
+        }
+        (proxy, simulator)
+    });
+
+    // Allocations per hit, measured outside criterion's loop.
+    let hits = 10_000u64;
+    let before = ALLOCATIONS.load(Ordering::Relaxed);
+    runtime.block_on(async {
+        for i in 0..hits {
+            let response = proxy.routes.handle(request(i as usize % WORKING_SET)).await;
+            assert_eq!(response.headers()["x-cache-status"], "HIT");
+        }
+    });
+    let per_hit = (ALLOCATIONS.load(Ordering::Relaxed) - before) as f64 / hits as f64;
+    println!("allocations per cache hit through the handler: {per_hit:.1}");
+
+    let mut group = c.benchmark_group("handler");
+    group
+        .throughput(Throughput::Elements(1))
+        .measurement_time(Duration::from_secs(5));
+    let mut next = 0usize;
+    group.bench_function("cache_hit", |b| {
+        b.to_async(&runtime).iter(|| {
+            next = (next + 1) % WORKING_SET;
+            let routes = proxy.routes.clone();
+            let request = request(next);
+            async move { routes.handle(request).await }
+        })
+    });
+    group.finish();
+}
+
+criterion_group!(benches, cache_hit);
+criterion_main!(benches);

@@ -1,0 +1,659 @@
+//! The `consent-proxy` binary as a user runs it: `check-config`, `demo`, `simulator` and
+//! `--help`. Child processes are always reaped, killed if a test fails half-way.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::TcpStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Output, Stdio};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::mpsc;
+use std::thread;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+const BIN: &str = env!("CARGO_BIN_EXE_consent-proxy");
+
+const CLIENT_SECRET: &str = "cli-test-client-secret-Qw7ZpR2x";
+const API_KEY: &str = "cli-test-api-key-Vb9Lm4Tn0123";
+
+// ---------------------------------------------------------------------------------------------
+// Helpers
+
+/// The binary with no `CONSENT_PROXY__*` variables inherited from the test's environment.
+fn command() -> Command {
+    let mut command = Command::new(BIN);
+    for (key, _) in std::env::vars_os() {
+        if key
+            .to_str()
+            .is_some_and(|k| k.to_ascii_uppercase().starts_with("CONSENT_PROXY"))
+        {
+            command.env_remove(key);
+        }
+    }
+    command.stdin(Stdio::null());
+    command
+}
+
+/// A file under the temp dir with a unique name, removed when dropped.
+struct TempFile(PathBuf);
+
+impl TempFile {
+    fn new(stem: &str, content: &str) -> TempFile {
+        static COUNTER: AtomicU64 = AtomicU64::new(0);
+        let nanos = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.subsec_nanos());
+        let path = std::env::temp_dir().join(format!(
+            "consent-proxy-cli-{}-{}-{nanos}-{stem}",
+            std::process::id(),
+            COUNTER.fetch_add(1, Ordering::Relaxed)
+        ));
+        std::fs::write(&path, content).expect("write temp file");
+        TempFile(path)
+    }
+
+    fn path(&self) -> &Path {
+        &self.0
+    }
+
+    fn display(&self) -> String {
+        self.0.display().to_string()
+    }
+}
+
+impl Drop for TempFile {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
+/// A valid configuration, with `extra` appended to the `[talkdesk]` section.
+fn valid_config(talkdesk_extra: &str, client_key_line: &str) -> String {
+    format!(
+        r#"[server]
+listen = "127.0.0.1:18080"
+admin_listen = "127.0.0.1:19464"
+
+[talkdesk]
+account = "acme"
+region = "eu"
+client_id = "cli-client"
+{talkdesk_extra}
+
+[[clients]]
+name = "studio-ivr"
+{client_key_line}
+permissions = ["read", "write"]
+"#
+    )
+}
+
+fn inline_secret() -> String {
+    format!("client_secret = \"{CLIENT_SECRET}\"")
+}
+
+fn inline_key() -> String {
+    format!("api_key = \"{API_KEY}\"")
+}
+
+fn check_config(file: &Path, env: &[(&str, &str)]) -> Output {
+    let mut command = command();
+    command.arg("check-config").arg("--config").arg(file);
+    for (key, value) in env {
+        command.env(key, value);
+    }
+    command.output().expect("run check-config")
+}
+
+fn text(bytes: &[u8]) -> String {
+    String::from_utf8_lossy(bytes).into_owned()
+}
+
+/// Asserts exit 2 and that stderr names every one of `keys`.
+fn assert_invalid(output: &Output, keys: &[&str]) {
+    let stderr = text(&output.stderr);
+    assert_eq!(
+        output.status.code(),
+        Some(2),
+        "stdout: {}\nstderr: {stderr}",
+        text(&output.stdout)
+    );
+    for key in keys {
+        assert!(stderr.contains(key), "{key} not named in:\n{stderr}");
+    }
+}
+
+/// Which stream a line came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Stream {
+    Stdout,
+    Stderr,
+}
+
+/// A running child process: killed and reaped if the test ends without stopping it.
+struct Running {
+    child: Child,
+    lines: mpsc::Receiver<(Stream, String)>,
+    /// Every line received so far, for diagnostics.
+    seen: Vec<(Stream, String)>,
+}
+
+impl Running {
+    fn spawn(mut command: Command) -> Running {
+        let mut child = command
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn the binary");
+        let (tx, lines) = mpsc::channel();
+        let stdout = child.stdout.take().unwrap();
+        let stderr = child.stderr.take().unwrap();
+        forward_lines(stdout, Stream::Stdout, tx.clone());
+        forward_lines(stderr, Stream::Stderr, tx);
+        Running {
+            child,
+            lines,
+            seen: Vec::new(),
+        }
+    }
+
+    /// Lines of `stream` until `done` says the output is complete (bounded wait).
+    fn read_until(
+        &mut self,
+        stream: Stream,
+        limit: Duration,
+        done: impl Fn(&[String]) -> bool,
+    ) -> Vec<String> {
+        let deadline = Instant::now() + limit;
+        let mut lines = Vec::new();
+        while !done(&lines) {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.lines.recv_timeout(left) {
+                Ok((from, line)) => {
+                    if from == stream {
+                        lines.push(line.clone());
+                    }
+                    self.seen.push((from, line));
+                }
+                Err(_) => {
+                    let status = self.child.try_wait();
+                    panic!(
+                        "{stream:?} incomplete after {limit:?} (process: {status:?}):\n{}",
+                        self.transcript()
+                    );
+                }
+            }
+        }
+        lines
+    }
+
+    /// Sends SIGTERM and waits (bounded) for the exit status.
+    fn terminate(&mut self, limit: Duration) -> Option<ExitStatus> {
+        let sent = Command::new("kill")
+            .arg("-TERM")
+            .arg(self.child.id().to_string())
+            .status()
+            .expect("run kill");
+        assert!(sent.success(), "kill -TERM failed");
+        let deadline = Instant::now() + limit;
+        loop {
+            if let Some(status) = self.child.try_wait().expect("try_wait") {
+                return Some(status);
+            }
+            if Instant::now() >= deadline {
+                return None;
+            }
+            thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Everything the process printed so far (after it exited: everything).
+    fn transcript(&mut self) -> String {
+        while let Ok(line) = self.lines.recv_timeout(Duration::from_millis(100)) {
+            self.seen.push(line);
+        }
+        self.seen
+            .iter()
+            .map(|(stream, line)| format!("{stream:?}: {line}"))
+            .collect::<Vec<_>>()
+            .join("\n")
+    }
+
+    /// SIGTERM, then asserts a clean exit (status 0) within `limit`.
+    fn assert_stops_cleanly(&mut self, limit: Duration) {
+        let status = self.terminate(limit);
+        let transcript = self.transcript();
+        let status =
+            status.unwrap_or_else(|| panic!("no exit within {limit:?} of SIGTERM:\n{transcript}"));
+        assert_eq!(status.code(), Some(0), "{status}:\n{transcript}");
+    }
+}
+
+fn forward_lines(
+    pipe: impl Read + Send + 'static,
+    stream: Stream,
+    tx: mpsc::Sender<(Stream, String)>,
+) {
+    thread::spawn(move || {
+        for line in BufReader::new(pipe).lines() {
+            let Ok(line) = line else { break };
+            if tx.send((stream, line)).is_err() {
+                break;
+            }
+        }
+    });
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        if matches!(self.child.try_wait(), Ok(None)) {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+/// Runs one shell line, returning its stdout.
+fn shell(line: &str) -> String {
+    let output = Command::new("sh")
+        .arg("-c")
+        .arg(line)
+        .output()
+        .expect("run sh");
+    assert!(
+        output.status.success(),
+        "`{line}` failed: {}\n{}",
+        output.status,
+        text(&output.stderr)
+    );
+    text(&output.stdout)
+}
+
+/// A `curl -i` answer as status and body.
+fn parse_curl_i(answer: &str) -> (u16, String) {
+    let status = answer
+        .lines()
+        .next()
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| panic!("not an HTTP answer: {answer:?}"));
+    let body = answer
+        .split_once("\r\n\r\n")
+        .map(|(_, body)| body.to_owned())
+        .unwrap_or_default();
+    (status, body)
+}
+
+fn consent_status(body: &str) -> String {
+    let value: serde_json::Value =
+        serde_json::from_str(body).unwrap_or_else(|_| panic!("not JSON: {body:?}"));
+    value["status"].as_str().unwrap_or_default().to_owned()
+}
+
+/// A plain HTTP/1.1 GET over a fresh connection: status and body.
+fn http_get(addr: &str, path: &str) -> (u16, String) {
+    let mut stream = TcpStream::connect(addr).expect("connect");
+    stream
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    write!(
+        stream,
+        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut answer = String::new();
+    stream.read_to_string(&mut answer).expect("read answer");
+    parse_curl_i(&answer)
+}
+
+// ---------------------------------------------------------------------------------------------
+// check-config
+
+#[test]
+fn check_config_accepts_a_valid_file_and_prints_it_without_secrets() {
+    let file = TempFile::new("valid.toml", &valid_config(&inline_secret(), &inline_key()));
+    let output = check_config(file.path(), &[]);
+    let stdout = text(&output.stdout);
+    let stderr = text(&output.stderr);
+    assert_eq!(output.status.code(), Some(0), "stderr: {stderr}");
+    // The effective configuration: file values, defaults and derived URLs.
+    assert!(stdout.contains(r#"listen = "127.0.0.1:18080""#), "{stdout}");
+    assert!(stdout.contains(r#"client_id = "cli-client""#), "{stdout}");
+    assert!(stdout.contains(r#"region = "eu""#), "{stdout}");
+    assert!(
+        stdout.contains("https://acme.talkdeskid.eu/oauth/token"),
+        "{stdout}"
+    );
+    assert!(stdout.contains("https://api.talkdeskapp.eu"), "{stdout}");
+    assert!(stdout.contains("max_body_bytes = 4096"), "{stdout}");
+    assert!(stdout.contains(r#"name = "studio-ivr""#), "{stdout}");
+    for secret in [CLIENT_SECRET, API_KEY] {
+        assert!(!stdout.contains(secret), "secret in stdout:\n{stdout}");
+        assert!(!stderr.contains(secret), "secret in stderr:\n{stderr}");
+    }
+    // The printed configuration is itself valid TOML.
+    stdout
+        .parse::<toml::Table>()
+        .unwrap_or_else(|e| panic!("printed config is not TOML: {e}\n{stdout}"));
+}
+
+#[test]
+fn check_config_names_an_unknown_key() {
+    let config = valid_config(&inline_secret(), &inline_key())
+        .replace("[server]\n", "[server]\nlisten_adress = \"127.0.0.1:1\"\n");
+    let file = TempFile::new("unknown.toml", &config);
+    assert_invalid(&check_config(file.path(), &[]), &["server.listen_adress"]);
+
+    let file = TempFile::new(
+        "unknown-top.toml",
+        &format!("{config}\n[cahce]\nttl_s = 1\n"),
+    );
+    assert_invalid(
+        &check_config(file.path(), &[]),
+        &["server.listen_adress", "cahce"],
+    );
+}
+
+#[test]
+fn check_config_names_a_bad_region() {
+    let config = valid_config(&inline_secret(), &inline_key())
+        .replace("region = \"eu\"", "region = \"mars\"");
+    let file = TempFile::new("region.toml", &config);
+    assert_invalid(
+        &check_config(file.path(), &[]),
+        &["talkdesk.region", "mars"],
+    );
+}
+
+#[test]
+fn check_config_names_a_missing_client_secret() {
+    let file = TempFile::new("nosecret.toml", &valid_config("", &inline_key()));
+    let output = check_config(file.path(), &[]);
+    assert_invalid(&output, &["talkdesk.client_secret"]);
+    assert!(!text(&output.stderr).contains(API_KEY));
+}
+
+#[test]
+fn check_config_lists_every_problem_at_once() {
+    let config = valid_config("", &inline_key())
+        .replace("region = \"eu\"", "region = \"mars\"")
+        .replace("[server]\n", "[server]\nbogus = 1\n");
+    let file = TempFile::new("many.toml", &config);
+    assert_invalid(
+        &check_config(file.path(), &[]),
+        &["server.bogus", "talkdesk.region", "talkdesk.client_secret"],
+    );
+}
+
+#[test]
+fn check_config_environment_overrides_the_file() {
+    let file = TempFile::new("env.toml", &valid_config(&inline_secret(), &inline_key()));
+    let output = check_config(
+        file.path(),
+        &[
+            ("CONSENT_PROXY__SERVER__LISTEN", "127.0.0.1:28080"),
+            ("CONSENT_PROXY__CACHE__TTL_S", "42"),
+        ],
+    );
+    let stdout = text(&output.stdout);
+    assert_eq!(output.status.code(), Some(0), "{}", text(&output.stderr));
+    assert!(stdout.contains(r#"listen = "127.0.0.1:28080""#), "{stdout}");
+    assert!(!stdout.contains("127.0.0.1:18080"), "{stdout}");
+    assert!(stdout.contains("ttl_s = 42"), "{stdout}");
+
+    // A secret from the environment completes a file without one, and is not printed.
+    let file = TempFile::new("env-secret.toml", &valid_config("", &inline_key()));
+    let output = check_config(
+        file.path(),
+        &[("CONSENT_PROXY__TALKDESK__CLIENT_SECRET", CLIENT_SECRET)],
+    );
+    assert_eq!(output.status.code(), Some(0), "{}", text(&output.stderr));
+    assert!(!text(&output.stdout).contains(CLIENT_SECRET));
+
+    // An unknown key from the environment is named too.
+    let output = check_config(file.path(), &[("CONSENT_PROXY__SERVER__LISTN", "x")]);
+    assert_invalid(&output, &["server.listn"]);
+}
+
+#[test]
+fn check_config_reads_secrets_from_files() {
+    let secret = TempFile::new("client-secret", &format!("{CLIENT_SECRET}\n"));
+    let key = TempFile::new("api-key", &format!("{API_KEY}\n"));
+    let config = valid_config(
+        &format!("client_secret_file = {:?}", secret.display()),
+        &format!("api_key_file = {:?}", key.display()),
+    );
+    let file = TempFile::new("files.toml", &config);
+    let output = check_config(file.path(), &[]);
+    let stdout = text(&output.stdout);
+    let stderr = text(&output.stderr);
+    assert_eq!(output.status.code(), Some(0), "stderr: {stderr}");
+    for secret in [CLIENT_SECRET, API_KEY] {
+        assert!(!stdout.contains(secret), "secret in stdout:\n{stdout}");
+        assert!(!stderr.contains(secret), "secret in stderr:\n{stderr}");
+    }
+
+    // A secret file that does not exist is named.
+    let config = valid_config(
+        "client_secret_file = \"/nonexistent/consent-proxy/secret\"",
+        &inline_key(),
+    );
+    let file = TempFile::new("missing-file.toml", &config);
+    assert_invalid(
+        &check_config(file.path(), &[]),
+        &["talkdesk.client_secret_file"],
+    );
+}
+
+// ---------------------------------------------------------------------------------------------
+// demo
+
+#[test]
+fn demo_prints_working_curl_lines_and_stops_on_sigterm() {
+    let key = "demo-test-key-0123456789abcdef";
+    let mut command = command();
+    command.args([
+        "demo",
+        "--listen",
+        "127.0.0.1:0",
+        "--admin-listen",
+        "127.0.0.1:0",
+        "--api-key",
+        key,
+    ]);
+    let mut demo = Running::spawn(command);
+    let banner = demo.read_until(Stream::Stdout, Duration::from_secs(30), |lines| {
+        lines.iter().filter(|l| l.starts_with("curl ")).count() >= 4
+    });
+    let curls: Vec<&String> = banner.iter().filter(|l| l.starts_with("curl ")).collect();
+    assert!(banner.iter().any(|l| l.contains(key)), "{banner:?}");
+    for line in &curls {
+        assert!(
+            !line.contains("127.0.0.1:0/"),
+            "unbound port printed: {line}"
+        );
+        assert!(!line.contains(":0/"), "unbound port printed: {line}");
+    }
+
+    let (status, body) = parse_curl_i(&shell(curls[0]));
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(consent_status(&body), "CONSENTED");
+
+    let (status, body) = parse_curl_i(&shell(curls[1]));
+    assert!(
+        status == 200 || status == 201,
+        "PUT answered {status}: {body}"
+    );
+    assert_eq!(consent_status(&body), "REFUSED");
+
+    let (status, body) = parse_curl_i(&shell(curls[2]));
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(consent_status(&body), "REFUSED");
+
+    let metrics = shell(curls[3]);
+    assert!(
+        metrics.contains("consent_proxy_cache_lookups_total"),
+        "{metrics}"
+    );
+
+    demo.assert_stops_cleanly(Duration::from_secs(10));
+}
+
+// ---------------------------------------------------------------------------------------------
+// simulator
+
+/// Starts `consent-proxy simulator` on a free port; returns it and its `host:port`.
+fn start_simulator_process(client_id: &str, secret: &str, latency_ms: u64) -> (Running, String) {
+    let mut command = command();
+    command
+        .args([
+            "simulator",
+            "--listen",
+            "127.0.0.1:0",
+            "--client-id",
+            client_id,
+        ])
+        .args(["--client-secret", secret, "--token-ttl-s", "120"])
+        .args(["--latency-ms", &latency_ms.to_string()]);
+    let mut sim = Running::spawn(command);
+    let lines = sim.read_until(Stream::Stdout, Duration::from_secs(30), |lines| {
+        lines.iter().any(|l| l.contains("/_sim/stats"))
+    });
+    let base = lines
+        .iter()
+        .find_map(|l| l.trim().strip_prefix("api base"))
+        .map(str::trim)
+        .unwrap_or_else(|| panic!("no api base line: {lines:?}"));
+    let addr = base
+        .strip_prefix("http://")
+        .unwrap_or_else(|| panic!("api base is not http: {base}"))
+        .to_owned();
+    assert!(!addr.ends_with(":0"), "unbound port printed: {addr}");
+    assert!(
+        lines
+            .iter()
+            .any(|l| l.contains(&format!("{base}/oauth/token"))),
+        "{lines:?}"
+    );
+    (sim, addr)
+}
+
+/// The simulator's counters over its control surface.
+fn sim_stats(addr: &str) -> serde_json::Value {
+    let (status, body) = http_get(addr, "/_sim/stats");
+    assert_eq!(status, 200, "{body}");
+    serde_json::from_str(&body).expect("stats are JSON")
+}
+
+#[test]
+fn simulator_answers_its_stats_and_stops_on_sigterm() {
+    let (mut sim, addr) = start_simulator_process("cli-sim", "cli-sim-secret", 5);
+    let stats = sim_stats(&addr);
+    assert_eq!(stats["token_requests"], 0);
+    assert_eq!(stats["gets"], 0);
+    assert_eq!(stats["latency_ms"], 5);
+    assert_eq!(stats["token_ttl_ms"], 120_000);
+    sim.assert_stops_cleanly(Duration::from_secs(10));
+}
+
+// ---------------------------------------------------------------------------------------------
+// serve
+
+#[test]
+fn serve_finishes_the_request_in_flight_on_sigterm_and_exits_0() {
+    let (mut sim, sim_addr) = start_simulator_process("serve-client", CLIENT_SECRET, 400);
+    let config = format!(
+        r#"[server]
+listen = "127.0.0.1:0"
+admin_listen = "127.0.0.1:0"
+[talkdesk]
+api_base_url = "http://{sim_addr}"
+token_url = "http://{sim_addr}/oauth/token"
+client_id = "serve-client"
+client_secret = "{CLIENT_SECRET}"
+[[clients]]
+name = "cli"
+api_key = "{API_KEY}"
+permissions = ["read", "write"]
+"#
+    );
+    let file = TempFile::new("serve.toml", &config);
+    let mut command = command();
+    command.arg("serve").arg("--config").arg(file.path());
+    let mut proxy = Running::spawn(command);
+    let logs = proxy.read_until(Stream::Stderr, Duration::from_secs(30), |lines| {
+        lines.iter().any(|l| l.contains("listen_addr="))
+    });
+    let listen = logs
+        .iter()
+        .find_map(|l| {
+            l.split_whitespace()
+                .find_map(|w| w.strip_prefix("listen_addr="))
+        })
+        .expect("listen_addr logged")
+        .to_owned();
+    let startup = logs.join("\n");
+    assert!(
+        !startup.contains(CLIENT_SECRET),
+        "secret logged:\n{startup}"
+    );
+    assert!(!startup.contains(API_KEY), "API key logged:\n{startup}");
+
+    // A write that upstream sits on for 400 ms.
+    let url = format!("http://{listen}/voicebiometrics/contacts/%2B15553000001/consent");
+    let put = thread::spawn(move || {
+        shell(&format!(
+            "curl -s -i -X PUT -H 'X-API-Key: {API_KEY}' -H 'Content-Type: application/json' \
+             -d '{{\"status\":\"REFUSED\"}}' {url}"
+        ))
+    });
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while sim_stats(&sim_addr)["puts"] != 1 {
+        assert!(Instant::now() < deadline, "the PUT never reached upstream");
+        thread::sleep(Duration::from_millis(20));
+    }
+    proxy.assert_stops_cleanly(Duration::from_secs(10));
+
+    let (status, body) = parse_curl_i(&put.join().expect("curl thread"));
+    assert_eq!(status, 201, "{body}");
+    assert_eq!(consent_status(&body), "REFUSED");
+    assert!(
+        TcpStream::connect(&listen).is_err(),
+        "still accepting after exit"
+    );
+    sim.assert_stops_cleanly(Duration::from_secs(10));
+}
+
+// ---------------------------------------------------------------------------------------------
+// --help
+
+#[test]
+fn help_works_for_every_command() {
+    let cases: [(&[&str], &[&str]); 5] = [
+        (&["--help"], &["serve", "demo", "simulator", "check-config"]),
+        (&["serve", "--help"], &["--config"]),
+        (
+            &["demo", "--help"],
+            &["--listen", "--admin-listen", "--api-key"],
+        ),
+        (
+            &["simulator", "--help"],
+            &[
+                "--listen",
+                "--client-id",
+                "--client-secret",
+                "--latency-ms",
+                "--token-ttl-s",
+            ],
+        ),
+        (&["check-config", "--help"], &["--config"]),
+    ];
+    for (args, expected) in cases {
+        let output = command().args(args).output().expect("run --help");
+        let stdout = text(&output.stdout);
+        assert_eq!(output.status.code(), Some(0), "{args:?}: {stdout}");
+        assert!(stdout.contains("Usage"), "{args:?}: {stdout}");
+        for word in expected {
+            assert!(stdout.contains(word), "{args:?} lacks {word}:\n{stdout}");
+        }
+    }
+}

@@ -1,0 +1,467 @@
+//! The shared OAuth token, end to end over real sockets (proxy and simulator in-process, on
+//! port 0): one fetch for a cold burst, renewal before expiry, one renewal for a burst of
+//! upstream 401s, fail-fast while the token endpoint is down and recovery without a restart,
+//! malformed token answers, and the same 401 handling for PUT.
+
+mod support;
+
+use std::io;
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::Duration;
+
+use bytes::Bytes;
+use consent_proxy::consent::ConsentStatus;
+use consent_proxy::simulator::{Fault, SimRoute, Simulator, SimulatorConfig};
+use support::*;
+use tokio::task::JoinSet;
+use tokio::time::Instant;
+
+const FETCH_OK: &str = r#"consent_proxy_token_fetches_total{result="success"}"#;
+const FETCH_FAILED: &str = r#"consent_proxy_token_fetches_total{result="failure"}"#;
+const RENEWED: &str = r#"consent_proxy_token_upstream_rejections_total{outcome="renewed"}"#;
+const REJECTED_AGAIN: &str =
+    r#"consent_proxy_token_upstream_rejections_total{outcome="rejected_again"}"#;
+
+/// How fast a `token_unavailable` answer must come (the contract says "within 1 s"; the
+/// proxy fails fast while backing off, so it is far quicker than `request_timeout_ms`).
+const FAIL_FAST: Duration = Duration::from_millis(500);
+
+fn contact(i: usize) -> String {
+    format!("+1555{i:07}")
+}
+
+async fn simulator_with(configure: impl FnOnce(&mut SimulatorConfig)) -> Simulator {
+    let mut config = sim_config();
+    configure(&mut config);
+    Simulator::start("127.0.0.1:0".parse().unwrap(), config)
+        .await
+        .expect("simulator starts")
+}
+
+/// A proxy (configured by `configure`) in front of an already prepared simulator.
+async fn harness_for(sim: &Simulator, configure: impl FnOnce(&mut ProxyConfig)) -> Harness {
+    let mut config = ProxyConfig::for_simulator(sim);
+    configure(&mut config);
+    let proxy = config.start().await;
+    Harness {
+        sim: sim.clone(),
+        proxy,
+        http: TestClient::new(),
+    }
+}
+
+fn no_cache(config: &mut ProxyConfig) {
+    config.set("cache.enabled", "false");
+}
+
+/// Sends `n` GETs at once (contact `contact(i)` for the i-th) and returns the answers in order.
+async fn concurrent_gets(h: &Arc<Harness>, n: usize) -> Vec<TestResponse> {
+    let mut set = JoinSet::new();
+    for i in 0..n {
+        let h = h.clone();
+        set.spawn(async move { (i, h.get(&contact(i)).await) });
+    }
+    let mut answers: Vec<Option<TestResponse>> = vec![None; n];
+    while let Some(joined) = set.join_next().await {
+        let (i, answer) = joined.expect("request task");
+        answers[i] = Some(answer);
+    }
+    answers.into_iter().map(Option::unwrap).collect()
+}
+
+fn assert_all_consented(answers: &[TestResponse]) {
+    for (i, answer) in answers.iter().enumerate() {
+        assert_eq!(
+            answer.status,
+            200,
+            "request {i} ({}) answered {}: {}",
+            contact(i),
+            answer.status,
+            answer.text()
+        );
+        assert_eq!(answer.status_field(), "CONSENTED", "request {i}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cold_burst_of_200_requests_causes_exactly_one_token_fetch() {
+    let sim = start_simulator().await;
+    for i in 0..200 {
+        sim.set_status(&contact(i), ConsentStatus::Consented);
+    }
+    // The first token answer is held back a little so that the whole burst arrives while
+    // that one fetch is in flight (it still comes well within the 1 s a request waits).
+    sim.inject(SimRoute::Token, Fault::Delay(Duration::from_millis(200)), 1);
+    // Fire at once: no waiting for readiness.
+    let h = Arc::new(harness_for(&sim, |_| {}).await);
+    let answers = concurrent_gets(&h, 200).await;
+
+    assert_all_consented(&answers);
+    let stats = h.sim.stats();
+    assert_eq!(stats.token_requests, 1, "{stats:?}");
+    assert_eq!(stats.tokens_issued, 1, "{stats:?}");
+    assert_eq!(stats.gets, 200, "{stats:?}");
+    assert_eq!(stats.unauthorized, 0, "{stats:?}");
+    assert_eq!(h.metric(FETCH_OK).await, 1.0);
+    assert_eq!(h.metric(FETCH_FAILED).await, 0.0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn short_lived_tokens_are_renewed_before_they_expire() {
+    let sim = simulator_with(|c| c.token_ttl = Duration::from_secs(2)).await;
+    for i in 0..4 {
+        sim.set_status(&contact(i), ConsentStatus::Consented);
+    }
+    let h = harness_for(&sim, no_cache).await;
+    h.wait_ready().await;
+
+    // A steady trickle for 10 s, every request going upstream (no cache).
+    let mut ticks = tokio::time::interval(Duration::from_millis(50));
+    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let started = Instant::now();
+    let mut sent = 0;
+    while started.elapsed() < Duration::from_secs(10) {
+        ticks.tick().await;
+        let answer = h.get(&contact(sent % 4)).await;
+        assert_eq!(
+            answer.status,
+            200,
+            "request {sent}, {:?} in: {}",
+            started.elapsed(),
+            answer.text()
+        );
+        sent += 1;
+    }
+
+    let stats = h.sim.stats();
+    assert!(sent >= 100, "only {sent} requests were sent");
+    assert_eq!(stats.gets, sent as u64, "{stats:?}");
+    assert_eq!(
+        stats.expired_token_uses, 0,
+        "an expired token was sent: {stats:?}"
+    );
+    assert_eq!(stats.unauthorized, 0, "{stats:?}");
+    // 2 s tokens renewed at half-life give about ten in 10 s; renewing only on expiry (or
+    // at the usable limit, 1.5 s) would give at most 7.
+    assert!(stats.tokens_issued >= 8, "too few renewals: {stats:?}");
+    assert_eq!(stats.token_requests, stats.tokens_issued, "{stats:?}");
+    // A renewal may be in flight between the two reads: compare once both sides agree.
+    wait_until(Duration::from_secs(3), || async {
+        let before = h.sim.stats().tokens_issued;
+        let fetched = h.metric(FETCH_OK).await;
+        before == h.sim.stats().tokens_issued && fetched == before as f64
+    })
+    .await;
+    assert_eq!(h.metric(FETCH_FAILED).await, 0.0);
+    assert_eq!(h.metric(RENEWED).await, 0.0);
+}
+
+#[tokio::test]
+async fn one_upstream_401_renews_the_token_and_retries_once() {
+    let h = Harness::start().await;
+    h.sim.set_status("+15550000001", ConsentStatus::Consented);
+    h.wait_ready().await;
+    let before = h.sim.stats();
+    assert_eq!(before.token_requests, 1);
+
+    h.sim.inject(SimRoute::Get, Fault::Unauthorized, 1);
+    let answer = h.get("+15550000001").await;
+    assert_eq!(answer.status, 200, "{}", answer.text());
+    assert_eq!(answer.status_field(), "CONSENTED");
+
+    let after = h.sim.stats();
+    assert_eq!(after.token_requests, before.token_requests + 1, "{after:?}");
+    assert_eq!(after.tokens_issued, before.tokens_issued + 1, "{after:?}");
+    assert_eq!(after.gets, before.gets + 2, "{after:?}");
+    assert_eq!(after.unauthorized, before.unauthorized + 1, "{after:?}");
+    assert_eq!(h.metric(RENEWED).await, 1.0);
+    assert_eq!(h.metric(REJECTED_AGAIN).await, 0.0);
+    assert_eq!(h.metric(FETCH_OK).await, 2.0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_burst_of_401s_causes_exactly_one_renewal() {
+    let h = Arc::new(Harness::start_with(no_cache).await);
+    for i in 0..50 {
+        h.sim.set_status(&contact(i), ConsentStatus::Consented);
+    }
+    h.wait_ready().await;
+    assert_eq!(h.sim.stats().token_requests, 1);
+
+    // The simulator decides each answer on arrival and answers after its latency: with
+    // 400 ms, all 50 first attempts take one of the 50 queued 401s before the first 401
+    // reaches the proxy, so no retry can take one (each retry must then succeed).
+    h.sim.set_latency(Duration::from_millis(400));
+    h.sim.inject(SimRoute::Get, Fault::Unauthorized, 50);
+    let answers = concurrent_gets(&h, 50).await;
+
+    let stats = h.sim.stats();
+    assert_eq!(
+        stats.unauthorized, 50,
+        "the 401s were not all taken by first attempts (machine too slow?): {stats:?}"
+    );
+    assert_all_consented(&answers);
+    assert_eq!(stats.token_requests, 2, "{stats:?}");
+    assert_eq!(stats.gets, 100, "{stats:?}");
+    assert_eq!(h.metric(RENEWED).await, 1.0);
+    assert_eq!(h.metric(REJECTED_AGAIN).await, 0.0);
+}
+
+#[tokio::test]
+async fn a_renewed_token_rejected_again_is_a_502() {
+    let h = Harness::start_with(no_cache).await;
+    h.sim.set_status("+15550000002", ConsentStatus::Consented);
+    h.wait_ready().await;
+    let before = h.sim.stats();
+
+    h.sim.inject(SimRoute::Get, Fault::Unauthorized, 2);
+    let answer = h.get("+15550000002").await;
+    assert_eq!(answer.status, 502, "{}", answer.text());
+    assert_eq!(answer.code(), "upstream_error");
+
+    let after = h.sim.stats();
+    assert_eq!(after.gets, before.gets + 2, "one retry only: {after:?}");
+    assert_eq!(after.token_requests, before.token_requests + 1, "{after:?}");
+    assert_eq!(h.metric(RENEWED).await, 1.0);
+    assert_eq!(h.metric(REJECTED_AGAIN).await, 1.0);
+
+    // The renewed token is kept: the next request uses it without another fetch.
+    let answer = h.get("+15550000002").await;
+    assert_eq!(answer.status, 200, "{}", answer.text());
+    assert_eq!(h.sim.stats().token_requests, after.token_requests);
+}
+
+#[tokio::test]
+async fn put_gets_the_same_401_renewal_and_retry() {
+    let h = Harness::start().await;
+    h.wait_ready().await;
+    let before = h.sim.stats();
+
+    h.sim.inject(SimRoute::Put, Fault::Unauthorized, 1);
+    let answer = h.put("+15550000003", "REFUSED").await;
+    assert_eq!(answer.status, 201, "{}", answer.text());
+    assert_eq!(
+        h.sim.stored_status("+15550000003"),
+        Some(ConsentStatus::Refused)
+    );
+
+    let after = h.sim.stats();
+    assert_eq!(after.puts, before.puts + 2, "{after:?}");
+    assert_eq!(after.token_requests, before.token_requests + 1, "{after:?}");
+    assert_eq!(h.metric(RENEWED).await, 1.0);
+    let get = h.get("+15550000003").await;
+    assert_eq!(get.status, 200);
+    assert_eq!(get.status_field(), "REFUSED");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn token_endpoint_down_fails_fast_then_recovers_without_restart() {
+    let sim = start_simulator().await;
+    sim.set_status("+15550000004", ConsentStatus::Consented);
+    // Down from the start, for as long as the test wants.
+    sim.inject(SimRoute::Token, Fault::Status500, 1_000_000);
+    let h = Arc::new(
+        harness_for(&sim, |c| {
+            c.set("server.request_timeout_ms", "10000");
+        })
+        .await,
+    );
+    wait_until(Duration::from_secs(5), || async {
+        h.metric(FETCH_FAILED).await >= 1.0
+    })
+    .await;
+
+    let ready = h.admin("/readyz").await;
+    assert_eq!(ready.status, 503, "{}", ready.text());
+    assert_eq!(ready.json()["status"], "not_ready");
+    let reason = ready.json()["reason"]
+        .as_str()
+        .unwrap_or_default()
+        .to_owned();
+    assert!(reason.contains("token"), "reason: {reason:?}");
+
+    // One by one, then 20 at once: each answered 503 token_unavailable, fast.
+    for _ in 0..3 {
+        let started = Instant::now();
+        let answer = h.get("+15550000004").await;
+        let took = started.elapsed();
+        assert_eq!(answer.status, 503, "{}", answer.text());
+        assert_eq!(answer.code(), "token_unavailable");
+        assert!(took < FAIL_FAST, "token_unavailable took {took:?}");
+    }
+    let mut set = JoinSet::new();
+    for _ in 0..20 {
+        let h = h.clone();
+        set.spawn(async move {
+            let started = Instant::now();
+            let answer = h.get("+15550000004").await;
+            (answer, started.elapsed())
+        });
+    }
+    while let Some(joined) = set.join_next().await {
+        let (answer, took) = joined.expect("request task");
+        assert_eq!(answer.status, 503, "{}", answer.text());
+        assert_eq!(answer.code(), "token_unavailable");
+        assert!(took < FAIL_FAST, "token_unavailable took {took:?}");
+    }
+    assert_eq!(
+        h.sim.stats().gets,
+        0,
+        "nothing may reach the consent API without a token"
+    );
+    // The refresher backs off instead of hammering the endpoint (250 ms, doubling).
+    let fetches = h.sim.stats().token_requests;
+    assert!(
+        fetches < 10,
+        "{fetches} token requests in the test's first moments"
+    );
+    wait_until(Duration::from_secs(5), || async {
+        h.admin("/readyz").await.json()["reason"]
+            .as_str()
+            .is_some_and(|r| r.contains("500"))
+    })
+    .await;
+
+    // The endpoint recovers: the same proxy becomes ready and serves.
+    h.sim.clear_faults();
+    wait_until(Duration::from_secs(10), || async {
+        h.admin("/readyz").await.status == 200
+    })
+    .await;
+    let answer = h.get("+15550000004").await;
+    assert_eq!(answer.status, 200, "{}", answer.text());
+    assert_eq!(answer.status_field(), "CONSENTED");
+    assert_eq!(h.metric(FETCH_OK).await, 1.0);
+    assert!(h.metric(FETCH_FAILED).await >= 1.0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn malformed_token_answers_count_as_failures_and_the_proxy_recovers() {
+    let logs = captured_logs();
+    let h = Harness::start_with(no_cache).await;
+    h.sim.set_status("+15550000005", ConsentStatus::Consented);
+    h.wait_ready().await;
+
+    let cases: [(&str, &str, Option<&str>); 4] = [
+        (
+            "not JSON",
+            "this is not json MALFORMED-TOKEN-notjson",
+            Some("MALFORMED-TOKEN-notjson"),
+        ),
+        (
+            "no access_token",
+            r#"{"token_type":"Bearer","expires_in":600}"#,
+            None,
+        ),
+        (
+            "expires_in 0",
+            r#"{"access_token":"MALFORMED-TOKEN-zero","token_type":"Bearer","expires_in":0}"#,
+            Some("MALFORMED-TOKEN-zero"),
+        ),
+        (
+            "no expires_in",
+            r#"{"access_token":"MALFORMED-TOKEN-noexp","token_type":"Bearer"}"#,
+            Some("MALFORMED-TOKEN-noexp"),
+        ),
+    ];
+    for (round, (kind, body, _)) in cases.iter().enumerate() {
+        let failures_before = h.metric(FETCH_FAILED).await;
+        let successes_before = h.metric(FETCH_OK).await;
+        let token_requests_before = h.sim.stats().token_requests;
+
+        // Force a renewal (upstream 401) and make its answer the malformed one.
+        h.sim.inject(
+            SimRoute::Token,
+            Fault::Respond {
+                status: 200,
+                headers: vec![("content-type".into(), "application/json".into())],
+                body: Bytes::from_static(body.as_bytes()),
+            },
+            1,
+        );
+        h.sim.inject(SimRoute::Get, Fault::Unauthorized, 1);
+        let started = Instant::now();
+        let answer = h.get("+15550000005").await;
+        assert_eq!(answer.status, 503, "{kind}: {}", answer.text());
+        assert_eq!(answer.code(), "token_unavailable", "{kind}");
+        assert!(
+            started.elapsed() < FAIL_FAST,
+            "{kind}: {:?}",
+            started.elapsed()
+        );
+        assert_eq!(
+            h.metric(FETCH_FAILED).await,
+            failures_before + 1.0,
+            "{kind}"
+        );
+
+        // The next (good) answer after the back-off restores service, no restart.
+        wait_until(Duration::from_secs(5), || async {
+            h.admin("/readyz").await.status == 200
+        })
+        .await;
+        let answer = h.get("+15550000005").await;
+        assert_eq!(
+            answer.status,
+            200,
+            "{kind} (round {round}): {}",
+            answer.text()
+        );
+        assert_eq!(h.metric(FETCH_OK).await, successes_before + 1.0, "{kind}");
+        assert_eq!(
+            h.metric(FETCH_FAILED).await,
+            failures_before + 1.0,
+            "{kind}"
+        );
+        assert_eq!(
+            h.sim.stats().token_requests,
+            token_requests_before + 2,
+            "{kind}: one bad fetch, one good"
+        );
+    }
+
+    let logs = String::from_utf8_lossy(&logs.lock().unwrap()).into_owned();
+    assert!(
+        logs.contains("token fetch failed"),
+        "log capture did not work; captured:\n{logs}"
+    );
+    for (kind, _, secret) in cases {
+        if let Some(secret) = secret {
+            assert!(
+                !logs.contains(secret),
+                "{kind}: the token endpoint's body leaked into the logs"
+            );
+        }
+    }
+}
+
+/// Everything logged in this test binary (all its tests), installed on first use as the
+/// global subscriber.
+fn captured_logs() -> Arc<Mutex<Vec<u8>>> {
+    static LOGS: OnceLock<Arc<Mutex<Vec<u8>>>> = OnceLock::new();
+    LOGS.get_or_init(|| {
+        let buffer = Arc::new(Mutex::new(Vec::new()));
+        let sink = buffer.clone();
+        tracing_subscriber::fmt()
+            .with_env_filter("consent_proxy=trace,debug")
+            .with_ansi(false)
+            .with_writer(move || LogSink(sink.clone()))
+            .try_init()
+            .expect("no other global subscriber in this test binary");
+        buffer
+    })
+    .clone()
+}
+
+struct LogSink(Arc<Mutex<Vec<u8>>>);
+
+impl io::Write for LogSink {
+    fn write(&mut self, bytes: &[u8]) -> io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(bytes);
+        Ok(bytes.len())
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
