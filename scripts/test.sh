@@ -1,0 +1,41 @@
+#!/usr/bin/env bash
+# Runs every test of consent-proxy: unit and integration tests (cargo test), the Prometheus
+# rule tests, the bounded soak test and the schemathesis run against `consent-proxy demo`.
+# Installs what a fresh machine lacks first (Debian packages, the oidc-provider npm package,
+# a Python virtualenv for schemathesis). Exits non-zero on the first failure.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+step() { printf '\n==> %s\n' "$*"; }
+
+# --- what the tests need --------------------------------------------------------------------
+missing=()
+command -v promtool >/dev/null 2>&1 || missing+=(prometheus)
+command -v curl >/dev/null 2>&1 || missing+=(curl)
+command -v node >/dev/null 2>&1 || missing+=(nodejs npm)
+python3 -c 'import venv' >/dev/null 2>&1 || missing+=(python3-venv)
+if ((${#missing[@]})); then
+    step "installing ${missing[*]}"
+    apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
+fi
+# The Debian package may start its own Prometheus on :9090; the tests run their own.
+pkill -x prometheus >/dev/null 2>&1 || true
+
+step "npm ci (oidc-provider for the OAuth compatibility test)"
+npm ci --prefix tests/oidc --no-audit --no-fund --loglevel=error
+
+# --- the tests ------------------------------------------------------------------------------
+step "cargo test"
+cargo test
+
+step "Prometheus rules (promtool check/test rules)"
+bash scripts/check-deploy.sh
+
+step "soak test (bounded, release build)"
+cargo test --release --test soak -- --ignored --nocapture
+
+step "schemathesis against consent-proxy demo"
+bash scripts/schemathesis.sh
+
+step "all tests passed"
