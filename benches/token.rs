@@ -127,6 +127,10 @@ fn token_current(c: &mut Criterion) {
         .warm_up_time(Duration::from_secs(1))
         .measurement_time(Duration::from_secs(3));
 
+    // For scale: the fast path reads the clock once to check the token's lifetime.
+    group.bench_function("baseline_instant_now", |b| {
+        b.iter(|| black_box(tokio::time::Instant::now()))
+    });
     let deadline = far_deadline();
     group.bench_function("async_single_task", |b| {
         b.to_async(&fixture.runtime)

@@ -227,6 +227,8 @@ impl TokenManager {
                     .upstream_rejections
                     .with_label_values(&["renewed"])
                     .inc();
+                // No token is held until the renewal succeeds ("0 = none held").
+                self.shared.metrics.expiry.set(0.0);
                 tracing::info!(token_id = token.id, "upstream rejected the token; renewing");
                 self.shared.wake.notify_one();
             }
@@ -280,10 +282,6 @@ impl Refresher {
             let sleep_until = match result {
                 Ok((token, expires_in)) => {
                     shared.metrics.fetches.with_label_values(&["success"]).inc();
-                    shared
-                        .metrics
-                        .expiry
-                        .set(unix_now() + expires_in.as_secs_f64());
                     tracing::debug!(
                         token_id = token.id,
                         expires_in_s = expires_in.as_secs(),
@@ -291,6 +289,12 @@ impl Refresher {
                     );
                     let refresh_at = token.refresh_at;
                     shared.current.store(Some(Arc::new(token)));
+                    // After the store, so that a concurrent `reject` of the previous token
+                    // (which zeroes the gauge) cannot overwrite the new token's expiry.
+                    shared
+                        .metrics
+                        .expiry
+                        .set(unix_now() + expires_in.as_secs_f64());
                     shared.phase.send_replace(Phase::Idle);
                     backoff = BACKOFF_FIRST;
                     refresh_at

@@ -21,6 +21,7 @@ const FETCH_FAILED: &str = r#"consent_proxy_token_fetches_total{result="failure"
 const RENEWED: &str = r#"consent_proxy_token_upstream_rejections_total{outcome="renewed"}"#;
 const REJECTED_AGAIN: &str =
     r#"consent_proxy_token_upstream_rejections_total{outcome="rejected_again"}"#;
+const EXPIRY: &str = "consent_proxy_token_expiry_timestamp_seconds";
 
 /// How fast a `token_unavailable` answer must come (the contract says "within 1 s"; the
 /// proxy fails fast while backing off, so it is far quicker than `request_timeout_ms`).
@@ -48,6 +49,13 @@ async fn harness_for(sim: &Simulator, configure: impl FnOnce(&mut ProxyConfig)) 
         proxy,
         http: TestClient::new(),
     }
+}
+
+fn unix_now() -> f64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs_f64()
 }
 
 fn no_cache(config: &mut ProxyConfig) {
@@ -154,6 +162,48 @@ async fn short_lived_tokens_are_renewed_before_they_expire() {
     .await;
     assert_eq!(h.metric(FETCH_FAILED).await, 0.0);
     assert_eq!(h.metric(RENEWED).await, 0.0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_background_renewal_does_not_disturb_requests() {
+    let sim = simulator_with(|c| c.token_ttl = Duration::from_secs(4)).await;
+    sim.set_status("+15550000006", ConsentStatus::Consented);
+    let h = harness_for(&sim, no_cache).await;
+    h.wait_ready().await;
+    let expiry = h.metric(EXPIRY).await;
+    assert!(expiry > unix_now(), "expiry gauge {expiry}");
+
+    // The renewal due at half-life (2 s) fails once; its retry (125-250 ms later) succeeds,
+    // still well before the old token stops being usable (3 s).
+    h.sim.inject(SimRoute::Token, Fault::Status500, 1);
+    let started = Instant::now();
+    let mut ticks = tokio::time::interval(Duration::from_millis(25));
+    while h.metric(FETCH_OK).await < 2.0 {
+        assert!(
+            started.elapsed() < Duration::from_secs(6),
+            "no renewal: {:?}",
+            h.sim.stats()
+        );
+        ticks.tick().await;
+        let answer = h.get("+15550000006").await;
+        assert_eq!(
+            answer.status,
+            200,
+            "{:?} in: {}",
+            started.elapsed(),
+            answer.text()
+        );
+    }
+    assert_eq!(h.metric(FETCH_FAILED).await, 1.0);
+    let stats = h.sim.stats();
+    assert_eq!(stats.token_requests, 3, "{stats:?}");
+    assert_eq!(stats.unauthorized, 0, "{stats:?}");
+    assert!(
+        h.metric(EXPIRY).await > expiry,
+        "the gauge follows the new token"
+    );
+    let ready = h.admin("/readyz").await;
+    assert_eq!(ready.status, 200, "{}", ready.text());
 }
 
 #[tokio::test]
@@ -309,6 +359,7 @@ async fn token_endpoint_down_fails_fast_then_recovers_without_restart() {
         0,
         "nothing may reach the consent API without a token"
     );
+    assert_eq!(h.metric(EXPIRY).await, 0.0, "no token is held");
     // The refresher backs off instead of hammering the endpoint (250 ms, doubling).
     let fetches = h.sim.stats().token_requests;
     assert!(
@@ -333,6 +384,7 @@ async fn token_endpoint_down_fails_fast_then_recovers_without_restart() {
     assert_eq!(answer.status_field(), "CONSENTED");
     assert_eq!(h.metric(FETCH_OK).await, 1.0);
     assert!(h.metric(FETCH_FAILED).await >= 1.0);
+    assert!(h.metric(EXPIRY).await > unix_now() + 60.0);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -394,6 +446,11 @@ async fn malformed_token_answers_count_as_failures_and_the_proxy_recovers() {
             failures_before + 1.0,
             "{kind}"
         );
+        assert_eq!(
+            h.metric(EXPIRY).await,
+            0.0,
+            "{kind}: the rejected token is gone"
+        );
 
         // The next (good) answer after the back-off restores service, no restart.
         wait_until(Duration::from_secs(5), || async {
@@ -408,6 +465,7 @@ async fn malformed_token_answers_count_as_failures_and_the_proxy_recovers() {
             answer.text()
         );
         assert_eq!(h.metric(FETCH_OK).await, successes_before + 1.0, "{kind}");
+        assert!(h.metric(EXPIRY).await > unix_now() + 60.0, "{kind}");
         assert_eq!(
             h.metric(FETCH_FAILED).await,
             failures_before + 1.0,
