@@ -19,8 +19,9 @@ if ((${#missing[@]})); then
     apt-get update -qq
     DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
 fi
-# The Debian package may start its own Prometheus on :9090; the tests run their own.
-pkill -x prometheus >/dev/null 2>&1 || true
+# The Debian package may start its own Prometheus on :9090; the tests run their own instance
+# on a free port, so only the packaged service is stopped (if it runs at all).
+invoke-rc.d prometheus stop >/dev/null 2>&1 || true
 
 step "npm ci (oidc-provider for the OAuth compatibility test)"
 npm ci --prefix tests/oidc --no-audit --no-fund --loglevel=error

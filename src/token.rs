@@ -17,7 +17,7 @@ use base64::Engine;
 use bytes::Bytes;
 use http::{header, HeaderValue, Method, Request};
 use http_body_util::Full;
-use prometheus::{Histogram, IntCounter, IntCounterVec, Registry};
+use prometheus::{Histogram, IntCounter, Registry};
 use tokio::sync::{watch, Notify};
 use tokio::time::Instant;
 
@@ -78,21 +78,34 @@ enum Phase {
 
 #[derive(Clone)]
 pub struct TokenMetrics {
-    fetches: IntCounterVec,
+    fetch_succeeded: IntCounter,
+    fetch_failed: IntCounter,
     expiry: prometheus::Gauge,
     fetch_duration: Histogram,
-    upstream_rejections: IntCounterVec,
+    renewed_after_rejection: IntCounter,
+    rejected_again: IntCounter,
 }
 
 impl TokenMetrics {
+    /// Registers the token metrics, every label value present from the start (at 0), so
+    /// `increase()` sees the first failure and dashboards are never empty.
     pub fn register(registry: &Registry) -> Self {
+        let fetches = metrics::counter_vec(
+            registry,
+            "consent_proxy_token_fetches_total",
+            "Token endpoint requests by result.",
+            &["result"],
+        );
+        let rejections = metrics::counter_vec(
+            registry,
+            "consent_proxy_token_upstream_rejections_total",
+            "Upstream 401 answers to the proxy's token, by what followed: renewed \
+             (token dropped and renewed), rejected_again (401 after a renewal, caller got 502).",
+            &["outcome"],
+        );
         TokenMetrics {
-            fetches: metrics::counter_vec(
-                registry,
-                "consent_proxy_token_fetches_total",
-                "Token endpoint requests by result.",
-                &["result"],
-            ),
+            fetch_succeeded: fetches.with_label_values(&["success"]),
+            fetch_failed: fetches.with_label_values(&["failure"]),
             expiry: metrics::float_gauge(
                 registry,
                 "consent_proxy_token_expiry_timestamp_seconds",
@@ -103,19 +116,13 @@ impl TokenMetrics {
                 "consent_proxy_token_fetch_duration_seconds",
                 "Time taken by token endpoint requests.",
             ),
-            upstream_rejections: metrics::counter_vec(
-                registry,
-                "consent_proxy_token_upstream_rejections_total",
-                "Upstream 401 answers to the proxy's token, by what followed: renewed \
-                 (token dropped and renewed), rejected_again (401 after a renewal, caller got 502).",
-                &["outcome"],
-            ),
+            renewed_after_rejection: rejections.with_label_values(&["renewed"]),
+            rejected_again: rejections.with_label_values(&["rejected_again"]),
         }
     }
 
-    pub fn rejected_again(&self) -> IntCounter {
-        self.upstream_rejections
-            .with_label_values(&["rejected_again"])
+    pub fn rejected_again(&self) -> &IntCounter {
+        &self.rejected_again
     }
 }
 
@@ -224,8 +231,7 @@ impl TokenManager {
             if previous.as_ref().is_some_and(|p| Arc::ptr_eq(p, token)) {
                 self.shared
                     .metrics
-                    .upstream_rejections
-                    .with_label_values(&["renewed"])
+                    .renewed_after_rejection
                     .inc();
                 // No token is held until the renewal succeeds ("0 = none held").
                 self.shared.metrics.expiry.set(0.0);
@@ -281,7 +287,7 @@ impl Refresher {
                 .observe(started.elapsed().as_secs_f64());
             let sleep_until = match result {
                 Ok((token, expires_in)) => {
-                    shared.metrics.fetches.with_label_values(&["success"]).inc();
+                    shared.metrics.fetch_succeeded.inc();
                     tracing::debug!(
                         token_id = token.id,
                         expires_in_s = expires_in.as_secs(),
@@ -300,7 +306,7 @@ impl Refresher {
                     refresh_at
                 }
                 Err(reason) => {
-                    shared.metrics.fetches.with_label_values(&["failure"]).inc();
+                    shared.metrics.fetch_failed.inc();
                     tracing::warn!(reason = %reason, retry_in_ms = backoff.as_millis() as u64, "token fetch failed");
                     shared.phase.send_replace(Phase::BackingOff { reason });
                     let delay = with_jitter(backoff);
@@ -424,6 +430,11 @@ pub fn parse_token_response(body: &[u8]) -> Result<ParsedToken, String> {
         .and_then(|v| v.as_str())
         .filter(|t| !t.is_empty())
         .ok_or("token response has no access_token")?;
+    // Visible ASCII only (RFC 6750's b64token is a subset): `HeaderValue` would also take
+    // spaces, tabs and non-ASCII bytes, which upstream would trim, split or refuse.
+    if !access_token.bytes().all(|b| b.is_ascii_graphic()) {
+        return Err("access_token has characters not allowed in a header".into());
+    }
     if let Some(token_type) = value.get("token_type") {
         if !token_type
             .as_str()
