@@ -116,13 +116,29 @@ async fn serve(config: Option<PathBuf>) -> Result<(), String> {
     let settings =
         Settings::load(config.as_deref()).map_err(|e| format!("invalid configuration:\n{e}"))?;
     logging::init(&settings.log)?;
-    tracing::info!(config = %settings.redacted_toml(), "effective configuration");
+    log_effective_configuration(&settings);
     let stop = shutdown_signal();
     let proxy = App::start(settings).await?;
     stop.await;
     tracing::info!("shutting down: draining in-flight requests");
     proxy.shutdown().await;
     Ok(())
+}
+
+/// The configuration in effect, secrets redacted, at start-up: as readable TOML lines in the
+/// text format, as one `config` string field in JSON (which keeps one object per line).
+fn log_effective_configuration(settings: &Settings) {
+    let config = settings.redacted_toml();
+    match settings.log.format {
+        LogFormat::Text => tracing::info!(
+            "effective configuration (secrets redacted):\n{}",
+            config.trim_end()
+        ),
+        LogFormat::Json => tracing::info!(
+            config = %config,
+            "effective configuration (secrets redacted)"
+        ),
+    }
 }
 
 async fn demo(options: DemoOptions) -> Result<(), String> {

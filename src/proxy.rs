@@ -12,7 +12,7 @@ use crate::cache::{CacheStatus, ConsentCache, WriteOutcome};
 use crate::consent::{ConsentStatus, ContactId};
 use crate::error::ProxyError;
 use crate::metrics;
-use crate::upstream::{consent_status_of, ConsentAnswer, ConsentApi};
+use crate::upstream::{consent_status_of, ConsentAnswer, ConsentApi, LastAttempt};
 
 #[derive(Clone)]
 pub struct WriteMetrics {
@@ -66,19 +66,24 @@ impl ConsentService {
         &self.cache
     }
 
+    /// Reads through the cache. When this request's own fetch goes upstream (a miss or a
+    /// bypass), its attempts are reported to `upstream`.
     pub async fn read(
         &self,
         contact: &ContactId,
         request_id: &HeaderValue,
         deadline: Instant,
+        upstream: &LastAttempt,
     ) -> ReadResult {
         let api = self.api.clone();
         let fetch_contact = contact.clone();
         let fetch_request_id = request_id.clone();
+        let last = upstream.clone();
         let (cache_status, age, answer) = self
             .cache
             .get_or_fetch(contact, deadline, move || async move {
-                api.get(&fetch_contact, &fetch_request_id, deadline).await
+                api.get(&fetch_contact, &fetch_request_id, deadline, &last)
+                    .await
             })
             .await;
         ReadResult {
@@ -89,21 +94,24 @@ impl ConsentService {
     }
 
     /// Writes upstream, then updates the cache; answered 2xx only when upstream said 2xx.
+    /// The upstream attempts are reported to `upstream`.
     pub async fn write(
         &self,
         contact: &ContactId,
         status: ConsentStatus,
         request_id: &HeaderValue,
         deadline: Instant,
+        upstream: &LastAttempt,
     ) -> Result<ConsentAnswer, ProxyError> {
         let service = self.clone();
         let contact = contact.clone();
         let request_id = request_id.clone();
+        let last = upstream.clone();
         let task = tokio::spawn(async move {
             service.cache.begin_write(&contact).await;
             let result = service
                 .api
-                .put(&contact, status, &request_id, deadline)
+                .put(&contact, status, &request_id, deadline, &last)
                 .await;
             let outcome = match &result {
                 Ok(answer) if answer.status.is_success() => {

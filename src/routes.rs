@@ -16,7 +16,7 @@ use crate::error::{FieldProblem, ProxyError};
 use crate::http_util::{self, Body, ReadBodyError};
 use crate::metrics::HttpMetrics;
 use crate::proxy::ConsentService;
-use crate::upstream::{status_label, ConsentAnswer};
+use crate::upstream::{status_label, ConsentAnswer, LastAttempt};
 
 const ROUTE_PREFIX: &str = "/voicebiometrics/contacts/";
 const ROUTE_SUFFIX: &str = "/consent";
@@ -47,6 +47,9 @@ struct Outcome {
     caller: Option<Caller>,
     cache_status: Option<CacheStatus>,
     error: Option<ProxyError>,
+    /// Set once the request may go upstream. Shared with the upstream call and read only
+    /// when logging, so the last attempt shows even when the deadline cut the request short.
+    upstream: Option<LastAttempt>,
 }
 
 impl ConsentRoutes {
@@ -128,9 +131,13 @@ impl ConsentRoutes {
         outcome.caller = Some(caller);
         let contact = ContactId::from_path_segment(segment).ok_or(ProxyError::InvalidContactId)?;
         outcome.contact = Some(contact.clone());
+        let upstream = outcome.upstream.insert(LastAttempt::default());
 
         if needed == Permission::Read {
-            let read = self.service.read(&contact, request_id, deadline).await;
+            let read = self
+                .service
+                .read(&contact, request_id, deadline, upstream)
+                .await;
             outcome.cache_status = Some(read.cache_status);
             let answer = read.answer?;
             let mut response = answer_response(answer);
@@ -162,7 +169,7 @@ impl ConsentRoutes {
             })?;
             let answer = self
                 .service
-                .write(&contact, status, request_id, deadline)
+                .write(&contact, status, request_id, deadline, upstream)
                 .await?;
             Ok(answer_response(answer))
         }
@@ -213,6 +220,7 @@ impl ConsentRoutes {
             .observe(elapsed.as_secs_f64());
         if tracing::enabled!(tracing::Level::INFO) {
             let contact = outcome.contact.as_ref().map(ContactId::masked);
+            let upstream = outcome.upstream.as_ref().and_then(LastAttempt::get);
             tracing::info!(
                 request_id = request_id.to_str().unwrap_or("-"),
                 client,
@@ -221,6 +229,8 @@ impl ConsentRoutes {
                 contact = contact.as_deref().unwrap_or("-"),
                 status = status.as_u16(),
                 cache = outcome.cache_status.map_or("-", CacheStatus::as_str),
+                upstream_status = upstream.as_ref().map_or("-", |u| u.outcome.as_str()),
+                upstream_duration_us = upstream.map(|u| u.duration.as_micros() as u64),
                 error = outcome
                     .error
                     .as_ref()

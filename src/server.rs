@@ -10,6 +10,7 @@ use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
 use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -57,7 +58,13 @@ pub fn tls_acceptor(cert_file: &Path, key_file: &Path) -> Result<TlsAcceptor, St
     let mut config = rustls::ServerConfig::builder()
         .with_no_client_auth()
         .with_single_cert(certs, key)
-        .map_err(|e| format!("server TLS configuration: {e}"))?;
+        .map_err(|e| {
+            format!(
+                "server.tls_key_file {} does not fit server.tls_cert_file {}: {e}",
+                key_file.display(),
+                cert_file.display()
+            )
+        })?;
     config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
     Ok(TlsAcceptor::from(Arc::new(config)))
 }
@@ -99,10 +106,14 @@ pub async fn serve<H, F>(
         };
         let _ = stream.set_nodelay(true);
         let handler = handler.clone();
+        let request_seen = Arc::new(AtomicBool::new(false));
+        let seen = request_seen.clone();
         let service = service_fn(move |request| {
+            seen.store(true, Ordering::Relaxed);
             let response = handler(request);
             async move { Ok::<_, Infallible>(response.await) }
         });
+        let first_request_timeout = limits.header_read_timeout;
         match &tls {
             None => {
                 let connection = builder
@@ -110,6 +121,8 @@ pub async fn serve<H, F>(
                     .into_owned();
                 let connection = graceful.watch(connection);
                 tokio::spawn(async move {
+                    let connection =
+                        first_request_within(connection, &request_seen, first_request_timeout);
                     if let Err(err) = connection.await {
                         tracing::debug!(%peer, error = %err, "connection ended with an error");
                     }
@@ -133,7 +146,12 @@ pub async fn serve<H, F>(
                     let connection = builder
                         .serve_connection(TokioIo::new(stream), service)
                         .into_owned();
-                    if let Err(err) = watcher.watch(connection).await {
+                    let connection = first_request_within(
+                        watcher.watch(connection),
+                        &request_seen,
+                        first_request_timeout,
+                    );
+                    if let Err(err) = connection.await {
                         tracing::debug!(%peer, error = %err, "connection ended with an error");
                     }
                     drop(permit);
@@ -148,6 +166,32 @@ pub async fn serve<H, F>(
             tracing::warn!("shutdown grace period ended with connections still open");
         }
     }
+}
+
+/// Drives `connection`, but ends it when no request has begun within `limit` of the start.
+///
+/// hyper's HTTP/1 header read timeout only starts once the auto builder has read enough to
+/// pick HTTP/1 or HTTP/2, and HTTP/2 has no such timeout at all, so without this a connection
+/// that sends nothing (or part of the HTTP/2 preface) would hold a `max_connections` slot for
+/// ever. Later requests on a kept-alive connection are hyper's business.
+async fn first_request_within<F, E>(
+    connection: F,
+    request_seen: &AtomicBool,
+    limit: Duration,
+) -> Result<(), String>
+where
+    F: Future<Output = Result<(), E>>,
+    E: std::fmt::Display,
+{
+    tokio::pin!(connection);
+    tokio::select! {
+        result = &mut connection => return result.map_err(|e| e.to_string()),
+        _ = tokio::time::sleep(limit) => {}
+    }
+    if !request_seen.load(Ordering::Relaxed) {
+        return Err(format!("no request within {} ms", limit.as_millis()));
+    }
+    connection.await.map_err(|e| e.to_string())
 }
 
 /// Resolves once shutdown is requested (or its sender is gone).

@@ -2,6 +2,7 @@
 //! the contact, the body and the request id), injects the shared token, retries what is safe
 //! to retry within the request's deadline, and renews the token once on a 401.
 
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -55,6 +56,51 @@ pub struct ConsentAnswer {
     pub retry_after: Option<HeaderValue>,
 }
 
+/// How one upstream attempt ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AttemptOutcome {
+    /// Upstream answered with this status.
+    Answered(StatusCode),
+    /// The attempt's time ran out.
+    Timeout,
+    /// No usable answer: connect error, broken exchange, answer too large.
+    Error,
+}
+
+impl AttemptOutcome {
+    /// The status (`"200"`), `"timeout"` or `"error"`, as in the upstream metrics' `code`.
+    pub fn as_str(&self) -> &str {
+        match self {
+            AttemptOutcome::Answered(status) => status.as_str(),
+            AttemptOutcome::Timeout => "timeout",
+            AttemptOutcome::Error => "error",
+        }
+    }
+}
+
+/// One upstream attempt, as the access log reports it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AttemptReport {
+    pub outcome: AttemptOutcome,
+    pub duration: Duration,
+}
+
+/// Where a call reports each attempt as it ends, so that the request that started the call
+/// can log the last one, even when the call runs in another task or outlives the request.
+#[derive(Debug, Clone, Default)]
+pub struct LastAttempt(Arc<Mutex<Option<AttemptReport>>>);
+
+impl LastAttempt {
+    /// The last attempt that ended, if any did.
+    pub fn get(&self) -> Option<AttemptReport> {
+        *self.0.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn set(&self, report: AttemptReport) {
+        *self.0.lock().unwrap_or_else(PoisonError::into_inner) = Some(report);
+    }
+}
+
 /// How a write ended when it did not end with an answer.
 #[derive(Debug, Clone)]
 pub struct WriteFailure {
@@ -100,15 +146,17 @@ impl ConsentApi {
     }
 
     /// Reads a contact's consent. `Ok` holds an answer to pass on (200 with a valid consent
-    /// body, or an upstream 4xx); anything unusable is an error.
+    /// body, or an upstream 4xx); anything unusable is an error. Each attempt is reported to
+    /// `last`.
     pub async fn get(
         &self,
         contact: &ContactId,
         request_id: &HeaderValue,
         deadline: Instant,
+        last: &LastAttempt,
     ) -> Result<ConsentAnswer, ProxyError> {
         let answer = self
-            .call(Method::GET, contact, None, request_id, deadline)
+            .call(Method::GET, contact, None, request_id, deadline, last)
             .await
             .map_err(|e| match e {
                 CallError::Unknown(e) | CallError::NotApplied(e) => e,
@@ -121,16 +169,18 @@ impl ConsentApi {
         Ok(answer)
     }
 
-    /// Writes a contact's consent. 2xx only when upstream answered 2xx.
+    /// Writes a contact's consent. 2xx only when upstream answered 2xx. Each attempt is
+    /// reported to `last`.
     pub async fn put(
         &self,
         contact: &ContactId,
         status: ConsentStatus,
         request_id: &HeaderValue,
         deadline: Instant,
+        last: &LastAttempt,
     ) -> Result<ConsentAnswer, WriteFailure> {
         let body = Bytes::from_static(status.canonical_body());
-        self.call(Method::PUT, contact, Some(body), request_id, deadline)
+        self.call(Method::PUT, contact, Some(body), request_id, deadline, last)
             .await
             .map_err(|e| match e {
                 CallError::Unknown(error) => WriteFailure {
@@ -153,6 +203,7 @@ impl ConsentApi {
         body: Option<Bytes>,
         request_id: &HeaderValue,
         deadline: Instant,
+        last: &LastAttempt,
     ) -> Result<ConsentAnswer, CallError> {
         let uri = format!(
             "{}/voicebiometrics/contacts/{}/consent",
@@ -180,7 +231,7 @@ impl ConsentApi {
                 .transport
                 .attempt(request, timeout, self.max_response_bytes)
                 .await;
-            self.record(&method, &result, started);
+            self.record(&method, &result, started, last);
 
             // Decide between answering, retrying after a delay, or failing.
             let retry_delay = match result {
@@ -197,7 +248,9 @@ impl ConsentApi {
                 }
                 Ok(answer) if is_retryable(answer.status) && retries_left > 0 => {
                     let delay = retry_after(&answer).unwrap_or_else(|| jittered(backoff));
-                    if Instant::now() + delay >= deadline {
+                    // Compared as durations: upstream's Retry-After may be any u64, and
+                    // `Instant + Duration` panics on overflow.
+                    if delay >= deadline.saturating_duration_since(Instant::now()) {
                         return finish(answer);
                     }
                     retries_left -= 1;
@@ -231,11 +284,21 @@ impl ConsentApi {
         }
     }
 
-    fn record(&self, method: &Method, result: &Result<Answer, AttemptError>, started: Instant) {
-        let code = match result {
-            Ok(answer) => status_label(answer.status),
-            Err(AttemptError::Timeout) => "timeout",
-            Err(_) => "error",
+    fn record(
+        &self,
+        method: &Method,
+        result: &Result<Answer, AttemptError>,
+        started: Instant,
+        last: &LastAttempt,
+    ) {
+        let elapsed = started.elapsed();
+        let (code, outcome) = match result {
+            Ok(answer) => (
+                status_label(answer.status),
+                AttemptOutcome::Answered(answer.status),
+            ),
+            Err(AttemptError::Timeout) => ("timeout", AttemptOutcome::Timeout),
+            Err(_) => ("error", AttemptOutcome::Error),
         };
         self.metrics
             .requests
@@ -244,7 +307,11 @@ impl ConsentApi {
         self.metrics
             .duration
             .with_label_values(&[method.as_str()])
-            .observe(started.elapsed().as_secs_f64());
+            .observe(elapsed.as_secs_f64());
+        last.set(AttemptReport {
+            outcome,
+            duration: elapsed,
+        });
     }
 }
 
