@@ -1168,10 +1168,14 @@ fn validate_log(raw: RawLog, p: &mut Problems) -> LogSettings {
             LogFormat::Text
         }
     };
-    LogSettings {
-        level: raw.level.unwrap_or_else(|| "info".to_owned()),
-        format,
+    let level = raw.level.unwrap_or_else(|| "info".to_owned());
+    if let Err(err) = tracing_subscriber::EnvFilter::try_new(&level) {
+        p.at(
+            "log.level",
+            format!("{level:?} is not a level or tracing filter: {err}"),
+        );
     }
+    LogSettings { level, format }
 }
 
 /// A DNS label: 1 to 63 of a-z 0-9 '-', not starting or ending with '-'.
@@ -1877,6 +1881,14 @@ permissions = []
             list,
             vec!["talkdesk.region: \"us\" is not a region; allowed: com, eu, ca, au".to_owned()]
         );
+    }
+
+    #[test]
+    fn bad_log_filter_is_named() {
+        let toml = format!("{}\n[log]\nlevel = \"consent_proxy=loud\"\n", minimal());
+        let list = errors(&toml);
+        assert_eq!(list.len(), 1, "{list:?}");
+        assert!(list[0].starts_with("log.level: "), "{list:?}");
     }
 
     #[test]
