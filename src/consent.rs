@@ -66,6 +66,10 @@ impl ContactId {
     /// Decodes one path segment (percent-decoding once) and applies the contract's rule:
     /// 1 to 64 characters of `A-Z a-z 0-9 + . _ -`, the first a letter, a digit or `+`.
     pub fn from_path_segment(segment: &str) -> Option<ContactId> {
+        if !segment.contains('%') {
+            // Nothing to decode: one allocation (the `Arc<str>`), and none when invalid.
+            return Self::validate(segment).then(|| ContactId(Arc::from(segment)));
+        }
         let decoded = percent_decode_once(segment)?;
         Self::validate(&decoded).then(|| ContactId(Arc::from(decoded)))
     }
@@ -175,9 +179,11 @@ pub fn parse_consent_body(body: &[u8]) -> Result<ConsentStatus, BodyError> {
 
 fn status_from_object(object: &Map<String, Value>) -> Result<ConsentStatus, BodyError> {
     if let Some(extra) = object.keys().find(|key| key.as_str() != "status") {
+        // Echo at most 64 characters of a caller-chosen name, in the message and in `fields`.
+        let name = truncate_for_message(extra);
         return Err(BodyError::new(
-            format!("unexpected property '{}'", truncate_for_message(extra)),
-            Some(extra),
+            format!("unexpected property '{name}'"),
+            Some(name),
         ));
     }
     match object.get("status") {

@@ -229,10 +229,7 @@ impl TokenManager {
         if current.as_ref().is_some_and(|c| Arc::ptr_eq(c, token)) {
             let previous = self.shared.current.compare_and_swap(&*current, None);
             if previous.as_ref().is_some_and(|p| Arc::ptr_eq(p, token)) {
-                self.shared
-                    .metrics
-                    .renewed_after_rejection
-                    .inc();
+                self.shared.metrics.renewed_after_rejection.inc();
                 // No token is held until the renewal succeeds ("0 = none held").
                 self.shared.metrics.expiry.set(0.0);
                 tracing::info!(token_id = token.id, "upstream rejected the token; renewing");

@@ -1,0 +1,154 @@
+#!/usr/bin/env bash
+# Property-based API testing of consent-proxy against its own OpenAPI description.
+#
+# Creates (or reuses) a virtualenv with the pinned schemathesis, builds the binary, starts
+# `consent-proxy demo` (proxy + built-in Talkdesk simulator) on free loopback ports with a fixed
+# API key, waits for /readyz, then runs `schemathesis run docs/openapi.yaml --checks all`: the
+# `consent` operations against the consent listener once with each credential form (X-API-Key,
+# Bearer, Basic), and the `admin` operations against the admin listener. Stops the demo and exits
+# with the first failing run's status (0 when all passed). JUnit reports: target/schemathesis/.
+#
+# Usage: bash scripts/schemathesis.sh [--setup-only]
+#   --setup-only   only create/update the virtualenv (tests/openapi.rs uses its Python + PyYAML)
+# Environment:
+#   SCHEMATHESIS_MAX_EXAMPLES  test cases per operation and phase (default 100; the Bearer and
+#                              Basic runs use a fifth of it)
+#   SCHEMATHESIS_SEED          seed (default a fixed one, so CI is reproducible; `random` for none)
+#   SCHEMATHESIS_VENV          virtualenv directory (default .venv-schemathesis)
+#   CONSENT_PROXY_BIN          use this binary instead of `cargo build` + target/debug
+#   PYTHON                     interpreter to create the virtualenv with (default python3)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+VENV=${SCHEMATHESIS_VENV:-.venv-schemathesis}
+REQUIREMENTS=scripts/requirements-schemathesis.txt
+MAX_EXAMPLES=${SCHEMATHESIS_MAX_EXAMPLES:-100}
+SEED=${SCHEMATHESIS_SEED:-20251125}
+API_KEY=schemathesis-key-0123456789abcdef
+REPORT_DIR=target/schemathesis
+
+log() { printf '[schemathesis.sh] %s\n' "$*" >&2; }
+
+# --- the virtualenv ---------------------------------------------------------------------------
+stamp="$VENV/.requirements.sha256"
+want=$(sha256sum "$REQUIREMENTS" | cut -d' ' -f1)
+if [[ ! -x "$VENV/bin/schemathesis" || ! -f "$stamp" || "$(cat "$stamp")" != "$want" ]]; then
+    log "installing $REQUIREMENTS into $VENV"
+    "${PYTHON:-python3}" -m venv "$VENV"
+    "$VENV/bin/python" -m pip install --quiet --disable-pip-version-check -r "$REQUIREMENTS"
+    echo "$want" >"$stamp"
+fi
+"$VENV/bin/schemathesis" --version >&2
+if [[ "${1:-}" == "--setup-only" ]]; then
+    exit 0
+fi
+
+# --- the spec itself against the OpenAPI 3.0 meta-schema (schemathesis ships it) ----------------
+"$VENV/bin/python" - docs/openapi.yaml <<'EOF'
+import sys, yaml
+from schemathesis.specs.openapi import definitions
+with open(sys.argv[1], encoding="utf-8") as f:
+    doc = yaml.safe_load(f)
+errors = list(definitions.OPENAPI_30_VALIDATOR.iter_errors(doc))
+for error in errors:
+    print(f"{sys.argv[1]}: {error}", file=sys.stderr)
+sys.exit(1 if errors else 0)
+EOF
+
+# --- the binary -------------------------------------------------------------------------------
+if [[ -n "${CONSENT_PROXY_BIN:-}" ]]; then
+    BIN=$CONSENT_PROXY_BIN
+else
+    log "cargo build --bin consent-proxy"
+    cargo build --quiet --bin consent-proxy
+    BIN=target/debug/consent-proxy
+fi
+
+# --- the demo on free loopback ports ----------------------------------------------------------
+read -r PORT ADMIN_PORT < <("$VENV/bin/python" - <<'EOF'
+import socket
+socks = [socket.socket() for _ in range(2)]
+for s in socks:
+    s.bind(("127.0.0.1", 0))
+print(*(s.getsockname()[1] for s in socks))
+EOF
+)
+URL=http://127.0.0.1:$PORT
+ADMIN_URL=http://127.0.0.1:$ADMIN_PORT
+mkdir -p "$REPORT_DIR"
+DEMO_LOG=$REPORT_DIR/demo.log
+
+"$BIN" demo --listen "127.0.0.1:$PORT" --admin-listen "127.0.0.1:$ADMIN_PORT" --api-key "$API_KEY" \
+    >"$DEMO_LOG" 2>&1 &
+DEMO_PID=$!
+stop_demo() {
+    if kill -0 "$DEMO_PID" 2>/dev/null; then
+        kill -TERM "$DEMO_PID" 2>/dev/null || true
+        wait "$DEMO_PID" 2>/dev/null || true
+    fi
+}
+trap stop_demo EXIT
+
+log "waiting for $ADMIN_URL/readyz (demo pid $DEMO_PID, log $DEMO_LOG)"
+if ! "$VENV/bin/python" - "$ADMIN_URL/readyz" "$DEMO_PID" <<'EOF'; then
+import os, sys, time, urllib.request
+url, pid = sys.argv[1], int(sys.argv[2])
+deadline = time.monotonic() + 30
+while time.monotonic() < deadline:
+    try:
+        os.kill(pid, 0)
+    except OSError:
+        sys.exit("the demo exited")
+    try:
+        with urllib.request.urlopen(url, timeout=1) as r:
+            if r.status == 200:
+                sys.exit(0)
+    except Exception:
+        pass
+    time.sleep(0.1)
+sys.exit("not ready within 30 s")
+EOF
+    log "the demo did not become ready; its log:"
+    cat "$DEMO_LOG" >&2
+    exit 1
+fi
+
+# --- schemathesis -----------------------------------------------------------------------------
+options=(--checks all --generation-database none --no-color)
+if [[ "$SEED" != "random" ]]; then
+    options+=(--seed "$SEED")
+fi
+SMALL=$(( MAX_EXAMPLES / 5 > 0 ? MAX_EXAMPLES / 5 : 1 ))
+
+status=0
+# run NAME BASE_URL TAG EXAMPLES [schemathesis options...]: one run, its status kept.
+run() {
+    local name=$1 url=$2 tag=$3 examples=$4
+    shift 4
+    log "$name: the $tag operations against $url"
+    local rc=0
+    "$VENV/bin/schemathesis" run docs/openapi.yaml --url "$url" --include-tag "$tag" \
+        --max-examples "$examples" "${options[@]}" \
+        --report junit --report-junit-path "$REPORT_DIR/$name.xml" "$@" || rc=$?
+    if ((rc != 0)); then
+        log "$name: FAILED (exit $rc)"
+        ((status == 0)) && status=$rc
+    fi
+    return 0
+}
+# The consent API with each of the three credential forms (the API key at full size).
+run consent-api-key "$URL" consent "$MAX_EXAMPLES" --header "X-API-Key: $API_KEY"
+run consent-bearer "$URL" consent "$SMALL" --header "Authorization: Bearer $API_KEY"
+run consent-basic "$URL" consent "$SMALL" --auth "demo:$API_KEY"
+# The admin listener. No stateful phase: the admin operations have no links between them.
+run admin "$ADMIN_URL" admin "$MAX_EXAMPLES" --header "X-API-Key: $API_KEY" \
+    --phases examples,coverage,fuzzing
+
+stop_demo
+trap - EXIT
+if ((status != 0)); then
+    log "FAILED (exit $status); demo log: $DEMO_LOG"
+else
+    log "passed"
+fi
+exit "$status"
