@@ -158,6 +158,13 @@ struct Fill {
     result: watch::Receiver<FillResult>,
 }
 
+impl Fill {
+    /// The fill's task ended without a result (it panicked): nobody should wait on it.
+    fn is_abandoned(&self) -> bool {
+        self.result.has_changed().is_err() && self.result.borrow().is_none()
+    }
+}
+
 /// Per-key bookkeeping, present only while something is in flight for the key.
 #[derive(Default)]
 struct KeyState {
@@ -262,8 +269,8 @@ impl ConsentCache {
             }
             let state = shard.entry(key.clone()).or_default();
             match &state.fill {
-                Some(fill) => (CacheStatus::Coalesced, fill.clone()),
-                None => {
+                Some(fill) if !fill.is_abandoned() => (CacheStatus::Coalesced, fill.clone()),
+                _ => {
                     let fill = self.start_fill(key.clone(), fetch());
                     state.fill = Some(fill.clone());
                     (CacheStatus::Miss, fill)

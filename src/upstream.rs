@@ -328,6 +328,15 @@ fn finish(answer: Answer) -> Result<ConsentAnswer, CallError> {
             content_type: headers.remove(header::CONTENT_TYPE),
             retry_after: headers.remove(header::RETRY_AFTER),
         })
+    } else if matches!(
+        status,
+        StatusCode::BAD_GATEWAY | StatusCode::GATEWAY_TIMEOUT
+    ) {
+        // A gateway in front of Talkdesk gave up: the request may have been applied behind it.
+        Err(CallError::Unknown(ProxyError::Upstream(format!(
+            "upstream gateway answered {}",
+            status.as_u16()
+        ))))
     } else if status.is_redirection() {
         reject(format!(
             "upstream answered a redirect ({})",

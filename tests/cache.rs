@@ -209,6 +209,24 @@ async fn a_refused_write_leaves_the_cache_and_an_unknown_one_drops_it() {
         (HIT, "CONSENTED")
     );
 
+    // A gateway in front of upstream answers 502: the write may have happened behind it.
+    h.sim.inject(
+        SimRoute::Put,
+        Fault::Respond {
+            status: 502,
+            headers: Vec::new(),
+            body: bytes::Bytes::from_static(b"bad gateway"),
+        },
+        1,
+    );
+    assert_eq!(h.put("+15550008", "REFUSED").await.status, 502);
+    let dropped = h.get("+15550008").await;
+    assert_eq!(
+        dropped.header("x-cache-status"),
+        MISS,
+        "a 502 write drops the entry"
+    );
+
     // Upstream takes longer than the attempt timeout: the write may have happened.
     h.sim
         .inject(SimRoute::Put, Fault::Delay(Duration::from_millis(600)), 1);
@@ -222,7 +240,7 @@ async fn a_refused_write_leaves_the_cache_and_an_unknown_one_drops_it() {
     assert_eq!(
         h.metric(r#"consent_proxy_cache_invalidations_total{reason="unknown_outcome"}"#)
             .await,
-        1.0
+        2.0
     );
 }
 
