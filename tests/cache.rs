@@ -10,6 +10,7 @@ use std::time::Duration;
 use consent_proxy::consent::ConsentStatus;
 use consent_proxy::simulator::{Fault, SimRoute};
 use http::Method;
+use support::history::{gets, violations, Event, Op};
 use support::*;
 use tokio::time::Instant;
 
@@ -161,7 +162,7 @@ async fn errors_are_never_cached() {
             (200, MISS),
             "after {fault:?}"
         );
-        h.proxy_purge("+15550006").await;
+        assert_eq!(h.purge("+15550006").await.status, 204);
     }
 }
 
@@ -354,65 +355,6 @@ async fn disabled_cache_bypasses() {
 
 // ---- randomized history check of rule 2 ----
 
-#[derive(Debug, Clone)]
-enum Op {
-    Get { result: Option<String> },
-    Put { status: String, acked: bool },
-}
-
-#[derive(Debug, Clone)]
-struct Event {
-    contact: usize,
-    start: Instant,
-    end: Instant,
-    op: Op,
-}
-
-/// Checks read-your-writes over a history: a GET may return the status of any write that
-/// could be the latest one when it ran: not superseded by an acknowledged write that started
-/// after it ended and ended before the GET started. Before any acknowledged write, the
-/// initial value is also allowed. Returns the violations found.
-fn violations(history: &[Event], initial: &str) -> Vec<String> {
-    let mut found = Vec::new();
-    for get in history {
-        let Op::Get { result: Some(seen) } = &get.op else {
-            continue;
-        };
-        let writes: Vec<(&Event, &str, bool)> = history
-            .iter()
-            .filter(|e| e.contact == get.contact)
-            .filter_map(|e| match &e.op {
-                Op::Put { status, acked } => Some((e, status.as_str(), *acked)),
-                _ => None,
-            })
-            .collect();
-        let superseded = |w: &Event| {
-            writes
-                .iter()
-                .any(|(w2, _, acked)| *acked && w.end < w2.start && w2.end < get.start)
-        };
-        let any_acked_before = writes
-            .iter()
-            .any(|(w, _, acked)| *acked && w.end < get.start);
-        let mut allowed: Vec<&str> = writes
-            .iter()
-            .filter(|(w, _, _)| w.start < get.end && !superseded(w))
-            .map(|(_, status, _)| *status)
-            .collect();
-        if !any_acked_before {
-            allowed.push(initial);
-        }
-        if !allowed.contains(&seen.as_str()) {
-            found.push(format!(
-                "GET of contact {} at +{:?} saw {seen}, allowed {allowed:?}",
-                get.contact,
-                get.start.elapsed()
-            ));
-        }
-    }
-    found
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn randomized_history_never_reads_older_than_an_acknowledged_write() {
     let h = Arc::new(
@@ -463,16 +405,9 @@ async fn randomized_history_never_reads_older_than_an_acknowledged_write() {
                     let start = Instant::now();
                     let op = if rand::random_bool(0.25) {
                         let status = statuses[rand::random_range(0..4)];
-                        let response = h.put(&contacts[contact], status).await;
-                        Op::Put {
-                            status: status.to_owned(),
-                            acked: (200..300).contains(&response.status),
-                        }
+                        Op::put(status, &h.put(&contacts[contact], status).await)
                     } else {
-                        let response = h.get(&contacts[contact]).await;
-                        Op::Get {
-                            result: (response.status == 200).then(|| response.status_field()),
-                        }
+                        Op::get(&h.get(&contacts[contact]).await)
                     };
                     events.push(Event {
                         contact,
@@ -491,10 +426,7 @@ async fn randomized_history_never_reads_older_than_an_acknowledged_write() {
         history.extend(client.await.unwrap());
     }
     delays.await.unwrap();
-    let gets = history
-        .iter()
-        .filter(|e| matches!(e.op, Op::Get { .. }))
-        .count();
+    let gets = gets(&history);
     let puts = history.len() - gets;
     let problems = violations(&history, INITIAL);
     println!(
@@ -541,19 +473,4 @@ fn the_history_checker_catches_a_stale_read() {
     let mut overlapping = history.clone();
     overlapping[1].start = at(5);
     assert!(violations(&overlapping, "CONSENTED").is_empty());
-}
-
-trait Purge {
-    async fn proxy_purge(&self, contact: &str);
-}
-
-impl Purge for Harness {
-    async fn proxy_purge(&self, contact: &str) {
-        let url = format!("{}/admin/cache/{contact}", self.proxy.admin_url());
-        let response = self
-            .http
-            .send(Method::DELETE, &url, &[("x-api-key", ADMIN_KEY)], None)
-            .await;
-        assert_eq!(response.status, 204);
-    }
 }

@@ -10,6 +10,7 @@ use std::time::Duration;
 
 use consent_proxy::consent::ConsentStatus;
 use consent_proxy::simulator::Simulator;
+use support::raw_http::{content_length, head_end};
 use support::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -77,8 +78,8 @@ impl RawConn {
     /// Reads one answer; for an answer to HEAD (`head_only`) no body follows the head.
     async fn response_to(&mut self, head_only: bool) -> Option<RawResponse> {
         let head_end = loop {
-            if let Some(end) = find(&self.buf, b"\r\n\r\n") {
-                break end + 4;
+            if let Some(end) = head_end(&self.buf) {
+                break end;
             }
             if !self.fill().await {
                 return None;
@@ -86,16 +87,7 @@ impl RawConn {
         };
         let head = String::from_utf8_lossy(&self.buf[..head_end]).into_owned();
         let status = head.split_whitespace().nth(1)?.parse().ok()?;
-        let length: usize = head
-            .lines()
-            .find_map(|line| {
-                let (n, v) = line.split_once(':')?;
-                n.trim()
-                    .eq_ignore_ascii_case("content-length")
-                    .then(|| v.trim().parse().ok())?
-            })
-            .unwrap_or(0);
-        let length = if head_only { 0 } else { length };
+        let length = if head_only { 0 } else { content_length(&head) };
         while self.buf.len() < head_end + length {
             if !self.fill().await {
                 return None;
@@ -125,10 +117,6 @@ impl RawConn {
             .await
             .is_ok()
     }
-}
-
-fn find(haystack: &[u8], needle: &[u8]) -> Option<usize> {
-    haystack.windows(needle.len()).position(|w| w == needle)
 }
 
 fn consent_path(contact: &str) -> String {
@@ -175,12 +163,10 @@ fn assert_upstream_untouched(sim: &Simulator) {
 
 #[tokio::test]
 async fn headers_dripped_byte_by_byte_are_cut_off_at_the_header_read_timeout() {
-    let h = Harness::start_with(|c| {
+    let h = Harness::start_seeded("+15553000001", ConsentStatus::Consented, |c| {
         c.set("server.header_read_timeout_ms", "500");
     })
     .await;
-    h.sim.set_status("+15553000001", ConsentStatus::Consented);
-    h.wait_ready().await;
 
     let request = get_request(&consent_path("%2B15553000001"));
     let stream = TcpStream::connect(h.proxy.listen_addr).await.unwrap();
@@ -270,13 +256,11 @@ async fn a_silent_connection_is_closed_at_the_header_read_timeout() {
 
 #[tokio::test]
 async fn silent_connections_cannot_use_up_max_connections() {
-    let h = Harness::start_with(|c| {
+    let h = Harness::start_seeded("+15553000002", ConsentStatus::Refused, |c| {
         c.set("server.header_read_timeout_ms", "500")
             .set("server.max_connections", "2");
     })
     .await;
-    h.sim.set_status("+15553000002", ConsentStatus::Refused);
-    h.wait_ready().await;
     let _silent: Vec<RawConn> = futures_join(
         (0..2)
             .map(|_| RawConn::connect(h.proxy.listen_addr))
@@ -318,15 +302,13 @@ where
 
 #[tokio::test]
 async fn beyond_max_connections_new_connections_wait_until_others_close() {
-    let h = Harness::start_with(|c| {
+    let contact = "+15553000003";
+    let h = Harness::start_seeded(contact, ConsentStatus::Consented, |c| {
         c.set("server.max_connections", "4")
             // Long enough that idle kept-alive connections stay open for the whole test.
             .set("server.header_read_timeout_ms", "20000");
     })
     .await;
-    let contact = "+15553000003";
-    h.sim.set_status(contact, ConsentStatus::Consented);
-    h.wait_ready().await;
     let request = get_request(&consent_path("%2B15553000003"));
 
     // Four connections take the four slots and are served.

@@ -6,212 +6,17 @@
 
 mod support;
 
-use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
 use consent_proxy::consent::ConsentStatus;
 use consent_proxy::simulator::{Fault, SimRoute};
 use http::Method;
+use support::fake_upstream::{answer, consent_200, Act, FakeUpstream};
 use support::*;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::watch;
 use tokio::time::Instant;
-
-// ---------------------------------------------------------------------------------------------
-// A fake upstream that answers with crafted bytes
-
-/// A request as the fake upstream received it.
-#[derive(Debug, Clone)]
-struct Seen {
-    method: String,
-    target: String,
-}
-
-/// How the fake upstream treats one request (one request per connection).
-#[derive(Clone)]
-enum Act {
-    /// Write these bytes, then close.
-    Send(Vec<u8>),
-    /// Write `head` at once, then `body` one byte every `every`.
-    Drip {
-        head: Vec<u8>,
-        body: Vec<u8>,
-        every: Duration,
-    },
-    /// Never answer; keep the connection open until the peer closes it.
-    Hang,
-    /// Write these bytes, then reset the connection (RST, not FIN).
-    ResetAfter(Vec<u8>),
-    /// A chunked 200 whose body never ends, written as fast as the peer reads.
-    Flood,
-}
-
-struct FakeUpstream {
-    addr: SocketAddr,
-    seen: Arc<Mutex<Vec<Seen>>>,
-    count: watch::Receiver<usize>,
-}
-
-impl FakeUpstream {
-    /// Starts a fake upstream; `respond` picks the treatment of each request, given it and
-    /// the number of requests received before it.
-    async fn start(respond: impl Fn(&Seen, usize) -> Act + Send + Sync + 'static) -> Self {
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let seen = Arc::new(Mutex::new(Vec::new()));
-        let (count_tx, count) = watch::channel(0);
-        let respond = Arc::new(respond);
-        let recorded = seen.clone();
-        tokio::spawn(async move {
-            while let Ok((stream, _)) = listener.accept().await {
-                let respond = respond.clone();
-                let recorded = recorded.clone();
-                let count_tx = count_tx.clone();
-                tokio::spawn(async move {
-                    let mut stream = stream;
-                    let Some(request) = read_request(&mut stream).await else {
-                        return;
-                    };
-                    let act = {
-                        let mut seen = recorded.lock().unwrap();
-                        let act = respond(&request, seen.len());
-                        seen.push(request);
-                        count_tx.send_replace(seen.len());
-                        act
-                    };
-                    perform(stream, act).await;
-                });
-            }
-        });
-        FakeUpstream { addr, seen, count }
-    }
-
-    fn url(&self) -> String {
-        format!("http://{}", self.addr)
-    }
-
-    fn seen(&self) -> Vec<Seen> {
-        self.seen.lock().unwrap().clone()
-    }
-
-    /// Waits (bounded) until `n` requests have arrived.
-    async fn wait_for_requests(&self, n: usize) {
-        let mut count = self.count.clone();
-        tokio::time::timeout(Duration::from_secs(10), count.wait_for(|c| *c >= n))
-            .await
-            .unwrap_or_else(|_| panic!("{n} requests did not arrive"))
-            .unwrap();
-    }
-}
-
-/// Reads one request head (and its Content-Length body); `None` when the peer goes away.
-async fn read_request(stream: &mut TcpStream) -> Option<Seen> {
-    let mut buf = Vec::new();
-    let mut chunk = [0u8; 4096];
-    let head_end = loop {
-        if let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
-            break end + 4;
-        }
-        let n = stream.read(&mut chunk).await.ok()?;
-        if n == 0 {
-            return None;
-        }
-        buf.extend_from_slice(&chunk[..n]);
-    };
-    let head = String::from_utf8_lossy(&buf[..head_end]).into_owned();
-    let length: usize = head
-        .lines()
-        .find_map(|line| {
-            let (n, v) = line.split_once(':')?;
-            n.trim()
-                .eq_ignore_ascii_case("content-length")
-                .then(|| v.trim().parse().ok())?
-        })
-        .unwrap_or(0);
-    while buf.len() < head_end + length {
-        let n = stream.read(&mut chunk).await.ok()?;
-        if n == 0 {
-            return None;
-        }
-        buf.extend_from_slice(&chunk[..n]);
-    }
-    let mut words = head.split_whitespace();
-    Some(Seen {
-        method: words.next()?.to_owned(),
-        target: words.next()?.to_owned(),
-    })
-}
-
-async fn perform(mut stream: TcpStream, act: Act) {
-    match act {
-        Act::Send(bytes) => {
-            let _ = stream.write_all(&bytes).await;
-            let _ = stream.shutdown().await;
-        }
-        Act::Drip { head, body, every } => {
-            if stream.write_all(&head).await.is_err() {
-                return;
-            }
-            for byte in body {
-                tokio::time::sleep(every).await;
-                if stream.write_all(&[byte]).await.is_err() {
-                    return;
-                }
-            }
-        }
-        Act::Hang => {
-            let mut sink = [0u8; 1024];
-            while matches!(stream.read(&mut sink).await, Ok(n) if n > 0) {}
-        }
-        Act::ResetAfter(bytes) => {
-            let _ = stream.write_all(&bytes).await;
-            let _ = stream.flush().await;
-            stream.set_zero_linger().unwrap();
-            drop(stream);
-        }
-        Act::Flood => {
-            let head = b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n\
-                         Transfer-Encoding: chunked\r\n\r\n";
-            if stream.write_all(head).await.is_err() {
-                return;
-            }
-            let chunk = format!("1000\r\n{}\r\n", "x".repeat(0x1000));
-            // Bounded, in case the proxy reads it all: 64 MiB.
-            for _ in 0..16 * 1024 {
-                if stream.write_all(chunk.as_bytes()).await.is_err() {
-                    return;
-                }
-            }
-        }
-    }
-}
-
-/// A whole HTTP/1.1 answer with `Content-Length` and `Connection: close`.
-fn answer(status_line: &str, headers: &[(&str, &str)], body: &[u8]) -> Vec<u8> {
-    let mut out = format!("HTTP/1.1 {status_line}\r\n");
-    for (name, value) in headers {
-        out.push_str(&format!("{name}: {value}\r\n"));
-    }
-    out.push_str(&format!(
-        "Content-Length: {}\r\nConnection: close\r\n\r\n",
-        body.len()
-    ));
-    let mut out = out.into_bytes();
-    out.extend_from_slice(body);
-    out
-}
-
-fn consent_200(status: &str) -> Vec<u8> {
-    answer(
-        "200 OK",
-        &[("Content-Type", "application/json")],
-        format!(r#"{{"status":"{status}"}}"#).as_bytes(),
-    )
-}
 
 const TOKEN_BODY: &[u8] =
     br#"{"access_token":"fake-token","token_type":"Bearer","expires_in":600}"#;
@@ -223,20 +28,18 @@ async fn proxy_before_fake(
     fake_tokens: bool,
     configure: impl FnOnce(&mut ProxyConfig),
 ) -> Harness {
-    let sim = start_simulator().await;
-    let token_url = if fake_tokens {
-        format!("{}/oauth/token", fake.url())
-    } else {
-        sim.token_url()
-    };
-    let mut config = ProxyConfig::for_upstream(&fake.url(), &token_url);
-    configure(&mut config);
-    let proxy = config.start().await;
-    Harness {
-        sim,
-        proxy,
-        http: TestClient::new(),
-    }
+    Harness::start_with_upstream(
+        |sim| {
+            let token_url = if fake_tokens {
+                format!("{}/oauth/token", fake.url())
+            } else {
+                sim.token_url()
+            };
+            (fake.url(), token_url)
+        },
+        configure,
+    )
+    .await
 }
 
 /// Asserts a proxy-made error: status and `code`.
@@ -244,15 +47,6 @@ fn assert_error(response: &TestResponse, status: u16, code: &str) {
     assert_eq!(response.status, status, "{}", response.text());
     assert_eq!(response.code(), code, "{}", response.text());
     assert_eq!(response.header("content-type"), Some("application/json"));
-}
-
-async fn purge(h: &Harness, contact: &str) {
-    let url = format!("{}/admin/cache/{contact}", h.proxy.admin_url());
-    let response = h
-        .http
-        .send(Method::DELETE, &url, &[("x-api-key", ADMIN_KEY)], None)
-        .await;
-    assert_eq!(response.status, 204);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -340,7 +134,7 @@ async fn an_answer_larger_than_max_response_bytes_is_502() {
             (200, Some("MISS"))
         );
         assert_eq!(next.status_field(), "REFUSED");
-        purge(&h, contact).await;
+        assert_eq!(h.purge(contact).await.status, 204);
     }
     // A write whose answer is too large is not acknowledged.
     h.sim.inject(
@@ -530,7 +324,7 @@ async fn absurd_retry_after_values_do_not_break_the_proxy() {
         },
         1,
     );
-    purge(&h, contact).await;
+    assert_eq!(h.purge(contact).await.status, 204);
     let get = h.get(contact).await;
     assert_eq!(get.status, 429, "{}", get.text());
     assert_eq!(get.header("retry-after"), Some("18446744073709551615"));

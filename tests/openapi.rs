@@ -32,9 +32,8 @@ use consent_proxy::error::{FieldProblem, ProxyError};
 use consent_proxy::simulator::{Fault, SimRoute};
 use http::{HeaderMap, HeaderName, HeaderValue, Method};
 use serde_json::Value;
+use support::raw_http::read_raw_answer;
 use support::*;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
 
 const SPEC_PATH: &str = "docs/openapi.yaml";
 const HTTP_METHODS: [&str; 8] = [
@@ -600,31 +599,19 @@ const JSON: (&str, &str) = ("content-type", "application/json");
 /// Sends raw bytes on a fresh connection; the answer parsed as a `TestResponse`
 /// (the server closes the connection: `Connection: close`).
 async fn raw_exchange(addr: SocketAddr, request: &[u8], hold_open: Duration) -> TestResponse {
-    let mut stream = TcpStream::connect(addr).await.expect("connect");
-    let _ = stream.write_all(request).await;
-    let mut answer = Vec::new();
-    let read = tokio::time::timeout(hold_open + Duration::from_secs(10), async {
-        let mut buf = [0u8; 8192];
-        loop {
-            match stream.read(&mut buf).await {
-                Ok(0) | Err(_) => break,
-                Ok(n) => answer.extend_from_slice(&buf[..n]),
-            }
-            // One complete answer with a Content-Length is enough.
-            if let Some(parsed) = parse_raw(&answer) {
-                if parsed.body.len()
-                    >= parsed
-                        .header("content-length")
-                        .and_then(|l| l.parse().ok())
-                        .unwrap_or(usize::MAX)
-                {
-                    break;
-                }
-            }
-        }
-    })
-    .await;
-    assert!(read.is_ok(), "no answer in time");
+    // One complete answer with a Content-Length is enough.
+    let complete = |answer: &[u8]| {
+        parse_raw(answer).is_some_and(|parsed| {
+            parsed.body.len()
+                >= parsed
+                    .header("content-length")
+                    .and_then(|l| l.parse().ok())
+                    .unwrap_or(usize::MAX)
+        })
+    };
+    let answer = read_raw_answer(addr, request, hold_open + Duration::from_secs(10), complete)
+        .await
+        .expect("no answer in time");
     parse_raw(&answer)
         .unwrap_or_else(|| panic!("not an HTTP answer: {:?}", String::from_utf8_lossy(&answer)))
 }

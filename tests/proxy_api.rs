@@ -19,8 +19,8 @@ use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioIo};
+use support::raw_http::{free_addr, read_raw_answer};
 use support::*;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::time::Instant;
 
@@ -97,32 +97,11 @@ async fn put_body(h: &Harness, contact: &str, body: &str) -> TestResponse {
     .await
 }
 
-/// A port nothing listens on (bound, then released).
-async fn closed_port() -> u16 {
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let port = listener.local_addr().unwrap().port();
-    drop(listener);
-    port
-}
-
 /// Sends raw bytes on a fresh connection and reads the answer until the server closes it.
-/// Write errors are ignored (the server may answer and close before reading everything).
 async fn raw_exchange(addr: SocketAddr, request: &[u8]) -> String {
-    let mut stream = TcpStream::connect(addr).await.expect("connect");
-    let _ = stream.write_all(request).await;
-    let mut answer = Vec::new();
-    let read = tokio::time::timeout(Duration::from_secs(10), async {
-        let mut buf = [0u8; 8192];
-        loop {
-            match stream.read(&mut buf).await {
-                Ok(0) | Err(_) => break,
-                Ok(n) => answer.extend_from_slice(&buf[..n]),
-            }
-        }
-    })
-    .await;
-    assert!(read.is_ok(), "no answer within 10 s");
-    String::from_utf8_lossy(&answer).into_owned()
+    let answer = read_raw_answer(addr, request, Duration::from_secs(10), |_| false).await;
+    assert!(answer.is_some(), "no answer within 10 s");
+    String::from_utf8_lossy(&answer.unwrap_or_default()).into_owned()
 }
 
 /// The status code of a raw HTTP/1.1 answer.
@@ -231,15 +210,7 @@ impl TokenStub {
 /// A proxy whose token endpoint is a [`TokenStub`]; returns once it holds the stub's token.
 async fn proxy_with_token_stub(configure: impl FnOnce(&mut ProxyConfig)) -> (TokenStub, Harness) {
     let stub = TokenStub::start().await;
-    let sim = start_simulator().await;
-    let mut config = ProxyConfig::for_upstream(&sim.base_url(), &stub.url);
-    configure(&mut config);
-    let proxy = config.start().await;
-    let h = Harness {
-        sim,
-        proxy,
-        http: TestClient::new(),
-    };
+    let h = Harness::start_with_upstream(|sim| (sim.base_url(), stub.url.clone()), configure).await;
     h.wait_ready().await;
     (stub, h)
 }
@@ -718,16 +689,12 @@ async fn body_over_max_body_bytes_is_413_without_calling_upstream() {
 
 #[tokio::test]
 async fn upstream_unreachable_is_502_upstream_error() {
-    let sim = start_simulator().await;
-    let port = closed_port().await;
-    let proxy = ProxyConfig::for_upstream(&format!("http://127.0.0.1:{port}"), &sim.token_url())
-        .start()
-        .await;
-    let h = Harness {
-        sim,
-        proxy,
-        http: TestClient::new(),
-    };
+    let port = free_addr().await.port();
+    let h = Harness::start_with_upstream(
+        |sim| (format!("http://127.0.0.1:{port}"), sim.token_url()),
+        |_| {},
+    )
+    .await;
     h.wait_ready().await;
     assert_proxy_error(&h.get("+15550900001").await, 502, "upstream_error");
     assert_proxy_error(
@@ -763,12 +730,10 @@ async fn unusable_upstream_answer_is_502_upstream_error() {
 
 #[tokio::test]
 async fn upstream_401_renews_the_token_once_then_502() {
-    let h = Harness::start_with(|c| {
+    let h = Harness::start_seeded("+15550900003", ConsentStatus::Consented, |c| {
         c.set("cache.enabled", "false");
     })
     .await;
-    h.sim.set_status("+15550900003", ConsentStatus::Consented);
-    h.wait_ready().await;
     // One rejection: the token is renewed and the request retried.
     h.sim.inject(SimRoute::Get, Fault::Unauthorized, 1);
     let get = h.get("+15550900003").await;

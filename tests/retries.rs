@@ -6,143 +6,56 @@
 mod support;
 
 use std::net::SocketAddr;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
 use consent_proxy::consent::ConsentStatus;
 use consent_proxy::simulator::{Fault, SimRoute};
-use http::Method;
+use support::fake_upstream::{answer, consent_200, Act, FakeUpstream};
+use support::raw_http::free_addr;
 use support::*;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
-use tokio::task::JoinHandle;
+use tokio::net::TcpListener;
 use tokio::time::Instant;
 
 // ---------------------------------------------------------------------------------------------
-// A fake consent API that records when each request arrived
+// A fake consent API (support::fake_upstream) that records when each request arrived
 
-/// A fake upstream on a given listener: one request per connection, answered with what
-/// `respond` returns for the n-th request (0-based); arrival times are recorded.
-struct FakeUpstream {
-    arrivals: Arc<Mutex<Vec<(Instant, String)>>>,
-    task: JoinHandle<()>,
-}
-
-impl FakeUpstream {
-    fn serve(
-        listener: TcpListener,
-        respond: impl Fn(usize) -> Vec<u8> + Send + Sync + 'static,
-    ) -> Self {
-        let arrivals = Arc::new(Mutex::new(Vec::new()));
-        let recorded = arrivals.clone();
-        let respond = Arc::new(respond);
-        let task = tokio::spawn(async move {
-            while let Ok((stream, _)) = listener.accept().await {
-                let recorded = recorded.clone();
-                let respond = respond.clone();
-                tokio::spawn(async move {
-                    let mut stream = stream;
-                    let Some(method) = read_request(&mut stream).await else {
-                        return;
-                    };
-                    let n = {
-                        let mut arrivals = recorded.lock().unwrap();
-                        arrivals.push((Instant::now(), method));
-                        arrivals.len() - 1
-                    };
-                    let _ = stream.write_all(&respond(n)).await;
-                    let _ = stream.shutdown().await;
-                });
-            }
-        });
-        FakeUpstream { arrivals, task }
-    }
-
-    fn arrivals(&self) -> Vec<(Instant, String)> {
-        self.arrivals.lock().unwrap().clone()
-    }
-
-    /// Stops listening (the port refuses connections again).
-    async fn stop(self) {
-        self.task.abort();
-        let _ = self.task.await;
-    }
-}
-
-/// Reads one request (head and Content-Length body); returns its method.
-async fn read_request(stream: &mut TcpStream) -> Option<String> {
-    let mut buf = Vec::new();
-    let mut chunk = [0u8; 4096];
-    loop {
-        if let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
-            let head = String::from_utf8_lossy(&buf[..end]).into_owned();
-            let length: usize = head
-                .lines()
-                .find_map(|line| {
-                    let (n, v) = line.split_once(':')?;
-                    n.trim()
-                        .eq_ignore_ascii_case("content-length")
-                        .then(|| v.trim().parse().ok())?
-                })
-                .unwrap_or(0);
-            if buf.len() >= end + 4 + length {
-                return head.split_whitespace().next().map(str::to_owned);
-            }
-        }
-        let n = stream.read(&mut chunk).await.ok()?;
-        if n == 0 {
-            return None;
-        }
-        buf.extend_from_slice(&chunk[..n]);
-    }
-}
-
-fn answer(status_line: &str, headers: &[(&str, &str)], body: &str) -> Vec<u8> {
-    let mut out = format!("HTTP/1.1 {status_line}\r\n");
-    for (name, value) in headers {
-        out.push_str(&format!("{name}: {value}\r\n"));
-    }
-    out.push_str(&format!(
-        "Content-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-        body.len()
-    ));
-    out.into_bytes()
-}
-
-fn ok_answer() -> Vec<u8> {
-    answer("200 OK", &[], r#"{"status":"CONSENTED"}"#)
-}
-
-fn unavailable() -> Vec<u8> {
-    answer(
+fn unavailable() -> Act {
+    Act::Send(answer(
         "503 Service Unavailable",
-        &[],
-        r#"{"code":"unavailable","message":"try later"}"#,
-    )
+        &[("Content-Type", "application/json")],
+        br#"{"code":"unavailable","message":"try later"}"#,
+    ))
 }
 
-/// A local port nothing listens on.
-async fn free_port() -> SocketAddr {
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    drop(listener);
-    addr
+fn ok_answer() -> Act {
+    Act::Send(consent_200("CONSENTED"))
 }
 
 /// A proxy whose consent API is at `api` and whose tokens come from a simulator.
 async fn proxy_for_api(api: SocketAddr, configure: impl FnOnce(&mut ProxyConfig)) -> Harness {
-    let sim = start_simulator().await;
-    let mut config = ProxyConfig::for_upstream(&format!("http://{api}"), &sim.token_url());
-    configure(&mut config);
-    let proxy = config.start().await;
-    let h = Harness {
-        sim,
-        proxy,
-        http: TestClient::new(),
-    };
+    let h =
+        Harness::start_with_upstream(|sim| (format!("http://{api}"), sim.token_url()), configure)
+            .await;
     h.wait_ready().await;
     h
+}
+
+/// A GET of `contact` for `SimRoute::Get`, else a PUT of `put_status`; and how long it took.
+async fn timed_call(
+    h: &Harness,
+    route: SimRoute,
+    contact: &str,
+    put_status: &str,
+) -> (TestResponse, Duration) {
+    let started = Instant::now();
+    let response = if route == SimRoute::Get {
+        h.get(contact).await
+    } else {
+        h.put(contact, put_status).await
+    };
+    (response, started.elapsed())
 }
 
 async fn upstream_attempts(h: &Harness, method: &str, code: &str) -> f64 {
@@ -162,7 +75,7 @@ fn assert_error(response: &TestResponse, status: u16, code: &str) {
 
 #[tokio::test]
 async fn get_and_put_are_retried_on_connect_errors_until_upstream_listens() {
-    let api = free_port().await;
+    let api = free_addr().await;
     let h = Arc::new(
         proxy_for_api(api, |c| {
             // Back-off 25-50, 50-100, 100-200, 200-400, 400-800 ms: room to start listening.
@@ -190,7 +103,7 @@ async fn get_and_put_are_retried_on_connect_errors_until_upstream_listens() {
         .await;
         // ...then upstream starts listening and a later attempt gets through.
         let listener = TcpListener::bind(api).await.expect("rebind the API port");
-        let fake = FakeUpstream::serve(listener, |_| ok_answer());
+        let fake = FakeUpstream::serve(listener, |_, _| ok_answer());
         let response = tokio::time::timeout(Duration::from_secs(6), request)
             .await
             .expect("answered within the deadline")
@@ -201,16 +114,16 @@ async fn get_and_put_are_retried_on_connect_errors_until_upstream_listens() {
             (2.0..=5.0).contains(&refused),
             "{method}: {refused} refused attempts"
         );
-        let arrivals = fake.arrivals();
+        let arrivals = fake.seen();
         assert_eq!(arrivals.len(), 1, "{method}");
-        assert_eq!(arrivals[0].1, method);
+        assert_eq!(arrivals[0].method, method);
         fake.stop().await;
     }
 }
 
 #[tokio::test]
 async fn a_port_that_always_refuses_gets_max_retries_plus_one_attempts_then_502() {
-    let api = free_port().await;
+    let api = free_addr().await;
     let h = proxy_for_api(api, |c| {
         c.set("talkdesk.max_retries", "2")
             .set("server.request_timeout_ms", "3000");
@@ -233,13 +146,11 @@ async fn a_port_that_always_refuses_gets_max_retries_plus_one_attempts_then_502(
 
 #[tokio::test]
 async fn five_hundreds_are_retried_exactly_max_retries_times_then_502() {
-    let h = Harness::start_with(|c| {
+    let contact = "+15555200001";
+    let h = Harness::start_seeded(contact, ConsentStatus::Consented, |c| {
         c.set("talkdesk.max_retries", "2");
     })
     .await;
-    let contact = "+15555200001";
-    h.sim.set_status(contact, ConsentStatus::Consented);
-    h.wait_ready().await;
 
     h.sim.inject(SimRoute::Get, Fault::Status500, 10);
     assert_error(&h.get(contact).await, 502, "upstream_error");
@@ -268,12 +179,7 @@ async fn five_hundreds_are_retried_exactly_max_retries_times_then_502() {
         assert_eq!(get.status, 200, "{status}: {}", get.text());
         assert_eq!(h.sim.gets_for(contact) - before, 3, "{status}");
         // Next time from upstream again.
-        let url = format!("{}/admin/cache/{contact}", h.proxy.admin_url());
-        let purge = h
-            .http
-            .send(Method::DELETE, &url, &[("x-api-key", ADMIN_KEY)], None)
-            .await;
-        assert_eq!(purge.status, 204);
+        assert_eq!(h.purge(contact).await.status, 204);
     }
 
     // With max_retries = 0 nothing is retried.
@@ -290,23 +196,15 @@ async fn five_hundreds_are_retried_exactly_max_retries_times_then_502() {
 
 #[tokio::test]
 async fn a_429_with_retry_after_that_fits_the_deadline_is_retried_after_it() {
-    let h = Harness::start_with(|c| {
+    let contact = "+15555300001";
+    let h = Harness::start_seeded(contact, ConsentStatus::Refused, |c| {
         c.set("server.request_timeout_ms", "3000");
     })
     .await;
-    let contact = "+15555300001";
-    h.sim.set_status(contact, ConsentStatus::Refused);
-    h.wait_ready().await;
     for route in [SimRoute::Get, SimRoute::Put] {
         h.sim
             .inject(route, Fault::TooManyRequests { retry_after_s: 1 }, 1);
-        let started = Instant::now();
-        let response = if route == SimRoute::Get {
-            h.get(contact).await
-        } else {
-            h.put(contact, "DELETED").await
-        };
-        let elapsed = started.elapsed();
+        let (response, elapsed) = timed_call(&h, route, contact, "DELETED").await;
         assert_eq!(response.status, 200, "{route}: {}", response.text());
         assert!(
             elapsed >= Duration::from_millis(950) && elapsed < Duration::from_millis(1600),
@@ -320,23 +218,15 @@ async fn a_429_with_retry_after_that_fits_the_deadline_is_retried_after_it() {
 
 #[tokio::test]
 async fn a_429_whose_retry_after_does_not_fit_is_passed_through_at_once() {
-    let h = Harness::start_with(|c| {
+    let contact = "+15555400001";
+    let h = Harness::start_seeded(contact, ConsentStatus::Refused, |c| {
         c.set("server.request_timeout_ms", "500");
     })
     .await;
-    let contact = "+15555400001";
-    h.sim.set_status(contact, ConsentStatus::Refused);
-    h.wait_ready().await;
     for route in [SimRoute::Get, SimRoute::Put] {
         h.sim
             .inject(route, Fault::TooManyRequests { retry_after_s: 1 }, 1);
-        let started = Instant::now();
-        let response = if route == SimRoute::Get {
-            h.get(contact).await
-        } else {
-            h.put(contact, "DELETED").await
-        };
-        let elapsed = started.elapsed();
+        let (response, elapsed) = timed_call(&h, route, contact, "DELETED").await;
         assert_eq!(response.status, 429, "{route}: {}", response.text());
         assert_eq!(response.header("retry-after"), Some("1"));
         assert!(
@@ -363,13 +253,11 @@ async fn a_429_whose_retry_after_does_not_fit_is_passed_through_at_once() {
 
 #[tokio::test]
 async fn a_429_without_retry_after_is_retried_with_back_off() {
-    let h = Harness::start_with(|c| {
+    let contact = "+15555450001";
+    let h = Harness::start_seeded(contact, ConsentStatus::Consented, |c| {
         c.set("talkdesk.max_retries", "2");
     })
     .await;
-    let contact = "+15555450001";
-    h.sim.set_status(contact, ConsentStatus::Consented);
-    h.wait_ready().await;
     h.sim.inject(
         SimRoute::Get,
         Fault::Respond {
@@ -397,11 +285,11 @@ async fn a_429_without_retry_after_is_retried_with_back_off() {
 
 #[tokio::test]
 async fn back_off_between_attempts_grows() {
-    let api = free_port().await;
+    let api = free_addr().await;
     let listener = TcpListener::bind(api).await.unwrap();
     let fake = FakeUpstream::serve(
         listener,
-        |n| if n < 4 { unavailable() } else { ok_answer() },
+        |_, n| if n < 4 { unavailable() } else { ok_answer() },
     );
     let h = proxy_for_api(api, |c| {
         c.set("talkdesk.max_retries", "4")
@@ -412,9 +300,9 @@ async fn back_off_between_attempts_grows() {
     let get = h.get("+15555500001").await;
     assert_eq!(get.status, 200, "{}", get.text());
     assert!(started.elapsed() < Duration::from_secs(2));
-    let arrivals = fake.arrivals();
+    let arrivals = fake.seen();
     assert_eq!(arrivals.len(), 5);
-    let gaps: Vec<Duration> = arrivals.windows(2).map(|w| w[1].0 - w[0].0).collect();
+    let gaps: Vec<Duration> = arrivals.windows(2).map(|w| w[1].at - w[0].at).collect();
     println!("gaps between attempts: {gaps:?}");
     // Nominal: 50, 100, 200, 400 ms, each jittered to between half and all of it.
     for (i, gap) in gaps.iter().enumerate() {
@@ -429,26 +317,18 @@ async fn back_off_between_attempts_grows() {
 
 #[tokio::test]
 async fn retries_never_run_past_the_request_deadline() {
-    let h = Harness::start_with(|c| {
+    let contact = "+15555600001";
+    let h = Harness::start_seeded(contact, ConsentStatus::Consented, |c| {
         c.set("talkdesk.max_retries", "10")
             .set("server.request_timeout_ms", "700");
     })
     .await;
-    let contact = "+15555600001";
-    h.sim.set_status(contact, ConsentStatus::Consented);
-    h.wait_ready().await;
     // Every attempt is slow and fails.
     h.sim.set_latency(Duration::from_millis(150));
     h.sim.inject(SimRoute::Get, Fault::Status500, 100);
     h.sim.inject(SimRoute::Put, Fault::Status500, 100);
-    for method in ["GET", "PUT"] {
-        let started = Instant::now();
-        let response = if method == "GET" {
-            h.get(contact).await
-        } else {
-            h.put(contact, "REFUSED").await
-        };
-        let elapsed = started.elapsed();
+    for (route, method) in [(SimRoute::Get, "GET"), (SimRoute::Put, "PUT")] {
+        let (response, elapsed) = timed_call(&h, route, contact, "REFUSED").await;
         assert!(
             matches!(response.status, 502 | 504),
             "{method}: {} {}",
@@ -470,25 +350,17 @@ async fn retries_never_run_past_the_request_deadline() {
 
 #[tokio::test]
 async fn a_timed_out_attempt_is_not_retried() {
-    let h = Harness::start_with(|c| {
+    let contact = "+15555700001";
+    let h = Harness::start_seeded(contact, ConsentStatus::Consented, |c| {
         c.set("talkdesk.max_retries", "2")
             .set("talkdesk.timeout_ms", "200")
             .set("server.request_timeout_ms", "3000");
     })
     .await;
-    let contact = "+15555700001";
-    h.sim.set_status(contact, ConsentStatus::Consented);
-    h.wait_ready().await;
     for route in [SimRoute::Get, SimRoute::Put] {
         h.sim
             .inject(route, Fault::Delay(Duration::from_millis(1000)), 1);
-        let started = Instant::now();
-        let response = if route == SimRoute::Get {
-            h.get(contact).await
-        } else {
-            h.put(contact, "REFUSED").await
-        };
-        let elapsed = started.elapsed();
+        let (response, elapsed) = timed_call(&h, route, contact, "REFUSED").await;
         assert_error(&response, 504, "upstream_timeout");
         assert!(
             elapsed >= Duration::from_millis(180) && elapsed < Duration::from_millis(600),
@@ -507,13 +379,11 @@ async fn a_timed_out_attempt_is_not_retried() {
 async fn the_retry_after_a_401_does_not_count_against_max_retries() {
     let contact = "+15555800001";
     // No retries at all, yet a rejected token is renewed and the request retried once.
-    let h = Harness::start_with(|c| {
+    let h = Harness::start_seeded(contact, ConsentStatus::Consented, |c| {
         c.set("talkdesk.max_retries", "0")
             .set("cache.enabled", "false");
     })
     .await;
-    h.sim.set_status(contact, ConsentStatus::Consented);
-    h.wait_ready().await;
     h.sim.inject(SimRoute::Get, Fault::Unauthorized, 1);
     assert_eq!(h.get(contact).await.status, 200);
     h.sim.inject(SimRoute::Put, Fault::Unauthorized, 1);
@@ -522,13 +392,11 @@ async fn the_retry_after_a_401_does_not_count_against_max_retries() {
     assert_eq!((stats.gets, stats.puts, stats.token_requests), (2, 2, 3));
 
     // One retry: a 500 and a 401 both get their retry.
-    let h = Harness::start_with(|c| {
+    let h = Harness::start_seeded(contact, ConsentStatus::Consented, |c| {
         c.set("talkdesk.max_retries", "1")
             .set("cache.enabled", "false");
     })
     .await;
-    h.sim.set_status(contact, ConsentStatus::Consented);
-    h.wait_ready().await;
     h.sim.inject(SimRoute::Get, Fault::Status500, 1);
     h.sim.inject(SimRoute::Get, Fault::Unauthorized, 1);
     assert_eq!(h.get(contact).await.status, 200);

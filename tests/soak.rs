@@ -21,6 +21,7 @@ use std::time::Duration;
 
 use consent_proxy::consent::ConsentStatus;
 use consent_proxy::simulator::{Fault, SimRoute};
+use support::history::{gets, violations, Event, Op};
 use support::*;
 use tokio::time::Instant;
 
@@ -34,67 +35,7 @@ const TIMEOUT_SLACK: Duration = Duration::from_millis(300);
 const WARM_UP: Duration = Duration::from_secs(10);
 const MAX_RSS_GROWTH_KIB: u64 = 50 * 1024;
 
-// ---- the history checker (the same rule as in tests/cache.rs, in O(gets × writes)) ----
-
-#[derive(Debug, Clone)]
-enum Op {
-    Get { result: Option<String> },
-    Put { status: String, acked: bool },
-}
-
-#[derive(Debug, Clone)]
-struct Event {
-    contact: usize,
-    start: Instant,
-    end: Instant,
-    op: Op,
-}
-
-/// Checks read-your-writes over a history: a GET may return the status of any write that
-/// could be the latest one when it ran: not superseded by an acknowledged write that started
-/// after it ended and ended before the GET started. Before any acknowledged write, the
-/// initial value is also allowed. Returns the violations found.
-fn violations(history: &[Event], initial: &str) -> Vec<String> {
-    let mut writes_of: Vec<Vec<(&Event, &str, bool)>> = vec![Vec::new(); CONTACTS];
-    for event in history {
-        if let Op::Put { status, acked } = &event.op {
-            writes_of[event.contact].push((event, status.as_str(), *acked));
-        }
-    }
-    let mut found = Vec::new();
-    for get in history {
-        let Op::Get { result: Some(seen) } = &get.op else {
-            continue;
-        };
-        let writes = &writes_of[get.contact];
-        // A write is superseded when it ended before the start of an acknowledged write
-        // that ended before this GET started; the latest such start decides.
-        let latest_acked_start = writes
-            .iter()
-            .filter(|(w, _, acked)| *acked && w.end < get.start)
-            .map(|(w, _, _)| w.start)
-            .max();
-        let superseded = |w: &Event| latest_acked_start.is_some_and(|s| w.end < s);
-        let mut allowed: Vec<&str> = writes
-            .iter()
-            .filter(|(w, _, _)| w.start < get.end && !superseded(w))
-            .map(|(_, status, _)| *status)
-            .collect();
-        if latest_acked_start.is_none() {
-            allowed.push(initial);
-        }
-        if !allowed.contains(&seen.as_str()) {
-            allowed.sort_unstable();
-            allowed.dedup();
-            found.push(format!(
-                "GET of contact {} at +{:?} saw {seen}, allowed {allowed:?}",
-                get.contact,
-                get.start.elapsed()
-            ));
-        }
-    }
-    found
-}
+// ---- the history checker (support::history) ----
 
 #[test]
 fn the_history_checker_catches_a_stale_read() {
@@ -161,16 +102,7 @@ async fn purger(h: Arc<Harness>, contacts: Arc<Vec<String>>, until: Instant) -> 
     let mut purged = 0;
     while Instant::now() < until {
         let contact = &contacts[rand::random_range(0..CONTACTS)];
-        let url = format!("{}/admin/cache/{contact}", h.proxy.admin_url());
-        let response = h
-            .http
-            .send(
-                http::Method::DELETE,
-                &url,
-                &[("x-api-key", ADMIN_KEY)],
-                None,
-            )
-            .await;
+        let response = h.purge(contact).await;
         assert_eq!(response.status, 204, "purge: {}", response.text());
         purged += 1;
         tokio::time::sleep(Duration::from_millis(rand::random_range(5..30))).await;
@@ -275,17 +207,11 @@ async fn worker(h: Arc<Harness>, contacts: Arc<Vec<String>>, until: Instant) -> 
         let (method, response, op) = if rand::random_bool(0.3) {
             let status = STATUSES[rand::random_range(0..4)];
             let response = h.put(&contacts[contact], status).await;
-            let acked = (200..300).contains(&response.status);
-            let op = Op::Put {
-                status: status.to_owned(),
-                acked,
-            };
+            let op = Op::put(status, &response);
             ("PUT", response, op)
         } else {
             let response = h.get(&contacts[contact]).await;
-            let op = Op::Get {
-                result: (response.status == 200).then(|| response.status_field()),
-            };
+            let op = Op::get(&response);
             ("GET", response, op)
         };
         let end = Instant::now();
@@ -416,10 +342,7 @@ async fn soak_mixed_traffic_under_upstream_chaos() {
         .collect();
 
     let requests = history.len();
-    let gets = history
-        .iter()
-        .filter(|e| matches!(e.op, Op::Get { .. }))
-        .count();
+    let gets = gets(&history);
     let acked_puts = history
         .iter()
         .filter(|e| matches!(e.op, Op::Put { acked: true, .. }))

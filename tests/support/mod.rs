@@ -2,11 +2,16 @@
 //! HTTP client, so integration tests talk over real sockets.
 #![allow(dead_code)]
 
+pub mod fake_upstream;
+pub mod history;
+pub mod raw_http;
+
 use std::collections::BTreeMap;
 use std::time::Duration;
 
 use bytes::Bytes;
 use consent_proxy::config::Settings;
+use consent_proxy::consent::ConsentStatus;
 use consent_proxy::simulator::{Simulator, SimulatorConfig};
 use consent_proxy::{App, AppHandle};
 use http::{HeaderMap, Method, Request};
@@ -121,8 +126,31 @@ impl Harness {
     }
 
     pub async fn start_with(configure: impl FnOnce(&mut ProxyConfig)) -> Harness {
+        Self::start_with_upstream(|sim| (sim.base_url(), sim.token_url()), configure).await
+    }
+
+    /// As [`Harness::start_with`], with `contact` holding `status` upstream; returns once the
+    /// proxy is ready.
+    pub async fn start_seeded(
+        contact: &str,
+        status: ConsentStatus,
+        configure: impl FnOnce(&mut ProxyConfig),
+    ) -> Harness {
+        let h = Self::start_with(configure).await;
+        h.sim.set_status(contact, status);
+        h.wait_ready().await;
+        h
+    }
+
+    /// A simulator and a proxy whose consent API and token URLs `urls` picks, given the
+    /// simulator (`(api_base_url, token_url)`).
+    pub async fn start_with_upstream(
+        urls: impl FnOnce(&Simulator) -> (String, String),
+        configure: impl FnOnce(&mut ProxyConfig),
+    ) -> Harness {
         let sim = start_simulator().await;
-        let mut config = ProxyConfig::for_simulator(&sim);
+        let (api_base_url, token_url) = urls(&sim);
+        let mut config = ProxyConfig::for_upstream(&api_base_url, &token_url);
         configure(&mut config);
         let proxy = config.start().await;
         Harness {
@@ -169,6 +197,14 @@ impl Harness {
                 &[],
                 None,
             )
+            .await
+    }
+
+    /// Drops `contact`'s cached answer through the admin API, with the admin key.
+    pub async fn purge(&self, contact: &str) -> TestResponse {
+        let url = format!("{}/admin/cache/{contact}", self.proxy.admin_url());
+        self.http
+            .send(Method::DELETE, &url, &[("x-api-key", ADMIN_KEY)], None)
             .await
     }
 

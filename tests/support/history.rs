@@ -1,0 +1,97 @@
+//! Recorded histories of consent reads and writes, and the read-your-writes check (rule 2)
+//! over them.
+#![allow(dead_code)]
+
+use std::collections::BTreeMap;
+
+use tokio::time::Instant;
+
+use super::TestResponse;
+
+#[derive(Debug, Clone)]
+pub enum Op {
+    Get { result: Option<String> },
+    Put { status: String, acked: bool },
+}
+
+#[derive(Debug, Clone)]
+pub struct Event {
+    pub contact: usize,
+    pub start: Instant,
+    pub end: Instant,
+    pub op: Op,
+}
+
+/// Checks read-your-writes over a history: a GET may return the status of any write that
+/// could be the latest one when it ran: not superseded by an acknowledged write that started
+/// after it ended and ended before the GET started. Before any acknowledged write, the
+/// initial value is also allowed. Returns the violations found. O(gets × writes).
+pub fn violations(history: &[Event], initial: &str) -> Vec<String> {
+    let mut writes_of: BTreeMap<usize, Vec<(&Event, &str, bool)>> = BTreeMap::new();
+    for event in history {
+        if let Op::Put { status, acked } = &event.op {
+            writes_of
+                .entry(event.contact)
+                .or_default()
+                .push((event, status.as_str(), *acked));
+        }
+    }
+    let mut found = Vec::new();
+    for get in history {
+        let Op::Get { result: Some(seen) } = &get.op else {
+            continue;
+        };
+        let writes = writes_of.get(&get.contact).map_or(&[][..], Vec::as_slice);
+        // A write is superseded when it ended before the start of an acknowledged write
+        // that ended before this GET started; the latest such start decides.
+        let latest_acked_start = writes
+            .iter()
+            .filter(|(w, _, acked)| *acked && w.end < get.start)
+            .map(|(w, _, _)| w.start)
+            .max();
+        let superseded = |w: &Event| latest_acked_start.is_some_and(|s| w.end < s);
+        let mut allowed: Vec<&str> = writes
+            .iter()
+            .filter(|(w, _, _)| w.start < get.end && !superseded(w))
+            .map(|(_, status, _)| *status)
+            .collect();
+        if latest_acked_start.is_none() {
+            allowed.push(initial);
+        }
+        if !allowed.contains(&seen.as_str()) {
+            allowed.sort_unstable();
+            allowed.dedup();
+            found.push(format!(
+                "GET of contact {} at +{:?} saw {seen}, allowed {allowed:?}",
+                get.contact,
+                get.start.elapsed()
+            ));
+        }
+    }
+    found
+}
+
+impl Op {
+    /// A PUT of `status` and the proxy's answer: acknowledged when the answer is a 2xx.
+    pub fn put(status: &str, response: &TestResponse) -> Op {
+        Op::Put {
+            status: status.to_owned(),
+            acked: (200..300).contains(&response.status),
+        }
+    }
+
+    /// A GET and the proxy's answer: a status seen when the answer is a 200.
+    pub fn get(response: &TestResponse) -> Op {
+        Op::Get {
+            result: (response.status == 200).then(|| response.status_field()),
+        }
+    }
+}
+
+/// How many GETs a history holds.
+pub fn gets(history: &[Event]) -> usize {
+    history
+        .iter()
+        .filter(|e| matches!(e.op, Op::Get { .. }))
+        .count()
+}
