@@ -304,11 +304,12 @@ async fn back_off_between_attempts_grows() {
     assert_eq!(arrivals.len(), 5);
     let gaps: Vec<Duration> = arrivals.windows(2).map(|w| w[1].at - w[0].at).collect();
     println!("gaps between attempts: {gaps:?}");
-    // Nominal: 50, 100, 200, 400 ms, each jittered to between half and all of it.
+    // Nominal: 50, 100, 200, 400 ms, each jittered to between half and all of it; the upper
+    // bound leaves room for a loaded machine's scheduling delay.
     for (i, gap) in gaps.iter().enumerate() {
         let nominal = Duration::from_millis(50 << i);
         assert!(
-            *gap >= nominal / 2 && *gap < nominal + Duration::from_millis(100),
+            *gap >= nominal / 2 && *gap < nominal + Duration::from_millis(250),
             "gap {i} was {gap:?}, nominal {nominal:?}: {gaps:?}"
         );
     }
