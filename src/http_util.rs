@@ -1,6 +1,9 @@
 //! Small HTTP helpers shared by the proxy's routes, the admin listener and the simulator:
 //! the buffered body type, JSON answers, and reading a body under a size limit.
 
+use std::fmt::Write as _;
+use std::sync::OnceLock;
+
 use bytes::Bytes;
 use http::{header, HeaderValue, Response, StatusCode};
 use http_body_util::{BodyExt, Full, Limited};
@@ -28,6 +31,36 @@ pub fn bytes_response(
         .headers_mut()
         .insert(header::CONTENT_TYPE, content_type);
     response
+}
+
+/// Ages below this many seconds have a pre-built `Age` header value.
+const AGE_TABLE_LEN: usize = 1024;
+
+/// The `Age` header value for `seconds`. Ages below 1024 s come from a table built on first
+/// use, whose values borrow one string kept for the life of the process, so a cache hit does
+/// not allocate for its `Age` (`HeaderValue::from(u32)` allocates every time); larger ages
+/// fall back to that.
+pub fn age_value(seconds: u32) -> HeaderValue {
+    static TABLE: OnceLock<Box<[HeaderValue]>> = OnceLock::new();
+    let table = TABLE.get_or_init(|| {
+        let mut digits = String::new();
+        let mut bounds = Vec::with_capacity(AGE_TABLE_LEN);
+        for n in 0..AGE_TABLE_LEN {
+            let start = digits.len();
+            let _ = write!(digits, "{n}");
+            bounds.push((start, digits.len()));
+        }
+        // About 3 KB, made once: what lets every value be a static, copy-free header value.
+        let digits: &'static str = Box::leak(digits.into_boxed_str());
+        bounds
+            .into_iter()
+            .map(|(start, end)| HeaderValue::from_static(&digits[start..end]))
+            .collect()
+    });
+    match table.get(seconds as usize) {
+        Some(value) => value.clone(),
+        None => HeaderValue::from(seconds),
+    }
 }
 
 pub fn empty_response(status: StatusCode) -> Response<Body> {
@@ -60,6 +93,18 @@ where
             } else {
                 Err(ReadBodyError::Failed(err.to_string()))
             }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn age_values_are_the_decimal_seconds() {
+        for age in [0, 1, 9, 10, 99, 100, 299, 1023, 1024, 86_400, u32::MAX] {
+            assert_eq!(age_value(age), age.to_string().as_str(), "{age}");
         }
     }
 }

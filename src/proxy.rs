@@ -75,15 +75,16 @@ impl ConsentService {
         deadline: Instant,
         upstream: &LastAttempt,
     ) -> ReadResult {
-        let api = self.api.clone();
-        let fetch_contact = contact.clone();
-        let fetch_request_id = request_id.clone();
-        let last = upstream.clone();
         let (cache_status, age, answer) = self
             .cache
-            .get_or_fetch(contact, deadline, move || async move {
-                api.get(&fetch_contact, &fetch_request_id, deadline, &last)
-                    .await
+            .get_or_fetch(contact, deadline, || {
+                // Cloned only when the fetch runs (a miss or a bypass): a hit clones nothing,
+                // and cloning a new request id's bytes would allocate a shared copy.
+                let api = self.api.clone();
+                let contact = contact.clone();
+                let request_id = request_id.clone();
+                let last = upstream.clone();
+                async move { api.get(&contact, &request_id, deadline, &last).await }
             })
             .await;
         ReadResult {
