@@ -21,7 +21,8 @@
 #   CONNECTIONS [64]      wrk connections
 #   THREADS [1]           wrk threads (all on LOADGEN_CPU)
 #   WORKING_SET [10000]   contacts; 1000000 for the large-working-set variant (warming takes
-#                         one miss per contact per cache: about a minute each at that size)
+#                         one miss per contact per cache: 1.5 to 3 minutes each at that size,
+#                         about 14 minutes for the whole run, clean-up included)
 #   SINGLE_DURATION [5]   seconds per run of the latency pass (one connection, so latency is
 #                         service time, not queueing); 0 skips it
 #   RUNS [1]              rounds of a..e; with RUNS > 1 the tables show the median and the
@@ -372,15 +373,17 @@ declare -A RPS P50 P99 WRKCPU CPU1 UPSTREAM COST
 measure() {
     local pass=$1 t=$2 run=$3 conns=$4 duration=$5 threads=$6 url_var="URL_$2" hdr_var="HDR_$2"
     local b1 t1 b1e t1e gets0 gets1 ticks0 ticks1
+    # The simulator's stats are read outside the CPU-time window: at a large working set its
+    # answer (per-contact counts) costs it more than the run itself.
+    gets0=$(sim_gets)
     # shellcheck disable=SC2046
     ticks0=$(tree_ticks $(target_pids "$t"))
     read -r b1 t1 < <(cpu_busy "$SERVER_CPU")
-    gets0=$(sim_gets)
     wrk_run "$pass$t-$run" run "${!url_var}" "${!hdr_var}" "$duration" "$threads" "$conns"
-    gets1=$(sim_gets)
     read -r b1e t1e < <(cpu_busy "$SERVER_CPU")
     # shellcheck disable=SC2046
     ticks1=$(tree_ticks $(target_pids "$t"))
+    gets1=$(sim_gets)
     local k=$pass$t
     RPS[$k]+="${R_rps%.*} "
     P50[$k]+="$R_p50_us "
@@ -388,8 +391,7 @@ measure() {
     WRKCPU[$k]+="$R_wrk_cpu "
     CPU1[$k]+="$(( (b1e - b1) * 100 / (t1e - t1 > 0 ? t1e - t1 : 1) )) "
     UPSTREAM[$k]+="$((gets1 - gets0)) "
-    # CPU time the target's processes spent per request, in microseconds (the /_sim/stats
-    # calls around the run add a little to a and e).
+    # CPU time the target's processes spent per request, in microseconds.
     local cost=$(( (ticks1 - ticks0) * 1000000 / CLK_TCK / (R_requests > 0 ? R_requests : 1) ))
     COST[$k]+="$cost "
     echo "run $run $t, $conns connection(s): ${R_rps%.*} req/s, p50 ${R_p50_us} us," \
