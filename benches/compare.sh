@@ -62,6 +62,18 @@ LUA="$HERE/compare.lua"
 die() { echo "compare.sh: $*" >&2; exit 2; }
 
 PATH=$PATH:/usr/sbin:/sbin
+# Install what is missing (Debian packages), when we can.
+missing=()
+command -v wrk >/dev/null || missing+=(wrk)
+command -v curl >/dev/null || missing+=(curl)
+command -v taskset >/dev/null || missing+=(util-linux)
+case " $TARGETS " in *" c "*) command -v nginx >/dev/null || missing+=(nginx);; esac
+case " $TARGETS " in *" d "*) command -v varnishd >/dev/null || missing+=(varnish);; esac
+if ((${#missing[@]})) && command -v apt-get >/dev/null && [[ $(id -u) == 0 ]]; then
+    echo "compare.sh: installing ${missing[*]}" >&2
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null \
+        || die "could not install ${missing[*]}"
+fi
 for tool in wrk curl taskset; do
     command -v "$tool" >/dev/null || die "$tool not found (Debian: apt-get install -y wrk curl util-linux)"
 done
