@@ -2,8 +2,6 @@
 //! per second (criterion's throughput) and heap allocations per hit (counted by a wrapping
 //! global allocator, printed once).
 
-use std::alloc::{GlobalAlloc, Layout, System};
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -15,26 +13,9 @@ use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use http::Request;
 use http_body_util::Full;
 
-struct CountingAllocator;
-
-static ALLOCATIONS: AtomicU64 = AtomicU64::new(0);
-
-unsafe impl GlobalAlloc for CountingAllocator {
-    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
-        ALLOCATIONS.fetch_add(1, Ordering::Relaxed);
-        unsafe { System.alloc(layout) }
-    }
-    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
-        unsafe { System.dealloc(ptr, layout) }
-    }
-    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
-        ALLOCATIONS.fetch_add(1, Ordering::Relaxed);
-        unsafe { System.realloc(ptr, layout, new_size) }
-    }
-}
-
-#[global_allocator]
-static GLOBAL: CountingAllocator = CountingAllocator;
+#[path = "support/counting_alloc.rs"]
+mod counting_alloc;
+use counting_alloc::allocations;
 
 const KEY: &str = "bench-key-0123456789abcdef";
 const WORKING_SET: usize = 10_000;
@@ -96,14 +77,14 @@ permissions = ["read"]
 
     // Allocations per hit, measured outside criterion's loop.
     let hits = 10_000u64;
-    let before = ALLOCATIONS.load(Ordering::Relaxed);
+    let before = allocations();
     runtime.block_on(async {
         for i in 0..hits {
             let response = proxy.routes.handle(request(i as usize % WORKING_SET)).await;
             assert_eq!(response.headers()["x-cache-status"], "HIT");
         }
     });
-    let per_hit = (ALLOCATIONS.load(Ordering::Relaxed) - before) as f64 / hits as f64;
+    let per_hit = (allocations() - before) as f64 / hits as f64;
     println!("allocations per cache hit through the handler: {per_hit:.1}");
 
     let mut group = c.benchmark_group("handler");

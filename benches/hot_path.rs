@@ -16,9 +16,7 @@
 //!
 //! `cargo bench --bench hot_path`
 
-use std::alloc::{GlobalAlloc, Layout, System};
 use std::hint::black_box;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use consent_proxy::auth::{Authenticator, Permission};
@@ -30,34 +28,17 @@ use consent_proxy::routes::new_request_id;
 use criterion::{criterion_group, criterion_main, Criterion};
 use http::{HeaderMap, HeaderName, HeaderValue, StatusCode};
 
-struct CountingAllocator;
-
-static ALLOCATIONS: AtomicU64 = AtomicU64::new(0);
-
-unsafe impl GlobalAlloc for CountingAllocator {
-    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
-        ALLOCATIONS.fetch_add(1, Ordering::Relaxed);
-        unsafe { System.alloc(layout) }
-    }
-    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
-        unsafe { System.dealloc(ptr, layout) }
-    }
-    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
-        ALLOCATIONS.fetch_add(1, Ordering::Relaxed);
-        unsafe { System.realloc(ptr, layout, new_size) }
-    }
-}
-
-#[global_allocator]
-static GLOBAL: CountingAllocator = CountingAllocator;
+#[path = "support/counting_alloc.rs"]
+mod counting_alloc;
+use counting_alloc::allocations;
 
 /// Allocations per call of `f`, over `n` calls.
 fn allocations_per_call<R>(n: u64, mut f: impl FnMut() -> R) -> f64 {
-    let before = ALLOCATIONS.load(Ordering::Relaxed);
+    let before = allocations();
     for _ in 0..n {
         black_box(f());
     }
-    (ALLOCATIONS.load(Ordering::Relaxed) - before) as f64 / n as f64
+    (allocations() - before) as f64 / n as f64
 }
 
 const X_CACHE_STATUS: HeaderName = HeaderName::from_static("x-cache-status");

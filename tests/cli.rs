@@ -1,6 +1,8 @@
 //! The `consent-proxy` binary as a user runs it: `check-config`, `demo`, `simulator` and
 //! `--help`. Child processes are always reaped, killed if a test fails half-way.
 
+mod support;
+
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::TcpStream;
 use std::path::{Path, PathBuf};
@@ -188,12 +190,7 @@ impl Running {
 
     /// Sends SIGTERM and waits (bounded) for the exit status.
     fn terminate(&mut self, limit: Duration) -> Option<ExitStatus> {
-        let sent = Command::new("kill")
-            .arg("-TERM")
-            .arg(self.child.id().to_string())
-            .status()
-            .expect("run kill");
-        assert!(sent.success(), "kill -TERM failed");
+        support::send_sigterm(&self.child);
         let deadline = Instant::now() + limit;
         loop {
             if let Some(status) = self.child.try_wait().expect("try_wait") {

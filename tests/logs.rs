@@ -132,12 +132,7 @@ impl Proxy {
 
     /// SIGTERM, then waits (bounded) for a clean exit; returns all of standard error.
     fn stop(mut self) -> String {
-        let sent = Command::new("kill")
-            .arg("-TERM")
-            .arg(self.child.id().to_string())
-            .status()
-            .expect("run kill");
-        assert!(sent.success(), "kill -TERM failed");
+        support::send_sigterm(&self.child);
         let deadline = Instant::now() + Duration::from_secs(20);
         let status = loop {
             if let Some(status) = self.child.try_wait().expect("try_wait") {

@@ -328,3 +328,13 @@ impl TestClient {
         }
     }
 }
+
+/// Sends SIGTERM to a child process (`kill -TERM`; libc is not a dependency).
+pub fn send_sigterm(child: &std::process::Child) {
+    let sent = std::process::Command::new("kill")
+        .arg("-TERM")
+        .arg(child.id().to_string())
+        .status()
+        .expect("run kill");
+    assert!(sent.success(), "kill -TERM failed");
+}
