@@ -319,7 +319,13 @@ async fn soak_mixed_traffic_under_upstream_chaos() {
         .into_iter()
         .filter(|v| !read_violations.contains(v))
         .collect();
-    // And through the proxy, once the dust has settled.
+    // And through the proxy, once the dust has settled: a last 401 that met an injected
+    // token-endpoint failure leaves the refresher backing off (at most 30 s, jittered), during
+    // which the proxy rightly answers 503; wait for it to be ready again.
+    wait_until(Duration::from_secs(45), || async {
+        h.admin("/readyz").await.status == 200
+    })
+    .await;
     let mut settled = Vec::new();
     for (i, contact) in contacts.iter().enumerate() {
         let start = Instant::now();
