@@ -8,8 +8,9 @@ use std::process::Command;
 use std::sync::Arc;
 use std::time::Duration;
 
-use consent_proxy::cache::{canonical_answer, CacheMetrics, ConsentCache};
+use consent_proxy::cache::{CacheMetrics, ConsentCache};
 use consent_proxy::config::CacheSettings;
+use consent_proxy::consent::ConsentAnswer;
 use consent_proxy::consent::{ConsentStatus, ContactId};
 
 fn rss_bytes() -> u64 {
@@ -47,7 +48,7 @@ async fn fill_proxy_cache(entries: u64) -> u64 {
         let contact = ContactId::from_path_segment(&key(i)).expect("valid id");
         let (_, _, answer) = cache
             .get_or_fetch(&contact, deadline, || async {
-                Ok(canonical_answer(ConsentStatus::Consented))
+                Ok(ConsentAnswer::canonical(ConsentStatus::Consented))
             })
             .await;
         assert!(answer.is_ok());

@@ -22,9 +22,9 @@ use std::time::Duration;
 use consent_proxy::auth::{Authenticator, Permission};
 use consent_proxy::config::{sha256, ClientSettings, Permissions};
 use consent_proxy::consent::ContactId;
-use consent_proxy::http_util::{self, APPLICATION_JSON};
+use consent_proxy::http::body::{self as http_util, APPLICATION_JSON};
+use consent_proxy::http::routes::new_request_id;
 use consent_proxy::metrics::HttpMetrics;
-use consent_proxy::routes::new_request_id;
 use criterion::{criterion_group, criterion_main, Criterion};
 use http::{HeaderMap, HeaderName, HeaderValue, StatusCode};
 

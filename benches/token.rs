@@ -12,8 +12,8 @@ use std::time::{Duration, Instant};
 
 use consent_proxy::config::Settings;
 use consent_proxy::simulator::{Simulator, SimulatorConfig};
-use consent_proxy::token::{TokenManager, TokenMetrics};
-use consent_proxy::transport::Transport;
+use consent_proxy::upstream::token::{TokenManager, TokenMetrics};
+use consent_proxy::upstream::transport::Transport;
 use criterion::{criterion_group, criterion_main, Criterion};
 use tokio::runtime::Runtime;
 use tokio::sync::watch;

@@ -9,17 +9,17 @@ use prometheus::Registry;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
-use crate::admin::AdminRoutes;
 use crate::auth::Authenticator;
 use crate::cache::{CacheMetrics, ConsentCache};
 use crate::config::Settings;
+use crate::http::admin::AdminRoutes;
+use crate::http::routes::{ConsentRoutes, RouteLimits};
+use crate::http::server::{self, ListenerLimits};
 use crate::metrics::{self, HttpMetrics};
-use crate::proxy::{ConsentService, WriteMetrics};
-use crate::routes::{ConsentRoutes, RouteLimits};
-use crate::server::{self, ListenerLimits};
-use crate::token::{TokenManager, TokenMetrics};
-use crate::transport::{self, Transport};
-use crate::upstream::{ConsentApi, UpstreamMetrics};
+use crate::service::{ConsentService, WriteMetrics};
+use crate::upstream::client::{ConsentApi, UpstreamMetrics};
+use crate::upstream::token::{TokenManager, TokenMetrics};
+use crate::upstream::transport::Transport;
 
 pub struct App;
 
@@ -48,9 +48,9 @@ impl App {
         settings: Settings,
         transport: Transport,
     ) -> Result<AppHandle, String> {
-        transport::install_crypto_provider();
+        crate::tls::install_crypto_provider();
         let tls = match &settings.server.tls {
-            Some(files) => Some(server::tls_acceptor(&files.cert_file, &files.key_file)?),
+            Some(files) => Some(crate::tls::tls_acceptor(&files.cert_file, &files.key_file)?),
             None => None,
         };
         let listener = server::bind(settings.server.listen, "server.listen").await?;

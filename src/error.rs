@@ -152,7 +152,7 @@ impl ProxyError {
                     .collect();
             }
         }
-        let mut response = crate::http_util::json_response(self.status(), &body);
+        let mut response = crate::http::body::json_response(self.status(), &body);
         let headers = response.headers_mut();
         match self {
             ProxyError::Unauthorized => {

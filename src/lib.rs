@@ -1,7 +1,15 @@
 //! consent-proxy: a caching, token-sharing reverse proxy in front of Talkdesk's Voice
 //! Biometrics consent API. See `docs/ARCHITECTURE.md` for how the modules fit together.
+//!
+//! The folders tell the story, from the network inwards:
+//! - [`http`]: the listeners (accept loop, TLS, limits), the consent routes and the admin routes;
+//! - [`service`]: the consent operations without HTTP (read through the cache, write through);
+//! - [`cache`]: the consent-answer cache and the rules that keep it correct under writes;
+//! - [`upstream`]: the Talkdesk client: transport, retries, the shared OAuth token;
+//! - [`consent`]: the domain (statuses, contact ids, bodies, answers), shared by everyone;
+//! - [`config`]: the configuration schema, its layers and its validation into [`config::Settings`];
+//! - [`simulator`]: a Talkdesk stand-in for tests and `demo`; the product never uses it.
 
-pub mod admin;
 pub mod app;
 pub mod auth;
 pub mod cache;
@@ -9,18 +17,12 @@ pub mod config;
 pub mod consent;
 pub mod demo;
 pub mod error;
-pub mod http_util;
+pub mod http;
 pub mod logging;
 pub mod metrics;
-pub mod proxy;
-pub mod routes;
-pub mod server;
+pub mod service;
 pub mod simulator;
-pub mod token;
-pub mod transport;
+pub mod tls;
 pub mod upstream;
 
 pub use app::{App, AppHandle};
-
-/// Sent upstream as `User-Agent`.
-pub const USER_AGENT: &str = concat!("consent-proxy/", env!("CARGO_PKG_VERSION"));

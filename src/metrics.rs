@@ -4,6 +4,7 @@
 //! metrics on the one `Registry` it is handed at construction; nothing uses the global
 //! default registry, so several proxies can live in one test process.
 
+use http::StatusCode;
 use prometheus::{
     core::Collector, Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec,
     IntGauge, Opts, Registry, TextEncoder,
@@ -85,6 +86,37 @@ pub fn encode(registry: &Registry) -> Vec<u8> {
         tracing::error!(error = %err, "metrics encoding failed");
     }
     buffer
+}
+
+/// A status code as a metric label without allocating.
+pub fn status_label(status: StatusCode) -> &'static str {
+    match status.as_u16() {
+        200 => "200",
+        201 => "201",
+        204 => "204",
+        400 => "400",
+        401 => "401",
+        403 => "403",
+        404 => "404",
+        405 => "405",
+        408 => "408",
+        409 => "409",
+        413 => "413",
+        415 => "415",
+        429 => "429",
+        431 => "431",
+        500 => "500",
+        502 => "502",
+        503 => "503",
+        504 => "504",
+        code => match code / 100 {
+            1 => "1xx",
+            2 => "2xx",
+            3 => "3xx",
+            4 => "4xx",
+            _ => "5xx",
+        },
+    }
 }
 
 /// The HTTP layer's metrics: one count and one latency per answered request.

@@ -618,7 +618,7 @@ fn access_log_event(run: &Run, log: &str, request_id: &str) -> BTreeMap<String, 
                 let value: serde_json::Value = serde_json::from_str(line).ok()?;
                 let object = value.as_object()?;
                 if object.get("message")?.as_str()? != "request"
-                    || object.get("target")?.as_str()? != "consent_proxy::routes"
+                    || object.get("target")?.as_str()? != "consent_proxy::http::routes"
                 {
                     return None;
                 }
@@ -636,7 +636,7 @@ fn access_log_event(run: &Run, log: &str, request_id: &str) -> BTreeMap<String, 
                 )
             }
             Format::Text => {
-                let (_, fields) = line.split_once(" consent_proxy::routes: request ")?;
+                let (_, fields) = line.split_once(" consent_proxy::http::routes: request ")?;
                 Some(text_fields(fields))
             }
         })

@@ -18,7 +18,7 @@ use std::time::Duration;
 
 use base64::Engine as _;
 use bytes::Bytes;
-use consent_proxy::token::form_encode;
+use consent_proxy::upstream::token::form_encode;
 use http::{Method, Request, Response};
 use http_body_util::Full;
 use hyper::body::Incoming;

@@ -15,7 +15,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use consent_proxy::consent::ConsentStatus;
-use consent_proxy::transport::Transport;
+use consent_proxy::upstream::transport::Transport;
 use consent_proxy::App;
 use http::{Method, Request, Response, StatusCode, Version};
 use http_body_util::{BodyExt, Full};
@@ -107,7 +107,7 @@ impl TestPki {
 
     /// A rustls client configuration trusting only the test CA (no ALPN set).
     fn client_config(&self) -> rustls::ClientConfig {
-        consent_proxy::transport::install_crypto_provider();
+        consent_proxy::tls::install_crypto_provider();
         let mut roots = rustls::RootCertStore::empty();
         roots.add(self.ca.clone()).expect("CA accepted");
         rustls::ClientConfig::builder()
@@ -118,7 +118,7 @@ impl TestPki {
     fn server_config(&self, alpn: &[&[u8]]) -> rustls::ServerConfig {
         use rustls::pki_types::pem::PemObject;
         use rustls::pki_types::PrivateKeyDer;
-        consent_proxy::transport::install_crypto_provider();
+        consent_proxy::tls::install_crypto_provider();
         let certs = CertificateDer::pem_file_iter(&self.cert_file)
             .unwrap()
             .collect::<Result<Vec<_>, _>>()

@@ -12,12 +12,14 @@ use tokio::time::Instant;
 
 use crate::auth::{Authenticator, Caller, Permission};
 use crate::cache::CacheStatus;
+use crate::consent::ConsentAnswer;
 use crate::consent::{parse_consent_body, ContactId};
 use crate::error::{FieldProblem, ProxyError};
-use crate::http_util::{self, Body, ReadBodyError};
+use crate::http::body::{self, Body, ReadBodyError};
+use crate::metrics::status_label;
 use crate::metrics::HttpMetrics;
-use crate::proxy::ConsentService;
-use crate::upstream::{status_label, ConsentAnswer, LastAttempt};
+use crate::service::ConsentService;
+use crate::upstream::client::LastAttempt;
 
 const ROUTE_PREFIX: &str = "/voicebiometrics/contacts/";
 const ROUTE_SUFFIX: &str = "/consent";
@@ -155,7 +157,7 @@ impl ConsentRoutes {
         B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
     {
         if header_bytes(request.headers()) > self.limits.max_header_bytes {
-            return Ok(http_util::empty_response(
+            return Ok(body::empty_response(
                 StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
             ));
         }
@@ -193,7 +195,7 @@ impl ConsentRoutes {
             if let Some(age) = read.age {
                 response
                     .headers_mut()
-                    .insert(header::AGE, http_util::age_value(age));
+                    .insert(header::AGE, body::age_value(age));
             }
             Ok(response)
         } else {
@@ -230,7 +232,7 @@ impl ConsentRoutes {
         {
             return Err(ProxyError::PayloadTooLarge { limit });
         }
-        match tokio::time::timeout_at(deadline, http_util::read_body_limited(body, limit)).await {
+        match tokio::time::timeout_at(deadline, body::read_body_limited(body, limit)).await {
             Ok(Ok(bytes)) => Ok(bytes),
             Ok(Err(ReadBodyError::TooLarge)) => Err(ProxyError::PayloadTooLarge { limit }),
             Ok(Err(ReadBodyError::Failed(reason))) => Err(ProxyError::InvalidBody {
@@ -318,8 +320,8 @@ fn error_response(outcome: &mut Outcome, error: ProxyError) -> Response<Body> {
 
 /// The upstream answer as the caller's response: status, body and the headers kept.
 fn answer_response(answer: ConsentAnswer) -> Response<Body> {
-    let content_type = answer.content_type.unwrap_or(http_util::APPLICATION_JSON);
-    let mut response = http_util::bytes_response(answer.status, content_type, answer.body);
+    let content_type = answer.content_type.unwrap_or(body::APPLICATION_JSON);
+    let mut response = body::bytes_response(answer.status, content_type, answer.body);
     if let Some(retry_after) = answer.retry_after {
         response
             .headers_mut()

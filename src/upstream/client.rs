@@ -12,11 +12,11 @@ use prometheus::{HistogramVec, IntCounterVec, Registry};
 use tokio::time::Instant;
 
 use crate::config::TalkdeskSettings;
-use crate::consent::{ConsentStatus, ContactId};
+use crate::consent::{consent_status_of, ConsentAnswer, ConsentStatus, ContactId};
 use crate::error::ProxyError;
-use crate::metrics;
-use crate::token::TokenManager;
-use crate::transport::{Answer, AttemptError, Transport};
+use crate::metrics::{self, status_label};
+use crate::upstream::token::TokenManager;
+use crate::upstream::transport::{Answer, AttemptError, Transport};
 
 /// Retry back-off: the first delay, doubled each time, capped; jittered.
 const RETRY_BACKOFF_FIRST: Duration = Duration::from_millis(50);
@@ -45,15 +45,6 @@ impl UpstreamMetrics {
             ),
         }
     }
-}
-
-/// An upstream answer the proxy can pass on: status, body, and the headers worth keeping.
-#[derive(Debug, Clone)]
-pub struct ConsentAnswer {
-    pub status: StatusCode,
-    pub body: Bytes,
-    pub content_type: Option<HeaderValue>,
-    pub retry_after: Option<HeaderValue>,
 }
 
 /// How one upstream attempt ended.
@@ -351,7 +342,7 @@ fn finish(answer: Answer) -> Result<ConsentAnswer, CallError> {
 fn build_request(
     method: &Method,
     uri: &str,
-    token: &crate::token::AccessToken,
+    token: &crate::upstream::token::AccessToken,
     request_id: &HeaderValue,
     body: Option<Bytes>,
 ) -> Result<Request<Full<Bytes>>, ProxyError> {
@@ -360,7 +351,7 @@ fn build_request(
         .uri(uri)
         .header(header::AUTHORIZATION, token.authorization().clone())
         .header(header::ACCEPT, "application/json")
-        .header(header::USER_AGENT, crate::USER_AGENT)
+        .header(header::USER_AGENT, crate::upstream::transport::USER_AGENT)
         .header("x-request-id", request_id.clone());
     if body.is_some() {
         builder = builder.header(header::CONTENT_TYPE, "application/json");
@@ -389,46 +380,4 @@ fn retry_after(answer: &Answer) -> Option<Duration> {
 
 fn jittered(delay: Duration) -> Duration {
     delay.mul_f64(rand::random_range(0.5..=1.0))
-}
-
-/// The consent status in an upstream body, if it is a valid consent body.
-pub fn consent_status_of(body: &[u8]) -> Option<ConsentStatus> {
-    #[derive(serde::Deserialize)]
-    struct Body<'a> {
-        #[serde(borrow)]
-        status: std::borrow::Cow<'a, str>,
-    }
-    let parsed: Body<'_> = serde_json::from_slice(body).ok()?;
-    ConsentStatus::parse(&parsed.status)
-}
-
-/// A status code as a metric label without allocating.
-pub fn status_label(status: StatusCode) -> &'static str {
-    match status.as_u16() {
-        200 => "200",
-        201 => "201",
-        204 => "204",
-        400 => "400",
-        401 => "401",
-        403 => "403",
-        404 => "404",
-        405 => "405",
-        408 => "408",
-        409 => "409",
-        413 => "413",
-        415 => "415",
-        429 => "429",
-        431 => "431",
-        500 => "500",
-        502 => "502",
-        503 => "503",
-        504 => "504",
-        code => match code / 100 {
-            1 => "1xx",
-            2 => "2xx",
-            3 => "3xx",
-            4 => "4xx",
-            _ => "5xx",
-        },
-    }
 }

@@ -29,10 +29,10 @@ use tokio::sync::{watch, Mutex};
 use tokio::time::Instant;
 
 use crate::config::CacheSettings;
+use crate::consent::ConsentAnswer;
 use crate::consent::{ConsentStatus, ContactId};
 use crate::error::ProxyError;
 use crate::metrics;
-use crate::upstream::ConsentAnswer;
 
 /// Number of lock shards for the per-key bookkeeping (a power of two).
 const SHARDS: usize = 64;
@@ -84,19 +84,9 @@ impl StoredAnswer {
     /// The answer to send; no body bytes are copied.
     pub fn to_answer(&self) -> ConsentAnswer {
         match &self.raw {
-            None => canonical_answer(self.status),
+            None => ConsentAnswer::canonical(self.status),
             Some(answer) => ConsentAnswer::clone(answer),
         }
-    }
-}
-
-/// `200 {"status":"<STATUS>"}` as upstream sends it.
-pub fn canonical_answer(status: ConsentStatus) -> ConsentAnswer {
-    ConsentAnswer {
-        status: StatusCode::OK,
-        body: Bytes::from_static(status.canonical_body()),
-        content_type: Some(crate::http_util::APPLICATION_JSON),
-        retry_after: None,
     }
 }
 
@@ -355,7 +345,7 @@ impl ConsentCache {
     /// Stores an upstream GET answer if it is cacheable (200 with a consent body, 404).
     async fn store_read(&self, key: &Arc<str>, answer: &ConsentAnswer) {
         let stored = match answer.status {
-            StatusCode::OK => match crate::upstream::consent_status_of(&answer.body) {
+            StatusCode::OK => match crate::consent::consent_status_of(&answer.body) {
                 Some(status) if answer.body[..] == *status.canonical_body() => {
                     self.stored(status, None)
                 }

@@ -22,7 +22,7 @@ use serde_json::{Map as JsonMap, Value as Json};
 use sha2::{Digest, Sha256};
 
 /// The built-in defaults, compiled into the binary (the lowest layer).
-pub const DEFAULT_CONFIG_TOML: &str = include_str!("../config/default.toml");
+pub const DEFAULT_CONFIG_TOML: &str = include_str!("../../config/default.toml");
 
 /// Environment variables `CONSENT_PROXY__<SECTION>__<KEY>` override the files.
 pub const ENV_PREFIX: &str = "CONSENT_PROXY";

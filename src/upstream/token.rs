@@ -24,7 +24,7 @@ use tokio::time::Instant;
 use crate::config::{ClientAuth, Secret, TalkdeskSettings, TokenSettings};
 use crate::error::ProxyError;
 use crate::metrics;
-use crate::transport::Transport;
+use crate::upstream::transport::Transport;
 
 /// A request never waits longer than this for a token (the contract's "within 1 s").
 pub const MAX_TOKEN_WAIT: Duration = Duration::from_secs(1);
@@ -383,7 +383,7 @@ impl Refresher {
             .uri(&r.url)
             .header(header::CONTENT_TYPE, "application/x-www-form-urlencoded")
             .header(header::ACCEPT, "application/json")
-            .header(header::USER_AGENT, crate::USER_AGENT);
+            .header(header::USER_AGENT, crate::upstream::transport::USER_AGENT);
         match r.client_auth {
             ClientAuth::Basic => {
                 // RFC 6749 §2.3.1: both parts form-encoded before base64.

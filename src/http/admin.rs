@@ -14,8 +14,8 @@ use crate::auth::{Authenticator, Permission};
 use crate::cache::ConsentCache;
 use crate::consent::ContactId;
 use crate::error::ProxyError;
-use crate::http_util::{self, Body};
-use crate::token::TokenManager;
+use crate::http::body::{self, Body};
+use crate::upstream::token::TokenManager;
 
 const PURGE_PREFIX: &str = "/admin/cache/";
 
@@ -49,7 +49,7 @@ impl AdminRoutes {
         let path = request.uri().path();
         let result = match (request.method(), path) {
             (&Method::GET, "/metrics") => Ok(self.metrics().await),
-            (&Method::GET, "/healthz") => Ok(http_util::json_response(
+            (&Method::GET, "/healthz") => Ok(body::json_response(
                 StatusCode::OK,
                 &json!({"status": "ok"}),
             )),
@@ -68,7 +68,7 @@ impl AdminRoutes {
 
     async fn metrics(&self) -> Response<Body> {
         self.cache.refresh_entry_gauge().await;
-        http_util::bytes_response(
+        body::bytes_response(
             StatusCode::OK,
             HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
             Bytes::from(crate::metrics::encode(&self.registry)),
@@ -82,8 +82,8 @@ impl AdminRoutes {
             self.tokens.readiness()
         };
         match reason {
-            Ok(()) => http_util::json_response(StatusCode::OK, &json!({"status": "ready"})),
-            Err(reason) => http_util::json_response(
+            Ok(()) => body::json_response(StatusCode::OK, &json!({"status": "ready"})),
+            Err(reason) => body::json_response(
                 StatusCode::SERVICE_UNAVAILABLE,
                 &json!({"status": "not_ready", "reason": reason}),
             ),
@@ -110,6 +110,6 @@ impl AdminRoutes {
             contact = %contact.masked(),
             "cache entry purged"
         );
-        Ok(http_util::empty_response(StatusCode::NO_CONTENT))
+        Ok(body::empty_response(StatusCode::NO_CONTENT))
     }
 }

@@ -9,10 +9,11 @@ use prometheus::{IntCounter, Registry};
 use tokio::time::Instant;
 
 use crate::cache::{CacheStatus, ConsentCache, WriteOutcome};
+use crate::consent::{consent_status_of, ConsentAnswer};
 use crate::consent::{ConsentStatus, ContactId};
 use crate::error::ProxyError;
 use crate::metrics;
-use crate::upstream::{consent_status_of, ConsentAnswer, ConsentApi, LastAttempt};
+use crate::upstream::client::{ConsentApi, LastAttempt};
 
 #[derive(Clone)]
 pub struct WriteMetrics {

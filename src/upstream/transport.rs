@@ -11,6 +11,9 @@ use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
 
+/// Sent upstream as `User-Agent` (consent API and token endpoint).
+pub const USER_AGENT: &str = concat!("consent-proxy/", env!("CARGO_PKG_VERSION"));
+
 /// Idle upstream connections are kept this long for reuse.
 const POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(90);
 
@@ -44,15 +47,10 @@ pub struct Transport {
     client: Client<HttpsConnector<HttpConnector>, Full<Bytes>>,
 }
 
-/// Installs rustls' process-wide crypto provider (ring) once; later calls are no-ops.
-pub fn install_crypto_provider() {
-    let _ = rustls::crypto::ring::default_provider().install_default();
-}
-
 impl Transport {
     /// A client that speaks HTTPS (webpki roots, ALPN h2 then http/1.1) and plain HTTP.
     pub fn new(connect_timeout: Duration) -> Self {
-        Self::with_tls(connect_timeout, webpki_client_config())
+        Self::with_tls(connect_timeout, crate::tls::webpki_client_config())
     }
 
     /// The same with a caller-chosen TLS configuration (tests trust their own CA this way).
@@ -115,15 +113,6 @@ impl Transport {
             .await
             .unwrap_or(Err(AttemptError::Timeout))
     }
-}
-
-fn webpki_client_config() -> rustls::ClientConfig {
-    install_crypto_provider();
-    let mut roots = rustls::RootCertStore::empty();
-    roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
-    rustls::ClientConfig::builder()
-        .with_root_certificates(roots)
-        .with_no_client_auth()
 }
 
 /// An error and its sources on one line (hyper's top-level messages are terse).

@@ -1,0 +1,11 @@
+//! The HTTP side of the proxy: the listeners and what they answer.
+//!
+//! - [`server`]: accept loop, connection limits, TLS termination, graceful shutdown;
+//! - [`routes`]: the consent listener (the two consent routes);
+//! - [`admin`]: the admin listener (metrics, health, readiness, cache purge);
+//! - [`body`]: the buffered body type and small answer helpers they share.
+
+pub mod admin;
+pub mod body;
+pub mod routes;
+pub mod server;

@@ -1,0 +1,53 @@
+//! TLS in one place: the process-wide rustls crypto provider, the server side (the consent
+//! listener's certificate) and the client side (the roots trusted for Talkdesk).
+
+use std::path::Path;
+use std::sync::Arc;
+
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use tokio_rustls::TlsAcceptor;
+
+/// Installs rustls' process-wide crypto provider (ring) once; later calls are no-ops. Both
+/// the server and the client side call it before building a configuration.
+pub fn install_crypto_provider() {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+}
+
+/// Loads a PEM certificate chain and key into a TLS acceptor offering h2 and http/1.1.
+pub fn tls_acceptor(cert_file: &Path, key_file: &Path) -> Result<TlsAcceptor, String> {
+    install_crypto_provider();
+    let certs = CertificateDer::pem_file_iter(cert_file)
+        .and_then(|iter| iter.collect::<Result<Vec<_>, _>>())
+        .map_err(|e| format!("server.tls_cert_file {}: {e}", cert_file.display()))?;
+    if certs.is_empty() {
+        return Err(format!(
+            "server.tls_cert_file {}: no certificate found",
+            cert_file.display()
+        ));
+    }
+    let key = PrivateKeyDer::from_pem_file(key_file)
+        .map_err(|e| format!("server.tls_key_file {}: {e}", key_file.display()))?;
+    let mut config = rustls::ServerConfig::builder()
+        .with_no_client_auth()
+        .with_single_cert(certs, key)
+        .map_err(|e| {
+            format!(
+                "server.tls_key_file {} does not fit server.tls_cert_file {}: {e}",
+                key_file.display(),
+                cert_file.display()
+            )
+        })?;
+    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    Ok(TlsAcceptor::from(Arc::new(config)))
+}
+
+/// A client configuration trusting the webpki roots (what Talkdesk's certificates chain to).
+pub fn webpki_client_config() -> rustls::ClientConfig {
+    install_crypto_provider();
+    let mut roots = rustls::RootCertStore::empty();
+    roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
+    rustls::ClientConfig::builder()
+        .with_root_certificates(roots)
+        .with_no_client_auth()
+}

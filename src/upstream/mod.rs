@@ -1,0 +1,9 @@
+//! Talking to Talkdesk: the consent-API client and what it stands on.
+//!
+//! - [`client`]: builds consent requests, retries what is safe, renews the token on a 401;
+//! - [`token`]: the one shared OAuth client-credentials token and its background refresher;
+//! - [`transport`]: the pooled outbound HTTP client (one attempt, bounded in time and size).
+
+pub mod client;
+pub mod token;
+pub mod transport;
