@@ -8,7 +8,7 @@ use std::process::Command;
 use std::sync::Arc;
 use std::time::Duration;
 
-use consent_proxy::cache::{CacheMetrics, ConsentCache};
+use consent_proxy::cache::{CacheMetrics, ConsentCache, Lookup};
 use consent_proxy::config::CacheSettings;
 use consent_proxy::consent::ConsentAnswer;
 use consent_proxy::consent::{ConsentStatus, ContactId};
@@ -46,14 +46,16 @@ async fn fill_proxy_cache(entries: u64) -> u64 {
     let deadline = tokio::time::Instant::now() + Duration::from_secs(3600);
     for i in 0..entries {
         let contact = ContactId::from_path_segment(&key(i)).expect("valid id");
-        let (_, _, answer) = cache
-            .get_or_fetch(&contact, deadline, || async {
-                Ok(ConsentAnswer::canonical(ConsentStatus::Consented))
-            })
+        let Lookup::Lead(lead) = cache.lookup(&contact) else {
+            panic!("a new contact leads its fill");
+        };
+        let answer = lead
+            .spawn(async { Ok(ConsentAnswer::canonical(ConsentStatus::Consented)) })
+            .wait(deadline)
             .await;
         assert!(answer.is_ok());
     }
-    cache.refresh_entry_gauge().await;
+    cache.refresh_entry_gauge();
     assert_eq!(cache.entry_count(), entries);
     let used = rss_bytes() - before;
     std::hint::black_box(&cache);
@@ -61,15 +63,15 @@ async fn fill_proxy_cache(entries: u64) -> u64 {
 }
 
 async fn fill_bare_moka(entries: u64) -> u64 {
-    let cache: moka::future::Cache<Arc<str>, ()> = moka::future::Cache::builder()
+    let cache: moka::sync::Cache<Arc<str>, ()> = moka::sync::Cache::builder()
         .max_capacity(entries)
         .time_to_live(Duration::from_secs(300))
         .build();
     let before = rss_bytes();
     for i in 0..entries {
-        cache.insert(Arc::from(key(i)), ()).await;
+        cache.insert(Arc::from(key(i)), ());
     }
-    cache.run_pending_tasks().await;
+    cache.run_pending_tasks();
     assert_eq!(cache.entry_count(), entries);
     let used = rss_bytes() - before;
     std::hint::black_box(&cache);

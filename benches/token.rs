@@ -56,7 +56,7 @@ impl Fixture {
             ))
             .expect("bench settings");
             let (shutdown, shutdown_rx) = watch::channel(false);
-            let tokens = TokenManager::start(
+            let (tokens, _refresher) = TokenManager::start(
                 Transport::new(settings.talkdesk.timeout),
                 &settings.talkdesk,
                 &settings.token,

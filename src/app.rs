@@ -17,11 +17,26 @@ use crate::http::routes::{ConsentRoutes, RouteLimits};
 use crate::http::server::{self, ListenerLimits};
 use crate::metrics::{self, HttpMetrics};
 use crate::service::{ConsentService, WriteMetrics};
+use crate::tls::TlsError;
 use crate::upstream::client::{ConsentApi, UpstreamMetrics};
 use crate::upstream::token::{TokenManager, TokenMetrics};
 use crate::upstream::transport::Transport;
 
 pub struct App;
+
+/// Why the proxy could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error("cannot listen on {addr} ({key})")]
+    Listen {
+        key: &'static str,
+        addr: SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("cannot load the TLS certificate")]
+    Tls(#[from] TlsError),
+}
 
 /// A running proxy.
 pub struct AppHandle {
@@ -38,7 +53,7 @@ pub struct AppHandle {
 
 impl App {
     /// Starts the proxy with the default outbound TLS roots (webpki).
-    pub async fn start(settings: Settings) -> Result<AppHandle, String> {
+    pub async fn start(settings: Settings) -> Result<AppHandle, StartError> {
         let transport = Transport::new(settings.talkdesk.timeout);
         Self::start_with_transport(settings, transport).await
     }
@@ -47,21 +62,19 @@ impl App {
     pub async fn start_with_transport(
         settings: Settings,
         transport: Transport,
-    ) -> Result<AppHandle, String> {
+    ) -> Result<AppHandle, StartError> {
         crate::tls::install_crypto_provider();
         let tls = match &settings.server.tls {
             Some(files) => Some(crate::tls::tls_acceptor(&files.cert_file, &files.key_file)?),
             None => None,
         };
-        let listener = server::bind(settings.server.listen, "server.listen").await?;
-        let admin_listener =
-            server::bind(settings.server.admin_listen, "server.admin_listen").await?;
-        let listen_addr = listener.local_addr().map_err(|e| e.to_string())?;
-        let admin_addr = admin_listener.local_addr().map_err(|e| e.to_string())?;
+        let (listener, listen_addr) = listen("server.listen", settings.server.listen).await?;
+        let (admin_listener, admin_addr) =
+            listen("server.admin_listen", settings.server.admin_listen).await?;
 
         let registry = metrics::new_registry();
         let (shutdown, shutdown_rx) = watch::channel(false);
-        let tokens = TokenManager::start(
+        let (tokens, refresher) = TokenManager::start(
             transport.clone(),
             &settings.talkdesk,
             &settings.token,
@@ -155,9 +168,20 @@ impl App {
             tokens,
             routes,
             shutdown,
-            tasks: vec![consent_task, admin_task],
+            tasks: vec![consent_task, admin_task, refresher],
         })
     }
+}
+
+/// Binds the listener configured under `key`, and says where it listens (port 0 resolved).
+async fn listen(
+    key: &'static str,
+    addr: SocketAddr,
+) -> Result<(tokio::net::TcpListener, SocketAddr), StartError> {
+    let failed = |source| StartError::Listen { key, addr, source };
+    let listener = server::bind(addr).await.map_err(failed)?;
+    let local = listener.local_addr().map_err(failed)?;
+    Ok((listener, local))
 }
 
 impl AppHandle {

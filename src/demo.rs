@@ -2,11 +2,11 @@
 //! generated API key and ready-to-paste `curl` lines, so a newcomer sees it work with no
 //! account or credentials.
 
-use std::net::SocketAddr;
+use std::net::{Ipv4Addr, SocketAddr};
 use std::time::Duration;
 
-use crate::app::{App, AppHandle};
-use crate::config::Settings;
+use crate::app::{App, AppHandle, StartError};
+use crate::config::{ConfigErrors, Settings};
 use crate::consent::ConsentStatus;
 use crate::simulator::{Simulator, SimulatorConfig};
 
@@ -25,16 +25,27 @@ pub struct Demo {
     pub api_key: String,
 }
 
+/// Why the demo could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum DemoError {
+    #[error("cannot start the simulator")]
+    Simulator(#[source] std::io::Error),
+    #[error("invalid demo configuration:\n{0}")]
+    Config(#[from] ConfigErrors),
+    #[error(transparent)]
+    Proxy(#[from] StartError),
+}
+
 /// A random key of 32 hex digits.
 pub fn random_key() -> String {
     format!("{:032x}", rand::random::<u128>())
 }
 
 impl Demo {
-    pub async fn start(options: DemoOptions) -> Result<Demo, String> {
+    pub async fn start(options: DemoOptions) -> Result<Demo, DemoError> {
         let client_secret = random_key();
         let simulator = Simulator::start(
-            "127.0.0.1:0".parse().map_err(|e| format!("{e}"))?,
+            SocketAddr::from((Ipv4Addr::LOCALHOST, 0)),
             SimulatorConfig {
                 client_id: "demo-client".into(),
                 client_secret: client_secret.clone(),
@@ -42,7 +53,7 @@ impl Demo {
             },
         )
         .await
-        .map_err(|e| format!("cannot start the simulator: {e}"))?;
+        .map_err(DemoError::Simulator)?;
         simulator.set_status(DEMO_CONTACT, ConsentStatus::Consented);
 
         let api_key = options.api_key.unwrap_or_else(random_key);
@@ -68,7 +79,7 @@ permissions = ["read", "write", "admin"]
             // TOML string quoting of a caller-chosen key.
             api_key = toml::Value::String(api_key.clone()),
         );
-        let settings = Settings::from_toml_str(&toml).map_err(|e| e.to_string())?;
+        let settings = Settings::from_toml_str(&toml)?;
         let proxy = App::start(settings).await?;
         Ok(Demo {
             proxy,

@@ -1,13 +1,79 @@
 //! The proxy's one error type, and the single place where errors become HTTP answers.
 //!
 //! Every failure carries where it came from (the caller, upstream, the token endpoint or the
-//! proxy itself) so logs and metrics can say whose fault it was; the mapping to the
-//! contract's status codes and `{code, message, fields}` bodies lives only here.
+//! proxy itself) so logs and metrics can say whose fault it was, and keeps its cause: a
+//! [`Failure`] holds a context and the underlying error behind an `Arc`, so one error can be
+//! handed to every request waiting on a coalesced fill without losing its source. The mapping
+//! to the contract's status codes and `{code, message, fields}` bodies lives only here.
+
+use std::borrow::Cow;
+use std::fmt;
+use std::sync::Arc;
 
 use bytes::Bytes;
 use http::{header, HeaderValue, Response, StatusCode};
 use http_body_util::Full;
 use serde_json::json;
+
+/// An error shared by everyone who waits on the operation that failed.
+pub type SharedError = Arc<dyn std::error::Error + Send + Sync + 'static>;
+
+/// What failed (a short context for logs) and why (the underlying error, if any).
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("{context}")]
+pub struct Failure {
+    context: Cow<'static, str>,
+    #[source]
+    cause: Option<SharedError>,
+}
+
+impl Failure {
+    /// A failure with a cause.
+    pub fn new(
+        context: impl Into<Cow<'static, str>>,
+        cause: impl std::error::Error + Send + Sync + 'static,
+    ) -> Self {
+        Failure {
+            context: context.into(),
+            cause: Some(Arc::new(cause)),
+        }
+    }
+
+    /// A failure whose context says it all.
+    pub fn msg(context: impl Into<Cow<'static, str>>) -> Self {
+        Failure {
+            context: context.into(),
+            cause: None,
+        }
+    }
+}
+
+impl From<&'static str> for Failure {
+    fn from(context: &'static str) -> Self {
+        Failure::msg(context)
+    }
+}
+
+impl From<String> for Failure {
+    fn from(context: String) -> Self {
+        Failure::msg(context)
+    }
+}
+
+/// Displays an error followed by each of its sources (`a: b: c`), for logs.
+pub struct ErrorChain<'a>(pub &'a (dyn std::error::Error + 'static));
+
+impl fmt::Display for ErrorChain<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", self.0)?;
+        let mut source = self.0.source();
+        while let Some(cause) = source {
+            write!(f, ": {cause}")?;
+            source = cause.source();
+        }
+        Ok(())
+    }
+}
 
 /// Who caused a failure.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -52,14 +118,14 @@ pub enum ProxyError {
     UnsupportedMediaType,
     #[error("request body not received in time")]
     RequestTimeout,
-    #[error("upstream error: {0}")]
-    Upstream(String),
-    #[error("no valid token: {0}")]
-    TokenUnavailable(String),
+    #[error("upstream error")]
+    Upstream(#[source] Failure),
+    #[error("no valid token")]
+    TokenUnavailable(#[source] Failure),
     #[error("upstream timeout")]
     UpstreamTimeout,
-    #[error("internal error: {0}")]
-    Internal(String),
+    #[error("internal error")]
+    Internal(#[source] Failure),
 }
 
 impl ProxyError {
@@ -204,5 +270,9 @@ mod tests {
     fn upstream_details_never_reach_the_caller() {
         let err = ProxyError::Upstream("token abc123 rejected".into());
         assert!(!err.public_message().contains("abc123"));
+        assert!(
+            ErrorChain(&err).to_string().contains("abc123"),
+            "kept for the logs"
+        );
     }
 }

@@ -23,11 +23,20 @@ const QUIET_LIBRARIES: &[&str] = &[
     "tokio_rustls",
 ];
 
+/// Why logging could not be set up.
+#[derive(Debug, thiserror::Error)]
+pub enum LoggingError {
+    #[error("log.level {0:?} is not a level or tracing filter")]
+    Filter(String, #[source] tracing_subscriber::filter::ParseError),
+    #[error("a global logger is already installed")]
+    AlreadyInstalled(#[source] Box<dyn std::error::Error + Send + Sync>),
+}
+
 /// Installs the global subscriber. Fails when the level is not a valid filter.
-pub fn init(settings: &LogSettings) -> Result<(), String> {
+pub fn init(settings: &LogSettings) -> Result<(), LoggingError> {
     let directives = effective_filter(&settings.level);
     let filter = EnvFilter::try_new(&directives)
-        .map_err(|e| format!("log.level '{}': {e}", settings.level))?;
+        .map_err(|e| LoggingError::Filter(settings.level.clone(), e))?;
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr);
@@ -35,7 +44,7 @@ pub fn init(settings: &LogSettings) -> Result<(), String> {
         LogFormat::Text => builder.with_ansi(false).try_init(),
         LogFormat::Json => builder.json().flatten_event(true).try_init(),
     };
-    result.map_err(|e| format!("logging: {e}"))?;
+    result.map_err(LoggingError::AlreadyInstalled)?;
     tracing::debug!(filter = %directives, "log filter installed");
     Ok(())
 }

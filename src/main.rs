@@ -8,6 +8,7 @@ use std::time::Duration;
 use clap::{Parser, Subcommand};
 use consent_proxy::config::{LogFormat, LogSettings, Settings};
 use consent_proxy::demo::{Demo, DemoOptions};
+use consent_proxy::error::ErrorChain;
 use consent_proxy::simulator::{Simulator, SimulatorConfig};
 use consent_proxy::{logging, App};
 
@@ -106,13 +107,16 @@ fn main() -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => {
-            eprintln!("consent-proxy: {err}");
+            eprintln!("consent-proxy: {}", ErrorChain(err.as_ref()));
             ExitCode::FAILURE
         }
     }
 }
 
-async fn serve(config: Option<PathBuf>) -> Result<(), String> {
+/// What a command ends with: its error, with its sources, is printed on one line.
+type CommandResult = Result<(), Box<dyn std::error::Error + Send + Sync>>;
+
+async fn serve(config: Option<PathBuf>) -> CommandResult {
     let settings =
         Settings::load(config.as_deref()).map_err(|e| format!("invalid configuration:\n{e}"))?;
     logging::init(&settings.log)?;
@@ -141,7 +145,7 @@ fn log_effective_configuration(settings: &Settings) {
     }
 }
 
-async fn demo(options: DemoOptions) -> Result<(), String> {
+async fn demo(options: DemoOptions) -> CommandResult {
     logging::init(&LogSettings {
         level: "info".into(),
         format: LogFormat::Text,
@@ -154,7 +158,7 @@ async fn demo(options: DemoOptions) -> Result<(), String> {
     Ok(())
 }
 
-async fn simulator(listen: SocketAddr, config: SimulatorConfig) -> Result<(), String> {
+async fn simulator(listen: SocketAddr, config: SimulatorConfig) -> CommandResult {
     logging::init(&LogSettings {
         level: "info".into(),
         format: LogFormat::Text,

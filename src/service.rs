@@ -8,10 +8,10 @@ use http::HeaderValue;
 use prometheus::{IntCounter, Registry};
 use tokio::time::Instant;
 
-use crate::cache::{CacheStatus, ConsentCache, WriteOutcome};
+use crate::cache::{CacheStatus, ConsentCache, Lookup, WriteOutcome};
 use crate::consent::{consent_status_of, ConsentAnswer};
 use crate::consent::{ConsentStatus, ContactId};
-use crate::error::ProxyError;
+use crate::error::{Failure, ProxyError};
 use crate::metrics;
 use crate::upstream::client::{ConsentApi, LastAttempt};
 
@@ -76,21 +76,30 @@ impl ConsentService {
         deadline: Instant,
         upstream: &LastAttempt,
     ) -> ReadResult {
-        let (cache_status, age, answer) = self
-            .cache
-            .get_or_fetch(contact, deadline, || {
-                // Cloned only when the fetch runs (a miss or a bypass): a hit clones nothing,
-                // and cloning a new request id's bytes would allocate a shared copy.
-                let api = self.api.clone();
-                let contact = contact.clone();
-                let request_id = request_id.clone();
-                let last = upstream.clone();
-                async move { api.get(&contact, &request_id, deadline, &last).await }
-            })
-            .await;
+        // Built only when the fetch runs (a miss or a bypass): a hit clones nothing, and
+        // cloning a new request id's bytes would allocate a shared copy.
+        let fetch = || {
+            let api = self.api.clone();
+            let contact = contact.clone();
+            let request_id = request_id.clone();
+            let last = upstream.clone();
+            async move { api.get(&contact, &request_id, deadline, &last).await }
+        };
+        let (cache_status, answer) = match self.cache.lookup(contact) {
+            Lookup::Hit(hit) => {
+                return ReadResult {
+                    cache_status: CacheStatus::Hit,
+                    age: Some(hit.age_s),
+                    answer: Ok(hit.answer),
+                }
+            }
+            Lookup::Join(waiter) => (CacheStatus::Coalesced, waiter.wait(deadline).await),
+            Lookup::Lead(lead) => (CacheStatus::Miss, lead.spawn(fetch()).wait(deadline).await),
+            Lookup::Bypass => (CacheStatus::Bypass, fetch().await),
+        };
         ReadResult {
             cache_status,
-            age,
+            age: None,
             answer,
         }
     }
@@ -110,7 +119,7 @@ impl ConsentService {
         let request_id = request_id.clone();
         let last = upstream.clone();
         let task = tokio::spawn(async move {
-            service.cache.begin_write(&contact).await;
+            let write = service.cache.begin_write(&contact);
             let result = service
                 .api
                 .put(&contact, status, &request_id, deadline, &last)
@@ -125,10 +134,10 @@ impl ConsentService {
                 Err(failure) if failure.outcome_unknown => WriteOutcome::Unknown,
                 Err(_) => WriteOutcome::NotApplied,
             };
-            service.cache.finish_write(&contact, outcome).await;
+            write.finish(outcome);
             result.map_err(|failure| failure.error)
         });
         task.await
-            .unwrap_or_else(|err| Err(ProxyError::Internal(format!("write task failed: {err}"))))
+            .unwrap_or_else(|err| Err(ProxyError::Internal(Failure::new("write task failed", err))))
     }
 }

@@ -1,10 +1,10 @@
 //! TLS in one place: the process-wide rustls crypto provider, the server side (the consent
 //! listener's certificate) and the client side (the roots trusted for Talkdesk).
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::pem::{Error as PemError, PemObject};
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use tokio_rustls::TlsAcceptor;
 
@@ -14,29 +14,61 @@ pub fn install_crypto_provider() {
     let _ = rustls::crypto::ring::default_provider().install_default();
 }
 
+/// Why the consent listener's certificate or key could not be loaded; each names its key.
+#[derive(Debug, thiserror::Error)]
+pub enum TlsError {
+    #[error("server.tls_cert_file {}: cannot read a certificate chain", .path.display())]
+    Certificates {
+        path: PathBuf,
+        #[source]
+        source: PemError,
+    },
+    #[error("server.tls_cert_file {}: no certificate found", .path.display())]
+    NoCertificate { path: PathBuf },
+    #[error("server.tls_key_file {}: cannot read a private key", .path.display())]
+    Key {
+        path: PathBuf,
+        #[source]
+        source: PemError,
+    },
+    #[error(
+        "server.tls_key_file {} does not fit server.tls_cert_file {}",
+        .key.display(),
+        .cert.display()
+    )]
+    Mismatch {
+        key: PathBuf,
+        cert: PathBuf,
+        #[source]
+        source: rustls::Error,
+    },
+}
+
 /// Loads a PEM certificate chain and key into a TLS acceptor offering h2 and http/1.1.
-pub fn tls_acceptor(cert_file: &Path, key_file: &Path) -> Result<TlsAcceptor, String> {
+pub fn tls_acceptor(cert_file: &Path, key_file: &Path) -> Result<TlsAcceptor, TlsError> {
     install_crypto_provider();
     let certs = CertificateDer::pem_file_iter(cert_file)
         .and_then(|iter| iter.collect::<Result<Vec<_>, _>>())
-        .map_err(|e| format!("server.tls_cert_file {}: {e}", cert_file.display()))?;
+        .map_err(|source| TlsError::Certificates {
+            path: cert_file.to_owned(),
+            source,
+        })?;
     if certs.is_empty() {
-        return Err(format!(
-            "server.tls_cert_file {}: no certificate found",
-            cert_file.display()
-        ));
+        return Err(TlsError::NoCertificate {
+            path: cert_file.to_owned(),
+        });
     }
-    let key = PrivateKeyDer::from_pem_file(key_file)
-        .map_err(|e| format!("server.tls_key_file {}: {e}", key_file.display()))?;
+    let key = PrivateKeyDer::from_pem_file(key_file).map_err(|source| TlsError::Key {
+        path: key_file.to_owned(),
+        source,
+    })?;
     let mut config = rustls::ServerConfig::builder()
         .with_no_client_auth()
         .with_single_cert(certs, key)
-        .map_err(|e| {
-            format!(
-                "server.tls_key_file {} does not fit server.tls_cert_file {}: {e}",
-                key_file.display(),
-                cert_file.display()
-            )
+        .map_err(|source| TlsError::Mismatch {
+            key: key_file.to_owned(),
+            cert: cert_file.to_owned(),
+            source,
         })?;
     config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
     Ok(TlsAcceptor::from(Arc::new(config)))

@@ -609,7 +609,7 @@ proptest! {
         body.extend_from_slice(MARK.as_bytes());
         body.extend_from_slice(&after);
         if let Err(message) = parse_token_response(&body) {
-            prop_assert!(!message.contains("SECRET"), "{message}");
+            prop_assert!(!message.to_string().contains("SECRET"), "{message}");
         }
     }
 
@@ -651,7 +651,7 @@ proptest! {
                 prop_assert!(type_ok);
             }
             Err(message) => {
-                prop_assert!(!message.contains("SECRET"), "{message}");
+                prop_assert!(!message.to_string().contains("SECRET"), "{message}");
             }
         }
     }

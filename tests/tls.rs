@@ -15,6 +15,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use consent_proxy::consent::ConsentStatus;
+use consent_proxy::error::ErrorChain;
 use consent_proxy::upstream::transport::Transport;
 use consent_proxy::App;
 use http::{Method, Request, Response, StatusCode, Version};
@@ -433,7 +434,7 @@ async fn unusable_certificate_or_key_files_fail_the_start_naming_the_key() {
                     handle.shutdown().await;
                     panic!("started with unusable TLS files");
                 }
-                Err(message) => message,
+                Err(error) => ErrorChain(&error).to_string(),
             }
         }
     };
@@ -509,7 +510,7 @@ async fn unusable_certificate_or_key_files_fail_the_start_naming_the_key() {
                 handle.shutdown().await;
                 panic!("started without its {removed} file");
             }
-            Err(message) => message,
+            Err(error) => ErrorChain(&error).to_string(),
         };
         let named = format!("server.tls_{removed}_file");
         assert!(message.contains(&named), "{named} not named in: {message}");

@@ -493,6 +493,37 @@ async fn malformed_token_answers_count_as_failures_and_the_proxy_recovers() {
     }
 }
 
+/// Dropping the last handle stops the refresher at once, even while it sleeps until the
+/// next renewal (minutes away with the simulator's 600 s tokens): it must not keep the
+/// manager's state alive, nor live on until that renewal.
+#[tokio::test]
+async fn dropping_the_manager_stops_its_refresher() {
+    use consent_proxy::upstream::token::{TokenManager, TokenMetrics};
+    use consent_proxy::upstream::transport::Transport;
+
+    let sim = start_simulator().await;
+    let settings = ProxyConfig::for_simulator(&sim).settings();
+    let (shutdown, shutdown_rx) = tokio::sync::watch::channel(false);
+    let (tokens, refresher) = TokenManager::start(
+        Transport::new(settings.talkdesk.timeout),
+        &settings.talkdesk,
+        &settings.token,
+        TokenMetrics::register(&prometheus::Registry::new()),
+        shutdown_rx,
+    );
+    tokens
+        .current(Instant::now() + Duration::from_secs(5))
+        .await
+        .expect("a token");
+    drop(tokens);
+    tokio::time::timeout(Duration::from_secs(5), refresher)
+        .await
+        .expect("the refresher stops when its manager is dropped")
+        .expect("the refresher ends cleanly");
+    // Kept until here, so only the drop can have stopped the refresher.
+    drop(shutdown);
+}
+
 /// Everything logged in this test binary (all its tests), installed on first use as the
 /// global subscriber.
 fn captured_logs() -> Arc<Mutex<Vec<u8>>> {

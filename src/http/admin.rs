@@ -67,7 +67,7 @@ impl AdminRoutes {
     }
 
     async fn metrics(&self) -> Response<Body> {
-        self.cache.refresh_entry_gauge().await;
+        self.cache.refresh_entry_gauge();
         body::bytes_response(
             StatusCode::OK,
             HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
@@ -104,7 +104,7 @@ impl AdminRoutes {
         }
         let caller = self.auth.authorize(request.headers(), Permission::Admin)?;
         let contact = ContactId::from_path_segment(segment).ok_or(ProxyError::InvalidContactId)?;
-        self.cache.purge(&contact).await;
+        self.cache.purge(&contact);
         tracing::info!(
             client = self.auth.client_name(Some(&caller)),
             contact = %contact.masked(),

@@ -13,8 +13,9 @@ use tokio::time::Instant;
 
 use crate::config::TalkdeskSettings;
 use crate::consent::{consent_status_of, ConsentAnswer, ConsentStatus, ContactId};
-use crate::error::ProxyError;
+use crate::error::{ErrorChain, Failure, ProxyError};
 use crate::metrics::{self, status_label};
+use crate::upstream::backoff::Backoff;
 use crate::upstream::token::TokenManager;
 use crate::upstream::transport::{Answer, AttemptError, Transport};
 
@@ -203,7 +204,7 @@ impl ConsentApi {
         );
         let mut retries_left = self.max_retries;
         let mut renewed_after_401 = false;
-        let mut backoff = RETRY_BACKOFF_FIRST;
+        let mut backoff = Backoff::new(RETRY_BACKOFF_FIRST, RETRY_BACKOFF_LAST);
         loop {
             let token = self
                 .tokens
@@ -238,34 +239,37 @@ impl ConsentApi {
                     Duration::ZERO
                 }
                 Ok(answer) if is_retryable(answer.status) && retries_left > 0 => {
-                    let delay = retry_after(&answer).unwrap_or_else(|| jittered(backoff));
+                    let backoff_delay = backoff.next_delay();
+                    let delay = retry_after(&answer).unwrap_or(backoff_delay);
                     // Compared as durations: upstream's Retry-After may be any u64, and
                     // `Instant + Duration` panics on overflow.
                     if delay >= deadline.saturating_duration_since(Instant::now()) {
                         return finish(answer);
                     }
                     retries_left -= 1;
-                    backoff = (backoff * 2).min(RETRY_BACKOFF_LAST);
                     delay
                 }
                 Ok(answer) => return finish(answer),
-                Err(AttemptError::Connect(reason)) => {
-                    let delay = jittered(backoff);
+                Err(err @ AttemptError::Connect(_)) => {
+                    let delay = backoff.next_delay();
                     if retries_left == 0 || Instant::now() + delay >= deadline {
-                        return Err(CallError::NotApplied(ProxyError::Upstream(format!(
-                            "consent API unreachable: {reason}"
+                        return Err(CallError::NotApplied(ProxyError::Upstream(Failure::new(
+                            "consent API unreachable",
+                            err,
                         ))));
                     }
-                    tracing::debug!(%reason, "upstream connect failed; retrying");
+                    tracing::debug!(error = %ErrorChain(&err), "upstream connect failed; retrying");
                     retries_left -= 1;
-                    backoff = (backoff * 2).min(RETRY_BACKOFF_LAST);
                     delay
                 }
                 Err(AttemptError::Timeout) => {
                     return Err(CallError::Unknown(ProxyError::UpstreamTimeout));
                 }
                 Err(err @ (AttemptError::TooLarge(_) | AttemptError::Failed(_))) => {
-                    return Err(CallError::Unknown(ProxyError::Upstream(err.to_string())));
+                    return Err(CallError::Unknown(ProxyError::Upstream(Failure::new(
+                        "consent API exchange failed",
+                        err,
+                    ))));
                 }
             };
             // Every delay was checked against the deadline when chosen.
@@ -310,7 +314,7 @@ impl ConsentApi {
 fn finish(answer: Answer) -> Result<ConsentAnswer, CallError> {
     let status = answer.status;
     // Upstream answered, but nothing the proxy can pass on: the call failed.
-    let reject = |why: String| Err(CallError::NotApplied(ProxyError::Upstream(why)));
+    let reject = |why: String| Err(CallError::NotApplied(ProxyError::Upstream(why.into())));
     if status.is_success() || (status.is_client_error() && status != StatusCode::UNAUTHORIZED) {
         let mut headers = answer.headers;
         Ok(ConsentAnswer {
@@ -324,10 +328,9 @@ fn finish(answer: Answer) -> Result<ConsentAnswer, CallError> {
         StatusCode::BAD_GATEWAY | StatusCode::GATEWAY_TIMEOUT
     ) {
         // A gateway in front of Talkdesk gave up: the request may have been applied behind it.
-        Err(CallError::Unknown(ProxyError::Upstream(format!(
-            "upstream gateway answered {}",
-            status.as_u16()
-        ))))
+        Err(CallError::Unknown(ProxyError::Upstream(
+            format!("upstream gateway answered {}", status.as_u16()).into(),
+        )))
     } else if status.is_redirection() {
         reject(format!(
             "upstream answered a redirect ({})",
@@ -376,8 +379,4 @@ fn retry_after(answer: &Answer) -> Option<Duration> {
         .parse()
         .ok()?;
     Some(Duration::from_secs(seconds))
-}
-
-fn jittered(delay: Duration) -> Duration {
-    delay.mul_f64(rand::random_range(0.5..=1.0))
 }

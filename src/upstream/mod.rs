@@ -2,8 +2,10 @@
 //!
 //! - [`client`]: builds consent requests, retries what is safe, renews the token on a 401;
 //! - [`token`]: the one shared OAuth client-credentials token and its background refresher;
+//! - [`backoff`]: exponential back-off with jitter, shared by the refresher and the retries;
 //! - [`transport`]: the pooled outbound HTTP client (one attempt, bounded in time and size).
 
+pub mod backoff;
 pub mod client;
 pub mod token;
 pub mod transport;

@@ -7,24 +7,28 @@
 //! upstream 401s causes exactly one fetch. While the endpoint is failing and no usable token
 //! is held, requests fail fast with `token_unavailable` instead of queueing behind retries.
 
+use std::borrow::Cow;
 use std::fmt;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Weak};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use arc_swap::ArcSwapOption;
 use base64::Engine;
 use bytes::Bytes;
-use http::{header, HeaderValue, Method, Request};
+use http::{header, HeaderValue, Method, Request, StatusCode};
 use http_body_util::Full;
 use prometheus::{Histogram, IntCounter, Registry};
-use tokio::sync::{watch, Notify};
+use serde::Deserialize;
+use tokio::sync::{oneshot, watch, Notify};
+use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
 use crate::config::{ClientAuth, Secret, TalkdeskSettings, TokenSettings};
-use crate::error::ProxyError;
+use crate::error::{Failure, ProxyError};
 use crate::metrics;
-use crate::upstream::transport::Transport;
+use crate::upstream::backoff::Backoff;
+use crate::upstream::transport::{AttemptError, Transport, USER_AGENT};
 
 /// A request never waits longer than this for a token (the contract's "within 1 s").
 pub const MAX_TOKEN_WAIT: Duration = Duration::from_secs(1);
@@ -65,15 +69,48 @@ impl fmt::Debug for AccessToken {
     }
 }
 
+/// Why no token could be had. Never holds the token endpoint's body, which may hold a token.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum TokenFailure {
+    #[error("token endpoint request failed")]
+    Transport(#[source] AttemptError),
+    #[error("token endpoint answered {status}{}", oauth_error_note(.oauth_error))]
+    Refused {
+        status: StatusCode,
+        /// The OAuth `error` code, when it is a short plain word.
+        oauth_error: Option<String>,
+    },
+    #[error("{0}")]
+    Malformed(&'static str),
+    #[error("the token request could not be built: {0}")]
+    BadRequest(&'static str),
+    #[error("the token endpoint did not answer in time")]
+    WaitTimedOut,
+    #[error("the token refresher stopped")]
+    Stopped,
+}
+
+fn oauth_error_note(code: &Option<String>) -> String {
+    code.as_deref()
+        .map(|c| format!(" ({c})"))
+        .unwrap_or_default()
+}
+
+impl From<TokenFailure> for ProxyError {
+    fn from(failure: TokenFailure) -> Self {
+        ProxyError::TokenUnavailable(Failure::new("no access token", failure))
+    }
+}
+
 /// What the refresher is doing, as requests see it.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone)]
 enum Phase {
     /// A fetch is in flight: wait for it.
     Fetching,
     /// The last fetch succeeded; the refresher sleeps until renewal or a wake-up.
     Idle,
     /// The last fetch failed and the refresher is backing off: fail fast.
-    BackingOff { reason: String },
+    BackingOff(TokenFailure),
 }
 
 #[derive(Clone)]
@@ -139,9 +176,19 @@ struct TokenRequest {
 struct Shared {
     current: ArcSwapOption<AccessToken>,
     phase: watch::Sender<Phase>,
-    wake: Notify,
+    /// Wakes the refresher when a request finds no usable token.
+    wake: Arc<Notify>,
     next_id: AtomicU64,
     metrics: TokenMetrics,
+    /// Dropped with the last handle: tells a sleeping refresher to stop at once.
+    _alive: oneshot::Sender<()>,
+}
+
+impl Shared {
+    fn usable_token(&self) -> Option<Arc<AccessToken>> {
+        let token = self.current.load_full()?;
+        token.is_usable(Instant::now()).then_some(token)
+    }
 }
 
 /// The handle requests use. Cheap to clone.
@@ -152,21 +199,25 @@ pub struct TokenManager {
 
 impl TokenManager {
     /// Starts the refresher, which fetches the first token at once. It stops when the
-    /// returned manager and all its clones are dropped, or when `shutdown` fires.
+    /// returned manager and all its clones are dropped, or when `shutdown` fires; the handle
+    /// says when it has.
     pub fn start(
         transport: Transport,
         talkdesk: &TalkdeskSettings,
         settings: &TokenSettings,
         metrics: TokenMetrics,
         shutdown: watch::Receiver<bool>,
-    ) -> Self {
+    ) -> (Self, JoinHandle<()>) {
         let (phase, _) = watch::channel(Phase::Fetching);
+        let (alive, manager_gone) = oneshot::channel();
+        let wake = Arc::new(Notify::new());
         let shared = Arc::new(Shared {
             current: ArcSwapOption::empty(),
             phase,
-            wake: Notify::new(),
+            wake: wake.clone(),
             next_id: AtomicU64::new(1),
             metrics,
+            _alive: alive,
         });
         let request = TokenRequest {
             url: talkdesk.token_url.clone(),
@@ -178,46 +229,38 @@ impl TokenManager {
         };
         let refresher = Refresher {
             shared: Arc::downgrade(&shared),
+            wake,
+            manager_gone,
             transport,
             request,
             refresh_margin: settings.refresh_margin,
         };
-        tokio::spawn(refresher.run(shutdown));
-        TokenManager { shared }
+        let task = tokio::spawn(refresher.run(shutdown));
+        (TokenManager { shared }, task)
     }
 
     /// The current token, waiting (at most `MAX_TOKEN_WAIT`, and not past `deadline`) for
     /// the refresher when none is usable. Fails fast while the token endpoint is failing.
     pub async fn current(&self, deadline: Instant) -> Result<Arc<AccessToken>, ProxyError> {
-        if let Some(token) = self.usable_token() {
+        if let Some(token) = self.shared.usable_token() {
             return Ok(token);
         }
         let wait_until = deadline.min(Instant::now() + MAX_TOKEN_WAIT);
         let mut phase = self.shared.phase.subscribe();
         loop {
-            if let Some(token) = self.usable_token() {
+            if let Some(token) = self.shared.usable_token() {
                 return Ok(token);
             }
             match &*phase.borrow_and_update() {
-                Phase::BackingOff { reason } => {
-                    return Err(ProxyError::TokenUnavailable(reason.clone()));
-                }
+                Phase::BackingOff(failure) => return Err(failure.clone().into()),
                 // Idle with no usable token: dropped after a 401 or expired unrenewed.
                 Phase::Idle => self.shared.wake.notify_one(),
                 Phase::Fetching => {}
             }
             match tokio::time::timeout_at(wait_until, phase.changed()).await {
                 Ok(Ok(())) => {}
-                Ok(Err(_)) => {
-                    return Err(ProxyError::TokenUnavailable(
-                        "token refresher stopped".into(),
-                    ))
-                }
-                Err(_) => {
-                    return Err(ProxyError::TokenUnavailable(
-                        "the token endpoint did not answer in time".into(),
-                    ))
-                }
+                Ok(Err(_)) => return Err(TokenFailure::Stopped.into()),
+                Err(_) => return Err(TokenFailure::WaitTimedOut.into()),
             }
         }
     }
@@ -244,33 +287,31 @@ impl TokenManager {
 
     /// Ready when a usable token is held; otherwise the reason.
     pub fn readiness(&self) -> Result<(), String> {
-        if self.usable_token().is_some() {
+        if self.shared.usable_token().is_some() {
             return Ok(());
         }
         Err(match &*self.shared.phase.borrow() {
-            Phase::BackingOff { reason } => format!("no valid token: {reason}"),
+            Phase::BackingOff(failure) => format!("no valid token: {failure}"),
             Phase::Fetching => "no valid token yet: fetching".to_owned(),
             Phase::Idle => "no valid token: renewal pending".to_owned(),
         })
     }
-
-    fn usable_token(&self) -> Option<Arc<AccessToken>> {
-        let token = self.shared.current.load_full()?;
-        token.is_usable(Instant::now()).then_some(token)
-    }
 }
 
-/// The background task that owns all talk with the token endpoint.
+/// The background task that owns all talk with the token endpoint. It holds the manager's
+/// state only weakly (and only while it works), so dropping the last handle stops it.
 struct Refresher {
-    shared: std::sync::Weak<Shared>,
+    shared: Weak<Shared>,
+    wake: Arc<Notify>,
+    manager_gone: oneshot::Receiver<()>,
     transport: Transport,
     request: TokenRequest,
     refresh_margin: Duration,
 }
 
 impl Refresher {
-    async fn run(self, mut shutdown: watch::Receiver<bool>) {
-        let mut backoff = BACKOFF_FIRST;
+    async fn run(mut self, mut shutdown: watch::Receiver<bool>) {
+        let mut backoff = Backoff::new(BACKOFF_FIRST, BACKOFF_LAST);
         loop {
             let Some(shared) = self.shared.upgrade() else {
                 return;
@@ -282,7 +323,7 @@ impl Refresher {
                 .metrics
                 .fetch_duration
                 .observe(started.elapsed().as_secs_f64());
-            let sleep_until = match result {
+            let (sleep_until, backing_off) = match result {
                 Ok((token, expires_in)) => {
                     shared.metrics.fetch_succeeded.inc();
                     tracing::debug!(
@@ -299,41 +340,48 @@ impl Refresher {
                         .expiry
                         .set(unix_now() + expires_in.as_secs_f64());
                     shared.phase.send_replace(Phase::Idle);
-                    backoff = BACKOFF_FIRST;
-                    refresh_at
+                    backoff.reset();
+                    (refresh_at, false)
                 }
-                Err(reason) => {
+                Err(failure) => {
                     shared.metrics.fetch_failed.inc();
-                    tracing::warn!(reason = %reason, retry_in_ms = backoff.as_millis() as u64, "token fetch failed");
-                    shared.phase.send_replace(Phase::BackingOff { reason });
-                    let delay = with_jitter(backoff);
-                    backoff = (backoff * 2).min(BACKOFF_LAST);
-                    Instant::now() + delay
+                    let delay = backoff.next_delay();
+                    tracing::warn!(
+                        error = %crate::error::ErrorChain(&failure),
+                        retry_in_ms = delay.as_millis() as u64,
+                        "token fetch failed"
+                    );
+                    shared.phase.send_replace(Phase::BackingOff(failure));
+                    (Instant::now() + delay, true)
                 }
             };
             drop(shared);
-            if !self.sleep(sleep_until, &mut shutdown).await {
+            if !self.sleep(sleep_until, backing_off, &mut shutdown).await {
                 return;
             }
         }
     }
 
-    /// Sleeps until `until`, or until woken while no usable token is held.
-    /// Returns false when the proxy is shutting down or the manager is gone.
-    async fn sleep(&self, until: Instant, shutdown: &mut watch::Receiver<bool>) -> bool {
+    /// Sleeps until `until`, or until woken while no usable token is held (not while backing
+    /// off: requests fail fast then). Returns false when the proxy is shutting down or the
+    /// manager is gone.
+    async fn sleep(
+        &mut self,
+        until: Instant,
+        backing_off: bool,
+        shutdown: &mut watch::Receiver<bool>,
+    ) -> bool {
         loop {
-            let Some(shared) = self.shared.upgrade() else {
-                return false;
-            };
-            let backing_off = matches!(*shared.phase.borrow(), Phase::BackingOff { .. });
             tokio::select! {
                 _ = tokio::time::sleep_until(until) => return true,
-                _ = shared.wake.notified(), if !backing_off => {
-                    let usable = shared.current.load().as_ref().is_some_and(|t| t.is_usable(Instant::now()));
-                    if !usable {
-                        return true;
+                _ = self.wake.notified(), if !backing_off => {
+                    match self.shared.upgrade() {
+                        Some(shared) if shared.usable_token().is_some() => {}
+                        Some(_) => return true,
+                        None => return false,
                     }
                 }
+                _ = &mut self.manager_gone => return false,
                 _ = shutdown.changed() => return false,
             }
         }
@@ -343,21 +391,18 @@ impl Refresher {
         &self,
         started: Instant,
         shared: &Shared,
-    ) -> Result<(AccessToken, Duration), String> {
+    ) -> Result<(AccessToken, Duration), TokenFailure> {
         let request = self.build_request()?;
         let answer = self
             .transport
             .attempt(request, self.request.timeout, MAX_TOKEN_RESPONSE_BYTES)
             .await
-            .map_err(|err| format!("token endpoint: {err}"))?;
+            .map_err(TokenFailure::Transport)?;
         if !answer.status.is_success() {
-            return Err(format!(
-                "token endpoint answered {}{}",
-                answer.status.as_u16(),
-                oauth_error_code(&answer.body)
-                    .map(|c| format!(" ({c})"))
-                    .unwrap_or_default()
-            ));
+            return Err(TokenFailure::Refused {
+                status: answer.status,
+                oauth_error: oauth_error_code(&answer.body),
+            });
         }
         let parsed = parse_token_response(&answer.body)?;
         let lifetime = parsed.expires_in;
@@ -372,18 +417,17 @@ impl Refresher {
         Ok((token, lifetime))
     }
 
-    fn build_request(&self) -> Result<Request<Full<Bytes>>, String> {
+    fn build_request(&self) -> Result<Request<Full<Bytes>>, TokenFailure> {
         let r = &self.request;
-        let mut form = format!(
-            "grant_type=client_credentials&scope={}",
-            form_encode(&r.scopes)
-        );
+        let mut form = form_urlencoded::Serializer::new(String::new());
+        form.append_pair("grant_type", "client_credentials")
+            .append_pair("scope", &r.scopes);
         let mut builder = Request::builder()
             .method(Method::POST)
             .uri(&r.url)
             .header(header::CONTENT_TYPE, "application/x-www-form-urlencoded")
             .header(header::ACCEPT, "application/json")
-            .header(header::USER_AGENT, crate::upstream::transport::USER_AGENT);
+            .header(header::USER_AGENT, USER_AGENT);
         match r.client_auth {
             ClientAuth::Basic => {
                 // RFC 6749 §2.3.1: both parts form-encoded before base64.
@@ -394,20 +438,18 @@ impl Refresher {
                 );
                 let encoded = base64::engine::general_purpose::STANDARD.encode(pair);
                 let mut value = HeaderValue::from_str(&format!("Basic {encoded}"))
-                    .map_err(|_| "client credentials are not a valid header".to_owned())?;
+                    .map_err(|_| TokenFailure::BadRequest("client credentials"))?;
                 value.set_sensitive(true);
                 builder = builder.header(header::AUTHORIZATION, value);
             }
             ClientAuth::Post => {
-                form.push_str("&client_id=");
-                form.push_str(&form_encode(&r.client_id));
-                form.push_str("&client_secret=");
-                form.push_str(&form_encode(r.client_secret.expose()));
+                form.append_pair("client_id", &r.client_id)
+                    .append_pair("client_secret", r.client_secret.expose());
             }
         }
         builder
-            .body(Full::new(Bytes::from(form)))
-            .map_err(|_| "token_url is not a valid request target".to_owned())
+            .body(Full::new(Bytes::from(form.finish())))
+            .map_err(|_| TokenFailure::BadRequest("token_url is not a valid request target"))
     }
 }
 
@@ -417,38 +459,84 @@ pub struct ParsedToken {
     pub expires_in: Duration,
 }
 
-/// Validates a token endpoint's JSON answer. Error messages never contain the body, which
-/// may hold a token.
-pub fn parse_token_response(body: &[u8]) -> Result<ParsedToken, String> {
-    let value: serde_json::Value =
-        serde_json::from_slice(body).map_err(|_| "token response is not JSON".to_owned())?;
-    let access_token = value
-        .get("access_token")
-        .and_then(|v| v.as_str())
-        .filter(|t| !t.is_empty())
-        .ok_or("token response has no access_token")?;
-    // Visible ASCII only (RFC 6750's b64token is a subset): `HeaderValue` would also take
-    // spaces, tabs and non-ASCII bytes, which upstream would trim, split or refuse.
-    if !access_token.bytes().all(|b| b.is_ascii_graphic()) {
-        return Err("access_token has characters not allowed in a header".into());
-    }
-    if let Some(token_type) = value.get("token_type") {
-        if !token_type
-            .as_str()
-            .is_some_and(|t| t.eq_ignore_ascii_case("bearer"))
-        {
-            return Err("token response's token_type is not Bearer".into());
+/// A token endpoint's answer as RFC 6749 §5.1 describes it; other members are ignored.
+#[derive(Deserialize)]
+struct TokenResponse<'a> {
+    #[serde(borrow)]
+    access_token: Option<Cow<'a, str>>,
+    /// `Some(None)` is an explicit `null`, which is refused like any other non-Bearer type.
+    #[serde(borrow, default, deserialize_with = "present")]
+    token_type: Option<Option<Cow<'a, str>>>,
+    expires_in: Option<Lifetime<'a>>,
+}
+
+/// Deserializes a member that is present (even as `null`) as `Some`.
+fn present<'de, D, T>(deserializer: D) -> Result<Option<T>, D::Error>
+where
+    D: serde::Deserializer<'de>,
+    T: Deserialize<'de>,
+{
+    T::deserialize(deserializer).map(Some)
+}
+
+/// `expires_in` as a number, or as a numeric string (some servers send one).
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum Lifetime<'a> {
+    Seconds(f64),
+    #[serde(borrow)]
+    Text(Cow<'a, str>),
+}
+
+impl Lifetime<'_> {
+    fn seconds(&self) -> Option<f64> {
+        match self {
+            Lifetime::Seconds(s) => Some(*s),
+            Lifetime::Text(s) => s.trim().parse().ok(),
         }
     }
-    let expires_in = match value.get("expires_in") {
-        Some(serde_json::Value::Number(n)) => n.as_f64(),
-        Some(serde_json::Value::String(s)) => s.parse::<f64>().ok(),
-        _ => None,
+}
+
+/// Validates a token endpoint's JSON answer. Errors never contain the body (which may hold
+/// a token): serde's own messages can echo values, so they are replaced by fixed ones.
+pub fn parse_token_response(body: &[u8]) -> Result<ParsedToken, TokenFailure> {
+    let response: TokenResponse<'_> = serde_json::from_slice(body).map_err(|e| {
+        TokenFailure::Malformed(if e.is_data() {
+            "token response is not a token answer"
+        } else {
+            "token response is not JSON"
+        })
+    })?;
+    let access_token =
+        response
+            .access_token
+            .filter(|t| !t.is_empty())
+            .ok_or(TokenFailure::Malformed(
+                "token response has no access_token",
+            ))?;
+    // Visible ASCII only (RFC 6750's b64token is a subset): `HeaderValue` would also take
+    // spaces, tabs and non-ASCII bytes, which upstream would trim, split or refuse.
+    let not_a_header =
+        TokenFailure::Malformed("access_token has characters not allowed in a header");
+    if !access_token.bytes().all(|b| b.is_ascii_graphic()) {
+        return Err(not_a_header);
     }
-    .filter(|s| s.is_finite() && *s >= 1.0)
-    .ok_or("token response has no positive expires_in")?;
-    let mut authorization = HeaderValue::from_str(&format!("Bearer {access_token}"))
-        .map_err(|_| "access_token has characters not allowed in a header".to_owned())?;
+    let bearer =
+        |t: &Option<Cow<'_, str>>| t.as_ref().is_some_and(|t| t.eq_ignore_ascii_case("bearer"));
+    if response.token_type.is_some_and(|t| !bearer(&t)) {
+        return Err(TokenFailure::Malformed(
+            "token response's token_type is not Bearer",
+        ));
+    }
+    let expires_in = response
+        .expires_in
+        .and_then(|l| l.seconds())
+        .filter(|s| s.is_finite() && *s >= 1.0)
+        .ok_or(TokenFailure::Malformed(
+            "token response has no positive expires_in",
+        ))?;
+    let mut authorization =
+        HeaderValue::from_str(&format!("Bearer {access_token}")).map_err(|_| not_a_header)?;
     authorization.set_sensitive(true);
     Ok(ParsedToken {
         authorization,
@@ -466,24 +554,10 @@ fn oauth_error_code(body: &[u8]) -> Option<String> {
         .then(|| code.to_owned())
 }
 
-/// `application/x-www-form-urlencoded` encoding of one value.
+/// `application/x-www-form-urlencoded` encoding of one value (RFC 6749 §2.3.1 wants it for
+/// the id and secret inside a Basic header too).
 pub fn form_encode(value: &str) -> String {
-    let mut out = String::with_capacity(value.len());
-    for byte in value.bytes() {
-        match byte {
-            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'.' | b'_' | b'*' => {
-                out.push(byte as char)
-            }
-            b' ' => out.push('+'),
-            _ => out.push_str(&format!("%{byte:02X}")),
-        }
-    }
-    out
-}
-
-fn with_jitter(delay: Duration) -> Duration {
-    // Between half and all of the delay, so many proxies do not retry in step.
-    delay.mul_f64(rand::random_range(0.5..=1.0))
+    form_urlencoded::byte_serialize(value.as_bytes()).collect()
 }
 
 fn unix_now() -> f64 {
@@ -516,7 +590,7 @@ mod tests {
             br#"{"access_token":"secret-xyz","expires_in":600,"token_type":"mac"}"#,
             br#"{"access_token":"bad\nvalue","expires_in":600}"#,
         ] {
-            let err = parse_token_response(body).err().unwrap();
+            let err = parse_token_response(body).err().unwrap().to_string();
             assert!(!err.contains("secret-xyz"), "{err}");
         }
     }

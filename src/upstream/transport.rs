@@ -1,6 +1,7 @@
 //! The pooled outbound HTTP client (hyper-util + rustls) shared by the token manager and
 //! the consent-API client: one attempt, bounded in time and in response size.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -10,6 +11,8 @@ use hyper_rustls::HttpsConnector;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
+
+use crate::error::SharedError;
 
 /// Sent upstream as `User-Agent` (consent API and token endpoint).
 pub const USER_AGENT: &str = concat!("consent-proxy/", env!("CARGO_PKG_VERSION"));
@@ -29,8 +32,8 @@ pub struct Answer {
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum AttemptError {
     /// No connection could be made: nothing was sent, so retrying is always safe.
-    #[error("connect failed: {0}")]
-    Connect(String),
+    #[error("connect failed")]
+    Connect(#[source] SharedError),
     /// The attempt's time ran out; whether the request was processed is unknown.
     #[error("timed out")]
     Timeout,
@@ -38,8 +41,8 @@ pub enum AttemptError {
     #[error("response larger than {0} bytes")]
     TooLarge(usize),
     /// The exchange broke after the request may have been sent (reset, protocol error).
-    #[error("exchange failed: {0}")]
-    Failed(String),
+    #[error("exchange failed")]
+    Failed(#[source] SharedError),
 }
 
 #[derive(Clone)]
@@ -83,9 +86,9 @@ impl Transport {
         let exchange = async {
             let response = self.client.request(request).await.map_err(|err| {
                 if err.is_connect() {
-                    AttemptError::Connect(error_chain(&err))
+                    AttemptError::Connect(Arc::new(err))
                 } else {
-                    AttemptError::Failed(error_chain(&err))
+                    AttemptError::Failed(Arc::new(err))
                 }
             })?;
             let (parts, body) = response.into_parts();
@@ -99,7 +102,7 @@ impl Transport {
                     {
                         AttemptError::TooLarge(max_bytes)
                     } else {
-                        AttemptError::Failed(err.to_string())
+                        AttemptError::Failed(SharedError::from(err))
                     }
                 })?
                 .to_bytes();
@@ -113,16 +116,4 @@ impl Transport {
             .await
             .unwrap_or(Err(AttemptError::Timeout))
     }
-}
-
-/// An error and its sources on one line (hyper's top-level messages are terse).
-fn error_chain(err: &dyn std::error::Error) -> String {
-    let mut message = err.to_string();
-    let mut source = err.source();
-    while let Some(cause) = source {
-        message.push_str(": ");
-        message.push_str(&cause.to_string());
-        source = cause.source();
-    }
-    message
 }

@@ -1,0 +1,112 @@
+//! Request coalescing as types (after pingora-cache's cache lock): a lookup that misses
+//! either joins the fill in flight for its key ([`FillWaiter`]) or leads a new one
+//! ([`FillLead`]). The lead is a permit: whoever holds it must finish the fill, and if it is
+//! dropped unfinished (its task panicked or was cancelled) its `Drop` unregisters the fill so
+//! the next request starts afresh, and everyone waiting on it gets an error at once.
+
+use std::future::Future;
+use std::sync::Arc;
+
+use tokio::sync::watch;
+use tokio::time::Instant;
+
+use super::ConsentCache;
+use crate::consent::ConsentAnswer;
+use crate::error::ProxyError;
+
+/// What a fill ends with, shared with every request waiting on it.
+pub type FillResult = Result<ConsentAnswer, ProxyError>;
+
+/// One upstream read in flight for a key. Its identity (the `Arc`) is the key's generation:
+/// a fill stores its answer only if it is still the key's registered fill when it ends.
+pub(super) struct Fill {
+    result: watch::Receiver<Option<FillResult>>,
+}
+
+impl Fill {
+    pub(super) fn waiter(&self) -> FillWaiter {
+        FillWaiter {
+            result: self.result.clone(),
+        }
+    }
+}
+
+/// A request waiting on a fill it did not start (`COALESCED`), or on its own (`MISS`).
+pub struct FillWaiter {
+    result: watch::Receiver<Option<FillResult>>,
+}
+
+impl FillWaiter {
+    /// The fill's result, or `upstream_timeout` when `deadline` comes first.
+    pub async fn wait(mut self, deadline: Instant) -> FillResult {
+        let outcome =
+            tokio::time::timeout_at(deadline, self.result.wait_for(Option::is_some)).await;
+        match outcome {
+            Ok(Ok(done)) => match &*done {
+                Some(result) => result.clone(),
+                None => Err(abandoned()),
+            },
+            Ok(Err(_)) => Err(abandoned()),
+            Err(_) => Err(ProxyError::UpstreamTimeout),
+        }
+    }
+}
+
+fn abandoned() -> ProxyError {
+    ProxyError::Internal("the fill ended without a result (its task failed)".into())
+}
+
+/// The permit to run a key's fill. See the module comment.
+pub struct FillLead {
+    cache: ConsentCache,
+    key: Arc<str>,
+    fill: Arc<Fill>,
+    sender: watch::Sender<Option<FillResult>>,
+    finished: bool,
+}
+
+impl FillLead {
+    /// Registers a new fill for `key`; the caller holds the key's shard lock.
+    pub(super) fn new(cache: ConsentCache, key: Arc<str>) -> (Self, Arc<Fill>) {
+        let (sender, result) = watch::channel(None);
+        let fill = Arc::new(Fill { result });
+        let lead = FillLead {
+            cache,
+            key,
+            fill: fill.clone(),
+            sender,
+            finished: false,
+        };
+        (lead, fill)
+    }
+
+    /// Runs `fetch` in its own task (so that a caller hanging up cannot abandon the fill
+    /// others wait on), stores its answer if the fill is still current, and hands the result
+    /// to every waiter. Returns the lead's own waiter.
+    pub fn spawn<Fut>(self, fetch: Fut) -> FillWaiter
+    where
+        Fut: Future<Output = FillResult> + Send + 'static,
+    {
+        let waiter = self.fill.waiter();
+        tokio::spawn(async move {
+            let result = fetch.await;
+            self.finish(result);
+        });
+        waiter
+    }
+
+    fn finish(mut self, result: FillResult) {
+        self.cache
+            .complete_fill(&self.key, &self.fill, result.as_ref().ok());
+        self.finished = true;
+        self.sender.send_replace(Some(result));
+    }
+}
+
+impl Drop for FillLead {
+    fn drop(&mut self) {
+        if !self.finished {
+            self.cache.complete_fill(&self.key, &self.fill, None);
+        }
+    }
+}

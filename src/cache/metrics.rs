@@ -1,0 +1,106 @@
+//! The cache's metrics, every series resolved once at registration so that neither a hit nor
+//! an invalidation looks up a label.
+
+use prometheus::{IntCounter, IntGauge, Registry};
+
+use crate::metrics;
+
+/// How a GET was answered, as sent in `x-cache-status`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CacheStatus {
+    Hit,
+    Miss,
+    Coalesced,
+    Bypass,
+}
+
+impl CacheStatus {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            CacheStatus::Hit => "HIT",
+            CacheStatus::Miss => "MISS",
+            CacheStatus::Coalesced => "COALESCED",
+            CacheStatus::Bypass => "BYPASS",
+        }
+    }
+}
+
+/// Why a cached answer was replaced or dropped.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Invalidation {
+    /// A PUT through this proxy replaced it.
+    Write,
+    /// `DELETE /admin/cache/{id}`.
+    Purge,
+    /// A PUT whose result is unknown (timeout, broken exchange) dropped it.
+    UnknownOutcome,
+    /// Overlapping PUTs to one contact dropped it (upstream's order is unknown).
+    ConcurrentWrites,
+}
+
+#[derive(Clone)]
+pub struct CacheMetrics {
+    hit: IntCounter,
+    miss: IntCounter,
+    coalesced: IntCounter,
+    bypass: IntCounter,
+    pub(super) entries: IntGauge,
+    write: IntCounter,
+    purge: IntCounter,
+    unknown_outcome: IntCounter,
+    concurrent_writes: IntCounter,
+}
+
+impl CacheMetrics {
+    pub fn register(registry: &Registry) -> Self {
+        let lookups = metrics::counter_vec(
+            registry,
+            "consent_proxy_cache_lookups_total",
+            "Consent GETs by how the cache answered them.",
+            &["result"],
+        );
+        let invalidations = metrics::counter_vec(
+            registry,
+            "consent_proxy_cache_invalidations_total",
+            "Cached answers replaced or dropped, by reason: write (a PUT replaced it), \
+             purge (admin), unknown_outcome (a PUT's result is unknown), \
+             concurrent_writes (overlapping PUTs to one contact).",
+            &["reason"],
+        );
+        CacheMetrics {
+            hit: lookups.with_label_values(&["hit"]),
+            miss: lookups.with_label_values(&["miss"]),
+            coalesced: lookups.with_label_values(&["coalesced"]),
+            bypass: lookups.with_label_values(&["bypass"]),
+            entries: metrics::gauge(
+                registry,
+                "consent_proxy_cache_entries",
+                "Consent answers held in the cache.",
+            ),
+            write: invalidations.with_label_values(&["write"]),
+            purge: invalidations.with_label_values(&["purge"]),
+            unknown_outcome: invalidations.with_label_values(&["unknown_outcome"]),
+            concurrent_writes: invalidations.with_label_values(&["concurrent_writes"]),
+        }
+    }
+
+    pub(super) fn lookup(&self, status: CacheStatus) {
+        match status {
+            CacheStatus::Hit => &self.hit,
+            CacheStatus::Miss => &self.miss,
+            CacheStatus::Coalesced => &self.coalesced,
+            CacheStatus::Bypass => &self.bypass,
+        }
+        .inc();
+    }
+
+    pub(super) fn invalidated(&self, reason: Invalidation) {
+        match reason {
+            Invalidation::Write => &self.write,
+            Invalidation::Purge => &self.purge,
+            Invalidation::UnknownOutcome => &self.unknown_outcome,
+            Invalidation::ConcurrentWrites => &self.concurrent_writes,
+        }
+        .inc();
+    }
+}
