@@ -14,7 +14,7 @@ use crate::auth::{Authenticator, Caller, Permission};
 use crate::cache::CacheStatus;
 use crate::consent::ConsentAnswer;
 use crate::consent::{parse_consent_body, ContactId};
-use crate::error::{FieldProblem, ProxyError};
+use crate::error::{ErrorChain, FieldProblem, ProxyError};
 use crate::http::body::{self, Body, ReadBodyError};
 use crate::metrics::status_label;
 use crate::metrics::HttpMetrics;
@@ -302,7 +302,7 @@ impl ConsentRoutes {
                 error = outcome
                     .error
                     .as_ref()
-                    .map(|e| e.to_string())
+                    .map(|e| ErrorChain(e).to_string())
                     .as_deref()
                     .unwrap_or("-"),
                 duration_us = elapsed.as_micros() as u64,
@@ -352,16 +352,14 @@ fn request_id_of(headers: &HeaderMap) -> HeaderValue {
         .unwrap_or_else(new_request_id)
 }
 
-/// A new request id: 128 random bits as 32 lower-case hex digits, written without the
-/// formatting machinery (one allocation, the header value's own).
+/// A new request id: 128 random bits as 32 lower-case hex digits, encoded on the stack
+/// (one allocation, the header value's own).
 pub fn new_request_id() -> HeaderValue {
-    const HEX: &[u8; 16] = b"0123456789abcdef";
-    let id: u128 = rand::random();
+    let id: [u8; 16] = rand::random();
     let mut digits = [0u8; 32];
-    for (i, digit) in digits.iter_mut().enumerate() {
-        *digit = HEX[((id >> (124 - 4 * i)) & 0xf) as usize];
-    }
-    // 32 hex digits are always a valid header value.
+    // Both lengths are fixed (16 bytes, 32 digits), so encoding cannot fail, and 32 hex
+    // digits are always a valid header value.
+    let _ = hex::encode_to_slice(id, &mut digits);
     HeaderValue::from_bytes(&digits).unwrap_or(HeaderValue::from_static("-"))
 }
 
