@@ -11,9 +11,10 @@ use std::collections::BTreeSet;
 use base64::Engine as _;
 use consent_proxy::auth::{Authenticator, Permission};
 use consent_proxy::config::{sha256, ClientSettings, Permissions};
-use consent_proxy::consent::{parse_consent_body, ConsentStatus, ContactId, MAX_CONTACT_ID_LEN};
+use consent_proxy::consent::{
+    consent_path_segment, parse_consent_body, ConsentStatus, ContactId, MAX_CONTACT_ID_LEN,
+};
 use consent_proxy::error::ProxyError;
-use consent_proxy::http::routes::consent_path_segment;
 use consent_proxy::upstream::token::{form_encode, parse_token_response};
 use http::{HeaderMap, HeaderValue};
 use proptest::prelude::*;

@@ -1,13 +1,15 @@
 //! The consent domain, shared by the proxy and the simulator: the four statuses, the
-//! `contact_id` rule, the write body, and the answer passed back to callers.
+//! `contact_id` rule, the resource path, the write body, and the answer passed back to callers.
 //!
 //! Everything here is pure: parsing and formatting of what the network carries, so both
 //! sides agree on what a valid contact and a valid body are.
 
 mod answer;
 mod contact;
+mod path;
 mod status;
 
 pub use answer::ConsentAnswer;
 pub use contact::{mask_contact_id, ContactId, MAX_CONTACT_ID_LEN};
+pub use path::consent_path_segment;
 pub use status::{consent_status_of, parse_consent_body, BodyError, ConsentStatus};

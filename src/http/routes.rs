@@ -13,7 +13,7 @@ use tokio::time::Instant;
 use crate::auth::{Authenticator, Caller, Permission};
 use crate::cache::CacheStatus;
 use crate::consent::ConsentAnswer;
-use crate::consent::{parse_consent_body, ContactId};
+use crate::consent::{consent_path_segment, parse_consent_body, ContactId};
 use crate::error::{ErrorChain, FieldProblem, ProxyError};
 use crate::http::body::{self, Body, ReadBodyError};
 use crate::metrics::status_label;
@@ -21,8 +21,6 @@ use crate::metrics::HttpMetrics;
 use crate::service::ConsentService;
 use crate::upstream::client::LastAttempt;
 
-const ROUTE_PREFIX: &str = "/voicebiometrics/contacts/";
-const ROUTE_SUFFIX: &str = "/consent";
 const ALLOWED_METHODS: &str = "GET, PUT";
 /// The longest caller-supplied `x-request-id` passed on; longer ones are replaced.
 const MAX_REQUEST_ID_LEN: usize = 128;
@@ -330,14 +328,6 @@ fn answer_response(answer: ConsentAnswer) -> Response<Body> {
     response
 }
 
-/// The raw `{contact_id}` segment when `path` is exactly a consent route.
-pub fn consent_path_segment(path: &str) -> Option<&str> {
-    let segment = path
-        .strip_prefix(ROUTE_PREFIX)?
-        .strip_suffix(ROUTE_SUFFIX)?;
-    (!segment.is_empty() && !segment.contains('/')).then_some(segment)
-}
-
 /// The caller's `x-request-id` when it is short printable ASCII, else a new random one.
 fn request_id_of(headers: &HeaderMap) -> HeaderValue {
     headers
@@ -406,24 +396,6 @@ fn check_json_content_type(headers: &HeaderMap) -> Result<(), ProxyError> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn paths_match_exactly() {
-        assert_eq!(
-            consent_path_segment("/voicebiometrics/contacts/%2B1555/consent"),
-            Some("%2B1555")
-        );
-        for path in [
-            "/voicebiometrics/contacts//consent",
-            "/voicebiometrics/contacts/a/b/consent",
-            "/voicebiometrics/contacts/a/consent/",
-            "//voicebiometrics/contacts/a/consent",
-            "/voicebiometrics/contacts/a/enrollment",
-            "/",
-        ] {
-            assert_eq!(consent_path_segment(path), None, "{path}");
-        }
-    }
 
     #[test]
     fn request_ids_are_kept_or_made() {
