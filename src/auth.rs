@@ -4,12 +4,12 @@
 //! Keys are kept only as SHA-256 digests and compared in constant time against every client,
 //! so neither timing nor a memory dump reveals a key.
 
-use base64::Engine;
 use http::{header, HeaderMap};
 use subtle::ConstantTimeEq;
 
 use crate::config::{sha256, ClientSettings, Permissions};
 use crate::error::ProxyError;
+use crate::http::credentials::{Authorization, BasicCredentials};
 
 /// The metric label for a caller not (yet) authenticated.
 pub const ANONYMOUS: &str = "anonymous";
@@ -136,26 +136,18 @@ fn presented_key(headers: &HeaderMap) -> Result<Option<Presented<'_>>, ProxyErro
     let Some(value) = headers.get(header::AUTHORIZATION) else {
         return Ok(None);
     };
-    let value = value.to_str().map_err(|_| ProxyError::Unauthorized)?;
-    let (scheme, credentials) = value
-        .trim()
-        .split_once(' ')
-        .ok_or(ProxyError::Unauthorized)?;
-    let credentials = credentials.trim();
-    if scheme.eq_ignore_ascii_case("bearer") {
+    let authorization = Authorization::parse(value).ok_or(ProxyError::Unauthorized)?;
+    if authorization.is("Bearer") {
         Ok(Some(Presented {
             claimed_name: None,
-            key: credentials.into(),
+            key: authorization.credentials.into(),
         }))
-    } else if scheme.eq_ignore_ascii_case("basic") {
-        let decoded = base64::engine::general_purpose::STANDARD
-            .decode(credentials)
-            .map_err(|_| ProxyError::Unauthorized)?;
-        let decoded = String::from_utf8(decoded).map_err(|_| ProxyError::Unauthorized)?;
-        let (name, key) = decoded.split_once(':').ok_or(ProxyError::Unauthorized)?;
+    } else if authorization.is("Basic") {
+        let basic =
+            BasicCredentials::decode(authorization.credentials).ok_or(ProxyError::Unauthorized)?;
         Ok(Some(Presented {
-            claimed_name: Some(name.to_owned()),
-            key: key.to_owned().into(),
+            claimed_name: Some(basic.user_id),
+            key: basic.password.into(),
         }))
     } else {
         Err(ProxyError::Unauthorized)
@@ -165,6 +157,7 @@ fn presented_key(headers: &HeaderMap) -> Result<Option<Presented<'_>>, ProxyErro
 #[cfg(test)]
 mod tests {
     use super::*;
+    use base64::Engine as _;
     use http::HeaderValue;
 
     fn authenticator(required: bool) -> Authenticator {

@@ -3,9 +3,11 @@
 //! - [`server`]: accept loop, connection limits, TLS termination, graceful shutdown;
 //! - [`routes`]: the consent listener (the two consent routes);
 //! - [`admin`]: the admin listener (metrics, health, readiness, cache purge);
-//! - [`body`]: the buffered body type and small answer helpers they share.
+//! - [`body`]: the buffered body type and small answer helpers they share;
+//! - [`credentials`]: `Authorization` schemes, Basic credentials and OAuth form bodies.
 
 pub mod admin;
 pub mod body;
+pub mod credentials;
 pub mod routes;
 pub mod server;
