@@ -1,6 +1,7 @@
 //! Wiring: builds every component from the validated settings, binds both listeners and
 //! returns a handle to stop them. Tests start whole proxies on port 0 through this.
 
+use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -122,8 +123,8 @@ impl App {
             max_header_bytes: settings.server.max_header_bytes,
             header_read_timeout: settings.server.header_read_timeout,
             max_connections: settings.server.max_connections,
-            shutdown_grace: settings.server.shutdown_grace,
         };
+        let grace = settings.server.shutdown_grace;
         let admin_limits = ListenerLimits {
             max_connections: 64,
             ..limits.clone()
@@ -141,9 +142,9 @@ impl App {
                     limits,
                     move |request| {
                         let routes = consent_routes.clone();
-                        async move { routes.handle(request).await }
+                        async move { Ok::<_, Infallible>(routes.handle(request).await) }
                     },
-                    shutdown_rx,
+                    server::when_shut_down(shutdown_rx, grace),
                 )
                 .await;
                 serving.store(false, Ordering::Release);
@@ -155,9 +156,9 @@ impl App {
             admin_limits,
             move |request| {
                 let admin = admin.clone();
-                async move { admin.handle(request).await }
+                async move { Ok::<_, Infallible>(admin.handle(request).await) }
             },
-            shutdown_rx,
+            server::when_shut_down(shutdown_rx, grace),
         ));
         tracing::info!(%listen_addr, %admin_addr, "consent-proxy listening");
         Ok(AppHandle {

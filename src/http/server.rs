@@ -2,10 +2,9 @@
 //! termination, HTTP/1.1 + h2 via hyper-util's auto builder, and graceful shutdown.
 //!
 //! The loop follows hyper-util's `server_graceful` example: each connection is watched by a
-//! `GracefulShutdown`; on shutdown the listener closes at once and in-flight requests get
-//! `shutdown_grace` to finish.
+//! `GracefulShutdown`; on shutdown the listener closes at once, in-flight requests get the
+//! grace period to finish, and connections still open after it are cut off.
 
-use std::convert::Infallible;
 use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
@@ -15,10 +14,11 @@ use std::time::Duration;
 
 use http::{Request, Response};
 use hyper::body::Incoming;
+use hyper::rt::{Read, Write};
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
-use hyper_util::server::graceful::GracefulShutdown;
+use hyper_util::server::graceful::{GracefulShutdown, Watcher};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{watch, Semaphore};
 use tokio_rustls::TlsAcceptor;
@@ -35,31 +35,35 @@ pub struct ListenerLimits {
     pub max_header_bytes: usize,
     pub header_read_timeout: Duration,
     pub max_connections: usize,
-    pub shutdown_grace: Duration,
 }
 
-/// Serves `listener` until `shutdown` turns true, then drains within the grace period.
-pub async fn serve<H, F>(
+/// Serves `listener` until `shutdown` resolves to a grace period, then drains within it.
+///
+/// A handler's `Err` makes hyper drop the connection unanswered (HTTP/2: reset the stream),
+/// which only the simulator's `close` fault wants; the proxy's handlers never fail.
+pub async fn serve<H, F, E>(
     listener: TcpListener,
     tls: Option<TlsAcceptor>,
     limits: ListenerLimits,
     handler: H,
-    mut shutdown: watch::Receiver<bool>,
+    shutdown: impl Future<Output = Duration>,
 ) where
     H: Fn(Request<Incoming>) -> F + Clone + Send + Sync + 'static,
-    F: Future<Output = Response<Body>> + Send + 'static,
+    F: Future<Output = Result<Response<Body>, E>> + Send + 'static,
+    E: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
-    let builder = connection_builder(&limits);
+    let builder = Arc::new(connection_builder(&limits));
     let graceful = GracefulShutdown::new();
+    // Connection tasks end when this sender is dropped: once the grace is over, or with `serve`.
+    let (_cut_off, connections_alive) = watch::channel(());
     let permits = Arc::new(Semaphore::new(limits.max_connections));
-    loop {
-        // Beyond max_connections, new connections wait in the kernel's backlog.
+    let mut shutdown = std::pin::pin!(shutdown);
+    let grace = loop {
+        // Beyond max_connections, new connections wait in the kernel's backlog. Nothing closes
+        // the semaphore, so `Ok` is the only outcome.
         let permit = tokio::select! {
-            permit = permits.clone().acquire_owned() => match permit {
-                Ok(permit) => permit,
-                Err(_) => break,
-            },
-            _ = stopped(&mut shutdown) => break,
+            Ok(permit) = permits.clone().acquire_owned() => permit,
+            grace = &mut shutdown => break grace,
         };
         let (stream, peer) = tokio::select! {
             accepted = listener.accept() => match accepted {
@@ -71,68 +75,95 @@ pub async fn serve<H, F>(
                     continue;
                 }
             },
-            _ = stopped(&mut shutdown) => break,
+            grace = &mut shutdown => break grace,
         };
         let _ = stream.set_nodelay(true);
+        let connection = Connection {
+            builder: builder.clone(),
+            watcher: graceful.watcher(),
+            header_read_timeout: limits.header_read_timeout,
+            peer,
+        };
         let handler = handler.clone();
+        let tls = tls.clone();
+        let mut alive = connections_alive.clone();
+        tokio::spawn(async move {
+            tokio::select! {
+                () = connection.serve(stream, tls, handler) => {}
+                // Errs once `_cut_off` is dropped; nothing is ever sent.
+                _ = alive.changed() => {}
+            }
+            drop(permit);
+        });
+    };
+    drop(listener);
+    tokio::select! {
+        _ = graceful.shutdown() => {}
+        _ = tokio::time::sleep(grace) => {
+            tracing::warn!("shutdown grace period ended with connections still open");
+        }
+    }
+}
+
+/// Resolves to `grace` once `shutdown` turns true (or its sender is gone): the shutdown
+/// signal of a listener whose grace period is fixed in advance, as the proxy's are.
+pub async fn when_shut_down(mut shutdown: watch::Receiver<bool>, grace: Duration) -> Duration {
+    let _ = shutdown.wait_for(|stop| *stop).await;
+    grace
+}
+
+/// What one accepted connection's task needs besides its stream.
+struct Connection {
+    builder: Arc<auto::Builder<TokioExecutor>>,
+    watcher: Watcher,
+    /// Both the TLS handshake and the first request must come within it.
+    header_read_timeout: Duration,
+    peer: SocketAddr,
+}
+
+impl Connection {
+    /// Serves the connection to its end, after the TLS handshake if `tls` is set. The
+    /// handshake runs here, in the connection's task, off the accept loop.
+    async fn serve<H, F, E>(self, stream: TcpStream, tls: Option<TlsAcceptor>, handler: H)
+    where
+        H: Fn(Request<Incoming>) -> F + Send + Sync + 'static,
+        F: Future<Output = Result<Response<Body>, E>> + Send + 'static,
+        E: Into<Box<dyn std::error::Error + Send + Sync>>,
+    {
+        match tls {
+            None => self.serve_http(TokioIo::new(stream), handler).await,
+            Some(acceptor) => {
+                match tls_handshake(&acceptor, stream, self.header_read_timeout).await {
+                    Ok(stream) => self.serve_http(TokioIo::new(stream), handler).await,
+                    Err(err) => {
+                        tracing::debug!(peer = %self.peer, error = %err, "TLS handshake failed");
+                    }
+                }
+            }
+        }
+    }
+
+    async fn serve_http<I, H, F, E>(self, io: I, handler: H)
+    where
+        I: Read + Write + Unpin + Send + 'static,
+        H: Fn(Request<Incoming>) -> F + Send + Sync + 'static,
+        F: Future<Output = Result<Response<Body>, E>> + Send + 'static,
+        E: Into<Box<dyn std::error::Error + Send + Sync>>,
+    {
         let request_seen = Arc::new(AtomicBool::new(false));
         let seen = request_seen.clone();
         let service = service_fn(move |request| {
             seen.store(true, Ordering::Relaxed);
-            let response = handler(request);
-            async move { Ok::<_, Infallible>(response.await) }
+            handler(request)
         });
-        let first_request_timeout = limits.header_read_timeout;
-        match &tls {
-            None => {
-                let connection = builder
-                    .serve_connection(TokioIo::new(stream), service)
-                    .into_owned();
-                let connection = graceful.watch(connection);
-                tokio::spawn(async move {
-                    let connection =
-                        first_request_within(connection, &request_seen, first_request_timeout);
-                    if let Err(err) = connection.await {
-                        tracing::debug!(%peer, error = %err, "connection ended with an error");
-                    }
-                    drop(permit);
-                });
-            }
-            Some(acceptor) => {
-                let acceptor = acceptor.clone();
-                let builder = builder.clone();
-                let handshake_timeout = limits.header_read_timeout;
-                let watcher = graceful.watcher();
-                // The handshake runs in the connection's task, off the accept loop.
-                tokio::spawn(async move {
-                    let stream = match tls_handshake(&acceptor, stream, handshake_timeout).await {
-                        Ok(stream) => stream,
-                        Err(err) => {
-                            tracing::debug!(%peer, error = %err, "TLS handshake failed");
-                            return;
-                        }
-                    };
-                    let connection = builder
-                        .serve_connection(TokioIo::new(stream), service)
-                        .into_owned();
-                    let connection = first_request_within(
-                        watcher.watch(connection),
-                        &request_seen,
-                        first_request_timeout,
-                    );
-                    if let Err(err) = connection.await {
-                        tracing::debug!(%peer, error = %err, "connection ended with an error");
-                    }
-                    drop(permit);
-                });
-            }
-        }
-    }
-    drop(listener);
-    tokio::select! {
-        _ = graceful.shutdown() => {}
-        _ = tokio::time::sleep(limits.shutdown_grace) => {
-            tracing::warn!("shutdown grace period ended with connections still open");
+        let connection = self.builder.serve_connection(io, service);
+        let connection = first_request_within(
+            self.watcher.watch(connection),
+            &request_seen,
+            self.header_read_timeout,
+        );
+        if let Err(err) = connection.await {
+            tracing::debug!(peer = %self.peer, error = %err, "connection ended with an error");
         }
     }
 }
@@ -161,11 +192,6 @@ where
         return Err(format!("no request within {} ms", limit.as_millis()));
     }
     connection.await.map_err(|e| e.to_string())
-}
-
-/// Resolves once shutdown is requested (or its sender is gone).
-async fn stopped(shutdown: &mut watch::Receiver<bool>) {
-    let _ = shutdown.wait_for(|stop| *stop).await;
 }
 
 async fn tls_handshake(
