@@ -1,0 +1,306 @@
+//! The OAuth 2.0 token endpoint (`POST /oauth/token`): the client credentials grant, client
+//! authentication by `client_secret_basic` or `client_secret_post`, and OAuth's error shape
+//! (`{"error","error_description"}`).
+
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use http::{header, HeaderMap, HeaderValue, Method, Request, Response, StatusCode};
+use hyper::body::Incoming;
+use serde_json::json;
+
+use super::consent_api::method_not_allowed;
+use super::state::Shared;
+use super::{deliver, faults, read_body, CloseConnection, Fault, Outcome, SimRoute};
+use crate::http::body::{self, Body};
+use crate::http::credentials::{self, Authorization, BasicCredentials, FormParams};
+
+const MAX_TOKEN_BODY: usize = 64 * 1024;
+const TOKEN_REALM: &str = "Basic realm=\"talkdesk-simulator\"";
+
+pub(super) async fn token_endpoint(
+    shared: &Shared,
+    req: Request<Incoming>,
+) -> Result<Response<Body>, CloseConnection> {
+    if req.method() != Method::POST {
+        return Ok(method_not_allowed("POST"));
+    }
+    shared
+        .counters
+        .token_requests
+        .fetch_add(1, Ordering::Relaxed);
+    let mut wait = Duration::ZERO;
+    match shared.take_fault(SimRoute::Token) {
+        None => {}
+        Some(Fault::Delay(delay)) => wait = delay,
+        Some(fault) => return deliver(faults::outcome(shared, SimRoute::Token, fault), wait).await,
+    }
+    let (parts, body) = req.into_parts();
+    let Some(body) = read_body(body, MAX_TOKEN_BODY).await? else {
+        let response = oauth_error(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "invalid_request",
+            "the body is too large",
+        );
+        return deliver(Outcome::Answer(response), wait).await;
+    };
+    let response = issue(shared, &parts.headers, &body).unwrap_or_else(TokenError::into_response);
+    deliver(Outcome::Answer(response), wait).await
+}
+
+/// A token endpoint refusal: the OAuth error code (which gives the status) and description.
+struct TokenError {
+    error: &'static str,
+    description: String,
+}
+
+impl TokenError {
+    fn new(error: &'static str, description: impl Into<String>) -> TokenError {
+        TokenError {
+            error,
+            description: description.into(),
+        }
+    }
+
+    fn into_response(self) -> Response<Body> {
+        match self.error {
+            "invalid_client" => invalid_client(&self.description),
+            error => oauth_error(StatusCode::BAD_REQUEST, error, &self.description),
+        }
+    }
+}
+
+/// The token endpoint's decision.
+fn issue(shared: &Shared, headers: &HeaderMap, body: &[u8]) -> Result<Response<Body>, TokenError> {
+    let bad_request = |message: &str| TokenError::new("invalid_request", message);
+    let invalid_client = |message: &str| TokenError::new("invalid_client", message);
+    if !credentials::is_form_urlencoded(headers) {
+        return Err(bad_request(
+            "Content-Type must be application/x-www-form-urlencoded",
+        ));
+    }
+    let form = FormParams::parse(body).map_err(|err| bad_request(&err.to_string()))?;
+    let param = |name: &str| form.get(name);
+
+    // Client authentication: client_secret_basic or client_secret_post, not both.
+    let basic = match headers.get(header::AUTHORIZATION) {
+        None => None,
+        Some(value) => Some(
+            Authorization::parse(value)
+                .filter(|authorization| authorization.is("Basic"))
+                .and_then(|basic| BasicCredentials::decode_oauth_client(basic.credentials))
+                .ok_or_else(|| invalid_client("malformed Basic credentials"))?,
+        ),
+    };
+    let (client_id, client_secret) = match basic {
+        Some(BasicCredentials {
+            user_id: id,
+            password: secret,
+        }) => {
+            if param("client_secret").is_some() {
+                return Err(bad_request(
+                    "use only one client authentication method (Basic or client_secret in the body)",
+                ));
+            }
+            if param("client_id").is_some_and(|form_id| form_id != id) {
+                return Err(invalid_client(
+                    "client_id in the body differs from the Basic credentials",
+                ));
+            }
+            (id, secret)
+        }
+        None => match (param("client_id"), param("client_secret")) {
+            (Some(id), Some(secret)) => (id.to_owned(), secret.to_owned()),
+            _ => return Err(invalid_client("client authentication is required")),
+        },
+    };
+    if client_id != shared.client_id || client_secret != shared.client_secret {
+        return Err(invalid_client("client authentication failed"));
+    }
+
+    match param("grant_type") {
+        None => return Err(bad_request("grant_type is required")),
+        Some("client_credentials") => {}
+        Some(_) => {
+            return Err(TokenError::new(
+                "unsupported_grant_type",
+                "only client_credentials is supported",
+            ))
+        }
+    }
+
+    let mut granted: Vec<String> = Vec::new();
+    match param("scope").filter(|s| !s.trim().is_empty()) {
+        None => granted.clone_from(&shared.allowed_scopes),
+        Some(requested) => {
+            for scope in requested.split(' ').filter(|s| !s.is_empty()) {
+                if !shared.allowed_scopes.iter().any(|allowed| allowed == scope) {
+                    return Err(TokenError::new(
+                        "invalid_scope",
+                        format!("the client may not be granted the scope '{scope}'"),
+                    ));
+                }
+                if !granted.iter().any(|g| g == scope) {
+                    granted.push(scope.to_owned());
+                }
+            }
+        }
+    }
+
+    let scope = granted.join(" ");
+    let (access_token, ttl) = shared.issue_token(granted);
+    let body = json!({
+        "access_token": access_token,
+        "token_type": "Bearer",
+        "expires_in": ttl.as_secs(),
+        "scope": scope,
+    });
+    let mut response = body::json_response(StatusCode::OK, &body);
+    response
+        .headers_mut()
+        .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    response
+        .headers_mut()
+        .insert(header::PRAGMA, HeaderValue::from_static("no-cache"));
+    Ok(response)
+}
+
+/// OAuth's error shape: `{"error","error_description"}`.
+pub(super) fn oauth_error(status: StatusCode, error: &str, description: &str) -> Response<Body> {
+    let body = json!({"error": error, "error_description": description});
+    let mut response = body::json_response(status, &body);
+    response
+        .headers_mut()
+        .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    response
+}
+
+/// A 401 `invalid_client`, with the Basic challenge RFC 6749 §5.2 asks for.
+pub(super) fn invalid_client(description: &str) -> Response<Body> {
+    let mut response = oauth_error(StatusCode::UNAUTHORIZED, "invalid_client", description);
+    response.headers_mut().insert(
+        header::WWW_AUTHENTICATE,
+        HeaderValue::from_static(TOKEN_REALM),
+    );
+    response
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::testing::*;
+    use super::super::{SimulatorConfig, TOKEN_PATH};
+    use http::{Method, StatusCode};
+
+    #[tokio::test]
+    async fn token_via_basic_and_via_post() {
+        let sim = start().await;
+        assert_eq!(sim.token_url(), format!("{}/oauth/token", sim.base_url()));
+        assert!(sim.base_url().starts_with("http://127.0.0.1:"));
+
+        let answer = token_request(
+            &sim,
+            Some(&basic("sim-client", "sim-secret")),
+            "grant_type=client_credentials&scope=voicebiometrics-consent%3Aread+voicebiometrics-consent:write",
+        )
+        .await;
+        assert_eq!(answer.status, StatusCode::OK);
+        assert_eq!(answer.header("cache-control"), Some("no-store"));
+        assert_eq!(answer.header("content-type"), Some("application/json"));
+        let body = answer.json();
+        assert!(body["access_token"].as_str().unwrap().len() >= 32);
+        assert_eq!(body["token_type"], "Bearer");
+        assert_eq!(body["expires_in"], 600);
+        assert_eq!(
+            body["scope"],
+            "voicebiometrics-consent:read voicebiometrics-consent:write"
+        );
+
+        // client_secret_post, no scope: every allowed scope.
+        let answer = token_request(
+            &sim,
+            None,
+            "grant_type=client_credentials&client_id=sim-client&client_secret=sim-secret",
+        )
+        .await;
+        assert_eq!(answer.status, StatusCode::OK);
+        assert_eq!(
+            answer.json()["scope"],
+            "voicebiometrics-consent:read voicebiometrics-consent:write"
+        );
+
+        let stats = sim.stats();
+        assert_eq!((stats.token_requests, stats.tokens_issued), (2, 2));
+    }
+
+    #[tokio::test]
+    async fn basic_credentials_are_form_decoded() {
+        let sim = start_with(SimulatorConfig {
+            client_id: "sim client".to_owned(),
+            client_secret: "p@ss:w%rd".to_owned(),
+            ..SimulatorConfig::default()
+        })
+        .await;
+        let answer = token_request(
+            &sim,
+            Some(&basic("sim+client", "p%40ss%3Aw%25rd")),
+            "grant_type=client_credentials",
+        )
+        .await;
+        assert_eq!(answer.status, StatusCode::OK);
+        sim.shutdown().await;
+    }
+
+    #[tokio::test]
+    async fn token_errors() {
+        let sim = start().await;
+        let wrong = token_request(
+            &sim,
+            Some(&basic("sim-client", "nope")),
+            "grant_type=client_credentials",
+        )
+        .await;
+        assert_eq!(wrong.status, StatusCode::UNAUTHORIZED);
+        assert_eq!(wrong.json()["error"], "invalid_client");
+        assert!(wrong.json()["error_description"].is_string());
+        assert!(wrong
+            .header("www-authenticate")
+            .is_some_and(|v| v.starts_with("Basic")));
+
+        let missing = token_request(&sim, None, "grant_type=client_credentials").await;
+        assert_eq!(missing.status, StatusCode::UNAUTHORIZED);
+        assert_eq!(missing.json()["error"], "invalid_client");
+
+        let auth = basic("sim-client", "sim-secret");
+        let scope = token_request(
+            &sim,
+            Some(&auth),
+            "grant_type=client_credentials&scope=voicebiometrics-enroll%3Awrite",
+        )
+        .await;
+        assert_eq!(scope.status, StatusCode::BAD_REQUEST);
+        assert_eq!(scope.json()["error"], "invalid_scope");
+
+        let grant = token_request(&sim, Some(&auth), "grant_type=password").await;
+        assert_eq!(grant.status, StatusCode::BAD_REQUEST);
+        assert_eq!(grant.json()["error"], "unsupported_grant_type");
+
+        let json = send(
+            sim.addr(),
+            Method::POST,
+            TOKEN_PATH,
+            &[
+                ("authorization", &auth),
+                ("content-type", "application/json"),
+            ],
+            r#"{"grant_type":"client_credentials"}"#,
+        )
+        .await
+        .unwrap();
+        assert_eq!(json.status, StatusCode::BAD_REQUEST);
+        assert_eq!(json.json()["error"], "invalid_request");
+
+        let stats = sim.stats();
+        assert_eq!((stats.token_requests, stats.tokens_issued), (5, 0));
+        assert_eq!(stats.unauthorized, 0, "token 401s are not consent 401s");
+    }
+}
