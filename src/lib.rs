@@ -8,7 +8,8 @@
 //! - [`upstream`]: the Talkdesk client: transport, retries, the shared OAuth token;
 //! - [`consent`]: the domain (statuses, contact ids, bodies, answers), shared by everyone;
 //! - [`config`]: the configuration schema, its layers and its validation into [`config::Settings`];
-//! - [`simulator`]: a Talkdesk stand-in for tests and `demo`; the product never uses it.
+//! - [`simulator`]: a Talkdesk stand-in for tests and `demo`; the product never uses it, and it
+//!   uses only the product's shared plumbing (the `layering` tests check both).
 
 pub mod app;
 pub mod auth;
@@ -18,6 +19,8 @@ pub mod consent;
 pub mod demo;
 pub mod error;
 pub mod http;
+#[cfg(test)]
+mod layering;
 pub mod logging;
 pub mod metrics;
 pub mod service;
