@@ -54,13 +54,14 @@ pub async fn serve<H, F, E>(
 {
     let builder = Arc::new(connection_builder(&limits));
     let graceful = GracefulShutdown::new();
-    // Connection tasks end when this sender is dropped: once the grace is over, or with `serve`.
-    let (_cut_off, connections_alive) = watch::channel(());
+    // Every connection task ends when this sender is dropped: once the grace is over, or
+    // with `serve` itself.
+    let (cut_off, connections_alive) = watch::channel(());
     let permits = Arc::new(Semaphore::new(limits.max_connections));
     let mut shutdown = std::pin::pin!(shutdown);
     let grace = loop {
-        // Beyond max_connections, new connections wait in the kernel's backlog. Nothing closes
-        // the semaphore, so `Ok` is the only outcome.
+        // Beyond max_connections, new connections wait in the kernel's backlog. (Nothing
+        // closes the semaphore; if it were closed, only the shutdown branch would be left.)
         let permit = tokio::select! {
             Ok(permit) = permits.clone().acquire_owned() => permit,
             grace = &mut shutdown => break grace,
@@ -90,7 +91,7 @@ pub async fn serve<H, F, E>(
         tokio::spawn(async move {
             tokio::select! {
                 () = connection.serve(stream, tls, handler) => {}
-                // Errs once `_cut_off` is dropped; nothing is ever sent.
+                // Nothing is ever sent: this resolves when `cut_off` is dropped.
                 _ = alive.changed() => {}
             }
             drop(permit);
@@ -103,6 +104,7 @@ pub async fn serve<H, F, E>(
             tracing::warn!("shutdown grace period ended with connections still open");
         }
     }
+    drop(cut_off);
 }
 
 /// Resolves to `grace` once `shutdown` turns true (or its sender is gone): the shutdown
