@@ -80,7 +80,6 @@ fn issue(shared: &Shared, headers: &HeaderMap, body: &[u8]) -> Result<Response<B
         ));
     }
     let form = FormParams::parse(body).map_err(|err| bad_request(&err.to_string()))?;
-    let param = |name: &str| form.get(name);
 
     // Client authentication: client_secret_basic or client_secret_post, not both.
     let basic = match headers.get(header::AUTHORIZATION) {
@@ -97,19 +96,19 @@ fn issue(shared: &Shared, headers: &HeaderMap, body: &[u8]) -> Result<Response<B
             user_id: id,
             password: secret,
         }) => {
-            if param("client_secret").is_some() {
+            if form.get("client_secret").is_some() {
                 return Err(bad_request(
                     "use only one client authentication method (Basic or client_secret in the body)",
                 ));
             }
-            if param("client_id").is_some_and(|form_id| form_id != id) {
+            if form.get("client_id").is_some_and(|form_id| form_id != id) {
                 return Err(invalid_client(
                     "client_id in the body differs from the Basic credentials",
                 ));
             }
             (id, secret)
         }
-        None => match (param("client_id"), param("client_secret")) {
+        None => match (form.get("client_id"), form.get("client_secret")) {
             (Some(id), Some(secret)) => (id.to_owned(), secret.to_owned()),
             _ => return Err(invalid_client("client authentication is required")),
         },
@@ -118,7 +117,7 @@ fn issue(shared: &Shared, headers: &HeaderMap, body: &[u8]) -> Result<Response<B
         return Err(invalid_client("client authentication failed"));
     }
 
-    match param("grant_type") {
+    match form.get("grant_type") {
         None => return Err(bad_request("grant_type is required")),
         Some("client_credentials") => {}
         Some(_) => {
@@ -130,7 +129,7 @@ fn issue(shared: &Shared, headers: &HeaderMap, body: &[u8]) -> Result<Response<B
     }
 
     let mut granted: Vec<String> = Vec::new();
-    match param("scope").filter(|s| !s.trim().is_empty()) {
+    match form.get("scope").filter(|s| !s.trim().is_empty()) {
         None => granted.clone_from(&shared.allowed_scopes),
         Some(requested) => {
             for scope in requested.split(' ').filter(|s| !s.is_empty()) {
@@ -187,9 +186,10 @@ pub(super) fn invalid_client(description: &str) -> Response<Body> {
 
 #[cfg(test)]
 mod tests {
+    use http::{Method, StatusCode};
+
     use super::super::testing::*;
     use super::super::{SimulatorConfig, TOKEN_PATH};
-    use http::{Method, StatusCode};
 
     #[tokio::test]
     async fn token_via_basic_and_via_post() {
@@ -299,8 +299,17 @@ mod tests {
         assert_eq!(json.status, StatusCode::BAD_REQUEST);
         assert_eq!(json.json()["error"], "invalid_request");
 
+        for malformed in [
+            "grant_type=client_credentials&grant_type=client_credentials",
+            "grant_type=client_credentials&scope=%zz",
+        ] {
+            let answer = token_request(&sim, Some(&auth), malformed).await;
+            assert_eq!(answer.status, StatusCode::BAD_REQUEST, "{malformed}");
+            assert_eq!(answer.json()["error"], "invalid_request", "{malformed}");
+        }
+
         let stats = sim.stats();
-        assert_eq!((stats.token_requests, stats.tokens_issued), (5, 0));
+        assert_eq!((stats.token_requests, stats.tokens_issued), (7, 0));
         assert_eq!(stats.unauthorized, 0, "token 401s are not consent 401s");
     }
 }
