@@ -10,7 +10,7 @@ use std::collections::BTreeSet;
 
 use base64::Engine as _;
 use consent_proxy::auth::{Authenticator, Permission};
-use consent_proxy::config::{sha256, ClientSettings, Permissions};
+use consent_proxy::config::{ClientSettings, Permissions};
 use consent_proxy::consent::{parse_consent_body, ConsentStatus, ContactId, MAX_CONTACT_ID_LEN};
 use consent_proxy::error::ProxyError;
 use consent_proxy::http::routes::consent_path_segment;
@@ -18,6 +18,7 @@ use consent_proxy::upstream::token::{form_encode, parse_token_response};
 use http::{HeaderMap, HeaderValue};
 use proptest::prelude::*;
 use serde_json::{json, Map, Value};
+use sha2::{Digest, Sha256};
 
 const CASES: u32 = 400;
 
@@ -235,7 +236,7 @@ fn authenticator(reader_key: &str, ops_key: &str) -> Authenticator {
         vec![
             ClientSettings {
                 name: READER.into(),
-                key_sha256: sha256(reader_key.as_bytes()),
+                key_sha256: Sha256::digest(reader_key.as_bytes()).into(),
                 permissions: Permissions {
                     read: true,
                     write: false,
@@ -244,7 +245,7 @@ fn authenticator(reader_key: &str, ops_key: &str) -> Authenticator {
             },
             ClientSettings {
                 name: OPS.into(),
-                key_sha256: sha256(ops_key.as_bytes()),
+                key_sha256: Sha256::digest(ops_key.as_bytes()).into(),
                 permissions: Permissions {
                     read: true,
                     write: true,
