@@ -770,8 +770,14 @@ fn check_events(run: &Run, log: &str, expected: &[Expected]) {
         "{tag} client_secret not shown as redacted"
     );
     // Every client is listed, with nothing of its key (the secret checks cover the key itself).
-    assert!(log.contains("[[clients]]"), "{tag} no clients in the configuration");
-    assert!(!log.contains("api_key"), "{tag} a client key field is logged");
+    assert!(
+        log.contains("[[clients]]"),
+        "{tag} no clients in the configuration"
+    );
+    assert!(
+        !log.contains("api_key"),
+        "{tag} a client key field is logged"
+    );
 
     // Our own debug events are there whenever our crate is at debug.
     assert!(log.contains("token obtained"), "{tag} no debug events");
