@@ -39,6 +39,8 @@ async fn fill_proxy_cache(entries: u64) -> u64 {
             ttl: Duration::from_secs(300),
             not_found_ttl: Duration::from_secs(30),
             max_entries: entries,
+            stale_if_error: None,
+            refresh_ahead: None,
         },
         CacheMetrics::register(&prometheus::Registry::new()),
     );

@@ -20,13 +20,14 @@ use std::hint::black_box;
 use std::time::Duration;
 
 use consent_proxy::auth::{Authenticator, Permission};
-use consent_proxy::config::{sha256, ClientSettings, Permissions};
+use consent_proxy::config::{ClientSettings, Permissions};
 use consent_proxy::consent::ContactId;
 use consent_proxy::http::body::{self as http_util, APPLICATION_JSON};
 use consent_proxy::http::routes::new_request_id;
 use consent_proxy::metrics::HttpMetrics;
 use criterion::{criterion_group, criterion_main, Criterion};
 use http::{HeaderMap, HeaderName, HeaderValue, StatusCode};
+use sha2::{Digest, Sha256};
 
 #[path = "support/counting_alloc.rs"]
 mod counting_alloc;
@@ -70,7 +71,8 @@ fn hot_path(c: &mut Criterion) {
             .iter()
             .map(|name| ClientSettings {
                 name: (*name).to_owned(),
-                key_sha256: sha256(format!("{name}-key-0123456789abcdef").as_bytes()),
+                key_sha256: Sha256::digest(format!("{name}-key-0123456789abcdef").as_bytes())
+                    .into(),
                 permissions,
             })
             .collect(),

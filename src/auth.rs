@@ -5,14 +5,20 @@
 //! so neither timing nor a memory dump reveals a key.
 
 use http::{header, HeaderMap};
+use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
 
-use crate::config::{sha256, ClientSettings, Permissions};
+use crate::config::{ClientSettings, Permissions};
 use crate::error::ProxyError;
 use crate::http::credentials::{Authorization, BasicCredentials};
 
 /// The metric label for a caller not (yet) authenticated.
-pub const ANONYMOUS: &str = "anonymous";
+pub use crate::config::ANONYMOUS;
+
+/// How client keys are kept and compared: their SHA-256 digest.
+fn sha256(key: &[u8]) -> [u8; 32] {
+    Sha256::digest(key).into()
+}
 
 /// What a request may need.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

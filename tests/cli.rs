@@ -441,6 +441,66 @@ fn check_config_reads_secrets_from_files() {
     );
 }
 
+#[test]
+fn check_config_keeps_cluster_and_oauth_secrets_out_of_its_output() {
+    const REDIS_PASSWORD: &str = "cli-redis-password-Hq3Zm8";
+    const SIGNING_KEY: &str = "cli-signing-key-0123456789abcdef-Xr5";
+    let keys = TempFile::new("signing-keys", &format!("# current\n{SIGNING_KEY}\n"));
+    let config = format!(
+        "{}\n[cluster]\nredis_url = \"rediss://proxy:{REDIS_PASSWORD}@redis.internal:6380/3\"\n\
+         [oauth]\nsigning_key_file = {:?}\n",
+        valid_config(&inline_secret(), &inline_key()),
+        keys.display()
+    );
+    let file = TempFile::new("cluster.toml", &config);
+    let output = check_config(file.path(), &[]);
+    let stdout = text(&output.stdout);
+    let stderr = text(&output.stderr);
+    assert_eq!(output.status.code(), Some(0), "stderr: {stderr}");
+    assert!(
+        stdout.contains(r#"redis_url = "rediss://proxy:<redacted>@redis.internal:6380/3""#),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains(&format!("signing_key_file = {:?}", keys.display())),
+        "{stdout}"
+    );
+    for secret in [CLIENT_SECRET, API_KEY, REDIS_PASSWORD, SIGNING_KEY] {
+        assert!(!stdout.contains(secret), "secret in stdout:\n{stdout}");
+        assert!(!stderr.contains(secret), "secret in stderr:\n{stderr}");
+    }
+    stdout
+        .parse::<toml::Table>()
+        .unwrap_or_else(|e| panic!("printed config is not TOML: {e}\n{stdout}"));
+}
+
+#[test]
+fn check_config_refuses_a_per_process_signing_key_in_a_cluster_among_other_problems() {
+    let file = TempFile::new(
+        "cluster-bad.toml",
+        &valid_config(&inline_secret(), &inline_key()),
+    );
+    let output = check_config(
+        file.path(),
+        &[
+            ("CONSENT_PROXY__CLUSTER__REDIS_URL", "redis://redis:6379/0"),
+            ("CONSENT_PROXY__CLUSTER__SHARED_CACHE", "true"),
+            ("CONSENT_PROXY__TOKEN__REFRESH_MARGIN_S", "0"),
+            ("CONSENT_PROXY__CLIENTS__NAME", "x"),
+        ],
+    );
+    assert_invalid(
+        &output,
+        &[
+            "oauth.signing_key_file: must be set when cluster.redis_url is set",
+            "cluster.shared_cache: true is not supported yet",
+            "(from environment variable CONSENT_PROXY__CLUSTER__SHARED_CACHE)",
+            "token.refresh_margin_s: must be greater than 0",
+            "CONSENT_PROXY__CLIENTS__NAME: [[clients]] can only be configured in a file",
+        ],
+    );
+}
+
 // ---------------------------------------------------------------------------------------------
 // demo
 

@@ -10,7 +10,7 @@ use std::collections::BTreeSet;
 
 use base64::Engine as _;
 use consent_proxy::auth::{Authenticator, Permission};
-use consent_proxy::config::{sha256, ClientSettings, Permissions};
+use consent_proxy::config::{ClientSettings, Permissions};
 use consent_proxy::consent::{
     consent_path_segment, parse_consent_body, ConsentStatus, ContactId, MAX_CONTACT_ID_LEN,
 };
@@ -19,6 +19,7 @@ use consent_proxy::upstream::token::{form_encode, parse_token_response};
 use http::{HeaderMap, HeaderValue};
 use proptest::prelude::*;
 use serde_json::{json, Map, Value};
+use sha2::{Digest, Sha256};
 
 const CASES: u32 = 400;
 
@@ -236,7 +237,7 @@ fn authenticator(reader_key: &str, ops_key: &str) -> Authenticator {
         vec![
             ClientSettings {
                 name: READER.into(),
-                key_sha256: sha256(reader_key.as_bytes()),
+                key_sha256: Sha256::digest(reader_key.as_bytes()).into(),
                 permissions: Permissions {
                     read: true,
                     write: false,
@@ -245,7 +246,7 @@ fn authenticator(reader_key: &str, ops_key: &str) -> Authenticator {
             },
             ClientSettings {
                 name: OPS.into(),
-                key_sha256: sha256(ops_key.as_bytes()),
+                key_sha256: Sha256::digest(ops_key.as_bytes()).into(),
                 permissions: Permissions {
                     read: true,
                     write: true,

@@ -343,6 +343,8 @@ mod tests {
                 ttl: Duration::from_secs(60),
                 not_found_ttl: Duration::from_secs(30),
                 max_entries: 100,
+                stale_if_error: None,
+                refresh_ahead: None,
             },
             CacheMetrics::register(&prometheus::Registry::new()),
         )

@@ -1,0 +1,167 @@
+//! Secrets read from files (`<key>_file`) and the OAuth signing keys. Messages name the file,
+//! never its content.
+
+use std::{fs, path::Path};
+
+use super::Secret;
+
+/// The shortest accepted OAuth signing key.
+pub(super) const MIN_SIGNING_KEY_BYTES: usize = 32;
+
+/// A secret from a file: its content without trailing whitespace (the newline), not empty.
+pub(super) fn read_secret_file(path: &str) -> Result<Secret, String> {
+    let text = fs::read_to_string(path).map_err(|e| format!("cannot read '{path}': {e}"))?;
+    match text.trim_end() {
+        "" => Err(format!("file '{path}' is empty")),
+        secret => Ok(Secret::new(secret)),
+    }
+}
+
+/// The OAuth signing keys at `path`, the signing one first:
+/// - a file: one key per line, blank lines and `#` comments skipped; the first line signs;
+/// - a directory (e.g. a Kubernetes Secret mount): every regular file in it is one key (names
+///   starting with '.' skipped, symlinks followed); the file whose name sorts last signs.
+///
+/// Each key must be at least [`MIN_SIGNING_KEY_BYTES`] long.
+pub(super) fn read_signing_keys(path: &str) -> Result<Vec<Secret>, String> {
+    let metadata = fs::metadata(path).map_err(|e| format!("cannot read '{path}': {e}"))?;
+    let keys = if metadata.is_dir() {
+        keys_in_directory(Path::new(path))?
+    } else {
+        keys_in_file(path)?
+    };
+    if keys.is_empty() {
+        return Err(format!("'{path}' holds no key"));
+    }
+    let too_short: Vec<&str> = keys
+        .iter()
+        .filter(|(_, key)| key.len() < MIN_SIGNING_KEY_BYTES)
+        .map(|(origin, _)| origin.as_str())
+        .collect();
+    if !too_short.is_empty() {
+        return Err(format!(
+            "a signing key must be at least {MIN_SIGNING_KEY_BYTES} bytes; shorter: {}",
+            too_short.join(", ")
+        ));
+    }
+    Ok(keys.into_iter().map(|(_, key)| Secret::new(key)).collect())
+}
+
+/// Each key with where it came from ("line 2 of '/etc/keys'"), in file order.
+fn keys_in_file(path: &str) -> Result<Vec<(String, String)>, String> {
+    let text = fs::read_to_string(path).map_err(|e| format!("cannot read '{path}': {e}"))?;
+    Ok(text
+        .lines()
+        .enumerate()
+        .map(|(i, line)| (i, line.trim()))
+        .filter(|(_, line)| !line.is_empty() && !line.starts_with('#'))
+        .map(|(i, key)| (format!("line {} of '{path}'", i + 1), key.to_owned()))
+        .collect())
+}
+
+/// Each key with its file, the signing one (the name that sorts last) first.
+fn keys_in_directory(dir: &Path) -> Result<Vec<(String, String)>, String> {
+    let cannot_read =
+        |path: &Path, e: std::io::Error| format!("cannot read '{}': {e}", path.display());
+    let mut files = Vec::new();
+    for entry in fs::read_dir(dir).map_err(|e| cannot_read(dir, e))? {
+        let path = entry.map_err(|e| cannot_read(dir, e))?.path();
+        let hidden = path
+            .file_name()
+            .is_some_and(|name| name.to_string_lossy().starts_with('.'));
+        // `metadata` follows symlinks: Kubernetes mounts each key as a link into `..data/`.
+        if !hidden
+            && fs::metadata(&path)
+                .map_err(|e| cannot_read(&path, e))?
+                .is_file()
+        {
+            files.push(path);
+        }
+    }
+    files.sort();
+    files
+        .into_iter()
+        .rev()
+        .map(|path| {
+            let text = fs::read_to_string(&path).map_err(|e| cannot_read(&path, e))?;
+            Ok((format!("'{}'", path.display()), text.trim_end().to_owned()))
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::test_support::TempDir;
+
+    const KEY_A: &str = "key-a-0123456789abcdef0123456789abcdef";
+    const KEY_B: &str = "key-b-0123456789abcdef0123456789abcdef";
+
+    fn exposed(keys: &[Secret]) -> Vec<&str> {
+        keys.iter().map(Secret::expose).collect()
+    }
+
+    #[test]
+    fn secret_file_is_trimmed_and_must_not_be_empty() {
+        let dir = TempDir::new("secret-file");
+        let secret = dir.file("secret", "s3cret \r\n");
+        assert_eq!(read_secret_file(&secret).unwrap().expose(), "s3cret");
+        let empty = dir.file("empty", "\n");
+        assert_eq!(
+            read_secret_file(&empty).unwrap_err(),
+            format!("file '{empty}' is empty")
+        );
+    }
+
+    #[test]
+    fn key_file_one_key_per_line_first_signs() {
+        let dir = TempDir::new("key-lines");
+        let file = dir.file(
+            "keys",
+            &format!("# rotated in on Monday\n{KEY_B}\n\n  {KEY_A}  \r\n# old\n"),
+        );
+        let keys = read_signing_keys(&file).unwrap();
+        assert_eq!(exposed(&keys), [KEY_B, KEY_A]);
+    }
+
+    #[test]
+    fn key_directory_last_name_signs_hidden_skipped_links_followed() {
+        let dir = TempDir::new("key-dir");
+        dir.file("2024-01", &format!("{KEY_A}\n"));
+        let target = dir.file(".hidden-target", KEY_B);
+        std::os::unix::fs::symlink(&target, dir.path().join("2024-06")).unwrap();
+        dir.file(".ignored", "short");
+        std::fs::create_dir(dir.path().join("..data")).unwrap();
+        let keys = read_signing_keys(&dir.path_str()).unwrap();
+        assert_eq!(exposed(&keys), [KEY_B, KEY_A]);
+    }
+
+    #[test]
+    fn short_or_missing_keys_name_their_file_not_their_content() {
+        let dir = TempDir::new("key-short");
+        let file = dir.file("keys", &format!("{KEY_A}\nshort-key\n"));
+        let err = read_signing_keys(&file).unwrap_err();
+        assert!(err.contains(&format!("line 2 of '{file}'")), "{err}");
+        assert!(!err.contains("short-key"), "{err}");
+
+        let keys_dir = TempDir::new("key-short-dir");
+        let short = keys_dir.file("current", "tiny\n");
+        let err = read_signing_keys(&keys_dir.path_str()).unwrap_err();
+        assert!(err.contains(&format!("'{short}'")), "{err}");
+        assert!(!err.contains("tiny"), "{err}");
+
+        let comments = dir.file("comments", "# nothing yet\n\n");
+        assert_eq!(
+            read_signing_keys(&comments).unwrap_err(),
+            format!("'{comments}' holds no key")
+        );
+        let empty_dir = TempDir::new("key-empty-dir");
+        assert!(read_signing_keys(&empty_dir.path_str())
+            .unwrap_err()
+            .contains("holds no key"));
+        let missing = format!("{}/missing", dir.path_str());
+        assert!(read_signing_keys(&missing)
+            .unwrap_err()
+            .starts_with(&format!("cannot read '{missing}'")));
+    }
+}
