@@ -10,12 +10,15 @@ use prometheus::Registry;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
+use crate::auth::token::TokenKeys;
 use crate::auth::Authenticator;
 use crate::cache::{CacheMetrics, ConsentCache};
 use crate::config::Settings;
+use crate::error::Failure;
 use crate::http::admin::AdminRoutes;
 use crate::http::routes::{ConsentRoutes, RouteLimits};
 use crate::http::server::{self, ListenerLimits};
+use crate::http::token_endpoint::TokenEndpoint;
 use crate::metrics::{self, HttpMetrics};
 use crate::service::{ConsentService, WriteMetrics};
 use crate::tls::TlsError;
@@ -37,6 +40,8 @@ pub enum StartError {
     },
     #[error("cannot load the TLS certificate")]
     Tls(#[from] TlsError),
+    #[error("cannot set up the OAuth token endpoint")]
+    OAuth(#[source] Failure),
 }
 
 /// A running proxy.
@@ -90,10 +95,28 @@ impl App {
         ));
         let cache = ConsentCache::new(&settings.cache, CacheMetrics::register(&registry));
         let service = ConsentService::new(api, cache.clone(), WriteMetrics::register(&registry));
-        let auth = Arc::new(Authenticator::new(
-            settings.clients.clone(),
-            settings.auth.required,
-        ));
+        let token_keys = if settings.oauth.enabled {
+            let keys = TokenKeys::from_settings(&settings.oauth).map_err(StartError::OAuth)?;
+            if settings.oauth.signing_keys.is_empty() {
+                tracing::info!(
+                    "oauth.signing_key_file is empty: access tokens are signed with a random key \
+                     of this process, and stop working when it restarts"
+                );
+            }
+            tracing::info!(key_ids = ?keys.key_ids(), "OAuth token endpoint on POST /oauth/token");
+            Some(Arc::new(keys))
+        } else {
+            None
+        };
+        let mut authenticator =
+            Authenticator::new(settings.clients.clone(), settings.auth.required);
+        if let Some(keys) = &token_keys {
+            authenticator = authenticator.with_access_tokens(keys.clone(), &registry);
+        }
+        let auth = Arc::new(authenticator);
+        let token_endpoint = token_keys.map(|keys| {
+            TokenEndpoint::new(auth.clone(), keys, settings.oauth.token_ttl, &registry)
+        });
         if !settings.auth.required {
             tracing::warn!(
                 "auth.required = false: ANY caller that can reach {listen_addr} may read and \
@@ -110,6 +133,7 @@ impl App {
                 max_header_bytes: settings.server.max_header_bytes,
                 request_timeout: settings.server.request_timeout,
             },
+            token_endpoint,
         ));
         let serving = Arc::new(AtomicBool::new(false));
         let admin = Arc::new(AdminRoutes::new(
@@ -140,9 +164,9 @@ impl App {
                     listener,
                     tls,
                     limits,
-                    move |request| {
+                    move |request, peer| {
                         let routes = consent_routes.clone();
-                        async move { Ok::<_, Infallible>(routes.handle(request).await) }
+                        async move { Ok::<_, Infallible>(routes.handle(request, peer).await) }
                     },
                     server::when_shut_down(shutdown_rx, grace),
                 )
@@ -154,7 +178,7 @@ impl App {
             admin_listener,
             None,
             admin_limits,
-            move |request| {
+            move |request, _peer| {
                 let admin = admin.clone();
                 async move { Ok::<_, Infallible>(admin.handle(request).await) }
             },

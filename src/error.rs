@@ -106,6 +106,10 @@ pub enum ProxyError {
     },
     #[error("missing or wrong credentials")]
     Unauthorized,
+    /// An `Authorization: Bearer` value that is neither a client's key nor an acceptable
+    /// access token (the cause says why).
+    #[error("wrong credentials")]
+    InvalidToken(#[source] Failure),
     #[error("the client lacks the '{0}' permission")]
     Forbidden(&'static str),
     #[error("no such route")]
@@ -134,6 +138,7 @@ impl ProxyError {
             ProxyError::InvalidContactId
             | ProxyError::InvalidBody { .. }
             | ProxyError::Unauthorized
+            | ProxyError::InvalidToken(_)
             | ProxyError::Forbidden(_)
             | ProxyError::NotFound
             | ProxyError::MethodNotAllowed { .. }
@@ -151,7 +156,7 @@ impl ProxyError {
             ProxyError::InvalidContactId | ProxyError::InvalidBody { .. } => {
                 StatusCode::BAD_REQUEST
             }
-            ProxyError::Unauthorized => StatusCode::UNAUTHORIZED,
+            ProxyError::Unauthorized | ProxyError::InvalidToken(_) => StatusCode::UNAUTHORIZED,
             ProxyError::Forbidden(_) => StatusCode::FORBIDDEN,
             ProxyError::NotFound => StatusCode::NOT_FOUND,
             ProxyError::MethodNotAllowed { .. } => StatusCode::METHOD_NOT_ALLOWED,
@@ -170,7 +175,7 @@ impl ProxyError {
         match self {
             ProxyError::InvalidContactId => "invalid_contact_id",
             ProxyError::InvalidBody { .. } => "invalid_body",
-            ProxyError::Unauthorized => "unauthorized",
+            ProxyError::Unauthorized | ProxyError::InvalidToken(_) => "unauthorized",
             ProxyError::Forbidden(_) => "forbidden",
             ProxyError::NotFound => "not_found",
             ProxyError::MethodNotAllowed { .. } => "method_not_allowed",
@@ -189,7 +194,10 @@ impl ProxyError {
         match self {
             ProxyError::InvalidContactId => "contact_id must be 1 to 64 characters of A-Z a-z 0-9 + . _ -, starting with a letter, a digit or +".into(),
             ProxyError::InvalidBody { message, .. } => message.clone(),
-            ProxyError::Unauthorized => "a valid API key is required".into(),
+            ProxyError::Unauthorized => "a valid API key or access token is required".into(),
+            ProxyError::InvalidToken(_) => {
+                "the Bearer credential is neither a client's key nor a valid access token".into()
+            }
             ProxyError::Forbidden(permission) => {
                 format!("this client lacks the '{permission}' permission")
             }
@@ -225,6 +233,15 @@ impl ProxyError {
                 headers.insert(
                     header::WWW_AUTHENTICATE,
                     HeaderValue::from_static("Basic realm=\"consent-proxy\""),
+                );
+            }
+            ProxyError::InvalidToken(_) => {
+                // RFC 6750 §3: the Bearer scheme's challenge, saying the token was refused.
+                headers.insert(
+                    header::WWW_AUTHENTICATE,
+                    HeaderValue::from_static(
+                        "Bearer realm=\"consent-proxy\", error=\"invalid_token\"",
+                    ),
                 );
             }
             ProxyError::MethodNotAllowed { allow } => {
@@ -264,6 +281,21 @@ mod tests {
         let body = response.into_body().collect().await.unwrap().to_bytes();
         let value: serde_json::Value = serde_json::from_slice(&body).unwrap();
         assert_eq!(value["fields"][0]["name"], "status");
+    }
+
+    #[tokio::test]
+    async fn a_refused_bearer_value_gets_the_bearer_challenge() {
+        let cause = Failure::msg("access token expired");
+        let response = ProxyError::InvalidToken(cause).into_response();
+        assert_eq!(response.status(), 401);
+        assert_eq!(
+            response.headers()[header::WWW_AUTHENTICATE],
+            "Bearer realm=\"consent-proxy\", error=\"invalid_token\""
+        );
+        let body = response.into_body().collect().await.unwrap().to_bytes();
+        let value: serde_json::Value = serde_json::from_slice(&body).unwrap();
+        assert_eq!(value["code"], "unauthorized");
+        assert!(!value["message"].as_str().unwrap().contains("expired"));
     }
 
     #[test]

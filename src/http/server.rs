@@ -39,6 +39,10 @@ pub struct ListenerLimits {
 
 /// Serves `listener` until `shutdown` resolves to a grace period, then drains within it.
 ///
+/// The handler gets each request with the address of the peer that sent it (the token
+/// endpoint throttles by it). Passed as an argument rather than a request extension: an
+/// extension allocates a map on every request, and every request would pay for it.
+///
 /// A handler's `Err` makes hyper drop the connection unanswered (HTTP/2: reset the stream),
 /// which only the simulator's `close` fault wants; the proxy's handlers never fail.
 pub async fn serve<H, F, E>(
@@ -48,7 +52,7 @@ pub async fn serve<H, F, E>(
     handler: H,
     shutdown: impl Future<Output = Duration>,
 ) where
-    H: Fn(Request<Incoming>) -> F + Clone + Send + Sync + 'static,
+    H: Fn(Request<Incoming>, SocketAddr) -> F + Clone + Send + Sync + 'static,
     F: Future<Output = Result<Response<Body>, E>> + Send + 'static,
     E: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
@@ -128,7 +132,7 @@ impl Connection {
     /// handshake runs here, in the connection's task, off the accept loop.
     async fn serve<H, F, E>(self, stream: TcpStream, tls: Option<TlsAcceptor>, handler: H)
     where
-        H: Fn(Request<Incoming>) -> F + Send + Sync + 'static,
+        H: Fn(Request<Incoming>, SocketAddr) -> F + Send + Sync + 'static,
         F: Future<Output = Result<Response<Body>, E>> + Send + 'static,
         E: Into<Box<dyn std::error::Error + Send + Sync>>,
     {
@@ -148,15 +152,16 @@ impl Connection {
     async fn serve_http<I, H, F, E>(self, io: I, handler: H)
     where
         I: Read + Write + Unpin + Send + 'static,
-        H: Fn(Request<Incoming>) -> F + Send + Sync + 'static,
+        H: Fn(Request<Incoming>, SocketAddr) -> F + Send + Sync + 'static,
         F: Future<Output = Result<Response<Body>, E>> + Send + 'static,
         E: Into<Box<dyn std::error::Error + Send + Sync>>,
     {
         let request_seen = Arc::new(AtomicBool::new(false));
         let seen = request_seen.clone();
+        let peer = self.peer;
         let service = service_fn(move |request| {
             seen.store(true, Ordering::Relaxed);
-            handler(request)
+            handler(request, peer)
         });
         let connection = self.builder.serve_connection(io, service);
         let connection = first_request_within(

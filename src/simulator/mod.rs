@@ -53,7 +53,7 @@ use crate::http::server::{self, ListenerLimits};
 use state::{lock, normalise, Shared};
 
 /// The token endpoint's path.
-pub const TOKEN_PATH: &str = "/oauth/token";
+pub use crate::http::oauth::TOKEN_PATH;
 /// The scope a GET needs.
 pub const READ_SCOPE: &str = "voicebiometrics-consent:read";
 /// The scope a PUT needs.
@@ -270,7 +270,7 @@ impl Simulator {
         let (stop, stopped) = oneshot::channel();
         let handler = {
             let shared = Arc::clone(&shared);
-            move |request| handle(Arc::clone(&shared), request)
+            move |request, _peer| handle(Arc::clone(&shared), request)
         };
         let shutdown = async { stopped.await.unwrap_or(DEFAULT_SHUTDOWN_GRACE) };
         let task = tokio::spawn(server::serve(
