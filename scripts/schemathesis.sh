@@ -30,14 +30,7 @@ REPORT_DIR=target/schemathesis
 log() { printf '[schemathesis.sh] %s\n' "$*" >&2; }
 
 # --- the virtualenv ---------------------------------------------------------------------------
-stamp="$VENV/.requirements.sha256"
-want=$(sha256sum "$REQUIREMENTS" | cut -d' ' -f1)
-if [[ ! -x "$VENV/bin/schemathesis" || ! -f "$stamp" || "$(cat "$stamp")" != "$want" ]]; then
-    log "installing $REQUIREMENTS into $VENV"
-    "${PYTHON:-python3}" -m venv "$VENV"
-    "$VENV/bin/python" -m pip install --quiet --disable-pip-version-check -r "$REQUIREMENTS"
-    echo "$want" >"$stamp"
-fi
+bash scripts/python-venv.sh "$VENV" "$REQUIREMENTS"
 "$VENV/bin/schemathesis" --version >&2
 if [[ "${1:-}" == "--setup-only" ]]; then
     exit 0

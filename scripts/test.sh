@@ -2,7 +2,8 @@
 # Runs every test of consent-proxy: unit and integration tests (cargo test), the Prometheus
 # rule tests, the bounded soak test and the schemathesis run against `consent-proxy demo`.
 # Installs what a fresh machine lacks first (Debian packages, the oidc-provider npm package,
-# a Python virtualenv for schemathesis). Exits non-zero on the first failure.
+# Python virtualenvs for the OAuth client test and for schemathesis). Exits non-zero on the
+# first failure.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -25,6 +26,9 @@ invoke-rc.d prometheus stop >/dev/null 2>&1 || true
 
 step "npm ci (oidc-provider for the OAuth compatibility test)"
 npm ci --prefix tests/oidc --no-audit --no-fund --loglevel=error
+
+step "Python virtualenv with Authlib (the independent client of tests/oauth.rs)"
+bash scripts/python-venv.sh .venv-oauth-client scripts/requirements-oauth-client.txt
 
 # --- the tests ------------------------------------------------------------------------------
 step "cargo test"

@@ -137,6 +137,11 @@ pub fn form_params(headers: &HeaderMap, body: &[u8]) -> Result<FormParams, Token
 pub struct ClientCredentials {
     pub client_id: String,
     pub client_secret: String,
+    /// Basic credentials read as they are, when that differs from the §2.3.1 reading: many
+    /// clients (Authlib and `requests` among them) do not form-encode before the Basic
+    /// encoding, so a secret holding `+` or `%` reads differently. A server accepting either
+    /// reading works with both kinds of client.
+    pub unencoded: Option<(String, String)>,
 }
 
 impl std::fmt::Debug for ClientCredentials {
@@ -144,23 +149,33 @@ impl std::fmt::Debug for ClientCredentials {
         f.debug_struct("ClientCredentials")
             .field("client_id", &self.client_id)
             .field("client_secret", &"<redacted>")
+            .field("unencoded", &self.unencoded.as_ref().map(|_| "<redacted>"))
             .finish()
     }
 }
 
 impl ClientCredentials {
+    /// The readings to try, the §2.3.1 one first: (client id, client secret).
+    pub fn readings(&self) -> impl Iterator<Item = (&str, &str)> {
+        std::iter::once((self.client_id.as_str(), self.client_secret.as_str())).chain(
+            self.unencoded
+                .as_ref()
+                .map(|(id, secret)| (id.as_str(), secret.as_str())),
+        )
+    }
+
     pub fn from_request(headers: &HeaderMap, form: &FormParams) -> Result<Self, TokenError> {
         let basic = match headers.get(header::AUTHORIZATION) {
             None => None,
             Some(value) => Some(
                 Authorization::parse(value)
                     .filter(|authorization| authorization.is("Basic"))
-                    .and_then(|basic| BasicCredentials::decode_oauth_client(basic.credentials))
+                    .and_then(|basic| basic_readings(basic.credentials))
                     .ok_or_else(|| TokenError::invalid_client("malformed Basic credentials"))?,
             ),
         };
         match basic {
-            Some(BasicCredentials { user_id, password }) => {
+            Some((BasicCredentials { user_id, password }, unencoded)) => {
                 if form.get("client_secret").is_some() {
                     return Err(TokenError::invalid_request(
                         "use only one client authentication method (Basic or client_secret in \
@@ -178,18 +193,31 @@ impl ClientCredentials {
                 Ok(ClientCredentials {
                     client_id: user_id,
                     client_secret: password,
+                    unencoded,
                 })
             }
             None => match (form.get("client_id"), form.get("client_secret")) {
                 (Some(id), Some(secret)) => Ok(ClientCredentials {
                     client_id: id.to_owned(),
                     client_secret: secret.to_owned(),
+                    unencoded: None,
                 }),
                 _ => Err(TokenError::invalid_client(
                     "client authentication is required",
                 )),
             },
         }
+    }
+}
+
+/// Basic credentials as §2.3.1 reads them (falling back to the raw reading when they are not
+/// well-formed form encoding), and the raw reading when it differs.
+fn basic_readings(credentials: &str) -> Option<(BasicCredentials, Option<(String, String)>)> {
+    let raw = BasicCredentials::decode(credentials)?;
+    match BasicCredentials::decode_oauth_client(credentials) {
+        Some(decoded) if decoded == raw => Some((decoded, None)),
+        Some(decoded) => Some((decoded, Some((raw.user_id, raw.password)))),
+        None => Some((raw, None)),
     }
 }
 
@@ -242,6 +270,15 @@ mod tests {
         let from_basic = credentials(&[("authorization", &basic("my+app:s%3Acret"))], "").unwrap();
         assert_eq!(from_basic.client_id, "my app");
         assert_eq!(from_basic.client_secret, "s:cret");
+        // Both readings, the RFC's first, when a client may not have form-encoded.
+        let readings: Vec<(&str, &str)> = from_basic.readings().collect();
+        assert_eq!(readings, [("my app", "s:cret"), ("my+app", "s%3Acret")]);
+        // Not well-formed form encoding: only the raw reading.
+        let raw_only = credentials(&[("authorization", &basic("app:100%"))], "").unwrap();
+        assert_eq!(raw_only.readings().collect::<Vec<_>>(), [("app", "100%")]);
+        // Nothing to decode: one reading.
+        let plain = credentials(&[("authorization", &basic("app:secret"))], "").unwrap();
+        assert_eq!(plain.readings().count(), 1);
         let same_id =
             credentials(&[("authorization", &basic("app:secret"))], "client_id=app").unwrap();
         assert_eq!(same_id.client_id, "app");
@@ -271,6 +308,7 @@ mod tests {
                 "client_id=app&client_secret=x",
             ),
             (vec![("authorization", "Basic %%%")], ""),
+            (vec![("authorization", "Basic bm8tY29sb24=")], ""),
         ] {
             assert_eq!(
                 code(credentials(&pairs, body)),

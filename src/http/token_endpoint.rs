@@ -208,10 +208,13 @@ impl TokenEndpoint {
         if let Some(wait) = named.and_then(|index| self.throttle.client_wait(index, now)) {
             return Err(Refusal::Throttled(wait));
         }
-        let Some(client) = self
-            .auth
-            .authenticate_client(&credentials.client_id, &credentials.client_secret)
-        else {
+        // Every reading is tried, so the time taken does not say which one matched.
+        let mut authenticated = None;
+        for (id, secret) in credentials.readings() {
+            let caller = self.auth.authenticate_client(id, secret);
+            authenticated = authenticated.or(caller.map(|caller| (caller, id.to_owned())));
+        }
+        let Some((client, client_name)) = authenticated else {
             self.throttle.record_failure(peer, named, now);
             return Err(TokenError::new(
                 TokenErrorCode::InvalidClient,
@@ -224,7 +227,7 @@ impl TokenEndpoint {
             .map_err(|e| TokenError::new(TokenErrorCode::InvalidScope, e.to_string()))?;
         let access_token = self
             .keys
-            .issue(&credentials.client_id, scopes, self.ttl)
+            .issue(&client_name, scopes, self.ttl)
             .map_err(Refusal::Internal)?;
         Ok(Issued {
             client_index: client.client_index.unwrap_or_default(),
