@@ -362,7 +362,9 @@ async fn token_endpoint_refusals_are_rfc_6749_answers() {
     let unknown = client_basic("nobody", RW_KEY);
     let both = format!("{grant}&client_id=rw&client_secret={RW_KEY}");
     let post_wrong = format!("{grant}&client_id=rw&client_secret=nope");
-    let cases: Vec<(Vec<(&str, &str)>, &str, u16, &str)> = vec![
+    // (headers, body, status, error)
+    type Case<'a> = (Vec<(&'a str, &'a str)>, &'a str, u16, &'a str);
+    let cases: Vec<Case> = vec![
         (
             vec![("authorization", &wrong), FORM],
             grant,
