@@ -203,7 +203,7 @@ async fn an_independent_oauth_client_gets_tokens_both_ways_and_reads_and_writes_
     let python = oauth_client_python();
     // A secret whose Basic encoding differs with and without RFC 6749 §2.3.1's form-encoding
     // (Authlib 1.9 sends it raw).
-    let secret = "s3cret:with+special%chars&=/0123456789";
+    let secret = "s3cret:with+plus%2Bescape&=/0123456789";
     let h = Harness::start_with(|c| {
         c.with_client("studio", secret, &["read", "write"]);
     })
@@ -325,7 +325,7 @@ async fn a_read_only_client_cannot_get_the_write_scope_and_its_read_token_cannot
 
 #[tokio::test]
 async fn token_endpoint_refusals_are_rfc_6749_answers() {
-    let special = "p@ss:w%rd+key/0123456789";
+    let special = "p@ss:w%2Brd+key/0123456789";
     let h = Harness::start_with(|c| {
         c.with_client("special", special, &["read"]);
     })
