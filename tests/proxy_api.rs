@@ -520,7 +520,7 @@ async fn invalid_bodies_are_400_with_the_culprit_field_without_calling_upstream(
 }
 
 #[tokio::test]
-async fn missing_or_wrong_key_is_401_with_basic_challenge_without_calling_upstream() {
+async fn missing_or_wrong_key_is_401_with_a_challenge_without_calling_upstream() {
     let h = Harness::start().await;
     let path = consent_path("+15550400001");
     let wrong_user = basic("reader", RW_KEY);
@@ -550,9 +550,19 @@ async fn missing_or_wrong_key_is_401_with_basic_challenge_without_calling_upstre
             )
             .await;
             assert_proxy_error(&response, 401, "unauthorized");
+            // A Bearer value is a key or an access token: RFC 6750's challenge says it was
+            // refused. Anything else gets the Basic challenge.
+            let bearer = headers
+                .iter()
+                .any(|(name, value)| *name == "authorization" && value.starts_with("Bearer "));
+            let challenge = if bearer {
+                r#"Bearer realm="consent-proxy", error="invalid_token""#
+            } else {
+                r#"Basic realm="consent-proxy""#
+            };
             assert_eq!(
                 response.header("www-authenticate"),
-                Some(r#"Basic realm="consent-proxy""#),
+                Some(challenge),
                 "{method} {headers:?}"
             );
         }
@@ -610,7 +620,9 @@ async fn other_paths_are_404_not_found_without_calling_upstream() {
         "/api/voicebiometrics/contacts/x/consent",
         "/metrics",
         "/healthz",
-        "/oauth/token",
+        // The token endpoint is exactly /oauth/token (tests/oauth.rs).
+        "/oauth/token/",
+        "/oauth",
         "/_sim/stats",
     ];
     for path in paths {
