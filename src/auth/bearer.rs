@@ -1,5 +1,5 @@
 //! Access tokens presented on the consent routes: verified once (signature, algorithm, key id,
-//! audience, expiry), then found by the digest of the token until it expires; on every use the
+//! audience, expiry), then found in the verified-token cache until they expire; on every use a
 //! token grants its scopes within what its client holds now.
 
 use std::sync::Arc;
@@ -40,37 +40,32 @@ impl AccessTokens {
         }
     }
 
-    /// The caller an access token stands for. `digest` is the token's SHA-256; `clients` is
-    /// the client list of the authenticator that owns this cache.
-    pub fn caller(
-        &self,
-        token: &str,
-        digest: [u8; 32],
-        clients: &[ClientSettings],
-    ) -> Result<Caller, TokenRejection> {
-        let verified = match self.verified.get(&digest) {
-            Some(verified) => verified,
-            None => self.verify(token, digest, clients).inspect_err(|reason| {
-                if let Some((_, counter)) = self.rejected.iter().find(|(r, _)| r == reason) {
-                    counter.inc();
-                }
-                tracing::debug!(reason = %reason, "access token refused");
-            })?,
-        };
-        let client = clients
-            .get(verified.client_index)
-            .ok_or(TokenRejection::UnknownClient)?;
-        Ok(Caller {
-            client_index: Some(verified.client_index),
-            permissions: scope::granted_now(verified.scopes, client.permissions),
-        })
+    /// The caller a token verified before stands for, if it is cached and has not expired.
+    /// `clients` is the client list of the authenticator that owns this cache.
+    pub fn cached(&self, token: &str, clients: &[ClientSettings]) -> Option<Caller> {
+        caller(self.verified.get(token)?, clients)
     }
 
-    /// Verifies a token not seen before (or no longer cached) and caches it.
-    fn verify(
+    /// Verifies a token not seen before (or no longer cached), caches it, and says whom it
+    /// stands for.
+    pub fn verify(
         &self,
         token: &str,
-        digest: [u8; 32],
+        clients: &[ClientSettings],
+    ) -> Result<Caller, TokenRejection> {
+        let verified = self.verify_claims(token, clients).inspect_err(|reason| {
+            if let Some((_, counter)) = self.rejected.iter().find(|(r, _)| r == reason) {
+                counter.inc();
+            }
+            tracing::debug!(reason = %reason, "access token refused");
+        })?;
+        self.verified.insert(token, verified);
+        caller(verified, clients).ok_or(TokenRejection::UnknownClient)
+    }
+
+    fn verify_claims(
+        &self,
+        token: &str,
         clients: &[ClientSettings],
     ) -> Result<Verified, TokenRejection> {
         let claims = self.keys.verify(token)?;
@@ -80,12 +75,19 @@ impl AccessTokens {
             .iter()
             .position(|c| c.name == claims.client)
             .ok_or(TokenRejection::UnknownClient)?;
-        let verified = Verified {
+        Ok(Verified {
             client_index,
             scopes: claims.scopes,
             expires_at: Instant::now() + claims.remaining(),
-        };
-        self.verified.insert(digest, verified);
-        Ok(verified)
+        })
     }
+}
+
+/// What a verified token grants now: its scopes within what its client holds.
+fn caller(verified: Verified, clients: &[ClientSettings]) -> Option<Caller> {
+    let client = clients.get(verified.client_index)?;
+    Some(Caller {
+        client_index: Some(verified.client_index),
+        permissions: scope::granted_now(verified.scopes, client.permissions),
+    })
 }

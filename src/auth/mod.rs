@@ -8,7 +8,7 @@
 //! client holds in the configuration now.
 //!
 //! - [`token`]: signing and verifying access tokens (HS256 JWTs, key ids, rotation);
-//! - [`bearer`]: Bearer tokens on the consent routes, verified once and then found by digest;
+//! - [`bearer`]: access tokens on the consent routes, verified once, then found in a cache;
 //! - [`scope`]: OAuth scopes and the permissions they stand for;
 //! - [`throttle`]: failed client authentications at the token endpoint, per name and address.
 
@@ -162,11 +162,17 @@ impl Authenticator {
         self.client_with_key(&sha256(client_secret.as_bytes()), Some(client_id))
     }
 
-    /// A Bearer value: a client's key, else an access token.
+    /// A Bearer value: a token verified before, else a client's key, else a token to verify.
+    /// The cache is asked first: it is the common case, and the cheapest.
     fn bearer(&self, value: &str) -> Result<Caller, ProxyError> {
-        // One digest serves both: keys are compared by digest, tokens are cached by it.
-        let digest = sha256(value.as_bytes());
-        if let Some(caller) = self.client_with_key(&digest, None) {
+        if let Some(caller) = self
+            .tokens
+            .as_ref()
+            .and_then(|t| t.cached(value, &self.clients))
+        {
+            return Ok(caller);
+        }
+        if let Some(caller) = self.client_with_key(&sha256(value.as_bytes()), None) {
             return Ok(caller);
         }
         let rejected = |reason: TokenRejection| {
@@ -176,9 +182,7 @@ impl Authenticator {
             .tokens
             .as_ref()
             .ok_or_else(|| rejected(TokenRejection::TokensDisabled))?;
-        tokens
-            .caller(value, digest, &self.clients)
-            .map_err(rejected)
+        tokens.verify(value, &self.clients).map_err(rejected)
     }
 
     /// The client whose key has `digest` (and whose name is `claimed_name`, when one is
