@@ -255,6 +255,21 @@ struct Expected {
     upstream_status: &'static str,
 }
 
+impl Expected {
+    /// A GET refused for its credentials: anonymous, nothing looked up.
+    fn refused(request_id: &'static str) -> Expected {
+        Expected {
+            request_id,
+            method: "GET",
+            client: "anonymous",
+            contact: "-",
+            status: 401,
+            cache: "-",
+            upstream_status: "-",
+        }
+    }
+}
+
 const CONTACTS: [&str; 8] = [
     "+15551234567",
     "+15559876543",
@@ -392,18 +407,7 @@ async fn scenario(run: Run) {
         ("r07-wrong-basic", ("authorization", wrong_basic.as_str())),
     ] {
         let got = caller.get(request_id, "+15551234567", auth).await;
-        expect(
-            Expected {
-                request_id,
-                method: "GET",
-                client: "anonymous",
-                contact: "-",
-                status: 401,
-                cache: "-",
-                upstream_status: "-",
-            },
-            got,
-        );
+        expect(Expected::refused(request_id), got);
     }
 
     // Upstream rejects the token once: renewed, retried.
@@ -598,18 +602,7 @@ async fn scenario(run: Run) {
             ("authorization", &tampered),
         )
         .await;
-    expect(
-        Expected {
-            request_id: "t04-tampered-token",
-            method: "GET",
-            client: "anonymous",
-            contact: "-",
-            status: 401,
-            cache: "-",
-            upstream_status: "-",
-        },
-        got,
-    );
+    expect(Expected::refused("t04-tampered-token"), got);
     let _ = std::fs::remove_file(&signing_key_file);
 
     let log = proxy.stop();

@@ -625,7 +625,10 @@ async fn unacceptable_tokens_are_401_invalid_token_and_never_reach_upstream() {
     ];
     // The genuine token used first, so it is in the verified-token cache: the forgeries that
     // keep its signature must not be taken for it.
-    assert_eq!(get_with(&h.proxy, "+15557200001", &genuine).await.status, 404);
+    assert_eq!(
+        get_with(&h.proxy, "+15557200001", &genuine).await.status,
+        404
+    );
     let upstream_before = h.sim.stats().gets + h.sim.stats().puts;
     for (what, token, reason) in &cases {
         assert_invalid_token(&get_with(&h.proxy, "+15557200001", token).await, what);
