@@ -199,6 +199,7 @@ fn server(s: schema::Server, p: &mut Problems) -> Option<ServerSettings> {
         s.header_read_timeout_ms,
         positive_millis,
     );
+    let idle_timeout = p.check("server.idle_timeout_ms", s.idle_timeout_ms, positive_millis);
     let request_timeout = p.check(
         "server.request_timeout_ms",
         s.request_timeout_ms,
@@ -218,6 +219,7 @@ fn server(s: schema::Server, p: &mut Problems) -> Option<ServerSettings> {
         max_body_bytes: max_body_bytes?,
         max_header_bytes: max_header_bytes?,
         header_read_timeout: header_read_timeout?,
+        idle_timeout: idle_timeout?,
         request_timeout: request_timeout?,
         shutdown_grace: shutdown_grace?,
         max_connections: max_connections?,

@@ -12,7 +12,7 @@ use prometheus::{HistogramVec, IntCounterVec, Registry};
 use tokio::time::Instant;
 
 use crate::config::TalkdeskSettings;
-use crate::consent::{consent_status_of, ConsentAnswer, ConsentStatus, ContactId};
+use crate::consent::{consent_path, consent_status_of, ConsentAnswer, ConsentStatus, ContactId};
 use crate::error::{ErrorChain, Failure, ProxyError};
 use crate::metrics::{self, status_label};
 use crate::upstream::backoff::Backoff;
@@ -197,11 +197,7 @@ impl ConsentApi {
         deadline: Instant,
         last: &LastAttempt,
     ) -> Result<ConsentAnswer, CallError> {
-        let uri = format!(
-            "{}/voicebiometrics/contacts/{}/consent",
-            self.api_base_url,
-            contact.to_path_segment()
-        );
+        let uri = format!("{}{}", self.api_base_url, consent_path(contact));
         let mut retries_left = self.max_retries;
         let mut renewed_after_401 = false;
         let mut backoff = Backoff::new(RETRY_BACKOFF_FIRST, RETRY_BACKOFF_LAST);
