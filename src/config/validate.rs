@@ -670,16 +670,9 @@ fn api_key_digest(api_key: &str, what: &str) -> Result<[u8; 32], String> {
     }
 }
 
-fn decode_sha256_hex(hex: &str) -> Option<[u8; 32]> {
-    // Checked first: `from_str_radix` would also take a '+' sign.
-    if hex.len() != 64 || !hex.bytes().all(|b| b.is_ascii_hexdigit()) {
-        return None;
-    }
+fn decode_sha256_hex(digits: &str) -> Option<[u8; 32]> {
     let mut digest = [0u8; 32];
-    for (byte, pair) in digest.iter_mut().zip(hex.as_bytes().chunks(2)) {
-        let pair = std::str::from_utf8(pair).ok()?;
-        *byte = u8::from_str_radix(pair, 16).ok()?;
-    }
+    hex::decode_to_slice(digits, &mut digest).ok()?;
     Some(digest)
 }
 
