@@ -19,6 +19,7 @@ use crate::http::server::{self, ListenerLimits};
 use crate::metrics::{self, HttpMetrics};
 use crate::service::{ConsentService, WriteMetrics};
 use crate::tls::TlsError;
+use crate::upstream::admission::AdmissionMetrics;
 use crate::upstream::client::{ConsentApi, UpstreamMetrics};
 use crate::upstream::token::{TokenManager, TokenMetrics};
 use crate::upstream::transport::Transport;
@@ -88,6 +89,7 @@ impl App {
             tokens.clone(),
             &settings.talkdesk,
             UpstreamMetrics::register(&registry),
+            AdmissionMetrics::register(&registry),
         ));
         let cache = ConsentCache::new(&settings.cache, CacheMetrics::register(&registry));
         let service = ConsentService::new(api, cache.clone(), WriteMetrics::register(&registry));
