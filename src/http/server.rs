@@ -10,7 +10,7 @@
 use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -22,7 +22,6 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use tokio::net::{TcpListener, TcpSocket, TcpStream};
 use tokio::sync::{watch, Semaphore};
-use tokio::time::Instant;
 use tokio_rustls::TlsAcceptor;
 
 use crate::http::body::Body;
@@ -242,70 +241,62 @@ enum Idle {
     Kept,
 }
 
-/// Requests in progress on one connection, and when the last one ended.
+/// Requests in progress on one connection, and whether any began or ended lately.
 ///
 /// hyper's HTTP/1 header read timeout only starts once the auto builder has read enough to
 /// pick HTTP/1 or HTTP/2, and HTTP/2 has neither that nor an idle timeout, so without this a
 /// connection that sends nothing (or part of the HTTP/2 preface), or an idle h2 connection,
-/// would hold a `max_connections` slot for ever.
+/// would hold a `max_connections` slot for ever. A request only bumps two counters (no clock
+/// read): the idle check compares them between its wake-ups, so a connection is closed
+/// between one and two idle timeouts after its last request.
 struct Activity {
-    started: Instant,
     in_progress: AtomicU32,
-    requests_seen: AtomicBool,
-    /// Milliseconds from `started` to the end of the last request.
-    last_end_ms: AtomicU64,
+    /// Requests begun and ended so far (both bump it).
+    events: AtomicU64,
 }
 
 impl Activity {
     fn new() -> Self {
         Activity {
-            started: Instant::now(),
             in_progress: AtomicU32::new(0),
-            requests_seen: AtomicBool::new(false),
-            last_end_ms: AtomicU64::new(0),
+            events: AtomicU64::new(0),
         }
     }
 
     /// Marks a request in progress until the returned guard is dropped.
     fn begin(self: &Arc<Self>) -> RequestInProgress {
-        self.requests_seen.store(true, Ordering::Relaxed);
         self.in_progress.fetch_add(1, Ordering::AcqRel);
+        self.events.fetch_add(1, Ordering::Release);
         RequestInProgress(self.clone())
     }
 
     /// Resolves once the connection has been idle too long: never used within
-    /// `first_request`, or with no request in progress for `idle`.
+    /// `first_request`, or with no request in progress or begun for `idle`.
     async fn idle_for(&self, first_request: Duration, idle: Duration) -> Idle {
-        let mut check_at = self.started + first_request;
+        tokio::time::sleep(first_request).await;
+        let mut seen = self.events.load(Ordering::Acquire);
+        if seen == 0 {
+            return Idle::NeverUsed;
+        }
         loop {
-            tokio::time::sleep_until(check_at).await;
-            if !self.requests_seen.load(Ordering::Relaxed) {
-                return Idle::NeverUsed;
-            }
-            if self.in_progress.load(Ordering::Acquire) > 0 {
-                check_at = Instant::now() + idle;
-                continue;
-            }
-            let last_end =
-                self.started + Duration::from_millis(self.last_end_ms.load(Ordering::Acquire));
-            if last_end + idle <= Instant::now() {
+            tokio::time::sleep(idle).await;
+            let now = self.events.load(Ordering::Acquire);
+            if now == seen && self.in_progress.load(Ordering::Acquire) == 0 {
                 return Idle::Kept;
             }
-            check_at = last_end + idle;
+            seen = now;
         }
     }
 }
 
 /// A request in progress; dropping it (the answer is ready, or the request was cancelled)
-/// starts the idle clock.
+/// counts as activity too.
 struct RequestInProgress(Arc<Activity>);
 
 impl Drop for RequestInProgress {
     fn drop(&mut self) {
-        let activity = &self.0;
-        let now_ms = activity.started.elapsed().as_millis() as u64;
-        activity.last_end_ms.fetch_max(now_ms, Ordering::AcqRel);
-        activity.in_progress.fetch_sub(1, Ordering::AcqRel);
+        self.0.in_progress.fetch_sub(1, Ordering::AcqRel);
+        self.0.events.fetch_add(1, Ordering::Release);
     }
 }
 
