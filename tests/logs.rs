@@ -298,11 +298,14 @@ async fn scenario(run: Run) {
         )
         .set_str("talkdesk.client_auth", run.client_auth)
         .set("talkdesk.timeout_ms", "800")
-        .set("talkdesk.max_retries", "2");
+        .set("talkdesk.max_retries", "2")
+        // The scenario's run of upstream failures would open the circuit before r13.
+        .set("talkdesk.breaker_failures", "0");
+    static NEXT_KEY_FILE: AtomicU32 = AtomicU32::new(0);
     let signing_key_file = std::env::temp_dir().join(format!(
         "consent-proxy-logs-signing-key-{}-{}",
         std::process::id(),
-        run.level.len() * 2 + usize::from(run.format == Format::Json)
+        NEXT_KEY_FILE.fetch_add(1, Ordering::Relaxed)
     ));
     std::fs::write(&signing_key_file, SIGNING_KEY).expect("write signing key");
     config.set_str(
