@@ -15,7 +15,8 @@ use std::path::{Path, PathBuf};
 
 const DEFAULTS: &str = "config/default.toml";
 const REFERENCE: &str = "docs/configuration.md";
-const BEGIN: &str = "<!-- BEGIN generated from config/default.toml by tests/docs.rs: edit the comments there, \
+const BEGIN: &str =
+    "<!-- BEGIN generated from config/default.toml by tests/docs.rs: edit the comments there, \
                      then run `UPDATE_CONFIG_DOC=1 cargo test --test docs` -->";
 const END: &str = "<!-- END generated -->";
 
@@ -183,8 +184,15 @@ fn render(sections: &[Section]) -> String {
         if !intro.is_empty() {
             let _ = writeln!(out, "{}\n", intro.join(" "));
         }
-        let value_column = if section.example { "example" } else { "default" };
-        let _ = writeln!(out, "| key | {value_column} | what it does |\n|---|---|---|");
+        let value_column = if section.example {
+            "example"
+        } else {
+            "default"
+        };
+        let _ = writeln!(
+            out,
+            "| key | {value_column} | what it does |\n|---|---|---|"
+        );
         for key in &section.keys {
             let _ = writeln!(
                 out,
@@ -210,17 +218,36 @@ fn the_defaults_are_read_completely() {
         let values = table[name].as_table().expect("a table");
         assert_eq!(values.len(), section.keys.len(), "[{name}]");
         for key in &section.keys {
-            assert_eq!(values[&key.name].to_string(), key.value, "{name}.{}", key.name);
+            assert_eq!(
+                values[&key.name].to_string(),
+                key.value,
+                "{name}.{}",
+                key.name
+            );
             assert!(!key.about.is_empty(), "{name}.{} has no comment", key.name);
             seen += 1;
         }
     }
-    assert_eq!(seen, table.values().filter_map(|v| v.as_table()).map(|t| t.len()).sum::<usize>());
+    assert_eq!(
+        seen,
+        table
+            .values()
+            .filter_map(|v| v.as_table())
+            .map(|t| t.len())
+            .sum::<usize>()
+    );
     let clients = sections.iter().find(|s| s.example).expect("[[clients]]");
     let names: Vec<&str> = clients.keys.iter().map(|k| k.name.as_str()).collect();
-    assert!(names.contains(&"api_key_file") && names.contains(&"permissions"), "{names:?}");
+    assert!(
+        names.contains(&"api_key_file") && names.contains(&"permissions"),
+        "{names:?}"
+    );
     // Continuation lines are kept, in order.
-    let listen_backlog = &sections[0].keys.iter().find(|k| k.name == "listen_backlog").unwrap();
+    let listen_backlog = &sections[0]
+        .keys
+        .iter()
+        .find(|k| k.name == "listen_backlog")
+        .unwrap();
     assert_eq!(listen_backlog.about.len(), 2);
 }
 
@@ -286,7 +313,13 @@ fn collect_files(dir: &Path, into: &mut Vec<PathBuf>) {
 
 #[test]
 fn documentation_points_nowhere_outside_the_repository() {
-    let outside = ["../shared", "/work/", "CONTRACT.md", "talkdesk-api.md", "/notes/"];
+    let outside = [
+        "../shared",
+        "/work/",
+        "CONTRACT.md",
+        "talkdesk-api.md",
+        "/notes/",
+    ];
     let mut found = Vec::new();
     for file in documents() {
         let Ok(text) = fs::read_to_string(&file) else {
@@ -298,7 +331,11 @@ fn documentation_points_nowhere_outside_the_repository() {
             }
         }
     }
-    assert!(found.is_empty(), "references outside the repository:\n{}", found.join("\n"));
+    assert!(
+        found.is_empty(),
+        "references outside the repository:\n{}",
+        found.join("\n")
+    );
 }
 
 /// Repository paths a Markdown text names: relative link targets, and code spans that start
@@ -334,7 +371,10 @@ fn every_path_the_documents_name_exists() {
     let mut files = vec![root().join("README.md"), root().join("benches/README.md")];
     collect_files(&root().join("docs"), &mut files);
     let mut missing = Vec::new();
-    for file in files.iter().filter(|f| f.extension().is_some_and(|e| e == "md")) {
+    for file in files
+        .iter()
+        .filter(|f| f.extension().is_some_and(|e| e == "md"))
+    {
         let text = fs::read_to_string(file).expect("read a document");
         let base = file.parent().expect("a folder");
         for path in named_paths(&text) {
@@ -345,7 +385,11 @@ fn every_path_the_documents_name_exists() {
             }
         }
     }
-    assert!(missing.is_empty(), "named but missing:\n{}", missing.join("\n"));
+    assert!(
+        missing.is_empty(),
+        "named but missing:\n{}",
+        missing.join("\n")
+    );
 }
 
 #[test]
@@ -373,6 +417,12 @@ fn the_readme_opens_with_the_two_commands() {
         before.lines().filter(|l| !l.trim().is_empty()).count() <= 1,
         "only the title comes before the commands:\n{before}"
     );
-    assert!(first_block.contains("cargo run --release -- demo"), "{first_block}");
-    assert!(first_block.contains("bash scripts/test.sh"), "{first_block}");
+    assert!(
+        first_block.contains("cargo run --release -- demo"),
+        "{first_block}"
+    );
+    assert!(
+        first_block.contains("bash scripts/test.sh"),
+        "{first_block}"
+    );
 }
