@@ -18,6 +18,7 @@ use std::collections::BTreeMap;
 use std::fs;
 use std::path::{Path, PathBuf};
 use std::process::Command;
+use std::sync::OnceLock;
 
 use serde_json::Value;
 use support::yaml::yaml_documents;
@@ -32,8 +33,13 @@ fn root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
 }
 
-/// Every manifest, by file name, as its documents.
-fn manifests() -> BTreeMap<String, Vec<Value>> {
+/// Every manifest, by file name, as its documents (read once: each file is a Python run).
+fn manifests() -> &'static BTreeMap<String, Vec<Value>> {
+    static MANIFESTS: OnceLock<BTreeMap<String, Vec<Value>>> = OnceLock::new();
+    MANIFESTS.get_or_init(read_manifests)
+}
+
+fn read_manifests() -> BTreeMap<String, Vec<Value>> {
     let mut files = BTreeMap::new();
     for entry in fs::read_dir(root().join(DIR)).expect("deploy/kubernetes") {
         let path = entry.expect("entry").path();
@@ -116,7 +122,7 @@ fn selects_the_pods(selector: &Value, deployment: &Value) -> bool {
 #[test]
 fn every_manifest_parses_and_is_applied() {
     let all = manifests();
-    for (file, docs) in &all {
+    for (file, docs) in all {
         assert!(!docs.is_empty(), "{file} is empty");
         for doc in docs {
             assert!(doc["apiVersion"].is_string(), "{file}: no apiVersion");
