@@ -630,39 +630,52 @@ fn simulator_answers_its_stats_and_stops_on_sigterm() {
 // ---------------------------------------------------------------------------------------------
 // serve
 
-#[test]
-fn serve_finishes_the_request_in_flight_on_sigterm_and_exits_0() {
-    let (mut sim, sim_addr) = start_simulator_process("serve-client", CLIENT_SECRET, 400);
-    let config = format!(
+/// A configuration for `serve` on free ports in front of the simulator at `sim_addr`, with
+/// one client (`cli`, key `API_KEY`, read and write).
+fn config_for_simulator(sim_addr: &str, client_id: &str) -> String {
+    format!(
         r#"[server]
 listen = "127.0.0.1:0"
 admin_listen = "127.0.0.1:0"
 [talkdesk]
 api_base_url = "http://{sim_addr}"
 token_url = "http://{sim_addr}/oauth/token"
-client_id = "serve-client"
+client_id = "{client_id}"
 client_secret = "{CLIENT_SECRET}"
 [[clients]]
 name = "cli"
 api_key = "{API_KEY}"
 permissions = ["read", "write"]
 "#
+    )
+}
+
+/// The value of `field=` in the log lines (the start-up line names both listeners).
+fn logged_field(logs: &[String], field: &str) -> String {
+    let prefix = format!("{field}=");
+    logs.iter()
+        .find_map(|l| {
+            l.split_whitespace()
+                .find_map(|w| w.strip_prefix(prefix.as_str()))
+        })
+        .unwrap_or_else(|| panic!("{field} not logged: {logs:?}"))
+        .to_owned()
+}
+
+#[test]
+fn serve_finishes_the_request_in_flight_on_sigterm_and_exits_0() {
+    let (mut sim, sim_addr) = start_simulator_process("serve-client", CLIENT_SECRET, 400);
+    let file = TempFile::new(
+        "serve.toml",
+        &config_for_simulator(&sim_addr, "serve-client"),
     );
-    let file = TempFile::new("serve.toml", &config);
     let mut command = command();
     command.arg("serve").arg("--config").arg(file.path());
     let mut proxy = Running::spawn(command);
     let logs = proxy.read_until(Stream::Stderr, Duration::from_secs(30), |lines| {
         lines.iter().any(|l| l.contains("listen_addr="))
     });
-    let listen = logs
-        .iter()
-        .find_map(|l| {
-            l.split_whitespace()
-                .find_map(|w| w.strip_prefix("listen_addr="))
-        })
-        .expect("listen_addr logged")
-        .to_owned();
+    let listen = logged_field(&logs, "listen_addr");
     let startup = logs.join("\n");
     assert!(
         !startup.contains(CLIENT_SECRET),
@@ -699,22 +712,7 @@ permissions = ["read", "write"]
 #[test]
 fn a_bare_config_option_serves() {
     let (mut sim, sim_addr) = start_simulator_process("bare-client", CLIENT_SECRET, 0);
-    let config = format!(
-        r#"[server]
-listen = "127.0.0.1:0"
-admin_listen = "127.0.0.1:0"
-[talkdesk]
-api_base_url = "http://{sim_addr}"
-token_url = "http://{sim_addr}/oauth/token"
-client_id = "bare-client"
-client_secret = "{CLIENT_SECRET}"
-[[clients]]
-name = "cli"
-api_key = "{API_KEY}"
-permissions = ["read"]
-"#
-    );
-    let file = TempFile::new("bare.toml", &config);
+    let file = TempFile::new("bare.toml", &config_for_simulator(&sim_addr, "bare-client"));
     // `consent-proxy --config FILE`, no command: the same as `serve --config FILE`.
     let mut bare = command();
     bare.arg("--config").arg(file.path());
@@ -722,14 +720,7 @@ permissions = ["read"]
     let logs = proxy.read_until(Stream::Stderr, Duration::from_secs(30), |lines| {
         lines.iter().any(|l| l.contains("admin_addr="))
     });
-    let admin = logs
-        .iter()
-        .find_map(|l| {
-            l.split_whitespace()
-                .find_map(|w| w.strip_prefix("admin_addr="))
-        })
-        .expect("admin_addr logged")
-        .to_owned();
+    let admin = logged_field(&logs, "admin_addr");
     // The file was read: its client id reached the simulator's token endpoint.
     let deadline = Instant::now() + Duration::from_secs(10);
     while http_get(&admin, "/readyz").0 != 200 {

@@ -132,7 +132,7 @@ fn every_manifest_parses_and_is_applied() {
             }
         }
     }
-    let kustomization = the(&all, "Kustomization");
+    let kustomization = the(all, "Kustomization");
     let mut applied: Vec<&str> = kustomization["resources"]
         .as_array()
         .expect("resources")
@@ -158,10 +158,10 @@ fn every_manifest_parses_and_is_applied() {
         "PodMonitor",
         "PrometheusRule",
     ] {
-        the(&all, kind);
+        the(all, kind);
     }
     // The image the Deployment names is this version's (kustomize's `images` may retag it).
-    let deployment = the(&all, "Deployment");
+    let deployment = the(all, "Deployment");
     let image = str_of(&the_container(deployment)["image"], "image");
     assert!(
         image.ends_with(&format!(":{}", env!("CARGO_PKG_VERSION"))),
@@ -182,7 +182,7 @@ fn every_manifest_parses_and_is_applied() {
 #[test]
 fn the_deployment_agrees_with_its_configuration() {
     let all = manifests();
-    let (_, config) = config(&all);
+    let (_, config) = config(all);
     let server = config["server"].as_table().expect("[server]");
     let listen = str_of_toml(&server["listen"]);
     let admin_listen = str_of_toml(&server["admin_listen"]);
@@ -193,7 +193,7 @@ fn the_deployment_agrees_with_its_configuration() {
             "{addr}"
         );
     }
-    let deployment = the(&all, "Deployment");
+    let deployment = the(all, "Deployment");
     assert_eq!(deployment["spec"]["replicas"], 3);
     assert!(selects_the_pods(
         &deployment["spec"]["selector"]["matchLabels"],
@@ -254,7 +254,7 @@ fn the_deployment_agrees_with_its_configuration() {
     assert!(request > 0 && limit >= request, "{resources}");
 
     // The Service exposes the consent port, and only it.
-    let service = the(&all, "Service");
+    let service = the(all, "Service");
     assert!(selects_the_pods(&service["spec"]["selector"], deployment));
     let ports = service["spec"]["ports"].as_array().expect("ports");
     assert_eq!(ports.len(), 1, "the Service exposes one port");
@@ -264,7 +264,7 @@ fn the_deployment_agrees_with_its_configuration() {
     );
 
     // The PodDisruptionBudget covers the pods and leaves some running.
-    let budget = the(&all, "PodDisruptionBudget");
+    let budget = the(all, "PodDisruptionBudget");
     assert!(selects_the_pods(
         &budget["spec"]["selector"]["matchLabels"],
         deployment
@@ -294,15 +294,15 @@ fn mebibytes(quantity: &Value) -> u64 {
 #[test]
 fn prometheus_scrapes_the_admin_port_as_the_job_the_alerts_expect() {
     let all = manifests();
-    let deployment = the(&all, "Deployment");
-    let monitor = the(&all, "PodMonitor");
+    let deployment = the(all, "Deployment");
+    let monitor = the(all, "PodMonitor");
     assert!(selects_the_pods(
         &monitor["spec"]["selector"]["matchLabels"],
         deployment
     ));
     let endpoint = &monitor["spec"]["podMetricsEndpoints"][0];
     assert_eq!(endpoint["path"], "/metrics");
-    let (_, config) = config(&all);
+    let (_, config) = config(all);
     assert_eq!(
         container_port(the_container(deployment), &endpoint["port"]),
         port_of(str_of_toml(&config["server"]["admin_listen"]))
@@ -444,7 +444,7 @@ fn files_of(object: &Value) -> BTreeMap<String, String> {
 #[test]
 fn check_config_accepts_the_config_map_with_the_secrets_mounted() {
     let all = manifests();
-    let deployment = the(&all, "Deployment");
+    let deployment = the(all, "Deployment");
     let container = the_container(deployment);
     let objects: Vec<&Value> = all.values().flatten().collect();
     let find = |kind: &str, name: &str| -> &Value {
@@ -456,7 +456,7 @@ fn check_config_accepts_the_config_map_with_the_secrets_mounted() {
 
     // Lay every mount out under a temporary root; the configuration's paths move with it.
     let scratch = TempDir::new();
-    let (mut text, config) = config(&all);
+    let (mut text, config) = config(all);
     let volumes = deployment["spec"]["template"]["spec"]["volumes"]
         .as_array()
         .expect("volumes");
@@ -539,7 +539,7 @@ fn check_config_accepts_the_config_map_with_the_secrets_mounted() {
         stdout.contains("redis://consent-proxy-redis:6379/0"),
         "{stdout}"
     );
-    for secret in the_secrets(&all) {
+    for secret in the_secrets(all) {
         assert!(
             !stdout.contains(&secret),
             "a secret in check-config's output"
