@@ -224,9 +224,11 @@ listen=127.0.0.1:$(free_port)
 demo_args=(demo --listen "$listen" --admin-listen "$admin" --api-key "$key")
 host_line=$(python3 scripts/start-to-ready.py --admin "$admin" --runs "$RUNS" --label host -- \
     "$binary" "${demo_args[@]}")
+start_name=consent-proxy-test-start-$$
+names+=("$start_name")
 container_line=$(python3 scripts/start-to-ready.py --admin "$admin" --runs "$RUNS" \
-    --label container -- "${RUN[@]}" --rm --name "consent-proxy-test-start-$$" "$image" "${demo_args[@]}")
-names+=("consent-proxy-test-start-$$")
+    --label container --stop "${PODMAN[*]} kill --signal TERM $start_name" -- \
+    "${RUN[@]}" --rm --name "$start_name" "$image" "${demo_args[@]}")
 echo "$host_line"
 echo "$container_line"
 host_ms=$(sed -n 's/.*median \([0-9.]*\) ms.*/\1/p' <<<"$host_line")
