@@ -19,6 +19,7 @@ use crate::http::server::{self, ListenerLimits};
 use crate::metrics::{self, HttpMetrics};
 use crate::service::{ConsentService, WriteMetrics};
 use crate::tls::TlsError;
+use crate::upstream::admission::AdmissionMetrics;
 use crate::upstream::client::{ConsentApi, UpstreamMetrics};
 use crate::upstream::token::{TokenManager, TokenMetrics};
 use crate::upstream::transport::Transport;
@@ -69,9 +70,10 @@ impl App {
             Some(files) => Some(crate::tls::tls_acceptor(&files.cert_file, &files.key_file)?),
             None => None,
         };
-        let (listener, listen_addr) = listen("server.listen", settings.server.listen).await?;
+        let backlog = settings.server.listen_backlog;
+        let (listener, listen_addr) = listen("server.listen", settings.server.listen, backlog)?;
         let (admin_listener, admin_addr) =
-            listen("server.admin_listen", settings.server.admin_listen).await?;
+            listen("server.admin_listen", settings.server.admin_listen, backlog)?;
 
         let registry = metrics::new_registry();
         let (shutdown, shutdown_rx) = watch::channel(false);
@@ -87,6 +89,7 @@ impl App {
             tokens.clone(),
             &settings.talkdesk,
             UpstreamMetrics::register(&registry),
+            AdmissionMetrics::register(&registry),
         ));
         let cache = ConsentCache::new(&settings.cache, CacheMetrics::register(&registry));
         let service = ConsentService::new(api, cache.clone(), WriteMetrics::register(&registry));
@@ -122,6 +125,7 @@ impl App {
         let limits = ListenerLimits {
             max_header_bytes: settings.server.max_header_bytes,
             header_read_timeout: settings.server.header_read_timeout,
+            idle_timeout: settings.server.idle_timeout,
             max_connections: settings.server.max_connections,
         };
         let grace = settings.server.shutdown_grace;
@@ -175,12 +179,13 @@ impl App {
 }
 
 /// Binds the listener configured under `key`, and says where it listens (port 0 resolved).
-async fn listen(
+fn listen(
     key: &'static str,
     addr: SocketAddr,
+    backlog: u32,
 ) -> Result<(tokio::net::TcpListener, SocketAddr), StartError> {
     let failed = |source| StartError::Listen { key, addr, source };
-    let listener = server::bind(addr).await.map_err(failed)?;
+    let listener = server::bind(addr, backlog).map_err(failed)?;
     let local = listener.local_addr().map_err(failed)?;
     Ok((listener, local))
 }

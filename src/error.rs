@@ -9,6 +9,7 @@
 use std::borrow::Cow;
 use std::fmt;
 use std::sync::Arc;
+use std::time::Duration;
 
 use bytes::Bytes;
 use http::{header, HeaderValue, Response, StatusCode};
@@ -124,6 +125,13 @@ pub enum ProxyError {
     TokenUnavailable(#[source] Failure),
     #[error("upstream timeout")]
     UpstreamTimeout,
+    /// Nothing was sent: the circuit is open, upstream's `Retry-After` holds, or the budget
+    /// has no room before the deadline.
+    #[error("upstream unavailable ({reason})")]
+    UpstreamUnavailable {
+        reason: &'static str,
+        retry_after: Duration,
+    },
     #[error("internal error")]
     Internal(#[source] Failure),
 }
@@ -140,7 +148,9 @@ impl ProxyError {
             | ProxyError::PayloadTooLarge { .. }
             | ProxyError::UnsupportedMediaType
             | ProxyError::RequestTimeout => ErrorSource::Downstream,
-            ProxyError::Upstream(_) | ProxyError::UpstreamTimeout => ErrorSource::Upstream,
+            ProxyError::Upstream(_)
+            | ProxyError::UpstreamTimeout
+            | ProxyError::UpstreamUnavailable { .. } => ErrorSource::Upstream,
             ProxyError::TokenUnavailable(_) => ErrorSource::TokenEndpoint,
             ProxyError::Internal(_) => ErrorSource::Internal,
         }
@@ -161,6 +171,7 @@ impl ProxyError {
             ProxyError::Upstream(_) => StatusCode::BAD_GATEWAY,
             ProxyError::TokenUnavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
             ProxyError::UpstreamTimeout => StatusCode::GATEWAY_TIMEOUT,
+            ProxyError::UpstreamUnavailable { .. } => StatusCode::SERVICE_UNAVAILABLE,
             ProxyError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
@@ -180,6 +191,7 @@ impl ProxyError {
             ProxyError::Upstream(_) => "upstream_error",
             ProxyError::TokenUnavailable(_) => "token_unavailable",
             ProxyError::UpstreamTimeout => "upstream_timeout",
+            ProxyError::UpstreamUnavailable { .. } => "upstream_unavailable",
             ProxyError::Internal(_) => "internal_error",
         }
     }
@@ -203,6 +215,9 @@ impl ProxyError {
             ProxyError::Upstream(_) => "the consent API failed or answered something unusable".into(),
             ProxyError::TokenUnavailable(_) => "no access token can be had from the token endpoint".into(),
             ProxyError::UpstreamTimeout => "the consent API did not answer in time".into(),
+            ProxyError::UpstreamUnavailable { .. } => {
+                "the consent API is unavailable for now; retry after the time in Retry-After".into()
+            }
             ProxyError::Internal(_) => "internal error".into(),
         }
     }
@@ -229,6 +244,11 @@ impl ProxyError {
             }
             ProxyError::MethodNotAllowed { allow } => {
                 headers.insert(header::ALLOW, HeaderValue::from_static(allow));
+            }
+            ProxyError::UpstreamUnavailable { retry_after, .. } => {
+                // Whole seconds, rounded up: never 0, which would invite an immediate retry.
+                let seconds = retry_after.as_secs() + u64::from(retry_after.subsec_nanos() > 0);
+                headers.insert(header::RETRY_AFTER, HeaderValue::from(seconds.max(1)));
             }
             _ => {}
         }

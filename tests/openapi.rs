@@ -621,6 +621,10 @@ fn every_proxy_error() -> Vec<ProxyError> {
         ProxyError::Upstream("x".into()),
         ProxyError::TokenUnavailable("x".into()),
         ProxyError::UpstreamTimeout,
+        ProxyError::UpstreamUnavailable {
+            reason: "circuit_open",
+            retry_after: std::time::Duration::from_secs(1),
+        },
         ProxyError::Internal("x".into()),
     ];
     for error in &all {
@@ -637,6 +641,7 @@ fn every_proxy_error() -> Vec<ProxyError> {
             | ProxyError::Upstream(_)
             | ProxyError::TokenUnavailable(_)
             | ProxyError::UpstreamTimeout
+            | ProxyError::UpstreamUnavailable { .. }
             | ProxyError::Internal(_) => {}
         }
     }
@@ -1177,42 +1182,6 @@ async fn upstream_answers_passed_through_are_documented() {
         )
         .await;
     }
-    // 429 with Retry-After once the retries are spent.
-    h.sim.inject(
-        SimRoute::Get,
-        Fault::TooManyRequests { retry_after_s: 7 },
-        1,
-    );
-    let r = expect(
-        &h,
-        C,
-        Method::GET,
-        &consent_path("+15552200010"),
-        &[RW],
-        None,
-        429,
-        U,
-    )
-    .await;
-    assert_eq!(r.header("retry-after"), Some("7"));
-    h.sim.inject(
-        SimRoute::Put,
-        Fault::TooManyRequests { retry_after_s: 3 },
-        1,
-    );
-    let r = expect(
-        &h,
-        C,
-        Method::PUT,
-        &consent_path("+15552200010"),
-        &[RW, JSON],
-        Some(body),
-        429,
-        U,
-    )
-    .await;
-    assert_eq!(r.header("retry-after"), Some("3"));
-
     // 502 upstream_error: a reset, a 5xx, an unusable 200, a 401 even after a renewal.
     for fault in [
         Fault::CloseConnection,
@@ -1263,6 +1232,42 @@ async fn upstream_answers_passed_through_are_documented() {
         P,
     )
     .await;
+    // 429 with Retry-After once the retries are spent (last: it holds off all upstream traffic).
+    h.sim.inject(
+        SimRoute::Get,
+        Fault::TooManyRequests { retry_after_s: 7 },
+        1,
+    );
+    let r = expect(
+        &h,
+        C,
+        Method::GET,
+        &consent_path("+15552200010"),
+        &[RW],
+        None,
+        429,
+        U,
+    )
+    .await;
+    assert_eq!(r.header("retry-after"), Some("7"));
+    // Until upstream's Retry-After has passed, nothing is sent: 503 upstream_unavailable
+    // with the time left.
+    let puts_before = h.sim.stats().puts;
+    let r = expect(
+        &h,
+        C,
+        Method::PUT,
+        &consent_path("+15552200010"),
+        &[RW, JSON],
+        Some(body),
+        503,
+        P,
+    )
+    .await;
+    assert_eq!(r.code(), "upstream_unavailable");
+    let wait: u64 = r.header("retry-after").unwrap().parse().unwrap();
+    assert!((1..=7).contains(&wait), "Retry-After {wait}");
+    assert_eq!(h.sim.stats().puts, puts_before, "nothing reached upstream");
 }
 
 #[tokio::test]

@@ -717,9 +717,12 @@ async fn body_over_max_body_bytes_is_413_without_calling_upstream() {
 #[tokio::test]
 async fn upstream_unreachable_is_502_upstream_error() {
     let port = free_addr().await.port();
+    // The breaker (which would open after five refused connects) is tested on its own.
     let h = Harness::start_with_upstream(
         |sim| (format!("http://127.0.0.1:{port}"), sim.token_url()),
-        |_| {},
+        |c| {
+            c.set("talkdesk.breaker_failures", "0");
+        },
     )
     .await;
     h.wait_ready().await;
@@ -835,6 +838,18 @@ async fn upstream_429_is_passed_through_with_retry_after_once_retries_are_exhaus
     assert_eq!(get.code(), "too_many_requests");
     assert_eq!(h.sim.stats().gets, 1);
 
+    // Upstream's Retry-After holds for every caller: until it passes nothing is sent.
+    let put = h.put("+15551200001", "REFUSED").await;
+    assert_proxy_error(&put, 503, "upstream_unavailable");
+    let wait: u64 = put.header("retry-after").unwrap().parse().unwrap();
+    assert!((1..=7).contains(&wait), "Retry-After {wait}");
+    assert_eq!(h.sim.stats().puts, 0);
+
+    // A PUT's own 429 is passed through the same way.
+    let h = Harness::start_with(|c| {
+        c.set("talkdesk.max_retries", "0");
+    })
+    .await;
     h.sim.inject(
         SimRoute::Put,
         Fault::TooManyRequests { retry_after_s: 3 },
