@@ -29,7 +29,7 @@ use consent_proxy::auth::{Authenticator, Permission};
 use consent_proxy::config::{ClientSettings, Permissions};
 use consent_proxy::consent::ContactId;
 use consent_proxy::http::body::{self as http_util, APPLICATION_JSON};
-use consent_proxy::http::routes::new_request_id;
+use consent_proxy::http::request_id::new_request_id;
 use consent_proxy::metrics::HttpMetrics;
 use criterion::{criterion_group, criterion_main, Criterion};
 use http::{HeaderMap, HeaderName, HeaderValue, StatusCode};

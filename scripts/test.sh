@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Runs every test of consent-proxy: unit and integration tests (cargo test), the Prometheus
-# rule tests, the bounded soak test and the schemathesis run against `consent-proxy demo`.
+# rule tests, the bounded soak test, the schemathesis run against `consent-proxy demo` and the
+# container image built and run with podman (scripts/container-test.sh).
 # Installs what a fresh machine lacks first (Debian packages, the oidc-provider npm package,
 # Python virtualenvs for the OAuth client test and for schemathesis). Exits non-zero on the
 # first failure.
@@ -15,6 +16,9 @@ command -v promtool >/dev/null 2>&1 || missing+=(prometheus)
 command -v curl >/dev/null 2>&1 || missing+=(curl)
 command -v node >/dev/null 2>&1 || missing+=(nodejs npm)
 python3 -c 'import venv' >/dev/null 2>&1 || missing+=(python3-venv)
+python3 -c 'import yaml' >/dev/null 2>&1 || missing+=(python3-yaml)
+command -v podman >/dev/null 2>&1 || missing+=(podman)
+command -v runc >/dev/null 2>&1 || missing+=(runc)
 if ((${#missing[@]})); then
     step "installing ${missing[*]}"
     apt-get update -qq
@@ -42,5 +46,8 @@ cargo test --release --test soak -- --ignored --nocapture
 
 step "schemathesis against consent-proxy demo"
 bash scripts/schemathesis.sh
+
+step "container image (podman build, run demo and serve inside it)"
+bash scripts/container-test.sh
 
 step "all tests passed"

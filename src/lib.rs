@@ -13,6 +13,7 @@
 
 pub mod app;
 pub mod auth;
+pub mod build_info;
 pub mod cache;
 pub mod config;
 pub mod consent;

@@ -10,31 +10,41 @@ use consent_proxy::config::{LogFormat, LogSettings, Settings};
 use consent_proxy::demo::{Demo, DemoOptions};
 use consent_proxy::error::ErrorChain;
 use consent_proxy::simulator::{Simulator, SimulatorConfig};
-use consent_proxy::{logging, App};
+use consent_proxy::{build_info, logging, App};
 
 #[derive(Parser)]
 #[command(
     name = "consent-proxy",
-    version,
-    about = "Caching, token-sharing reverse proxy for Talkdesk's Voice Biometrics consent API"
+    version = build_info::VERSION_LINE,
+    about = "Caching, token-sharing reverse proxy for Talkdesk's Voice Biometrics consent API",
+    args_conflicts_with_subcommands = true
 )]
 struct Cli {
+    /// With no command: `serve --config FILE`.
+    #[arg(long, value_name = "FILE")]
+    config: Option<PathBuf>,
     #[command(subcommand)]
     command: Option<Command>,
 }
+
+/// The help of `--config`, shared by `serve` and `check-config`.
+const CONFIG_HELP: &str = "TOML configuration file, layered over the built-in defaults \
+                           (config/default.toml) and under the environment variables \
+                           CONSENT_PROXY__<SECTION>__<KEY>";
 
 #[derive(Subcommand)]
 enum Command {
     /// Run the proxy (the default when no command is given).
     Serve {
-        /// TOML configuration file (layered over the built-in defaults, under the environment).
-        #[arg(long)]
+        #[arg(long, value_name = "FILE", help = CONFIG_HELP)]
         config: Option<PathBuf>,
     },
     /// Run the proxy and the built-in Talkdesk simulator together: no account needed.
     Demo {
+        /// Address of the consent API.
         #[arg(long, default_value = "127.0.0.1:8080")]
         listen: SocketAddr,
+        /// Address of /metrics, /healthz, /readyz and /admin/*.
         #[arg(long, default_value = "127.0.0.1:9464")]
         admin_listen: SocketAddr,
         /// The API key callers use (random when not given; at least 16 characters).
@@ -43,10 +53,13 @@ enum Command {
     },
     /// Run the Talkdesk simulator alone (token endpoint /oauth/token, API at its root).
     Simulator {
+        /// Address of the token endpoint and the consent API.
         #[arg(long, default_value = "127.0.0.1:8081")]
         listen: SocketAddr,
+        /// The OAuth client id the token endpoint accepts.
         #[arg(long, default_value = "sim-client")]
         client_id: String,
+        /// The OAuth client secret the token endpoint accepts.
         #[arg(long, default_value = "sim-secret")]
         client_secret: String,
         /// Delay added before every consent-API answer.
@@ -56,9 +69,10 @@ enum Command {
         #[arg(long, default_value_t = 600)]
         token_ttl_s: u64,
     },
-    /// Load and validate the configuration; print it with secrets redacted.
+    /// Load and validate the configuration; print it with secrets redacted. Exit 0 when
+    /// valid, 2 listing every problem when not.
     CheckConfig {
-        #[arg(long)]
+        #[arg(long, value_name = "FILE", help = CONFIG_HELP)]
         config: Option<PathBuf>,
     },
 }
@@ -75,7 +89,8 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    let result = match cli.command.unwrap_or(Command::Serve { config: None }) {
+    let command = cli.command.unwrap_or(Command::Serve { config: cli.config });
+    let result = match command {
         Command::Serve { config } => runtime.block_on(serve(config)),
         Command::Demo {
             listen,
@@ -124,9 +139,20 @@ async fn serve(config: Option<PathBuf>) -> CommandResult {
     let stop = shutdown_signal();
     let proxy = App::start(settings).await?;
     stop.await;
-    tracing::info!("shutting down: draining in-flight requests");
+    log_draining();
     proxy.shutdown().await;
+    log_stopped();
     Ok(())
+}
+
+/// Logged when a stop signal arrives, by every command that serves.
+fn log_draining() {
+    tracing::info!("shutting down: draining in-flight requests");
+}
+
+/// Logged once the listeners are closed, just before exit 0.
+fn log_stopped() {
+    tracing::info!("stopped");
 }
 
 /// The configuration in effect, secrets redacted, at start-up: as readable TOML lines in the
@@ -154,7 +180,9 @@ async fn demo(options: DemoOptions) -> CommandResult {
     let demo = Demo::start(options).await?;
     println!("{}", demo.banner());
     stop.await;
+    log_draining();
     demo.shutdown().await;
+    log_stopped();
     Ok(())
 }
 
@@ -174,7 +202,9 @@ async fn simulator(listen: SocketAddr, config: SimulatorConfig) -> CommandResult
         simulator.base_url()
     );
     stop.await;
+    log_draining();
     simulator.shutdown().await;
+    log_stopped();
     Ok(())
 }
 

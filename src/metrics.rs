@@ -4,11 +4,16 @@
 //! metrics on the one `Registry` it is handed at construction; nothing uses the global
 //! default registry, so several proxies can live in one test process.
 
+#[cfg(target_os = "linux")]
+mod process;
+
 use http::StatusCode;
 use prometheus::{
     core::Collector, Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec,
-    IntGauge, Opts, Registry, TextEncoder,
+    IntGauge, IntGaugeVec, Opts, Registry, TextEncoder,
 };
+
+use crate::build_info;
 
 /// Buckets from 25 µs (a cache hit) to 10 s (past any upstream deadline).
 pub const LATENCY_BUCKETS: &[f64] = &[
@@ -66,16 +71,34 @@ pub fn histogram_vec(registry: &Registry, name: &str, help: &str, labels: &[&str
     )
 }
 
-/// A new registry with the process metrics (`process_*`) already on it.
+/// A new registry with the process metrics (`process_*`) and `consent_proxy_build_info`
+/// already on it.
 pub fn new_registry() -> Registry {
     let registry = Registry::new();
     #[cfg(target_os = "linux")]
-    if let Err(err) = registry.register(Box::new(
-        prometheus::process_collector::ProcessCollector::for_self(),
-    )) {
+    if let Err(err) = registry.register(Box::new(process::ProcessMetrics::for_self())) {
         tracing::warn!(error = %err, "process metrics unavailable");
     }
+    register_build_info(&registry);
     registry
+}
+
+/// `consent_proxy_build_info{version, commit} 1`: which build runs, joinable onto any other
+/// series (`* on(instance) group_left(version, commit) consent_proxy_build_info`).
+fn register_build_info(registry: &Registry) {
+    let info = register(
+        registry,
+        IntGaugeVec::new(
+            Opts::new(
+                "consent_proxy_build_info",
+                "The running build: crate version and git commit; always 1.",
+            ),
+            &["version", "commit"],
+        )
+        .expect("valid metric"),
+    );
+    info.with_label_values(&[build_info::VERSION, build_info::COMMIT])
+        .set(1);
 }
 
 /// The registry in Prometheus' text exposition format.

@@ -215,13 +215,15 @@ impl Running {
             .join("\n")
     }
 
-    /// SIGTERM, then asserts a clean exit (status 0) within `limit`.
-    fn assert_stops_cleanly(&mut self, limit: Duration) {
+    /// SIGTERM, then asserts a clean exit (status 0) within `limit`; returns everything the
+    /// process printed.
+    fn assert_stops_cleanly(&mut self, limit: Duration) -> String {
         let status = self.terminate(limit);
         let transcript = self.transcript();
         let status =
             status.unwrap_or_else(|| panic!("no exit within {limit:?} of SIGTERM:\n{transcript}"));
         assert_eq!(status.code(), Some(0), "{status}:\n{transcript}");
+        transcript
     }
 }
 
@@ -552,7 +554,20 @@ fn demo_prints_working_curl_lines_and_stops_on_sigterm() {
         "{metrics}"
     );
 
-    demo.assert_stops_cleanly(Duration::from_secs(10));
+    // Like `serve`, it says that it drains and that it stopped.
+    let transcript = demo.assert_stops_cleanly(Duration::from_secs(10));
+    assert_logs_shutdown(&transcript);
+}
+
+/// The two lines every serving command logs on SIGTERM, in order.
+fn assert_logs_shutdown(transcript: &str) {
+    let draining = transcript
+        .find("shutting down: draining in-flight requests")
+        .unwrap_or_else(|| panic!("no draining line:\n{transcript}"));
+    let stopped = transcript
+        .rfind("consent_proxy: stopped")
+        .unwrap_or_else(|| panic!("no stopped line:\n{transcript}"));
+    assert!(draining < stopped, "{transcript}");
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -615,39 +630,52 @@ fn simulator_answers_its_stats_and_stops_on_sigterm() {
 // ---------------------------------------------------------------------------------------------
 // serve
 
-#[test]
-fn serve_finishes_the_request_in_flight_on_sigterm_and_exits_0() {
-    let (mut sim, sim_addr) = start_simulator_process("serve-client", CLIENT_SECRET, 400);
-    let config = format!(
+/// A configuration for `serve` on free ports in front of the simulator at `sim_addr`, with
+/// one client (`cli`, key `API_KEY`, read and write).
+fn config_for_simulator(sim_addr: &str, client_id: &str) -> String {
+    format!(
         r#"[server]
 listen = "127.0.0.1:0"
 admin_listen = "127.0.0.1:0"
 [talkdesk]
 api_base_url = "http://{sim_addr}"
 token_url = "http://{sim_addr}/oauth/token"
-client_id = "serve-client"
+client_id = "{client_id}"
 client_secret = "{CLIENT_SECRET}"
 [[clients]]
 name = "cli"
 api_key = "{API_KEY}"
 permissions = ["read", "write"]
 "#
+    )
+}
+
+/// The value of `field=` in the log lines (the start-up line names both listeners).
+fn logged_field(logs: &[String], field: &str) -> String {
+    let prefix = format!("{field}=");
+    logs.iter()
+        .find_map(|l| {
+            l.split_whitespace()
+                .find_map(|w| w.strip_prefix(prefix.as_str()))
+        })
+        .unwrap_or_else(|| panic!("{field} not logged: {logs:?}"))
+        .to_owned()
+}
+
+#[test]
+fn serve_finishes_the_request_in_flight_on_sigterm_and_exits_0() {
+    let (mut sim, sim_addr) = start_simulator_process("serve-client", CLIENT_SECRET, 400);
+    let file = TempFile::new(
+        "serve.toml",
+        &config_for_simulator(&sim_addr, "serve-client"),
     );
-    let file = TempFile::new("serve.toml", &config);
     let mut command = command();
     command.arg("serve").arg("--config").arg(file.path());
     let mut proxy = Running::spawn(command);
     let logs = proxy.read_until(Stream::Stderr, Duration::from_secs(30), |lines| {
         lines.iter().any(|l| l.contains("listen_addr="))
     });
-    let listen = logs
-        .iter()
-        .find_map(|l| {
-            l.split_whitespace()
-                .find_map(|w| w.strip_prefix("listen_addr="))
-        })
-        .expect("listen_addr logged")
-        .to_owned();
+    let listen = logged_field(&logs, "listen_addr");
     let startup = logs.join("\n");
     assert!(
         !startup.contains(CLIENT_SECRET),
@@ -668,7 +696,8 @@ permissions = ["read", "write"]
         assert!(Instant::now() < deadline, "the PUT never reached upstream");
         thread::sleep(Duration::from_millis(20));
     }
-    proxy.assert_stops_cleanly(Duration::from_secs(10));
+    let transcript = proxy.assert_stops_cleanly(Duration::from_secs(10));
+    assert_logs_shutdown(&transcript);
 
     let (status, body) = parse_curl_i(&put.join().expect("curl thread"));
     assert_eq!(status, 201, "{body}");
@@ -680,6 +709,68 @@ permissions = ["read", "write"]
     sim.assert_stops_cleanly(Duration::from_secs(10));
 }
 
+#[test]
+fn a_bare_config_option_serves() {
+    let (mut sim, sim_addr) = start_simulator_process("bare-client", CLIENT_SECRET, 0);
+    let file = TempFile::new("bare.toml", &config_for_simulator(&sim_addr, "bare-client"));
+    // `consent-proxy --config FILE`, no command: the same as `serve --config FILE`.
+    let mut bare = command();
+    bare.arg("--config").arg(file.path());
+    let mut proxy = Running::spawn(bare);
+    let logs = proxy.read_until(Stream::Stderr, Duration::from_secs(30), |lines| {
+        lines.iter().any(|l| l.contains("admin_addr="))
+    });
+    let admin = logged_field(&logs, "admin_addr");
+    // The file was read: its client id reached the simulator's token endpoint.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while http_get(&admin, "/readyz").0 != 200 {
+        assert!(
+            Instant::now() < deadline,
+            "not ready:\n{}",
+            proxy.transcript()
+        );
+        thread::sleep(Duration::from_millis(20));
+    }
+    assert_eq!(sim_stats(&sim_addr)["token_requests"], 1);
+    proxy.assert_stops_cleanly(Duration::from_secs(10));
+    sim.assert_stops_cleanly(Duration::from_secs(10));
+
+    // A command and the bare option together are refused, naming the conflict.
+    let output = command()
+        .args(["--config", "x.toml", "check-config"])
+        .output()
+        .expect("run");
+    assert_eq!(output.status.code(), Some(2));
+    assert!(
+        text(&output.stderr).contains("--config"),
+        "{}",
+        text(&output.stderr)
+    );
+}
+
+#[test]
+fn version_names_the_release_and_the_commit() {
+    let output = command().arg("--version").output().expect("run --version");
+    assert_eq!(output.status.code(), Some(0));
+    let commit = consent_proxy::build_info::COMMIT;
+    assert_eq!(
+        text(&output.stdout).trim(),
+        format!(
+            "consent-proxy {} (commit {commit})",
+            env!("CARGO_PKG_VERSION")
+        )
+    );
+    // Built from this checkout: the commit is its HEAD (build.rs re-runs when HEAD moves).
+    let head = Command::new("git")
+        .args(["rev-parse", "--short=12", "HEAD"])
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .output();
+    match head {
+        Ok(head) if head.status.success() => assert_eq!(commit, text(&head.stdout).trim()),
+        _ => assert_eq!(commit, "unknown"),
+    }
+}
+
 // ---------------------------------------------------------------------------------------------
 // --help
 
@@ -687,7 +778,10 @@ permissions = ["read", "write"]
 fn help_works_for_every_command() {
     let cases: [(&[&str], &[&str]); 5] = [
         (&["--help"], &["serve", "demo", "simulator", "check-config"]),
-        (&["serve", "--help"], &["--config"]),
+        (
+            &["serve", "--help"],
+            &["--config <FILE>", "TOML configuration file"],
+        ),
         (
             &["demo", "--help"],
             &["--listen", "--admin-listen", "--api-key"],
@@ -702,7 +796,14 @@ fn help_works_for_every_command() {
                 "--token-ttl-s",
             ],
         ),
-        (&["check-config", "--help"], &["--config"]),
+        (
+            &["check-config", "--help"],
+            &[
+                "--config <FILE>",
+                "TOML configuration file",
+                "Exit 0 when valid",
+            ],
+        ),
     ];
     for (args, expected) in cases {
         let output = command().args(args).output().expect("run --help");

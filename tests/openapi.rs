@@ -11,17 +11,13 @@
 //! `ProxyError::status()`.
 //!
 //! Reading YAML: serde_yaml is not a dependency, so the spec is converted to JSON by Python's
-//! PyYAML (`yaml.safe_load`, then `json.dump`). The interpreter is the first of `$OPENAPI_PYTHON`,
-//! `.venv-schemathesis/bin/python` (made by `scripts/schemathesis.sh`, which installs PyYAML with
-//! schemathesis) and `python3` that can `import yaml`; the machine's CPython ships PyYAML. None
-//! found is a test failure that says how to get one, never a silent skip.
+//! PyYAML (`support::yaml`); no interpreter with it is a test failure that says how to get one.
 
 mod support;
 
 use std::collections::BTreeSet;
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::path::PathBuf;
 use std::sync::OnceLock;
 use std::time::Duration;
 
@@ -33,6 +29,7 @@ use consent_proxy::simulator::{Fault, SimRoute};
 use http::{HeaderMap, HeaderName, HeaderValue, Method};
 use serde_json::Value;
 use support::raw_http::read_raw_answer;
+use support::yaml::yaml_to_json;
 use support::*;
 
 const SPEC_PATH: &str = "docs/openapi.yaml";
@@ -45,53 +42,6 @@ const HTTP_METHODS: [&str; 8] = [
 
 fn root_dir() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-}
-
-/// An interpreter that has PyYAML, or a message saying how to get one.
-fn python_with_yaml() -> Result<PathBuf, String> {
-    let mut candidates = Vec::new();
-    if let Some(p) = std::env::var_os("OPENAPI_PYTHON") {
-        candidates.push(PathBuf::from(p));
-    }
-    candidates.push(root_dir().join(".venv-schemathesis/bin/python"));
-    candidates.push(PathBuf::from("python3"));
-    let mut tried = Vec::new();
-    for candidate in candidates {
-        let ok = Command::new(&candidate)
-            .args(["-c", "import yaml"])
-            .output()
-            .is_ok_and(|out| out.status.success());
-        if ok {
-            return Ok(candidate);
-        }
-        tried.push(candidate.display().to_string());
-    }
-    Err(format!(
-        "no Python with PyYAML to read {SPEC_PATH} (tried {tried:?}); run \
-         `bash scripts/schemathesis.sh --setup-only` (a virtualenv with PyYAML) or \
-         `python3 -m pip install pyyaml`, or point OPENAPI_PYTHON at an interpreter that has it"
-    ))
-}
-
-fn yaml_to_json(path: &Path) -> Value {
-    let python = python_with_yaml().unwrap_or_else(|e| panic!("{e}"));
-    let out = Command::new(&python)
-        .args([
-            "-c",
-            "import json, sys, yaml\n\
-             with open(sys.argv[1], encoding='utf-8') as f:\n    doc = yaml.safe_load(f)\n\
-             json.dump(doc, sys.stdout)",
-        ])
-        .arg(path)
-        .output()
-        .unwrap_or_else(|e| panic!("running {}: {e}", python.display()));
-    assert!(
-        out.status.success(),
-        "{} is not valid YAML (or not JSON-representable):\n{}",
-        path.display(),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    serde_json::from_slice(&out.stdout).expect("PyYAML's JSON parses")
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -666,6 +666,33 @@ async fn other_methods_on_a_consent_path_are_405_with_allow() {
 }
 
 #[tokio::test]
+async fn a_405_is_counted_under_the_caller_whose_key_is_valid() {
+    let h = Harness::start().await;
+    let path = consent_path("+15550700002");
+    let delete = |headers: &'static [(&'static str, &'static str)]| {
+        send(&h, Method::DELETE, &path, headers, None)
+    };
+    let sample = |client: &str| {
+        format!(
+            r#"consent_proxy_requests_total{{client="{client}",code="405",method="DELETE",route="consent"}}"#
+        )
+    };
+    assert_eq!(delete(&[("x-api-key", RW_KEY)]).await.status, 405);
+    assert_eq!(delete(&[("x-api-key", READER_KEY)]).await.status, 405);
+    // No key, or a wrong one: still a 405 (the method is wrong whoever asks), anonymous.
+    assert_eq!(delete(&[]).await.status, 405);
+    assert_eq!(
+        delete(&[("x-api-key", "not-a-key-0123456789abcdef")])
+            .await
+            .status,
+        405
+    );
+    assert_eq!(h.metric(&sample("rw")).await, 1.0);
+    assert_eq!(h.metric(&sample("reader")).await, 1.0);
+    assert_eq!(h.metric(&sample("anonymous")).await, 2.0);
+}
+
+#[tokio::test]
 async fn body_over_max_body_bytes_is_413_without_calling_upstream() {
     let h = Harness::start_with(|c| {
         c.set("server.max_body_bytes", "256");
@@ -1168,6 +1195,60 @@ async fn healthz_and_readyz() {
     let ready = h.admin("/readyz").await;
     assert_eq!(ready.status, 200);
     assert_eq!(h.sim.stats().tokens_issued, 1);
+}
+
+/// A request to the admin listener.
+async fn admin_send(
+    h: &Harness,
+    method: Method,
+    path: &str,
+    headers: &[(&str, &str)],
+) -> TestResponse {
+    let url = format!("{}{path}", h.proxy.admin_url());
+    h.http.send(method, &url, headers, None).await
+}
+
+#[tokio::test]
+async fn admin_answers_carry_a_request_id() {
+    let h = Harness::start().await;
+    h.wait_ready().await;
+    // The caller's own is echoed, on every route and on errors.
+    let purge_path = "/admin/cache/+15552000009";
+    for (method, path, status) in [
+        (Method::GET, "/healthz", 200),
+        (Method::GET, "/readyz", 200),
+        (Method::GET, "/metrics", 200),
+        (Method::GET, "/nope", 404),
+        (Method::POST, "/metrics", 405),
+        (Method::DELETE, purge_path, 401),
+    ] {
+        let answer = admin_send(&h, method, path, &[("x-request-id", "ops-check-7")]).await;
+        assert_eq!(answer.status, status, "{path}");
+        assert_eq!(answer.header("x-request-id"), Some("ops-check-7"), "{path}");
+    }
+    let purge = admin_send(
+        &h,
+        Method::DELETE,
+        purge_path,
+        &[("x-api-key", ADMIN_KEY), ("x-request-id", "purge-1")],
+    )
+    .await;
+    assert_eq!(purge.status, 204);
+    assert_eq!(purge.header("x-request-id"), Some("purge-1"));
+    // A new one when absent or unusable, different each time.
+    let first = h.admin("/healthz").await;
+    let second = admin_send(
+        &h,
+        Method::GET,
+        "/healthz",
+        &[("x-request-id", "has space")],
+    )
+    .await;
+    let first = first.header("x-request-id").expect("x-request-id");
+    let second = second.header("x-request-id").expect("x-request-id");
+    assert_eq!(first.len(), 32, "{first}");
+    assert_eq!(second.len(), 32, "{second}");
+    assert_ne!(first, second);
 }
 
 #[tokio::test]

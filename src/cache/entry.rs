@@ -5,7 +5,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use http::StatusCode;
+use http::{HeaderValue, StatusCode};
 
 use crate::consent::{consent_status_of, ConsentAnswer, ConsentStatus};
 
@@ -77,13 +77,18 @@ impl StoredAnswer {
     }
 }
 
-/// An answer's bytes copied into an exactly sized buffer, so a cached entry does not pin a
-/// larger receive buffer.
+/// An answer's bytes copied into exactly sized buffers, so a cached entry does not pin a
+/// larger receive buffer: hyper parses a response's body and header values as slices of the
+/// connection's read buffer (8 KiB and more), and a clone of either keeps all of it alive.
 fn compact(answer: &ConsentAnswer) -> ConsentAnswer {
     ConsentAnswer {
         status: answer.status,
         body: Bytes::copy_from_slice(&answer.body),
-        content_type: answer.content_type.clone(),
+        // `from_bytes` copies; it cannot fail on the bytes of a valid header value.
+        content_type: answer
+            .content_type
+            .as_ref()
+            .and_then(|value| HeaderValue::from_bytes(value.as_bytes()).ok()),
         retry_after: None,
     }
 }
@@ -127,6 +132,44 @@ mod tests {
             assert!(StoredAnswer::from_read(&answer(status, "{}"), true, 0).is_none());
         }
         assert!(StoredAnswer::from_read(&answer(StatusCode::OK, "{}"), true, 0).is_none());
+    }
+
+    #[test]
+    fn a_stored_answer_does_not_pin_the_receive_buffer() {
+        // As hyper hands them over: body and header value slices of one larger buffer.
+        let buffer = Bytes::from(format!(
+            "HTTP/1.1 404 Not Found\r\ncontent-type: application/json\r\n\r\n{}{}",
+            r#"{"code":"not_found"}"#,
+            " ".repeat(8000)
+        ));
+        let at = |needle: &str| {
+            let start = buffer
+                .windows(needle.len())
+                .position(|w| w == needle.as_bytes())
+                .unwrap();
+            buffer.slice(start..start + needle.len())
+        };
+        let received = ConsentAnswer {
+            status: StatusCode::NOT_FOUND,
+            body: at(r#"{"code":"not_found"}"#),
+            content_type: Some(HeaderValue::from_maybe_shared(at("application/json")).unwrap()),
+            retry_after: None,
+        };
+        let stored = StoredAnswer::from_read(&received, true, 0)
+            .unwrap()
+            .to_answer();
+        let inside = |bytes: &[u8]| buffer.as_ptr_range().contains(&bytes.as_ptr());
+        assert_eq!(stored.body, received.body);
+        assert!(
+            !inside(&stored.body),
+            "the body still points into the buffer"
+        );
+        let content_type = stored.content_type.unwrap();
+        assert_eq!(content_type, "application/json");
+        assert!(
+            !inside(content_type.as_bytes()),
+            "the content type still points into the buffer"
+        );
     }
 
     #[test]

@@ -288,6 +288,14 @@ mod tests {
                 );
             }
         }
+        // The commented [[clients]] example names every client key (the configuration
+        // reference, docs/configuration.md, is generated from this file).
+        for key in known["clients[]"] {
+            assert!(
+                DEFAULT_CONFIG_TOML.contains(&format!("\n# {key} = ")),
+                "clients[].{key} missing from the commented [[clients]] example"
+            );
+        }
         let printed: toml::Table = toml::from_str(&toml::to_string(&schema).unwrap()).unwrap();
         assert_eq!(printed, table, "every default is of its key's type");
         assert_eq!(table["auth"]["required"].as_bool(), Some(true));

@@ -1,5 +1,6 @@
 //! The admin listener: `/metrics`, `/healthz`, `/readyz` and the cache purge. Kept off the
-//! consent listener so it can stay on a private address.
+//! consent listener so it can stay on a private address. Every answer carries `x-request-id`,
+//! as on the consent listener.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -15,6 +16,7 @@ use crate::cache::ConsentCache;
 use crate::consent::ContactId;
 use crate::error::ProxyError;
 use crate::http::body::{self, Body};
+use crate::http::request_id::{request_id_of, X_REQUEST_ID};
 use crate::upstream::token::TokenManager;
 
 const PURGE_PREFIX: &str = "/admin/cache/";
@@ -46,6 +48,13 @@ impl AdminRoutes {
     }
 
     pub async fn handle(&self, request: Request<Incoming>) -> Response<Body> {
+        let request_id = request_id_of(request.headers());
+        let mut response = self.route(&request, &request_id).await;
+        response.headers_mut().insert(X_REQUEST_ID, request_id);
+        response
+    }
+
+    async fn route(&self, request: &Request<Incoming>, request_id: &HeaderValue) -> Response<Body> {
         let path = request.uri().path();
         let result = match (request.method(), path) {
             (&Method::GET, "/metrics") => Ok(self.metrics().await),
@@ -58,7 +67,7 @@ impl AdminRoutes {
                 Err(ProxyError::MethodNotAllowed { allow: "GET" })
             }
             (method, path) if path.starts_with(PURGE_PREFIX) => {
-                self.purge(method, &path[PURGE_PREFIX.len()..], &request)
+                self.purge(method, &path[PURGE_PREFIX.len()..], request, request_id)
                     .await
             }
             _ => Err(ProxyError::NotFound),
@@ -95,6 +104,7 @@ impl AdminRoutes {
         method: &Method,
         segment: &str,
         request: &Request<Incoming>,
+        request_id: &HeaderValue,
     ) -> Result<Response<Body>, ProxyError> {
         if segment.is_empty() || segment.contains('/') {
             return Err(ProxyError::NotFound);
@@ -106,6 +116,7 @@ impl AdminRoutes {
         let contact = ContactId::from_path_segment(segment).ok_or(ProxyError::InvalidContactId)?;
         self.cache.purge(&contact);
         tracing::info!(
+            request_id = request_id.to_str().unwrap_or("-"),
             client = self.auth.client_name(Some(&caller)),
             contact = %contact.masked(),
             "cache entry purged"

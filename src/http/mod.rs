@@ -7,12 +7,14 @@
 //! - [`body`]: the buffered body type and small answer helpers they share;
 //! - [`credentials`]: `Authorization` schemes, Basic credentials and OAuth form bodies;
 //! - [`oauth`]: token-endpoint plumbing shared with the simulator (client credentials, grant
-//!   type, RFC 6749 answers).
+//!   type, RFC 6749 answers);
+//! - [`request_id`]: the `x-request-id` every answer of both listeners carries.
 
 pub mod admin;
 pub mod body;
 pub mod credentials;
 pub mod oauth;
+pub mod request_id;
 pub mod routes;
 pub mod server;
 pub mod token_endpoint;

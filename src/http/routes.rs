@@ -20,6 +20,7 @@ use crate::consent::{consent_path_segment, parse_consent_body, ContactId};
 use crate::error::{ErrorChain, FieldProblem, ProxyError};
 use crate::http::body::{self, Body, ReadBodyError};
 use crate::http::oauth::TOKEN_PATH;
+use crate::http::request_id::{request_id_of, X_REQUEST_ID};
 use crate::http::token_endpoint::{Refusal, TokenEndpoint};
 use crate::metrics::status_label;
 use crate::metrics::HttpMetrics;
@@ -27,11 +28,8 @@ use crate::service::ConsentService;
 use crate::upstream::client::LastAttempt;
 
 const ALLOWED_METHODS: &str = "GET, PUT";
-/// The longest caller-supplied `x-request-id` passed on; longer ones are replaced.
-const MAX_REQUEST_ID_LEN: usize = 128;
-/// Header names as constants: inserting under a `&str` name that is not a standard header
-/// allocates a copy of the name on every response.
-const X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+/// As a constant: inserting under a `&str` name that is not a standard header allocates a
+/// copy of the name on every response.
 const X_CACHE_STATUS: HeaderName = HeaderName::from_static("x-cache-status");
 
 /// Limits the HTTP layer enforces itself.
@@ -179,9 +177,12 @@ impl ConsentRoutes {
             Method::GET => Permission::Read,
             Method::PUT => Permission::Write,
             _ => {
+                // Counted under the caller's name when its credentials are valid; the 405
+                // itself does not depend on them.
+                outcome.caller = self.auth.authenticate(request.headers()).ok();
                 return Err(ProxyError::MethodNotAllowed {
                     allow: ALLOWED_METHODS,
-                })
+                });
             }
         };
         let caller = self.auth.authorize(request.headers(), needed)?;
@@ -370,31 +371,6 @@ fn answer_response(answer: ConsentAnswer) -> Response<Body> {
     response
 }
 
-/// The caller's `x-request-id` when it is short printable ASCII, else a new random one.
-fn request_id_of(headers: &HeaderMap) -> HeaderValue {
-    headers
-        .get("x-request-id")
-        .filter(|v| {
-            let bytes = v.as_bytes();
-            !bytes.is_empty()
-                && bytes.len() <= MAX_REQUEST_ID_LEN
-                && bytes.iter().all(|b| b.is_ascii_graphic())
-        })
-        .cloned()
-        .unwrap_or_else(new_request_id)
-}
-
-/// A new request id: 128 random bits as 32 lower-case hex digits, encoded on the stack
-/// (one allocation, the header value's own).
-pub fn new_request_id() -> HeaderValue {
-    let id: [u8; 16] = rand::random();
-    let mut digits = [0u8; 32];
-    // Both lengths are fixed (16 bytes, 32 digits), so encoding cannot fail, and 32 hex
-    // digits are always a valid header value.
-    let _ = hex::encode_to_slice(id, &mut digits);
-    HeaderValue::from_bytes(&digits).unwrap_or(HeaderValue::from_static("-"))
-}
-
 fn method_label(method: &Method) -> &'static str {
     match *method {
         Method::GET => "GET",
@@ -438,15 +414,6 @@ fn check_json_content_type(headers: &HeaderMap) -> Result<(), ProxyError> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn request_ids_are_kept_or_made() {
-        let mut headers = HeaderMap::new();
-        headers.insert("x-request-id", HeaderValue::from_static("abc-123"));
-        assert_eq!(request_id_of(&headers), "abc-123");
-        headers.insert("x-request-id", HeaderValue::from_static("has space"));
-        assert_eq!(request_id_of(&headers).len(), 32);
-    }
 
     #[test]
     fn content_types() {

@@ -5,6 +5,7 @@
 pub mod fake_upstream;
 pub mod history;
 pub mod raw_http;
+pub mod yaml;
 
 use std::collections::BTreeMap;
 use std::time::Duration;
