@@ -12,6 +12,7 @@ use tokio::task::JoinHandle;
 
 use crate::auth::Authenticator;
 use crate::cache::{CacheMetrics, ConsentCache};
+use crate::cluster::{Cluster, ClusterMetrics, ClusterStartError};
 use crate::config::Settings;
 use crate::http::admin::AdminRoutes;
 use crate::http::routes::{ConsentRoutes, RouteLimits};
@@ -37,6 +38,8 @@ pub enum StartError {
     },
     #[error("cannot load the TLS certificate")]
     Tls(#[from] TlsError),
+    #[error("cannot start cluster mode")]
+    Cluster(#[from] ClusterStartError),
 }
 
 /// A running proxy.
@@ -45,6 +48,8 @@ pub struct AppHandle {
     pub admin_addr: SocketAddr,
     pub registry: Registry,
     pub cache: ConsentCache,
+    /// `None` without `cluster.redis_url`.
+    pub cluster: Option<Cluster>,
     pub tokens: TokenManager,
     /// The consent listener's handler, for driving requests in-process (benchmarks).
     pub routes: Arc<ConsentRoutes>,
@@ -89,7 +94,27 @@ impl App {
             UpstreamMetrics::register(&registry),
         ));
         let cache = ConsentCache::new(&settings.cache, CacheMetrics::register(&registry));
-        let service = ConsentService::new(api, cache.clone(), WriteMetrics::register(&registry));
+        let mut tasks = vec![refresher];
+        let cluster = match &settings.cluster {
+            Some(cluster_settings) => {
+                let (cluster, feed) = Cluster::start(
+                    cluster_settings,
+                    cache.clone(),
+                    settings.server.request_timeout,
+                    ClusterMetrics::register(&registry),
+                    shutdown_rx.clone(),
+                )?;
+                tasks.push(feed);
+                Some(cluster)
+            }
+            None => None,
+        };
+        let service = ConsentService::new(
+            api,
+            cache.clone(),
+            cluster.clone(),
+            WriteMetrics::register(&registry),
+        );
         let auth = Arc::new(Authenticator::new(
             settings.clients.clone(),
             settings.auth.required,
@@ -115,6 +140,7 @@ impl App {
         let admin = Arc::new(AdminRoutes::new(
             registry.clone(),
             cache.clone(),
+            cluster.clone(),
             tokens.clone(),
             auth,
             serving.clone(),
@@ -161,15 +187,17 @@ impl App {
             server::when_shut_down(shutdown_rx, grace),
         ));
         tracing::info!(%listen_addr, %admin_addr, "consent-proxy listening");
+        tasks.extend([consent_task, admin_task]);
         Ok(AppHandle {
             listen_addr,
             admin_addr,
             registry,
             cache,
+            cluster,
             tokens,
             routes,
             shutdown,
-            tasks: vec![consent_task, admin_task, refresher],
+            tasks,
         })
     }
 }

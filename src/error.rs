@@ -84,6 +84,8 @@ pub enum ErrorSource {
     Upstream,
     /// The token endpoint could not give a token.
     TokenEndpoint,
+    /// The cluster's Redis could not take a write's announcement.
+    Cluster,
     /// A defect or resource limit inside the proxy.
     Internal,
 }
@@ -124,6 +126,10 @@ pub enum ProxyError {
     TokenUnavailable(#[source] Failure),
     #[error("upstream timeout")]
     UpstreamTimeout,
+    /// A PUT that could not first be announced to the cluster (`write_policy = "require"`);
+    /// upstream was not called.
+    #[error("the write could not be announced to the cluster")]
+    ClusterUnavailable(#[source] Failure),
     #[error("internal error")]
     Internal(#[source] Failure),
 }
@@ -142,6 +148,7 @@ impl ProxyError {
             | ProxyError::RequestTimeout => ErrorSource::Downstream,
             ProxyError::Upstream(_) | ProxyError::UpstreamTimeout => ErrorSource::Upstream,
             ProxyError::TokenUnavailable(_) => ErrorSource::TokenEndpoint,
+            ProxyError::ClusterUnavailable(_) => ErrorSource::Cluster,
             ProxyError::Internal(_) => ErrorSource::Internal,
         }
     }
@@ -159,7 +166,9 @@ impl ProxyError {
             ProxyError::UnsupportedMediaType => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             ProxyError::RequestTimeout => StatusCode::REQUEST_TIMEOUT,
             ProxyError::Upstream(_) => StatusCode::BAD_GATEWAY,
-            ProxyError::TokenUnavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+            ProxyError::TokenUnavailable(_) | ProxyError::ClusterUnavailable(_) => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
             ProxyError::UpstreamTimeout => StatusCode::GATEWAY_TIMEOUT,
             ProxyError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
@@ -180,6 +189,7 @@ impl ProxyError {
             ProxyError::Upstream(_) => "upstream_error",
             ProxyError::TokenUnavailable(_) => "token_unavailable",
             ProxyError::UpstreamTimeout => "upstream_timeout",
+            ProxyError::ClusterUnavailable(_) => "cluster_unavailable",
             ProxyError::Internal(_) => "internal_error",
         }
     }
@@ -203,6 +213,7 @@ impl ProxyError {
             ProxyError::Upstream(_) => "the consent API failed or answered something unusable".into(),
             ProxyError::TokenUnavailable(_) => "no access token can be had from the token endpoint".into(),
             ProxyError::UpstreamTimeout => "the consent API did not answer in time".into(),
+            ProxyError::ClusterUnavailable(_) => "the write could not be announced to the other instances of the cluster, so it was not sent to the consent API; retry it".into(),
             ProxyError::Internal(_) => "internal error".into(),
         }
     }

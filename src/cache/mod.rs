@@ -14,8 +14,15 @@
 //!   order in which upstream applied them is unknown.
 //! - A write is held as a [`WriteGuard`]; one dropped without an outcome (its task failed)
 //!   counts as an unknown outcome and drops the entry.
+//! - In a cluster, a write announced by another instance is held as a remote [`WriteGuard`]
+//!   ([`ConsentCache::begin_remote_write`]): it drops the entry at once, and when it ends the
+//!   entry is dropped again rather than replaced (only upstream knows how it was ordered
+//!   against this instance's own writes). The cache is answered from only while the cluster
+//!   says its feed of announcements is live ([`ConsentCache::trust_until`]); after a gap the
+//!   cluster [`flush`](ConsentCache::flush)es it. Without a cluster it is always trusted.
 //!
-//! The shard locks are plain mutexes: no critical section awaits (moka's sync API).
+//! The shard locks are plain mutexes: no critical section awaits (moka's sync API). The cache
+//! knows nothing of Redis: `cluster` drives it through the methods above.
 
 mod entry;
 mod fill;
@@ -23,6 +30,7 @@ mod metrics;
 
 use std::collections::HashMap;
 use std::hash::{BuildHasher, RandomState};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
@@ -49,6 +57,9 @@ pub enum Lookup {
     Lead(FillLead),
     /// The cache is disabled.
     Bypass,
+    /// The cluster's feed is not confirmed live: the cache may have missed a write made
+    /// through another instance, so it is neither read nor filled.
+    Unsynced,
 }
 
 pub struct Hit {
@@ -66,6 +77,15 @@ pub enum WriteOutcome {
     NotApplied,
     /// It may or may not have been applied (timeout, connection lost after sending).
     Unknown,
+}
+
+/// Where a write came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Origin {
+    /// A PUT through this instance.
+    Local,
+    /// A PUT through another instance of the cluster, announced to this one.
+    Remote,
 }
 
 /// Per-key bookkeeping, present only while something is in flight for the key.
@@ -92,6 +112,9 @@ struct Inner {
     ttl_ms: u32,
     not_found_ttl_ms: u32,
     enabled: bool,
+    /// Milliseconds since `epoch` until which the cache may be answered from (the cluster's
+    /// feed is confirmed live until then); `u64::MAX` without a cluster.
+    trusted_until_ms: AtomicU64,
     metrics: CacheMetrics,
 }
 
@@ -121,6 +144,7 @@ impl ConsentCache {
                 ttl_ms: ttl.as_millis() as u32,
                 not_found_ttl_ms: not_found_ttl.as_millis() as u32,
                 enabled: settings.enabled,
+                trusted_until_ms: AtomicU64::new(u64::MAX),
                 metrics,
             }),
         }
@@ -131,20 +155,27 @@ impl ConsentCache {
     }
 
     /// Looks a contact up: a hit, a fill to join, or the lead of a new fill. A hit touches
-    /// only moka; the shard lock is taken on a miss.
+    /// only moka (and one atomic load: whether the cache is trusted); the shard lock is
+    /// taken on a miss.
     pub fn lookup(&self, contact: &ContactId) -> Lookup {
         let inner = &self.inner;
         if !inner.enabled {
             inner.metrics.lookup(CacheStatus::Bypass);
             return Lookup::Bypass;
         }
+        let now_ms = self.now_ms64();
+        // Acquire: a cache trusted again after a flush is seen flushed.
+        if now_ms >= inner.trusted_until_ms.load(Ordering::Acquire) {
+            inner.metrics.lookup(CacheStatus::Unsynced);
+            return Lookup::Unsynced;
+        }
         let key = contact.as_arc();
-        if let Some(hit) = self.fresh(key) {
+        if let Some(hit) = self.fresh(key, now_ms as u32) {
             return Lookup::Hit(hit);
         }
         let mut shard = self.shard(key);
         // A fill may have stored the answer while this request waited for the lock.
-        if let Some(hit) = self.fresh(key) {
+        if let Some(hit) = self.fresh(key, self.now_ms()) {
             return Lookup::Hit(hit);
         }
         let state = shard.entry(key.clone()).or_default();
@@ -163,9 +194,9 @@ impl ConsentCache {
     }
 
     /// The key's answer as a hit, if one is stored and younger than its kind's TTL.
-    fn fresh(&self, key: &Arc<str>) -> Option<Hit> {
+    fn fresh(&self, key: &Arc<str>, now_ms: u32) -> Option<Hit> {
         let stored = self.inner.answers.get(key)?;
-        let age_ms = stored.age_ms(self.now_ms());
+        let age_ms = stored.age_ms(now_ms);
         let ttl_ms = if stored.is_not_found() {
             self.inner.not_found_ttl_ms
         } else {
@@ -205,6 +236,21 @@ impl ConsentCache {
 
     /// Marks a write to `contact` as in flight until the guard is finished (or dropped).
     pub fn begin_write(&self, contact: &ContactId) -> WriteGuard {
+        self.begin(contact, Origin::Local)
+    }
+
+    /// Marks a write announced by another instance of the cluster as in flight: the entry is
+    /// dropped and any fill in flight superseded at once (upstream may apply the write at any
+    /// moment from now), and until the guard ends no fill of the contact stores its answer.
+    /// When it ends, an applied or unknown outcome drops the entry again and supersedes the
+    /// fills that began meanwhile; a write upstream refused changes nothing. It never stores
+    /// the written status: whether it was applied before or after a write through this
+    /// instance that this instance had already finished, only upstream knows.
+    pub fn begin_remote_write(&self, contact: &ContactId) -> WriteGuard {
+        self.begin(contact, Origin::Remote)
+    }
+
+    fn begin(&self, contact: &ContactId, origin: Origin) -> WriteGuard {
         let key = contact.as_arc().clone();
         let mut shard = self.shard(&key);
         let state = shard.entry(key.clone()).or_default();
@@ -212,17 +258,24 @@ impl ConsentCache {
         if state.writes_in_flight > 1 {
             state.writes_overlapped = true;
         }
+        if origin == Origin::Remote {
+            state.fill = None;
+            // Still under the shard lock, so no superseded fill can store in between.
+            self.inner.answers.invalidate(&key);
+            self.inner.metrics.invalidated(Invalidation::RemoteWrite);
+        }
         drop(shard);
         WriteGuard {
             cache: self.clone(),
             key,
+            origin,
             finished: false,
         }
     }
 
     /// Applies a write's outcome: a fill in flight is superseded, and the entry is replaced
-    /// by the written status, dropped, or left alone.
-    fn finish_write(&self, key: &Arc<str>, outcome: WriteOutcome) {
+    /// by the written status (a local write's only), dropped, or left alone.
+    fn finish_write(&self, key: &Arc<str>, origin: Origin, outcome: WriteOutcome) {
         let mut shard = self.shard(key);
         let state = shard.entry(key.clone()).or_default();
         state.writes_in_flight = state.writes_in_flight.saturating_sub(1);
@@ -244,6 +297,11 @@ impl ConsentCache {
         let answers = &self.inner.answers;
         let reason = match outcome {
             WriteOutcome::NotApplied => return,
+            // Counted once, when it began.
+            WriteOutcome::Applied(_) if origin == Origin::Remote => {
+                answers.invalidate(key);
+                return;
+            }
             WriteOutcome::Applied(status) if !overlapped => {
                 answers.insert(key.clone(), StoredAnswer::canonical(status, self.now_ms()));
                 Invalidation::Write
@@ -274,6 +332,46 @@ impl ConsentCache {
         self.inner.metrics.invalidated(Invalidation::Purge);
     }
 
+    /// Lets lookups answer from the cache until `until` (the cluster's feed is confirmed live
+    /// until then). Without a cluster the cache is always trusted.
+    pub fn trust_until(&self, until: Instant) {
+        let ms = until.saturating_duration_since(self.inner.epoch).as_millis();
+        let ms = u64::try_from(ms).unwrap_or(u64::MAX);
+        self.inner.trusted_until_ms.store(ms, Ordering::Release);
+    }
+
+    /// From now on every lookup bypasses the cache (`unsynced`) until [`Self::trust_until`].
+    pub fn distrust(&self) {
+        self.inner.trusted_until_ms.store(0, Ordering::Release);
+    }
+
+    /// Whether lookups may answer from the cache now.
+    pub fn is_trusted(&self) -> bool {
+        self.now_ms64() < self.inner.trusted_until_ms.load(Ordering::Acquire)
+    }
+
+    /// Forgets everything that may have missed an announcement: every entry is dropped,
+    /// every fill in flight superseded (it will not store), and every write in flight treated
+    /// as overlapping another (it will drop the entry instead of storing). The cluster calls it
+    /// when its feed resumes after a gap, before trusting the cache again.
+    pub fn flush(&self) {
+        for shard in self.inner.shards.iter() {
+            let mut shard = shard.lock().unwrap_or_else(PoisonError::into_inner);
+            shard.retain(|_, state| {
+                state.fill = None;
+                if state.writes_in_flight > 0 {
+                    state.writes_overlapped = true;
+                }
+                !state.is_idle()
+            });
+        }
+        // After every shard was passed: a fill that checked its registration before its shard
+        // was passed has stored by now, and is invalidated here with everything else.
+        let dropped = self.inner.answers.entry_count();
+        self.inner.answers.invalidate_all();
+        self.inner.metrics.flushed(dropped);
+    }
+
     /// Updates the entries gauge (called before each scrape).
     pub fn refresh_entry_gauge(&self) {
         self.inner.answers.run_pending_tasks();
@@ -296,7 +394,12 @@ impl ConsentCache {
 
     /// Milliseconds since the epoch, wrapping at 2^32 (ages are differences of these).
     fn now_ms(&self) -> u32 {
-        self.inner.epoch.elapsed().as_millis() as u32
+        self.now_ms64() as u32
+    }
+
+    /// Milliseconds since the epoch.
+    fn now_ms64(&self) -> u64 {
+        self.inner.epoch.elapsed().as_millis() as u64
     }
 
     /// The key's shard, locked. No critical section panics or awaits, so a poisoned lock
@@ -314,20 +417,22 @@ impl ConsentCache {
 pub struct WriteGuard {
     cache: ConsentCache,
     key: Arc<str>,
+    origin: Origin,
     finished: bool,
 }
 
 impl WriteGuard {
     pub fn finish(mut self, outcome: WriteOutcome) {
         self.finished = true;
-        self.cache.finish_write(&self.key, outcome);
+        self.cache.finish_write(&self.key, self.origin, outcome);
     }
 }
 
 impl Drop for WriteGuard {
     fn drop(&mut self) {
         if !self.finished {
-            self.cache.finish_write(&self.key, WriteOutcome::Unknown);
+            self.cache
+                .finish_write(&self.key, self.origin, WriteOutcome::Unknown);
         }
     }
 }

@@ -12,6 +12,7 @@ use serde_json::json;
 
 use crate::auth::{Authenticator, Permission};
 use crate::cache::ConsentCache;
+use crate::cluster::Cluster;
 use crate::consent::ContactId;
 use crate::error::ProxyError;
 use crate::http::body::{self, Body};
@@ -22,6 +23,7 @@ const PURGE_PREFIX: &str = "/admin/cache/";
 pub struct AdminRoutes {
     registry: Registry,
     cache: ConsentCache,
+    cluster: Option<Cluster>,
     tokens: TokenManager,
     auth: Arc<Authenticator>,
     /// Set once the consent listener accepts connections, cleared when it drains.
@@ -32,6 +34,7 @@ impl AdminRoutes {
     pub fn new(
         registry: Registry,
         cache: ConsentCache,
+        cluster: Option<Cluster>,
         tokens: TokenManager,
         auth: Arc<Authenticator>,
         serving: Arc<AtomicBool>,
@@ -39,6 +42,7 @@ impl AdminRoutes {
         AdminRoutes {
             registry,
             cache,
+            cluster,
             tokens,
             auth,
             serving,
@@ -68,6 +72,9 @@ impl AdminRoutes {
 
     async fn metrics(&self) -> Response<Body> {
         self.cache.refresh_entry_gauge();
+        if let Some(cluster) = &self.cluster {
+            cluster.refresh_gauge();
+        }
         body::bytes_response(
             StatusCode::OK,
             HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
@@ -75,19 +82,32 @@ impl AdminRoutes {
         )
     }
 
+    /// 200 once serving with a valid token. A cluster feed that is down does not make the
+    /// instance unready (it still answers, from upstream); it is reported under `cluster`.
     fn readiness(&self) -> Response<Body> {
         let reason = if !self.serving.load(Ordering::Acquire) {
             Err("the consent listener is not accepting connections".to_owned())
         } else {
             self.tokens.readiness()
         };
-        match reason {
-            Ok(()) => body::json_response(StatusCode::OK, &json!({"status": "ready"})),
-            Err(reason) => body::json_response(
+        let (status, mut answer) = match reason {
+            Ok(()) => (StatusCode::OK, json!({"status": "ready"})),
+            Err(reason) => (
                 StatusCode::SERVICE_UNAVAILABLE,
-                &json!({"status": "not_ready", "reason": reason}),
+                json!({"status": "not_ready", "reason": reason}),
             ),
+        };
+        if let Some(cluster) = &self.cluster {
+            let cluster = cluster.status();
+            answer["cluster"] = match cluster.reason {
+                None => json!({"feed": "live"}),
+                Some(reason) => json!({
+                    "feed": "down",
+                    "reason": format!("{reason}; answering from upstream, not from the cache"),
+                }),
+            };
         }
+        body::json_response(status, &answer)
     }
 
     async fn purge(
