@@ -411,6 +411,7 @@ async fn randomized_history_never_reads_older_than_an_acknowledged_write() {
                     };
                     events.push(Event {
                         contact,
+                        via: 0,
                         start,
                         end: Instant::now(),
                         op,
@@ -452,6 +453,7 @@ fn the_history_checker_catches_a_stale_read() {
     let history = vec![
         Event {
             contact: 0,
+            via: 0,
             start: at(0),
             end: at(10),
             op: Op::Put {
@@ -461,6 +463,7 @@ fn the_history_checker_catches_a_stale_read() {
         },
         Event {
             contact: 0,
+            via: 0,
             start: at(20),
             end: at(30),
             op: Op::Get {

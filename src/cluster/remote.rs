@@ -45,7 +45,8 @@ impl RemoteWrites {
         before - self.in_flight.len()
     }
 
-    pub fn is_empty(&self) -> bool {
+    #[cfg(test)]
+    fn is_empty(&self) -> bool {
         self.in_flight.is_empty()
     }
 }

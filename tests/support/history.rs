@@ -1,8 +1,9 @@
-//! Recorded histories of consent reads and writes, and the read-your-writes check (rule 2)
-//! over them.
+//! Recorded histories of consent reads and writes, and the read-your-writes checks over them:
+//! rule 2 through one instance, rule 5 across the instances of a cluster.
 #![allow(dead_code)]
 
 use std::collections::BTreeMap;
+use std::time::Duration;
 
 use tokio::time::Instant;
 
@@ -17,6 +18,8 @@ pub enum Op {
 #[derive(Debug, Clone)]
 pub struct Event {
     pub contact: usize,
+    /// The instance it went through (0 with a single proxy).
+    pub via: usize,
     pub start: Instant,
     pub end: Instant,
     pub op: Op,
@@ -27,6 +30,13 @@ pub struct Event {
 /// after it ended and ended before the GET started. Before any acknowledged write, the
 /// initial value is also allowed. Returns the violations found. O(gets × writes).
 pub fn violations(history: &[Event], initial: &str) -> Vec<String> {
+    cluster_violations(history, initial, Duration::ZERO)
+}
+
+/// Rule 5 over a cluster's history: as [`violations`], except that a write acknowledged
+/// through one instance supersedes the older ones for GETs through another instance only when
+/// they start `lag` or more after its acknowledgement (through its own instance, at once).
+pub fn cluster_violations(history: &[Event], initial: &str, lag: Duration) -> Vec<String> {
     let mut writes_of: BTreeMap<usize, Vec<(&Event, &str, bool)>> = BTreeMap::new();
     for event in history {
         if let Op::Put { status, acked } = &event.op {
@@ -44,9 +54,16 @@ pub fn violations(history: &[Event], initial: &str) -> Vec<String> {
         let writes = writes_of.get(&get.contact).map_or(&[][..], Vec::as_slice);
         // A write is superseded when it ended before the start of an acknowledged write
         // that ended before this GET started; the latest such start decides.
+        let known = |w: &Event| {
+            if w.via == get.via {
+                w.end < get.start
+            } else {
+                w.end + lag <= get.start
+            }
+        };
         let latest_acked_start = writes
             .iter()
-            .filter(|(w, _, acked)| *acked && w.end < get.start)
+            .filter(|(w, _, acked)| *acked && known(w))
             .map(|(w, _, _)| w.start)
             .max();
         let superseded = |w: &Event| latest_acked_start.is_some_and(|s| w.end < s);
@@ -62,8 +79,9 @@ pub fn violations(history: &[Event], initial: &str) -> Vec<String> {
             allowed.sort_unstable();
             allowed.dedup();
             found.push(format!(
-                "GET of contact {} at +{:?} saw {seen}, allowed {allowed:?}",
+                "GET of contact {} through instance {} at -{:?} saw {seen}, allowed {allowed:?}",
                 get.contact,
+                get.via,
                 get.start.elapsed()
             ));
         }

@@ -5,6 +5,8 @@
 pub mod fake_upstream;
 pub mod history;
 pub mod raw_http;
+pub mod redis_server;
+pub mod relay;
 
 use std::collections::BTreeMap;
 use std::time::Duration;
