@@ -213,8 +213,11 @@ impl ConsentCache {
     }
 
     /// Ends `fill` (the generation guard): if it is still the key's registered fill, it is
-    /// unregistered and `answer`, when cacheable, stored; a superseded fill stores nothing.
-    /// `None` is a fill that failed or was abandoned.
+    /// unregistered and `answer`, when cacheable, stored; a superseded fill stores nothing, and
+    /// neither does one that ends while a write of the key is in flight (it may have read
+    /// upstream before the write applied, and a remote write's outcome may never come: the
+    /// key is then read from upstream until the write ends). `None` is a fill that failed or
+    /// was abandoned.
     fn complete_fill(&self, key: &Arc<str>, fill: &Arc<Fill>, answer: Option<&ConsentAnswer>) {
         let mut shard = self.shard(key);
         let Some(state) = shard.get_mut(key) else {
@@ -222,6 +225,7 @@ impl ConsentCache {
         };
         if state.fill.as_ref().is_some_and(|f| Arc::ptr_eq(f, fill)) {
             state.fill = None;
+            let answer = answer.filter(|_| state.writes_in_flight == 0);
             let stored = answer.and_then(|answer| {
                 StoredAnswer::from_read(answer, self.inner.not_found_ttl_ms > 0, self.now_ms())
             });
@@ -335,7 +339,9 @@ impl ConsentCache {
     /// Lets lookups answer from the cache until `until` (the cluster's feed is confirmed live
     /// until then). Without a cluster the cache is always trusted.
     pub fn trust_until(&self, until: Instant) {
-        let ms = until.saturating_duration_since(self.inner.epoch).as_millis();
+        let ms = until
+            .saturating_duration_since(self.inner.epoch)
+            .as_millis();
         let ms = u64::try_from(ms).unwrap_or(u64::MAX);
         self.inner.trusted_until_ms.store(ms, Ordering::Release);
     }

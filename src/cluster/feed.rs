@@ -99,7 +99,8 @@ impl Feed {
                 error = %ErrorChain(&problem),
                 "cluster feed lost: answering from upstream, writes cannot be announced; reconnecting"
             );
-            self.shared.set_problem(Some(ErrorChain(&problem).to_string()));
+            self.shared
+                .set_problem(Some(ErrorChain(&problem).to_string()));
             let delay = backoff.next_delay();
             tokio::select! {
                 _ = tokio::time::sleep(delay) => {}
@@ -128,9 +129,12 @@ impl Feed {
         // trusted again (when the first heartbeat comes back).
         self.cache.flush();
         self.shared.metrics.resyncs.inc();
-        self.shared.publisher.store(Some(Arc::new(publisher.clone())));
         self.shared
-            .set_problem(Some("subscribed; waiting for the first heartbeat".to_owned()));
+            .publisher
+            .store(Some(Arc::new(publisher.clone())));
+        self.shared.set_problem(Some(
+            "subscribed; waiting for the first heartbeat".to_owned(),
+        ));
 
         let period = (self.max_staleness / 4).max(Duration::from_millis(1));
         // A connection that brings back nothing for this long is given up, even if open.

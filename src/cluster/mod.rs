@@ -80,8 +80,7 @@ impl Shared {
         let Some(connection) = self.publisher.load_full() else {
             return Err(Failure::msg(format!(
                 "not connected to Redis ({})",
-                self.problem()
-                    .unwrap_or_else(|| "connecting".to_owned())
+                self.problem().unwrap_or_else(|| "connecting".to_owned())
             )));
         };
         let mut connection = MultiplexedConnection::clone(&connection);
@@ -151,7 +150,10 @@ impl Cluster {
             .into_connection_info()
             .map_err(failed)?;
         if let Some(password) = &settings.redis_password {
-            let redis = info.redis_settings().clone().set_password(password.expose());
+            let redis = info
+                .redis_settings()
+                .clone()
+                .set_password(password.expose());
             info = info.set_redis_settings(redis);
         }
         let client = redis::Client::open(info).map_err(failed)?;

@@ -88,11 +88,17 @@ mod tests {
         let mut writes = RemoteWrites::new(Duration::from_secs(5));
         let now = Instant::now();
         writes.begin("other", 1, cache.begin_remote_write(&id), now);
-        assert!(!is_hit(&cache, &id), "a pending remote write drops the entry");
+        assert!(
+            !is_hit(&cache, &id),
+            "a pending remote write drops the entry"
+        );
         assert_eq!(writes.expire(now + Duration::from_secs(4)), 0);
         assert_eq!(writes.expire(now + Duration::from_secs(5)), 1);
         assert!(writes.is_empty());
-        assert!(writes.take("other", 1).is_none(), "a late outcome finds nothing");
+        assert!(
+            writes.take("other", 1).is_none(),
+            "a late outcome finds nothing"
+        );
         assert_eq!(cache.keys_in_flight(), 0, "the contact is released");
     }
 }
