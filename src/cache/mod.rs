@@ -446,6 +446,7 @@ impl Drop for WriteGuard {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use bytes::Bytes;
 
     fn cache() -> ConsentCache {
         ConsentCache::new(
@@ -508,6 +509,89 @@ mod tests {
         assert!(matches!(cache.lookup(&id), Lookup::Hit(_)));
         drop(cache.begin_write(&id));
         assert!(matches!(cache.lookup(&id), Lookup::Lead(_)));
+        assert_eq!(cache.keys_in_flight(), 0);
+    }
+
+    fn hit_body(cache: &ConsentCache, id: &ContactId) -> Option<Bytes> {
+        match cache.lookup(id) {
+            Lookup::Hit(hit) => Some(hit.answer.body),
+            _ => None,
+        }
+    }
+
+    #[tokio::test]
+    async fn an_untrusted_cache_is_neither_read_nor_filled() {
+        let cache = cache();
+        let id = contact("+15550000004");
+        cache
+            .begin_write(&id)
+            .finish(WriteOutcome::Applied(ConsentStatus::Consented));
+        cache.distrust();
+        assert!(matches!(cache.lookup(&id), Lookup::Unsynced));
+        assert_eq!(cache.keys_in_flight(), 0, "no fill registered");
+        cache.trust_until(Instant::now() + Duration::from_secs(1));
+        assert!(hit_body(&cache, &id).is_some());
+        cache.trust_until(Instant::now());
+        assert!(
+            matches!(cache.lookup(&id), Lookup::Unsynced),
+            "the deadline passed"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_flush_drops_entries_supersedes_fills_and_stored_writes() {
+        let cache = cache();
+        let (cached, filling, writing) = (
+            contact("+15550000005"),
+            contact("+15550000006"),
+            contact("+15550000007"),
+        );
+        cache
+            .begin_write(&cached)
+            .finish(WriteOutcome::Applied(ConsentStatus::Consented));
+        let fill = lead(&cache, &filling);
+        let write = cache.begin_write(&writing);
+        cache.flush();
+        assert!(matches!(cache.lookup(&cached), Lookup::Lead(_)));
+        fill.spawn(async { Ok(ConsentAnswer::canonical(ConsentStatus::Consented)) })
+            .wait(deadline())
+            .await
+            .expect("its waiters still get the answer");
+        assert!(
+            hit_body(&cache, &filling).is_none(),
+            "a fill from before the flush"
+        );
+        write.finish(WriteOutcome::Applied(ConsentStatus::Refused));
+        assert!(
+            hit_body(&cache, &writing).is_none(),
+            "a write that straddled the flush may have overlapped a missed one"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_remote_write_drops_the_entry_and_never_stores() {
+        let cache = cache();
+        let id = contact("+15550000008");
+        cache
+            .begin_write(&id)
+            .finish(WriteOutcome::Applied(ConsentStatus::Consented));
+        let remote = cache.begin_remote_write(&id);
+        assert!(hit_body(&cache, &id).is_none(), "dropped when announced");
+        // A fill while it is in flight reads upstream but does not store.
+        lead(&cache, &id)
+            .spawn(async { Ok(ConsentAnswer::canonical(ConsentStatus::Consented)) })
+            .wait(deadline())
+            .await
+            .expect("answered");
+        assert!(
+            hit_body(&cache, &id).is_none(),
+            "no store while a write is in flight"
+        );
+        remote.finish(WriteOutcome::Applied(ConsentStatus::Refused));
+        assert!(
+            hit_body(&cache, &id).is_none(),
+            "the written status is not stored"
+        );
         assert_eq!(cache.keys_in_flight(), 0);
     }
 
