@@ -117,7 +117,7 @@ impl Authenticator {
             let name_matches = presented
                 .claimed_name
                 .as_deref()
-                .map_or(true, |name| name == client.name);
+                .is_none_or(|name| name == client.name);
             if key_matches && name_matches && found.is_none() {
                 found = Some(Caller {
                     client_index: Some(index),

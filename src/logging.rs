@@ -62,7 +62,7 @@ pub fn effective_filter(level: &str) -> String {
         .iter()
         .filter_map(|d| d.parse::<LevelFilter>().ok())
         .max();
-    if !default.is_some_and(|level| level > LevelFilter::INFO) {
+    if default.is_none_or(|level| level <= LevelFilter::INFO) {
         return level.to_owned();
     }
     let named: Vec<&str> = directives

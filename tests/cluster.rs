@@ -236,7 +236,7 @@ async fn a_write_through_one_instance_is_seen_through_the_others_right_after_its
     const CONTACTS: usize = 12;
     const ROUNDS: usize = 60;
     let statuses = ["REFUSED", "CONSENTED", "DELETED", "NO_CONSENT"];
-    let mut current = vec!["CONSENTED"; CONTACTS];
+    let mut current = ["CONSENTED"; CONTACTS];
     for c in 0..CONTACTS {
         fleet
             .sim
