@@ -978,3 +978,54 @@ async fn soak_three_instances_with_redis_restarts() {
         lost.join("\n")
     );
 }
+
+/// `DELETE /admin/cache/{id}` through one instance drops the contact on every instance.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_admin_purge_reaches_every_instance() {
+    let fleet = Fleet::start(3).await;
+    let contact = "+15550800001";
+    fleet.sim.set_status(contact, ConsentStatus::Consented);
+    fleet.cache_everywhere(contact, "CONSENTED").await;
+    let url = format!(
+        "{}/admin/cache/{contact}",
+        fleet.proxies[0].proxy.admin_url()
+    );
+    let purged = fleet
+        .http
+        .send(Method::DELETE, &url, &[("x-api-key", ADMIN_KEY)], None)
+        .await;
+    assert_eq!(purged.status, 204);
+    for i in 1..3 {
+        wait_until(Duration::from_secs(2), || async {
+            fleet
+                .metric(
+                    i,
+                    r#"consent_proxy_cache_invalidations_total{reason="purge"}"#,
+                )
+                .await
+                == 1.0
+        })
+        .await;
+        assert_eq!(
+            fleet.get(i, contact).await.header("x-cache-status"),
+            Some("MISS")
+        );
+    }
+}
+
+/// The README's local example (`examples/cluster/run.sh`) runs its walkthrough with this
+/// build: three instances and a Redis, a write seen everywhere, Redis killed and restarted.
+#[test]
+fn the_local_example_runs() {
+    let status = std::process::Command::new("bash")
+        .arg("examples/cluster/run.sh")
+        .arg("--check")
+        .env("BIN", BIN)
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .status()
+        .expect("run bash");
+    assert!(
+        status.success(),
+        "examples/cluster/run.sh --check: {status}"
+    );
+}

@@ -310,6 +310,11 @@ impl Feed {
                     .unwrap_or_else(|| self.cache.begin_remote_write(&contact));
                 guard.finish(outcome);
             }
+            Body::Purge { .. } => {
+                let contact = announcement.contact()?;
+                self.cache.purge(&contact);
+                return None;
+            }
         }
         self.shared
             .metrics

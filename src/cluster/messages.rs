@@ -1,6 +1,6 @@
 //! The announcements instances exchange on the cluster's channel, as one JSON object each
-//! (serde): a write about to go upstream (`pending`), how it ended (`done`), and each
-//! instance's heartbeat. Every message names its sender and carries the sender's wall-clock
+//! (serde): a write about to go upstream (`pending`), how it ended (`done`), an admin purge
+//! (`purge`), and each instance's heartbeat. Every message names its sender and carries the sender's wall-clock
 //! time, used only for the propagation metric (never for ordering: Redis orders the channel).
 
 use std::time::{SystemTime, UNIX_EPOCH};
@@ -40,6 +40,8 @@ pub enum Body {
         #[serde(default, skip_serializing_if = "Option::is_none")]
         status: Option<String>,
     },
+    /// `DELETE /admin/cache/{contact}` through the sender: every instance drops the contact.
+    Purge { contact: String },
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -113,7 +115,7 @@ impl Announcement {
         }
         match &announcement.body {
             Body::Heartbeat { .. } => {}
-            Body::Pending { contact, .. } => {
+            Body::Pending { contact, .. } | Body::Purge { contact } => {
                 contact_id(contact)?;
             }
             Body::Done {
@@ -133,7 +135,9 @@ impl Announcement {
     pub fn contact(&self) -> Option<ContactId> {
         match &self.body {
             Body::Heartbeat { .. } => None,
-            Body::Pending { contact, .. } | Body::Done { contact, .. } => contact_id(contact).ok(),
+            Body::Pending { contact, .. }
+            | Body::Done { contact, .. }
+            | Body::Purge { contact } => contact_id(contact).ok(),
         }
     }
 
@@ -197,6 +201,12 @@ mod tests {
             ),
             Announcement::done("a1", 4, &contact(), WriteOutcome::Unknown),
             Announcement::done("a1", 5, &contact(), WriteOutcome::NotApplied),
+            Announcement::new(
+                "a1",
+                Body::Purge {
+                    contact: contact().as_str().to_owned(),
+                },
+            ),
         ] {
             let decoded = Announcement::decode(&announcement.encode()).unwrap();
             assert_eq!(decoded, announcement);

@@ -229,6 +229,18 @@ impl Cluster {
         }
     }
 
+    /// Tells the other instances to drop `contact` too (an admin purge); `Err` when Redis did
+    /// not take it.
+    pub async fn announce_purge(&self, contact: &ContactId) -> Result<(), Failure> {
+        let purge = Announcement::new(
+            &self.shared.id,
+            messages::Body::Purge {
+                contact: contact.as_str().to_owned(),
+            },
+        );
+        self.shared.publish(&purge).await
+    }
+
     pub fn status(&self) -> ClusterStatus {
         let live = self.cache.is_trusted();
         ClusterStatus {

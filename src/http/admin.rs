@@ -14,7 +14,7 @@ use crate::auth::{Authenticator, Permission};
 use crate::cache::ConsentCache;
 use crate::cluster::Cluster;
 use crate::consent::ContactId;
-use crate::error::ProxyError;
+use crate::error::{ErrorChain, ProxyError};
 use crate::http::body::{self, Body};
 use crate::upstream::token::TokenManager;
 
@@ -130,6 +130,17 @@ impl AdminRoutes {
             contact = %contact.masked(),
             "cache entry purged"
         );
+        if let Some(cluster) = &self.cluster {
+            // The other instances drop it too. Without Redis they cannot be told, but then they
+            // do not answer from their caches either, and flush them when they reconnect.
+            if let Err(problem) = cluster.announce_purge(&contact).await {
+                tracing::warn!(
+                    contact = %contact.masked(),
+                    error = %ErrorChain(&problem),
+                    "the purge could not be announced to the other instances"
+                );
+            }
+        }
         Ok(body::empty_response(StatusCode::NO_CONTENT))
     }
 }
