@@ -15,7 +15,7 @@ use redis::{AsyncConnectionConfig, RedisError};
 use tokio::sync::{mpsc, watch};
 use tokio::time::{Instant, MissedTickBehavior};
 
-use super::messages::{unix_ms, Announcement, Body};
+use super::messages::{unix_us, Announcement, Body};
 use super::remote::RemoteWrites;
 use super::{Shared, ANNOUNCE_TIMEOUT, CONNECT_TIMEOUT};
 use crate::cache::ConsentCache;
@@ -319,7 +319,7 @@ impl Feed {
         self.shared
             .metrics
             .propagation
-            .observe(announcement.age_s(unix_ms()));
+            .observe(announcement.age_s(unix_us()));
         None
     }
 }

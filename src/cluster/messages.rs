@@ -19,8 +19,8 @@ pub struct Announcement {
     pub v: u8,
     /// The sending instance (random per process).
     pub from: String,
-    /// When it was sent: Unix time in milliseconds, by the sender's clock.
-    pub at_ms: u64,
+    /// When it was sent: Unix time in microseconds, by the sender's clock.
+    pub at_us: u64,
     #[serde(flatten)]
     pub body: Body,
 }
@@ -70,7 +70,7 @@ impl Announcement {
         Announcement {
             v: VERSION,
             from: from.to_owned(),
-            at_ms: unix_ms(),
+            at_us: unix_us(),
             body,
         }
     }
@@ -160,9 +160,9 @@ impl Announcement {
         }
     }
 
-    /// Seconds from sending to `now_ms` (Unix milliseconds); 0 when the clocks disagree.
-    pub fn age_s(&self, now_ms: u64) -> f64 {
-        now_ms.saturating_sub(self.at_ms) as f64 / 1000.0
+    /// Seconds from sending to `now_us` (Unix microseconds); 0 when the clocks disagree.
+    pub fn age_s(&self, now_us: u64) -> f64 {
+        now_us.saturating_sub(self.at_us) as f64 / 1_000_000.0
     }
 }
 
@@ -173,11 +173,11 @@ fn contact_id(contact: &str) -> Result<ContactId, DecodeError> {
         .ok_or(DecodeError::Contact)
 }
 
-/// Unix time in milliseconds (0 before 1970).
-pub fn unix_ms() -> u64 {
+/// Unix time in microseconds (0 before 1970).
+pub fn unix_us() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64)
+        .map_or(0, |d| d.as_micros() as u64)
 }
 
 #[cfg(test)]
@@ -227,12 +227,12 @@ mod tests {
     #[test]
     fn the_wire_format_is_stable() {
         let pending = Announcement {
-            at_ms: 1_700_000_000_000,
+            at_us: 1_700_000_000_000_000,
             ..Announcement::pending("0123abcd", 9, &contact())
         };
         assert_eq!(
             String::from_utf8(pending.encode()).unwrap(),
-            r#"{"v":1,"from":"0123abcd","at_ms":1700000000000,"kind":"pending","write":9,"contact":"+15551234567"}"#
+            r#"{"v":1,"from":"0123abcd","at_us":1700000000000000,"kind":"pending","write":9,"contact":"+15551234567"}"#
         );
     }
 
@@ -241,27 +241,27 @@ mod tests {
         for (payload, expected) in [
             (&b"hello"[..], "not an announcement"),
             (
-                br#"{"v":2,"from":"a","at_ms":1,"kind":"heartbeat","seq":1}"#,
+                br#"{"v":2,"from":"a","at_us":1,"kind":"heartbeat","seq":1}"#,
                 "format version 2",
             ),
             (
-                br#"{"v":1,"from":"a","at_ms":1,"kind":"evict_all"}"#,
+                br#"{"v":1,"from":"a","at_us":1,"kind":"evict_all"}"#,
                 "not an announcement",
             ),
             (
-                br#"{"v":1,"from":"a","at_ms":1,"kind":"pending","write":1,"contact":"no spaces"}"#,
+                br#"{"v":1,"from":"a","at_us":1,"kind":"pending","write":1,"contact":"no spaces"}"#,
                 "contact id",
             ),
             (
-                br#"{"v":1,"from":"a","at_ms":1,"kind":"pending","write":1,"contact":"%2B1555"}"#,
+                br#"{"v":1,"from":"a","at_us":1,"kind":"pending","write":1,"contact":"%2B1555"}"#,
                 "contact id",
             ),
             (
-                br#"{"v":1,"from":"a","at_ms":1,"kind":"done","write":1,"contact":"+1555","outcome":"applied"}"#,
+                br#"{"v":1,"from":"a","at_us":1,"kind":"done","write":1,"contact":"+1555","outcome":"applied"}"#,
                 "consent status",
             ),
             (
-                br#"{"v":1,"from":"a","at_ms":1,"kind":"done","write":1,"contact":"+1555","outcome":"applied","status":"MAYBE"}"#,
+                br#"{"v":1,"from":"a","at_us":1,"kind":"done","write":1,"contact":"+1555","outcome":"applied","status":"MAYBE"}"#,
                 "consent status",
             ),
         ] {
@@ -273,8 +273,8 @@ mod tests {
     #[test]
     fn ages_never_go_negative() {
         let mut announcement = Announcement::new("a", Body::Heartbeat { seq: 1 });
-        announcement.at_ms = 10_000;
-        assert_eq!(announcement.age_s(12_500), 2.5);
-        assert_eq!(announcement.age_s(9_000), 0.0);
+        announcement.at_us = 10_000_000;
+        assert_eq!(announcement.age_s(12_500_000), 2.5);
+        assert_eq!(announcement.age_s(9_000_000), 0.0);
     }
 }
