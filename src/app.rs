@@ -55,6 +55,8 @@ pub struct AppHandle {
     pub routes: Arc<ConsentRoutes>,
     shutdown: watch::Sender<bool>,
     tasks: Vec<JoinHandle<()>>,
+    feed_stop: watch::Sender<bool>,
+    feed_task: Option<JoinHandle<()>>,
 }
 
 impl App {
@@ -95,6 +97,10 @@ impl App {
         ));
         let cache = ConsentCache::new(&settings.cache, CacheMetrics::register(&registry));
         let mut tasks = vec![refresher];
+        // The cluster's feed stops only after the listeners have drained, so that the requests
+        // finishing within the grace period can still announce their writes.
+        let (feed_stop, feed_stop_rx) = watch::channel(false);
+        let mut feed_task = None;
         let cluster = match &settings.cluster {
             Some(cluster_settings) => {
                 let (cluster, feed) = Cluster::start(
@@ -102,9 +108,9 @@ impl App {
                     cache.clone(),
                     settings.server.request_timeout,
                     ClusterMetrics::register(&registry),
-                    shutdown_rx.clone(),
+                    feed_stop_rx,
                 )?;
-                tasks.push(feed);
+                feed_task = Some(feed);
                 Some(cluster)
             }
             None => None,
@@ -198,6 +204,8 @@ impl App {
             routes,
             shutdown,
             tasks,
+            feed_stop,
+            feed_task,
         })
     }
 }
@@ -220,6 +228,10 @@ impl AppHandle {
         let _ = self.shutdown.send(true);
         for task in self.tasks {
             let _ = task.await;
+        }
+        let _ = self.feed_stop.send(true);
+        if let Some(feed) = self.feed_task {
+            let _ = feed.await;
         }
     }
 
