@@ -4,30 +4,19 @@
 
 use std::time::Duration;
 
-use bytes::Bytes;
 use consent_proxy::config::Settings;
 use consent_proxy::consent::ConsentStatus;
-use consent_proxy::simulator::{Simulator, SimulatorConfig};
 use consent_proxy::App;
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
-use http::Request;
-use http_body_util::Full;
 
+#[path = "support/consent_requests.rs"]
+mod consent_requests;
 #[path = "support/counting_alloc.rs"]
 mod counting_alloc;
+use consent_requests::{get as request, KEY, SIM_CLIENT_SECRET};
 use counting_alloc::allocations;
 
-const KEY: &str = "bench-key-0123456789abcdef";
 const WORKING_SET: usize = 10_000;
-
-fn request(contact: usize) -> Request<Full<Bytes>> {
-    Request::get(format!(
-        "/voicebiometrics/contacts/%2B1555{contact:07}/consent"
-    ))
-    .header("x-api-key", KEY)
-    .body(Full::new(Bytes::new()))
-    .expect("valid request")
-}
 
 fn cache_hit(c: &mut Criterion) {
     // One core: a current-thread runtime drives both the handler and the simulator.
@@ -36,15 +25,7 @@ fn cache_hit(c: &mut Criterion) {
         .build()
         .expect("runtime");
     let (proxy, _simulator) = runtime.block_on(async {
-        let simulator = Simulator::start(
-            "127.0.0.1:0".parse().expect("addr"),
-            SimulatorConfig {
-                client_secret: "bench-secret".into(),
-                ..SimulatorConfig::default()
-            },
-        )
-        .await
-        .expect("simulator");
+        let simulator = consent_requests::simulator().await;
         let settings = Settings::from_toml_str(&format!(
             r#"
 [server]
@@ -56,7 +37,7 @@ level = "warn"
 api_base_url = "{}"
 token_url = "{}"
 client_id = "sim-client"
-client_secret = "bench-secret"
+client_secret = "{SIM_CLIENT_SECRET}"
 [[clients]]
 name = "bench"
 api_key = "{KEY}"

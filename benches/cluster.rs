@@ -13,17 +13,16 @@
 
 use std::time::{Duration, Instant};
 
-use bytes::Bytes;
 use consent_proxy::config::Settings;
-use consent_proxy::simulator::{Simulator, SimulatorConfig};
+use consent_proxy::simulator::Simulator;
 use consent_proxy::{App, AppHandle};
-use http::Request;
-use http_body_util::Full;
 
+#[path = "support/consent_requests.rs"]
+mod consent_requests;
 #[path = "../tests/support/redis_server.rs"]
 mod redis_server;
+use consent_requests::{get, put, KEY, SIM_CLIENT_SECRET};
 
-const KEY: &str = "bench-key-0123456789abcdef";
 const WORKING_SET: usize = 10_000;
 
 fn scale() -> f64 {
@@ -37,33 +36,9 @@ fn scaled(n: usize) -> usize {
     ((n as f64 * scale()) as usize).max(10)
 }
 
-fn get(i: usize) -> Request<Full<Bytes>> {
-    Request::get(format!("/voicebiometrics/contacts/%2B1555{i:07}/consent"))
-        .header("x-api-key", KEY)
-        .body(Full::new(Bytes::new()))
-        .expect("valid request")
-}
-
-fn put(i: usize, status: &str) -> Request<Full<Bytes>> {
-    Request::put(format!("/voicebiometrics/contacts/%2B1555{i:07}/consent"))
-        .header("x-api-key", KEY)
-        .header("content-type", "application/json")
-        .body(Full::new(Bytes::from(format!(
-            r#"{{"status":"{status}"}}"#
-        ))))
-        .expect("valid request")
-}
-
+/// The simulator, answering unknown contacts `NO_CONSENT` (nothing to seed).
 async fn simulator() -> Simulator {
-    let sim = Simulator::start(
-        "127.0.0.1:0".parse().expect("addr"),
-        SimulatorConfig {
-            client_secret: "bench-secret".into(),
-            ..SimulatorConfig::default()
-        },
-    )
-    .await
-    .expect("simulator");
+    let sim = consent_requests::simulator().await;
     sim.set_unknown_as_no_consent(true);
     sim
 }
@@ -88,7 +63,7 @@ level = "error"
 api_base_url = "{}"
 token_url = "{}"
 client_id = "sim-client"
-client_secret = "bench-secret"
+client_secret = "{SIM_CLIENT_SECRET}"
 {cluster}
 [[clients]]
 name = "bench"
@@ -138,7 +113,7 @@ fn percentile(sorted: &[Duration], p: f64) -> Duration {
     sorted[((sorted.len() - 1) as f64 * p).round() as usize]
 }
 
-/// 1. The hit path, cluster off and on, interleaved rounds on one core.
+/// The hit path, cluster off and on, interleaved rounds on one core.
 fn hit_path() {
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -203,9 +178,9 @@ fn hit_path() {
     });
 }
 
-/// 2. PUT latency with and without the announcements, one PUT at a time. One worker thread,
-/// so that redis-server has the other core (on two cores, a second worker competing with it
-/// shows up as Redis' scheduling delay in the p99, not as the proxy's cost).
+/// PUT latency with and without the announcements, one PUT at a time. One worker thread, so
+/// that redis-server has the other core (on two cores, a second worker competing with it shows
+/// up as Redis' scheduling delay in the p99, not as the proxy's cost).
 fn put_latency() {
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(1)
@@ -283,7 +258,7 @@ fn histogram_quantile(buckets: &[(f64, u64)], q: f64) -> f64 {
     f64::INFINITY
 }
 
-/// 3. Propagation under load across three instances, each on a runtime of its own.
+/// Propagation under load across three instances, each on a runtime of its own.
 fn propagation() {
     let redis = redis_server::RedisServer::start();
     let main = tokio::runtime::Builder::new_multi_thread()

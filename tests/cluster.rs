@@ -22,7 +22,9 @@ use consent_proxy::consent::ConsentStatus;
 use consent_proxy::simulator::{Fault, SimRoute, Simulator};
 use consent_proxy::{App, AppHandle};
 use http::Method;
-use support::history::{cluster_violations, gets, Event, Op};
+use support::history::{
+    cluster_violations, gets, random_client, random_upstream_delays, Event, Op, STATUSES,
+};
 use support::redis_server::{free_port, RedisServer};
 use support::relay::Relay;
 use support::*;
@@ -82,13 +84,11 @@ impl Drop for Instance {
 fn cluster_config(sim: &Simulator, redis_url: &str) -> ProxyConfig {
     let mut config = ProxyConfig::for_simulator(sim);
     config
-        .set_str("cluster.redis_url", redis_url)
+        .clustered(redis_url)
         .set(
             "cluster.max_staleness_ms",
             &MAX_STALENESS.as_millis().to_string(),
         )
-        // Its signing key would have to be shared; the token endpoint is not under test.
-        .set("oauth.enabled", "false")
         .set("log.level", "\"warn\"");
     config
 }
@@ -319,54 +319,28 @@ async fn randomized_history_across_three_instances_keeps_rule_5() {
     for contact in &contacts {
         fleet.sim.set_status(contact, ConsentStatus::NoConsent);
     }
-    let statuses = ["NO_CONSENT", "CONSENTED", "DELETED", "REFUSED"];
     let run_for = Duration::from_secs(5);
     let started = Instant::now();
 
     let delays = tokio::spawn({
         let fleet = fleet.clone();
         let contacts = contacts.clone();
-        async move {
-            while started.elapsed() < run_for {
-                let contact = &contacts[rand::random_range(0..CONTACTS)];
-                let delay = Duration::from_millis(rand::random_range(5..60));
-                fleet.sim.delay_next_get(contact, delay, 1);
-                if rand::random_bool(0.3) {
-                    fleet.sim.inject(
-                        SimRoute::Put,
-                        Fault::Delay(Duration::from_millis(rand::random_range(1..20))),
-                        1,
-                    );
-                }
-                tokio::time::sleep(Duration::from_millis(rand::random_range(1..15))).await;
-            }
-        }
+        async move { random_upstream_delays(&fleet.sim, &contacts, started + run_for).await }
     });
     let clients: Vec<_> = (0..6)
         .map(|_| {
             let fleet = fleet.clone();
             let contacts = contacts.clone();
             tokio::spawn(async move {
-                let mut events = Vec::new();
-                while started.elapsed() < run_for {
-                    let contact = rand::random_range(0..CONTACTS);
-                    let via = rand::random_range(0..3);
-                    let start = Instant::now();
-                    let op = if rand::random_bool(0.2) {
-                        let status = statuses[rand::random_range(0..4)];
-                        Op::put(status, &fleet.put(via, &contacts[contact], status).await)
-                    } else {
-                        Op::get(&fleet.get(via, &contacts[contact]).await)
-                    };
-                    events.push(Event {
-                        contact,
-                        via,
-                        start,
-                        end: Instant::now(),
-                        op,
-                    });
-                }
-                events
+                random_client(
+                    started + run_for,
+                    CONTACTS,
+                    3,
+                    0.2,
+                    |via, contact| fleet.get(via, &contacts[contact]),
+                    |via, contact, status| fleet.put(via, &contacts[contact], status),
+                )
+                .await
             })
         })
         .collect();
@@ -836,7 +810,6 @@ async fn soak_three_instances_with_redis_restarts() {
     );
     const CONTACTS: usize = 20;
     const INITIAL: &str = "NO_CONSENT";
-    let statuses = ["NO_CONSENT", "CONSENTED", "DELETED", "REFUSED"];
     let fleet = Arc::new(
         Fleet::start_with(3, |_, c| {
             c.set("cache.ttl_s", "5");
@@ -879,7 +852,7 @@ async fn soak_three_instances_with_redis_restarts() {
                     let via = rand::random_range(0..3);
                     let start = Instant::now();
                     let op = if rand::random_bool(0.25) {
-                        let status = statuses[rand::random_range(0..4)];
+                        let status = STATUSES[rand::random_range(0..4)];
                         let response = fleet.put(via, &contacts[contact], status).await;
                         if response.status == 503 {
                             assert_eq!(response.code(), "cluster_unavailable");

@@ -865,11 +865,7 @@ async fn the_redis_password_stays_secret() {
     for (password, accepted) in [(PASSWORD, true), (WRONG, false)] {
         let mut config = ProxyConfig::for_simulator(&sim);
         config
-            .set_str(
-                "cluster.redis_url",
-                &format!("redis://:{password}@127.0.0.1:{}", redis.port()),
-            )
-            .set("oauth.enabled", "false")
+            .clustered(&format!("redis://:{password}@127.0.0.1:{}", redis.port()))
             .set_str("log.level", "trace")
             .set_str("log.format", "json");
         let mut proxy = Proxy::start(&config.to_toml());

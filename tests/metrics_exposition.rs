@@ -260,15 +260,11 @@ async fn cluster_metrics_are_promtool_clean_and_complete() {
     let promtool = Promtool::find();
     let redis = support::redis_server::RedisServer::start();
     let h = Harness::start_with(|c| {
-        c.set_str("cluster.redis_url", &redis.url())
-            .set("oauth.enabled", "false");
+        c.clustered(&redis.url());
     })
     .await;
-    h.wait_ready().await;
-    wait_until(std::time::Duration::from_secs(10), || async {
-        h.metric("consent_proxy_cluster_connected").await == 1.0
-    })
-    .await;
+    h.wait_cluster_live().await;
+    assert_eq!(h.metric("consent_proxy_cluster_connected").await, 1.0);
     assert_eq!(h.put(CONTACT_READ_WRITE, "REFUSED").await.status / 100, 2);
     let text = h.admin("/metrics").await.text();
     let (code, output) = promtool.check_metrics(&text);

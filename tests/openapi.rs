@@ -1419,8 +1419,7 @@ async fn cluster_unavailable_and_a_feed_that_is_down_are_documented() {
         .expect("a free port")
         .port();
     let h = Harness::start_with(|c| {
-        c.set_str("cluster.redis_url", &format!("redis://127.0.0.1:{closed}"))
-            .set("oauth.enabled", "false");
+        c.clustered(&format!("redis://127.0.0.1:{closed}"));
     })
     .await;
     h.sim.set_status("+15552500001", ConsentStatus::Consented);

@@ -44,15 +44,10 @@ async fn prometheus_scrapes_the_proxy_evaluates_the_alerts_and_runs_the_dashboar
     // are exercised too; the traffic below is the same as for a single instance.
     let redis = support::redis_server::RedisServer::start();
     let h = Harness::start_with(|c| {
-        c.set_str("cluster.redis_url", &redis.url())
-            .set("oauth.enabled", "false");
+        c.clustered(&redis.url());
     })
     .await;
-    h.wait_ready().await;
-    wait_until(Duration::from_secs(10), || async {
-        h.admin("/readyz").await.json()["cluster"]["feed"] == "live"
-    })
-    .await;
+    h.wait_cluster_live().await;
     let target = h.proxy.admin_url().trim_start_matches("http://").to_owned();
     let http = TestClient::new();
     let prometheus =

@@ -418,6 +418,24 @@ impl ConsentCache {
     }
 }
 
+#[cfg(test)]
+impl ConsentCache {
+    /// A small enabled cache (TTLs 60 s and 30 s) with its own registry, for unit tests.
+    pub(crate) fn for_tests() -> ConsentCache {
+        ConsentCache::new(
+            &CacheSettings {
+                enabled: true,
+                ttl: Duration::from_secs(60),
+                not_found_ttl: Duration::from_secs(30),
+                max_entries: 100,
+                stale_if_error: None,
+                refresh_ahead: None,
+            },
+            CacheMetrics::register(&prometheus::Registry::new()),
+        )
+    }
+}
+
 /// A write in flight for one contact. Finish it with the outcome; dropped unfinished (the
 /// write's task failed), it counts as an unknown outcome: the entry is dropped, never kept.
 pub struct WriteGuard {
@@ -449,17 +467,7 @@ mod tests {
     use bytes::Bytes;
 
     fn cache() -> ConsentCache {
-        ConsentCache::new(
-            &CacheSettings {
-                enabled: true,
-                ttl: Duration::from_secs(60),
-                not_found_ttl: Duration::from_secs(30),
-                max_entries: 100,
-                stale_if_error: None,
-                refresh_ahead: None,
-            },
-            CacheMetrics::register(&prometheus::Registry::new()),
-        )
+        ConsentCache::for_tests()
     }
 
     fn contact(id: &str) -> ContactId {

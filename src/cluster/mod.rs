@@ -211,9 +211,11 @@ impl Cluster {
                     error = %ErrorChain(&problem),
                     "write refused: it could not be announced to the cluster"
                 );
-                // A slow Redis may still take the pending announcement later: its outcome
-                // follows it, so that the other instances release the contact at once.
-                tokio::spawn(announced_write.finish(WriteOutcome::NotApplied));
+                // A slow Redis may still take the pending announcement later (not one that is
+                // not connected): its outcome follows it, so that the others release the contact.
+                if shared.publisher.load().is_some() {
+                    tokio::spawn(announced_write.finish(WriteOutcome::NotApplied));
+                }
                 Err(ProxyError::ClusterUnavailable(problem))
             }
             WritePolicy::BestEffort => {

@@ -54,23 +54,8 @@ impl RemoteWrites {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::cache::{CacheMetrics, ConsentCache, Lookup, WriteOutcome};
-    use crate::config::CacheSettings;
+    use crate::cache::{ConsentCache, Lookup, WriteOutcome};
     use crate::consent::{ConsentStatus, ContactId};
-
-    fn cache() -> ConsentCache {
-        ConsentCache::new(
-            &CacheSettings {
-                enabled: true,
-                ttl: Duration::from_secs(60),
-                not_found_ttl: Duration::from_secs(30),
-                max_entries: 100,
-                stale_if_error: None,
-                refresh_ahead: None,
-            },
-            CacheMetrics::register(&prometheus::Registry::new()),
-        )
-    }
 
     fn is_hit(cache: &ConsentCache, id: &ContactId) -> bool {
         matches!(cache.lookup(id), Lookup::Hit(_))
@@ -78,7 +63,7 @@ mod tests {
 
     #[tokio::test]
     async fn an_expired_write_releases_the_contact_and_keeps_nothing() {
-        let cache = cache();
+        let cache = ConsentCache::for_tests();
         let id = ContactId::from_path_segment("+15550000001").unwrap();
         cache
             .begin_write(&id)

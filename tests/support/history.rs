@@ -3,8 +3,10 @@
 #![allow(dead_code)]
 
 use std::collections::BTreeMap;
+use std::future::Future;
 use std::time::Duration;
 
+use consent_proxy::simulator::{Fault, SimRoute, Simulator};
 use tokio::time::Instant;
 
 use super::TestResponse;
@@ -104,6 +106,66 @@ impl Op {
             result: (response.status == 200).then(|| response.status_field()),
         }
     }
+}
+
+/// Until `until`, holds back upstream's answers at random: a GET of a random contact by 5 to
+/// 60 ms, and now and then a PUT by 1 to 20 ms, so that reads and writes race.
+pub async fn random_upstream_delays(sim: &Simulator, contacts: &[String], until: Instant) {
+    while Instant::now() < until {
+        let contact = &contacts[rand::random_range(0..contacts.len())];
+        let delay = Duration::from_millis(rand::random_range(5..60));
+        sim.delay_next_get(contact, delay, 1);
+        if rand::random_bool(0.3) {
+            sim.inject(
+                SimRoute::Put,
+                Fault::Delay(Duration::from_millis(rand::random_range(1..20))),
+                1,
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(rand::random_range(1..15))).await;
+    }
+}
+
+/// The four statuses a randomized history writes.
+pub const STATUSES: [&str; 4] = ["NO_CONSENT", "CONSENTED", "DELETED", "REFUSED"];
+
+/// One client of a randomized history: until `until`, one operation after another on a random
+/// contact (of `contacts`) through a random instance (of `instances`), a PUT of a random status
+/// with probability `put_share`, else a GET; returns what it saw.
+pub async fn random_client<G, GF, P, PF>(
+    until: Instant,
+    contacts: usize,
+    instances: usize,
+    put_share: f64,
+    get: G,
+    put: P,
+) -> Vec<Event>
+where
+    G: Fn(usize, usize) -> GF,
+    GF: Future<Output = TestResponse>,
+    P: Fn(usize, usize, &'static str) -> PF,
+    PF: Future<Output = TestResponse>,
+{
+    let mut events = Vec::new();
+    while Instant::now() < until {
+        let contact = rand::random_range(0..contacts);
+        let via = rand::random_range(0..instances);
+        let start = Instant::now();
+        let op = if rand::random_bool(put_share) {
+            let status = STATUSES[rand::random_range(0..STATUSES.len())];
+            Op::put(status, &put(via, contact, status).await)
+        } else {
+            Op::get(&get(via, contact).await)
+        };
+        events.push(Event {
+            contact,
+            via,
+            start,
+            end: Instant::now(),
+            op,
+        });
+    }
+    events
 }
 
 /// How many GETs a history holds.

@@ -68,6 +68,13 @@ impl ProxyConfig {
         self.set(key, &toml::Value::String(value.to_owned()).to_string())
     }
 
+    /// Cluster mode through the Redis at `redis_url`. The proxy's own token endpoint is turned
+    /// off: in a cluster it needs a signing key shared by every instance.
+    pub fn clustered(&mut self, redis_url: &str) -> &mut Self {
+        self.set_str("cluster.redis_url", redis_url)
+            .set("oauth.enabled", "false")
+    }
+
     pub fn without_clients(&mut self) -> &mut Self {
         self.clients = false;
         self
@@ -221,6 +228,15 @@ impl Harness {
     pub async fn wait_ready(&self) {
         wait_until(Duration::from_secs(10), || async {
             self.admin("/readyz").await.status == 200
+        })
+        .await;
+    }
+
+    /// Waits (polling, bounded) until the proxy is ready with its cluster feed live.
+    pub async fn wait_cluster_live(&self) {
+        wait_until(Duration::from_secs(10), || async {
+            let ready = self.admin("/readyz").await;
+            ready.status == 200 && ready.json()["cluster"]["feed"] == "live"
         })
         .await;
     }
