@@ -673,6 +673,12 @@ impl ChildProxy {
             .stderr(std::process::Stdio::null())
             .spawn()
             .expect("spawn consent-proxy");
+        // Held before waiting, so that a failed wait still kills it.
+        let proxy = ChildProxy {
+            child,
+            config_file,
+            addr: ([127, 0, 0, 1], listen).into(),
+        };
         let admin_url = format!("http://127.0.0.1:{admin}/readyz");
         wait_until(Duration::from_secs(20), || async {
             if tokio::net::TcpStream::connect(("127.0.0.1", admin))
@@ -685,11 +691,7 @@ impl ChildProxy {
             ready.status == 200 && ready.json()["cluster"]["feed"] == "live"
         })
         .await;
-        ChildProxy {
-            child,
-            config_file,
-            addr: ([127, 0, 0, 1], listen).into(),
-        }
+        proxy
     }
 }
 
