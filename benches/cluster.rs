@@ -24,6 +24,9 @@ mod redis_server;
 use consent_requests::{get, put, KEY, SIM_CLIENT_SECRET};
 
 const WORKING_SET: usize = 10_000;
+/// The callers' address, as the listener would pass it.
+const PEER: std::net::SocketAddr =
+    std::net::SocketAddr::new(std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST), 40_000);
 
 fn scale() -> f64 {
     std::env::var("CLUSTER_BENCH_SCALE")
@@ -128,7 +131,7 @@ fn hit_path() {
         let on = proxy(&sim, Some(&redis.url()), 60_000).await;
         for proxy in [&off, &on] {
             for i in 0..WORKING_SET {
-                let response = proxy.routes.handle(get(i)).await;
+                let response = proxy.routes.handle(get(i), PEER).await;
                 assert_eq!(response.status(), 200);
             }
         }
@@ -141,7 +144,7 @@ fn hit_path() {
             let started = Instant::now();
             runtime.block_on(async {
                 for i in 0..hits {
-                    let response = proxy.routes.handle(get(i % WORKING_SET)).await;
+                    let response = proxy.routes.handle(get(i % WORKING_SET), PEER).await;
                     debug_assert_eq!(response.headers()["x-cache-status"], "HIT");
                 }
             });
@@ -198,7 +201,7 @@ fn put_latency() {
         // Warm both (connections, token), then alternate blocks of 100.
         for proxy in [&off, &on] {
             for i in 0..200 {
-                proxy.routes.handle(put(i, statuses[i % 2])).await;
+                proxy.routes.handle(put(i, statuses[i % 2]), PEER).await;
             }
         }
         for block in 0..(puts / 100).max(1) {
@@ -206,7 +209,7 @@ fn put_latency() {
                 for i in 0..100 {
                     let request = put(block * 100 + i, statuses[i % 2]);
                     let started = Instant::now();
-                    let response = proxy.routes.handle(request).await;
+                    let response = proxy.routes.handle(request, PEER).await;
                     latencies[mode].push(started.elapsed());
                     assert!(response.status().is_success(), "{}", response.status());
                 }
@@ -292,10 +295,10 @@ fn propagation() {
                         let i = rand::random_range(0..200);
                         if rand::random_bool(0.2) {
                             let status = ["CONSENTED", "REFUSED"][rand::random_range(0..2)];
-                            via.handle(put(i, status)).await;
+                            via.handle(put(i, status), PEER).await;
                             writes += 1;
                         } else {
-                            via.handle(get(i)).await;
+                            via.handle(get(i), PEER).await;
                         }
                         requests += 1;
                     }

@@ -12,13 +12,19 @@
 //!   `consent_proxy_requests_total` and observing its latency, through pre-resolved series
 //!   (what `ConsentRoutes::record` does for common answers) vs label lookups per request;
 //! - `auth/authorize`: finding the caller by its `X-API-Key` (one SHA-256 of the key, then a
-//!   constant-time comparison with each client's digest; three clients here).
+//!   constant-time comparison with each client's digest; three clients here);
+//! - `auth/authorize_bearer_token`: finding it by an access token from the proxy's token
+//!   endpoint (one SHA-256 of the token, the same comparisons, then the verified-token cache);
+//! - `auth/verify_token`: what the cache saves, verifying the token (header, HMAC, claims).
 //!
 //! `cargo bench --bench hot_path`
 
 use std::hint::black_box;
 use std::time::Duration;
 
+use std::sync::Arc;
+
+use consent_proxy::auth::token::TokenKeys;
 use consent_proxy::auth::{Authenticator, Permission};
 use consent_proxy::config::{ClientSettings, Permissions};
 use consent_proxy::consent::ContactId;
@@ -78,6 +84,18 @@ fn hot_path(c: &mut Criterion) {
             .collect(),
         true,
     );
+    let token_keys =
+        Arc::new(TokenKeys::new(&[b"bench-signing-key-0123456789abcdef01234567"]).expect("keys"));
+    let auth = auth.with_access_tokens(token_keys.clone(), &registry);
+    let token = token_keys
+        .issue("studio-outbound", permissions, Duration::from_secs(3600))
+        .expect("token");
+    let mut bearer_headers = HeaderMap::new();
+    bearer_headers.insert(
+        http::header::AUTHORIZATION,
+        HeaderValue::from_str(&format!("Bearer {token}")).expect("header value"),
+    );
+    assert!(auth.authorize(&bearer_headers, Permission::Read).is_ok());
     let mut key_headers = HeaderMap::new();
     key_headers.insert(
         "x-api-key",
@@ -154,6 +172,16 @@ fn hot_path(c: &mut Criterion) {
         "  auth/authorize               {:.1}",
         allocations_per_call(n, || auth.authorize(&key_headers, Permission::Read).is_ok())
     );
+    println!(
+        "  auth/authorize_bearer_token  {:.1}",
+        allocations_per_call(n, || auth
+            .authorize(&bearer_headers, Permission::Read)
+            .is_ok())
+    );
+    println!(
+        "  auth/verify_token            {:.1}",
+        allocations_per_call(n, || token_keys.verify(&token).is_ok())
+    );
 
     let mut group = c.benchmark_group("hot_path");
     group
@@ -213,6 +241,15 @@ fn hot_path(c: &mut Criterion) {
             auth.authorize(black_box(&key_headers), Permission::Read)
                 .is_ok()
         })
+    });
+    group.bench_function("auth/authorize_bearer_token", |b| {
+        b.iter(|| {
+            auth.authorize(black_box(&bearer_headers), Permission::Read)
+                .is_ok()
+        })
+    });
+    group.bench_function("auth/verify_token", |b| {
+        b.iter(|| token_keys.verify(black_box(&token)).is_ok())
     });
     group.finish();
 }

@@ -3,16 +3,18 @@
 #
 # Creates (or reuses) a virtualenv with the pinned schemathesis, builds the binary, starts
 # `consent-proxy demo` (proxy + built-in Talkdesk simulator) on free loopback ports with a fixed
-# API key, waits for /readyz, then runs `schemathesis run docs/openapi.yaml --checks all`: the
-# `consent` operations against the consent listener once with each credential form (X-API-Key,
-# Bearer, Basic), and the `admin` operations against the admin listener. Stops the demo and exits
-# with the first failing run's status (0 when all passed). JUnit reports: target/schemathesis/.
+# API key, waits for /readyz, gets an access token from the demo's own token endpoint, then runs
+# `schemathesis run docs/openapi.yaml --checks all`: the `consent` operations against the consent
+# listener once with each credential form (X-API-Key, Bearer key, Basic, Bearer access token),
+# the `oauth` operation (the token endpoint) with the client's Basic credentials, and the `admin`
+# operations against the admin listener. Stops the demo and exits with the first failing run's
+# status (0 when all passed). JUnit reports: target/schemathesis/.
 #
 # Usage: bash scripts/schemathesis.sh [--setup-only]
 #   --setup-only   only create/update the virtualenv (tests/openapi.rs uses its Python + PyYAML)
 # Environment:
-#   SCHEMATHESIS_MAX_EXAMPLES  test cases per operation and phase (default 100; the Bearer and
-#                              Basic runs use a fifth of it)
+#   SCHEMATHESIS_MAX_EXAMPLES  test cases per operation and phase (default 100; the Bearer,
+#                              Basic, access-token and token endpoint runs use a fifth of it)
 #   SCHEMATHESIS_SEED          seed (default a fixed one, so CI is reproducible; `random` for none)
 #   SCHEMATHESIS_VENV          virtualenv directory (default .venv-schemathesis)
 #   CONSENT_PROXY_BIN          use this binary instead of `cargo build` + target/debug
@@ -30,14 +32,7 @@ REPORT_DIR=target/schemathesis
 log() { printf '[schemathesis.sh] %s\n' "$*" >&2; }
 
 # --- the virtualenv ---------------------------------------------------------------------------
-stamp="$VENV/.requirements.sha256"
-want=$(sha256sum "$REQUIREMENTS" | cut -d' ' -f1)
-if [[ ! -x "$VENV/bin/schemathesis" || ! -f "$stamp" || "$(cat "$stamp")" != "$want" ]]; then
-    log "installing $REQUIREMENTS into $VENV"
-    "${PYTHON:-python3}" -m venv "$VENV"
-    "$VENV/bin/python" -m pip install --quiet --disable-pip-version-check -r "$REQUIREMENTS"
-    echo "$want" >"$stamp"
-fi
+bash scripts/python-venv.sh "$VENV" "$REQUIREMENTS"
 "$VENV/bin/schemathesis" --version >&2
 if [[ "${1:-}" == "--setup-only" ]]; then
     exit 0
@@ -113,6 +108,24 @@ EOF
     exit 1
 fi
 
+# --- an access token from the demo's token endpoint (before the token endpoint's own run, whose
+# wrong credentials get the client name throttled for a minute) ---------------------------------
+ACCESS_TOKEN=$("$VENV/bin/python" - "$URL/oauth/token" "$API_KEY" <<'EOF'
+import base64, json, sys, urllib.request
+url, key = sys.argv[1], sys.argv[2]
+request = urllib.request.Request(
+    url,
+    data=b"grant_type=client_credentials",
+    headers={
+        "Content-Type": "application/x-www-form-urlencoded",
+        "Authorization": "Basic " + base64.b64encode(f"demo:{key}".encode()).decode(),
+    },
+)
+with urllib.request.urlopen(request, timeout=10) as answer:
+    print(json.load(answer)["access_token"])
+EOF
+)
+
 # --- schemathesis -----------------------------------------------------------------------------
 options=(--checks all --generation-database none --no-color)
 if [[ "$SEED" != "random" ]]; then
@@ -140,6 +153,10 @@ run() {
 run consent-api-key "$URL" consent "$MAX_EXAMPLES" --header "X-API-Key: $API_KEY"
 run consent-bearer "$URL" consent "$SMALL" --header "Authorization: Bearer $API_KEY"
 run consent-basic "$URL" consent "$SMALL" --auth "demo:$API_KEY"
+run consent-access-token "$URL" consent "$SMALL" --header "Authorization: Bearer $ACCESS_TOKEN"
+# The token endpoint, with the client's Basic credentials (generated bodies may also carry
+# client_secret: both methods at once, a documented 400). No stateful phase: it has no links.
+run oauth-token "$URL" oauth "$SMALL" --auth "demo:$API_KEY" --phases examples,coverage,fuzzing
 # The admin listener. No stateful phase: the admin operations have no links between them.
 run admin "$ADMIN_URL" admin "$MAX_EXAMPLES" --header "X-API-Key: $API_KEY" \
     --phases examples,coverage,fuzzing

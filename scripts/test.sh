@@ -2,8 +2,9 @@
 # Runs every test of consent-proxy: unit and integration tests (cargo test), the Prometheus
 # rule tests, the bounded soak tests (one proxy; three in cluster mode) and the schemathesis
 # run against `consent-proxy demo`. Installs what a fresh machine lacks first (Debian packages:
-# prometheus, redis-server for the cluster tests; the oidc-provider npm package, a Python
-# virtualenv for schemathesis). Exits non-zero on the first failure.
+# prometheus, redis-server for the cluster tests; the oidc-provider npm package, Python
+# virtualenvs for the OAuth client test and for schemathesis). Exits non-zero on the first
+# failure.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -29,6 +30,9 @@ invoke-rc.d redis-server stop >/dev/null 2>&1 || true
 
 step "npm ci (oidc-provider for the OAuth compatibility test)"
 npm ci --prefix tests/oidc --no-audit --no-fund --loglevel=error
+
+step "Python virtualenv with Authlib (the independent client of tests/oauth.rs)"
+bash scripts/python-venv.sh .venv-oauth-client scripts/requirements-oauth-client.txt
 
 # --- the tests ------------------------------------------------------------------------------
 step "cargo test"

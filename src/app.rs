@@ -10,16 +10,20 @@ use prometheus::Registry;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
+use crate::auth::token::TokenKeys;
 use crate::auth::Authenticator;
 use crate::cache::{CacheMetrics, ConsentCache};
 use crate::cluster::{Cluster, ClusterMetrics, ClusterStartError};
 use crate::config::Settings;
+use crate::error::Failure;
 use crate::http::admin::AdminRoutes;
 use crate::http::routes::{ConsentRoutes, RouteLimits};
 use crate::http::server::{self, ListenerLimits};
+use crate::http::token_endpoint::TokenEndpoint;
 use crate::metrics::{self, HttpMetrics};
 use crate::service::{ConsentService, WriteMetrics};
 use crate::tls::TlsError;
+use crate::upstream::admission::AdmissionMetrics;
 use crate::upstream::client::{ConsentApi, UpstreamMetrics};
 use crate::upstream::token::{TokenManager, TokenMetrics};
 use crate::upstream::transport::Transport;
@@ -40,6 +44,8 @@ pub enum StartError {
     Tls(#[from] TlsError),
     #[error("cannot start cluster mode")]
     Cluster(#[from] ClusterStartError),
+    #[error("cannot set up the OAuth token endpoint")]
+    OAuth(#[source] Failure),
 }
 
 /// A running proxy.
@@ -76,9 +82,10 @@ impl App {
             Some(files) => Some(crate::tls::tls_acceptor(&files.cert_file, &files.key_file)?),
             None => None,
         };
-        let (listener, listen_addr) = listen("server.listen", settings.server.listen).await?;
+        let backlog = settings.server.listen_backlog;
+        let (listener, listen_addr) = listen("server.listen", settings.server.listen, backlog)?;
         let (admin_listener, admin_addr) =
-            listen("server.admin_listen", settings.server.admin_listen).await?;
+            listen("server.admin_listen", settings.server.admin_listen, backlog)?;
 
         let registry = metrics::new_registry();
         let (shutdown, shutdown_rx) = watch::channel(false);
@@ -94,6 +101,7 @@ impl App {
             tokens.clone(),
             &settings.talkdesk,
             UpstreamMetrics::register(&registry),
+            AdmissionMetrics::register(&registry),
         ));
         let cache = ConsentCache::new(&settings.cache, CacheMetrics::register(&registry));
         let mut tasks = vec![refresher];
@@ -121,10 +129,28 @@ impl App {
             cluster.clone(),
             WriteMetrics::register(&registry),
         );
-        let auth = Arc::new(Authenticator::new(
-            settings.clients.clone(),
-            settings.auth.required,
-        ));
+        let token_keys = if settings.oauth.enabled {
+            let keys = TokenKeys::from_settings(&settings.oauth).map_err(StartError::OAuth)?;
+            if settings.oauth.signing_keys.is_empty() {
+                tracing::info!(
+                    "oauth.signing_key_file is empty: access tokens are signed with a random key \
+                     of this process, and stop working when it restarts"
+                );
+            }
+            tracing::info!(key_ids = ?keys.key_ids(), "OAuth token endpoint on POST /oauth/token");
+            Some(Arc::new(keys))
+        } else {
+            None
+        };
+        let mut authenticator =
+            Authenticator::new(settings.clients.clone(), settings.auth.required);
+        if let Some(keys) = &token_keys {
+            authenticator = authenticator.with_access_tokens(keys.clone(), &registry);
+        }
+        let auth = Arc::new(authenticator);
+        let token_endpoint = token_keys.map(|keys| {
+            TokenEndpoint::new(auth.clone(), keys, settings.oauth.token_ttl, &registry)
+        });
         if !settings.auth.required {
             tracing::warn!(
                 "auth.required = false: ANY caller that can reach {listen_addr} may read and \
@@ -141,6 +167,7 @@ impl App {
                 max_header_bytes: settings.server.max_header_bytes,
                 request_timeout: settings.server.request_timeout,
             },
+            token_endpoint,
         ));
         let serving = Arc::new(AtomicBool::new(false));
         let admin = Arc::new(AdminRoutes::new(
@@ -154,6 +181,7 @@ impl App {
         let limits = ListenerLimits {
             max_header_bytes: settings.server.max_header_bytes,
             header_read_timeout: settings.server.header_read_timeout,
+            idle_timeout: settings.server.idle_timeout,
             max_connections: settings.server.max_connections,
         };
         let grace = settings.server.shutdown_grace;
@@ -172,9 +200,9 @@ impl App {
                     listener,
                     tls,
                     limits,
-                    move |request| {
+                    move |request, peer| {
                         let routes = consent_routes.clone();
-                        async move { Ok::<_, Infallible>(routes.handle(request).await) }
+                        async move { Ok::<_, Infallible>(routes.handle(request, peer).await) }
                     },
                     server::when_shut_down(shutdown_rx, grace),
                 )
@@ -186,7 +214,7 @@ impl App {
             admin_listener,
             None,
             admin_limits,
-            move |request| {
+            move |request, _peer| {
                 let admin = admin.clone();
                 async move { Ok::<_, Infallible>(admin.handle(request).await) }
             },
@@ -211,12 +239,13 @@ impl App {
 }
 
 /// Binds the listener configured under `key`, and says where it listens (port 0 resolved).
-async fn listen(
+fn listen(
     key: &'static str,
     addr: SocketAddr,
+    backlog: u32,
 ) -> Result<(tokio::net::TcpListener, SocketAddr), StartError> {
     let failed = |source| StartError::Listen { key, addr, source };
-    let listener = server::bind(addr).await.map_err(failed)?;
+    let listener = server::bind(addr, backlog).map_err(failed)?;
     let local = listener.local_addr().map_err(failed)?;
     Ok((listener, local))
 }

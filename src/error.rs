@@ -9,6 +9,7 @@
 use std::borrow::Cow;
 use std::fmt;
 use std::sync::Arc;
+use std::time::Duration;
 
 use bytes::Bytes;
 use http::{header, HeaderValue, Response, StatusCode};
@@ -108,6 +109,10 @@ pub enum ProxyError {
     },
     #[error("missing or wrong credentials")]
     Unauthorized,
+    /// An `Authorization: Bearer` value that is neither a client's key nor an acceptable
+    /// access token (the cause says why).
+    #[error("wrong credentials")]
+    InvalidToken(#[source] Failure),
     #[error("the client lacks the '{0}' permission")]
     Forbidden(&'static str),
     #[error("no such route")]
@@ -126,6 +131,13 @@ pub enum ProxyError {
     TokenUnavailable(#[source] Failure),
     #[error("upstream timeout")]
     UpstreamTimeout,
+    /// Nothing was sent: the circuit is open, upstream's `Retry-After` holds, or the budget
+    /// has no room before the deadline.
+    #[error("upstream unavailable ({reason})")]
+    UpstreamUnavailable {
+        reason: &'static str,
+        retry_after: Duration,
+    },
     /// A PUT that could not first be announced to the cluster (`write_policy = "require"`);
     /// upstream was not called.
     #[error("the write could not be announced to the cluster")]
@@ -140,13 +152,16 @@ impl ProxyError {
             ProxyError::InvalidContactId
             | ProxyError::InvalidBody { .. }
             | ProxyError::Unauthorized
+            | ProxyError::InvalidToken(_)
             | ProxyError::Forbidden(_)
             | ProxyError::NotFound
             | ProxyError::MethodNotAllowed { .. }
             | ProxyError::PayloadTooLarge { .. }
             | ProxyError::UnsupportedMediaType
             | ProxyError::RequestTimeout => ErrorSource::Downstream,
-            ProxyError::Upstream(_) | ProxyError::UpstreamTimeout => ErrorSource::Upstream,
+            ProxyError::Upstream(_)
+            | ProxyError::UpstreamTimeout
+            | ProxyError::UpstreamUnavailable { .. } => ErrorSource::Upstream,
             ProxyError::TokenUnavailable(_) => ErrorSource::TokenEndpoint,
             ProxyError::ClusterUnavailable(_) => ErrorSource::Cluster,
             ProxyError::Internal(_) => ErrorSource::Internal,
@@ -158,7 +173,7 @@ impl ProxyError {
             ProxyError::InvalidContactId | ProxyError::InvalidBody { .. } => {
                 StatusCode::BAD_REQUEST
             }
-            ProxyError::Unauthorized => StatusCode::UNAUTHORIZED,
+            ProxyError::Unauthorized | ProxyError::InvalidToken(_) => StatusCode::UNAUTHORIZED,
             ProxyError::Forbidden(_) => StatusCode::FORBIDDEN,
             ProxyError::NotFound => StatusCode::NOT_FOUND,
             ProxyError::MethodNotAllowed { .. } => StatusCode::METHOD_NOT_ALLOWED,
@@ -170,6 +185,7 @@ impl ProxyError {
                 StatusCode::SERVICE_UNAVAILABLE
             }
             ProxyError::UpstreamTimeout => StatusCode::GATEWAY_TIMEOUT,
+            ProxyError::UpstreamUnavailable { .. } => StatusCode::SERVICE_UNAVAILABLE,
             ProxyError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
@@ -179,7 +195,7 @@ impl ProxyError {
         match self {
             ProxyError::InvalidContactId => "invalid_contact_id",
             ProxyError::InvalidBody { .. } => "invalid_body",
-            ProxyError::Unauthorized => "unauthorized",
+            ProxyError::Unauthorized | ProxyError::InvalidToken(_) => "unauthorized",
             ProxyError::Forbidden(_) => "forbidden",
             ProxyError::NotFound => "not_found",
             ProxyError::MethodNotAllowed { .. } => "method_not_allowed",
@@ -189,6 +205,7 @@ impl ProxyError {
             ProxyError::Upstream(_) => "upstream_error",
             ProxyError::TokenUnavailable(_) => "token_unavailable",
             ProxyError::UpstreamTimeout => "upstream_timeout",
+            ProxyError::UpstreamUnavailable { .. } => "upstream_unavailable",
             ProxyError::ClusterUnavailable(_) => "cluster_unavailable",
             ProxyError::Internal(_) => "internal_error",
         }
@@ -199,7 +216,10 @@ impl ProxyError {
         match self {
             ProxyError::InvalidContactId => "contact_id must be 1 to 64 characters of A-Z a-z 0-9 + . _ -, starting with a letter, a digit or +".into(),
             ProxyError::InvalidBody { message, .. } => message.clone(),
-            ProxyError::Unauthorized => "a valid API key is required".into(),
+            ProxyError::Unauthorized => "a valid API key or access token is required".into(),
+            ProxyError::InvalidToken(_) => {
+                "the Bearer credential is neither a client's key nor a valid access token".into()
+            }
             ProxyError::Forbidden(permission) => {
                 format!("this client lacks the '{permission}' permission")
             }
@@ -213,6 +233,9 @@ impl ProxyError {
             ProxyError::Upstream(_) => "the consent API failed or answered something unusable".into(),
             ProxyError::TokenUnavailable(_) => "no access token can be had from the token endpoint".into(),
             ProxyError::UpstreamTimeout => "the consent API did not answer in time".into(),
+            ProxyError::UpstreamUnavailable { .. } => {
+                "the consent API is unavailable for now; retry after the time in Retry-After".into()
+            }
             ProxyError::ClusterUnavailable(_) => "the write could not be announced to the other instances of the cluster, so it was not sent to the consent API; retry it".into(),
             ProxyError::Internal(_) => "internal error".into(),
         }
@@ -238,8 +261,22 @@ impl ProxyError {
                     HeaderValue::from_static("Basic realm=\"consent-proxy\""),
                 );
             }
+            ProxyError::InvalidToken(_) => {
+                // RFC 6750 §3: the Bearer scheme's challenge, saying the token was refused.
+                headers.insert(
+                    header::WWW_AUTHENTICATE,
+                    HeaderValue::from_static(
+                        "Bearer realm=\"consent-proxy\", error=\"invalid_token\"",
+                    ),
+                );
+            }
             ProxyError::MethodNotAllowed { allow } => {
                 headers.insert(header::ALLOW, HeaderValue::from_static(allow));
+            }
+            ProxyError::UpstreamUnavailable { retry_after, .. } => {
+                // Whole seconds, rounded up: never 0, which would invite an immediate retry.
+                let seconds = retry_after.as_secs() + u64::from(retry_after.subsec_nanos() > 0);
+                headers.insert(header::RETRY_AFTER, HeaderValue::from(seconds.max(1)));
             }
             _ => {}
         }
@@ -275,6 +312,21 @@ mod tests {
         let body = response.into_body().collect().await.unwrap().to_bytes();
         let value: serde_json::Value = serde_json::from_slice(&body).unwrap();
         assert_eq!(value["fields"][0]["name"], "status");
+    }
+
+    #[tokio::test]
+    async fn a_refused_bearer_value_gets_the_bearer_challenge() {
+        let cause = Failure::msg("access token expired");
+        let response = ProxyError::InvalidToken(cause).into_response();
+        assert_eq!(response.status(), 401);
+        assert_eq!(
+            response.headers()[header::WWW_AUTHENTICATE],
+            "Bearer realm=\"consent-proxy\", error=\"invalid_token\""
+        );
+        let body = response.into_body().collect().await.unwrap().to_bytes();
+        let value: serde_json::Value = serde_json::from_slice(&body).unwrap();
+        assert_eq!(value["code"], "unauthorized");
+        assert!(!value["message"].as_str().unwrap().contains("expired"));
     }
 
     #[test]

@@ -1,7 +1,7 @@
 //! The dependency rule of the module tree, checked on the source: the product never uses the
 //! simulator, and the simulator uses only the product's shared plumbing (the listener, body
-//! helpers, credential parsing and the consent domain). The compiler cannot tell, since both
-//! live in one library.
+//! helpers, credential parsing, the OAuth token-endpoint plumbing and the consent domain). The
+//! compiler cannot tell, since both live in one library.
 
 use std::fs;
 use std::path::{Path, PathBuf};
@@ -16,6 +16,7 @@ const SIMULATOR_MAY_USE: &[&str] = &[
     "crate::consent",
     "crate::http::body",
     "crate::http::credentials",
+    "crate::http::oauth",
     "crate::http::server",
 ];
 

@@ -144,7 +144,7 @@ async fn errors_are_never_cached() {
     h.sim.set_status("+15550006", ConsentStatus::Consented);
     for (fault, expected) in [
         (Fault::Status500, 502),
-        (Fault::TooManyRequests { retry_after_s: 1 }, 429),
+        (Fault::TooManyRequests { retry_after_s: 0 }, 429),
         // Two 401s: the renewal's retry is rejected too.
         (Fault::Unauthorized, 502),
     ] {

@@ -286,6 +286,113 @@ async fn silent_connections_cannot_use_up_max_connections() {
     );
 }
 
+/// An HTTP/2 connection that made one request and then sits idle must not hold its
+/// `max_connections` slot for ever: past `server.idle_timeout_ms` the proxy says GOAWAY and
+/// closes it, and the caller waiting for the slot is served.
+#[tokio::test]
+async fn an_idle_h2_connection_gives_up_its_slot_at_the_idle_timeout() {
+    let h = Harness::start_seeded("+15553000005", ConsentStatus::Refused, |c| {
+        c.set("server.idle_timeout_ms", "300")
+            .set("server.max_connections", "1");
+    })
+    .await;
+    let stream = TcpStream::connect(h.proxy.listen_addr).await.unwrap();
+    let (mut sender, connection) = hyper::client::conn::http2::handshake(
+        hyper_util::rt::TokioExecutor::new(),
+        hyper_util::rt::TokioIo::new(stream),
+    )
+    .await
+    .expect("h2 handshake");
+    let connection = tokio::spawn(connection);
+    let request = http::Request::get(consent_path("%2B15553000005"))
+        .header("x-api-key", RW_KEY)
+        .body(http_body_util::Empty::<bytes::Bytes>::new())
+        .unwrap();
+    let answer = sender.send_request(request).await.expect("an answer");
+    assert_eq!(answer.status(), 200);
+
+    // The only slot is taken by the idle h2 connection: this caller waits in the backlog
+    // until the proxy closes it.
+    let mut waiting = RawConn::connect(h.proxy.listen_addr).await;
+    waiting
+        .send(get_request(&consent_path("%2B15553000005")).as_bytes())
+        .await
+        .unwrap();
+    let served = timeout(Duration::from_secs(10), waiting.response())
+        .await
+        .expect("the waiting caller is served once the idle connection is closed")
+        .expect("an answer");
+    assert_eq!(served.status, 200, "{}", served.text());
+    timeout(Duration::from_secs(5), connection)
+        .await
+        .expect("the idle h2 connection was closed by the proxy")
+        .expect("connection task")
+        .expect("closed with GOAWAY, not torn down");
+}
+
+/// The idle clock runs only while no request is in progress: a request slower than the idle
+/// timeout is answered, and the kept-alive HTTP/1.1 connection is closed once idle.
+#[tokio::test]
+async fn a_slow_request_outlives_the_idle_timeout_and_the_idle_connection_is_closed_after() {
+    let h = Harness::start_seeded("+15553000006", ConsentStatus::Consented, |c| {
+        c.set("server.idle_timeout_ms", "200")
+            .set("cache.enabled", "false");
+    })
+    .await;
+    h.sim.set_latency(Duration::from_millis(600));
+    let mut conn = RawConn::connect(h.proxy.listen_addr).await;
+    conn.send(get_request(&consent_path("%2B15553000006")).as_bytes())
+        .await
+        .unwrap();
+    let answer = timeout(Duration::from_secs(5), conn.response())
+        .await
+        .expect("answered")
+        .expect("an answer, not a close");
+    assert_eq!(answer.status, 200, "{}", answer.text());
+    assert!(
+        conn.closed_within(Duration::from_secs(5)).await,
+        "an idle kept-alive connection is closed after the idle timeout"
+    );
+}
+
+/// A burst of new connections far beyond std's default accept queue (128) is taken without
+/// SYN drops (a dropped SYN costs its client the kernel's 1 s retransmit), while a request on
+/// an existing connection is still served.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_burst_of_1500_connections_is_accepted_without_syn_drops() {
+    let h = Harness::start_seeded("+15553000007", ConsentStatus::Refused, |_| {}).await;
+    let addr = h.proxy.listen_addr;
+    let mut busy = RawConn::connect(addr).await;
+    let burst: Vec<_> = (0..1500)
+        .map(|_| {
+            tokio::spawn(async move {
+                let started = Instant::now();
+                let stream = TcpStream::connect(addr).await.expect("connect");
+                (started.elapsed(), stream)
+            })
+        })
+        .collect();
+    busy.send(get_request(&consent_path("%2B15553000007")).as_bytes())
+        .await
+        .unwrap();
+    let answer = timeout(Duration::from_secs(10), busy.response())
+        .await
+        .expect("served during the burst")
+        .expect("an answer");
+    assert_eq!(answer.status, 200, "{}", answer.text());
+    let mut slowest = Duration::ZERO;
+    let mut streams = Vec::with_capacity(burst.len());
+    for connect in burst {
+        let (took, stream) = connect.await.unwrap();
+        slowest = slowest.max(took);
+        streams.push(stream);
+    }
+    assert!(
+        slowest < Duration::from_millis(900),
+        "the slowest of 1500 connects took {slowest:?}: SYNs were dropped"
+    );
+}
+
 /// Runs futures concurrently and collects their outputs in order.
 async fn futures_join<F>(futures: Vec<F>) -> Vec<F::Output>
 where

@@ -1,9 +1,10 @@
 //! What the proxy logs, from the outside: the real binary (`consent-proxy serve`) in front of
 //! an in-process simulator, driven through a full scenario (reads, writes, caller 401s, token
-//! renewals, upstream 500s, a broken exchange, a timeout, a token endpoint failure, a purge),
-//! stopped with SIGTERM. Its standard error must hold no secret in any form and no full
-//! contact id, while the masked ids and every access-log field are there; in JSON every line
-//! must be one object.
+//! renewals, upstream 500s, a broken exchange, a timeout, a token endpoint failure, a purge,
+//! the proxy's own token endpoint granting and refusing, its access tokens accepted and
+//! refused), stopped with SIGTERM. Its standard error must hold no secret in any form (keys,
+//! client secrets, access tokens, the token signing key) and no full contact id, while the
+//! masked ids and every access-log field are there; in JSON every line must be one object.
 //!
 //! `LOGS_TEST_DUMP=<dir>` writes each run's standard error there, for reading.
 
@@ -31,6 +32,8 @@ use support::*;
 const BIN: &str = env!("CARGO_BIN_EXE_consent-proxy");
 /// A key no client has: callers' wrong keys must not be logged either.
 const WRONG_KEY: &str = "wrong-key-fedcba9876543210";
+/// The proxy's token signing key.
+const SIGNING_KEY: &str = "logs-test-signing-key-0123456789abcdef";
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Format {
@@ -252,6 +255,21 @@ struct Expected {
     upstream_status: &'static str,
 }
 
+impl Expected {
+    /// A GET refused for its credentials: anonymous, nothing looked up.
+    fn refused(request_id: &'static str) -> Expected {
+        Expected {
+            request_id,
+            method: "GET",
+            client: "anonymous",
+            contact: "-",
+            status: 401,
+            cache: "-",
+            upstream_status: "-",
+        }
+    }
+}
+
 const CONTACTS: [&str; 8] = [
     "+15551234567",
     "+15559876543",
@@ -280,7 +298,20 @@ async fn scenario(run: Run) {
         )
         .set_str("talkdesk.client_auth", run.client_auth)
         .set("talkdesk.timeout_ms", "800")
-        .set("talkdesk.max_retries", "2");
+        .set("talkdesk.max_retries", "2")
+        // The scenario's run of upstream failures would open the circuit before r13.
+        .set("talkdesk.breaker_failures", "0");
+    static NEXT_KEY_FILE: AtomicU32 = AtomicU32::new(0);
+    let signing_key_file = std::env::temp_dir().join(format!(
+        "consent-proxy-logs-signing-key-{}-{}",
+        std::process::id(),
+        NEXT_KEY_FILE.fetch_add(1, Ordering::Relaxed)
+    ));
+    std::fs::write(&signing_key_file, SIGNING_KEY).expect("write signing key");
+    config.set_str(
+        "oauth.signing_key_file",
+        signing_key_file.to_str().expect("UTF-8 path"),
+    );
     let mut proxy = Proxy::start(&config.to_toml());
     let (base, admin) = proxy.wait_listening();
     let mut builder = Client::builder(TokioExecutor::new());
@@ -379,18 +410,7 @@ async fn scenario(run: Run) {
         ("r07-wrong-basic", ("authorization", wrong_basic.as_str())),
     ] {
         let got = caller.get(request_id, "+15551234567", auth).await;
-        expect(
-            Expected {
-                request_id,
-                method: "GET",
-                client: "anonymous",
-                contact: "-",
-                status: 401,
-                cache: "-",
-                upstream_status: "-",
-            },
-            got,
-        );
+        expect(Expected::refused(request_id), got);
     }
 
     // Upstream rejects the token once: renewed, retried.
@@ -524,6 +544,70 @@ async fn scenario(run: Run) {
         tokens.len()
     );
 
+    // The proxy's own token endpoint: a token granted (Basic), one refused (post, wrong
+    // secret); the token used, and a tampered one refused.
+    let token_url = format!("{}/oauth/token", caller.base);
+    let form = ("content-type", "application/x-www-form-urlencoded");
+    let rw_basic = basic("rw", RW_KEY);
+    let (status, body) = caller
+        .send(
+            Method::POST,
+            &token_url,
+            "t01-token",
+            &[("authorization", rw_basic.as_str()), form],
+            Some("grant_type=client_credentials"),
+        )
+        .await;
+    assert_eq!(status, 200, "t01-token: {body}");
+    let access_token: serde_json::Value = serde_json::from_str(&body).expect("JSON");
+    let access_token = access_token["access_token"]
+        .as_str()
+        .expect("a token")
+        .to_owned();
+    let wrong_post =
+        format!("grant_type=client_credentials&client_id=rw&client_secret={WRONG_KEY}");
+    let (status, _) = caller
+        .send(
+            Method::POST,
+            &token_url,
+            "t02-token-refused",
+            &[form],
+            Some(&wrong_post),
+        )
+        .await;
+    assert_eq!(status, 401, "t02-token-refused");
+    let with_token = format!("Bearer {access_token}");
+    let got = caller
+        .get(
+            "t03-with-token",
+            "+15550006666",
+            ("authorization", &with_token),
+        )
+        .await;
+    expect(
+        Expected {
+            request_id: "t03-with-token",
+            method: "GET",
+            client: "rw",
+            contact: "+15550006666",
+            status: 404,
+            cache: "HIT",
+            upstream_status: "-",
+        },
+        got,
+    );
+    let tampered_token = format!("{access_token}x");
+    let tampered = format!("Bearer {tampered_token}");
+    let got = caller
+        .get(
+            "t04-tampered-token",
+            "+15550006666",
+            ("authorization", &tampered),
+        )
+        .await;
+    expect(Expected::refused("t04-tampered-token"), got);
+    let _ = std::fs::remove_file(&signing_key_file);
+
     let log = proxy.stop();
     if let Ok(dir) = std::env::var("LOGS_TEST_DUMP") {
         let name = format!(
@@ -533,8 +617,14 @@ async fn scenario(run: Run) {
         );
         std::fs::write(std::path::Path::new(&dir).join(name), &log).unwrap();
     }
-    check_secrets(&run, &log, &tokens);
+    let mut secrets = tokens;
+    secrets.insert(access_token.clone());
+    secrets.insert(tampered_token);
+    // Each part of the access token but the header (which only names the algorithm and key id).
+    secrets.extend(access_token.split('.').skip(1).map(str::to_owned));
+    check_secrets(&run, &log, &secrets);
     check_events(&run, &log, &expected);
+    check_token_endpoint_events(&run, &log);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -543,6 +633,7 @@ async fn scenario(run: Run) {
 fn check_secrets(run: &Run, log: &str, tokens: &BTreeSet<String>) {
     let mut forbidden: Vec<(String, String)> = vec![
         ("client secret".into(), SIM_CLIENT_SECRET.into()),
+        ("token signing key".into(), SIGNING_KEY.into()),
         (
             "token endpoint Basic credential".into(),
             base64_of(&format!("{SIM_CLIENT_ID}:{SIM_CLIENT_SECRET}")),
@@ -688,6 +779,38 @@ fn text_fields(mut rest: &str) -> BTreeMap<String, String> {
         }
         fields.insert(key, value);
     }
+}
+
+/// The token endpoint's requests are in the access log too (route `other`), the granted one
+/// under its client, the refused one anonymous with the OAuth error.
+fn check_token_endpoint_events(run: &Run, log: &str) {
+    let tag = format!("[{} {:?}]", run.level, run.format);
+    let granted = access_log_event(run, log, "t01-token");
+    let field = |fields: &BTreeMap<String, String>, name: &str| fields.get(name).cloned();
+    assert_eq!(
+        field(&granted, "route").as_deref(),
+        Some("other"),
+        "{tag} {granted:?}"
+    );
+    assert_eq!(field(&granted, "method").as_deref(), Some("POST"), "{tag}");
+    assert_eq!(field(&granted, "client").as_deref(), Some("rw"), "{tag}");
+    assert_eq!(field(&granted, "status").as_deref(), Some("200"), "{tag}");
+    let refused = access_log_event(run, log, "t02-token-refused");
+    assert_eq!(
+        field(&refused, "client").as_deref(),
+        Some("anonymous"),
+        "{tag}"
+    );
+    assert_eq!(field(&refused, "status").as_deref(), Some("401"), "{tag}");
+    assert!(
+        field(&refused, "error").is_some_and(|e| e.starts_with("invalid_client")),
+        "{tag} {refused:?}"
+    );
+    let tampered = access_log_event(run, log, "t04-tampered-token");
+    assert!(
+        field(&tampered, "error").is_some_and(|e| e.contains("signature")),
+        "{tag} the reason a token was refused: {tampered:?}"
+    );
 }
 
 fn check_events(run: &Run, log: &str, expected: &[Expected]) {

@@ -48,6 +48,7 @@ const CONTRACT: &[(&str, &str, &[&str])] = &[
     ("consent_proxy_token_fetches_total", "counter", &["result"]),
     ("consent_proxy_token_expiry_timestamp_seconds", "gauge", &[]),
     ("consent_proxy_consent_writes_total", "counter", &["status"]),
+    ("consent_proxy_upstream_circuit_open", "gauge", &[]),
 ];
 
 /// Contacts used below; none of their digits may appear in the exposition.

@@ -152,7 +152,8 @@ impl Spec {
         panic!("$ref chain too long");
     }
 
-    /// Which listener a path item belongs to: the tag of its operations.
+    /// Which listener a path item belongs to: the tag of its operations (`consent` and `oauth`
+    /// are both on the consent listener).
     fn listener_of(&self, item: &Value) -> Listener {
         let tags: BTreeSet<&str> = HTTP_METHODS
             .iter()
@@ -160,10 +161,11 @@ impl Spec {
             .flat_map(|op| op["tags"].as_array().into_iter().flatten())
             .filter_map(Value::as_str)
             .collect();
-        match (tags.contains("consent"), tags.contains("admin")) {
+        let consent = tags.contains("consent") || tags.contains("oauth");
+        match (consent, tags.contains("admin")) {
             (true, false) => Listener::Consent,
             (false, true) => Listener::Admin,
-            _ => panic!("a path item must be tagged exactly one of consent/admin: {tags:?}"),
+            _ => panic!("a path item must be tagged consent/oauth or admin: {tags:?}"),
         }
     }
 
@@ -662,6 +664,7 @@ fn every_proxy_error() -> Vec<ProxyError> {
             }],
         },
         ProxyError::Unauthorized,
+        ProxyError::InvalidToken("access token expired".into()),
         ProxyError::Forbidden("write"),
         ProxyError::NotFound,
         ProxyError::MethodNotAllowed { allow: "GET, PUT" },
@@ -671,6 +674,10 @@ fn every_proxy_error() -> Vec<ProxyError> {
         ProxyError::Upstream("x".into()),
         ProxyError::TokenUnavailable("x".into()),
         ProxyError::UpstreamTimeout,
+        ProxyError::UpstreamUnavailable {
+            reason: "circuit_open",
+            retry_after: std::time::Duration::from_secs(1),
+        },
         ProxyError::ClusterUnavailable("x".into()),
         ProxyError::Internal("x".into()),
     ];
@@ -679,6 +686,7 @@ fn every_proxy_error() -> Vec<ProxyError> {
             ProxyError::InvalidContactId
             | ProxyError::InvalidBody { .. }
             | ProxyError::Unauthorized
+            | ProxyError::InvalidToken(_)
             | ProxyError::Forbidden(_)
             | ProxyError::NotFound
             | ProxyError::MethodNotAllowed { .. }
@@ -688,6 +696,7 @@ fn every_proxy_error() -> Vec<ProxyError> {
             | ProxyError::Upstream(_)
             | ProxyError::TokenUnavailable(_)
             | ProxyError::UpstreamTimeout
+            | ProxyError::UpstreamUnavailable { .. }
             | ProxyError::ClusterUnavailable(_)
             | ProxyError::Internal(_) => {}
         }
@@ -1229,42 +1238,6 @@ async fn upstream_answers_passed_through_are_documented() {
         )
         .await;
     }
-    // 429 with Retry-After once the retries are spent.
-    h.sim.inject(
-        SimRoute::Get,
-        Fault::TooManyRequests { retry_after_s: 7 },
-        1,
-    );
-    let r = expect(
-        &h,
-        C,
-        Method::GET,
-        &consent_path("+15552200010"),
-        &[RW],
-        None,
-        429,
-        U,
-    )
-    .await;
-    assert_eq!(r.header("retry-after"), Some("7"));
-    h.sim.inject(
-        SimRoute::Put,
-        Fault::TooManyRequests { retry_after_s: 3 },
-        1,
-    );
-    let r = expect(
-        &h,
-        C,
-        Method::PUT,
-        &consent_path("+15552200010"),
-        &[RW, JSON],
-        Some(body),
-        429,
-        U,
-    )
-    .await;
-    assert_eq!(r.header("retry-after"), Some("3"));
-
     // 502 upstream_error: a reset, a 5xx, an unusable 200, a 401 even after a renewal.
     for fault in [
         Fault::CloseConnection,
@@ -1315,6 +1288,42 @@ async fn upstream_answers_passed_through_are_documented() {
         P,
     )
     .await;
+    // 429 with Retry-After once the retries are spent (last: it holds off all upstream traffic).
+    h.sim.inject(
+        SimRoute::Get,
+        Fault::TooManyRequests { retry_after_s: 7 },
+        1,
+    );
+    let r = expect(
+        &h,
+        C,
+        Method::GET,
+        &consent_path("+15552200010"),
+        &[RW],
+        None,
+        429,
+        U,
+    )
+    .await;
+    assert_eq!(r.header("retry-after"), Some("7"));
+    // Until upstream's Retry-After has passed, nothing is sent: 503 upstream_unavailable
+    // with the time left.
+    let puts_before = h.sim.stats().puts;
+    let r = expect(
+        &h,
+        C,
+        Method::PUT,
+        &consent_path("+15552200010"),
+        &[RW, JSON],
+        Some(body),
+        503,
+        P,
+    )
+    .await;
+    assert_eq!(r.code(), "upstream_unavailable");
+    let wait: u64 = r.header("retry-after").unwrap().parse().unwrap();
+    assert!((1..=7).contains(&wait), "Retry-After {wait}");
+    assert_eq!(h.sim.stats().puts, puts_before, "nothing reached upstream");
 }
 
 #[tokio::test]
@@ -1451,6 +1460,266 @@ async fn cluster_unavailable_and_a_feed_that_is_down_are_documented() {
     assert_eq!(r.header("x-cache-status"), Some("BYPASS"));
     let ready = expect(&h, A, Method::GET, "/readyz", &[], None, 200, P).await;
     assert_eq!(ready.json()["cluster"]["feed"], "down", "{}", ready.text());
+}
+
+// ---------------------------------------------------------------------------------------------
+// The token endpoint, and its tokens on the consent routes
+
+const FORM: (&str, &str) = ("content-type", "application/x-www-form-urlencoded");
+
+#[tokio::test]
+async fn token_endpoint_answers_are_documented() {
+    use Listener::Consent as C;
+    use Origin::{Proxy as P, Upstream as U};
+    let h = Harness::start_with(|c| {
+        c.set("server.max_body_bytes", "256")
+            .set("server.max_header_bytes", "2048");
+    })
+    .await;
+    h.sim.set_status("+15552600001", ConsentStatus::Consented);
+    h.wait_ready().await;
+    let token_path = "/oauth/token";
+    let rw_basic = basic("rw", RW_KEY);
+    let grant = "grant_type=client_credentials";
+
+    // 200, both client authentication methods, with and without a scope.
+    let issued = expect(
+        &h,
+        C,
+        Method::POST,
+        token_path,
+        &[("authorization", &rw_basic), FORM],
+        Some(grant),
+        200,
+        P,
+    )
+    .await;
+    assert_eq!(issued.header("cache-control"), Some("no-store"));
+    let token = issued.json()["access_token"].as_str().unwrap().to_owned();
+    let post = format!(
+        "{grant}&client_id=reader&client_secret={READER_KEY}&scope=voicebiometrics-consent%3Aread"
+    );
+    let read_token = expect(
+        &h,
+        C,
+        Method::POST,
+        token_path,
+        &[FORM],
+        Some(&post),
+        200,
+        P,
+    )
+    .await;
+    let read_token = read_token.json()["access_token"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+
+    // 400: every invalid_request, unsupported_grant_type and invalid_scope case.
+    let both = format!("{grant}&client_id=rw&client_secret={RW_KEY}");
+    for (headers, body, error) in [
+        (
+            vec![("authorization", rw_basic.as_str()), FORM],
+            "",
+            "invalid_request",
+        ),
+        (
+            vec![("authorization", rw_basic.as_str()), FORM],
+            "grant_type=password",
+            "unsupported_grant_type",
+        ),
+        (
+            vec![("authorization", rw_basic.as_str()), FORM],
+            &both,
+            "invalid_request",
+        ),
+        (
+            vec![("authorization", rw_basic.as_str()), JSON],
+            grant,
+            "invalid_request",
+        ),
+        (
+            vec![("authorization", rw_basic.as_str())],
+            grant,
+            "invalid_request",
+        ),
+        (
+            vec![("authorization", rw_basic.as_str()), FORM],
+            "grant_type=client_credentials&grant_type=client_credentials",
+            "invalid_request",
+        ),
+        (
+            vec![("authorization", rw_basic.as_str()), FORM],
+            "grant_type=client_credentials&scope=admin",
+            "invalid_scope",
+        ),
+    ] {
+        let r = expect(
+            &h,
+            C,
+            Method::POST,
+            token_path,
+            &headers,
+            Some(body),
+            400,
+            P,
+        )
+        .await;
+        assert_eq!(r.json()["error"], error, "{headers:?} {body}");
+    }
+    let reader_basic = basic("reader", READER_KEY);
+    let r = expect(
+        &h,
+        C,
+        Method::POST,
+        token_path,
+        &[("authorization", &reader_basic), FORM],
+        Some("grant_type=client_credentials&scope=voicebiometrics-consent%3Awrite"),
+        400,
+        P,
+    )
+    .await;
+    assert_eq!(r.json()["error"], "invalid_scope");
+
+    // 401 invalid_client: none, wrong, unknown, malformed (from another address than the
+    // throttle test's, but still fewer than ten failures).
+    let wrong = basic("rw", "wrong-key-0123456789");
+    let unknown = basic("nobody", RW_KEY);
+    for headers in [
+        vec![FORM],
+        vec![("authorization", wrong.as_str()), FORM],
+        vec![("authorization", unknown.as_str()), FORM],
+        vec![("authorization", "Basic %%%"), FORM],
+        vec![("authorization", "Bearer abc"), FORM],
+    ] {
+        let r = expect(
+            &h,
+            C,
+            Method::POST,
+            token_path,
+            &headers,
+            Some(grant),
+            401,
+            P,
+        )
+        .await;
+        assert_eq!(r.json()["error"], "invalid_client");
+    }
+
+    // 405 with Allow: POST; 413; 431.
+    for method in [Method::GET, Method::PUT, Method::DELETE] {
+        expect(&h, C, method, token_path, &[], None, 405, P).await;
+    }
+    let big = format!("{grant}&scope={}", "x".repeat(300));
+    let r = expect(
+        &h,
+        C,
+        Method::POST,
+        token_path,
+        &[("authorization", &rw_basic), FORM],
+        Some(&big),
+        413,
+        P,
+    )
+    .await;
+    assert_eq!(r.code(), "payload_too_large");
+    let pad = "y".repeat(2100);
+    expect(
+        &h,
+        C,
+        Method::POST,
+        token_path,
+        &[("x-padding", &pad)],
+        None,
+        431,
+        P,
+    )
+    .await;
+
+    // 429 with Retry-After: five more failures make ten; the eleventh attempt is throttled.
+    for _ in 0..5 {
+        expect(
+            &h,
+            C,
+            Method::POST,
+            token_path,
+            &[("authorization", &wrong), FORM],
+            Some(grant),
+            401,
+            P,
+        )
+        .await;
+    }
+    let r = expect(
+        &h,
+        C,
+        Method::POST,
+        token_path,
+        &[("authorization", &rw_basic), FORM],
+        Some(grant),
+        429,
+        P,
+    )
+    .await;
+    assert_eq!(r.json()["error"], "temporarily_unavailable");
+
+    // The tokens on the consent routes: 200, 201, 403 (a read token writing) and 401 with the
+    // Bearer challenge for a token that is not one.
+    let bearer = format!("Bearer {token}");
+    let read_bearer = format!("Bearer {read_token}");
+    let path = consent_path("+15552600001");
+    expect(
+        &h,
+        C,
+        Method::GET,
+        &path,
+        &[("authorization", &bearer)],
+        None,
+        200,
+        U,
+    )
+    .await;
+    expect(
+        &h,
+        C,
+        Method::PUT,
+        &consent_path("+15552600002"),
+        &[("authorization", &bearer), JSON],
+        Some(r#"{"status":"REFUSED"}"#),
+        201,
+        U,
+    )
+    .await;
+    let r = expect(
+        &h,
+        C,
+        Method::PUT,
+        &path,
+        &[("authorization", &read_bearer), JSON],
+        Some(r#"{"status":"REFUSED"}"#),
+        403,
+        P,
+    )
+    .await;
+    assert_eq!(r.code(), "forbidden");
+    let tampered = format!("{bearer}x");
+    for method in [Method::GET, Method::PUT] {
+        let r = expect(
+            &h,
+            C,
+            method,
+            &path,
+            &[("authorization", &tampered), JSON],
+            Some(r#"{"status":"REFUSED"}"#),
+            401,
+            P,
+        )
+        .await;
+        assert_eq!(
+            r.header("www-authenticate"),
+            Some(r#"Bearer realm="consent-proxy", error="invalid_token""#)
+        );
+    }
 }
 
 // ---------------------------------------------------------------------------------------------

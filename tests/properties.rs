@@ -486,10 +486,19 @@ proptest! {
                 .into_iter()
                 .chain(headers_with("x-api-key", mutated.as_bytes()))
             {
-                prop_assert!(
-                    matches!(auth.authenticate(&headers), Err(ProxyError::Unauthorized)),
-                    "{mutation:?} accepted: {headers:?}"
-                );
+                // A Bearer value that is no key is refused as an access token would be (an
+                // empty one is a malformed header).
+                let bearer = headers
+                    .get("authorization")
+                    .and_then(|v| v.to_str().ok())
+                    .and_then(|v| v.strip_prefix("Bearer "))
+                    .is_some_and(|credentials| !credentials.trim().is_empty());
+                let refused = match auth.authenticate(&headers) {
+                    Err(ProxyError::InvalidToken(_)) => bearer,
+                    Err(ProxyError::Unauthorized) => !bearer,
+                    _ => false,
+                };
+                prop_assert!(refused, "{mutation:?} accepted: {headers:?}");
             }
         }
         let wrong_name = headers_with(

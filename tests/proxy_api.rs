@@ -520,7 +520,7 @@ async fn invalid_bodies_are_400_with_the_culprit_field_without_calling_upstream(
 }
 
 #[tokio::test]
-async fn missing_or_wrong_key_is_401_with_basic_challenge_without_calling_upstream() {
+async fn missing_or_wrong_key_is_401_with_a_challenge_without_calling_upstream() {
     let h = Harness::start().await;
     let path = consent_path("+15550400001");
     let wrong_user = basic("reader", RW_KEY);
@@ -550,9 +550,19 @@ async fn missing_or_wrong_key_is_401_with_basic_challenge_without_calling_upstre
             )
             .await;
             assert_proxy_error(&response, 401, "unauthorized");
+            // A Bearer value is a key or an access token: RFC 6750's challenge says it was
+            // refused. Anything else gets the Basic challenge.
+            let bearer = headers
+                .iter()
+                .any(|(name, value)| *name == "authorization" && value.starts_with("Bearer "));
+            let challenge = if bearer {
+                r#"Bearer realm="consent-proxy", error="invalid_token""#
+            } else {
+                r#"Basic realm="consent-proxy""#
+            };
             assert_eq!(
                 response.header("www-authenticate"),
-                Some(r#"Basic realm="consent-proxy""#),
+                Some(challenge),
                 "{method} {headers:?}"
             );
         }
@@ -610,7 +620,9 @@ async fn other_paths_are_404_not_found_without_calling_upstream() {
         "/api/voicebiometrics/contacts/x/consent",
         "/metrics",
         "/healthz",
-        "/oauth/token",
+        // The token endpoint is exactly /oauth/token (tests/oauth.rs).
+        "/oauth/token/",
+        "/oauth",
         "/_sim/stats",
     ];
     for path in paths {
@@ -690,9 +702,12 @@ async fn body_over_max_body_bytes_is_413_without_calling_upstream() {
 #[tokio::test]
 async fn upstream_unreachable_is_502_upstream_error() {
     let port = free_addr().await.port();
+    // The breaker (which would open after five refused connects) is tested on its own.
     let h = Harness::start_with_upstream(
         |sim| (format!("http://127.0.0.1:{port}"), sim.token_url()),
-        |_| {},
+        |c| {
+            c.set("talkdesk.breaker_failures", "0");
+        },
     )
     .await;
     h.wait_ready().await;
@@ -808,6 +823,18 @@ async fn upstream_429_is_passed_through_with_retry_after_once_retries_are_exhaus
     assert_eq!(get.code(), "too_many_requests");
     assert_eq!(h.sim.stats().gets, 1);
 
+    // Upstream's Retry-After holds for every caller: until it passes nothing is sent.
+    let put = h.put("+15551200001", "REFUSED").await;
+    assert_proxy_error(&put, 503, "upstream_unavailable");
+    let wait: u64 = put.header("retry-after").unwrap().parse().unwrap();
+    assert!((1..=7).contains(&wait), "Retry-After {wait}");
+    assert_eq!(h.sim.stats().puts, 0);
+
+    // A PUT's own 429 is passed through the same way.
+    let h = Harness::start_with(|c| {
+        c.set("talkdesk.max_retries", "0");
+    })
+    .await;
     h.sim.inject(
         SimRoute::Put,
         Fault::TooManyRequests { retry_after_s: 3 },

@@ -330,6 +330,12 @@ async fn soak_mixed_traffic_under_upstream_chaos() {
         h.admin("/readyz").await.status == 200
     })
     .await;
+    // Likewise a circuit opened by the last burst of failures, or upstream's last Retry-After,
+    // refuses requests (503 upstream_unavailable) for a few seconds more.
+    wait_until(Duration::from_secs(30), || async {
+        h.get(&contacts[0]).await.status == 200
+    })
+    .await;
     let mut settled = Vec::new();
     for (i, contact) in contacts.iter().enumerate() {
         let start = Instant::now();

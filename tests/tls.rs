@@ -1,7 +1,8 @@
 //! TLS on both sides, with a CA and certificates made at test time (rcgen):
 //! - termination: the consent listener with `server.tls_cert_file`/`tls_key_file` answers GET
-//!   and PUT over HTTP/1.1 and over HTTP/2 (chosen by ALPN), survives plaintext and silent
-//!   clients, and refuses to start with unusable certificate or key files, naming the key;
+//!   and PUT over HTTP/1.1 and over HTTP/2 (chosen by ALPN), serves its OAuth token endpoint
+//!   there too, survives plaintext and silent clients, and refuses to start with unusable
+//!   certificate or key files, naming the key;
 //! - upstream: the proxy speaks HTTP/2 to an HTTPS consent API that offers it.
 
 mod support;
@@ -284,6 +285,68 @@ async fn get_and_put_over_http1_and_http2_chosen_by_alpn() {
         assert_eq!(denied.status, StatusCode::UNAUTHORIZED, "{what}");
         assert_eq!(denied.version, version, "{what}");
     }
+    proxy.shutdown().await;
+}
+
+#[tokio::test]
+async fn the_token_endpoint_is_served_over_tls_and_its_tokens_work_there() {
+    let pki = TestPki::new();
+    let (sim, proxy) = tls_proxy(&pki, |_| {}).await;
+    let port = proxy.listen_addr.port();
+    for (offer, version) in [
+        (Offer::Http1, Version::HTTP_11),
+        (Offer::H2, Version::HTTP_2),
+    ] {
+        let client = https_client(&pki, offer);
+        let issued = send(
+            &client,
+            Method::POST,
+            &format!("https://localhost:{port}/oauth/token"),
+            &[("content-type", "application/x-www-form-urlencoded")],
+            &format!("grant_type=client_credentials&client_id=rw&client_secret={RW_KEY}"),
+        )
+        .await;
+        assert_eq!(
+            issued.status,
+            StatusCode::OK,
+            "{offer:?}: {:?}",
+            issued.body
+        );
+        assert_eq!(issued.version, version);
+        let token = issued.json()["access_token"].as_str().unwrap().to_owned();
+        let bearer = format!("Bearer {token}");
+        let url = consent_url("localhost", port, "+15550000009");
+        let put = send(
+            &client,
+            Method::PUT,
+            &url,
+            &[
+                ("authorization", &bearer),
+                ("content-type", "application/json"),
+            ],
+            r#"{"status":"REFUSED"}"#,
+        )
+        .await;
+        assert!(
+            matches!(put.status.as_u16(), 200 | 201),
+            "{offer:?}: {:?}",
+            put.body
+        );
+        let get = send(
+            &client,
+            Method::GET,
+            &url,
+            &[("authorization", &bearer)],
+            "",
+        )
+        .await;
+        assert_eq!(get.status, StatusCode::OK, "{offer:?}");
+        assert_eq!(get.json()["status"], "REFUSED");
+    }
+    assert_eq!(
+        sim.stored_status("+15550000009"),
+        Some(ConsentStatus::Refused)
+    );
     proxy.shutdown().await;
 }
 

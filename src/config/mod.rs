@@ -88,6 +88,8 @@ pub struct ServerSettings {
     pub max_body_bytes: usize,
     pub max_header_bytes: usize,
     pub header_read_timeout: Duration,
+    /// A kept-alive connection with no request in progress for this long is closed.
+    pub idle_timeout: Duration,
     pub request_timeout: Duration,
     pub shutdown_grace: Duration,
     pub max_connections: usize,

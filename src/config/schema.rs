@@ -36,6 +36,7 @@ pub(super) struct Server {
     pub max_body_bytes: Field<u64>,
     pub max_header_bytes: Field<u64>,
     pub header_read_timeout_ms: Field<u64>,
+    pub idle_timeout_ms: Field<u64>,
     pub request_timeout_ms: Field<u64>,
     pub shutdown_grace_ms: Field<u64>,
     pub max_connections: Field<u64>,

@@ -199,6 +199,7 @@ fn server(s: schema::Server, p: &mut Problems) -> Option<ServerSettings> {
         s.header_read_timeout_ms,
         positive_millis,
     );
+    let idle_timeout = p.check("server.idle_timeout_ms", s.idle_timeout_ms, positive_millis);
     let request_timeout = p.check(
         "server.request_timeout_ms",
         s.request_timeout_ms,
@@ -218,6 +219,7 @@ fn server(s: schema::Server, p: &mut Problems) -> Option<ServerSettings> {
         max_body_bytes: max_body_bytes?,
         max_header_bytes: max_header_bytes?,
         header_read_timeout: header_read_timeout?,
+        idle_timeout: idle_timeout?,
         request_timeout: request_timeout?,
         shutdown_grace: shutdown_grace?,
         max_connections: max_connections?,
@@ -668,16 +670,9 @@ fn api_key_digest(api_key: &str, what: &str) -> Result<[u8; 32], String> {
     }
 }
 
-fn decode_sha256_hex(hex: &str) -> Option<[u8; 32]> {
-    // Checked first: `from_str_radix` would also take a '+' sign.
-    if hex.len() != 64 || !hex.bytes().all(|b| b.is_ascii_hexdigit()) {
-        return None;
-    }
+fn decode_sha256_hex(digits: &str) -> Option<[u8; 32]> {
     let mut digest = [0u8; 32];
-    for (byte, pair) in digest.iter_mut().zip(hex.as_bytes().chunks(2)) {
-        let pair = std::str::from_utf8(pair).ok()?;
-        *byte = u8::from_str_radix(pair, 16).ok()?;
-    }
+    hex::decode_to_slice(digits, &mut digest).ok()?;
     Some(digest)
 }
 

@@ -11,5 +11,5 @@ mod status;
 
 pub use answer::ConsentAnswer;
 pub use contact::{mask_contact_id, ContactId, MAX_CONTACT_ID_LEN};
-pub use path::consent_path_segment;
+pub use path::{consent_path, consent_path_segment};
 pub use status::{consent_status_of, parse_consent_body, BodyError, ConsentStatus};

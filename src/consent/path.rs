@@ -1,8 +1,15 @@
 //! The consent resource's path, `/voicebiometrics/contacts/{contact_id}/consent`: Talkdesk's
 //! shape, which the proxy serves as it is.
 
+use super::ContactId;
+
 const PREFIX: &str = "/voicebiometrics/contacts/";
 const SUFFIX: &str = "/consent";
+
+/// The consent path of `contact`, its id percent-encoded for a path (as sent upstream).
+pub fn consent_path(contact: &ContactId) -> String {
+    format!("{PREFIX}{}{SUFFIX}", contact.to_path_segment())
+}
 
 /// The raw `{contact_id}` segment when `path` is exactly a consent path.
 pub fn consent_path_segment(path: &str) -> Option<&str> {
@@ -13,6 +20,15 @@ pub fn consent_path_segment(path: &str) -> Option<&str> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_contacts_path_round_trips() {
+        let contact = ContactId::from_path_segment("+15551234567").unwrap();
+        let path = consent_path(&contact);
+        assert_eq!(path, "/voicebiometrics/contacts/%2B15551234567/consent");
+        let segment = consent_path_segment(&path).unwrap();
+        assert_eq!(ContactId::from_path_segment(segment), Some(contact));
+    }
 
     #[test]
     fn paths_match_exactly() {

@@ -1,7 +1,10 @@
 //! The consent listener's HTTP layer: matches the two consent routes, authenticates the
 //! caller, validates the contact and body, calls the consent service, and turns the result
-//! into the answer, with the request id, cache status, metrics and one access-log event.
+//! into the answer, with the request id, cache status, metrics and one access-log event. The
+//! token endpoint (`POST /oauth/token`) is served here too: its request is read here, its
+//! answer decided by [`TokenEndpoint`].
 
+use std::net::SocketAddr;
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
@@ -16,6 +19,8 @@ use crate::consent::ConsentAnswer;
 use crate::consent::{consent_path_segment, parse_consent_body, ContactId};
 use crate::error::{ErrorChain, FieldProblem, ProxyError};
 use crate::http::body::{self, Body, ReadBodyError};
+use crate::http::oauth::TOKEN_PATH;
+use crate::http::token_endpoint::{Refusal, TokenEndpoint};
 use crate::metrics::status_label;
 use crate::metrics::HttpMetrics;
 use crate::service::ConsentService;
@@ -43,6 +48,8 @@ pub struct ConsentRoutes {
     metrics: HttpMetrics,
     hot: HotSeries,
     limits: RouteLimits,
+    /// `None` when `oauth.enabled = false`.
+    token_endpoint: Option<TokenEndpoint>,
 }
 
 /// The answers common enough to keep their `consent_proxy_requests_total` series at hand.
@@ -92,6 +99,8 @@ struct Outcome {
     /// Set once the request may go upstream. Shared with the upstream call and read only
     /// when logging, so the last attempt shows even when the deadline cut the request short.
     upstream: Option<LastAttempt>,
+    /// Why the token endpoint granted no token.
+    token_refusal: Option<Refusal>,
 }
 
 impl ConsentRoutes {
@@ -100,6 +109,7 @@ impl ConsentRoutes {
         auth: Arc<Authenticator>,
         metrics: HttpMetrics,
         limits: RouteLimits,
+        token_endpoint: Option<TokenEndpoint>,
     ) -> Self {
         let hot = HotSeries::new(auth.client_names().count());
         ConsentRoutes {
@@ -108,12 +118,13 @@ impl ConsentRoutes {
             metrics,
             hot,
             limits,
+            token_endpoint,
         }
     }
 
-    /// Handles one request. Generic over the body so benchmarks can drive the handler
-    /// in-process; the server passes hyper's `Incoming`.
-    pub async fn handle<B>(&self, request: Request<B>) -> Response<Body>
+    /// Handles one request from `peer`. Generic over the body so benchmarks can drive the
+    /// handler in-process; the server passes hyper's `Incoming`.
+    pub async fn handle<B>(&self, request: Request<B>, peer: SocketAddr) -> Response<Body>
     where
         B: hyper::body::Body,
         B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
@@ -129,7 +140,7 @@ impl ConsentRoutes {
 
         let mut response = match tokio::time::timeout_at(
             deadline,
-            self.route(request, &request_id, deadline, &mut outcome),
+            self.route(request, peer, &request_id, deadline, &mut outcome),
         )
         .await
         {
@@ -146,6 +157,7 @@ impl ConsentRoutes {
     async fn route<B>(
         &self,
         request: Request<B>,
+        peer: SocketAddr,
         request_id: &HeaderValue,
         deadline: Instant,
         outcome: &mut Outcome,
@@ -159,7 +171,9 @@ impl ConsentRoutes {
                 StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
             ));
         }
-        let segment = consent_path_segment(request.uri().path()).ok_or(ProxyError::NotFound)?;
+        let Some(segment) = consent_path_segment(request.uri().path()) else {
+            return self.other_route(request, peer, deadline, outcome).await;
+        };
         outcome.route = "consent";
         let needed = match *request.method() {
             Method::GET => Permission::Read,
@@ -216,6 +230,33 @@ impl ConsentRoutes {
                 .await?;
             Ok(answer_response(answer))
         }
+    }
+
+    /// Any path but the consent routes: the token endpoint, when enabled, or 404.
+    async fn other_route<B>(
+        &self,
+        request: Request<B>,
+        peer: SocketAddr,
+        deadline: Instant,
+        outcome: &mut Outcome,
+    ) -> Result<Response<Body>, ProxyError>
+    where
+        B: hyper::body::Body,
+        B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    {
+        let endpoint = match &self.token_endpoint {
+            Some(endpoint) if request.uri().path() == TOKEN_PATH => endpoint,
+            _ => return Err(ProxyError::NotFound),
+        };
+        if request.method() != Method::POST {
+            return Err(ProxyError::MethodNotAllowed { allow: "POST" });
+        }
+        let (parts, body) = request.into_parts();
+        let body = self.read_body(body, deadline).await?;
+        let answer = endpoint.answer(&parts.headers, &body, peer.ip());
+        outcome.caller = answer.caller;
+        outcome.token_refusal = answer.refusal;
+        Ok(answer.response)
     }
 
     async fn read_body<B>(&self, body: B, deadline: Instant) -> Result<Bytes, ProxyError>
@@ -301,6 +342,7 @@ impl ConsentRoutes {
                     .error
                     .as_ref()
                     .map(|e| ErrorChain(e).to_string())
+                    .or_else(|| outcome.token_refusal.as_ref().map(Refusal::to_string))
                     .as_deref()
                     .unwrap_or("-"),
                 duration_us = elapsed.as_micros() as u64,

@@ -1,14 +1,16 @@
 //! Listening and connection handling: the accept loop, the connection limit, optional TLS
 //! termination, HTTP/1.1 + h2 via hyper-util's auto builder, and graceful shutdown.
 //!
-//! The loop follows hyper-util's `server_graceful` example: each connection is watched by a
-//! `GracefulShutdown`; on shutdown the listener closes at once, in-flight requests get the
-//! grace period to finish, and connections still open after it are cut off.
+//! The loop follows hyper-util's `server_graceful` example: on shutdown the listener closes at
+//! once, every connection is asked to finish gracefully, in-flight requests get the grace
+//! period, and connections still open after it are cut off. A connection that brings no
+//! request within the header read timeout, or stays idle past the idle timeout, is closed
+//! too, so idle clients cannot hold `max_connections` slots.
 
 use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -18,8 +20,7 @@ use hyper::rt::{Read, Write};
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
-use hyper_util::server::graceful::{GracefulShutdown, Watcher};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::{TcpListener, TcpSocket, TcpStream};
 use tokio::sync::{watch, Semaphore};
 use tokio_rustls::TlsAcceptor;
 
@@ -33,11 +34,18 @@ const MIN_HTTP1_BUFFER: usize = 8192;
 pub struct ListenerLimits {
     /// All request headers together; the HTTP layer answers 431 beyond it.
     pub max_header_bytes: usize,
+    /// Both the TLS handshake and a new connection's first request must come within it.
     pub header_read_timeout: Duration,
+    /// A connection with no request in progress for this long is shut down gracefully.
+    pub idle_timeout: Duration,
     pub max_connections: usize,
 }
 
 /// Serves `listener` until `shutdown` resolves to a grace period, then drains within it.
+///
+/// The handler gets each request with the address of the peer that sent it (the token
+/// endpoint throttles by it). Passed as an argument rather than a request extension: an
+/// extension allocates a map on every request, and every request would pay for it.
 ///
 /// A handler's `Err` makes hyper drop the connection unanswered (HTTP/2: reset the stream),
 /// which only the simulator's `close` fault wants; the proxy's handlers never fail.
@@ -48,12 +56,12 @@ pub async fn serve<H, F, E>(
     handler: H,
     shutdown: impl Future<Output = Duration>,
 ) where
-    H: Fn(Request<Incoming>) -> F + Clone + Send + Sync + 'static,
+    H: Fn(Request<Incoming>, SocketAddr) -> F + Clone + Send + Sync + 'static,
     F: Future<Output = Result<Response<Body>, E>> + Send + 'static,
     E: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
     let builder = Arc::new(connection_builder(&limits));
-    let graceful = GracefulShutdown::new();
+    let drain = Drain::new();
     // Every connection task ends when this sender is dropped: once the grace is over, or
     // with `serve` itself.
     let (cut_off, connections_alive) = watch::channel(());
@@ -81,8 +89,9 @@ pub async fn serve<H, F, E>(
         let _ = stream.set_nodelay(true);
         let connection = Connection {
             builder: builder.clone(),
-            watcher: graceful.watcher(),
+            watcher: drain.watcher(),
             header_read_timeout: limits.header_read_timeout,
+            idle_timeout: limits.idle_timeout,
             peer,
         };
         let handler = handler.clone();
@@ -99,7 +108,7 @@ pub async fn serve<H, F, E>(
     };
     drop(listener);
     tokio::select! {
-        _ = graceful.shutdown() => {}
+        () = drain.finish() => {}
         _ = tokio::time::sleep(grace) => {
             tracing::warn!("shutdown grace period ended with connections still open");
         }
@@ -117,9 +126,10 @@ pub async fn when_shut_down(mut shutdown: watch::Receiver<bool>, grace: Duration
 /// What one accepted connection's task needs besides its stream.
 struct Connection {
     builder: Arc<auto::Builder<TokioExecutor>>,
-    watcher: Watcher,
+    watcher: DrainWatcher,
     /// Both the TLS handshake and the first request must come within it.
     header_read_timeout: Duration,
+    idle_timeout: Duration,
     peer: SocketAddr,
 }
 
@@ -128,7 +138,7 @@ impl Connection {
     /// handshake runs here, in the connection's task, off the accept loop.
     async fn serve<H, F, E>(self, stream: TcpStream, tls: Option<TlsAcceptor>, handler: H)
     where
-        H: Fn(Request<Incoming>) -> F + Send + Sync + 'static,
+        H: Fn(Request<Incoming>, SocketAddr) -> F + Send + Sync + 'static,
         F: Future<Output = Result<Response<Body>, E>> + Send + 'static,
         E: Into<Box<dyn std::error::Error + Send + Sync>>,
     {
@@ -148,52 +158,151 @@ impl Connection {
     async fn serve_http<I, H, F, E>(self, io: I, handler: H)
     where
         I: Read + Write + Unpin + Send + 'static,
-        H: Fn(Request<Incoming>) -> F + Send + Sync + 'static,
+        H: Fn(Request<Incoming>, SocketAddr) -> F + Send + Sync + 'static,
         F: Future<Output = Result<Response<Body>, E>> + Send + 'static,
         E: Into<Box<dyn std::error::Error + Send + Sync>>,
     {
-        let request_seen = Arc::new(AtomicBool::new(false));
-        let seen = request_seen.clone();
+        let activity = Arc::new(Activity::new());
+        let tracked = activity.clone();
+        let peer = self.peer;
         let service = service_fn(move |request| {
-            seen.store(true, Ordering::Relaxed);
-            handler(request)
+            let in_progress = tracked.begin();
+            let response = handler(request, peer);
+            async move {
+                let response = response.await;
+                drop(in_progress);
+                response
+            }
         });
-        let connection = self.builder.serve_connection(io, service);
-        let connection = first_request_within(
-            self.watcher.watch(connection),
-            &request_seen,
-            self.header_read_timeout,
-        );
-        if let Err(err) = connection.await {
+        let mut connection = std::pin::pin!(self.builder.serve_connection(io, service));
+        let mut draining = false;
+        let mut watcher = self.watcher;
+        let mut drain_requested = std::pin::pin!(watcher.draining());
+        let result = loop {
+            tokio::select! {
+                result = connection.as_mut() => break result.map_err(|e| e.to_string()),
+                () = &mut drain_requested, if !draining => {
+                    draining = true;
+                    connection.as_mut().graceful_shutdown();
+                }
+                idle = activity.idle_for(self.header_read_timeout, self.idle_timeout), if !draining => {
+                    match idle {
+                        // A connection that never sent a request (or only part of an h2
+                        // preface) is simply dropped: there is nothing to shut down gracefully.
+                        Idle::NeverUsed => break Err(format!(
+                            "no request within {} ms",
+                            self.header_read_timeout.as_millis()
+                        )),
+                        Idle::Kept => {
+                            draining = true;
+                            connection.as_mut().graceful_shutdown();
+                        }
+                    }
+                }
+            }
+        };
+        if let Err(err) = result {
             tracing::debug!(peer = %self.peer, error = %err, "connection ended with an error");
         }
     }
 }
 
-/// Drives `connection`, but ends it when no request has begun within `limit` of the start.
+/// Asks every connection to finish gracefully (h1: after the answer in progress; h2: GOAWAY)
+/// and waits until all have. The pattern of hyper-util's `GracefulShutdown`, which cannot be
+/// used here because it drives the connection itself, and the idle timeout must be able to
+/// ask a connection for a graceful shutdown too.
+struct Drain(watch::Sender<()>);
+
+/// A connection's end of the drain signal; the drain waits until every one is dropped.
+struct DrainWatcher(watch::Receiver<()>);
+
+impl Drain {
+    fn new() -> Self {
+        Drain(watch::channel(()).0)
+    }
+
+    fn watcher(&self) -> DrainWatcher {
+        DrainWatcher(self.0.subscribe())
+    }
+
+    async fn finish(self) {
+        let _ = self.0.send(());
+        self.0.closed().await;
+    }
+}
+
+impl DrainWatcher {
+    /// Resolves once a drain is requested.
+    async fn draining(&mut self) {
+        let _ = self.0.changed().await;
+    }
+}
+
+/// How a connection came to be idle too long.
+enum Idle {
+    /// No request within the header read timeout of the connection's start.
+    NeverUsed,
+    /// No request in progress for the idle timeout after the last one.
+    Kept,
+}
+
+/// Requests in progress on one connection, and whether any began or ended lately.
 ///
 /// hyper's HTTP/1 header read timeout only starts once the auto builder has read enough to
-/// pick HTTP/1 or HTTP/2, and HTTP/2 has no such timeout at all, so without this a connection
-/// that sends nothing (or part of the HTTP/2 preface) would hold a `max_connections` slot for
-/// ever. Later requests on a kept-alive connection are hyper's business.
-async fn first_request_within<F, E>(
-    connection: F,
-    request_seen: &AtomicBool,
-    limit: Duration,
-) -> Result<(), String>
-where
-    F: Future<Output = Result<(), E>>,
-    E: std::fmt::Display,
-{
-    tokio::pin!(connection);
-    tokio::select! {
-        result = &mut connection => return result.map_err(|e| e.to_string()),
-        _ = tokio::time::sleep(limit) => {}
+/// pick HTTP/1 or HTTP/2, and HTTP/2 has neither that nor an idle timeout, so without this a
+/// connection that sends nothing (or part of the HTTP/2 preface), or an idle h2 connection,
+/// would hold a `max_connections` slot for ever. A request only bumps two counters (no clock
+/// read): the idle check compares them between its wake-ups, so a connection is closed
+/// between one and two idle timeouts after its last request.
+struct Activity {
+    in_progress: AtomicU32,
+    /// Requests begun and ended so far (both bump it).
+    events: AtomicU64,
+}
+
+impl Activity {
+    fn new() -> Self {
+        Activity {
+            in_progress: AtomicU32::new(0),
+            events: AtomicU64::new(0),
+        }
     }
-    if !request_seen.load(Ordering::Relaxed) {
-        return Err(format!("no request within {} ms", limit.as_millis()));
+
+    /// Marks a request in progress until the returned guard is dropped.
+    fn begin(self: &Arc<Self>) -> RequestInProgress {
+        self.in_progress.fetch_add(1, Ordering::AcqRel);
+        self.events.fetch_add(1, Ordering::Release);
+        RequestInProgress(self.clone())
     }
-    connection.await.map_err(|e| e.to_string())
+
+    /// Resolves once the connection has been idle too long: never used within
+    /// `first_request`, or with no request in progress or begun for `idle`.
+    async fn idle_for(&self, first_request: Duration, idle: Duration) -> Idle {
+        tokio::time::sleep(first_request).await;
+        let mut seen = self.events.load(Ordering::Acquire);
+        if seen == 0 {
+            return Idle::NeverUsed;
+        }
+        loop {
+            tokio::time::sleep(idle).await;
+            let now = self.events.load(Ordering::Acquire);
+            if now == seen && self.in_progress.load(Ordering::Acquire) == 0 {
+                return Idle::Kept;
+            }
+            seen = now;
+        }
+    }
+}
+
+/// A request in progress; dropping it (the answer is ready, or the request was cancelled)
+/// counts as activity too.
+struct RequestInProgress(Arc<Activity>);
+
+impl Drop for RequestInProgress {
+    fn drop(&mut self) {
+        self.0.in_progress.fetch_sub(1, Ordering::AcqRel);
+        self.0.events.fetch_add(1, Ordering::Release);
+    }
 }
 
 async fn tls_handshake(
@@ -226,7 +335,17 @@ fn connection_builder(limits: &ListenerLimits) -> auto::Builder<TokioExecutor> {
     builder
 }
 
-/// Binds a listener.
-pub async fn bind(addr: SocketAddr) -> io::Result<TcpListener> {
-    TcpListener::bind(addr).await
+/// Binds a listener with an accept queue of `backlog` connections (std's default is 128,
+/// which a burst of new connections overflows: the kernel drops SYNs, and those clients wait
+/// a whole second for their retransmit). The kernel caps it at `net.core.somaxconn`.
+pub fn bind(addr: SocketAddr, backlog: u32) -> io::Result<TcpListener> {
+    let socket = match addr {
+        SocketAddr::V4(_) => TcpSocket::new_v4()?,
+        SocketAddr::V6(_) => TcpSocket::new_v6()?,
+    };
+    // Like std's listeners: a restarted proxy can listen again while old connections linger
+    // in TIME_WAIT.
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(backlog)
 }

@@ -5,16 +5,17 @@ use http::{header, HeaderName, HeaderValue, Response, StatusCode};
 
 use super::consent_api::{talkdesk_error, unauthorized};
 use super::state::Shared;
-use super::token::{invalid_client, oauth_error};
+use super::token::invalid_client;
 use super::{Fault, Outcome, SimRoute};
 use crate::http::body::Body;
+use crate::http::oauth;
 
 /// The answer `fault` makes on `route` (`Delay` is the callers' to apply).
 pub(super) fn outcome(shared: &Shared, route: SimRoute, fault: Fault) -> Outcome {
     let token = route == SimRoute::Token;
     let error = |status: StatusCode, code: &str, message: &str| {
         if token {
-            oauth_error(status, code, message)
+            oauth::error_response(status, code, message)
         } else {
             talkdesk_error(status, code, message)
         }

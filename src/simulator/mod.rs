@@ -43,7 +43,6 @@ use bytes::Bytes;
 use http::{Request, Response, StatusCode};
 use hyper::body::Incoming;
 use serde::{Deserialize, Serialize};
-use tokio::net::TcpListener;
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 
@@ -53,7 +52,7 @@ use crate::http::server::{self, ListenerLimits};
 use state::{lock, normalise, Shared};
 
 /// The token endpoint's path.
-pub const TOKEN_PATH: &str = "/oauth/token";
+pub use crate::http::oauth::TOKEN_PATH;
 /// The scope a GET needs.
 pub const READ_SCOPE: &str = "voicebiometrics-consent:read";
 /// The scope a PUT needs.
@@ -65,6 +64,7 @@ pub const DEFAULT_SHUTDOWN_GRACE: Duration = Duration::from_secs(1);
 const LISTENER_LIMITS: ListenerLimits = ListenerLimits {
     max_header_bytes: 64 * 1024,
     header_read_timeout: Duration::from_secs(3600),
+    idle_timeout: Duration::from_secs(3600),
     max_connections: 65_536,
 };
 
@@ -264,13 +264,14 @@ struct ServerControl {
 impl Simulator {
     /// Binds `listen` (port 0 picks a free port) and starts serving in the background.
     pub async fn start(listen: SocketAddr, config: SimulatorConfig) -> io::Result<Simulator> {
-        let listener = TcpListener::bind(listen).await?;
+        // The proxy's default accept queue, so load tests' bursts of connections are taken.
+        let listener = server::bind(listen, 1024)?;
         let addr = listener.local_addr()?;
         let shared = Arc::new(Shared::new(config));
         let (stop, stopped) = oneshot::channel();
         let handler = {
             let shared = Arc::clone(&shared);
-            move |request| handle(Arc::clone(&shared), request)
+            move |request, _peer| handle(Arc::clone(&shared), request)
         };
         let shutdown = async { stopped.await.unwrap_or(DEFAULT_SHUTDOWN_GRACE) };
         let task = tokio::spawn(server::serve(

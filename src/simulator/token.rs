@@ -1,19 +1,18 @@
 //! The OAuth 2.0 token endpoint (`POST /oauth/token`): the client credentials grant, client
 //! authentication by `client_secret_basic` or `client_secret_post`, and OAuth's error shape
-//! (`{"error","error_description"}`).
+//! (`{"error","error_description"}`), on the plumbing the proxy's own endpoint shares.
 
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use http::{header, HeaderMap, HeaderValue, Method, Request, Response, StatusCode};
+use http::{HeaderMap, Method, Request, Response, StatusCode};
 use hyper::body::Incoming;
-use serde_json::json;
 
 use super::consent_api::method_not_allowed;
 use super::state::Shared;
 use super::{deliver, faults, read_body, CloseConnection, Fault, Outcome, SimRoute};
-use crate::http::body::{self, Body};
-use crate::http::credentials::{self, Authorization, BasicCredentials, FormParams};
+use crate::http::body::Body;
+use crate::http::oauth::{self, ClientCredentials, TokenError, TokenErrorCode};
 
 const MAX_TOKEN_BODY: usize = 64 * 1024;
 const TOKEN_REALM: &str = "Basic realm=\"talkdesk-simulator\"";
@@ -37,96 +36,29 @@ pub(super) async fn token_endpoint(
     }
     let (parts, body) = req.into_parts();
     let Some(body) = read_body(body, MAX_TOKEN_BODY).await? else {
-        let response = oauth_error(
+        let response = oauth::error_response(
             StatusCode::PAYLOAD_TOO_LARGE,
             "invalid_request",
             "the body is too large",
         );
         return deliver(Outcome::Answer(response), wait).await;
     };
-    let response = issue(shared, &parts.headers, &body).unwrap_or_else(TokenError::into_response);
+    let response = issue(shared, &parts.headers, &body)
+        .unwrap_or_else(|refusal| refusal.into_response(TOKEN_REALM));
     deliver(Outcome::Answer(response), wait).await
-}
-
-/// A token endpoint refusal: the OAuth error code (which gives the status) and description.
-struct TokenError {
-    error: &'static str,
-    description: String,
-}
-
-impl TokenError {
-    fn new(error: &'static str, description: impl Into<String>) -> TokenError {
-        TokenError {
-            error,
-            description: description.into(),
-        }
-    }
-
-    fn into_response(self) -> Response<Body> {
-        match self.error {
-            "invalid_client" => invalid_client(&self.description),
-            error => oauth_error(StatusCode::BAD_REQUEST, error, &self.description),
-        }
-    }
 }
 
 /// The token endpoint's decision.
 fn issue(shared: &Shared, headers: &HeaderMap, body: &[u8]) -> Result<Response<Body>, TokenError> {
-    let bad_request = |message: &str| TokenError::new("invalid_request", message);
-    let invalid_client = |message: &str| TokenError::new("invalid_client", message);
-    if !credentials::is_form_urlencoded(headers) {
-        return Err(bad_request(
-            "Content-Type must be application/x-www-form-urlencoded",
+    let form = oauth::form_params(headers, body)?;
+    let client = ClientCredentials::from_request(headers, &form)?;
+    if client.client_id != shared.client_id || client.client_secret != shared.client_secret {
+        return Err(TokenError::new(
+            TokenErrorCode::InvalidClient,
+            "client authentication failed",
         ));
     }
-    let form = FormParams::parse(body).map_err(|err| bad_request(&err.to_string()))?;
-
-    // Client authentication: client_secret_basic or client_secret_post, not both.
-    let basic = match headers.get(header::AUTHORIZATION) {
-        None => None,
-        Some(value) => Some(
-            Authorization::parse(value)
-                .filter(|authorization| authorization.is("Basic"))
-                .and_then(|basic| BasicCredentials::decode_oauth_client(basic.credentials))
-                .ok_or_else(|| invalid_client("malformed Basic credentials"))?,
-        ),
-    };
-    let (client_id, client_secret) = match basic {
-        Some(BasicCredentials {
-            user_id: id,
-            password: secret,
-        }) => {
-            if form.get("client_secret").is_some() {
-                return Err(bad_request(
-                    "use only one client authentication method (Basic or client_secret in the body)",
-                ));
-            }
-            if form.get("client_id").is_some_and(|form_id| form_id != id) {
-                return Err(invalid_client(
-                    "client_id in the body differs from the Basic credentials",
-                ));
-            }
-            (id, secret)
-        }
-        None => match (form.get("client_id"), form.get("client_secret")) {
-            (Some(id), Some(secret)) => (id.to_owned(), secret.to_owned()),
-            _ => return Err(invalid_client("client authentication is required")),
-        },
-    };
-    if client_id != shared.client_id || client_secret != shared.client_secret {
-        return Err(invalid_client("client authentication failed"));
-    }
-
-    match form.get("grant_type") {
-        None => return Err(bad_request("grant_type is required")),
-        Some("client_credentials") => {}
-        Some(_) => {
-            return Err(TokenError::new(
-                "unsupported_grant_type",
-                "only client_credentials is supported",
-            ))
-        }
-    }
+    oauth::check_grant_type(&form)?;
 
     let mut granted: Vec<String> = Vec::new();
     match form.get("scope").filter(|s| !s.trim().is_empty()) {
@@ -135,7 +67,7 @@ fn issue(shared: &Shared, headers: &HeaderMap, body: &[u8]) -> Result<Response<B
             for scope in requested.split(' ').filter(|s| !s.is_empty()) {
                 if !shared.allowed_scopes.iter().any(|allowed| allowed == scope) {
                     return Err(TokenError::new(
-                        "invalid_scope",
+                        TokenErrorCode::InvalidScope,
                         format!("the client may not be granted the scope '{scope}'"),
                     ));
                 }
@@ -148,40 +80,12 @@ fn issue(shared: &Shared, headers: &HeaderMap, body: &[u8]) -> Result<Response<B
 
     let scope = granted.join(" ");
     let (access_token, ttl) = shared.issue_token(granted);
-    let body = json!({
-        "access_token": access_token,
-        "token_type": "Bearer",
-        "expires_in": ttl.as_secs(),
-        "scope": scope,
-    });
-    let mut response = body::json_response(StatusCode::OK, &body);
-    response
-        .headers_mut()
-        .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
-    response
-        .headers_mut()
-        .insert(header::PRAGMA, HeaderValue::from_static("no-cache"));
-    Ok(response)
-}
-
-/// OAuth's error shape: `{"error","error_description"}`.
-pub(super) fn oauth_error(status: StatusCode, error: &str, description: &str) -> Response<Body> {
-    let body = json!({"error": error, "error_description": description});
-    let mut response = body::json_response(status, &body);
-    response
-        .headers_mut()
-        .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
-    response
+    Ok(oauth::token_response(&access_token, ttl.as_secs(), &scope))
 }
 
 /// A 401 `invalid_client`, with the Basic challenge RFC 6749 §5.2 asks for.
-pub(super) fn invalid_client(description: &str) -> Response<Body> {
-    let mut response = oauth_error(StatusCode::UNAUTHORIZED, "invalid_client", description);
-    response.headers_mut().insert(
-        header::WWW_AUTHENTICATE,
-        HeaderValue::from_static(TOKEN_REALM),
-    );
-    response
+pub(super) fn invalid_client(description: &'static str) -> Response<Body> {
+    TokenError::new(TokenErrorCode::InvalidClient, description).into_response(TOKEN_REALM)
 }
 
 #[cfg(test)]

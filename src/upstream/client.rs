@@ -12,9 +12,10 @@ use prometheus::{HistogramVec, IntCounterVec, Registry};
 use tokio::time::Instant;
 
 use crate::config::TalkdeskSettings;
-use crate::consent::{consent_status_of, ConsentAnswer, ConsentStatus, ContactId};
+use crate::consent::{consent_path, consent_status_of, ConsentAnswer, ConsentStatus, ContactId};
 use crate::error::{ErrorChain, Failure, ProxyError};
 use crate::metrics::{self, status_label};
+use crate::upstream::admission::{Admission, AdmissionMetrics, Verdict, MAX_HOLD_OFF};
 use crate::upstream::backoff::Backoff;
 use crate::upstream::token::TokenManager;
 use crate::upstream::transport::{Answer, AttemptError, Transport};
@@ -112,6 +113,7 @@ enum CallError {
 pub struct ConsentApi {
     transport: Transport,
     tokens: TokenManager,
+    admission: Admission,
     api_base_url: String,
     attempt_timeout: Duration,
     max_retries: u32,
@@ -125,10 +127,12 @@ impl ConsentApi {
         tokens: TokenManager,
         talkdesk: &TalkdeskSettings,
         metrics: UpstreamMetrics,
+        admission: AdmissionMetrics,
     ) -> Self {
         ConsentApi {
             transport,
             tokens,
+            admission: Admission::new(talkdesk, admission),
             api_base_url: talkdesk.api_base_url.clone(),
             attempt_timeout: talkdesk.timeout,
             max_retries: talkdesk.max_retries,
@@ -187,7 +191,9 @@ impl ConsentApi {
     }
 
     /// All attempts of one call: retries on connect errors, 5xx and 429 (at most
-    /// `max_retries`, within the deadline), plus one retry after a token renewal on 401.
+    /// `max_retries`, within the deadline), plus one retry after a token renewal on 401. Each
+    /// attempt needs admission first (Retry-After, circuit breaker, budgets), and a 429 or 503
+    /// with `Retry-After` holds off every caller's attempts, this one's retries included.
     async fn call(
         &self,
         method: Method,
@@ -197,11 +203,7 @@ impl ConsentApi {
         deadline: Instant,
         last: &LastAttempt,
     ) -> Result<ConsentAnswer, CallError> {
-        let uri = format!(
-            "{}/voicebiometrics/contacts/{}/consent",
-            self.api_base_url,
-            contact.to_path_segment()
-        );
+        let uri = format!("{}{}", self.api_base_url, consent_path(contact));
         let mut retries_left = self.max_retries;
         let mut renewed_after_401 = false;
         let mut backoff = Backoff::new(RETRY_BACKOFF_FIRST, RETRY_BACKOFF_LAST);
@@ -211,19 +213,39 @@ impl ConsentApi {
                 .current(deadline)
                 .await
                 .map_err(CallError::NotApplied)?;
-            let now = Instant::now();
-            if now >= deadline {
+            if Instant::now() >= deadline {
                 return Err(CallError::NotApplied(ProxyError::UpstreamTimeout));
             }
-            let timeout = self.attempt_timeout.min(deadline - now);
+            let permit = self
+                .admission
+                .admit(deadline)
+                .await
+                .map_err(CallError::NotApplied)?;
             let request = build_request(&method, &uri, &token, request_id, body.clone())
                 .map_err(CallError::NotApplied)?;
             let started = Instant::now();
+            let timeout = self
+                .attempt_timeout
+                .min(deadline.saturating_duration_since(started));
             let result = self
                 .transport
                 .attempt(request, timeout, self.max_response_bytes)
                 .await;
             self.record(&method, &result, started, last);
+            permit.finish(match &result {
+                Ok(answer) if !answer.status.is_server_error() => Verdict::Answered,
+                _ => Verdict::Failed,
+            });
+            if let Ok(answer) = &result {
+                if matches!(
+                    answer.status,
+                    StatusCode::TOO_MANY_REQUESTS | StatusCode::SERVICE_UNAVAILABLE
+                ) {
+                    if let Some(wait) = retry_after(answer) {
+                        self.admission.hold_off(wait);
+                    }
+                }
+            }
 
             // Decide between answering, retrying after a delay, or failing.
             let retry_delay = match result {
@@ -313,6 +335,15 @@ impl ConsentApi {
 /// Turns upstream's final answer into what the caller gets.
 fn finish(answer: Answer) -> Result<ConsentAnswer, CallError> {
     let status = answer.status;
+    if status == StatusCode::SERVICE_UNAVAILABLE {
+        if let Some(wait) = retry_after(&answer) {
+            // Upstream says when it will take traffic again: so does the caller's answer.
+            return Err(CallError::NotApplied(ProxyError::UpstreamUnavailable {
+                reason: "retry_after",
+                retry_after: wait.min(MAX_HOLD_OFF),
+            }));
+        }
+    }
     // Upstream answered, but nothing the proxy can pass on: the call failed.
     let reject = |why: String| Err(CallError::NotApplied(ProxyError::Upstream(why.into())));
     if status.is_success() || (status.is_client_error() && status != StatusCode::UNAUTHORIZED) {

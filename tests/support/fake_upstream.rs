@@ -3,6 +3,7 @@
 #![allow(dead_code)]
 
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -28,6 +29,8 @@ pub struct Seen {
 pub enum Act {
     /// Write these bytes, then close.
     Send(Vec<u8>),
+    /// Wait, then write these bytes and close (a slow upstream).
+    SendAfter(Duration, Vec<u8>),
     /// Write `head` at once, then `body` one byte every `every`.
     Drip {
         head: Vec<u8>,
@@ -45,6 +48,7 @@ pub enum Act {
 pub struct FakeUpstream {
     pub addr: SocketAddr,
     seen: Arc<Mutex<Vec<Seen>>>,
+    concurrency: Arc<Concurrency>,
     count: watch::Receiver<usize>,
     task: JoinHandle<()>,
 }
@@ -67,11 +71,14 @@ impl FakeUpstream {
         let (count_tx, count) = watch::channel(0);
         let respond = Arc::new(respond);
         let recorded = seen.clone();
+        let concurrency = Arc::new(Concurrency::default());
+        let tracked = concurrency.clone();
         let task = tokio::spawn(async move {
             while let Ok((stream, _)) = listener.accept().await {
                 let respond = respond.clone();
                 let recorded = recorded.clone();
                 let count_tx = count_tx.clone();
+                let tracked = tracked.clone();
                 tokio::spawn(async move {
                     let mut stream = stream;
                     let Some(request) = read_request(&mut stream).await else {
@@ -84,16 +91,24 @@ impl FakeUpstream {
                         count_tx.send_replace(seen.len());
                         act
                     };
+                    tracked.enter();
                     perform(stream, act).await;
+                    tracked.leave();
                 });
             }
         });
         FakeUpstream {
             addr,
             seen,
+            concurrency,
             count,
             task,
         }
+    }
+
+    /// The most requests it was ever answering at once.
+    pub fn max_concurrent(&self) -> usize {
+        self.concurrency.max.load(Ordering::SeqCst)
     }
 
     pub fn url(&self) -> String {
@@ -117,6 +132,24 @@ impl FakeUpstream {
     pub async fn stop(self) {
         self.task.abort();
         let _ = self.task.await;
+    }
+}
+
+/// Requests being answered now, and the most ever at once.
+#[derive(Default)]
+struct Concurrency {
+    now: AtomicUsize,
+    max: AtomicUsize,
+}
+
+impl Concurrency {
+    fn enter(&self) {
+        let now = self.now.fetch_add(1, Ordering::SeqCst) + 1;
+        self.max.fetch_max(now, Ordering::SeqCst);
+    }
+
+    fn leave(&self) {
+        self.now.fetch_sub(1, Ordering::SeqCst);
     }
 }
 
@@ -154,6 +187,11 @@ async fn read_request(stream: &mut TcpStream) -> Option<Seen> {
 async fn perform(mut stream: TcpStream, act: Act) {
     match act {
         Act::Send(bytes) => {
+            let _ = stream.write_all(&bytes).await;
+            let _ = stream.shutdown().await;
+        }
+        Act::SendAfter(wait, bytes) => {
+            tokio::time::sleep(wait).await;
             let _ = stream.write_all(&bytes).await;
             let _ = stream.shutdown().await;
         }

@@ -32,6 +32,8 @@ pub const SIM_CLIENT_SECRET: &str = "sim-secret-0123456789";
 pub struct ProxyConfig {
     sections: BTreeMap<String, BTreeMap<String, String>>,
     clients: bool,
+    /// More `[[clients]]`, after the three test clients: (name, key, permissions).
+    extra_clients: Vec<(String, String, Vec<String>)>,
 }
 
 impl ProxyConfig {
@@ -39,6 +41,7 @@ impl ProxyConfig {
         let mut config = ProxyConfig {
             sections: BTreeMap::new(),
             clients: true,
+            extra_clients: Vec::new(),
         };
         config
             .set_str("server.listen", "127.0.0.1:0")
@@ -80,6 +83,16 @@ impl ProxyConfig {
         self
     }
 
+    /// One more client, with its key as `api_key` (any characters: TOML-quoted).
+    pub fn with_client(&mut self, name: &str, key: &str, permissions: &[&str]) -> &mut Self {
+        self.extra_clients.push((
+            name.to_owned(),
+            key.to_owned(),
+            permissions.iter().map(|p| (*p).to_owned()).collect(),
+        ));
+        self
+    }
+
     pub fn to_toml(&self) -> String {
         let mut out = String::new();
         for (section, keys) in &self.sections {
@@ -93,6 +106,20 @@ impl ProxyConfig {
                 "[[clients]]\nname = \"rw\"\napi_key = \"{RW_KEY}\"\npermissions = [\"read\", \"write\"]\n\
                  [[clients]]\nname = \"reader\"\napi_key = \"{READER_KEY}\"\npermissions = [\"read\"]\n\
                  [[clients]]\nname = \"ops\"\napi_key = \"{ADMIN_KEY}\"\npermissions = [\"read\", \"write\", \"admin\"]\n"
+            ));
+        }
+        for (name, key, permissions) in &self.extra_clients {
+            out.push_str(&format!(
+                "[[clients]]\nname = {}\napi_key = {}\npermissions = {}\n",
+                toml::Value::String(name.clone()),
+                toml::Value::String(key.clone()),
+                toml::Value::Array(
+                    permissions
+                        .iter()
+                        .cloned()
+                        .map(toml::Value::String)
+                        .collect()
+                ),
             ));
         }
         out
@@ -319,6 +346,16 @@ impl TestClient {
     pub fn new() -> Self {
         TestClient {
             client: Client::builder(TokioExecutor::new()).build_http(),
+        }
+    }
+
+    /// A client whose connections come from `local` (any 127.x.y.z address is this machine's
+    /// loopback, so a test can be several callers).
+    pub fn from_address(local: std::net::IpAddr) -> Self {
+        let mut connector = hyper_util::client::legacy::connect::HttpConnector::new();
+        connector.set_local_address(Some(local));
+        TestClient {
+            client: Client::builder(TokioExecutor::new()).build(connector),
         }
     }
 
