@@ -389,6 +389,7 @@ async fn randomized_history_never_reads_older_than_an_acknowledged_write() {
                     CONTACTS,
                     1,
                     0.25,
+                    0..0,
                     |_, contact| h.get(&contacts[contact]),
                     |_, contact, status| h.put(&contacts[contact], status),
                 )

@@ -23,7 +23,7 @@ use consent_proxy::simulator::{Fault, SimRoute, Simulator};
 use consent_proxy::{App, AppHandle};
 use http::Method;
 use support::history::{
-    cluster_violations, gets, random_client, random_upstream_delays, Event, Op, STATUSES,
+    cluster_violations, gets, random_client, random_upstream_delays, Event, Op,
 };
 use support::redis_server::{free_port, RedisServer};
 use support::relay::Relay;
@@ -337,6 +337,7 @@ async fn randomized_history_across_three_instances_keeps_rule_5() {
                     CONTACTS,
                     3,
                     0.2,
+                    0..0,
                     |via, contact| fleet.get(via, &contacts[contact]),
                     |via, contact, status| fleet.put(via, &contacts[contact], status),
                 )
@@ -847,35 +848,35 @@ async fn soak_three_instances_with_redis_restarts() {
             let fleet = fleet.clone();
             let contacts = contacts.clone();
             tokio::spawn(async move {
-                let mut events = Vec::new();
-                let mut refused = 0u64;
-                while Instant::now() < until {
-                    let contact = rand::random_range(0..CONTACTS);
-                    let via = rand::random_range(0..3);
-                    let start = Instant::now();
-                    let op = if rand::random_bool(0.25) {
-                        let status = STATUSES[rand::random_range(0..4)];
-                        let response = fleet.put(via, &contacts[contact], status).await;
-                        if response.status == 503 {
-                            assert_eq!(response.code(), "cluster_unavailable");
-                            refused += 1;
+                let refused = std::sync::atomic::AtomicU64::new(0);
+                let events = random_client(
+                    until,
+                    CONTACTS,
+                    3,
+                    0.25,
+                    2..20,
+                    |via, contact| {
+                        let (fleet, contacts) = (&fleet, &contacts);
+                        async move {
+                            let response = fleet.get(via, &contacts[contact]).await;
+                            assert_eq!(response.status, 200, "{}", response.text());
+                            response
                         }
-                        Op::put(status, &response)
-                    } else {
-                        let response = fleet.get(via, &contacts[contact]).await;
-                        assert_eq!(response.status, 200, "{}", response.text());
-                        Op::get(&response)
-                    };
-                    events.push(Event {
-                        contact,
-                        via,
-                        start,
-                        end: Instant::now(),
-                        op,
-                    });
-                    tokio::time::sleep(Duration::from_millis(rand::random_range(2..20))).await;
-                }
-                (events, refused)
+                    },
+                    |via, contact, status| {
+                        let (fleet, contacts, refused) = (&fleet, &contacts, &refused);
+                        async move {
+                            let response = fleet.put(via, &contacts[contact], status).await;
+                            if response.status == 503 {
+                                assert_eq!(response.code(), "cluster_unavailable");
+                                refused.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                            }
+                            response
+                        }
+                    },
+                )
+                .await;
+                (events, refused.into_inner())
             })
         })
         .collect();

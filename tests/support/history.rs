@@ -131,12 +131,14 @@ pub const STATUSES: [&str; 4] = ["NO_CONSENT", "CONSENTED", "DELETED", "REFUSED"
 
 /// One client of a randomized history: until `until`, one operation after another on a random
 /// contact (of `contacts`) through a random instance (of `instances`), a PUT of a random status
-/// with probability `put_share`, else a GET; returns what it saw.
+/// with probability `put_share`, else a GET, with a pause of `pause_ms` (random in the range;
+/// none when empty) after each; returns what it saw.
 pub async fn random_client<G, GF, P, PF>(
     until: Instant,
     contacts: usize,
     instances: usize,
     put_share: f64,
+    pause_ms: std::ops::Range<u64>,
     get: G,
     put: P,
 ) -> Vec<Event>
@@ -164,6 +166,10 @@ where
             end: Instant::now(),
             op,
         });
+        if !pause_ms.is_empty() {
+            let pause = rand::random_range(pause_ms.clone());
+            tokio::time::sleep(Duration::from_millis(pause)).await;
+        }
     }
     events
 }
