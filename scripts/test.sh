@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
 # Runs every test of consent-proxy: unit and integration tests (cargo test), the Prometheus
-# rule tests, the bounded soak test, the schemathesis run against `consent-proxy demo` and the
-# container image built and run with podman (scripts/container-test.sh).
-# Installs what a fresh machine lacks first (Debian packages, the oidc-provider npm package,
-# Python virtualenvs for the OAuth client test and for schemathesis). Exits non-zero on the
-# first failure.
+# rule tests, the bounded soak tests (one proxy; three in cluster mode), the schemathesis run
+# against `consent-proxy demo` and the container image built and run with podman
+# (scripts/container-test.sh). Installs what a fresh machine lacks first (Debian packages:
+# prometheus, redis-server for the cluster tests, podman; the oidc-provider npm package, Python
+# virtualenvs for the OAuth client test and for schemathesis). Exits non-zero on the first
+# failure.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -13,6 +14,7 @@ step() { printf '\n==> %s\n' "$*"; }
 # --- what the tests need --------------------------------------------------------------------
 missing=()
 command -v promtool >/dev/null 2>&1 || missing+=(prometheus)
+command -v redis-server >/dev/null 2>&1 || missing+=(redis-server)
 command -v curl >/dev/null 2>&1 || missing+=(curl)
 command -v node >/dev/null 2>&1 || missing+=(nodejs npm)
 python3 -c 'import venv' >/dev/null 2>&1 || missing+=(python3-venv)
@@ -27,6 +29,8 @@ fi
 # The Debian package may start its own Prometheus on :9090; the tests run their own instance
 # on a free port, so only the packaged service is stopped (if it runs at all).
 invoke-rc.d prometheus stop >/dev/null 2>&1 || true
+# Likewise the packaged Redis on :6379: the cluster tests start their own redis-server.
+invoke-rc.d redis-server stop >/dev/null 2>&1 || true
 
 step "npm ci (oidc-provider for the OAuth compatibility test)"
 npm ci --prefix tests/oidc --no-audit --no-fund --loglevel=error
@@ -43,6 +47,9 @@ bash scripts/check-deploy.sh
 
 step "soak test (bounded, release build)"
 cargo test --release --test soak -- --ignored --nocapture
+
+step "cluster soak: three instances, Redis restarts (bounded, release build)"
+cargo test --release --test cluster -- --ignored --nocapture
 
 step "schemathesis against consent-proxy demo"
 bash scripts/schemathesis.sh

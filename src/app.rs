@@ -13,6 +13,7 @@ use tokio::task::JoinHandle;
 use crate::auth::token::TokenKeys;
 use crate::auth::Authenticator;
 use crate::cache::{CacheMetrics, ConsentCache};
+use crate::cluster::{Cluster, ClusterMetrics, ClusterStartError};
 use crate::config::Settings;
 use crate::error::Failure;
 use crate::http::admin::AdminRoutes;
@@ -41,6 +42,8 @@ pub enum StartError {
     },
     #[error("cannot load the TLS certificate")]
     Tls(#[from] TlsError),
+    #[error("cannot start cluster mode")]
+    Cluster(#[from] ClusterStartError),
     #[error("cannot set up the OAuth token endpoint")]
     OAuth(#[source] Failure),
 }
@@ -51,11 +54,15 @@ pub struct AppHandle {
     pub admin_addr: SocketAddr,
     pub registry: Registry,
     pub cache: ConsentCache,
+    /// `None` without `cluster.redis_url`.
+    pub cluster: Option<Cluster>,
     pub tokens: TokenManager,
     /// The consent listener's handler, for driving requests in-process (benchmarks).
     pub routes: Arc<ConsentRoutes>,
     shutdown: watch::Sender<bool>,
     tasks: Vec<JoinHandle<()>>,
+    feed_stop: watch::Sender<bool>,
+    feed_task: Option<JoinHandle<()>>,
 }
 
 impl App {
@@ -97,7 +104,31 @@ impl App {
             AdmissionMetrics::register(&registry),
         ));
         let cache = ConsentCache::new(&settings.cache, CacheMetrics::register(&registry));
-        let service = ConsentService::new(api, cache.clone(), WriteMetrics::register(&registry));
+        let mut tasks = vec![refresher];
+        // The cluster's feed stops only after the listeners have drained, so that the requests
+        // finishing within the grace period can still announce their writes.
+        let (feed_stop, feed_stop_rx) = watch::channel(false);
+        let mut feed_task = None;
+        let cluster = match &settings.cluster {
+            Some(cluster_settings) => {
+                let (cluster, feed) = Cluster::start(
+                    cluster_settings,
+                    cache.clone(),
+                    settings.server.request_timeout,
+                    ClusterMetrics::register(&registry),
+                    feed_stop_rx,
+                )?;
+                feed_task = Some(feed);
+                Some(cluster)
+            }
+            None => None,
+        };
+        let service = ConsentService::new(
+            api,
+            cache.clone(),
+            cluster.clone(),
+            WriteMetrics::register(&registry),
+        );
         let token_keys = if settings.oauth.enabled {
             let keys = TokenKeys::from_settings(&settings.oauth).map_err(StartError::OAuth)?;
             if settings.oauth.signing_keys.is_empty() {
@@ -142,6 +173,7 @@ impl App {
         let admin = Arc::new(AdminRoutes::new(
             registry.clone(),
             cache.clone(),
+            cluster.clone(),
             tokens.clone(),
             auth,
             serving.clone(),
@@ -189,15 +221,19 @@ impl App {
             server::when_shut_down(shutdown_rx, grace),
         ));
         tracing::info!(%listen_addr, %admin_addr, "consent-proxy listening");
+        tasks.extend([consent_task, admin_task]);
         Ok(AppHandle {
             listen_addr,
             admin_addr,
             registry,
             cache,
+            cluster,
             tokens,
             routes,
             shutdown,
-            tasks: vec![consent_task, admin_task, refresher],
+            tasks,
+            feed_stop,
+            feed_task,
         })
     }
 }
@@ -221,6 +257,10 @@ impl AppHandle {
         let _ = self.shutdown.send(true);
         for task in self.tasks {
             let _ = task.await;
+        }
+        let _ = self.feed_stop.send(true);
+        if let Some(feed) = self.feed_task {
+            let _ = feed.await;
         }
     }
 

@@ -85,6 +85,8 @@ pub enum ErrorSource {
     Upstream,
     /// The token endpoint could not give a token.
     TokenEndpoint,
+    /// The cluster's Redis could not take a write's announcement.
+    Cluster,
     /// A defect or resource limit inside the proxy.
     Internal,
 }
@@ -136,6 +138,10 @@ pub enum ProxyError {
         reason: &'static str,
         retry_after: Duration,
     },
+    /// A PUT that could not first be announced to the cluster (`write_policy = "require"`);
+    /// upstream was not called.
+    #[error("the write could not be announced to the cluster")]
+    ClusterUnavailable(#[source] Failure),
     #[error("internal error")]
     Internal(#[source] Failure),
 }
@@ -157,6 +163,7 @@ impl ProxyError {
             | ProxyError::UpstreamTimeout
             | ProxyError::UpstreamUnavailable { .. } => ErrorSource::Upstream,
             ProxyError::TokenUnavailable(_) => ErrorSource::TokenEndpoint,
+            ProxyError::ClusterUnavailable(_) => ErrorSource::Cluster,
             ProxyError::Internal(_) => ErrorSource::Internal,
         }
     }
@@ -174,7 +181,9 @@ impl ProxyError {
             ProxyError::UnsupportedMediaType => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             ProxyError::RequestTimeout => StatusCode::REQUEST_TIMEOUT,
             ProxyError::Upstream(_) => StatusCode::BAD_GATEWAY,
-            ProxyError::TokenUnavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+            ProxyError::TokenUnavailable(_) | ProxyError::ClusterUnavailable(_) => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
             ProxyError::UpstreamTimeout => StatusCode::GATEWAY_TIMEOUT,
             ProxyError::UpstreamUnavailable { .. } => StatusCode::SERVICE_UNAVAILABLE,
             ProxyError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
@@ -197,6 +206,7 @@ impl ProxyError {
             ProxyError::TokenUnavailable(_) => "token_unavailable",
             ProxyError::UpstreamTimeout => "upstream_timeout",
             ProxyError::UpstreamUnavailable { .. } => "upstream_unavailable",
+            ProxyError::ClusterUnavailable(_) => "cluster_unavailable",
             ProxyError::Internal(_) => "internal_error",
         }
     }
@@ -226,6 +236,7 @@ impl ProxyError {
             ProxyError::UpstreamUnavailable { .. } => {
                 "the consent API is unavailable for now; retry after the time in Retry-After".into()
             }
+            ProxyError::ClusterUnavailable(_) => "the write could not be announced to the other instances of the cluster, so it was not sent to the consent API; retry it".into(),
             ProxyError::Internal(_) => "internal error".into(),
         }
     }

@@ -4,6 +4,7 @@
 //! The folders tell the story, from the network inwards:
 //! - [`http`]: the listeners (accept loop, TLS, limits), the consent routes and the admin routes;
 //! - [`service`]: the consent operations without HTTP (read through the cache, write through);
+//! - [`cluster`]: cluster mode: the caches of several instances kept coherent through Redis;
 //! - [`cache`]: the consent-answer cache and the rules that keep it correct under writes;
 //! - [`upstream`]: the Talkdesk client: transport, retries, the shared OAuth token;
 //! - [`consent`]: the domain (statuses, contact ids, bodies, answers), shared by everyone;
@@ -15,6 +16,7 @@ pub mod app;
 pub mod auth;
 pub mod build_info;
 pub mod cache;
+pub mod cluster;
 pub mod config;
 pub mod consent;
 pub mod demo;

@@ -1,6 +1,7 @@
 //! The consent operations, independent of HTTP: a read goes through the cache to the
 //! consent API; a write goes to the consent API and then through the cache, in its own task
-//! so that a caller hanging up cannot leave the cache behind upstream.
+//! so that a caller hanging up cannot leave the cache behind upstream. In cluster mode a
+//! write is announced to the other instances before it goes upstream and its outcome after.
 
 use std::sync::Arc;
 
@@ -9,6 +10,7 @@ use prometheus::{IntCounter, Registry};
 use tokio::time::Instant;
 
 use crate::cache::{CacheStatus, ConsentCache, Lookup, WriteOutcome};
+use crate::cluster::Cluster;
 use crate::consent::{consent_status_of, ConsentAnswer};
 use crate::consent::{ConsentStatus, ContactId};
 use crate::error::{Failure, ProxyError};
@@ -55,12 +57,24 @@ pub struct ReadResult {
 pub struct ConsentService {
     api: Arc<ConsentApi>,
     cache: ConsentCache,
+    /// `None`: this instance runs alone.
+    cluster: Option<Cluster>,
     writes: WriteMetrics,
 }
 
 impl ConsentService {
-    pub fn new(api: Arc<ConsentApi>, cache: ConsentCache, writes: WriteMetrics) -> Self {
-        ConsentService { api, cache, writes }
+    pub fn new(
+        api: Arc<ConsentApi>,
+        cache: ConsentCache,
+        cluster: Option<Cluster>,
+        writes: WriteMetrics,
+    ) -> Self {
+        ConsentService {
+            api,
+            cache,
+            cluster,
+            writes,
+        }
     }
 
     pub fn cache(&self) -> &ConsentCache {
@@ -96,6 +110,7 @@ impl ConsentService {
             Lookup::Join(waiter) => (CacheStatus::Coalesced, waiter.wait(deadline).await),
             Lookup::Lead(lead) => (CacheStatus::Miss, lead.spawn(fetch()).wait(deadline).await),
             Lookup::Bypass => (CacheStatus::Bypass, fetch().await),
+            Lookup::Unsynced => (CacheStatus::Unsynced, fetch().await),
         };
         ReadResult {
             cache_status,
@@ -105,7 +120,9 @@ impl ConsentService {
     }
 
     /// Writes upstream, then updates the cache; answered 2xx only when upstream said 2xx.
-    /// The upstream attempts are reported to `upstream`.
+    /// In a cluster the write is first announced (refused with `cluster_unavailable`, upstream
+    /// not called, when that fails under `write_policy = "require"`), and its outcome is
+    /// announced before the answer. The upstream attempts are reported to `upstream`.
     pub async fn write(
         &self,
         contact: &ContactId,
@@ -120,6 +137,16 @@ impl ConsentService {
         let last = upstream.clone();
         let task = tokio::spawn(async move {
             let write = service.cache.begin_write(&contact);
+            let announced = match &service.cluster {
+                None => None,
+                Some(cluster) => match cluster.announce_write(&contact).await {
+                    Ok(announced) => Some(announced),
+                    Err(refused) => {
+                        write.finish(WriteOutcome::NotApplied);
+                        return Err(refused);
+                    }
+                },
+            };
             let result = service
                 .api
                 .put(&contact, status, &request_id, deadline, &last)
@@ -135,6 +162,9 @@ impl ConsentService {
                 Err(_) => WriteOutcome::NotApplied,
             };
             write.finish(outcome);
+            if let Some(announced) = announced {
+                announced.finish(outcome).await;
+            }
             result.map_err(|failure| failure.error)
         });
         task.await

@@ -10,7 +10,7 @@ use std::time::Duration;
 use consent_proxy::consent::ConsentStatus;
 use consent_proxy::simulator::{Fault, SimRoute};
 use http::Method;
-use support::history::{gets, violations, Event, Op};
+use support::history::{gets, random_client, random_upstream_delays, violations, Event, Op};
 use support::*;
 use tokio::time::Instant;
 
@@ -369,7 +369,6 @@ async fn randomized_history_never_reads_older_than_an_acknowledged_write() {
     for contact in &contacts {
         h.sim.set_status(contact, ConsentStatus::NoConsent);
     }
-    let statuses = ["NO_CONSENT", "CONSENTED", "DELETED", "REFUSED"];
     let run_for = Duration::from_secs(4);
     let started = Instant::now();
 
@@ -377,21 +376,7 @@ async fn randomized_history_never_reads_older_than_an_acknowledged_write() {
     let delays = tokio::spawn({
         let h = h.clone();
         let contacts = contacts.clone();
-        async move {
-            while started.elapsed() < run_for {
-                let contact = &contacts[rand::random_range(0..CONTACTS)];
-                let delay = Duration::from_millis(rand::random_range(5..60));
-                h.sim.delay_next_get(contact, delay, 1);
-                if rand::random_bool(0.3) {
-                    h.sim.inject(
-                        SimRoute::Put,
-                        Fault::Delay(Duration::from_millis(rand::random_range(1..20))),
-                        1,
-                    );
-                }
-                tokio::time::sleep(Duration::from_millis(rand::random_range(1..15))).await;
-            }
-        }
+        async move { random_upstream_delays(&h.sim, &contacts, started + run_for).await }
     });
 
     let clients: Vec<_> = (0..6)
@@ -399,24 +384,16 @@ async fn randomized_history_never_reads_older_than_an_acknowledged_write() {
             let h = h.clone();
             let contacts = contacts.clone();
             tokio::spawn(async move {
-                let mut events = Vec::new();
-                while started.elapsed() < run_for {
-                    let contact = rand::random_range(0..CONTACTS);
-                    let start = Instant::now();
-                    let op = if rand::random_bool(0.25) {
-                        let status = statuses[rand::random_range(0..4)];
-                        Op::put(status, &h.put(&contacts[contact], status).await)
-                    } else {
-                        Op::get(&h.get(&contacts[contact]).await)
-                    };
-                    events.push(Event {
-                        contact,
-                        start,
-                        end: Instant::now(),
-                        op,
-                    });
-                }
-                events
+                random_client(
+                    started + run_for,
+                    CONTACTS,
+                    1,
+                    0.25,
+                    0..0,
+                    |_, contact| h.get(&contacts[contact]),
+                    |_, contact, status| h.put(&contacts[contact], status),
+                )
+                .await
             })
         })
         .collect();
@@ -452,6 +429,7 @@ fn the_history_checker_catches_a_stale_read() {
     let history = vec![
         Event {
             contact: 0,
+            via: 0,
             start: at(0),
             end: at(10),
             op: Op::Put {
@@ -461,6 +439,7 @@ fn the_history_checker_catches_a_stale_read() {
         },
         Event {
             contact: 0,
+            via: 0,
             start: at(20),
             end: at(30),
             op: Op::Get {

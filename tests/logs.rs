@@ -976,3 +976,58 @@ async fn json_logs_with_the_http_libraries_at_trace() {
     })
     .await;
 }
+
+/// Cluster mode, at trace, in JSON: the Redis password (given in the URL), and a wrong one that
+/// Redis refuses, reach no log line, metric, `/readyz` answer or error answer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_redis_password_stays_secret() {
+    const PASSWORD: &str = "redis-pw-5f3a9c1e7b";
+    const WRONG: &str = "wrong-redis-pw-42d8e0";
+    let redis = support::redis_server::RedisServer::start_with_password(Some(PASSWORD));
+    let sim = start_simulator().await;
+    for (password, accepted) in [(PASSWORD, true), (WRONG, false)] {
+        let mut config = ProxyConfig::for_simulator(&sim);
+        config
+            .clustered(&format!("redis://:{password}@127.0.0.1:{}", redis.port()))
+            .set_str("log.level", "trace")
+            .set_str("log.format", "json");
+        let mut proxy = Proxy::start(&config.to_toml());
+        let (base, admin) = proxy.wait_listening();
+        let caller = Caller {
+            client: Client::builder(TokioExecutor::new()).build_http(),
+            base,
+            admin,
+        };
+        wait_until(Duration::from_secs(10), || caller.ready()).await;
+        let readyz = format!("{}/readyz", caller.admin);
+        let feed = if accepted { "live" } else { "down" };
+        wait_until(Duration::from_secs(10), || async {
+            let (_, body) = caller.send(Method::GET, &readyz, "r", &[], None).await;
+            body.contains(&format!("\"feed\":\"{feed}\""))
+        })
+        .await;
+        let mut answers = Vec::new();
+        let (status, body) = caller.put("put-1", "+15551234567", "REFUSED").await;
+        assert_eq!((200..300).contains(&status), accepted, "{status} {body}");
+        answers.push(body);
+        answers.push(
+            caller
+                .get("get-1", "+15551234567", ("x-api-key", RW_KEY))
+                .await
+                .1,
+        );
+        let metrics = format!("{}/metrics", caller.admin);
+        answers.push(caller.send(Method::GET, &metrics, "m", &[], None).await.1);
+        answers.push(caller.send(Method::GET, &readyz, "r", &[], None).await.1);
+        let log = proxy.stop();
+        assert!(
+            log.contains("cluster mode"),
+            "the cluster's start-up is logged"
+        );
+        for text in answers.iter().chain([&log]) {
+            if let Some(line) = text.lines().find(|line| line.contains(password)) {
+                panic!("the Redis password is shown:\n{line}");
+            }
+        }
+    }
+}

@@ -123,7 +123,7 @@ async fn metrics_are_promtool_clean_and_complete_after_traffic() {
     assert!(clients.contains("anonymous") && clients.contains("rw"));
     assert_eq!(
         values("consent_proxy_cache_lookups_total", "result"),
-        set(&["hit", "miss", "coalesced", "bypass"])
+        set(&["hit", "miss", "coalesced", "bypass", "unsynced"])
     );
     assert_eq!(
         values("consent_proxy_consent_writes_total", "status"),
@@ -262,6 +262,66 @@ async fn metrics_are_promtool_clean_and_complete_after_traffic() {
         }
     }
 
+    h.proxy.shutdown().await;
+}
+
+/// Cluster mode (a real `redis-server`): the cluster's metrics are there, with the contract's
+/// types and labels, promtool-clean, after a write through the cluster.
+#[tokio::test]
+async fn cluster_metrics_are_promtool_clean_and_complete() {
+    let promtool = Promtool::find();
+    let redis = support::redis_server::RedisServer::start();
+    let h = Harness::start_with(|c| {
+        c.clustered(&redis.url());
+    })
+    .await;
+    h.wait_cluster_live().await;
+    assert_eq!(h.metric("consent_proxy_cluster_connected").await, 1.0);
+    assert_eq!(h.put(CONTACT_READ_WRITE, "REFUSED").await.status / 100, 2);
+    let text = h.admin("/metrics").await.text();
+    let (code, output) = promtool.check_metrics(&text);
+    assert!(
+        code == Some(0) && output.trim().is_empty(),
+        "`promtool check metrics` exit {code:?}, output:\n{output}\n--- exposition ---\n{text}"
+    );
+    let exposition = Exposition::parse(&text);
+    for (name, kind, labels) in [
+        ("consent_proxy_cluster_connected", "gauge", &[][..]),
+        (
+            "consent_proxy_cluster_messages_total",
+            "counter",
+            &["direction"][..],
+        ),
+        (
+            "consent_proxy_cluster_propagation_seconds",
+            "histogram",
+            &[][..],
+        ),
+        (
+            "consent_proxy_cluster_announce_failures_total",
+            "counter",
+            &["stage"][..],
+        ),
+        (
+            "consent_proxy_cluster_unannounced_writes_total",
+            "counter",
+            &[][..],
+        ),
+        ("consent_proxy_cluster_resyncs_total", "counter", &[][..]),
+    ] {
+        exposition.assert_family(name, kind, labels);
+    }
+    assert_eq!(
+        exposition.label_values("consent_proxy_cluster_messages_total", "direction"),
+        ["received", "sent"].iter().map(|s| s.to_string()).collect()
+    );
+    // Two announcements of the write, and heartbeats.
+    assert!(
+        metric_value(
+            &text,
+            r#"consent_proxy_cluster_messages_total{direction="sent"}"#
+        ) >= 3.0
+    );
     h.proxy.shutdown().await;
 }
 

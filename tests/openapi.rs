@@ -628,6 +628,7 @@ fn every_proxy_error() -> Vec<ProxyError> {
             reason: "circuit_open",
             retry_after: std::time::Duration::from_secs(1),
         },
+        ProxyError::ClusterUnavailable("x".into()),
         ProxyError::Internal("x".into()),
     ];
     for error in &all {
@@ -646,6 +647,7 @@ fn every_proxy_error() -> Vec<ProxyError> {
             | ProxyError::TokenUnavailable(_)
             | ProxyError::UpstreamTimeout
             | ProxyError::UpstreamUnavailable { .. }
+            | ProxyError::ClusterUnavailable(_)
             | ProxyError::Internal(_) => {}
         }
     }
@@ -1361,6 +1363,53 @@ async fn token_unavailable_and_not_ready_are_documented() {
     )
     .await;
     expect(&h, A, Method::GET, "/readyz", &[], None, 503, P).await;
+}
+
+/// Cluster mode with a Redis that cannot be reached: a PUT is refused with
+/// `cluster_unavailable` (the default `write_policy = "require"`), a GET is answered from
+/// upstream (`BYPASS`), and `/readyz` stays 200 with the feed's state.
+#[tokio::test]
+async fn cluster_unavailable_and_a_feed_that_is_down_are_documented() {
+    use Listener::{Admin as A, Consent as C};
+    use Origin::Proxy as P;
+    // A port nothing listens on.
+    let closed = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("a free port")
+        .port();
+    let h = Harness::start_with(|c| {
+        c.clustered(&format!("redis://127.0.0.1:{closed}"));
+    })
+    .await;
+    h.sim.set_status("+15552500001", ConsentStatus::Consented);
+    h.wait_ready().await;
+    let r = expect(
+        &h,
+        C,
+        Method::PUT,
+        &consent_path("+15552500001"),
+        &[RW, JSON],
+        Some(r#"{"status":"REFUSED"}"#),
+        503,
+        P,
+    )
+    .await;
+    assert_eq!(r.code(), "cluster_unavailable");
+    assert_eq!(h.sim.puts_for("+15552500001"), 0, "upstream is not called");
+    let r = expect(
+        &h,
+        C,
+        Method::GET,
+        &consent_path("+15552500001"),
+        &[RW],
+        None,
+        200,
+        Origin::Upstream,
+    )
+    .await;
+    assert_eq!(r.header("x-cache-status"), Some("BYPASS"));
+    let ready = expect(&h, A, Method::GET, "/readyz", &[], None, 200, P).await;
+    assert_eq!(ready.json()["cluster"]["feed"], "down", "{}", ready.text());
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -1,5 +1,7 @@
 //! A real Prometheus scrapes the proxy's admin listener, loads `deploy/prometheus/alerts.yml`,
-//! and answers every query of `deploy/grafana/consent-proxy.json`.
+//! and answers every query of `deploy/grafana/consent-proxy.json`. The proxy runs in cluster
+//! mode against a real `redis-server` (see `support::redis_server`), so that every metric the
+//! rules and panels name is exposed.
 //!
 //! Needs `prometheus` on PATH (Debian/Ubuntu: `apt-get install -y prometheus`) or in
 //! `$PROMETHEUS`; without it the test fails, saying so. Prometheus runs on a free loopback
@@ -33,12 +35,19 @@ const ALERTS: &[&str] = &[
     "UpstreamErrorRatioHigh",
     "UpstreamLatencyHigh",
     "CacheHitRatioCollapsed",
+    "ClusterFeedDown",
 ];
 
 #[tokio::test]
 async fn prometheus_scrapes_the_proxy_evaluates_the_alerts_and_runs_the_dashboard_queries() {
-    let h = Harness::start().await;
-    h.wait_ready().await;
+    // In cluster mode (with a real Redis), so that the cluster's metrics, panels and alert
+    // are exercised too; the traffic below is the same as for a single instance.
+    let redis = support::redis_server::RedisServer::start();
+    let h = Harness::start_with(|c| {
+        c.clustered(&redis.url());
+    })
+    .await;
+    h.wait_cluster_live().await;
     let target = h.proxy.admin_url().trim_start_matches("http://").to_owned();
     let http = TestClient::new();
     let prometheus =
@@ -204,6 +213,9 @@ async fn check_dashboard(
         "consent_proxy_upstream_requests_total",
         "consent_proxy_token_expiry_timestamp_seconds",
         "consent_proxy_consent_writes_total",
+        "consent_proxy_cluster_connected",
+        "consent_proxy_cluster_messages_total",
+        "consent_proxy_cluster_propagation_seconds_bucket",
     ] {
         assert!(
             all_exprs.contains(metric),
@@ -239,6 +251,8 @@ async fn check_dashboard(
         "Upstream latency p50 / p99",
         "Token time to expiry",
         "Consent writes by status",
+        "Cluster feed live",
+        "Cluster messages",
     ] {
         let (_, expr) = targets
             .iter()

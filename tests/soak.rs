@@ -43,6 +43,7 @@ fn the_history_checker_catches_a_stale_read() {
     let at = |ms: u64| t0 + Duration::from_millis(ms);
     let put = |start, end, status: &str, acked| Event {
         contact: 0,
+        via: 0,
         start: at(start),
         end: at(end),
         op: Op::Put {
@@ -52,6 +53,7 @@ fn the_history_checker_catches_a_stale_read() {
     };
     let get = |start, end, seen: &str| Event {
         contact: 0,
+        via: 0,
         start: at(start),
         end: at(end),
         op: Op::Get {
@@ -227,6 +229,7 @@ async fn worker(h: Arc<Harness>, contacts: Arc<Vec<String>>, until: Instant) -> 
         *log.by_status.entry((method, response.status)).or_default() += 1;
         log.events.push(Event {
             contact,
+            via: 0,
             start,
             end,
             op,
@@ -308,6 +311,7 @@ async fn soak_mixed_traffic_under_upstream_chaos() {
         let stored = h.sim.stored_status(contact).expect("seeded contact");
         final_state.push(Event {
             contact: i,
+            via: 0,
             start: now,
             end: now,
             op: Op::Get {
@@ -339,6 +343,7 @@ async fn soak_mixed_traffic_under_upstream_chaos() {
         assert_eq!(response.status, 200, "{}", response.text());
         settled.push(Event {
             contact: i,
+            via: 0,
             start,
             end: Instant::now(),
             op: Op::Get {

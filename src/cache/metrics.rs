@@ -12,15 +12,26 @@ pub enum CacheStatus {
     Miss,
     Coalesced,
     Bypass,
+    /// Bypassed because the cluster's feed was not confirmed live (`BYPASS` to the caller).
+    Unsynced,
 }
 
 impl CacheStatus {
+    /// The name in logs.
     pub fn as_str(self) -> &'static str {
+        match self {
+            CacheStatus::Unsynced => "UNSYNCED",
+            status => status.header_value(),
+        }
+    }
+
+    /// The `x-cache-status` value: the contract's HIT, MISS, COALESCED or BYPASS.
+    pub fn header_value(self) -> &'static str {
         match self {
             CacheStatus::Hit => "HIT",
             CacheStatus::Miss => "MISS",
             CacheStatus::Coalesced => "COALESCED",
-            CacheStatus::Bypass => "BYPASS",
+            CacheStatus::Bypass | CacheStatus::Unsynced => "BYPASS",
         }
     }
 }
@@ -36,6 +47,8 @@ pub enum Invalidation {
     UnknownOutcome,
     /// Overlapping PUTs to one contact dropped it (upstream's order is unknown).
     ConcurrentWrites,
+    /// Another instance of the cluster announced a write of the contact.
+    RemoteWrite,
 }
 
 #[derive(Clone)]
@@ -44,11 +57,14 @@ pub struct CacheMetrics {
     miss: IntCounter,
     coalesced: IntCounter,
     bypass: IntCounter,
+    unsynced: IntCounter,
     pub(super) entries: IntGauge,
     write: IntCounter,
     purge: IntCounter,
     unknown_outcome: IntCounter,
     concurrent_writes: IntCounter,
+    remote_write: IntCounter,
+    cluster_resync: IntCounter,
 }
 
 impl CacheMetrics {
@@ -56,7 +72,8 @@ impl CacheMetrics {
         let lookups = metrics::counter_vec(
             registry,
             "consent_proxy_cache_lookups_total",
-            "Consent GETs by how the cache answered them.",
+            "Consent GETs by how the cache answered them: hit, miss, coalesced, bypass (cache \
+             disabled), unsynced (bypassed: the cluster's feed was not confirmed live).",
             &["result"],
         );
         let invalidations = metrics::counter_vec(
@@ -64,7 +81,9 @@ impl CacheMetrics {
             "consent_proxy_cache_invalidations_total",
             "Cached answers replaced or dropped, by reason: write (a PUT replaced it), \
              purge (admin), unknown_outcome (a PUT's result is unknown), \
-             concurrent_writes (overlapping PUTs to one contact).",
+             concurrent_writes (overlapping PUTs to one contact), remote_write (another \
+             instance announced a write), cluster_resync (the whole cache dropped after a gap \
+             in the cluster's feed).",
             &["reason"],
         );
         CacheMetrics {
@@ -72,6 +91,7 @@ impl CacheMetrics {
             miss: lookups.with_label_values(&["miss"]),
             coalesced: lookups.with_label_values(&["coalesced"]),
             bypass: lookups.with_label_values(&["bypass"]),
+            unsynced: lookups.with_label_values(&["unsynced"]),
             entries: metrics::gauge(
                 registry,
                 "consent_proxy_cache_entries",
@@ -81,6 +101,8 @@ impl CacheMetrics {
             purge: invalidations.with_label_values(&["purge"]),
             unknown_outcome: invalidations.with_label_values(&["unknown_outcome"]),
             concurrent_writes: invalidations.with_label_values(&["concurrent_writes"]),
+            remote_write: invalidations.with_label_values(&["remote_write"]),
+            cluster_resync: invalidations.with_label_values(&["cluster_resync"]),
         }
     }
 
@@ -90,6 +112,7 @@ impl CacheMetrics {
             CacheStatus::Miss => &self.miss,
             CacheStatus::Coalesced => &self.coalesced,
             CacheStatus::Bypass => &self.bypass,
+            CacheStatus::Unsynced => &self.unsynced,
         }
         .inc();
     }
@@ -100,7 +123,13 @@ impl CacheMetrics {
             Invalidation::Purge => &self.purge,
             Invalidation::UnknownOutcome => &self.unknown_outcome,
             Invalidation::ConcurrentWrites => &self.concurrent_writes,
+            Invalidation::RemoteWrite => &self.remote_write,
         }
         .inc();
+    }
+
+    /// A flush dropped `entries` answers.
+    pub(super) fn flushed(&self, entries: u64) {
+        self.cluster_resync.inc_by(entries);
     }
 }

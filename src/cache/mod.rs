@@ -14,8 +14,15 @@
 //!   order in which upstream applied them is unknown.
 //! - A write is held as a [`WriteGuard`]; one dropped without an outcome (its task failed)
 //!   counts as an unknown outcome and drops the entry.
+//! - In a cluster, a write announced by another instance is held as a remote [`WriteGuard`]
+//!   ([`ConsentCache::begin_remote_write`]): it drops the entry at once, and when it ends the
+//!   entry is dropped again rather than replaced (only upstream knows how it was ordered
+//!   against this instance's own writes). The cache is answered from only while the cluster
+//!   says its feed of announcements is live ([`ConsentCache::trust_until`]); after a gap the
+//!   cluster [`flush`](ConsentCache::flush)es it. Without a cluster it is always trusted.
 //!
-//! The shard locks are plain mutexes: no critical section awaits (moka's sync API).
+//! The shard locks are plain mutexes: no critical section awaits (moka's sync API). The cache
+//! knows nothing of Redis: `cluster` drives it through the methods above.
 
 mod entry;
 mod fill;
@@ -23,6 +30,7 @@ mod metrics;
 
 use std::collections::HashMap;
 use std::hash::{BuildHasher, RandomState};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
@@ -49,6 +57,9 @@ pub enum Lookup {
     Lead(FillLead),
     /// The cache is disabled.
     Bypass,
+    /// The cluster's feed is not confirmed live: the cache may have missed a write made
+    /// through another instance, so it is neither read nor filled.
+    Unsynced,
 }
 
 pub struct Hit {
@@ -66,6 +77,15 @@ pub enum WriteOutcome {
     NotApplied,
     /// It may or may not have been applied (timeout, connection lost after sending).
     Unknown,
+}
+
+/// Where a write came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Origin {
+    /// A PUT through this instance.
+    Local,
+    /// A PUT through another instance of the cluster, announced to this one.
+    Remote,
 }
 
 /// Per-key bookkeeping, present only while something is in flight for the key.
@@ -92,6 +112,9 @@ struct Inner {
     ttl_ms: u32,
     not_found_ttl_ms: u32,
     enabled: bool,
+    /// Milliseconds since `epoch` until which the cache may be answered from (the cluster's
+    /// feed is confirmed live until then); `u64::MAX` without a cluster.
+    trusted_until_ms: AtomicU64,
     metrics: CacheMetrics,
 }
 
@@ -121,6 +144,7 @@ impl ConsentCache {
                 ttl_ms: ttl.as_millis() as u32,
                 not_found_ttl_ms: not_found_ttl.as_millis() as u32,
                 enabled: settings.enabled,
+                trusted_until_ms: AtomicU64::new(u64::MAX),
                 metrics,
             }),
         }
@@ -131,20 +155,27 @@ impl ConsentCache {
     }
 
     /// Looks a contact up: a hit, a fill to join, or the lead of a new fill. A hit touches
-    /// only moka; the shard lock is taken on a miss.
+    /// only moka (and one atomic load: whether the cache is trusted); the shard lock is
+    /// taken on a miss.
     pub fn lookup(&self, contact: &ContactId) -> Lookup {
         let inner = &self.inner;
         if !inner.enabled {
             inner.metrics.lookup(CacheStatus::Bypass);
             return Lookup::Bypass;
         }
+        let now_ms = self.now_ms64();
+        // Acquire: a cache trusted again after a flush is seen flushed.
+        if now_ms >= inner.trusted_until_ms.load(Ordering::Acquire) {
+            inner.metrics.lookup(CacheStatus::Unsynced);
+            return Lookup::Unsynced;
+        }
         let key = contact.as_arc();
-        if let Some(hit) = self.fresh(key) {
+        if let Some(hit) = self.fresh(key, now_ms as u32) {
             return Lookup::Hit(hit);
         }
         let mut shard = self.shard(key);
         // A fill may have stored the answer while this request waited for the lock.
-        if let Some(hit) = self.fresh(key) {
+        if let Some(hit) = self.fresh(key, self.now_ms()) {
             return Lookup::Hit(hit);
         }
         let state = shard.entry(key.clone()).or_default();
@@ -163,9 +194,9 @@ impl ConsentCache {
     }
 
     /// The key's answer as a hit, if one is stored and younger than its kind's TTL.
-    fn fresh(&self, key: &Arc<str>) -> Option<Hit> {
+    fn fresh(&self, key: &Arc<str>, now_ms: u32) -> Option<Hit> {
         let stored = self.inner.answers.get(key)?;
-        let age_ms = stored.age_ms(self.now_ms());
+        let age_ms = stored.age_ms(now_ms);
         let ttl_ms = if stored.is_not_found() {
             self.inner.not_found_ttl_ms
         } else {
@@ -182,8 +213,11 @@ impl ConsentCache {
     }
 
     /// Ends `fill` (the generation guard): if it is still the key's registered fill, it is
-    /// unregistered and `answer`, when cacheable, stored; a superseded fill stores nothing.
-    /// `None` is a fill that failed or was abandoned.
+    /// unregistered and `answer`, when cacheable, stored; a superseded fill stores nothing, and
+    /// neither does one that ends while a write of the key is in flight (it may have read
+    /// upstream before the write applied, and a remote write's outcome may never come: the
+    /// key is then read from upstream until the write ends). `None` is a fill that failed or
+    /// was abandoned.
     fn complete_fill(&self, key: &Arc<str>, fill: &Arc<Fill>, answer: Option<&ConsentAnswer>) {
         let mut shard = self.shard(key);
         let Some(state) = shard.get_mut(key) else {
@@ -191,6 +225,7 @@ impl ConsentCache {
         };
         if state.fill.as_ref().is_some_and(|f| Arc::ptr_eq(f, fill)) {
             state.fill = None;
+            let answer = answer.filter(|_| state.writes_in_flight == 0);
             let stored = answer.and_then(|answer| {
                 StoredAnswer::from_read(answer, self.inner.not_found_ttl_ms > 0, self.now_ms())
             });
@@ -205,6 +240,21 @@ impl ConsentCache {
 
     /// Marks a write to `contact` as in flight until the guard is finished (or dropped).
     pub fn begin_write(&self, contact: &ContactId) -> WriteGuard {
+        self.begin(contact, Origin::Local)
+    }
+
+    /// Marks a write announced by another instance of the cluster as in flight: the entry is
+    /// dropped and any fill in flight superseded at once (upstream may apply the write at any
+    /// moment from now), and until the guard ends no fill of the contact stores its answer.
+    /// When it ends, an applied or unknown outcome drops the entry again and supersedes the
+    /// fills that began meanwhile; a write upstream refused changes nothing. It never stores
+    /// the written status: whether it was applied before or after a write through this
+    /// instance that this instance had already finished, only upstream knows.
+    pub fn begin_remote_write(&self, contact: &ContactId) -> WriteGuard {
+        self.begin(contact, Origin::Remote)
+    }
+
+    fn begin(&self, contact: &ContactId, origin: Origin) -> WriteGuard {
         let key = contact.as_arc().clone();
         let mut shard = self.shard(&key);
         let state = shard.entry(key.clone()).or_default();
@@ -212,17 +262,24 @@ impl ConsentCache {
         if state.writes_in_flight > 1 {
             state.writes_overlapped = true;
         }
+        if origin == Origin::Remote {
+            state.fill = None;
+            // Still under the shard lock, so no superseded fill can store in between.
+            self.inner.answers.invalidate(&key);
+            self.inner.metrics.invalidated(Invalidation::RemoteWrite);
+        }
         drop(shard);
         WriteGuard {
             cache: self.clone(),
             key,
+            origin,
             finished: false,
         }
     }
 
     /// Applies a write's outcome: a fill in flight is superseded, and the entry is replaced
-    /// by the written status, dropped, or left alone.
-    fn finish_write(&self, key: &Arc<str>, outcome: WriteOutcome) {
+    /// by the written status (a local write's only), dropped, or left alone.
+    fn finish_write(&self, key: &Arc<str>, origin: Origin, outcome: WriteOutcome) {
         let mut shard = self.shard(key);
         let state = shard.entry(key.clone()).or_default();
         state.writes_in_flight = state.writes_in_flight.saturating_sub(1);
@@ -244,6 +301,11 @@ impl ConsentCache {
         let answers = &self.inner.answers;
         let reason = match outcome {
             WriteOutcome::NotApplied => return,
+            // Counted once, when it began.
+            WriteOutcome::Applied(_) if origin == Origin::Remote => {
+                answers.invalidate(key);
+                return;
+            }
             WriteOutcome::Applied(status) if !overlapped => {
                 answers.insert(key.clone(), StoredAnswer::canonical(status, self.now_ms()));
                 Invalidation::Write
@@ -274,6 +336,48 @@ impl ConsentCache {
         self.inner.metrics.invalidated(Invalidation::Purge);
     }
 
+    /// Lets lookups answer from the cache until `until` (the cluster's feed is confirmed live
+    /// until then). Without a cluster the cache is always trusted.
+    pub fn trust_until(&self, until: Instant) {
+        let ms = until
+            .saturating_duration_since(self.inner.epoch)
+            .as_millis();
+        let ms = u64::try_from(ms).unwrap_or(u64::MAX);
+        self.inner.trusted_until_ms.store(ms, Ordering::Release);
+    }
+
+    /// From now on every lookup bypasses the cache (`unsynced`) until [`Self::trust_until`].
+    pub fn distrust(&self) {
+        self.inner.trusted_until_ms.store(0, Ordering::Release);
+    }
+
+    /// Whether lookups may answer from the cache now.
+    pub fn is_trusted(&self) -> bool {
+        self.now_ms64() < self.inner.trusted_until_ms.load(Ordering::Acquire)
+    }
+
+    /// Forgets everything that may have missed an announcement: every entry is dropped,
+    /// every fill in flight superseded (it will not store), and every write in flight treated
+    /// as overlapping another (it will drop the entry instead of storing). The cluster calls it
+    /// when its feed resumes after a gap, before trusting the cache again.
+    pub fn flush(&self) {
+        for shard in self.inner.shards.iter() {
+            let mut shard = shard.lock().unwrap_or_else(PoisonError::into_inner);
+            shard.retain(|_, state| {
+                state.fill = None;
+                if state.writes_in_flight > 0 {
+                    state.writes_overlapped = true;
+                }
+                !state.is_idle()
+            });
+        }
+        // After every shard was passed: a fill that checked its registration before its shard
+        // was passed has stored by now, and is invalidated here with everything else.
+        let dropped = self.inner.answers.entry_count();
+        self.inner.answers.invalidate_all();
+        self.inner.metrics.flushed(dropped);
+    }
+
     /// Updates the entries gauge (called before each scrape).
     pub fn refresh_entry_gauge(&self) {
         self.inner.answers.run_pending_tasks();
@@ -296,7 +400,12 @@ impl ConsentCache {
 
     /// Milliseconds since the epoch, wrapping at 2^32 (ages are differences of these).
     fn now_ms(&self) -> u32 {
-        self.inner.epoch.elapsed().as_millis() as u32
+        self.now_ms64() as u32
+    }
+
+    /// Milliseconds since the epoch.
+    fn now_ms64(&self) -> u64 {
+        self.inner.epoch.elapsed().as_millis() as u64
     }
 
     /// The key's shard, locked. No critical section panics or awaits, so a poisoned lock
@@ -309,34 +418,10 @@ impl ConsentCache {
     }
 }
 
-/// A write in flight for one contact. Finish it with the outcome; dropped unfinished (the
-/// write's task failed), it counts as an unknown outcome: the entry is dropped, never kept.
-pub struct WriteGuard {
-    cache: ConsentCache,
-    key: Arc<str>,
-    finished: bool,
-}
-
-impl WriteGuard {
-    pub fn finish(mut self, outcome: WriteOutcome) {
-        self.finished = true;
-        self.cache.finish_write(&self.key, outcome);
-    }
-}
-
-impl Drop for WriteGuard {
-    fn drop(&mut self) {
-        if !self.finished {
-            self.cache.finish_write(&self.key, WriteOutcome::Unknown);
-        }
-    }
-}
-
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn cache() -> ConsentCache {
+impl ConsentCache {
+    /// A small enabled cache (TTLs 60 s and 30 s) with its own registry, for unit tests.
+    pub(crate) fn for_tests() -> ConsentCache {
         ConsentCache::new(
             &CacheSettings {
                 enabled: true,
@@ -348,6 +433,41 @@ mod tests {
             },
             CacheMetrics::register(&prometheus::Registry::new()),
         )
+    }
+}
+
+/// A write in flight for one contact. Finish it with the outcome; dropped unfinished (the
+/// write's task failed), it counts as an unknown outcome: the entry is dropped, never kept.
+pub struct WriteGuard {
+    cache: ConsentCache,
+    key: Arc<str>,
+    origin: Origin,
+    finished: bool,
+}
+
+impl WriteGuard {
+    pub fn finish(mut self, outcome: WriteOutcome) {
+        self.finished = true;
+        self.cache.finish_write(&self.key, self.origin, outcome);
+    }
+}
+
+impl Drop for WriteGuard {
+    fn drop(&mut self) {
+        if !self.finished {
+            self.cache
+                .finish_write(&self.key, self.origin, WriteOutcome::Unknown);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use bytes::Bytes;
+
+    fn cache() -> ConsentCache {
+        ConsentCache::for_tests()
     }
 
     fn contact(id: &str) -> ContactId {
@@ -397,6 +517,89 @@ mod tests {
         assert!(matches!(cache.lookup(&id), Lookup::Hit(_)));
         drop(cache.begin_write(&id));
         assert!(matches!(cache.lookup(&id), Lookup::Lead(_)));
+        assert_eq!(cache.keys_in_flight(), 0);
+    }
+
+    fn hit_body(cache: &ConsentCache, id: &ContactId) -> Option<Bytes> {
+        match cache.lookup(id) {
+            Lookup::Hit(hit) => Some(hit.answer.body),
+            _ => None,
+        }
+    }
+
+    #[tokio::test]
+    async fn an_untrusted_cache_is_neither_read_nor_filled() {
+        let cache = cache();
+        let id = contact("+15550000004");
+        cache
+            .begin_write(&id)
+            .finish(WriteOutcome::Applied(ConsentStatus::Consented));
+        cache.distrust();
+        assert!(matches!(cache.lookup(&id), Lookup::Unsynced));
+        assert_eq!(cache.keys_in_flight(), 0, "no fill registered");
+        cache.trust_until(Instant::now() + Duration::from_secs(1));
+        assert!(hit_body(&cache, &id).is_some());
+        cache.trust_until(Instant::now());
+        assert!(
+            matches!(cache.lookup(&id), Lookup::Unsynced),
+            "the deadline passed"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_flush_drops_entries_supersedes_fills_and_stored_writes() {
+        let cache = cache();
+        let (cached, filling, writing) = (
+            contact("+15550000005"),
+            contact("+15550000006"),
+            contact("+15550000007"),
+        );
+        cache
+            .begin_write(&cached)
+            .finish(WriteOutcome::Applied(ConsentStatus::Consented));
+        let fill = lead(&cache, &filling);
+        let write = cache.begin_write(&writing);
+        cache.flush();
+        assert!(matches!(cache.lookup(&cached), Lookup::Lead(_)));
+        fill.spawn(async { Ok(ConsentAnswer::canonical(ConsentStatus::Consented)) })
+            .wait(deadline())
+            .await
+            .expect("its waiters still get the answer");
+        assert!(
+            hit_body(&cache, &filling).is_none(),
+            "a fill from before the flush"
+        );
+        write.finish(WriteOutcome::Applied(ConsentStatus::Refused));
+        assert!(
+            hit_body(&cache, &writing).is_none(),
+            "a write that straddled the flush may have overlapped a missed one"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_remote_write_drops_the_entry_and_never_stores() {
+        let cache = cache();
+        let id = contact("+15550000008");
+        cache
+            .begin_write(&id)
+            .finish(WriteOutcome::Applied(ConsentStatus::Consented));
+        let remote = cache.begin_remote_write(&id);
+        assert!(hit_body(&cache, &id).is_none(), "dropped when announced");
+        // A fill while it is in flight reads upstream but does not store.
+        lead(&cache, &id)
+            .spawn(async { Ok(ConsentAnswer::canonical(ConsentStatus::Consented)) })
+            .wait(deadline())
+            .await
+            .expect("answered");
+        assert!(
+            hit_body(&cache, &id).is_none(),
+            "no store while a write is in flight"
+        );
+        remote.finish(WriteOutcome::Applied(ConsentStatus::Refused));
+        assert!(
+            hit_body(&cache, &id).is_none(),
+            "the written status is not stored"
+        );
         assert_eq!(cache.keys_in_flight(), 0);
     }
 

@@ -13,8 +13,9 @@ use serde_json::json;
 
 use crate::auth::{Authenticator, Permission};
 use crate::cache::ConsentCache;
+use crate::cluster::Cluster;
 use crate::consent::ContactId;
-use crate::error::ProxyError;
+use crate::error::{ErrorChain, ProxyError};
 use crate::http::body::{self, Body};
 use crate::http::request_id::{request_id_of, X_REQUEST_ID};
 use crate::upstream::token::TokenManager;
@@ -24,6 +25,7 @@ const PURGE_PREFIX: &str = "/admin/cache/";
 pub struct AdminRoutes {
     registry: Registry,
     cache: ConsentCache,
+    cluster: Option<Cluster>,
     tokens: TokenManager,
     auth: Arc<Authenticator>,
     /// Set once the consent listener accepts connections, cleared when it drains.
@@ -34,6 +36,7 @@ impl AdminRoutes {
     pub fn new(
         registry: Registry,
         cache: ConsentCache,
+        cluster: Option<Cluster>,
         tokens: TokenManager,
         auth: Arc<Authenticator>,
         serving: Arc<AtomicBool>,
@@ -41,6 +44,7 @@ impl AdminRoutes {
         AdminRoutes {
             registry,
             cache,
+            cluster,
             tokens,
             auth,
             serving,
@@ -77,6 +81,9 @@ impl AdminRoutes {
 
     async fn metrics(&self) -> Response<Body> {
         self.cache.refresh_entry_gauge();
+        if let Some(cluster) = &self.cluster {
+            cluster.refresh_gauge();
+        }
         body::bytes_response(
             StatusCode::OK,
             HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
@@ -84,19 +91,32 @@ impl AdminRoutes {
         )
     }
 
+    /// 200 once serving with a valid token. A cluster feed that is down does not make the
+    /// instance unready (it still answers, from upstream); it is reported under `cluster`.
     fn readiness(&self) -> Response<Body> {
         let reason = if !self.serving.load(Ordering::Acquire) {
             Err("the consent listener is not accepting connections".to_owned())
         } else {
             self.tokens.readiness()
         };
-        match reason {
-            Ok(()) => body::json_response(StatusCode::OK, &json!({"status": "ready"})),
-            Err(reason) => body::json_response(
+        let (status, mut answer) = match reason {
+            Ok(()) => (StatusCode::OK, json!({"status": "ready"})),
+            Err(reason) => (
                 StatusCode::SERVICE_UNAVAILABLE,
-                &json!({"status": "not_ready", "reason": reason}),
+                json!({"status": "not_ready", "reason": reason}),
             ),
+        };
+        if let Some(cluster) = &self.cluster {
+            let cluster = cluster.status();
+            answer["cluster"] = match cluster.reason {
+                None => json!({"feed": "live"}),
+                Some(reason) => json!({
+                    "feed": "down",
+                    "reason": format!("{reason}; answering from upstream, not from the cache"),
+                }),
+            };
         }
+        body::json_response(status, &answer)
     }
 
     async fn purge(
@@ -121,6 +141,17 @@ impl AdminRoutes {
             contact = %contact.masked(),
             "cache entry purged"
         );
+        if let Some(cluster) = &self.cluster {
+            // The other instances drop it too. Without Redis they cannot be told, but then they
+            // do not answer from their caches either, and flush them when they reconnect.
+            if let Err(problem) = cluster.announce_purge(&contact).await {
+                tracing::warn!(
+                    contact = %contact.masked(),
+                    error = %ErrorChain(&problem),
+                    "the purge could not be announced to the other instances"
+                );
+            }
+        }
         Ok(body::empty_response(StatusCode::NO_CONTENT))
     }
 }

@@ -202,7 +202,7 @@ impl ConsentRoutes {
             if matches!(response.status(), StatusCode::OK | StatusCode::NOT_FOUND) {
                 response.headers_mut().insert(
                     X_CACHE_STATUS,
-                    HeaderValue::from_static(read.cache_status.as_str()),
+                    HeaderValue::from_static(read.cache_status.header_value()),
                 );
             }
             if let Some(age) = read.age {

@@ -5,6 +5,8 @@
 pub mod fake_upstream;
 pub mod history;
 pub mod raw_http;
+pub mod redis_server;
+pub mod relay;
 pub mod yaml;
 
 use std::collections::BTreeMap;
@@ -68,6 +70,13 @@ impl ProxyConfig {
 
     pub fn set_str(&mut self, key: &str, value: &str) -> &mut Self {
         self.set(key, &toml::Value::String(value.to_owned()).to_string())
+    }
+
+    /// Cluster mode through the Redis at `redis_url`. The proxy's own token endpoint is turned
+    /// off: in a cluster it needs a signing key shared by every instance.
+    pub fn clustered(&mut self, redis_url: &str) -> &mut Self {
+        self.set_str("cluster.redis_url", redis_url)
+            .set("oauth.enabled", "false")
     }
 
     pub fn without_clients(&mut self) -> &mut Self {
@@ -247,6 +256,15 @@ impl Harness {
     pub async fn wait_ready(&self) {
         wait_until(Duration::from_secs(10), || async {
             self.admin("/readyz").await.status == 200
+        })
+        .await;
+    }
+
+    /// Waits (polling, bounded) until the proxy is ready with its cluster feed live.
+    pub async fn wait_cluster_live(&self) {
+        wait_until(Duration::from_secs(10), || async {
+            let ready = self.admin("/readyz").await;
+            ready.status == 200 && ready.json()["cluster"]["feed"] == "live"
         })
         .await;
     }

@@ -1,0 +1,362 @@
+//! What cluster mode costs, each figure against the same measurement without it, in one run
+//! (a real `redis-server` on a free port; the in-process simulator as upstream):
+//!
+//! 1. the cache hit through the whole handler, in-process on one core: cluster on against off
+//!    (target: at least 0.95× the throughput);
+//! 2. PUT latency through the handler (upstream and Redis over loopback): p50 and p99 with the
+//!    two announcements against without (target: at most 1 ms added at p50);
+//! 3. propagation under load: three instances, mixed PUTs and GETs, p50 / p99 / max of
+//!    `consent_proxy_cluster_propagation_seconds` (from an announcement by one instance to its
+//!    application by another).
+//!
+//! `cargo bench --bench cluster`; `CLUSTER_BENCH_SCALE=0.2` for a quick run.
+
+use std::time::{Duration, Instant};
+
+use consent_proxy::config::Settings;
+use consent_proxy::simulator::Simulator;
+use consent_proxy::{App, AppHandle};
+
+#[path = "support/consent_requests.rs"]
+mod consent_requests;
+#[path = "../tests/support/redis_server.rs"]
+mod redis_server;
+use consent_requests::{get, put, KEY, SIM_CLIENT_SECRET};
+
+const WORKING_SET: usize = 10_000;
+/// The callers' address, as the listener would pass it.
+const PEER: std::net::SocketAddr =
+    std::net::SocketAddr::new(std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST), 40_000);
+
+fn scale() -> f64 {
+    std::env::var("CLUSTER_BENCH_SCALE")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(1.0)
+}
+
+fn scaled(n: usize) -> usize {
+    ((n as f64 * scale()) as usize).max(10)
+}
+
+/// The simulator, answering unknown contacts `NO_CONSENT` (nothing to seed).
+async fn simulator() -> Simulator {
+    let sim = consent_requests::simulator().await;
+    sim.set_unknown_as_no_consent(true);
+    sim
+}
+
+/// A proxy in front of `sim`; in cluster mode when `redis_url` is given.
+async fn proxy(sim: &Simulator, redis_url: Option<&str>, max_staleness_ms: u64) -> AppHandle {
+    let cluster = match redis_url {
+        Some(url) => format!(
+            "[cluster]\nredis_url = \"{url}\"\nmax_staleness_ms = {max_staleness_ms}\n\
+             [oauth]\nenabled = false\n"
+        ),
+        None => String::new(),
+    };
+    let settings = Settings::from_toml_str(&format!(
+        r#"
+[server]
+listen = "127.0.0.1:0"
+admin_listen = "127.0.0.1:0"
+[log]
+level = "error"
+[talkdesk]
+api_base_url = "{}"
+token_url = "{}"
+client_id = "sim-client"
+client_secret = "{SIM_CLIENT_SECRET}"
+{cluster}
+[[clients]]
+name = "bench"
+api_key = "{KEY}"
+permissions = ["read", "write"]
+"#,
+        sim.base_url(),
+        sim.token_url()
+    ))
+    .expect("settings");
+    let proxy = App::start(settings).await.expect("proxy");
+    // Ready with a token and, in cluster mode, the feed live.
+    for _ in 0..500 {
+        let ready = proxy.tokens.readiness().is_ok()
+            && proxy.cluster.as_ref().is_none_or(|c| c.status().live);
+        if ready {
+            return proxy;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    panic!("the proxy did not become ready");
+}
+
+fn counter(proxy: &AppHandle, name: &str, label: (&str, &str)) -> f64 {
+    proxy
+        .registry
+        .gather()
+        .iter()
+        .filter(|family| family.name() == name)
+        .flat_map(|family| family.get_metric().iter())
+        .filter(|metric| {
+            metric
+                .get_label()
+                .iter()
+                .any(|l| l.name() == label.0 && l.value() == label.1)
+        })
+        .map(|metric| metric.get_counter().get_value())
+        .sum()
+}
+
+fn median(values: &mut [f64]) -> f64 {
+    values.sort_by(f64::total_cmp);
+    values[values.len() / 2]
+}
+
+fn percentile(sorted: &[Duration], p: f64) -> Duration {
+    sorted[((sorted.len() - 1) as f64 * p).round() as usize]
+}
+
+/// The hit path, cluster off and on, interleaved rounds on one core.
+fn hit_path() {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let redis = redis_server::RedisServer::start();
+    let (off, on, _sim) = runtime.block_on(async {
+        let sim = simulator().await;
+        let off = proxy(&sim, None, 0).await;
+        // A long max_staleness: the feed must stay trusted while criterion-less rounds run
+        // back to back on this one thread (the hit path's cost does not depend on it).
+        let on = proxy(&sim, Some(&redis.url()), 60_000).await;
+        for proxy in [&off, &on] {
+            for i in 0..WORKING_SET {
+                let response = proxy.routes.handle(get(i), PEER).await;
+                assert_eq!(response.status(), 200);
+            }
+        }
+        (off, on, sim)
+    });
+    let hits = scaled(200_000);
+    let mut per_hit = [Vec::new(), Vec::new()];
+    for _round in 0..7 {
+        for (mode, proxy) in [&off, &on].into_iter().enumerate() {
+            let started = Instant::now();
+            runtime.block_on(async {
+                for i in 0..hits {
+                    let response = proxy.routes.handle(get(i % WORKING_SET), PEER).await;
+                    debug_assert_eq!(response.headers()["x-cache-status"], "HIT");
+                }
+            });
+            per_hit[mode].push(started.elapsed().as_nanos() as f64 / hits as f64);
+        }
+    }
+    for (name, proxy) in [("off", &off), ("on", &on)] {
+        let bypassed = counter(
+            proxy,
+            "consent_proxy_cache_lookups_total",
+            ("result", "unsynced"),
+        ) + counter(
+            proxy,
+            "consent_proxy_cache_lookups_total",
+            ("result", "miss"),
+        );
+        assert_eq!(
+            bypassed, WORKING_SET as f64,
+            "cluster {name}: every timed GET must be a hit"
+        );
+    }
+    let off_ns = median(&mut per_hit[0]);
+    let on_ns = median(&mut per_hit[1]);
+    println!(
+        "hit path (in-process handler, one core, {hits} hits x 7 rounds, medians): cluster off \
+         {off_ns:.0} ns/hit ({:.0}/s), on {on_ns:.0} ns/hit ({:.0}/s): on/off throughput {:.3}x",
+        1e9 / off_ns,
+        1e9 / on_ns,
+        off_ns / on_ns
+    );
+    runtime.block_on(async {
+        on.shutdown().await;
+        off.shutdown().await;
+    });
+}
+
+/// PUT latency with and without the announcements, one PUT at a time. One worker thread, so
+/// that redis-server has the other core (on two cores, a second worker competing with it shows
+/// up as Redis' scheduling delay in the p99, not as the proxy's cost).
+fn put_latency() {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let redis = redis_server::RedisServer::start();
+    let puts = scaled(3_000);
+    let statuses = ["CONSENTED", "REFUSED"];
+    let (off, on) = runtime.block_on(async {
+        let sim = simulator().await;
+        let off = proxy(&sim, None, 0).await;
+        let on = proxy(&sim, Some(&redis.url()), 1_000).await;
+        let mut latencies = [Vec::new(), Vec::new()];
+        // Warm both (connections, token), then alternate blocks of 100.
+        for proxy in [&off, &on] {
+            for i in 0..200 {
+                proxy.routes.handle(put(i, statuses[i % 2]), PEER).await;
+            }
+        }
+        for block in 0..(puts / 100).max(1) {
+            for (mode, proxy) in [&off, &on].into_iter().enumerate() {
+                for i in 0..100 {
+                    let request = put(block * 100 + i, statuses[i % 2]);
+                    let started = Instant::now();
+                    let response = proxy.routes.handle(request, PEER).await;
+                    latencies[mode].push(started.elapsed());
+                    assert!(response.status().is_success(), "{}", response.status());
+                }
+            }
+        }
+        let refused = counter(
+            &on,
+            "consent_proxy_cluster_announce_failures_total",
+            ("stage", "pending"),
+        );
+        assert_eq!(refused, 0.0, "every PUT announced");
+        sim.shutdown().await;
+        (latencies[0].clone(), latencies[1].clone())
+    });
+    let (mut off, mut on) = (off, on);
+    off.sort();
+    on.sort();
+    let (off50, off99) = (percentile(&off, 0.5), percentile(&off, 0.99));
+    let (on50, on99) = (percentile(&on, 0.5), percentile(&on, 0.99));
+    println!(
+        "PUT latency ({} PUTs each, handler -> simulator over loopback): cluster off p50 {off50:?} \
+         p99 {off99:?}; on p50 {on50:?} p99 {on99:?}; added by the announcements: p50 {:?} \
+         ({:.2}x), p99 {:?} ({:.2}x)",
+        on.len(),
+        on50.saturating_sub(off50),
+        on50.as_secs_f64() / off50.as_secs_f64(),
+        on99.saturating_sub(off99),
+        on99.as_secs_f64() / off99.as_secs_f64(),
+    );
+}
+
+/// The quantile of a Prometheus histogram, as `histogram_quantile` computes it.
+fn histogram_quantile(buckets: &[(f64, u64)], q: f64) -> f64 {
+    let total = buckets.last().map_or(0, |b| b.1) as f64;
+    let rank = q * total;
+    let mut previous = (0.0, 0u64);
+    for &(bound, count) in buckets {
+        if count as f64 >= rank {
+            let in_bucket = (count - previous.1) as f64;
+            let fraction = if in_bucket == 0.0 {
+                0.0
+            } else {
+                (rank - previous.1 as f64) / in_bucket
+            };
+            return previous.0 + (bound - previous.0) * fraction;
+        }
+        previous = (bound, count);
+    }
+    f64::INFINITY
+}
+
+/// Propagation under load across three instances, each on a runtime of its own.
+fn propagation() {
+    let redis = redis_server::RedisServer::start();
+    let main = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let sim = main.block_on(simulator());
+    let instances: Vec<(tokio::runtime::Runtime, AppHandle)> = (0..3)
+        .map(|_| {
+            let runtime = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(1)
+                .enable_all()
+                .build()
+                .expect("runtime");
+            let proxy = runtime.block_on(proxy(&sim, Some(&redis.url()), 1_000));
+            (runtime, proxy)
+        })
+        .collect();
+    let routes: Vec<_> = instances.iter().map(|(_, p)| p.routes.clone()).collect();
+    let run_for = Duration::from_secs_f64(10.0 * scale());
+    let (requests, writes) = main.block_on(async {
+        let until = Instant::now() + run_for;
+        let workers: Vec<_> = (0..8)
+            .map(|_| {
+                let routes = routes.clone();
+                tokio::spawn(async move {
+                    let (mut requests, mut writes) = (0u64, 0u64);
+                    while Instant::now() < until {
+                        let via = &routes[rand::random_range(0..3)];
+                        let i = rand::random_range(0..200);
+                        if rand::random_bool(0.2) {
+                            let status = ["CONSENTED", "REFUSED"][rand::random_range(0..2)];
+                            via.handle(put(i, status), PEER).await;
+                            writes += 1;
+                        } else {
+                            via.handle(get(i), PEER).await;
+                        }
+                        requests += 1;
+                    }
+                    (requests, writes)
+                })
+            })
+            .collect();
+        let mut totals = (0, 0);
+        for worker in workers {
+            let (r, w) = worker.await.expect("worker");
+            totals.0 += r;
+            totals.1 += w;
+        }
+        totals
+    });
+    // The three instances' histograms added up: (upper bound, cumulative count), then +Inf.
+    let mut buckets: Vec<(f64, u64)> = Vec::new();
+    let mut applied = 0;
+    for (_, proxy) in &instances {
+        for family in proxy.registry.gather() {
+            if family.name() != "consent_proxy_cluster_propagation_seconds" {
+                continue;
+            }
+            for metric in family.get_metric() {
+                let histogram = metric.get_histogram();
+                for (i, bucket) in histogram.get_bucket().iter().enumerate() {
+                    if buckets.len() <= i {
+                        buckets.push((bucket.upper_bound(), 0));
+                    }
+                    buckets[i].1 += bucket.cumulative_count();
+                }
+                applied += histogram.get_sample_count();
+            }
+        }
+    }
+    buckets.push((f64::INFINITY, applied));
+    let max_bucket = buckets
+        .iter()
+        .find(|b| b.1 == applied)
+        .map_or(f64::INFINITY, |b| b.0);
+    println!(
+        "propagation under load ({requests} requests in {run_for:?}, {writes} PUTs over 3 \
+         instances; {applied} announcements applied): p50 {:.0} us, p99 {:.0} us, all within \
+         {:.0} us (bucket bound)",
+        histogram_quantile(&buckets, 0.5) * 1e6,
+        histogram_quantile(&buckets, 0.99) * 1e6,
+        max_bucket * 1e6
+    );
+    for (runtime, proxy) in instances {
+        runtime.block_on(proxy.shutdown());
+        runtime.shutdown_background();
+    }
+    main.block_on(sim.shutdown());
+}
+
+fn main() {
+    // `cargo bench` passes `--bench`; nothing else is read.
+    hit_path();
+    put_latency();
+    propagation();
+}

@@ -1,0 +1,325 @@
+//! The feed task: one Redis session at a time (a publishing connection and a subscription to
+//! the cluster's channel), reconnecting with back-off when it fails. Within a session it
+//! applies the other instances' announcements to the cache, sends a heartbeat every
+//! `max_staleness / 4`, and trusts the cache until `max_staleness` after sending the latest
+//! heartbeat that came back. A new subscription flushes the cache first: whatever was
+//! published before it may have been missed.
+
+use std::collections::VecDeque;
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures_util::StreamExt;
+use redis::aio::{MultiplexedConnection, PubSubStream};
+use redis::{AsyncConnectionConfig, RedisError};
+use tokio::sync::{mpsc, watch};
+use tokio::time::{Instant, MissedTickBehavior};
+
+use super::messages::{unix_us, Announcement, Body};
+use super::remote::RemoteWrites;
+use super::{Shared, ANNOUNCE_TIMEOUT, CONNECT_TIMEOUT};
+use crate::cache::ConsentCache;
+use crate::error::{ErrorChain, Failure};
+use crate::upstream::backoff::Backoff;
+
+/// Reconnection delays: quick at first (a Redis failover), capped low (the cache is bypassed
+/// meanwhile, which costs upstream calls).
+const RECONNECT_FIRST: Duration = Duration::from_millis(50);
+const RECONNECT_LAST: Duration = Duration::from_secs(2);
+
+pub(super) struct Feed {
+    pub shared: Arc<Shared>,
+    pub client: redis::Client,
+    pub cache: ConsentCache,
+    /// Without a password: safe to log.
+    pub redis_url: String,
+    pub max_staleness: Duration,
+    pub pending_lifetime: Duration,
+}
+
+/// How a session ended.
+enum End {
+    Shutdown,
+    Lost(Failure),
+}
+
+/// Heartbeats sent in this session and not yet back, oldest first.
+struct Heartbeats {
+    next_seq: u64,
+    unanswered: VecDeque<(u64, Instant)>,
+}
+
+impl Heartbeats {
+    fn send(&mut self, now: Instant) -> u64 {
+        self.next_seq += 1;
+        self.unanswered.push_back((self.next_seq, now));
+        self.next_seq
+    }
+
+    /// When heartbeat `seq` was sent, if it is one of this session's; older ones that did not
+    /// come back are forgotten (they were never taken).
+    fn answered(&mut self, seq: u64) -> Option<Instant> {
+        while let Some(&(oldest, sent)) = self.unanswered.front() {
+            if oldest > seq {
+                return None;
+            }
+            self.unanswered.pop_front();
+            if oldest == seq {
+                return Some(sent);
+            }
+        }
+        None
+    }
+
+    fn oldest_unanswered(&self) -> Option<Instant> {
+        self.unanswered.front().map(|&(_, sent)| sent)
+    }
+}
+
+impl Feed {
+    pub(super) async fn run(self, mut shutdown: watch::Receiver<bool>) {
+        let mut backoff = Backoff::new(RECONNECT_FIRST, RECONNECT_LAST);
+        let mut remote = RemoteWrites::new(self.pending_lifetime);
+        // Heartbeat numbers go on across sessions, so that a late one from an earlier
+        // session is never taken for one of the current session's.
+        let mut next_seq = 0;
+        loop {
+            let end = self
+                .session(&mut remote, &mut next_seq, &mut shutdown, &mut backoff)
+                .await;
+            self.shared.publisher.store(None);
+            self.cache.distrust();
+            self.shared.metrics.connected.set(0);
+            let problem = match end {
+                End::Shutdown => return,
+                End::Lost(problem) => problem,
+            };
+            tracing::warn!(
+                redis = %self.redis_url,
+                error = %ErrorChain(&problem),
+                "cluster feed lost: answering from upstream, writes cannot be announced; reconnecting"
+            );
+            self.shared
+                .set_problem(Some(ErrorChain(&problem).to_string()));
+            let delay = backoff.next_delay();
+            tokio::select! {
+                _ = tokio::time::sleep(delay) => {}
+                _ = shutdown.wait_for(|stop| *stop) => return,
+            }
+        }
+    }
+
+    async fn session(
+        &self,
+        remote: &mut RemoteWrites,
+        next_seq: &mut u64,
+        shutdown: &mut watch::Receiver<bool>,
+        backoff: &mut Backoff,
+    ) -> End {
+        let connected = tokio::select! {
+            connected = self.connect() => connected,
+            _ = shutdown.wait_for(|stop| *stop) => return End::Shutdown,
+        };
+        let (publisher, mut messages) = match connected {
+            Ok(connected) => connected,
+            Err(problem) => return End::Lost(problem),
+        };
+        // Subscribed: every announcement Redis takes from now on reaches this instance.
+        // Whatever came before may have been missed, so the cache forgets it all before it is
+        // trusted again (when the first heartbeat comes back).
+        self.cache.flush();
+        self.shared.metrics.resyncs.inc();
+        self.shared
+            .publisher
+            .store(Some(Arc::new(publisher.clone())));
+        self.shared.set_problem(Some(
+            "subscribed; waiting for the first heartbeat".to_owned(),
+        ));
+
+        let period = (self.max_staleness / 4).max(Duration::from_millis(1));
+        // A connection that brings back nothing for this long is given up, even if open.
+        let stall_limit = (self.max_staleness * 4).max(Duration::from_secs(2));
+        let mut ticks = tokio::time::interval(period);
+        ticks.set_missed_tick_behavior(MissedTickBehavior::Delay);
+        let mut heartbeats = Heartbeats {
+            next_seq: *next_seq,
+            unanswered: VecDeque::new(),
+        };
+        let (publish_failed, mut publish_failures) = mpsc::channel::<RedisError>(1);
+        let mut live = false;
+        loop {
+            tokio::select! {
+                _ = shutdown.wait_for(|stop| *stop) => return End::Shutdown,
+                _ = ticks.tick() => {
+                    let now = Instant::now();
+                    if heartbeats
+                        .oldest_unanswered()
+                        .is_some_and(|sent| now.duration_since(sent) > stall_limit)
+                    {
+                        return End::Lost(Failure::msg(format!(
+                            "no heartbeat came back for {} ms",
+                            stall_limit.as_millis()
+                        )));
+                    }
+                    let expired = remote.expire(now);
+                    if expired > 0 {
+                        self.shared.metrics.expired.inc_by(expired as u64);
+                        tracing::warn!(
+                            expired,
+                            "pending writes of other instances expired without an outcome: \
+                             their contacts were dropped"
+                        );
+                    }
+                    if live && !self.cache.is_trusted() {
+                        live = false;
+                        self.shared.metrics.connected.set(0);
+                        self.shared.set_problem(Some(format!(
+                            "no heartbeat came back within cluster.max_staleness_ms ({} ms)",
+                            self.max_staleness.as_millis()
+                        )));
+                        tracing::warn!(
+                            redis = %self.redis_url,
+                            "cluster feed not confirmed live: answering from upstream until it is"
+                        );
+                    }
+                    let seq = heartbeats.send(now);
+                    *next_seq = seq;
+                    self.send_heartbeat(seq, &publisher, &publish_failed);
+                }
+                Some(err) = publish_failures.recv() => {
+                    return End::Lost(Failure::new("the publishing connection failed", err));
+                }
+                message = messages.next() => {
+                    let Some(message) = message else {
+                        return End::Lost(Failure::msg("Redis closed the subscription"));
+                    };
+                    self.shared.metrics.received.inc();
+                    let Some(sent) = self.apply(message.get_payload_bytes(), remote, &mut heartbeats)
+                    else {
+                        continue;
+                    };
+                    let trusted_until = sent + self.max_staleness;
+                    if trusted_until > Instant::now() {
+                        self.cache.trust_until(trusted_until);
+                        if !live {
+                            live = true;
+                            backoff.reset();
+                            self.shared.metrics.connected.set(1);
+                            self.shared.set_problem(None);
+                            tracing::info!(redis = %self.redis_url, "cluster feed live: answering from the cache");
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// Opens the publishing connection and subscribes to the channel, each within
+    /// `CONNECT_TIMEOUT`.
+    async fn connect(&self) -> Result<(MultiplexedConnection, PubSubStream), Failure> {
+        let config = AsyncConnectionConfig::new()
+            .set_connection_timeout(Some(CONNECT_TIMEOUT))
+            .set_response_timeout(Some(ANNOUNCE_TIMEOUT));
+        let publisher = self
+            .client
+            .get_multiplexed_async_connection_with_config(&config)
+            .await
+            .map_err(|err| Failure::new("cannot connect to Redis", err))?;
+        let subscribe = async {
+            let mut pubsub = self.client.get_async_pubsub().await?;
+            pubsub.subscribe(&self.shared.channel).await?;
+            Ok::<_, RedisError>(pubsub.into_on_message())
+        };
+        let messages = tokio::time::timeout(CONNECT_TIMEOUT, subscribe)
+            .await
+            .map_err(|_| {
+                Failure::msg(format!(
+                    "subscribing took more than {} ms",
+                    CONNECT_TIMEOUT.as_millis()
+                ))
+            })?
+            .map_err(|err| Failure::new("cannot subscribe to the cluster channel", err))?;
+        Ok((publisher, messages))
+    }
+
+    /// Publishes heartbeat `seq` without holding up the loop; a failure other than a timeout
+    /// (which the stall limit covers) ends the session.
+    fn send_heartbeat(
+        &self,
+        seq: u64,
+        publisher: &MultiplexedConnection,
+        failed: &mpsc::Sender<RedisError>,
+    ) {
+        let message = Announcement::new(&self.shared.id, Body::Heartbeat { seq }).encode();
+        let channel = self.shared.channel.clone();
+        let mut publisher = publisher.clone();
+        let failed = failed.clone();
+        let shared = self.shared.clone();
+        tokio::spawn(async move {
+            match redis::AsyncCommands::publish::<_, _, usize>(&mut publisher, channel, message)
+                .await
+            {
+                Ok(_) => shared.metrics.sent.inc(),
+                Err(err) if err.is_timeout() => {}
+                Err(err) => {
+                    let _ = failed.try_send(err);
+                }
+            }
+        });
+    }
+
+    /// Applies one message. Returns when this instance sent it, if it is one of this
+    /// session's own heartbeats coming back.
+    fn apply(
+        &self,
+        payload: &[u8],
+        remote: &mut RemoteWrites,
+        heartbeats: &mut Heartbeats,
+    ) -> Option<Instant> {
+        let announcement = match Announcement::decode(payload) {
+            Ok(announcement) => announcement,
+            Err(err) => {
+                // It might have been about a write: forget everything rather than risk it.
+                self.shared.metrics.undecodable.inc();
+                self.cache.flush();
+                tracing::warn!(
+                    error = %err,
+                    "a message on the cluster channel was not understood: the cache was flushed"
+                );
+                return None;
+            }
+        };
+        let own = announcement.from == self.shared.id;
+        match &announcement.body {
+            Body::Heartbeat { seq } if own => return heartbeats.answered(*seq),
+            Body::Heartbeat { .. } => return None,
+            // The write's own WriteGuard already applies it here.
+            _ if own => return None,
+            Body::Pending { write, .. } => {
+                let contact = announcement.contact()?;
+                let guard = self.cache.begin_remote_write(&contact);
+                remote.begin(&announcement.from, *write, guard, Instant::now());
+            }
+            Body::Done { write, .. } => {
+                let contact = announcement.contact()?;
+                let outcome = announcement.outcome().ok()?;
+                // Without its pending announcement (sent while this instance was not
+                // subscribed) the write is begun and ended here, which drops the contact.
+                let guard = remote
+                    .take(&announcement.from, *write)
+                    .unwrap_or_else(|| self.cache.begin_remote_write(&contact));
+                guard.finish(outcome);
+            }
+            Body::Purge { .. } => {
+                let contact = announcement.contact()?;
+                self.cache.purge(&contact);
+                return None;
+            }
+        }
+        self.shared
+            .metrics
+            .propagation
+            .observe(announcement.age_s(unix_us()));
+        None
+    }
+}

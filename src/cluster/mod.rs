@@ -1,0 +1,293 @@
+//! Cluster mode: several instances behind one load balancer keep their caches coherent
+//! through Redis pub/sub (`cluster.redis_url`). The design, and why pub/sub rather than
+//! Streams or RESP3 client tracking, is in the README ("Running several instances").
+//!
+//! - **Announce before writing.** A PUT first publishes "write pending for X" on the channel
+//!   `{key_prefix}:consent:v1`; only once Redis has taken it does the PUT go upstream
+//!   ([`Cluster::announce_write`]). When Redis cannot take it in time, `write_policy =
+//!   "require"` refuses the PUT (503 `cluster_unavailable`, upstream not called) and
+//!   `best_effort` sends it anyway (counted). After upstream answers, the outcome is published
+//!   before the caller is answered ([`AnnouncedWrite::finish`]).
+//! - **Receivers** hold a remote write guard of the cache per pending write: the contact is
+//!   dropped at once, no fill stores it while the write is in flight, and when the outcome
+//!   arrives (or the pending expires after `server.request_timeout_ms` plus a margin) it is
+//!   dropped again ([`remote`]).
+//! - **Know when you may be deaf.** Each instance publishes a heartbeat every
+//!   `max_staleness_ms / 4` and trusts its cache only until `max_staleness_ms` after sending
+//!   the latest heartbeat that came back to it: pub/sub delivers in order, so receiving it
+//!   proves every announcement Redis took before it was received too. After any new
+//!   subscription the whole cache is flushed before it is trusted again ([`feed`]).
+//!
+//! The hit path never touches Redis: the cache checks one atomic deadline. Dependencies flow
+//! one way: `cluster` drives `cache`, which knows nothing of Redis.
+
+mod feed;
+pub mod messages;
+mod metrics;
+mod remote;
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Duration;
+
+use arc_swap::ArcSwapOption;
+use redis::aio::MultiplexedConnection;
+use redis::{AsyncCommands, IntoConnectionInfo};
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+
+use crate::cache::{ConsentCache, WriteOutcome};
+use crate::config::{ClusterSettings, WritePolicy};
+use crate::consent::ContactId;
+use crate::error::{ErrorChain, Failure, ProxyError};
+use messages::Announcement;
+pub use metrics::ClusterMetrics;
+
+/// How long Redis may take to acknowledge an announcement (or a heartbeat).
+pub const ANNOUNCE_TIMEOUT: Duration = Duration::from_millis(250);
+/// How long connecting and subscribing may take.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
+/// Added to a write's longest life (its request's deadline and two announcements) before a
+/// pending announcement without an outcome expires.
+const PENDING_MARGIN: Duration = Duration::from_secs(1);
+
+/// Why cluster mode could not start.
+#[derive(Debug, thiserror::Error)]
+#[error("cannot use cluster.redis_url {url}")]
+pub struct ClusterStartError {
+    url: String,
+    #[source]
+    source: redis::RedisError,
+}
+
+/// State shared by the handle, the feed task and the writes in flight.
+struct Shared {
+    /// This instance in the cluster's messages: random per process.
+    id: String,
+    channel: String,
+    policy: WritePolicy,
+    /// The connection announcements are published on; `None` while the feed is down.
+    publisher: ArcSwapOption<MultiplexedConnection>,
+    next_write: AtomicU64,
+    /// Why the feed is not live (for `/readyz` and errors); `None` while it is.
+    problem: Mutex<Option<String>>,
+    metrics: ClusterMetrics,
+}
+
+impl Shared {
+    /// Publishes one message; `Ok` once Redis has taken it.
+    async fn publish(&self, message: &Announcement) -> Result<(), Failure> {
+        let Some(connection) = self.publisher.load_full() else {
+            return Err(Failure::msg(format!(
+                "not connected to Redis ({})",
+                self.problem().unwrap_or_else(|| "connecting".to_owned())
+            )));
+        };
+        let mut connection = MultiplexedConnection::clone(&connection);
+        let published = tokio::time::timeout(
+            ANNOUNCE_TIMEOUT,
+            connection.publish::<_, _, usize>(&self.channel, message.encode()),
+        )
+        .await;
+        match published {
+            Ok(Ok(_receivers)) => {
+                self.metrics.sent.inc();
+                Ok(())
+            }
+            Ok(Err(err)) => Err(Failure::new("Redis did not take the message", err)),
+            Err(_) => Err(Failure::msg(format!(
+                "Redis did not take the message within {} ms",
+                ANNOUNCE_TIMEOUT.as_millis()
+            ))),
+        }
+    }
+
+    fn problem(&self) -> Option<String> {
+        self.problem
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
+
+    fn set_problem(&self, problem: Option<String>) {
+        *self.problem.lock().unwrap_or_else(PoisonError::into_inner) = problem;
+    }
+}
+
+/// The cluster as the rest of the proxy sees it. Cheap to clone.
+#[derive(Clone)]
+pub struct Cluster {
+    shared: Arc<Shared>,
+    cache: ConsentCache,
+}
+
+/// What `/readyz` says about the cluster.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ClusterStatus {
+    /// The feed is confirmed live: the cache is answered from.
+    pub live: bool,
+    /// Why not, when it is not.
+    pub reason: Option<String>,
+}
+
+impl Cluster {
+    /// Starts the feed task (it connects, and reconnects, by itself). Until the feed is
+    /// confirmed live the cache is not answered from.
+    pub fn start(
+        settings: &ClusterSettings,
+        cache: ConsentCache,
+        request_timeout: Duration,
+        metrics: ClusterMetrics,
+        shutdown: watch::Receiver<bool>,
+    ) -> Result<(Cluster, JoinHandle<()>), ClusterStartError> {
+        let failed = |source| ClusterStartError {
+            url: settings.redis_url.clone(),
+            source,
+        };
+        let mut info = settings
+            .redis_url
+            .as_str()
+            .into_connection_info()
+            .map_err(failed)?;
+        if let Some(password) = &settings.redis_password {
+            let redis = info
+                .redis_settings()
+                .clone()
+                .set_password(password.expose());
+            info = info.set_redis_settings(redis);
+        }
+        let client = redis::Client::open(info).map_err(failed)?;
+        cache.distrust();
+        let shared = Arc::new(Shared {
+            id: format!("{:016x}", rand::random::<u64>()),
+            channel: format!("{}:consent:v1", settings.key_prefix),
+            policy: settings.write_policy,
+            publisher: ArcSwapOption::empty(),
+            next_write: AtomicU64::new(1),
+            problem: Mutex::new(Some("connecting to Redis".to_owned())),
+            metrics,
+        });
+        let feed = feed::Feed {
+            shared: shared.clone(),
+            client,
+            cache: cache.clone(),
+            redis_url: settings.redis_url.clone(),
+            max_staleness: settings.max_staleness,
+            pending_lifetime: request_timeout + 2 * ANNOUNCE_TIMEOUT + PENDING_MARGIN,
+        };
+        tracing::info!(
+            redis = %settings.redis_url,
+            channel = %shared.channel,
+            instance = %shared.id,
+            write_policy = settings.write_policy.as_str(),
+            "cluster mode: the cache is answered from only while the Redis feed is live"
+        );
+        let task = tokio::spawn(feed.run(shutdown));
+        Ok((Cluster { shared, cache }, task))
+    }
+
+    /// Announces a write of `contact` before it goes upstream. `Err` (503
+    /// `cluster_unavailable`) when Redis did not take it and the policy is `require`: the
+    /// write must then not be sent.
+    pub async fn announce_write(&self, contact: &ContactId) -> Result<AnnouncedWrite, ProxyError> {
+        let shared = &self.shared;
+        let write = shared.next_write.fetch_add(1, Ordering::Relaxed);
+        let announced = shared
+            .publish(&Announcement::pending(&shared.id, write, contact))
+            .await;
+        let announced_write = AnnouncedWrite {
+            shared: shared.clone(),
+            write,
+            contact: contact.clone(),
+        };
+        let Err(problem) = announced else {
+            return Ok(announced_write);
+        };
+        shared.metrics.pending_failed.inc();
+        match shared.policy {
+            WritePolicy::Require => {
+                tracing::warn!(
+                    contact = %contact.masked(),
+                    error = %ErrorChain(&problem),
+                    "write refused: it could not be announced to the cluster"
+                );
+                // A slow Redis may still take the pending announcement later (not one that is
+                // not connected): its outcome follows it, so that the others release the contact.
+                if shared.publisher.load().is_some() {
+                    tokio::spawn(announced_write.finish(WriteOutcome::NotApplied));
+                }
+                Err(ProxyError::ClusterUnavailable(problem))
+            }
+            WritePolicy::BestEffort => {
+                shared.metrics.unannounced.inc();
+                tracing::warn!(
+                    contact = %contact.masked(),
+                    error = %ErrorChain(&problem),
+                    "write sent upstream unannounced (write_policy best_effort): other \
+                     instances may answer the older status from their caches"
+                );
+                Ok(announced_write)
+            }
+        }
+    }
+
+    /// Tells the other instances to drop `contact` too (an admin purge); `Err` when Redis did
+    /// not take it.
+    pub async fn announce_purge(&self, contact: &ContactId) -> Result<(), Failure> {
+        let purge = Announcement::new(
+            &self.shared.id,
+            messages::Body::Purge {
+                contact: contact.as_str().to_owned(),
+            },
+        );
+        self.shared.publish(&purge).await
+    }
+
+    pub fn status(&self) -> ClusterStatus {
+        let live = self.cache.is_trusted();
+        ClusterStatus {
+            live,
+            reason: if live {
+                None
+            } else {
+                Some(self.shared.problem().unwrap_or_else(|| {
+                    "no heartbeat came back within cluster.max_staleness_ms".to_owned()
+                }))
+            },
+        }
+    }
+
+    /// Sets `consent_proxy_cluster_connected` from the cache's trust now (before a scrape).
+    pub fn refresh_gauge(&self) {
+        self.shared
+            .metrics
+            .connected
+            .set(i64::from(self.cache.is_trusted()));
+    }
+}
+
+/// A write announced (or, under `best_effort`, attempted) as pending; its outcome must be
+/// announced with [`AnnouncedWrite::finish`].
+pub struct AnnouncedWrite {
+    shared: Arc<Shared>,
+    write: u64,
+    contact: ContactId,
+}
+
+impl AnnouncedWrite {
+    /// Announces how the write ended. When Redis does not take it, the other instances drop
+    /// the contact when the pending announcement expires.
+    pub async fn finish(self, outcome: WriteOutcome) {
+        let shared = &self.shared;
+        let message = Announcement::done(&shared.id, self.write, &self.contact, outcome);
+        if let Err(problem) = shared.publish(&message).await {
+            shared.metrics.outcome_failed.inc();
+            tracing::warn!(
+                contact = %self.contact.masked(),
+                error = %ErrorChain(&problem),
+                "a write's outcome could not be announced: the other instances drop the \
+                 contact when its pending announcement expires"
+            );
+        }
+    }
+}

@@ -1,0 +1,1007 @@
+//! Cluster mode against a real `redis-server` (started here on a free port; a missing
+//! `redis-server` fails loudly): three in-process proxies, one Redis and one simulator.
+//!
+//! - a write through one instance is seen through the others right after its answer;
+//! - a randomized history over three instances keeps rule 5 (checked by `support::history`);
+//! - a fill that began on one instance before a write through another is not stored;
+//! - Redis killed, frozen (`SIGSTOP`) or one instance cut off from it (a paused relay):
+//!   PUTs are refused with `cluster_unavailable` and never reach upstream, GETs are answered
+//!   from upstream and never from a cache after `max_staleness_ms`, and once Redis is back the
+//!   instances reconnect by themselves and cache again;
+//! - a writer that dies between its two announcements: the others hold the contact uncached
+//!   until the pending announcement expires;
+//! - `best_effort`: PUTs go through while Redis is down, counted;
+//! - a soak (ignored by default) of three instances with Redis restarts.
+
+mod support;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use consent_proxy::consent::ConsentStatus;
+use consent_proxy::simulator::{Fault, SimRoute, Simulator};
+use consent_proxy::{App, AppHandle};
+use http::Method;
+use support::history::{
+    cluster_violations, gets, random_client, random_upstream_delays, Event, Op,
+};
+use support::redis_server::{free_port, RedisServer};
+use support::relay::Relay;
+use support::*;
+use tokio::time::Instant;
+
+const BIN: &str = env!("CARGO_BIN_EXE_consent-proxy");
+/// The contract's bound for a healthy cluster (rule 5).
+const RULE_5_LAG: Duration = Duration::from_millis(50);
+/// `cluster.max_staleness_ms` in these tests.
+const MAX_STALENESS: Duration = Duration::from_millis(400);
+
+/// A simulator, a Redis and proxies pointed at both.
+struct Fleet {
+    sim: Simulator,
+    /// Locked only to kill, freeze or restart it.
+    redis: std::sync::Mutex<RedisServer>,
+    proxies: Vec<Instance>,
+    http: TestClient,
+}
+
+/// One proxy on a runtime of its own (one worker thread), as if in a process of its own: on a
+/// runtime shared by all the instances of a test, a chain of one instance's tasks can hold
+/// another's feed task back for a millisecond or more, which separate processes never see.
+struct Instance {
+    proxy: AppHandle,
+    runtime: Option<tokio::runtime::Runtime>,
+}
+
+impl Instance {
+    async fn start(config: &ProxyConfig) -> Instance {
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()
+            .expect("a runtime");
+        let settings = config.settings();
+        let proxy = runtime
+            .spawn(async move { App::start(settings).await.expect("proxy starts") })
+            .await
+            .expect("start task");
+        Instance {
+            proxy,
+            runtime: Some(runtime),
+        }
+    }
+}
+
+impl Drop for Instance {
+    fn drop(&mut self) {
+        if let Some(runtime) = self.runtime.take() {
+            runtime.shutdown_background();
+        }
+    }
+}
+
+/// The cluster keys every test uses; `redis_url` is the instance's way to Redis.
+fn cluster_config(sim: &Simulator, redis_url: &str) -> ProxyConfig {
+    let mut config = ProxyConfig::for_simulator(sim);
+    config
+        .clustered(redis_url)
+        .set(
+            "cluster.max_staleness_ms",
+            &MAX_STALENESS.as_millis().to_string(),
+        )
+        .set("log.level", "\"warn\"");
+    config
+}
+
+impl Fleet {
+    async fn start(instances: usize) -> Fleet {
+        Self::start_with(instances, |_, _| {}).await
+    }
+
+    /// `configure(i, config)` adjusts instance `i`'s configuration.
+    async fn start_with(instances: usize, configure: impl Fn(usize, &mut ProxyConfig)) -> Fleet {
+        let sim = start_simulator().await;
+        let redis = RedisServer::start();
+        let mut proxies = Vec::new();
+        for i in 0..instances {
+            let mut config = cluster_config(&sim, &redis.url());
+            configure(i, &mut config);
+            proxies.push(Instance::start(&config).await);
+        }
+        let fleet = Fleet {
+            sim,
+            redis: std::sync::Mutex::new(redis),
+            proxies,
+            http: TestClient::new(),
+        };
+        fleet.wait_live(0..instances).await;
+        fleet
+    }
+
+    fn redis(&self) -> std::sync::MutexGuard<'_, RedisServer> {
+        self.redis.lock().unwrap()
+    }
+
+    fn url(&self, i: usize, contact: &str) -> String {
+        format!(
+            "{}/voicebiometrics/contacts/{contact}/consent",
+            self.proxies[i].proxy.url()
+        )
+    }
+
+    async fn get(&self, i: usize, contact: &str) -> TestResponse {
+        let url = self.url(i, contact);
+        self.http
+            .send(Method::GET, &url, &[("x-api-key", RW_KEY)], None)
+            .await
+    }
+
+    async fn put(&self, i: usize, contact: &str, status: &str) -> TestResponse {
+        let url = self.url(i, contact);
+        self.http
+            .send(
+                Method::PUT,
+                &url,
+                &[("x-api-key", RW_KEY), ("content-type", "application/json")],
+                Some(format!(r#"{{"status":"{status}"}}"#)),
+            )
+            .await
+    }
+
+    async fn admin(&self, i: usize, path: &str) -> TestResponse {
+        let url = format!("{}{path}", self.proxies[i].proxy.admin_url());
+        self.http.send(Method::GET, &url, &[], None).await
+    }
+
+    async fn metric(&self, i: usize, sample: &str) -> f64 {
+        metric_value(&self.admin(i, "/metrics").await.text(), sample)
+    }
+
+    /// `/readyz`'s status and the feed's state in it (`live` or `down`).
+    async fn feed(&self, i: usize) -> (u16, String) {
+        let ready = self.admin(i, "/readyz").await;
+        let feed = ready.json()["cluster"]["feed"]
+            .as_str()
+            .unwrap_or_default()
+            .to_owned();
+        (ready.status, feed)
+    }
+
+    /// Waits (bounded) until these instances are ready with their feed live.
+    async fn wait_live(&self, instances: impl IntoIterator<Item = usize>) {
+        for i in instances {
+            wait_until(Duration::from_secs(20), || async {
+                self.feed(i).await == (200, "live".to_owned())
+            })
+            .await;
+        }
+    }
+
+    /// Reads `contact` through every instance until each answers it from its cache.
+    async fn cache_everywhere(&self, contact: &str, expected: &str) {
+        for i in 0..self.proxies.len() {
+            wait_until(Duration::from_secs(5), || async {
+                let response = self.get(i, contact).await;
+                assert_eq!(response.status_field(), expected, "instance {i}");
+                response.header("x-cache-status") == Some("HIT")
+            })
+            .await;
+        }
+    }
+}
+
+/// One GET as seen by [`poll_gets`].
+struct Seen {
+    via: usize,
+    start: Instant,
+    cache: String,
+    status: String,
+}
+
+/// GETs of `contact` through each of `instances` in turn, repeated until `until`.
+async fn poll_gets(fleet: &Fleet, instances: &[usize], contact: &str, until: Instant) -> Vec<Seen> {
+    let mut seen = Vec::new();
+    while Instant::now() < until {
+        for &via in instances {
+            let start = Instant::now();
+            let response = fleet.get(via, contact).await;
+            assert_eq!(response.status, 200, "{}", response.text());
+            seen.push(Seen {
+                via,
+                start,
+                cache: response
+                    .header("x-cache-status")
+                    .unwrap_or_default()
+                    .to_owned(),
+                status: response.status_field(),
+            });
+        }
+        tokio::time::sleep(Duration::from_millis(15)).await;
+    }
+    seen
+}
+
+// ---------------------------------------------------------------------------------------------
+// A healthy cluster
+
+/// Three instances each hold a contact as cached; a PUT through one of them; GETs through the
+/// two others, started right after its answer, see the new status, and in any case every GET
+/// that starts 50 ms or more after it (rule 5). Many rounds, across contacts and writers; the
+/// worst delay seen is printed. (The others drop the contact when the pending announcement
+/// arrives, before the write even goes upstream; only a reader's thread held back longer than
+/// the writer's three round trips, on a loaded machine, can still see the old status.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_write_through_one_instance_is_seen_through_the_others_right_after_its_answer() {
+    let fleet = Arc::new(Fleet::start(3).await);
+    const CONTACTS: usize = 12;
+    const ROUNDS: usize = 60;
+    let statuses = ["REFUSED", "CONSENTED", "DELETED", "NO_CONSENT"];
+    let mut current = ["CONSENTED"; CONTACTS];
+    for c in 0..CONTACTS {
+        fleet
+            .sim
+            .set_status(&format!("+1555010{c:04}"), ConsentStatus::Consented);
+    }
+    let mut worst = Duration::ZERO;
+    let mut first_try = 0;
+    for round in 0..ROUNDS {
+        let c = round % CONTACTS;
+        let contact = format!("+1555010{c:04}");
+        fleet.cache_everywhere(&contact, current[c]).await;
+        let writer = round % 3;
+        let new = statuses[(round / CONTACTS + 1) % statuses.len()];
+        let new = if new == current[c] { statuses[0] } else { new };
+        let put = fleet.put(writer, &contact, new).await;
+        assert!((200..300).contains(&put.status), "{}", put.text());
+        let answered = Instant::now();
+        // Each reader's GETs until one answers the new status: when the first started.
+        let readers: Vec<_> = (0..3)
+            .filter(|&i| i != writer)
+            .map(|i| {
+                let fleet = fleet.clone();
+                let contact = contact.clone();
+                tokio::spawn(async move {
+                    for attempt in 0.. {
+                        let start = Instant::now();
+                        let response = fleet.get(i, &contact).await;
+                        if response.status_field() == new {
+                            return (attempt == 0, start - answered);
+                        }
+                        assert!(
+                            start - answered < RULE_5_LAG,
+                            "round {round}: instance {i} answered {} {} at +{:?} after a PUT \
+                             of {new} through instance {writer} returned",
+                            response.header("x-cache-status").unwrap_or_default(),
+                            response.status_field(),
+                            start - answered
+                        );
+                    }
+                    unreachable!()
+                })
+            })
+            .collect();
+        for reader in readers {
+            let (first, delay) = reader.await.unwrap();
+            first_try += usize::from(first);
+            worst = worst.max(delay);
+        }
+        current[c] = new;
+    }
+    let mut propagation = Vec::new();
+    for i in 0..3 {
+        let text = fleet.admin(i, "/metrics").await.text();
+        propagation.push(metric_value(
+            &text,
+            "consent_proxy_cluster_propagation_seconds_count",
+        ));
+    }
+    println!(
+        "{ROUNDS} writes: {first_try} of {} GETs started right after the writer's answer saw \
+         the new status; the first GET to see it started at most {worst:?} after the answer; \
+         announcements applied per instance: {propagation:?}",
+        2 * ROUNDS
+    );
+    assert!(propagation.iter().all(|&n| n > 0.0));
+}
+
+/// Rule 5 over a randomized history: clients on random instances, random upstream delays.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn randomized_history_across_three_instances_keeps_rule_5() {
+    let fleet = Arc::new(
+        Fleet::start_with(3, |_, c| {
+            c.set("talkdesk.max_retries", "0");
+        })
+        .await,
+    );
+    const CONTACTS: usize = 3;
+    const INITIAL: &str = "NO_CONSENT";
+    let contacts: Vec<String> = (0..CONTACTS).map(|i| format!("+1555020000{i}")).collect();
+    for contact in &contacts {
+        fleet.sim.set_status(contact, ConsentStatus::NoConsent);
+    }
+    let run_for = Duration::from_secs(5);
+    let started = Instant::now();
+
+    let delays = tokio::spawn({
+        let fleet = fleet.clone();
+        let contacts = contacts.clone();
+        async move { random_upstream_delays(&fleet.sim, &contacts, started + run_for).await }
+    });
+    let clients: Vec<_> = (0..6)
+        .map(|_| {
+            let fleet = fleet.clone();
+            let contacts = contacts.clone();
+            tokio::spawn(async move {
+                random_client(
+                    started + run_for,
+                    CONTACTS,
+                    3,
+                    0.2,
+                    0..0,
+                    |via, contact| fleet.get(via, &contacts[contact]),
+                    |via, contact, status| fleet.put(via, &contacts[contact], status),
+                )
+                .await
+            })
+        })
+        .collect();
+    let mut history = Vec::new();
+    for client in clients {
+        history.extend(client.await.unwrap());
+    }
+    delays.await.unwrap();
+    let mut hits = 0.0;
+    for i in 0..3 {
+        hits += fleet
+            .metric(i, r#"consent_proxy_cache_lookups_total{result="hit"}"#)
+            .await;
+    }
+    let gets = gets(&history);
+    let puts = history.len() - gets;
+    let problems = cluster_violations(&history, INITIAL, RULE_5_LAG);
+    println!(
+        "history: {} operations ({gets} GETs, {puts} PUTs, {hits} cache hits) over 3 instances, {} violations",
+        history.len(),
+        problems.len()
+    );
+    assert!(
+        gets > 200 && puts > 40 && hits > 50.0,
+        "too little traffic to mean anything"
+    );
+    assert!(
+        problems.is_empty(),
+        "rule 5 violated:\n{}",
+        problems.join("\n")
+    );
+}
+
+/// A fill on B that began before a write through A (upstream holds it back, then answers the
+/// old status) is neither stored nor handed to GETs that start after A's PUT returned.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fill_that_began_before_a_write_elsewhere_is_not_stored() {
+    let fleet = Arc::new(Fleet::start(2).await);
+    let contact = "+15550300001";
+    fleet.sim.set_status(contact, ConsentStatus::Consented);
+    fleet
+        .sim
+        .delay_next_get(contact, Duration::from_millis(600), 1);
+    let slow_read = tokio::spawn({
+        let fleet = fleet.clone();
+        async move { fleet.get(1, contact).await }
+    });
+    // The slow fill has reached upstream and read CONSENTED.
+    wait_until(Duration::from_secs(5), || async {
+        fleet.sim.gets_for(contact) == 1
+    })
+    .await;
+    let write = fleet.put(0, contact, "REFUSED").await;
+    assert_eq!(write.status, 200);
+    assert!(!slow_read.is_finished(), "the fill must still be in flight");
+
+    let during = fleet.get(1, contact).await;
+    assert_eq!(
+        during.status_field(),
+        "REFUSED",
+        "started after the write: {:?}",
+        during.header("x-cache-status")
+    );
+    let slow = slow_read.await.unwrap();
+    assert_eq!(
+        slow.status_field(),
+        "CONSENTED",
+        "it began before the write"
+    );
+    for _ in 0..3 {
+        let after = fleet.get(1, contact).await;
+        assert_eq!(
+            after.status_field(),
+            "REFUSED",
+            "the old fill must not be stored"
+        );
+    }
+    assert_eq!(
+        fleet.get(1, contact).await.header("x-cache-status"),
+        Some("HIT")
+    );
+}
+
+// ---------------------------------------------------------------------------------------------
+// Redis failing
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Outage {
+    /// `SIGKILL`, then started again on the same port.
+    Killed,
+    /// `SIGSTOP`, then `SIGCONT`.
+    Frozen,
+    /// Instance 1 reaches Redis through a relay that is paused, then resumed.
+    OneCutOff,
+    /// The same, paused until instance 1 gives its connections up and tries new ones: what
+    /// was published meanwhile never reaches it, so it must flush its cache when it is back.
+    OneCutOffUntilItReconnects,
+}
+
+/// The outage scenario: see the module comment.
+async fn outage(kind: Outage) {
+    let sim = start_simulator().await;
+    let redis = RedisServer::start();
+    let relay = Relay::start(([127, 0, 0, 1], redis.port()).into()).await;
+    let mut proxies = Vec::new();
+    for i in 0..3 {
+        let url =
+            if matches!(kind, Outage::OneCutOff | Outage::OneCutOffUntilItReconnects) && i == 1 {
+                relay.url()
+            } else {
+                redis.url()
+            };
+        proxies.push(Instance::start(&cluster_config(&sim, &url)).await);
+    }
+    let fleet = Fleet {
+        sim,
+        redis: std::sync::Mutex::new(redis),
+        proxies,
+        http: TestClient::new(),
+    };
+    fleet.wait_live(0..3).await;
+
+    let read = "+15550400001";
+    let written = "+15550400002";
+    let healthy_write = "+15550400003";
+    for contact in [read, written, healthy_write] {
+        fleet.sim.set_status(contact, ConsentStatus::Consented);
+        fleet.cache_everywhere(contact, "CONSENTED").await;
+    }
+    let cut_off: Vec<usize> = match kind {
+        Outage::OneCutOff | Outage::OneCutOffUntilItReconnects => vec![1],
+        Outage::Killed | Outage::Frozen => vec![0, 1, 2],
+    };
+    let healthy: Vec<usize> = (0..3).filter(|i| !cut_off.contains(i)).collect();
+
+    let failed_at = Instant::now();
+    match kind {
+        Outage::Killed => fleet.redis().kill(),
+        Outage::Frozen => fleet.redis().freeze(),
+        Outage::OneCutOff | Outage::OneCutOffUntilItReconnects => relay.pause(),
+    }
+
+    // PUTs through a cut-off instance are refused and never reach upstream.
+    for &i in &cut_off {
+        let refused = fleet.put(i, written, "REFUSED").await;
+        assert_eq!(
+            (refused.status, refused.code().as_str()),
+            (503, "cluster_unavailable"),
+            "{kind:?}: instance {i}: {}",
+            refused.text()
+        );
+    }
+    assert_eq!(fleet.sim.puts_for(written), 0, "upstream saw a refused PUT");
+
+    // The healthy instances go on (through the cut-off one, the write is seen once
+    // max_staleness_ms has passed, below).
+    for &i in &healthy {
+        assert_eq!(fleet.put(i, healthy_write, "DELETED").await.status, 200);
+        assert_eq!(
+            fleet.get(i, read).await.header("x-cache-status"),
+            Some("HIT")
+        );
+        for &j in &healthy {
+            assert_eq!(fleet.get(j, healthy_write).await.status_field(), "DELETED");
+        }
+    }
+
+    // GETs through a cut-off instance are answered, never from the cache once
+    // max_staleness_ms has passed; each of those goes upstream.
+    let stale_until = failed_at + MAX_STALENESS;
+    let gets_before = fleet.sim.gets_for(read);
+    let seen = poll_gets(
+        &fleet,
+        &cut_off,
+        read,
+        stale_until + Duration::from_millis(600),
+    )
+    .await;
+    for &i in &cut_off {
+        let late = seen
+            .iter()
+            .filter(|s| s.via == i && s.start >= stale_until)
+            .inspect(|s| {
+                assert_eq!(
+                    (s.cache.as_str(), s.status.as_str()),
+                    ("BYPASS", "CONSENTED"),
+                    "{kind:?}: instance {i} at +{:?} after the failure",
+                    s.start.duration_since(failed_at)
+                );
+            })
+            .count();
+        assert!(late >= 5, "{kind:?}: too few GETs after max_staleness");
+        if !healthy.is_empty() {
+            assert_eq!(fleet.get(i, healthy_write).await.status_field(), "DELETED");
+        }
+        assert_eq!(
+            fleet.feed(i).await,
+            (200, "down".to_owned()),
+            "{kind:?}: ready, with the feed down"
+        );
+        assert_eq!(
+            fleet.metric(i, "consent_proxy_cluster_connected").await,
+            0.0
+        );
+        assert!(
+            fleet
+                .metric(i, r#"consent_proxy_cache_lookups_total{result="unsynced"}"#)
+                .await
+                >= late as f64
+        );
+    }
+    let from_upstream = seen.iter().filter(|s| s.cache != "HIT").count() as u64;
+    assert_eq!(
+        fleet.sim.gets_for(read) - gets_before,
+        from_upstream,
+        "every GET not answered from a cache went upstream"
+    );
+
+    if kind == Outage::OneCutOffUntilItReconnects {
+        wait_until(Duration::from_secs(10), || async {
+            fleet.admin(1, "/readyz").await.json()["cluster"]["reason"]
+                .as_str()
+                .is_some_and(|reason| reason.contains("no heartbeat came back for"))
+        })
+        .await;
+    }
+
+    // Back: the instances reconnect by themselves and cache again.
+    match kind {
+        Outage::Killed => fleet.redis().restart(),
+        Outage::Frozen => fleet.redis().thaw(),
+        Outage::OneCutOff | Outage::OneCutOffUntilItReconnects => relay.resume(),
+    }
+    fleet.wait_live(0..3).await;
+    for i in 0..3 {
+        assert_eq!(
+            fleet.metric(i, "consent_proxy_cluster_connected").await,
+            1.0
+        );
+        wait_until(Duration::from_secs(5), || async {
+            fleet.get(i, read).await.header("x-cache-status") == Some("HIT")
+        })
+        .await;
+        assert_eq!(fleet.put(i, written, "REFUSED").await.status, 200);
+        for j in 0..3 {
+            assert_eq!(fleet.get(j, written).await.status_field(), "REFUSED");
+        }
+        let expected = if healthy.is_empty() {
+            "CONSENTED"
+        } else {
+            "DELETED"
+        };
+        assert_eq!(fleet.get(i, healthy_write).await.status_field(), expected);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_killed_then_restarted() {
+    outage(Outage::Killed).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_frozen_then_thawed() {
+    outage(Outage::Frozen).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_instance_cut_off_from_redis() {
+    outage(Outage::OneCutOff).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_instance_cut_off_until_it_reconnects_flushes_what_it_missed() {
+    outage(Outage::OneCutOffUntilItReconnects).await;
+}
+
+/// `write_policy = "best_effort"`: PUTs go through while Redis is down, and are counted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn best_effort_writes_go_through_while_redis_is_down() {
+    let fleet = Fleet::start_with(2, |_, c| {
+        c.set_str("cluster.write_policy", "best_effort");
+    })
+    .await;
+    let contact = "+15550500001";
+    fleet.sim.set_status(contact, ConsentStatus::Consented);
+    fleet.cache_everywhere(contact, "CONSENTED").await;
+    fleet.redis().kill();
+    for status in ["REFUSED", "DELETED", "REFUSED"] {
+        let put = fleet.put(0, contact, status).await;
+        assert_eq!(put.status, 200, "{}", put.text());
+    }
+    assert_eq!(fleet.sim.puts_for(contact), 3);
+    assert_eq!(
+        fleet
+            .metric(0, "consent_proxy_cluster_unannounced_writes_total")
+            .await,
+        3.0
+    );
+    // The other instance knows its feed is down: it answers from upstream.
+    assert_eq!(fleet.get(1, contact).await.status_field(), "REFUSED");
+}
+
+// ---------------------------------------------------------------------------------------------
+// A writer that dies
+
+/// The binary, as one instance of the cluster; killed when dropped.
+struct ChildProxy {
+    child: std::process::Child,
+    config_file: std::path::PathBuf,
+    addr: std::net::SocketAddr,
+}
+
+impl ChildProxy {
+    async fn start(mut config: ProxyConfig, http: &TestClient) -> ChildProxy {
+        let (listen, admin) = (free_port(), free_port());
+        config
+            .set_str("server.listen", &format!("127.0.0.1:{listen}"))
+            .set_str("server.admin_listen", &format!("127.0.0.1:{admin}"));
+        let config_file = std::env::temp_dir().join(format!(
+            "consent-proxy-cluster-{}.toml",
+            rand::random::<u64>()
+        ));
+        std::fs::write(&config_file, config.to_toml()).expect("write config");
+        let child = std::process::Command::new(BIN)
+            .arg("serve")
+            .arg("--config")
+            .arg(&config_file)
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("spawn consent-proxy");
+        // Held before waiting, so that a failed wait still kills it.
+        let proxy = ChildProxy {
+            child,
+            config_file,
+            addr: ([127, 0, 0, 1], listen).into(),
+        };
+        let admin_url = format!("http://127.0.0.1:{admin}/readyz");
+        wait_until(Duration::from_secs(20), || async {
+            if tokio::net::TcpStream::connect(("127.0.0.1", admin))
+                .await
+                .is_err()
+            {
+                return false;
+            }
+            let ready = http.send(Method::GET, &admin_url, &[], None).await;
+            ready.status == 200 && ready.json()["cluster"]["feed"] == "live"
+        })
+        .await;
+        proxy
+    }
+}
+
+impl Drop for ChildProxy {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_file(&self.config_file);
+    }
+}
+
+/// Instance A (a separate process) announces a write, sends it upstream, and is killed before
+/// it can announce the outcome. The others never answer the contact from their caches until
+/// the pending announcement expires (`request_timeout_ms` + 1.5 s), then cache it again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_writer_that_dies_between_its_announcements() {
+    const REQUEST_TIMEOUT: Duration = Duration::from_millis(1000);
+    let lifetime = REQUEST_TIMEOUT + Duration::from_millis(1500);
+    let fleet = Arc::new(
+        Fleet::start_with(2, |_, c| {
+            c.set(
+                "server.request_timeout_ms",
+                &REQUEST_TIMEOUT.as_millis().to_string(),
+            );
+        })
+        .await,
+    );
+    let redis_url = fleet.redis().url();
+    let mut writer_config = cluster_config(&fleet.sim, &redis_url);
+    writer_config.set(
+        "server.request_timeout_ms",
+        &REQUEST_TIMEOUT.as_millis().to_string(),
+    );
+    let mut writer = ChildProxy::start(writer_config, &fleet.http).await;
+
+    let contact = "+15550600001";
+    fleet.sim.set_status(contact, ConsentStatus::Consented);
+    fleet.cache_everywhere(contact, "CONSENTED").await;
+    // Upstream applies the write on arrival and holds its answer back.
+    fleet
+        .sim
+        .inject(SimRoute::Put, Fault::Delay(Duration::from_secs(5)), 1);
+    let sent = Instant::now();
+    // Raw, since the connection breaks when the writer dies.
+    let put = tokio::spawn({
+        let addr = writer.addr;
+        async move {
+            use tokio::io::{AsyncReadExt, AsyncWriteExt};
+            let body = r#"{"status":"REFUSED"}"#;
+            let request = format!(
+                "PUT /voicebiometrics/contacts/{contact}/consent HTTP/1.1\r\nHost: proxy\r\n\
+                 X-API-Key: {RW_KEY}\r\nContent-Type: application/json\r\n\
+                 Content-Length: {}\r\n\r\n{body}",
+                body.len()
+            );
+            let mut stream = tokio::net::TcpStream::connect(addr).await.expect("connect");
+            stream.write_all(request.as_bytes()).await.expect("send");
+            let mut answer = Vec::new();
+            let _ = stream.read_to_end(&mut answer).await;
+        }
+    });
+    wait_until(Duration::from_secs(5), || async {
+        fleet.sim.puts_for(contact) == 1
+    })
+    .await;
+    writer.child.kill().expect("kill the writer");
+    let _ = writer.child.wait();
+    let killed = Instant::now();
+    let _ = put.await;
+    assert_eq!(
+        fleet.sim.stored_status(contact),
+        Some(ConsentStatus::Refused),
+        "upstream applied it"
+    );
+
+    // Until the pending announcement expires: never from the cache, always the new status.
+    let expires_no_earlier = sent + lifetime;
+    let seen = poll_gets(&fleet, &[0, 1], contact, expires_no_earlier).await;
+    assert!(seen.len() >= 10, "too few GETs before the expiry");
+    for s in seen {
+        assert_eq!(
+            (s.cache.as_str(), s.status.as_str()),
+            ("MISS", "REFUSED"),
+            "instance {} at +{:?} after the writer died",
+            s.via,
+            s.start.duration_since(killed)
+        );
+    }
+    // Then it expires: the contact is cached again.
+    for i in 0..2 {
+        wait_until(Duration::from_secs(5), || async {
+            fleet.get(i, contact).await.header("x-cache-status") == Some("HIT")
+        })
+        .await;
+        assert_eq!(
+            fleet
+                .metric(i, "consent_proxy_cluster_expired_writes_total")
+                .await,
+            1.0
+        );
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// The soak
+
+/// Three instances, mixed traffic on random instances, Redis killed and restarted every few
+/// seconds; at the end rule 5 holds over the whole history and upstream holds every
+/// acknowledged write (unless a later write replaced it). `CLUSTER_SOAK_SECS` (default 60).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "soak: cargo test --release --test cluster -- --ignored --nocapture"]
+async fn soak_three_instances_with_redis_restarts() {
+    let run_for = Duration::from_secs(
+        std::env::var("CLUSTER_SOAK_SECS")
+            .ok()
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(60),
+    );
+    const CONTACTS: usize = 20;
+    const INITIAL: &str = "NO_CONSENT";
+    let fleet = Arc::new(
+        Fleet::start_with(3, |_, c| {
+            c.set("cache.ttl_s", "5");
+        })
+        .await,
+    );
+    let contacts: Arc<Vec<String>> =
+        Arc::new((0..CONTACTS).map(|i| format!("+1555070{i:04}")).collect());
+    for contact in contacts.iter() {
+        fleet.sim.set_status(contact, ConsentStatus::NoConsent);
+    }
+    let started = Instant::now();
+    let until = started + run_for;
+    // Redis goes away for a moment every few seconds.
+    let restarts = tokio::spawn({
+        let fleet = fleet.clone();
+        async move {
+            let mut restarts = 0;
+            loop {
+                tokio::time::sleep(Duration::from_millis(rand::random_range(2000..5000))).await;
+                if Instant::now() + Duration::from_secs(2) > until {
+                    return restarts;
+                }
+                fleet.redis().kill();
+                tokio::time::sleep(Duration::from_millis(rand::random_range(100..800))).await;
+                fleet.redis().restart();
+                restarts += 1;
+            }
+        }
+    });
+    let workers: Vec<_> = (0..9)
+        .map(|_| {
+            let fleet = fleet.clone();
+            let contacts = contacts.clone();
+            tokio::spawn(async move {
+                let refused = std::sync::atomic::AtomicU64::new(0);
+                let events = random_client(
+                    until,
+                    CONTACTS,
+                    3,
+                    0.25,
+                    2..20,
+                    |via, contact| {
+                        let (fleet, contacts) = (&fleet, &contacts);
+                        async move {
+                            let response = fleet.get(via, &contacts[contact]).await;
+                            assert_eq!(response.status, 200, "{}", response.text());
+                            response
+                        }
+                    },
+                    |via, contact, status| {
+                        let (fleet, contacts, refused) = (&fleet, &contacts, &refused);
+                        async move {
+                            let response = fleet.put(via, &contacts[contact], status).await;
+                            if response.status == 503 {
+                                assert_eq!(response.code(), "cluster_unavailable");
+                                refused.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                            }
+                            response
+                        }
+                    },
+                )
+                .await;
+                (events, refused.into_inner())
+            })
+        })
+        .collect();
+    let mut history = Vec::new();
+    let mut refused = 0;
+    for worker in workers {
+        let (events, r) = worker.await.unwrap();
+        history.extend(events);
+        refused += r;
+    }
+    let restarts = restarts.await.unwrap();
+    let mut problems = cluster_violations(&history, INITIAL, RULE_5_LAG);
+    // Upstream's final state, as one more GET per contact at upstream: no acknowledged write
+    // may be lost.
+    let now = Instant::now();
+    let mut final_state = history.clone();
+    for (i, contact) in contacts.iter().enumerate() {
+        final_state.push(Event {
+            contact: i,
+            via: usize::MAX,
+            start: now,
+            end: now,
+            op: Op::Get {
+                result: Some(
+                    fleet
+                        .sim
+                        .stored_status(contact)
+                        .expect("seeded")
+                        .as_str()
+                        .into(),
+                ),
+            },
+        });
+    }
+    let lost: Vec<String> = cluster_violations(&final_state, INITIAL, Duration::ZERO)
+        .into_iter()
+        .filter(|v| v.contains(&format!("instance {}", usize::MAX)))
+        .collect();
+    let acked = history
+        .iter()
+        .filter(|e| matches!(e.op, Op::Put { acked: true, .. }))
+        .count();
+    let gets = gets(&history);
+    let mut hits = 0.0;
+    let mut resyncs = 0.0;
+    for i in 0..3 {
+        hits += fleet
+            .metric(i, r#"consent_proxy_cache_lookups_total{result="hit"}"#)
+            .await;
+        resyncs += fleet.metric(i, "consent_proxy_cluster_resyncs_total").await;
+    }
+    println!(
+        "cluster soak: {} requests in {:?} ({gets} GETs, {hits} hits; {} PUTs, {acked} acknowledged, \
+         {refused} refused cluster_unavailable); {restarts} Redis restarts, {resyncs} resyncs; \
+         {} violations, {} acknowledged writes lost",
+        history.len(),
+        started.elapsed(),
+        history.len() - gets,
+        problems.len(),
+        lost.len()
+    );
+    assert!(
+        restarts >= 1 && acked > 100 && hits > 100.0,
+        "too little happened"
+    );
+    problems.truncate(20);
+    assert!(
+        problems.is_empty(),
+        "rule 5 violated:\n{}",
+        problems.join("\n")
+    );
+    assert!(
+        lost.is_empty(),
+        "acknowledged writes lost:\n{}",
+        lost.join("\n")
+    );
+}
+
+/// `DELETE /admin/cache/{id}` through one instance drops the contact on every instance.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_admin_purge_reaches_every_instance() {
+    let fleet = Fleet::start(3).await;
+    let contact = "+15550800001";
+    fleet.sim.set_status(contact, ConsentStatus::Consented);
+    fleet.cache_everywhere(contact, "CONSENTED").await;
+    let url = format!(
+        "{}/admin/cache/{contact}",
+        fleet.proxies[0].proxy.admin_url()
+    );
+    let purged = fleet
+        .http
+        .send(Method::DELETE, &url, &[("x-api-key", ADMIN_KEY)], None)
+        .await;
+    assert_eq!(purged.status, 204);
+    for i in 1..3 {
+        wait_until(Duration::from_secs(2), || async {
+            fleet
+                .metric(
+                    i,
+                    r#"consent_proxy_cache_invalidations_total{reason="purge"}"#,
+                )
+                .await
+                == 1.0
+        })
+        .await;
+        assert_eq!(
+            fleet.get(i, contact).await.header("x-cache-status"),
+            Some("MISS")
+        );
+    }
+}
+
+/// The README's local example (`examples/cluster/run.sh`) runs its walkthrough with this
+/// build: three instances and a Redis, a write seen everywhere, Redis killed and restarted.
+#[test]
+fn the_local_example_runs() {
+    let status = std::process::Command::new("bash")
+        .arg("examples/cluster/run.sh")
+        .arg("--check")
+        .env("BIN", BIN)
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .status()
+        .expect("run bash");
+    assert!(
+        status.success(),
+        "examples/cluster/run.sh --check: {status}"
+    );
+}

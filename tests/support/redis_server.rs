@@ -1,0 +1,192 @@
+//! A real `redis-server` for the cluster tests, on a free loopback port, without persistence:
+//! started, killed, restarted on the same port, frozen (`SIGSTOP`) and thawed (`SIGCONT`).
+//! A missing `redis-server` fails the test loudly (scripts/test.sh installs it).
+#![allow(dead_code)]
+
+use std::io::{Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+pub struct RedisServer {
+    child: Option<Child>,
+    port: u16,
+    password: Option<String>,
+    dir: PathBuf,
+    frozen: bool,
+}
+
+impl RedisServer {
+    /// A server on a free port.
+    pub fn start() -> RedisServer {
+        Self::start_with_password(None)
+    }
+
+    /// A server that requires `password` (`requirepass`).
+    pub fn start_with_password(password: Option<&str>) -> RedisServer {
+        let dir = std::env::temp_dir().join(format!(
+            "consent-proxy-redis-{}-{}",
+            std::process::id(),
+            rand::random::<u64>()
+        ));
+        std::fs::create_dir_all(&dir).expect("create the Redis directory");
+        // A port can be taken between finding it free and Redis binding it: try a few.
+        for _ in 0..5 {
+            let mut server = RedisServer {
+                child: None,
+                port: free_port(),
+                password: password.map(str::to_owned),
+                dir: dir.clone(),
+                frozen: false,
+            };
+            if server.spawn() {
+                return server;
+            }
+        }
+        panic!("redis-server did not start on any of 5 free ports");
+    }
+
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    /// `redis://127.0.0.1:PORT` (without the password).
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.port)
+    }
+
+    /// Kills the server (`SIGKILL`): every connection to it breaks at once.
+    pub fn kill(&mut self) {
+        self.thaw();
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Starts it again on the same port (after [`Self::kill`]).
+    pub fn restart(&mut self) {
+        assert!(self.child.is_none(), "kill it first");
+        let deadline = Instant::now() + Duration::from_secs(10);
+        // The port may still be held by the dying process for a moment.
+        while !self.spawn() {
+            assert!(
+                Instant::now() < deadline,
+                "redis-server did not restart on port {}",
+                self.port
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Stops the process (`SIGSTOP`): connections stay open, nothing is answered.
+    pub fn freeze(&mut self) {
+        self.signal("-STOP");
+        self.frozen = true;
+    }
+
+    /// Lets a frozen server go on (`SIGCONT`).
+    pub fn thaw(&mut self) {
+        if self.frozen {
+            self.signal("-CONT");
+            self.frozen = false;
+        }
+    }
+
+    fn signal(&self, signal: &str) {
+        let child = self.child.as_ref().expect("redis-server is running");
+        let sent = Command::new("kill")
+            .arg(signal)
+            .arg(child.id().to_string())
+            .status()
+            .expect("run kill");
+        assert!(sent.success(), "kill {signal} failed");
+    }
+
+    /// Starts the process and waits until it answers PING; false if it exited (port taken).
+    fn spawn(&mut self) -> bool {
+        let mut command = Command::new("redis-server");
+        command
+            .args(["--port", &self.port.to_string()])
+            .args(["--bind", "127.0.0.1"])
+            .args(["--save", ""])
+            .args(["--appendonly", "no"])
+            .args(["--protected-mode", "no"])
+            .arg("--dir")
+            .arg(&self.dir)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null());
+        if let Some(password) = &self.password {
+            command.args(["--requirepass", password]);
+        }
+        let child = match command.spawn() {
+            Ok(child) => child,
+            Err(err) if err.kind() == std::io::ErrorKind::NotFound => panic!(
+                "redis-server is not installed; the cluster tests need it: \
+                 apt-get install -y redis-server (scripts/test.sh does this)"
+            ),
+            Err(err) => panic!("cannot start redis-server: {err}"),
+        };
+        self.child = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            if self.answers_ping() {
+                return true;
+            }
+            if let Some(child) = self.child.as_mut() {
+                if child.try_wait().ok().flatten().is_some() {
+                    self.child = None;
+                    return false;
+                }
+            }
+            assert!(
+                Instant::now() < deadline,
+                "redis-server did not answer on port {} within 10 s",
+                self.port
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Whether the server answers an inline `PING` (with `AUTH` first when it has a password).
+    fn answers_ping(&self) -> bool {
+        let Ok(mut stream) = TcpStream::connect(("127.0.0.1", self.port)) else {
+            return false;
+        };
+        let _ = stream.set_read_timeout(Some(Duration::from_secs(1)));
+        let mut request = String::new();
+        if let Some(password) = &self.password {
+            request.push_str(&format!("AUTH {password}\r\n"));
+        }
+        request.push_str("PING\r\n");
+        if stream.write_all(request.as_bytes()).is_err() {
+            return false;
+        }
+        let mut answer = Vec::new();
+        let mut buffer = [0u8; 64];
+        while !String::from_utf8_lossy(&answer).contains("+PONG") {
+            match stream.read(&mut buffer) {
+                Ok(0) | Err(_) => return false,
+                Ok(n) => answer.extend_from_slice(&buffer[..n]),
+            }
+        }
+        true
+    }
+}
+
+impl Drop for RedisServer {
+    fn drop(&mut self) {
+        self.kill();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// A loopback port nothing listens on right now.
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|listener| listener.local_addr())
+        .expect("a free port")
+        .port()
+}
