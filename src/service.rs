@@ -9,7 +9,7 @@ use http::HeaderValue;
 use prometheus::{IntCounter, Registry};
 use tokio::time::Instant;
 
-use crate::cache::{CacheStatus, ConsentCache, Lookup, WriteOutcome};
+use crate::cache::{CacheStatus, ConsentCache, Lookup, Settled, WriteOutcome};
 use crate::cluster::Cluster;
 use crate::consent::{consent_status_of, ConsentAnswer};
 use crate::consent::{ConsentStatus, ContactId};
@@ -48,9 +48,22 @@ impl WriteMetrics {
 /// A read's answer and how the cache produced it.
 pub struct ReadResult {
     pub cache_status: CacheStatus,
-    /// Seconds since the answer was stored, for hits.
+    /// Seconds since the answer was stored, for answers from the cache.
     pub age: Option<u32>,
     pub answer: Result<ConsentAnswer, ProxyError>,
+    /// For an answer from the cache after upstream failed (STALE): the failure, for the log.
+    pub upstream_failure: Option<ProxyError>,
+}
+
+impl From<Settled> for ReadResult {
+    fn from(settled: Settled) -> Self {
+        ReadResult {
+            cache_status: settled.status,
+            age: settled.age_s,
+            answer: settled.answer,
+            upstream_failure: settled.upstream_failure,
+        }
+    }
 }
 
 #[derive(Clone)]
@@ -82,7 +95,9 @@ impl ConsentService {
     }
 
     /// Reads through the cache. When this request's own fetch goes upstream (a miss or a
-    /// bypass), its attempts are reported to `upstream`.
+    /// bypass), its attempts are reported to `upstream`. A hit near the end of its TTL starts
+    /// the entry's refresh in the background; a fill upstream cannot answer may be answered
+    /// from the cache (`STALE`, see `cache::settle`).
     pub async fn read(
         &self,
         contact: &ContactId,
@@ -90,32 +105,50 @@ impl ConsentService {
         deadline: Instant,
         upstream: &LastAttempt,
     ) -> ReadResult {
-        // Built only when the fetch runs (a miss or a bypass): a hit clones nothing, and
-        // cloning a new request id's bytes would allocate a shared copy.
-        let fetch = || {
+        // Built only when the fetch runs (a miss, a bypass or a refresh): a hit clones nothing,
+        // and cloning a new request id's bytes would allocate a shared copy.
+        let fetch = |last: LastAttempt| {
             let api = self.api.clone();
             let contact = contact.clone();
             let request_id = request_id.clone();
-            let last = upstream.clone();
             async move { api.get(&contact, &request_id, deadline, &last).await }
         };
         let (cache_status, answer) = match self.cache.lookup(contact) {
             Lookup::Hit(hit) => {
+                if let Some(refresh) = hit.refresh {
+                    // Its attempts are not this request's: they are not in its log line.
+                    drop(refresh.spawn(fetch(LastAttempt::default())));
+                }
                 return ReadResult {
                     cache_status: CacheStatus::Hit,
                     age: Some(hit.age_s),
                     answer: Ok(hit.answer),
-                }
+                    upstream_failure: None,
+                };
             }
-            Lookup::Join(waiter) => (CacheStatus::Coalesced, waiter.wait(deadline).await),
-            Lookup::Lead(lead) => (CacheStatus::Miss, lead.spawn(fetch()).wait(deadline).await),
-            Lookup::Bypass => (CacheStatus::Bypass, fetch().await),
-            Lookup::Unsynced => (CacheStatus::Unsynced, fetch().await),
+            Lookup::Join(waiter) => {
+                return self
+                    .cache
+                    .settle(contact, CacheStatus::Coalesced, waiter, deadline)
+                    .await
+                    .into()
+            }
+            Lookup::Lead(lead) => {
+                let waiter = lead.spawn(fetch(upstream.clone()));
+                return self
+                    .cache
+                    .settle(contact, CacheStatus::Miss, waiter, deadline)
+                    .await
+                    .into();
+            }
+            Lookup::Bypass => (CacheStatus::Bypass, fetch(upstream.clone()).await),
+            Lookup::Unsynced => (CacheStatus::Unsynced, fetch(upstream.clone()).await),
         };
         ReadResult {
             cache_status,
             age: None,
             answer,
+            upstream_failure: None,
         }
     }
 

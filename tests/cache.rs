@@ -1,6 +1,8 @@
 //! The consent cache through the whole proxy: hits, TTLs, coalescing, what is never cached,
 //! write-through without races (including a randomized history check of the contract's
-//! read-your-writes rule), `%2B` equivalence and the admin purge.
+//! read-your-writes rule), `%2B` equivalence and the admin purge; STALE answers when upstream
+//! cannot answer (never older than a write the proxy knows of: rule 6, also checked over a
+//! randomized history with upstream outages) and refreshing ahead of the TTL.
 
 mod support;
 
@@ -10,12 +12,19 @@ use std::time::Duration;
 use consent_proxy::consent::ConsentStatus;
 use consent_proxy::simulator::{Fault, SimRoute};
 use http::Method;
-use support::history::{gets, random_client, random_upstream_delays, violations, Event, Op};
+use support::fake_upstream::{answer, consent_200, Act, FakeUpstream};
+use support::history::{
+    gets, random_client, random_upstream_delays, random_upstream_outages, stale_violations,
+    violations, Event, Op,
+};
 use support::*;
 use tokio::time::Instant;
 
 const HIT: Option<&str> = Some("HIT");
 const MISS: Option<&str> = Some("MISS");
+const STALE: Option<&str> = Some("STALE");
+/// The `Warning` on a STALE answer.
+const REVALIDATION_FAILED: Option<&str> = Some(r#"111 consent-proxy "Revalidation Failed""#);
 
 #[tokio::test]
 async fn second_get_is_a_hit_until_the_ttl_passes() {
@@ -353,6 +362,310 @@ async fn disabled_cache_bypasses() {
     assert_eq!(h.sim.gets_for("+15550012"), 3);
 }
 
+// ---- stale-if-error ----
+
+/// TTL 1 s, STALE answers up to 30 s past it, no retries (each failure ends the fill at once).
+fn stale_if_error(c: &mut ProxyConfig) {
+    c.set("cache.ttl_s", "1")
+        .set("cache.stale_if_error_s", "30")
+        .set("talkdesk.max_retries", "0")
+        .set("talkdesk.breaker_failures", "0");
+}
+
+/// The TTL is the behaviour under test: let it pass.
+async fn let_the_ttl_pass() {
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+}
+
+fn assert_stale(response: &TestResponse, status: &str) {
+    assert_eq!(
+        (response.status, response.header("x-cache-status")),
+        (200, STALE),
+        "{}",
+        response.text()
+    );
+    assert_eq!(response.status_field(), status);
+    assert_eq!(response.header("warning"), REVALIDATION_FAILED);
+    let age: u64 = response.header("age").unwrap().parse().unwrap();
+    assert!((1..30).contains(&age), "Age {age}");
+}
+
+#[tokio::test]
+async fn when_upstream_cannot_answer_an_expired_entry_answers_stale_but_a_404_is_an_answer() {
+    let h = Harness::start_with(|c| {
+        stale_if_error(c);
+        c.set("talkdesk.timeout_ms", "300");
+    })
+    .await;
+    let contact = "+15550013";
+    h.sim.set_status(contact, ConsentStatus::Consented);
+    assert_eq!(h.get(contact).await.header("x-cache-status"), MISS);
+    let_the_ttl_pass().await;
+    for fault in [
+        Fault::Status500,
+        Fault::TooManyRequests { retry_after_s: 0 },
+        Fault::CloseConnection,
+        Fault::Delay(Duration::from_millis(400)),
+    ] {
+        h.sim.inject(SimRoute::Get, fault.clone(), 1);
+        assert_stale(&h.get(contact).await, "CONSENTED");
+    }
+    assert_eq!(
+        h.metric(r#"consent_proxy_cache_lookups_total{result="stale"}"#)
+            .await,
+        4.0
+    );
+    assert_eq!(
+        h.metric(r#"consent_proxy_cache_lookups_total{result="miss"}"#)
+            .await,
+        1.0,
+        "a STALE answer is counted as STALE only"
+    );
+    // A 400 or a 404 from upstream is an answer: passed on, never replaced by a stale one.
+    h.sim.inject(
+        SimRoute::Get,
+        Fault::Respond {
+            status: 400,
+            headers: vec![("content-type".into(), "application/json".into())],
+            body: bytes::Bytes::from_static(br#"{"code":"bad_request","message":"no"}"#),
+        },
+        1,
+    );
+    assert_eq!(h.get(contact).await.status, 400);
+    h.sim.remove_contact(contact);
+    let gone = h.get(contact).await;
+    assert_eq!((gone.status, gone.header("x-cache-status")), (404, MISS));
+}
+
+/// Rule 6: the status a PUT wrote is what a STALE answer says afterwards; after a PUT whose
+/// outcome is unknown there is no STALE answer at all.
+#[tokio::test]
+async fn a_stale_answer_is_never_older_than_a_write() {
+    let h = Harness::start_with(|c| {
+        stale_if_error(c);
+        c.set("talkdesk.timeout_ms", "300");
+    })
+    .await;
+    let contact = "+15550014";
+    h.sim.set_status(contact, ConsentStatus::Consented);
+    assert_eq!(h.get(contact).await.status_field(), "CONSENTED");
+    assert_eq!(h.put(contact, "REFUSED").await.status, 200);
+    let_the_ttl_pass().await;
+    h.sim.inject(SimRoute::Get, Fault::Status500, u32::MAX);
+    assert_stale(&h.get(contact).await, "REFUSED");
+
+    // A PUT that outlives the attempt timeout may have been applied: the entry is dropped.
+    h.sim
+        .inject(SimRoute::Put, Fault::Delay(Duration::from_millis(400)), 1);
+    assert_eq!(h.put(contact, "CONSENTED").await.status, 504);
+    let after = h.get(contact).await;
+    assert_eq!(
+        (after.status, after.code().as_str()),
+        (502, "upstream_error"),
+        "no STALE answer from before a write that may have applied"
+    );
+}
+
+/// Rule 6 against a write that completes while the GET's fill is in flight: when the fill
+/// fails, the GET falls back on what the write left, not on the entry its lookup found.
+#[tokio::test]
+async fn a_get_whose_fill_fails_after_a_put_returned_falls_back_on_the_put() {
+    // GETs: CONSENTED at first, then 500 after 400 ms. PUTs: 200 at once.
+    let fake = FakeUpstream::start(|seen, n| match (seen.method.as_str(), n) {
+        ("PUT", _) => Act::Send(consent_200("REFUSED")),
+        (_, 0) => Act::Send(consent_200("CONSENTED")),
+        _ => Act::SendAfter(
+            Duration::from_millis(400),
+            answer("500 Internal Server Error", &[], b"{}"),
+        ),
+    })
+    .await;
+    let h = Arc::new(
+        Harness::start_with_upstream(|sim| (fake.url(), sim.token_url()), stale_if_error).await,
+    );
+    h.wait_ready().await;
+    let contact = "+15550015";
+    assert_eq!(h.get(contact).await.status_field(), "CONSENTED");
+    let_the_ttl_pass().await;
+    let slow = tokio::spawn({
+        let h = h.clone();
+        async move { h.get(contact).await }
+    });
+    fake.wait_for_requests(2).await;
+    assert_eq!(h.put(contact, "REFUSED").await.status, 200);
+    assert!(!slow.is_finished(), "the GET's fill must still be in flight");
+    let slow = slow.await.unwrap();
+    assert_eq!(
+        (slow.status_field().as_str(), slow.header("x-cache-status")),
+        ("REFUSED", HIT),
+        "the write's fresh entry, not a STALE answer older than the write"
+    );
+}
+
+/// Past `ttl_s + stale_if_error_s` an entry answers nothing.
+#[tokio::test]
+async fn past_the_stale_window_the_failure_is_answered() {
+    let h = Harness::start_with(|c| {
+        stale_if_error(c);
+        c.set("cache.stale_if_error_s", "1");
+    })
+    .await;
+    let contact = "+15550016";
+    h.sim.set_status(contact, ConsentStatus::Deleted);
+    h.get(contact).await;
+    h.sim.inject(SimRoute::Get, Fault::Status500, u32::MAX);
+    let_the_ttl_pass().await;
+    assert_stale(&h.get(contact).await, "DELETED");
+    let_the_ttl_pass().await;
+    let late = h.get(contact).await;
+    assert_eq!((late.status, late.code().as_str()), (502, "upstream_error"));
+}
+
+// ---- refresh-ahead ----
+
+/// One contact looked up back to back for several TTLs (2 s, refreshed in its last second):
+/// after the first MISS every lookup is a HIT, never waiting on upstream, and upstream sees one
+/// GET per refresh, one every `ttl_s - refresh_ahead_s`. A change made upstream behind the
+/// proxy's back is seen within that.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_contact_looked_up_continuously_is_refreshed_in_the_background() {
+    let h = Harness::start_with(|c| {
+        c.set("cache.ttl_s", "2").set("cache.refresh_ahead_s", "1");
+    })
+    .await;
+    let contact = "+15550017";
+    h.sim.set_status(contact, ConsentStatus::Consented);
+    let started = Instant::now();
+    let first = h.get(contact).await;
+    assert_eq!(first.header("x-cache-status"), MISS);
+    let mut seen = std::collections::BTreeMap::<String, usize>::new();
+    let mut changed_at = None;
+    let mut refused_seen_after = None;
+    while started.elapsed() < Duration::from_millis(6500) {
+        if changed_at.is_none() && started.elapsed() > Duration::from_secs(4) {
+            h.sim.set_status(contact, ConsentStatus::Refused);
+            changed_at = Some(Instant::now());
+        }
+        let answer = h.get(contact).await;
+        assert_eq!(answer.status, 200);
+        *seen
+            .entry(answer.header("x-cache-status").unwrap_or("-").to_owned())
+            .or_default() += 1;
+        if let (Some(at), None) = (changed_at, refused_seen_after) {
+            if answer.status_field() == "REFUSED" {
+                refused_seen_after = Some(at.elapsed());
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let elapsed = started.elapsed().as_secs_f64();
+    let upstream = h.sim.gets_for(contact) as f64;
+    let refreshes = h.metric("consent_proxy_cache_refreshes_total").await;
+    println!("{seen:?}; {upstream} upstream GETs in {elapsed:.1} s, {refreshes} refreshes");
+    assert_eq!(seen.keys().collect::<Vec<_>>(), vec!["HIT"], "{seen:?}");
+    assert_eq!(upstream, refreshes + 1.0);
+    // One refresh every second at the most (the first once the entry is 1 s old), and at
+    // least one per TTL, or a lookup would have missed.
+    assert!(
+        (elapsed / 2.0..=elapsed + 1.0).contains(&upstream),
+        "{upstream} upstream GETs in {elapsed:.1} s"
+    );
+    let refused_after = refused_seen_after.expect("the change upstream was seen");
+    assert!(refused_after < Duration::from_millis(1500), "{refused_after:?}");
+}
+
+// ---- randomized history with upstream outages: rules 2 and 6 ----
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn randomized_history_with_outages_never_answers_stale_older_than_a_write() {
+    const TTL_S: u64 = 1;
+    const STALE_S: u64 = 3;
+    let h = Arc::new(
+        Harness::start_with(|c| {
+            c.set("cache.ttl_s", &TTL_S.to_string())
+                .set("cache.stale_if_error_s", &STALE_S.to_string())
+                .set("talkdesk.max_retries", "0")
+                .set("talkdesk.timeout_ms", "200")
+                .set("talkdesk.breaker_failures", "3")
+                .set("talkdesk.breaker_cooldown_ms", "200");
+        })
+        .await,
+    );
+    const CONTACTS: usize = 12;
+    const INITIAL: &str = "NO_CONSENT";
+    let contacts: Vec<String> = (0..CONTACTS).map(|i| format!("+155577710{i:02}")).collect();
+    for contact in &contacts {
+        h.sim.set_status(contact, ConsentStatus::NoConsent);
+    }
+    let run_for = Duration::from_secs(8);
+    let started = Instant::now();
+    let until = started + run_for;
+    let delays = tokio::spawn({
+        let h = h.clone();
+        let contacts = contacts.clone();
+        async move { random_upstream_delays(&h.sim, &contacts, until).await }
+    });
+    let outages = tokio::spawn({
+        let h = h.clone();
+        async move { random_upstream_outages(&h.sim, Duration::from_millis(300), until).await }
+    });
+    let clients: Vec<_> = (0..4)
+        .map(|_| {
+            let h = h.clone();
+            let contacts = contacts.clone();
+            tokio::spawn(async move {
+                random_client(
+                    until,
+                    CONTACTS,
+                    1,
+                    0.1,
+                    5..30,
+                    |_, contact| h.get(&contacts[contact]),
+                    |_, contact, status| h.put(&contacts[contact], status),
+                )
+                .await
+            })
+        })
+        .collect();
+    let mut history = Vec::new();
+    for client in clients {
+        history.extend(client.await.unwrap());
+    }
+    delays.await.unwrap();
+    let outages = outages.await.unwrap();
+    let gets = gets(&history);
+    let puts = history.len() - gets;
+    let rule_2 = violations(&history, INITIAL);
+    let rule_6 = stale_violations(
+        &history,
+        Duration::from_secs(TTL_S + STALE_S),
+        Duration::ZERO,
+    );
+    println!(
+        "history: {} operations ({gets} GETs, {puts} PUTs), {outages} outages, {} STALE answers \
+         ({} after an acknowledged write); violations: rule 2 {}, rule 6 {}",
+        history.len(),
+        rule_6.stale,
+        rule_6.after_a_write,
+        rule_2.len(),
+        rule_6.violations.len()
+    );
+    assert!(
+        gets > 200 && puts > 20 && outages >= 2,
+        "too little traffic to mean anything"
+    );
+    assert!(
+        rule_6.stale > 20 && rule_6.after_a_write > 5,
+        "too few STALE answers to mean anything"
+    );
+    assert!(rule_2.is_empty(), "rule 2 violated:\n{}", rule_2.join("\n"));
+    assert!(
+        rule_6.violations.is_empty(),
+        "rule 6 violated:\n{}",
+        rule_6.violations.join("\n")
+    );
+}
+
 // ---- randomized history check of rule 2 ----
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -443,6 +756,7 @@ fn the_history_checker_catches_a_stale_read() {
             start: at(20),
             end: at(30),
             op: Op::Get {
+                stale_age_s: None,
                 result: Some("CONSENTED".into()),
             },
         },
@@ -452,4 +766,45 @@ fn the_history_checker_catches_a_stale_read() {
     let mut overlapping = history.clone();
     overlapping[1].start = at(5);
     assert!(violations(&overlapping, "CONSENTED").is_empty());
+}
+
+#[test]
+fn the_stale_checker_catches_an_answer_older_than_a_write_or_its_window() {
+    let t0 = Instant::now();
+    let at = |ms: u64| t0 + Duration::from_millis(ms);
+    let event = |start, end, op| Event {
+        contact: 0,
+        via: 0,
+        start: at(start),
+        end: at(end),
+        op,
+    };
+    let write = event(
+        0,
+        10,
+        Op::Put {
+            status: "REFUSED".into(),
+            acked: true,
+        },
+    );
+    let stale = |start, age_s| {
+        event(
+            start,
+            start + 5,
+            Op::Get {
+                result: Some("REFUSED".into()),
+                stale_age_s: Some(age_s),
+            },
+        )
+    };
+    let limit = Duration::from_secs(4);
+    let check = |history: &[Event]| stale_violations(history, limit, Duration::ZERO);
+    // 2.5 s after the write began, an answer 2 s old may be the write's; one 3 s old is not.
+    let fine = check(&[write.clone(), stale(2500, 2)]);
+    assert_eq!((fine.stale, fine.after_a_write), (1, 1));
+    assert!(fine.violations.is_empty());
+    assert_eq!(check(&[write.clone(), stale(2500, 3)]).violations.len(), 1);
+    // A GET that began before the write ended is not held to it; the window always holds.
+    assert!(check(&[write.clone(), stale(5, 3)]).violations.is_empty());
+    assert_eq!(check(&[stale(6000, 4)]).violations.len(), 1);
 }

@@ -900,6 +900,7 @@ async fn soak_three_instances_with_redis_restarts() {
             start: now,
             end: now,
             op: Op::Get {
+                stale_age_s: None,
                 result: Some(
                     fleet
                         .sim

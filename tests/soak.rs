@@ -57,6 +57,7 @@ fn the_history_checker_catches_a_stale_read() {
         start: at(start),
         end: at(end),
         op: Op::Get {
+            stale_age_s: None,
             result: Some(seen.into()),
         },
     };
@@ -315,6 +316,7 @@ async fn soak_mixed_traffic_under_upstream_chaos() {
             start: now,
             end: now,
             op: Op::Get {
+                stale_age_s: None,
                 result: Some(stored.as_str().to_owned()),
             },
         });
@@ -347,6 +349,7 @@ async fn soak_mixed_traffic_under_upstream_chaos() {
             start,
             end: Instant::now(),
             op: Op::Get {
+                stale_age_s: None,
                 result: Some(response.status_field()),
             },
         });

@@ -39,15 +39,22 @@ pub struct FillWaiter {
 impl FillWaiter {
     /// The fill's result, or `upstream_timeout` when `deadline` comes first.
     pub async fn wait(mut self, deadline: Instant) -> FillResult {
+        self.result_by(deadline)
+            .await
+            .unwrap_or(Err(ProxyError::UpstreamTimeout))
+    }
+
+    /// The fill's result, or `None` when `deadline` comes first (the waiter can wait on).
+    pub async fn result_by(&mut self, deadline: Instant) -> Option<FillResult> {
         let outcome =
             tokio::time::timeout_at(deadline, self.result.wait_for(Option::is_some)).await;
         match outcome {
-            Ok(Ok(done)) => match &*done {
+            Ok(Ok(done)) => Some(match &*done {
                 Some(result) => result.clone(),
                 None => Err(abandoned()),
-            },
-            Ok(Err(_)) => Err(abandoned()),
-            Err(_) => Err(ProxyError::UpstreamTimeout),
+            }),
+            Ok(Err(_)) => Some(Err(abandoned())),
+            Err(_) => None,
         }
     }
 }

@@ -14,6 +14,8 @@ pub enum CacheStatus {
     Bypass,
     /// Bypassed because the cluster's feed was not confirmed live (`BYPASS` to the caller).
     Unsynced,
+    /// Answered from an expired entry because upstream could not answer.
+    Stale,
 }
 
 impl CacheStatus {
@@ -25,13 +27,14 @@ impl CacheStatus {
         }
     }
 
-    /// The `x-cache-status` value: the contract's HIT, MISS, COALESCED or BYPASS.
+    /// The `x-cache-status` value: the contract's HIT, MISS, COALESCED, BYPASS or STALE.
     pub fn header_value(self) -> &'static str {
         match self {
             CacheStatus::Hit => "HIT",
             CacheStatus::Miss => "MISS",
             CacheStatus::Coalesced => "COALESCED",
             CacheStatus::Bypass | CacheStatus::Unsynced => "BYPASS",
+            CacheStatus::Stale => "STALE",
         }
     }
 }
@@ -58,6 +61,8 @@ pub struct CacheMetrics {
     coalesced: IntCounter,
     bypass: IntCounter,
     unsynced: IntCounter,
+    stale: IntCounter,
+    refreshes: IntCounter,
     pub(super) entries: IntGauge,
     write: IntCounter,
     purge: IntCounter,
@@ -73,7 +78,8 @@ impl CacheMetrics {
             registry,
             "consent_proxy_cache_lookups_total",
             "Consent GETs by how the cache answered them: hit, miss, coalesced, bypass (cache \
-             disabled), unsynced (bypassed: the cluster's feed was not confirmed live).",
+             disabled), unsynced (bypassed: the cluster's feed was not confirmed live), stale \
+             (answered from an expired entry because upstream could not answer).",
             &["result"],
         );
         let invalidations = metrics::counter_vec(
@@ -92,6 +98,13 @@ impl CacheMetrics {
             coalesced: lookups.with_label_values(&["coalesced"]),
             bypass: lookups.with_label_values(&["bypass"]),
             unsynced: lookups.with_label_values(&["unsynced"]),
+            stale: lookups.with_label_values(&["stale"]),
+            refreshes: metrics::counter(
+                registry,
+                "consent_proxy_cache_refreshes_total",
+                "Background refreshes started by a hit near the end of its entry's TTL \
+                 (cache.refresh_ahead_s).",
+            ),
             entries: metrics::gauge(
                 registry,
                 "consent_proxy_cache_entries",
@@ -113,8 +126,13 @@ impl CacheMetrics {
             CacheStatus::Coalesced => &self.coalesced,
             CacheStatus::Bypass => &self.bypass,
             CacheStatus::Unsynced => &self.unsynced,
+            CacheStatus::Stale => &self.stale,
         }
         .inc();
+    }
+
+    pub(super) fn refresh_started(&self) {
+        self.refreshes.inc();
     }
 
     pub(super) fn invalidated(&self, reason: Invalidation) {

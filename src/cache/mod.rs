@@ -26,12 +26,15 @@
 
 mod entry;
 mod fill;
+mod lifetime;
 mod metrics;
+mod stale;
 
 use std::collections::HashMap;
 use std::hash::{BuildHasher, RandomState};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+#[cfg(test)]
 use std::time::Duration;
 
 use moka::sync::Cache;
@@ -39,10 +42,12 @@ use tokio::time::Instant;
 
 use crate::config::CacheSettings;
 use crate::consent::{ConsentAnswer, ConsentStatus, ContactId};
-use entry::{StoredAnswer, MAX_TTL};
+use entry::StoredAnswer;
 use fill::Fill;
 pub use fill::{FillLead, FillResult, FillWaiter};
+use lifetime::{Freshness, Lifetimes};
 pub use metrics::{CacheMetrics, CacheStatus, Invalidation};
+pub use stale::Settled;
 
 /// Number of lock shards for the per-key bookkeeping (a power of two).
 const SHARDS: usize = 64;
@@ -66,6 +71,9 @@ pub struct Hit {
     pub answer: ConsentAnswer,
     /// Seconds since the answer was stored.
     pub age_s: u32,
+    /// The entry is near its TTL's end (`refresh_ahead_s`) and this hit registered the key's
+    /// refresh: run it in the background ([`FillLead::spawn`]) and answer the hit at once.
+    pub refresh: Option<FillLead>,
 }
 
 /// How a write through the proxy ended, for the cache.
@@ -109,8 +117,7 @@ struct Inner {
     shards: Box<[Shard]>,
     hasher: RandomState,
     epoch: Instant,
-    ttl_ms: u32,
-    not_found_ttl_ms: u32,
+    lifetimes: Lifetimes,
     enabled: bool,
     /// Milliseconds since `epoch` until which the cache may be answered from (the cluster's
     /// feed is confirmed live until then); `u64::MAX` without a cluster.
@@ -126,13 +133,13 @@ pub struct ConsentCache {
 
 impl ConsentCache {
     pub fn new(settings: &CacheSettings, metrics: CacheMetrics) -> Self {
-        let ttl = settings.ttl.min(MAX_TTL);
-        let not_found_ttl = settings.not_found_ttl.min(MAX_TTL);
-        // One TTL for moka to evict by (a per-entry expiry policy costs ~40 bytes an entry);
-        // each kind's own TTL is checked exactly on every read.
+        let lifetimes = Lifetimes::new(settings);
+        // One TTL for moka to evict by (a per-entry expiry policy costs ~40 bytes an entry):
+        // the longest any entry may answer, its stale window included. Each kind's own limits
+        // are checked exactly on every read.
         let answers = Cache::builder()
             .max_capacity(settings.max_entries)
-            .time_to_live(ttl.max(not_found_ttl).max(Duration::from_millis(1)))
+            .time_to_live(lifetimes.retention())
             .build();
         let shards = (0..SHARDS).map(|_| Mutex::new(HashMap::new())).collect();
         ConsentCache {
@@ -141,8 +148,7 @@ impl ConsentCache {
                 shards,
                 hasher: RandomState::new(),
                 epoch: Instant::now(),
-                ttl_ms: ttl.as_millis() as u32,
-                not_found_ttl_ms: not_found_ttl.as_millis() as u32,
+                lifetimes,
                 enabled: settings.enabled,
                 trusted_until_ms: AtomicU64::new(u64::MAX),
                 metrics,
@@ -156,7 +162,8 @@ impl ConsentCache {
 
     /// Looks a contact up: a hit, a fill to join, or the lead of a new fill. A hit touches
     /// only moka (and one atomic load: whether the cache is trusted); the shard lock is
-    /// taken on a miss.
+    /// taken on a miss, and on a hit inside the refresh-ahead window. A hit is counted here;
+    /// a fill joined or led is counted when it is [`settle`](Self::settle)d.
     pub fn lookup(&self, contact: &ContactId) -> Lookup {
         let inner = &self.inner;
         if !inner.enabled {
@@ -170,46 +177,57 @@ impl ConsentCache {
             return Lookup::Unsynced;
         }
         let key = contact.as_arc();
-        if let Some(hit) = self.fresh(key, now_ms as u32) {
-            return Lookup::Hit(hit);
+        if let Some(stored) = inner.answers.get(key) {
+            let age_ms = stored.age_ms(now_ms as u32);
+            match inner.lifetimes.freshness(&stored, age_ms) {
+                Freshness::Fresh => return Lookup::Hit(self.hit(&stored, age_ms, None)),
+                Freshness::RefreshDue => {
+                    let refresh = self.register_refresh(key);
+                    return Lookup::Hit(self.hit(&stored, age_ms, refresh));
+                }
+                Freshness::Expired => {}
+            }
         }
         let mut shard = self.shard(key);
         // A fill may have stored the answer while this request waited for the lock.
-        if let Some(hit) = self.fresh(key, self.now_ms()) {
-            return Lookup::Hit(hit);
+        if let Some(stored) = inner.answers.get(key) {
+            let age_ms = stored.age_ms(self.now_ms());
+            if inner.lifetimes.freshness(&stored, age_ms) != Freshness::Expired {
+                return Lookup::Hit(self.hit(&stored, age_ms, None));
+            }
         }
         let state = shard.entry(key.clone()).or_default();
         match &state.fill {
-            Some(fill) => {
-                inner.metrics.lookup(CacheStatus::Coalesced);
-                Lookup::Join(fill.waiter())
-            }
+            Some(fill) => Lookup::Join(fill.waiter()),
             None => {
                 let (lead, fill) = FillLead::new(self.clone(), key.clone());
                 state.fill = Some(fill);
-                inner.metrics.lookup(CacheStatus::Miss);
                 Lookup::Lead(lead)
             }
         }
     }
 
-    /// The key's answer as a hit, if one is stored and younger than its kind's TTL.
-    fn fresh(&self, key: &Arc<str>, now_ms: u32) -> Option<Hit> {
-        let stored = self.inner.answers.get(key)?;
-        let age_ms = stored.age_ms(now_ms);
-        let ttl_ms = if stored.is_not_found() {
-            self.inner.not_found_ttl_ms
-        } else {
-            self.inner.ttl_ms
-        };
-        if age_ms >= ttl_ms {
-            return None;
-        }
+    /// A counted hit on `stored`.
+    fn hit(&self, stored: &StoredAnswer, age_ms: u32, refresh: Option<FillLead>) -> Hit {
         self.inner.metrics.lookup(CacheStatus::Hit);
-        Some(Hit {
+        Hit {
             answer: stored.to_answer(),
             age_s: age_ms / 1000,
-        })
+            refresh,
+        }
+    }
+
+    /// Registers a refresh of `key` as its fill, unless a fill is already in flight (it
+    /// refreshes the entry anyway) or a write is (a fill would not store).
+    fn register_refresh(&self, key: &Arc<str>) -> Option<FillLead> {
+        let mut shard = self.shard(key);
+        if shard.get(key).is_some_and(|state| !state.is_idle()) {
+            return None;
+        }
+        let (lead, fill) = FillLead::new(self.clone(), key.clone());
+        shard.entry(key.clone()).or_default().fill = Some(fill);
+        self.inner.metrics.refresh_started();
+        Some(lead)
     }
 
     /// Ends `fill` (the generation guard): if it is still the key's registered fill, it is
@@ -227,7 +245,7 @@ impl ConsentCache {
             state.fill = None;
             let answer = answer.filter(|_| state.writes_in_flight == 0);
             let stored = answer.and_then(|answer| {
-                StoredAnswer::from_read(answer, self.inner.not_found_ttl_ms > 0, self.now_ms())
+                StoredAnswer::from_read(answer, self.inner.lifetimes.caches_not_found(), self.now_ms())
             });
             if let Some(stored) = stored {
                 self.inner.answers.insert(key.clone(), stored);
@@ -422,14 +440,22 @@ impl ConsentCache {
 impl ConsentCache {
     /// A small enabled cache (TTLs 60 s and 30 s) with its own registry, for unit tests.
     pub(crate) fn for_tests() -> ConsentCache {
+        Self::for_tests_with(None, None)
+    }
+
+    /// As [`Self::for_tests`], with `stale_if_error` and `refresh_ahead`.
+    pub(crate) fn for_tests_with(
+        stale_if_error: Option<Duration>,
+        refresh_ahead: Option<Duration>,
+    ) -> ConsentCache {
         ConsentCache::new(
             &CacheSettings {
                 enabled: true,
                 ttl: Duration::from_secs(60),
                 not_found_ttl: Duration::from_secs(30),
                 max_entries: 100,
-                stale_if_error: None,
-                refresh_ahead: None,
+                stale_if_error,
+                refresh_ahead,
             },
             CacheMetrics::register(&prometheus::Registry::new()),
         )
@@ -620,5 +646,76 @@ mod tests {
             Lookup::Hit(hit) => assert_eq!(hit.answer.body, &b"{\"status\":\"REFUSED\"}"[..]),
             _ => panic!("the write's answer must be the one stored"),
         }
+    }
+
+    fn refreshing(cache: &ConsentCache, id: &ContactId) -> Option<FillLead> {
+        match cache.lookup(id) {
+            Lookup::Hit(hit) => hit.refresh,
+            _ => panic!("expected a hit"),
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_hit_near_the_ttls_end_starts_one_refresh() {
+        let cache = ConsentCache::for_tests_with(None, Some(Duration::from_secs(10)));
+        let id = contact("+15550000010");
+        cache
+            .begin_write(&id)
+            .finish(WriteOutcome::Applied(ConsentStatus::Consented));
+        tokio::time::advance(Duration::from_millis(49_900)).await;
+        assert!(refreshing(&cache, &id).is_none(), "outside the window");
+        assert_eq!(cache.keys_in_flight(), 0, "no lock state for a plain hit");
+        tokio::time::advance(Duration::from_millis(200)).await;
+        let refresh = refreshing(&cache, &id).expect("inside the window: a refresh");
+        assert!(
+            refreshing(&cache, &id).is_none(),
+            "one refresh at a time: the next hit only answers"
+        );
+        tokio::time::advance(Duration::from_secs(10)).await;
+        assert!(
+            matches!(cache.lookup(&id), Lookup::Join(_)),
+            "past the TTL, a miss joins the refresh in flight"
+        );
+        refresh
+            .spawn(async { Ok(ConsentAnswer::canonical(ConsentStatus::Refused)) })
+            .wait(deadline())
+            .await
+            .expect("refreshed");
+        match cache.lookup(&id) {
+            Lookup::Hit(hit) => {
+                assert_eq!(hit.answer.body, &b"{\"status\":\"REFUSED\"}"[..]);
+                assert_eq!(hit.age_s, 0);
+                assert!(hit.refresh.is_none());
+            }
+            _ => panic!("the refresh stored its answer"),
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn no_refresh_while_a_write_is_in_flight_and_a_write_supersedes_one() {
+        let cache = ConsentCache::for_tests_with(None, Some(Duration::from_secs(10)));
+        let id = contact("+15550000011");
+        cache
+            .begin_write(&id)
+            .finish(WriteOutcome::Applied(ConsentStatus::Consented));
+        tokio::time::advance(Duration::from_secs(55)).await;
+        let write = cache.begin_write(&id);
+        assert!(refreshing(&cache, &id).is_none(), "a write is in flight");
+        write.finish(WriteOutcome::NotApplied);
+        let refresh = refreshing(&cache, &id).expect("a refresh");
+        cache
+            .begin_write(&id)
+            .finish(WriteOutcome::Applied(ConsentStatus::Refused));
+        refresh
+            .spawn(async { Ok(ConsentAnswer::canonical(ConsentStatus::Consented)) })
+            .wait(deadline())
+            .await
+            .expect("its waiter still gets its answer");
+        assert_eq!(
+            hit_body(&cache, &id).expect("a hit"),
+            &b"{\"status\":\"REFUSED\"}"[..],
+            "a refresh superseded by a write does not store"
+        );
+        assert_eq!(cache.keys_in_flight(), 0);
     }
 }

@@ -31,6 +31,8 @@ const ALLOWED_METHODS: &str = "GET, PUT";
 /// As a constant: inserting under a `&str` name that is not a standard header allocates a
 /// copy of the name on every response.
 const X_CACHE_STATUS: HeaderName = HeaderName::from_static("x-cache-status");
+/// On a STALE answer (RFC 7234's warn-code 111: the cache could not revalidate it).
+pub const STALE_WARNING: &str = r#"111 consent-proxy "Revalidation Failed""#;
 
 /// Limits the HTTP layer enforces itself.
 #[derive(Debug, Clone)]
@@ -197,6 +199,8 @@ impl ConsentRoutes {
                 .read(&contact, request_id, deadline, upstream)
                 .await;
             outcome.cache_status = Some(read.cache_status);
+            // Logged with the answer from the cache that stood in for upstream's.
+            outcome.error = read.upstream_failure;
             let answer = read.answer?;
             let mut response = answer_response(answer);
             if matches!(response.status(), StatusCode::OK | StatusCode::NOT_FOUND) {
@@ -204,6 +208,11 @@ impl ConsentRoutes {
                     X_CACHE_STATUS,
                     HeaderValue::from_static(read.cache_status.header_value()),
                 );
+            }
+            if read.cache_status == CacheStatus::Stale {
+                response
+                    .headers_mut()
+                    .insert(header::WARNING, HeaderValue::from_static(STALE_WARNING));
             }
             if let Some(age) = read.age {
                 response

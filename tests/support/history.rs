@@ -1,5 +1,6 @@
-//! Recorded histories of consent reads and writes, and the read-your-writes checks over them:
-//! rule 2 through one instance, rule 5 across the instances of a cluster.
+//! Recorded histories of consent reads and writes, and the checks over them: read-your-writes
+//! (rule 2 through one instance, rule 5 across the instances of a cluster) and the bounds on
+//! STALE answers (rule 6).
 #![allow(dead_code)]
 
 use std::collections::BTreeMap;
@@ -13,8 +14,15 @@ use super::TestResponse;
 
 #[derive(Debug, Clone)]
 pub enum Op {
-    Get { result: Option<String> },
-    Put { status: String, acked: bool },
+    Get {
+        result: Option<String>,
+        /// For a STALE answer: its `Age` (whole seconds).
+        stale_age_s: Option<u64>,
+    },
+    Put {
+        status: String,
+        acked: bool,
+    },
 }
 
 #[derive(Debug, Clone)]
@@ -50,7 +58,10 @@ pub fn cluster_violations(history: &[Event], initial: &str, lag: Duration) -> Ve
     }
     let mut found = Vec::new();
     for get in history {
-        let Op::Get { result: Some(seen) } = &get.op else {
+        let Op::Get {
+            result: Some(seen), ..
+        } = &get.op
+        else {
             continue;
         };
         let writes = writes_of.get(&get.contact).map_or(&[][..], Vec::as_slice);
@@ -91,6 +102,65 @@ pub fn cluster_violations(history: &[Event], initial: &str, lag: Duration) -> Ve
     found
 }
 
+/// What [`stale_violations`] found.
+#[derive(Debug, Default)]
+pub struct StaleCheck {
+    /// STALE answers in the history.
+    pub stale: usize,
+    /// Of those, the ones an acknowledged write of their contact had ended before (the ones
+    /// the write rule could catch).
+    pub after_a_write: usize,
+    pub violations: Vec<String>,
+}
+
+/// Rule 6 over a history: a STALE answer is never more than `ttl_plus_stale` old
+/// (`ttl_s + stale_if_error_s`), and never older than an acknowledged write of its contact
+/// that had ended before the GET began (through another instance: `lag` before). The entry
+/// a write leaves was stored after the write began, so an answer whose `Age` (whole seconds,
+/// rounded down: the true age is at least that) reaches back past the start of such a write
+/// is certainly older than it.
+pub fn stale_violations(history: &[Event], ttl_plus_stale: Duration, lag: Duration) -> StaleCheck {
+    let mut check = StaleCheck::default();
+    for get in history {
+        let Op::Get {
+            result: Some(seen),
+            stale_age_s: Some(age_s),
+        } = &get.op
+        else {
+            continue;
+        };
+        check.stale += 1;
+        let age = Duration::from_secs(*age_s);
+        if age >= ttl_plus_stale {
+            check.violations.push(format!(
+                "STALE answer of contact {} ({seen}) {age_s} s old, the limit is {ttl_plus_stale:?}",
+                get.contact
+            ));
+        }
+        let latest_write = history
+            .iter()
+            .filter(|w| w.contact == get.contact)
+            .filter(|w| matches!(w.op, Op::Put { acked: true, .. }))
+            .filter(|w| {
+                let lag = if w.via == get.via { Duration::ZERO } else { lag };
+                w.end + lag < get.start
+            })
+            .max_by_key(|w| w.start);
+        if let Some(write) = latest_write {
+            check.after_a_write += 1;
+            let since_write = get.end.duration_since(write.start);
+            if age > since_write {
+                check.violations.push(format!(
+                    "STALE answer of contact {} through instance {} ({seen}, Age {age_s}) is \
+                     older than the write that began {since_write:?} before it ended",
+                    get.contact, get.via
+                ));
+            }
+        }
+    }
+    check
+}
+
 impl Op {
     /// A PUT of `status` and the proxy's answer: acknowledged when the answer is a 2xx.
     pub fn put(status: &str, response: &TestResponse) -> Op {
@@ -100,10 +170,18 @@ impl Op {
         }
     }
 
-    /// A GET and the proxy's answer: a status seen when the answer is a 200.
+    /// A GET and the proxy's answer: a status seen when the answer is a 200, and its `Age`
+    /// when it is STALE.
     pub fn get(response: &TestResponse) -> Op {
+        let stale = response.status == 200 && response.header("x-cache-status") == Some("STALE");
         Op::Get {
             result: (response.status == 200).then(|| response.status_field()),
+            stale_age_s: stale.then(|| {
+                response
+                    .header("age")
+                    .and_then(|age| age.parse().ok())
+                    .expect("a STALE answer has an Age")
+            }),
         }
     }
 }
@@ -123,6 +201,38 @@ pub async fn random_upstream_delays(sim: &Simulator, contacts: &[String], until:
             );
         }
         tokio::time::sleep(Duration::from_millis(rand::random_range(1..15))).await;
+    }
+}
+
+/// Until `until`, takes upstream down and up at random: healthy for 0.3 to 1 s, then failing
+/// for 1 to 2.5 s, where every GET meets one fault (a 500, a 429 with `Retry-After` 0 or 1, a
+/// closed connection, or a hold past `past_timeout`, the proxy's attempt timeout), and PUTs,
+/// half the time, one too (a 500, or a hold past `past_timeout`: applied, but unacknowledged).
+/// Returns the number of outages.
+pub async fn random_upstream_outages(sim: &Simulator, past_timeout: Duration, until: Instant) -> usize {
+    let mut outages = 0;
+    let between = |from_ms: u64, to_ms: u64| Duration::from_millis(rand::random_range(from_ms..to_ms));
+    loop {
+        tokio::time::sleep(between(300, 1000)).await;
+        if Instant::now() >= until {
+            return outages;
+        }
+        outages += 1;
+        let get_fault = match rand::random_range(0..5) {
+            0 => Fault::Status500,
+            1 => Fault::TooManyRequests { retry_after_s: 0 },
+            2 => Fault::TooManyRequests { retry_after_s: 1 },
+            3 => Fault::CloseConnection,
+            _ => Fault::Delay(past_timeout),
+        };
+        sim.inject(SimRoute::Get, get_fault, u32::MAX);
+        match rand::random_range(0..4) {
+            0 => sim.inject(SimRoute::Put, Fault::Status500, u32::MAX),
+            1 => sim.inject(SimRoute::Put, Fault::Delay(past_timeout), u32::MAX),
+            _ => {}
+        }
+        tokio::time::sleep(between(1000, 2500).min(until.saturating_duration_since(Instant::now()))).await;
+        sim.clear_faults();
     }
 }
 
