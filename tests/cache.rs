@@ -15,7 +15,7 @@ use http::Method;
 use support::fake_upstream::{answer, consent_200, Act, FakeUpstream};
 use support::history::{
     gets, random_client, random_upstream_delays, random_upstream_outages, stale_violations,
-    violations, Event, Op,
+    violations, Event, Op, OutageFaults,
 };
 use support::*;
 use tokio::time::Instant;
@@ -493,7 +493,10 @@ async fn a_get_whose_fill_fails_after_a_put_returned_falls_back_on_the_put() {
     });
     fake.wait_for_requests(2).await;
     assert_eq!(h.put(contact, "REFUSED").await.status, 200);
-    assert!(!slow.is_finished(), "the GET's fill must still be in flight");
+    assert!(
+        !slow.is_finished(),
+        "the GET's fill must still be in flight"
+    );
     let slow = slow.await.unwrap();
     assert_eq!(
         (slow.status_field().as_str(), slow.header("x-cache-status")),
@@ -571,35 +574,58 @@ async fn a_contact_looked_up_continuously_is_refreshed_in_the_background() {
         "{upstream} upstream GETs in {elapsed:.1} s"
     );
     let refused_after = refused_seen_after.expect("the change upstream was seen");
-    assert!(refused_after < Duration::from_millis(1500), "{refused_after:?}");
+    assert!(
+        refused_after < Duration::from_millis(1500),
+        "{refused_after:?}"
+    );
 }
 
-// ---- randomized history with upstream outages: rules 2 and 6 ----
+// ---- randomized histories with upstream outages: rules 2 and 6 ----
 
+/// Mixed faults (500, 429 with and without `Retry-After`, closed connections, timeouts) and a
+/// breaker that opens on them; random clients over twelve contacts.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn randomized_history_with_outages_never_answers_stale_older_than_a_write() {
+    history_with_outages(OutageFaults::Mixed).await;
+}
+
+/// Every upstream failure is a timeout, so a fill fails at least that long after its GET
+/// began, and each contact has one reader (no GET joins another's fill): a write acknowledged
+/// within that time is one the proxy knew of when it answered, and the STALE answer must not
+/// be older than it. (Remembering the entry the lookup found, instead of reading it again when
+/// the fill fails, breaks this one.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn randomized_history_with_slow_outages_falls_back_on_writes_made_during_the_get() {
+    history_with_outages(OutageFaults::Slow).await;
+}
+
+async fn history_with_outages(faults: OutageFaults) {
     const TTL_S: u64 = 1;
     const STALE_S: u64 = 3;
+    const ATTEMPT_TIMEOUT: Duration = Duration::from_millis(200);
+    const CONTACTS: usize = 12;
+    const INITIAL: &str = "NO_CONSENT";
+    let slow = faults == OutageFaults::Slow;
     let h = Arc::new(
         Harness::start_with(|c| {
             c.set("cache.ttl_s", &TTL_S.to_string())
                 .set("cache.stale_if_error_s", &STALE_S.to_string())
                 .set("talkdesk.max_retries", "0")
-                .set("talkdesk.timeout_ms", "200")
-                .set("talkdesk.breaker_failures", "3")
+                .set(
+                    "talkdesk.timeout_ms",
+                    &ATTEMPT_TIMEOUT.as_millis().to_string(),
+                )
+                .set("talkdesk.breaker_failures", if slow { "0" } else { "3" })
                 .set("talkdesk.breaker_cooldown_ms", "200");
         })
         .await,
     );
-    const CONTACTS: usize = 12;
-    const INITIAL: &str = "NO_CONSENT";
     let contacts: Vec<String> = (0..CONTACTS).map(|i| format!("+155577710{i:02}")).collect();
     for contact in &contacts {
         h.sim.set_status(contact, ConsentStatus::NoConsent);
     }
     let run_for = Duration::from_secs(8);
-    let started = Instant::now();
-    let until = started + run_for;
+    let until = Instant::now() + run_for;
     let delays = tokio::spawn({
         let h = h.clone();
         let contacts = contacts.clone();
@@ -607,26 +633,55 @@ async fn randomized_history_with_outages_never_answers_stale_older_than_a_write(
     });
     let outages = tokio::spawn({
         let h = h.clone();
-        async move { random_upstream_outages(&h.sim, Duration::from_millis(300), until).await }
+        let past_timeout = ATTEMPT_TIMEOUT + Duration::from_millis(100);
+        async move { random_upstream_outages(&h.sim, faults, past_timeout, until).await }
     });
-    let clients: Vec<_> = (0..4)
-        .map(|_| {
-            let h = h.clone();
-            let contacts = contacts.clone();
-            tokio::spawn(async move {
-                random_client(
-                    until,
-                    CONTACTS,
-                    1,
-                    0.1,
-                    5..30,
-                    |_, contact| h.get(&contacts[contact]),
-                    |_, contact, status| h.put(&contacts[contact], status),
-                )
-                .await
-            })
-        })
-        .collect();
+    let get = |h: &Arc<Harness>, contact: &str| {
+        let (h, contact) = (h.clone(), contact.to_owned());
+        async move { h.get(&contact).await }
+    };
+    let put = |h: &Arc<Harness>, contact: &str, status: &'static str| {
+        let (h, contact) = (h.clone(), contact.to_owned());
+        async move { h.put(&contact, status).await }
+    };
+    // Mixed: four clients, each reading and writing any contact. Slow: six readers with two
+    // contacts of their own, and one writer of all of them.
+    let mut clients = Vec::new();
+    let (readers, owned) = if slow { (6, 2) } else { (4, CONTACTS) };
+    for reader in 0..readers {
+        let (h, contacts) = (h.clone(), contacts.clone());
+        let first = if slow { reader * owned } else { 0 };
+        let put_share = if slow { 0.0 } else { 0.1 };
+        clients.push(tokio::spawn(async move {
+            let mut events = random_client(
+                until,
+                owned,
+                1,
+                put_share,
+                5..30,
+                |_, c| get(&h, &contacts[first + c]),
+                |_, c, status| put(&h, &contacts[first + c], status),
+            )
+            .await;
+            events.iter_mut().for_each(|e| e.contact += first);
+            events
+        }));
+    }
+    if slow {
+        let (h, contacts) = (h.clone(), contacts.clone());
+        clients.push(tokio::spawn(async move {
+            random_client(
+                until,
+                CONTACTS,
+                1,
+                1.0,
+                50..150,
+                |_, c| get(&h, &contacts[c]),
+                |_, c, status| put(&h, &contacts[c], status),
+            )
+            .await
+        }));
+    }
     let mut history = Vec::new();
     for client in clients {
         history.extend(client.await.unwrap());
@@ -636,17 +691,24 @@ async fn randomized_history_with_outages_never_answers_stale_older_than_a_write(
     let gets = gets(&history);
     let puts = history.len() - gets;
     let rule_2 = violations(&history, INITIAL);
+    let failure_latency = if slow {
+        ATTEMPT_TIMEOUT
+    } else {
+        Duration::ZERO
+    };
     let rule_6 = stale_violations(
         &history,
         Duration::from_secs(TTL_S + STALE_S),
-        Duration::ZERO,
+        failure_latency,
     );
     println!(
-        "history: {} operations ({gets} GETs, {puts} PUTs), {outages} outages, {} STALE answers \
-         ({} after an acknowledged write); violations: rule 2 {}, rule 6 {}",
+        "{faults:?}: {} operations ({gets} GETs, {puts} PUTs), {outages} outages, {} STALE \
+         answers ({} held to a write), {} writes during a failing GET; violations: rule 2 {}, \
+         rule 6 {}",
         history.len(),
         rule_6.stale,
         rule_6.after_a_write,
+        rule_6.writes_during_failing_gets,
         rule_2.len(),
         rule_6.violations.len()
     );
@@ -658,6 +720,12 @@ async fn randomized_history_with_outages_never_answers_stale_older_than_a_write(
         rule_6.stale > 20 && rule_6.after_a_write > 5,
         "too few STALE answers to mean anything"
     );
+    if slow {
+        assert!(
+            rule_6.writes_during_failing_gets > 3,
+            "too few writes during failing GETs to mean anything"
+        );
+    }
     assert!(rule_2.is_empty(), "rule 2 violated:\n{}", rule_2.join("\n"));
     assert!(
         rule_6.violations.is_empty(),
@@ -799,12 +867,17 @@ fn the_stale_checker_catches_an_answer_older_than_a_write_or_its_window() {
     };
     let limit = Duration::from_secs(4);
     let check = |history: &[Event]| stale_violations(history, limit, Duration::ZERO);
+    let slow_failures =
+        |history: &[Event]| stale_violations(history, limit, Duration::from_millis(200));
     // 2.5 s after the write began, an answer 2 s old may be the write's; one 3 s old is not.
     let fine = check(&[write.clone(), stale(2500, 2)]);
     assert_eq!((fine.stale, fine.after_a_write), (1, 1));
     assert!(fine.violations.is_empty());
     assert_eq!(check(&[write.clone(), stale(2500, 3)]).violations.len(), 1);
-    // A GET that began before the write ended is not held to it; the window always holds.
+    // A GET that began before the write ended is not held to it, unless failures are known
+    // to take longer than that; the window always holds.
     assert!(check(&[write.clone(), stale(5, 3)]).violations.is_empty());
+    let during = slow_failures(&[write.clone(), stale(5, 1)]);
+    assert_eq!(during.violations.len(), 1);
     assert_eq!(check(&[stale(6000, 4)]).violations.len(), 1);
 }

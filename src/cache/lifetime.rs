@@ -155,7 +155,11 @@ mod tests {
         assert!(l.expired(&found, 60_000) && !l.expired(&found, 59_999));
         assert!(l.stale_usable(&found, 359_999));
         assert!(!l.stale_usable(&found, 360_000));
-        assert_eq!(l.retention(), Duration::from_secs(360), "moka keeps the stale window");
+        assert_eq!(
+            l.retention(),
+            Duration::from_secs(360),
+            "moka keeps the stale window"
+        );
         assert!(!l.caches_not_found());
     }
 

@@ -245,7 +245,11 @@ impl ConsentCache {
             state.fill = None;
             let answer = answer.filter(|_| state.writes_in_flight == 0);
             let stored = answer.and_then(|answer| {
-                StoredAnswer::from_read(answer, self.inner.lifetimes.caches_not_found(), self.now_ms())
+                StoredAnswer::from_read(
+                    answer,
+                    self.inner.lifetimes.caches_not_found(),
+                    self.now_ms(),
+                )
             });
             if let Some(stored) = stored {
                 self.inner.answers.insert(key.clone(), stored);

@@ -133,9 +133,9 @@ fn answer_is_a_failure(answer: &ConsentAnswer) -> bool {
 fn failure_of(result: &FillResult) -> ProxyError {
     match result {
         Err(error) => error.clone(),
-        Ok(answer) => ProxyError::Upstream(
-            format!("upstream answered {}", answer.status.as_u16()).into(),
-        ),
+        Ok(answer) => {
+            ProxyError::Upstream(format!("upstream answered {}", answer.status.as_u16()).into())
+        }
     }
 }
 
@@ -196,12 +196,18 @@ mod tests {
         assert_eq!(stale.status, CacheStatus::Stale);
         assert_eq!(stale.age_s, Some(61));
         assert_eq!(body(&stale), br#"{"status":"CONSENTED"}"#);
-        assert!(matches!(stale.upstream_failure, Some(ProxyError::Upstream(_))));
+        assert!(matches!(
+            stale.upstream_failure,
+            Some(ProxyError::Upstream(_))
+        ));
 
         tokio::time::advance(STALE).await;
         let late = get(&cache, &id, unreachable()).await;
         assert_eq!(late.status, CacheStatus::Miss);
-        assert!(matches!(late.answer, Err(ProxyError::Upstream(_))), "past the window");
+        assert!(
+            matches!(late.answer, Err(ProxyError::Upstream(_))),
+            "past the window"
+        );
     }
 
     #[tokio::test(start_paused = true)]
@@ -216,7 +222,10 @@ mod tests {
         };
         let settled = get(&cache, &id, Ok(not_found)).await;
         assert_eq!(settled.status, CacheStatus::Miss);
-        assert_eq!(settled.answer.expect("upstream's").status, StatusCode::NOT_FOUND);
+        assert_eq!(
+            settled.answer.expect("upstream's").status,
+            StatusCode::NOT_FOUND
+        );
     }
 
     /// Rule 6: a write that completes while the fill is in flight is what a failed fill
@@ -238,7 +247,11 @@ mod tests {
             .settle(&id, CacheStatus::Miss, waiter, deadline())
             .await;
         assert_eq!(body(&settled), br#"{"status":"REFUSED"}"#);
-        assert_eq!(settled.status, CacheStatus::Hit, "the write's answer is fresh");
+        assert_eq!(
+            settled.status,
+            CacheStatus::Hit,
+            "the write's answer is fresh"
+        );
 
         // A write whose outcome is unknown drops the entry: nothing to fall back on.
         tokio::time::advance(TTL * 2).await;
@@ -252,7 +265,10 @@ mod tests {
         let settled = cache
             .settle(&id, CacheStatus::Miss, waiter, deadline())
             .await;
-        assert!(settled.answer.is_err(), "no stale answer after an unknown write");
+        assert!(
+            settled.answer.is_err(),
+            "no stale answer after an unknown write"
+        );
     }
 
     #[tokio::test(start_paused = true)]
@@ -274,9 +290,7 @@ mod tests {
         let waiter = lead(&cache, &id).spawn(std::future::pending());
         let asked = Instant::now();
         let deadline = asked + Duration::from_secs(2);
-        let settled = cache
-            .settle(&id, CacheStatus::Miss, waiter, deadline)
-            .await;
+        let settled = cache.settle(&id, CacheStatus::Miss, waiter, deadline).await;
         assert_eq!(settled.status, CacheStatus::Stale);
         assert_eq!(Instant::now(), deadline - STALE_BEFORE_DEADLINE);
         assert!(matches!(

@@ -107,20 +107,55 @@ pub fn cluster_violations(history: &[Event], initial: &str, lag: Duration) -> Ve
 pub struct StaleCheck {
     /// STALE answers in the history.
     pub stale: usize,
-    /// Of those, the ones an acknowledged write of their contact had ended before (the ones
-    /// the write rule could catch).
+    /// Of those, the ones held to an acknowledged write of their contact (the ones the write
+    /// rule could catch).
     pub after_a_write: usize,
+    /// With a `failure_latency`: GETs (answered anyhow) that took that long, during whose
+    /// first `failure_latency` an acknowledged write of their contact ended: the ones that
+    /// must fall back on that write if their fill failed (what remembering the entry the
+    /// lookup found, instead of reading it again, gets wrong).
+    pub writes_during_failing_gets: usize,
     pub violations: Vec<String>,
 }
 
-/// Rule 6 over a history: a STALE answer is never more than `ttl_plus_stale` old
-/// (`ttl_s + stale_if_error_s`), and never older than an acknowledged write of its contact
-/// that had ended before the GET began (through another instance: `lag` before). The entry
-/// a write leaves was stored after the write began, so an answer whose `Age` (whole seconds,
-/// rounded down: the true age is at least that) reaches back past the start of such a write
-/// is certainly older than it.
-pub fn stale_violations(history: &[Event], ttl_plus_stale: Duration, lag: Duration) -> StaleCheck {
+/// Rule 6 over a history through one instance: a STALE answer is never `ttl_plus_stale`
+/// (`ttl_s + stale_if_error_s`) old, and never older than an acknowledged write of its contact
+/// that the proxy knew of when the fill failed: one that had ended before the GET began, or
+/// before `failure_latency` after it when every upstream failure is known to take that long
+/// (and no GET joins another's fill). The entry a write leaves was stored after the write
+/// began, so an answer whose `Age` (whole seconds, rounded down: the true age is at least
+/// that) reaches back past the start of such a write is certainly older than it.
+pub fn stale_violations(
+    history: &[Event],
+    ttl_plus_stale: Duration,
+    failure_latency: Duration,
+) -> StaleCheck {
     let mut check = StaleCheck::default();
+    let acked_writes = |contact| {
+        history
+            .iter()
+            .filter(move |w| w.contact == contact)
+            .filter(|w| matches!(w.op, Op::Put { acked: true, .. }))
+    };
+    if !failure_latency.is_zero() {
+        check.writes_during_failing_gets = history
+            .iter()
+            .filter(|g| {
+                matches!(
+                    g.op,
+                    Op::Get {
+                        result: Some(_),
+                        ..
+                    }
+                )
+            })
+            .filter(|g| g.end >= g.start + failure_latency)
+            .filter(|g| {
+                acked_writes(g.contact)
+                    .any(|w| w.end >= g.start && w.end < g.start + failure_latency)
+            })
+            .count();
+    }
     for get in history {
         let Op::Get {
             result: Some(seen),
@@ -137,23 +172,17 @@ pub fn stale_violations(history: &[Event], ttl_plus_stale: Duration, lag: Durati
                 get.contact
             ));
         }
-        let latest_write = history
-            .iter()
-            .filter(|w| w.contact == get.contact)
-            .filter(|w| matches!(w.op, Op::Put { acked: true, .. }))
-            .filter(|w| {
-                let lag = if w.via == get.via { Duration::ZERO } else { lag };
-                w.end + lag < get.start
-            })
+        let latest_write = acked_writes(get.contact)
+            .filter(|w| w.end < get.start + failure_latency)
             .max_by_key(|w| w.start);
         if let Some(write) = latest_write {
             check.after_a_write += 1;
             let since_write = get.end.duration_since(write.start);
             if age > since_write {
                 check.violations.push(format!(
-                    "STALE answer of contact {} through instance {} ({seen}, Age {age_s}) is \
-                     older than the write that began {since_write:?} before it ended",
-                    get.contact, get.via
+                    "STALE answer of contact {} ({seen}, Age {age_s}) is older than the write \
+                     that began {since_write:?} before it ended",
+                    get.contact
                 ));
             }
         }
@@ -204,26 +233,41 @@ pub async fn random_upstream_delays(sim: &Simulator, contacts: &[String], until:
     }
 }
 
+/// Which faults [`random_upstream_outages`] injects.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OutageFaults {
+    /// Every GET meets one fault: a 500, a 429 with `Retry-After` 0 or 1, a closed connection,
+    /// or a hold past the attempt timeout.
+    Mixed,
+    /// Every GET is held past the attempt timeout: each failure takes that long.
+    Slow,
+}
+
 /// Until `until`, takes upstream down and up at random: healthy for 0.3 to 1 s, then failing
-/// for 1 to 2.5 s, where every GET meets one fault (a 500, a 429 with `Retry-After` 0 or 1, a
-/// closed connection, or a hold past `past_timeout`, the proxy's attempt timeout), and PUTs,
-/// half the time, one too (a 500, or a hold past `past_timeout`: applied, but unacknowledged).
-/// Returns the number of outages.
-pub async fn random_upstream_outages(sim: &Simulator, past_timeout: Duration, until: Instant) -> usize {
+/// for 1 to 2.5 s, with GETs meeting `faults` (holds last `past_timeout`, more than the
+/// proxy's attempt timeout) and PUTs, half the time, one too (a 500, or a hold past the
+/// timeout: applied, but unacknowledged). Returns the number of outages.
+pub async fn random_upstream_outages(
+    sim: &Simulator,
+    faults: OutageFaults,
+    past_timeout: Duration,
+    until: Instant,
+) -> usize {
     let mut outages = 0;
-    let between = |from_ms: u64, to_ms: u64| Duration::from_millis(rand::random_range(from_ms..to_ms));
+    let between =
+        |from_ms: u64, to_ms: u64| Duration::from_millis(rand::random_range(from_ms..to_ms));
     loop {
         tokio::time::sleep(between(300, 1000)).await;
         if Instant::now() >= until {
             return outages;
         }
         outages += 1;
-        let get_fault = match rand::random_range(0..5) {
-            0 => Fault::Status500,
-            1 => Fault::TooManyRequests { retry_after_s: 0 },
-            2 => Fault::TooManyRequests { retry_after_s: 1 },
-            3 => Fault::CloseConnection,
-            _ => Fault::Delay(past_timeout),
+        let get_fault = match (faults, rand::random_range(0..5)) {
+            (OutageFaults::Slow, _) | (_, 0) => Fault::Delay(past_timeout),
+            (_, 1) => Fault::Status500,
+            (_, 2) => Fault::TooManyRequests { retry_after_s: 0 },
+            (_, 3) => Fault::TooManyRequests { retry_after_s: 1 },
+            _ => Fault::CloseConnection,
         };
         sim.inject(SimRoute::Get, get_fault, u32::MAX);
         match rand::random_range(0..4) {
@@ -231,7 +275,8 @@ pub async fn random_upstream_outages(sim: &Simulator, past_timeout: Duration, un
             1 => sim.inject(SimRoute::Put, Fault::Delay(past_timeout), u32::MAX),
             _ => {}
         }
-        tokio::time::sleep(between(1000, 2500).min(until.saturating_duration_since(Instant::now()))).await;
+        let left = until.saturating_duration_since(Instant::now());
+        tokio::time::sleep(between(1000, 2500).min(left)).await;
         sim.clear_faults();
     }
 }
