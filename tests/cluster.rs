@@ -11,6 +11,8 @@
 //! - a writer that dies between its two announcements: the others hold the contact uncached
 //!   until the pending announcement expires;
 //! - `best_effort`: PUTs go through while Redis is down, counted;
+//! - a STALE answer never predates a write through another instance, nor comes from a cache
+//!   that missed announcements;
 //! - a soak (ignored by default) of three instances with Redis restarts.
 
 mod support;
@@ -22,6 +24,7 @@ use consent_proxy::consent::ConsentStatus;
 use consent_proxy::simulator::{Fault, SimRoute, Simulator};
 use consent_proxy::{App, AppHandle};
 use http::Method;
+use support::fake_upstream::{answer, consent_200, Act, FakeUpstream};
 use support::history::{
     cluster_violations, gets, random_client, random_upstream_delays, Event, Op,
 };
@@ -423,6 +426,140 @@ async fn a_fill_that_began_before_a_write_elsewhere_is_not_stored() {
         fleet.get(1, contact).await.header("x-cache-status"),
         Some("HIT")
     );
+}
+
+// ---------------------------------------------------------------------------------------------
+// STALE answers in a cluster (rule 6)
+
+/// What the fake consent API of [`a_stale_answer_never_predates_a_write_through_another_instance`]
+/// answers: a PUT writes REFUSED; a GET reads the contact (CONSENTED until written), or, while
+/// `failing`, is answered 500 after `fail_after`.
+#[derive(Default)]
+struct FlakyApi {
+    failing: bool,
+    fail_after: Duration,
+    refused: std::collections::HashSet<String>,
+}
+
+/// Rule 6 across instances: a STALE answer never predates a write acknowledged through another
+/// instance. Instance 0 reaches Redis through a relay; the consent API is a fake whose GETs fail
+/// on demand. (a) A write through instance 1 drops the contact on instance 0 as it is announced:
+/// once upstream fails, instance 0 has nothing to answer STALE, instance 1 answers the written
+/// status. (b) Instance 0 cut off from Redis: a GET that began while its cache was trusted and
+/// whose fill fails after the cache stopped being trusted (and after a write through instance 1
+/// it never heard of returned) is not answered STALE; neither is any GET until the cache, flushed,
+/// is trusted again. Without the trust check in the stale fallback, (b) fails.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stale_answer_never_predates_a_write_through_another_instance() {
+    let api = Arc::new(std::sync::Mutex::new(FlakyApi::default()));
+    let fake = FakeUpstream::start({
+        let api = api.clone();
+        move |seen, _| {
+            let mut api = api.lock().unwrap();
+            if seen.method == "PUT" {
+                api.refused.insert(seen.target.clone());
+                return Act::Send(consent_200("REFUSED"));
+            }
+            if api.failing {
+                return Act::SendAfter(
+                    api.fail_after,
+                    answer("500 Internal Server Error", &[], b"{}"),
+                );
+            }
+            let status = if api.refused.contains(&seen.target) {
+                "REFUSED"
+            } else {
+                "CONSENTED"
+            };
+            Act::Send(consent_200(status))
+        }
+    })
+    .await;
+    let sim = start_simulator().await;
+    let redis = RedisServer::start();
+    let relay = Relay::start(([127, 0, 0, 1], redis.port()).into()).await;
+    let mut proxies = Vec::new();
+    for redis_url in [relay.url(), redis.url()] {
+        let mut config = cluster_config(&sim, &redis_url);
+        config
+            .set_str("talkdesk.api_base_url", &fake.url())
+            .set("talkdesk.max_retries", "0")
+            .set("talkdesk.breaker_failures", "0")
+            .set("cache.ttl_s", "1")
+            .set("cache.stale_if_error_s", "30");
+        proxies.push(Instance::start(&config).await);
+    }
+    let fleet = Arc::new(Fleet {
+        sim,
+        redis: std::sync::Mutex::new(redis),
+        proxies,
+        http: TestClient::new(),
+    });
+    fleet.wait_live(0..2).await;
+    let (written, read) = ("+15550500001", "+15550500002");
+    for contact in [written, read] {
+        fleet.cache_everywhere(contact, "CONSENTED").await;
+    }
+    let is_stale = |r: &TestResponse| r.header("x-cache-status") == Some("STALE");
+
+    // (a) A healthy cluster.
+    assert_eq!(fleet.put(1, written, "REFUSED").await.status, 200);
+    tokio::time::sleep(Duration::from_millis(1100)).await; // the TTL passes
+    api.lock().unwrap().failing = true;
+    let through_0 = fleet.get(0, written).await;
+    assert_eq!(
+        (through_0.status, through_0.code().as_str()),
+        (502, "upstream_error"),
+        "instance 0 dropped the contact when the write was announced: {:?} {}",
+        through_0.header("x-cache-status"),
+        through_0.text()
+    );
+    let through_1 = fleet.get(1, written).await;
+    assert!(is_stale(&through_1), "{}", through_1.text());
+    assert_eq!(through_1.status_field(), "REFUSED");
+    let other = fleet.get(0, read).await;
+    assert!(is_stale(&other), "{}", other.text());
+    assert_eq!(other.status_field(), "CONSENTED");
+
+    // (b) Instance 0 cut off from Redis while a GET of `read` through it waits on upstream.
+    api.lock().unwrap().fail_after = Duration::from_millis(800);
+    let arrived = fake.seen().len();
+    relay.pause();
+    let cut_off_at = Instant::now();
+    let slow = tokio::spawn({
+        let fleet = fleet.clone();
+        async move { fleet.get(0, read).await }
+    });
+    fake.wait_for_requests(arrived + 1).await;
+    assert_eq!(fleet.put(1, read, "REFUSED").await.status, 200);
+    let slow = slow.await.unwrap();
+    assert!(
+        slow.status == 502 && !is_stale(&slow),
+        "a GET whose fill failed {:?} after instance 0 was cut off, after a write through \
+         instance 1 returned: {} {:?} {}",
+        cut_off_at.elapsed(),
+        slow.status,
+        slow.header("x-cache-status"),
+        slow.text()
+    );
+    api.lock().unwrap().fail_after = Duration::ZERO;
+    tokio::time::sleep_until(cut_off_at + MAX_STALENESS).await;
+    let unsynced = fleet.get(0, read).await;
+    assert!(
+        unsynced.status == 502 && !is_stale(&unsynced),
+        "{}",
+        unsynced.text()
+    );
+    relay.resume();
+    fleet.wait_live([0]).await;
+    let flushed = fleet.get(0, read).await;
+    assert!(
+        flushed.status == 502 && !is_stale(&flushed),
+        "{}",
+        flushed.text()
+    );
+    api.lock().unwrap().failing = false;
+    assert_eq!(fleet.get(0, read).await.status_field(), "REFUSED");
 }
 
 // ---------------------------------------------------------------------------------------------
