@@ -180,25 +180,24 @@ impl ConsentService {
                     }
                 },
             };
-            let result = service
+            let written = service
                 .api
                 .put(&contact, status, &request_id, deadline, &last)
                 .await;
-            let outcome = match &result {
+            let outcome = match &written.answer {
                 Ok(answer) if answer.status.is_success() => {
-                    let written = consent_status_of(&answer.body).unwrap_or(status);
-                    service.writes.acknowledged(written);
-                    WriteOutcome::Applied(written)
+                    let status = consent_status_of(&answer.body).unwrap_or(status);
+                    service.writes.acknowledged(status);
+                    WriteOutcome::Applied(status)
                 }
-                Ok(_) => WriteOutcome::NotApplied,
-                Err(failure) if failure.outcome_unknown => WriteOutcome::Unknown,
-                Err(_) => WriteOutcome::NotApplied,
+                _ if written.maybe_applied => WriteOutcome::Unknown,
+                _ => WriteOutcome::NotApplied,
             };
             write.finish(outcome);
             if let Some(announced) = announced {
                 announced.finish(outcome).await;
             }
-            result.map_err(|failure| failure.error)
+            written.answer
         });
         task.await
             .unwrap_or_else(|err| Err(ProxyError::Internal(Failure::new("write task failed", err))))

@@ -254,6 +254,36 @@ async fn a_refused_write_leaves_the_cache_and_an_unknown_one_drops_it() {
     );
 }
 
+/// A PUT one of whose attempts may have applied (a gateway in front of upstream answered 502
+/// before a retry) has an unknown outcome however its retries end, a 500 or a 4xx: the entry
+/// is dropped, never kept at the older status.
+#[tokio::test]
+async fn a_put_retried_after_a_gateway_error_has_an_unknown_outcome_however_it_ends() {
+    let h = Harness::start_with(|c| {
+        c.set("talkdesk.max_retries", "1");
+    })
+    .await;
+    let contact = "+15550018";
+    h.sim.set_status(contact, ConsentStatus::Consented);
+    let respond = |status: u16| Fault::Respond {
+        status,
+        headers: vec![("content-type".into(), "application/json".into())],
+        body: bytes::Bytes::from_static(br#"{"code":"x","message":"y"}"#),
+    };
+    for (then, answered) in [(Fault::Status500, 502), (respond(409), 409)] {
+        assert_eq!(h.get(contact).await.status_field(), "CONSENTED");
+        assert_eq!(h.get(contact).await.header("x-cache-status"), HIT);
+        h.sim.inject(SimRoute::Put, respond(502), 1);
+        h.sim.inject(SimRoute::Put, then.clone(), 1);
+        assert_eq!(h.put(contact, "REFUSED").await.status, answered, "{then:?}");
+        assert_eq!(
+            h.get(contact).await.header("x-cache-status"),
+            MISS,
+            "after a 502 then {then:?}, the entry is dropped"
+        );
+    }
+}
+
 /// The contract's rule 2 in its sharpest form: a read that started before a write and ends
 /// after it must not store its older answer for requests that start after the write.
 #[tokio::test]

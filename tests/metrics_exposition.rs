@@ -123,7 +123,7 @@ async fn metrics_are_promtool_clean_and_complete_after_traffic() {
     assert!(clients.contains("anonymous") && clients.contains("rw"));
     assert_eq!(
         values("consent_proxy_cache_lookups_total", "result"),
-        set(&["hit", "miss", "coalesced", "bypass", "unsynced"])
+        set(&["hit", "miss", "coalesced", "bypass", "unsynced", "stale"])
     );
     assert_eq!(
         values("consent_proxy_consent_writes_total", "status"),

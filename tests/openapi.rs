@@ -904,6 +904,54 @@ async fn consent_successes_are_documented() {
     }
 }
 
+/// STALE answers (`cache.stale_if_error_s`): a 200 and a cached 404, with `age` and `warning`.
+#[tokio::test]
+async fn stale_answers_are_documented() {
+    use Listener::Consent as C;
+    use Origin::Upstream as U;
+    let h = Harness::start_with(|c| {
+        c.set("cache.ttl_s", "1")
+            .set("cache.not_found_ttl_s", "1")
+            .set("cache.stale_if_error_s", "30")
+            .set("talkdesk.max_retries", "0");
+    })
+    .await;
+    h.sim.set_status("+15552000301", ConsentStatus::Refused);
+    h.wait_ready().await;
+    let cached = [("+15552000301", 200), ("+15552000302", 404)];
+    for (contact, status) in cached {
+        expect(
+            &h,
+            C,
+            Method::GET,
+            &consent_path(contact),
+            &[RW],
+            None,
+            status,
+            U,
+        )
+        .await;
+    }
+    // The TTLs pass, then upstream fails.
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    h.sim.inject(SimRoute::Get, Fault::Status500, u32::MAX);
+    for (contact, status) in cached {
+        let stale = expect(
+            &h,
+            C,
+            Method::GET,
+            &consent_path(contact),
+            &[RW],
+            None,
+            status,
+            U,
+        )
+        .await;
+        assert_eq!(stale.header("x-cache-status"), Some("STALE"));
+        assert!(stale.header("warning").is_some() && stale.header("age").is_some());
+    }
+}
+
 #[tokio::test]
 async fn consent_errors_made_by_the_proxy_are_documented() {
     use Listener::Consent as C;

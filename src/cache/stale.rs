@@ -56,11 +56,11 @@ impl ConsentCache {
             match waiter.result_by(give_up).await {
                 Some(result) if upstream_could_not_answer(&result) => {
                     let failure = failure_of(&result);
-                    self.from_entry(key, failure)
+                    self.answer_from_entry(key, failure)
                         .unwrap_or_else(|| self.fill_result(joined_as, result))
                 }
                 Some(result) => self.fill_result(joined_as, result),
-                None => match self.from_entry(key, ProxyError::UpstreamTimeout) {
+                None => match self.answer_from_entry(key, ProxyError::UpstreamTimeout) {
                     Some(settled) => settled,
                     None => self.fill_result(joined_as, waiter.wait(deadline).await),
                 },
@@ -86,7 +86,7 @@ impl ConsentCache {
     /// The key's entry, read now, as the answer to a GET upstream could not answer: `Stale`
     /// past its TTL, `Hit` before (a write stored it meanwhile); `None` when there is no
     /// entry within its TTL plus `stale_if_error_s`, or the cache is not trusted.
-    fn from_entry(&self, key: &Arc<str>, failure: ProxyError) -> Option<Settled> {
+    fn answer_from_entry(&self, key: &Arc<str>, failure: ProxyError) -> Option<Settled> {
         if !self.is_trusted() {
             return None;
         }

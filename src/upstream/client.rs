@@ -94,15 +94,24 @@ impl LastAttempt {
     }
 }
 
-/// How a write ended when it did not end with an answer.
+/// How a write ended.
 #[derive(Debug, Clone)]
-pub struct WriteFailure {
-    pub error: ProxyError,
-    /// The write may have been applied upstream (timeout, connection lost after sending).
-    pub outcome_unknown: bool,
+pub struct WriteResult {
+    /// Upstream's answer to pass on (2xx: applied), or why there is none.
+    pub answer: Result<ConsentAnswer, ProxyError>,
+    /// Not answered 2xx, yet upstream may have applied it: an attempt timed out, broke after
+    /// sending, or met a gateway's 502/504, whatever the attempts after it got.
+    pub maybe_applied: bool,
 }
 
 /// What one call (all attempts) produced.
+struct Call {
+    result: Result<ConsentAnswer, CallError>,
+    /// An attempt before the last may have been processed (see [`WriteResult::maybe_applied`]).
+    an_attempt_may_have_applied: bool,
+}
+
+/// How one call failed.
 enum CallError {
     /// Upstream may have processed the request: it timed out or broke after sending.
     Unknown(ProxyError),
@@ -154,6 +163,7 @@ impl ConsentApi {
         let answer = self
             .call(Method::GET, contact, None, request_id, deadline, last)
             .await
+            .result
             .map_err(|e| match e {
                 CallError::Unknown(e) | CallError::NotApplied(e) => e,
             })?;
@@ -174,20 +184,21 @@ impl ConsentApi {
         request_id: &HeaderValue,
         deadline: Instant,
         last: &LastAttempt,
-    ) -> Result<ConsentAnswer, WriteFailure> {
+    ) -> WriteResult {
         let body = Bytes::from_static(status.canonical_body());
-        self.call(Method::PUT, contact, Some(body), request_id, deadline, last)
-            .await
-            .map_err(|e| match e {
-                CallError::Unknown(error) => WriteFailure {
-                    error,
-                    outcome_unknown: true,
-                },
-                CallError::NotApplied(error) => WriteFailure {
-                    error,
-                    outcome_unknown: false,
-                },
-            })
+        let call = self
+            .call(Method::PUT, contact, Some(body), request_id, deadline, last)
+            .await;
+        let (answer, unknown) = match call.result {
+            Ok(answer) => (Ok(answer), false),
+            Err(CallError::Unknown(error)) => (Err(error), true),
+            Err(CallError::NotApplied(error)) => (Err(error), false),
+        };
+        let applied = answer.as_ref().is_ok_and(|a| a.status.is_success());
+        WriteResult {
+            answer,
+            maybe_applied: !applied && (unknown || call.an_attempt_may_have_applied),
+        }
     }
 
     /// All attempts of one call: retries on connect errors, 5xx and 429 (at most
@@ -202,6 +213,37 @@ impl ConsentApi {
         request_id: &HeaderValue,
         deadline: Instant,
         last: &LastAttempt,
+    ) -> Call {
+        let mut an_attempt_may_have_applied = false;
+        let result = self
+            .attempts(
+                method,
+                contact,
+                body,
+                request_id,
+                deadline,
+                last,
+                &mut an_attempt_may_have_applied,
+            )
+            .await;
+        Call {
+            result,
+            an_attempt_may_have_applied,
+        }
+    }
+
+    /// The loop of [`Self::call`]; sets `may_have_applied` when it retries after an attempt
+    /// that may have been processed (a gateway's 502/504).
+    #[allow(clippy::too_many_arguments)]
+    async fn attempts(
+        &self,
+        method: Method,
+        contact: &ContactId,
+        body: Option<Bytes>,
+        request_id: &HeaderValue,
+        deadline: Instant,
+        last: &LastAttempt,
+        may_have_applied: &mut bool,
     ) -> Result<ConsentAnswer, CallError> {
         let uri = format!("{}{}", self.api_base_url, consent_path(contact));
         let mut retries_left = self.max_retries;
@@ -268,6 +310,7 @@ impl ConsentApi {
                     if delay >= deadline.saturating_duration_since(Instant::now()) {
                         return finish(answer);
                     }
+                    *may_have_applied |= gateway_gave_up(answer.status);
                     retries_left -= 1;
                     delay
                 }
@@ -354,10 +397,7 @@ fn finish(answer: Answer) -> Result<ConsentAnswer, CallError> {
             content_type: headers.remove(header::CONTENT_TYPE),
             retry_after: headers.remove(header::RETRY_AFTER),
         })
-    } else if matches!(
-        status,
-        StatusCode::BAD_GATEWAY | StatusCode::GATEWAY_TIMEOUT
-    ) {
+    } else if gateway_gave_up(status) {
         // A gateway in front of Talkdesk gave up: the request may have been applied behind it.
         Err(CallError::Unknown(ProxyError::Upstream(
             format!("upstream gateway answered {}", status.as_u16()).into(),
@@ -393,6 +433,14 @@ fn build_request(
     builder
         .body(Full::new(body.unwrap_or_default()))
         .map_err(|_| ProxyError::Internal("upstream request could not be built".into()))
+}
+
+/// A gateway in front of Talkdesk gave up (502/504): the request may have been applied behind it.
+fn gateway_gave_up(status: StatusCode) -> bool {
+    matches!(
+        status,
+        StatusCode::BAD_GATEWAY | StatusCode::GATEWAY_TIMEOUT
+    )
 }
 
 fn is_retryable(status: StatusCode) -> bool {
