@@ -76,11 +76,14 @@ trap cleanup EXIT
 trap 'echo "$BENCH: line $LINENO: \"$BASH_COMMAND\" failed" >&2' ERR
 trap 'exit 130' INT TERM
 
+# Ports below the kernel's ephemeral range, which wrk's thousands of connections (and their
+# TIME_WAIT) cover: a port nobody listens on there may still be taken for binding.
 USED_PORTS=" "
+EPHEMERAL_FROM=$(cut -f1 /proc/sys/net/ipv4/ip_local_port_range 2>/dev/null || echo 32768)
 free_port() {
     local port
     for _ in $(seq 200); do
-        port=$((20000 + RANDOM % 40000))
+        port=$((10000 + RANDOM % (EPHEMERAL_FROM - 10000)))
         [[ $USED_PORTS == *" $port "* ]] && continue
         if ! (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null; then
             USED_PORTS+="$port "

@@ -19,12 +19,12 @@
 -- end in outage mode.
 
 local next_thread = 0
-local threads = {}
+local wrk_threads = {}
 
 function setup(thread)
    thread:set("thread_id", next_thread)
    next_thread = next_thread + 1
-   table.insert(threads, thread)
+   table.insert(wrk_threads, thread)
 end
 
 local mode, working_set, threads
@@ -93,9 +93,9 @@ end
 function done(summary, latency, requests)
    local e = summary.errors
    local counts = ""
-   if threads[1] and threads[1]:get("answered_count") then
+   if wrk_threads[1] and wrk_threads[1]:get("answered_count") then
       local answered, stale = 0, 0
-      for _, thread in ipairs(threads) do
+      for _, thread in ipairs(wrk_threads) do
          answered = answered + thread:get("answered_count")
          stale = stale + thread:get("stale_count")
       end
