@@ -94,9 +94,7 @@ fn main() {
         let used = runtime.block_on(async {
             match variant.as_str() {
                 "proxy" => fill_proxy_cache(entries, None).await,
-                "proxy-stale" => {
-                    fill_proxy_cache(entries, Some(Duration::from_secs(3600))).await
-                }
+                "proxy-stale" => fill_proxy_cache(entries, Some(Duration::from_secs(3600))).await,
                 _ => fill_bare_moka(entries).await,
             }
         });
@@ -128,6 +126,12 @@ fn main() {
     println!("  bare moka (Arc<str> -> (), TTL):            {bare:8.1} bytes");
     println!("  consent-proxy cache:                        {proxy:8.1} bytes");
     println!("  consent-proxy cache, stale_if_error_s 3600: {stale:8.1} bytes");
-    println!("  ratio proxy / bare:                         {:8.3}", proxy / bare);
-    println!("  ratio proxy with stale_if_error / bare:     {:8.3}", stale / bare);
+    println!(
+        "  ratio proxy / bare:                         {:8.3}",
+        proxy / bare
+    );
+    println!(
+        "  ratio proxy with stale_if_error / bare:     {:8.3}",
+        stale / bare
+    );
 }

@@ -34,14 +34,15 @@ impl KindLimits {
     fn new(ttl: Duration, refresh_ahead: Option<Duration>, stale: Option<Duration>) -> Self {
         let ttl = ttl.min(MAX_TTL);
         let ttl_ms = ttl.as_millis() as u32;
-        let refresh_from_ms = match refresh_ahead.map(|ahead| ahead.as_millis() as u64) {
+        let millis = |d: Duration| u64::try_from(d.as_millis()).unwrap_or(u64::MAX);
+        let refresh_from_ms = match refresh_ahead.map(millis) {
             None => ttl_ms,
             // Validation keeps refresh_ahead_s below ttl_s; a shorter 404 TTL refreshes in
             // its second half rather than on every hit.
             Some(ahead) if ahead < u64::from(ttl_ms) => ttl_ms - ahead as u32,
             Some(_) => ttl_ms / 2,
         };
-        let stale_until = (ttl + stale.unwrap_or_default()).min(MAX_TTL);
+        let stale_until = ttl.saturating_add(stale.unwrap_or_default()).min(MAX_TTL);
         KindLimits {
             ttl_ms,
             refresh_from_ms,
@@ -161,6 +162,14 @@ mod tests {
             "moka keeps the stale window"
         );
         assert!(!l.caches_not_found());
+    }
+
+    #[test]
+    fn windows_past_the_clock_range_are_capped() {
+        let l = Lifetimes::new(&settings(60, 30, 0, u64::MAX));
+        assert_eq!(l.retention(), MAX_TTL);
+        let found = StoredAnswer::canonical(ConsentStatus::Consented, 0);
+        assert!(l.stale_usable(&found, (1 << 31) - 1));
     }
 
     #[test]

@@ -14,6 +14,12 @@
 //!   order in which upstream applied them is unknown.
 //! - A write is held as a [`WriteGuard`]; one dropped without an outcome (its task failed)
 //!   counts as an unknown outcome and drops the entry.
+//! - A hit inside the last `refresh_ahead_s` of its entry's TTL registers a fill of the key as
+//!   a miss would, unless a fill or a write is in flight, and hands it back to be run in the
+//!   background ([`Hit::refresh`]): a refresh is an ordinary fill, under the same guard.
+//! - Entries are kept `stale_if_error_s` past their TTL; a GET whose fill fails because
+//!   upstream cannot answer may be answered from the entry as it is then, never as the lookup
+//!   found it ([`ConsentCache::settle`], contract rule 6).
 //! - In a cluster, a write announced by another instance is held as a remote [`WriteGuard`]
 //!   ([`ConsentCache::begin_remote_write`]): it drops the entry at once, and when it ends the
 //!   entry is dropped again rather than replaced (only upstream knows how it was ordered
