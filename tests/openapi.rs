@@ -918,35 +918,20 @@ async fn stale_answers_are_documented() {
     .await;
     h.sim.set_status("+15552000301", ConsentStatus::Refused);
     h.wait_ready().await;
+    let get = |contact: &str, status: u16| {
+        let path = consent_path(contact);
+        let h = &h;
+        async move { expect(h, C, Method::GET, &path, &[RW], None, status, U).await }
+    };
     let cached = [("+15552000301", 200), ("+15552000302", 404)];
     for (contact, status) in cached {
-        expect(
-            &h,
-            C,
-            Method::GET,
-            &consent_path(contact),
-            &[RW],
-            None,
-            status,
-            U,
-        )
-        .await;
+        get(contact, status).await;
     }
     // The TTLs pass, then upstream fails.
     tokio::time::sleep(Duration::from_millis(1100)).await;
     h.sim.inject(SimRoute::Get, Fault::Status500, u32::MAX);
     for (contact, status) in cached {
-        let stale = expect(
-            &h,
-            C,
-            Method::GET,
-            &consent_path(contact),
-            &[RW],
-            None,
-            status,
-            U,
-        )
-        .await;
+        let stale = get(contact, status).await;
         assert_eq!(stale.header("x-cache-status"), Some("STALE"));
         assert!(stale.header("warning").is_some() && stale.header("age").is_some());
     }

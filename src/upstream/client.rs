@@ -104,14 +104,7 @@ pub struct WriteResult {
     pub maybe_applied: bool,
 }
 
-/// What one call (all attempts) produced.
-struct Call {
-    result: Result<ConsentAnswer, CallError>,
-    /// An attempt before the last may have been processed (see [`WriteResult::maybe_applied`]).
-    an_attempt_may_have_applied: bool,
-}
-
-/// How one call failed.
+/// How one call (all attempts) failed.
 enum CallError {
     /// Upstream may have processed the request: it timed out or broke after sending.
     Unknown(ProxyError),
@@ -161,9 +154,16 @@ impl ConsentApi {
         last: &LastAttempt,
     ) -> Result<ConsentAnswer, ProxyError> {
         let answer = self
-            .call(Method::GET, contact, None, request_id, deadline, last)
+            .call(
+                Method::GET,
+                contact,
+                None,
+                request_id,
+                deadline,
+                last,
+                &mut false,
+            )
             .await
-            .result
             .map_err(|e| match e {
                 CallError::Unknown(e) | CallError::NotApplied(e) => e,
             })?;
@@ -186,10 +186,19 @@ impl ConsentApi {
         last: &LastAttempt,
     ) -> WriteResult {
         let body = Bytes::from_static(status.canonical_body());
+        let mut an_attempt_may_have_applied = false;
         let call = self
-            .call(Method::PUT, contact, Some(body), request_id, deadline, last)
+            .call(
+                Method::PUT,
+                contact,
+                Some(body),
+                request_id,
+                deadline,
+                last,
+                &mut an_attempt_may_have_applied,
+            )
             .await;
-        let (answer, unknown) = match call.result {
+        let (answer, unknown) = match call {
             Ok(answer) => (Ok(answer), false),
             Err(CallError::Unknown(error)) => (Err(error), true),
             Err(CallError::NotApplied(error)) => (Err(error), false),
@@ -197,7 +206,7 @@ impl ConsentApi {
         let applied = answer.as_ref().is_ok_and(|a| a.status.is_success());
         WriteResult {
             answer,
-            maybe_applied: !applied && (unknown || call.an_attempt_may_have_applied),
+            maybe_applied: !applied && (unknown || an_attempt_may_have_applied),
         }
     }
 
@@ -205,37 +214,10 @@ impl ConsentApi {
     /// `max_retries`, within the deadline), plus one retry after a token renewal on 401. Each
     /// attempt needs admission first (Retry-After, circuit breaker, budgets), and a 429 or 503
     /// with `Retry-After` holds off every caller's attempts, this one's retries included.
-    async fn call(
-        &self,
-        method: Method,
-        contact: &ContactId,
-        body: Option<Bytes>,
-        request_id: &HeaderValue,
-        deadline: Instant,
-        last: &LastAttempt,
-    ) -> Call {
-        let mut an_attempt_may_have_applied = false;
-        let result = self
-            .attempts(
-                method,
-                contact,
-                body,
-                request_id,
-                deadline,
-                last,
-                &mut an_attempt_may_have_applied,
-            )
-            .await;
-        Call {
-            result,
-            an_attempt_may_have_applied,
-        }
-    }
-
-    /// The loop of [`Self::call`]; sets `may_have_applied` when it retries after an attempt
-    /// that may have been processed (a gateway's 502/504).
+    /// Sets `may_have_applied` when it retries after an attempt that may have been processed
+    /// (a gateway's 502/504): however the call then ends, a write may have been applied.
     #[allow(clippy::too_many_arguments)]
-    async fn attempts(
+    async fn call(
         &self,
         method: Method,
         contact: &ContactId,
