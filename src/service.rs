@@ -1,7 +1,8 @@
 //! The consent operations, independent of HTTP: a read goes through the cache to the
 //! consent API; a write goes to the consent API and then through the cache, in its own task
 //! so that a caller hanging up cannot leave the cache behind upstream. In cluster mode a
-//! write is announced to the other instances before it goes upstream and its outcome after.
+//! write is announced to the other instances before it goes upstream and its outcome after,
+//! and with the shared cache a fill looks in the cluster's shared tier before going upstream.
 
 use std::sync::Arc;
 
@@ -10,6 +11,7 @@ use prometheus::{IntCounter, Registry};
 use tokio::time::Instant;
 
 use crate::cache::{CacheStatus, ConsentCache, Lookup, WriteOutcome};
+use crate::cluster::shared::FillReport;
 use crate::cluster::Cluster;
 use crate::consent::{consent_status_of, ConsentAnswer};
 use crate::consent::{ConsentStatus, ContactId};
@@ -50,6 +52,8 @@ pub struct ReadResult {
     pub cache_status: CacheStatus,
     /// Seconds since the answer was stored, for hits.
     pub age: Option<u32>,
+    /// A hit of the cluster's shared tier (this instance's own cache missed).
+    pub shared_hit: bool,
     pub answer: Result<ConsentAnswer, ProxyError>,
 }
 
@@ -104,17 +108,35 @@ impl ConsentService {
                 return ReadResult {
                     cache_status: CacheStatus::Hit,
                     age: Some(hit.age_s),
+                    shared_hit: false,
                     answer: Ok(hit.answer),
                 }
             }
             Lookup::Join(waiter) => (CacheStatus::Coalesced, waiter.wait(deadline).await),
-            Lookup::Lead(lead) => (CacheStatus::Miss, lead.spawn(fetch()).wait(deadline).await),
+            Lookup::Lead(lead) => match self.cluster.as_ref().and_then(Cluster::shared_cache) {
+                None => (CacheStatus::Miss, lead.spawn(fetch()).wait(deadline).await),
+                Some(tier) => {
+                    let report = FillReport::default();
+                    let fill = tier.fill(contact, deadline, fetch(), report.clone());
+                    let answer = lead.spawn_aged(fill).wait(deadline).await;
+                    if let Some(age) = report.shared_age().filter(|_| answer.is_ok()) {
+                        return ReadResult {
+                            cache_status: CacheStatus::Hit,
+                            age: Some(age.as_secs() as u32),
+                            shared_hit: true,
+                            answer,
+                        };
+                    }
+                    (CacheStatus::Miss, answer)
+                }
+            },
             Lookup::Bypass => (CacheStatus::Bypass, fetch().await),
             Lookup::Unsynced => (CacheStatus::Unsynced, fetch().await),
         };
         ReadResult {
             cache_status,
             age: None,
+            shared_hit: false,
             answer,
         }
     }
