@@ -9,6 +9,8 @@
 //!   older answer into Redis (the Redis-side generation guard);
 //! - the randomized three-instance history keeps rule 5;
 //! - a restarted instance answers the contacts cached before without upstream calls;
+//! - an admin purge clears the shared tier; during a key rotation a write clears every
+//!   keyspace; after Redis restarts with its data, the tier starts a new epoch;
 //! - a frozen Redis never fails a GET: it is answered from upstream within its deadline.
 //!
 //! Shared token (`cluster.shared_token`):
@@ -24,7 +26,9 @@ use std::time::Duration;
 use consent_proxy::consent::{ConsentStatus, ContactId};
 use consent_proxy::simulator::{Fault, SimRoute, Simulator, SimulatorConfig};
 use futures_util::future::join_all;
-use support::fleet::{cluster_config, randomized_history, shared_tier, Fleet, Instance};
+use support::fleet::{
+    cluster_config, randomized_history, shared_tier, shared_tier_with_keys, Fleet, Instance,
+};
 use support::*;
 use tokio::time::Instant;
 
@@ -82,6 +86,18 @@ async fn a_contact_read_through_one_instance_is_answered_by_the_others_from_the_
         assert_eq!(source(&fleet.get(i, contact).await), local("HIT"));
     }
     assert_eq!(fleet.sim.gets_for(contact), 1, "one upstream GET in total");
+
+    // Upstream's 404 is shared too (under cache.not_found_ttl_s).
+    let unknown = "+15550900099";
+    assert_eq!(
+        (
+            fleet.get(0, unknown).await.status,
+            fleet.get(1, unknown).await.status
+        ),
+        (404, 404)
+    );
+    assert_eq!(source(&fleet.get(2, unknown).await), shared_hit());
+    assert_eq!(fleet.sim.gets_for(unknown), 1);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -204,6 +220,117 @@ async fn a_restarted_instance_answers_cached_contacts_without_upstream_calls() {
         );
     }
     assert_eq!(fleet.sim.stats().gets, 0, "no upstream call");
+}
+
+/// `DELETE /admin/cache/{id}` through one instance drops the contact from the shared tier too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_admin_purge_clears_the_shared_tier() {
+    let fleet = shared_cache_fleet().await;
+    let contact = "+15550900004";
+    fleet.sim.set_status(contact, ConsentStatus::Consented);
+    fleet.get(0, contact).await;
+    assert_eq!(source(&fleet.get(1, contact).await), shared_hit());
+    let url = format!(
+        "{}/admin/cache/{contact}",
+        fleet.proxies[2].proxy.admin_url()
+    );
+    let purged = fleet
+        .http
+        .send(
+            http::Method::DELETE,
+            &url,
+            &[("x-api-key", ADMIN_KEY)],
+            None,
+        )
+        .await;
+    assert_eq!(purged.status, 204);
+    wait_until(Duration::from_secs(2), || async {
+        fleet
+            .metric(
+                1,
+                r#"consent_proxy_cache_invalidations_total{reason="purge"}"#,
+            )
+            .await
+            == 1.0
+    })
+    .await;
+    assert_eq!(source(&fleet.get(1, contact).await), local("MISS"));
+    assert_eq!(fleet.sim.gets_for(contact), 2);
+}
+
+/// A rotation of `cluster.shared_key_file` done as documented: A still uses the old key and has
+/// the new one as its second, B and C use the new one. A write through A clears the contact in
+/// both keyspaces, so B and C never read the answer they stored before it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn during_a_key_rotation_a_write_clears_every_keyspace() {
+    const OLD: &str = "rotation-old-key-0123456789abcdef0123";
+    const NEW: &str = "rotation-new-key-0123456789abcdef0123";
+    let fleet = Fleet::start_with(3, |i, c| {
+        let keys = if i == 0 { [OLD, NEW] } else { [NEW, OLD] };
+        shared_tier_with_keys(c, true, false, &keys);
+    })
+    .await;
+    let contact = "+15550900005";
+    fleet.sim.set_status(contact, ConsentStatus::Consented);
+    assert_eq!(source(&fleet.get(1, contact).await), local("MISS"));
+    assert_eq!(source(&fleet.get(2, contact).await), shared_hit());
+    assert_eq!(fleet.put(0, contact, "REFUSED").await.status, 200);
+    let id = ContactId::from_path_segment(contact).unwrap();
+    fleet.proxies[1].proxy.cache.purge(&id);
+    let answer = fleet.get(1, contact).await;
+    assert_eq!(
+        (answer.status_field(), source(&answer)),
+        ("REFUSED".to_owned(), local("MISS"))
+    );
+}
+
+/// Redis restarts with its data (persistence, or a replica taking over) and may have lost the
+/// latest writes: the instances see another run id and start a new epoch, so nothing stored
+/// before is used, and nothing is stored until a pending write could have ended.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn after_redis_restarts_the_shared_tier_starts_a_new_epoch() {
+    let fleet = Fleet::start_with_redis(
+        start_simulator().await,
+        support::redis_server::RedisServer::start_persistent(),
+        3,
+        |_, c| {
+            shared_tier(c, true, false).set("server.request_timeout_ms", "1000");
+        },
+    )
+    .await;
+    let contact = "+15550900006";
+    fleet.sim.set_status(contact, ConsentStatus::Consented);
+    fleet.get(0, contact).await;
+    assert_eq!(source(&fleet.get(1, contact).await), shared_hit());
+
+    fleet.redis().kill();
+    fleet.redis().restart();
+    fleet.wait_live(0..3).await;
+    let answer = fleet.get(2, contact).await;
+    assert_eq!(
+        (answer.status_field(), source(&answer)),
+        ("CONSENTED".to_owned(), local("MISS")),
+        "an answer of the previous epoch was used"
+    );
+    assert_eq!(
+        fleet
+            .metric(
+                2,
+                r#"consent_proxy_shared_cache_lookups_total{result="write_pending"}"#
+            )
+            .await,
+        1.0,
+        "stores are held off"
+    );
+    // Once a pending write's lifetime (1 s + 1.5 s) has passed, the tier fills again.
+    let id = ContactId::from_path_segment(contact).unwrap();
+    wait_until(Duration::from_secs(10), || async {
+        fleet.proxies[0].proxy.cache.purge(&id);
+        fleet.proxies[1].proxy.cache.purge(&id);
+        fleet.get(0, contact).await;
+        source(&fleet.get(1, contact).await) == shared_hit()
+    })
+    .await;
 }
 
 /// Redis stops answering (`SIGSTOP`): GETs are answered from upstream, each within its

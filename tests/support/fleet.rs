@@ -85,19 +85,37 @@ pub fn cluster_config(sim: &Simulator, redis_url: &str) -> ProxyConfig {
 /// tests' key and a Redis bound generous enough for a loaded test machine (the tests that are
 /// about a slow Redis set their own).
 pub fn shared_tier(config: &mut ProxyConfig, cache: bool, token: bool) -> &mut ProxyConfig {
+    shared_tier_with_keys(config, cache, token, &[SHARED_KEY])
+}
+
+/// As [`shared_tier`], with these keys in `cluster.shared_key_file` (the first in use).
+pub fn shared_tier_with_keys<'a>(
+    config: &'a mut ProxyConfig,
+    cache: bool,
+    token: bool,
+    keys: &[&str],
+) -> &'a mut ProxyConfig {
+    let content = keys.join("\n");
     let dir = std::path::Path::new(env!("CARGO_TARGET_TMPDIR"));
-    let key_file = dir.join("shared-tier-key");
-    if std::fs::read_to_string(&key_file).ok().as_deref() != Some(SHARED_KEY) {
+    let key_file = dir.join(format!("shared-tier-keys-{:x}", fnv1a(content.as_bytes())));
+    if std::fs::read_to_string(&key_file).ok() != Some(content.clone()) {
         // Written aside and renamed: a test reading it meanwhile never sees it half written.
-        let aside = dir.join(format!("shared-tier-key.{}", rand::random::<u64>()));
-        std::fs::write(&aside, SHARED_KEY).expect("write the shared key");
-        std::fs::rename(&aside, &key_file).expect("move the shared key in place");
+        let aside = dir.join(format!("shared-tier-keys.{}", rand::random::<u64>()));
+        std::fs::write(&aside, &content).expect("write the shared keys");
+        std::fs::rename(&aside, &key_file).expect("move the shared keys in place");
     }
     config
         .set("cluster.shared_cache", &cache.to_string())
         .set("cluster.shared_token", &token.to_string())
         .set_str("cluster.shared_key_file", &key_file.display().to_string())
         .set("cluster.shared_timeout_ms", "250")
+}
+
+/// A stable name for a key file's content.
+fn fnv1a(bytes: &[u8]) -> u64 {
+    bytes.iter().fold(0xcbf2_9ce4_8422_2325, |hash, &b| {
+        (hash ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
+    })
 }
 
 /// What a [`randomized_history`] run saw.
@@ -199,7 +217,16 @@ impl Fleet {
         instances: usize,
         configure: impl Fn(usize, &mut ProxyConfig),
     ) -> Fleet {
-        let redis = RedisServer::start();
+        Self::start_with_redis(sim, RedisServer::start(), instances, configure).await
+    }
+
+    /// As [`Self::start_on`], with this Redis.
+    pub async fn start_with_redis(
+        sim: Simulator,
+        redis: RedisServer,
+        instances: usize,
+        configure: impl Fn(usize, &mut ProxyConfig),
+    ) -> Fleet {
         let mut proxies = Vec::new();
         for i in 0..instances {
             let mut config = cluster_config(&sim, &redis.url());
