@@ -4,7 +4,8 @@
 //! 1. the cache hit through the whole handler, in-process on one core: cluster on against off
 //!    (target: at least 0.95× the throughput);
 //! 2. PUT latency through the handler (upstream and Redis over loopback): p50 and p99 with the
-//!    two announcements against without (target: at most 1 ms added at p50);
+//!    two announcements against without (target: at most 1 ms added at p50), and with the
+//!    shared tier's scripts in their place;
 //! 3. propagation under load: three instances, mixed PUTs and GETs, p50 / p99 / max of
 //!    `consent_proxy_cluster_propagation_seconds` (from an announcement by one instance to its
 //!    application by another);
@@ -16,7 +17,7 @@
 //!    shared tier on: it must not change.)
 //!
 //! `cargo bench --bench cluster`; `CLUSTER_BENCH_SCALE=0.2` for a quick run;
-//! `CLUSTER_BENCH_ONLY=shared` runs only 1, 4 and 5.
+//! `CLUSTER_BENCH_ONLY=shared` skips 3.
 
 use std::time::{Duration, Instant};
 
@@ -230,19 +231,22 @@ fn put_latency() {
     let redis = redis_server::RedisServer::start();
     let puts = scaled(3_000);
     let statuses = ["CONSENTED", "REFUSED"];
-    let (off, on) = runtime.block_on(async {
+    let [mut off, mut on, mut shared] = runtime.block_on(async {
         let sim = simulator().await;
-        let off = proxy(&sim, None, 0).await;
-        let on = proxy(&sim, Some(&redis.url()), 1_000).await;
-        let mut latencies = [Vec::new(), Vec::new()];
-        // Warm both (connections, token), then alternate blocks of 100.
-        for proxy in [&off, &on] {
+        let modes = [
+            proxy(&sim, None, 0).await,
+            proxy(&sim, Some(&redis.url()), 1_000).await,
+            proxy_with(&sim, Some(&redis.url()), 1_000, &shared_cache_keys(), "").await,
+        ];
+        let mut latencies = [Vec::new(), Vec::new(), Vec::new()];
+        // Warm each (connections, token, scripts), then alternate blocks of 100.
+        for proxy in &modes {
             for i in 0..200 {
                 proxy.routes.handle(put(i, statuses[i % 2]), PEER).await;
             }
         }
         for block in 0..(puts / 100).max(1) {
-            for (mode, proxy) in [&off, &on].into_iter().enumerate() {
+            for (mode, proxy) in modes.iter().enumerate() {
                 for i in 0..100 {
                     let request = put(block * 100 + i, statuses[i % 2]);
                     let started = Instant::now();
@@ -252,29 +256,37 @@ fn put_latency() {
                 }
             }
         }
-        let refused = counter(
-            &on,
-            "consent_proxy_cluster_announce_failures_total",
-            ("stage", "pending"),
-        );
-        assert_eq!(refused, 0.0, "every PUT announced");
+        for proxy in &modes[1..] {
+            let refused = counter(
+                proxy,
+                "consent_proxy_cluster_announce_failures_total",
+                ("stage", "pending"),
+            );
+            assert_eq!(refused, 0.0, "every PUT announced");
+        }
         sim.shutdown().await;
-        (latencies[0].clone(), latencies[1].clone())
+        latencies
     });
-    let (mut off, mut on) = (off, on);
-    off.sort();
-    on.sort();
-    let (off50, off99) = (percentile(&off, 0.5), percentile(&off, 0.99));
-    let (on50, on99) = (percentile(&on, 0.5), percentile(&on, 0.99));
+    for latencies in [&mut off, &mut on, &mut shared] {
+        latencies.sort();
+    }
+    let p = |sorted: &[Duration]| (percentile(sorted, 0.5), percentile(sorted, 0.99));
+    let ((off50, off99), (on50, on99), (shared50, shared99)) = (p(&off), p(&on), p(&shared));
     println!(
         "PUT latency ({} PUTs each, handler -> simulator over loopback): cluster off p50 {off50:?} \
-         p99 {off99:?}; on p50 {on50:?} p99 {on99:?}; added by the announcements: p50 {:?} \
-         ({:.2}x), p99 {:?} ({:.2}x)",
+         p99 {off99:?}; on p50 {on50:?} p99 {on99:?}; on with the shared tier p50 {shared50:?} \
+         p99 {shared99:?}; added by the announcements: p50 {:?} ({:.2}x), p99 {:?} ({:.2}x); \
+         by the announcements with the shared tier's scripts: p50 {:?} ({:.2}x), p99 {:?} \
+         ({:.2}x)",
         on.len(),
         on50.saturating_sub(off50),
         on50.as_secs_f64() / off50.as_secs_f64(),
         on99.saturating_sub(off99),
         on99.as_secs_f64() / off99.as_secs_f64(),
+        shared50.saturating_sub(off50),
+        shared50.as_secs_f64() / off50.as_secs_f64(),
+        shared99.saturating_sub(off99),
+        shared99.as_secs_f64() / off99.as_secs_f64(),
     );
 }
 
@@ -411,7 +423,7 @@ fn shared_tier_upstream_gets() {
     let mut per_thousand = Vec::new();
     for shared in [false, true] {
         let redis = redis_server::RedisServer::start();
-        let (total, second_half, unavailable) = runtime.block_on(async {
+        let (total, second_half, unavailable, (used, keys)) = runtime.block_on(async {
             let sim = simulator().await;
             let keys = if shared {
                 shared_cache_keys()
@@ -424,6 +436,7 @@ fn shared_tier_upstream_gets() {
                 instances.push(proxy_with(&sim, Some(&redis.url()), 1_000, &keys, &cache).await);
             }
             sim.reset_counters();
+            let (empty, _) = redis_memory(&redis.url()).await;
             let mut halfway = 0;
             for (n, &contact) in sequence.iter().enumerate() {
                 if n == calls / 2 {
@@ -436,6 +449,8 @@ fn shared_tier_upstream_gets() {
                 }
             }
             let gets = sim.stats().gets;
+            let (used, keys) = redis_memory(&redis.url()).await;
+            let redis_bytes = (used.saturating_sub(empty), keys);
             let unavailable: f64 = instances
                 .iter()
                 .map(|p| {
@@ -450,7 +465,7 @@ fn shared_tier_upstream_gets() {
                 proxy.shutdown().await;
             }
             sim.shutdown().await;
-            (gets, gets - halfway, unavailable)
+            (gets, gets - halfway, unavailable, redis_bytes)
         });
         let lookups = 2 * calls;
         let overall = total as f64 * 1000.0 / lookups as f64;
@@ -462,7 +477,11 @@ fn shared_tier_upstream_gets() {
              {overall:.0} per 1,000 lookups ({steady:.0} in the second half){}",
             if shared { "on" } else { "off" },
             if shared {
-                format!("; {unavailable} fills found Redis unavailable")
+                format!(
+                    "; {unavailable} fills found Redis unavailable; Redis grew by {used} bytes \
+                     for {keys} keys ({} bytes a contact)",
+                    used / keys.max(1)
+                )
             } else {
                 String::new()
             }
@@ -475,6 +494,30 @@ fn shared_tier_upstream_gets() {
         on / off,
         on_steady / off_steady
     );
+}
+
+/// Redis' `used_memory` and its number of keys.
+async fn redis_memory(url: &str) -> (u64, u64) {
+    let client = redis::Client::open(url).expect("redis url");
+    let mut connection = client
+        .get_multiplexed_async_connection()
+        .await
+        .expect("redis connection");
+    let info: String = redis::cmd("INFO")
+        .arg("memory")
+        .query_async(&mut connection)
+        .await
+        .expect("INFO memory");
+    let used = info
+        .lines()
+        .find_map(|line| line.strip_prefix("used_memory:"))
+        .and_then(|n| n.trim().parse().ok())
+        .unwrap_or(0);
+    let keys: u64 = redis::cmd("DBSIZE")
+        .query_async(&mut connection)
+        .await
+        .expect("DBSIZE");
+    (used, keys)
 }
 
 /// A shared-tier hit through the handler (this instance's cache misses, Redis has the answer),
@@ -553,8 +596,8 @@ fn main() {
     // `cargo bench` passes `--bench`; nothing else is read.
     let only_shared = std::env::var("CLUSTER_BENCH_ONLY").is_ok_and(|only| only == "shared");
     hit_path();
+    put_latency();
     if !only_shared {
-        put_latency();
         propagation();
     }
     shared_tier_upstream_gets();
