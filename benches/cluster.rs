@@ -209,6 +209,17 @@ fn hit_path() {
     });
 }
 
+/// A runtime with one worker thread, so that redis-server has the other core (on two cores, a
+/// second worker competing with it shows up as Redis' scheduling delay in the p99, not as the
+/// proxy's cost).
+fn one_worker_runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .expect("runtime")
+}
+
 /// The `[cluster]` keys of the shared cache, with a key file written for the benchmarks.
 fn shared_cache_keys() -> String {
     let key_file = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join("bench-shared-key");
@@ -223,11 +234,7 @@ fn shared_cache_keys() -> String {
 /// that redis-server has the other core (on two cores, a second worker competing with it shows
 /// up as Redis' scheduling delay in the p99, not as the proxy's cost).
 fn put_latency() {
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(1)
-        .enable_all()
-        .build()
-        .expect("runtime");
+    let runtime = one_worker_runtime();
     let redis = redis_server::RedisServer::start();
     let puts = scaled(3_000);
     let statuses = ["CONSENTED", "REFUSED"];
@@ -415,11 +422,7 @@ fn shared_tier_upstream_gets() {
     let sequence: Vec<usize> = (0..calls)
         .map(|_| rand::random_range(0..CONTACTS))
         .collect();
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(1)
-        .enable_all()
-        .build()
-        .expect("runtime");
+    let runtime = one_worker_runtime();
     let mut per_thousand = Vec::new();
     for shared in [false, true] {
         let redis = redis_server::RedisServer::start();
@@ -524,11 +527,7 @@ async fn redis_memory(url: &str) -> (u64, u64) {
 /// against a local hit and an upstream miss, in interleaved blocks on one worker thread (so
 /// that redis-server has the other core).
 fn shared_hit_latency() {
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(1)
-        .enable_all()
-        .build()
-        .expect("runtime");
+    let runtime = one_worker_runtime();
     let redis = redis_server::RedisServer::start();
     let lookups = scaled(3_000);
     let [mut shared, mut local, mut miss] = runtime.block_on(async {

@@ -22,7 +22,8 @@ use consent_proxy::consent::ConsentStatus;
 use consent_proxy::simulator::{Fault, SimRoute};
 use http::Method;
 use support::fleet::{
-    cluster_config, randomized_history, Fleet, Instance, MAX_STALENESS, RULE_5_LAG,
+    cluster_config, randomized_history, slow_fill_then_write, Fleet, Instance, MAX_STALENESS,
+    RULE_5_LAG,
 };
 use support::history::{cluster_violations, gets, random_client, Event, Op};
 use support::redis_server::{free_port, RedisServer};
@@ -168,22 +169,7 @@ async fn randomized_history_across_three_instances_keeps_rule_5() {
 async fn a_fill_that_began_before_a_write_elsewhere_is_not_stored() {
     let fleet = Arc::new(Fleet::start(2).await);
     let contact = "+15550300001";
-    fleet.sim.set_status(contact, ConsentStatus::Consented);
-    fleet
-        .sim
-        .delay_next_get(contact, Duration::from_millis(600), 1);
-    let slow_read = tokio::spawn({
-        let fleet = fleet.clone();
-        async move { fleet.get(1, contact).await }
-    });
-    // The slow fill has reached upstream and read CONSENTED.
-    wait_until(Duration::from_secs(5), || async {
-        fleet.sim.gets_for(contact) == 1
-    })
-    .await;
-    let write = fleet.put(0, contact, "REFUSED").await;
-    assert_eq!(write.status, 200);
-    assert!(!slow_read.is_finished(), "the fill must still be in flight");
+    let slow_read = slow_fill_then_write(&fleet, contact, 1, 0).await;
 
     let during = fleet.get(1, contact).await;
     assert_eq!(
@@ -749,26 +735,8 @@ async fn an_admin_purge_reaches_every_instance() {
     let contact = "+15550800001";
     fleet.sim.set_status(contact, ConsentStatus::Consented);
     fleet.cache_everywhere(contact, "CONSENTED").await;
-    let url = format!(
-        "{}/admin/cache/{contact}",
-        fleet.proxies[0].proxy.admin_url()
-    );
-    let purged = fleet
-        .http
-        .send(Method::DELETE, &url, &[("x-api-key", ADMIN_KEY)], None)
-        .await;
-    assert_eq!(purged.status, 204);
+    fleet.purge(0, contact, &[1, 2]).await;
     for i in 1..3 {
-        wait_until(Duration::from_secs(2), || async {
-            fleet
-                .metric(
-                    i,
-                    r#"consent_proxy_cache_invalidations_total{reason="purge"}"#,
-                )
-                .await
-                == 1.0
-        })
-        .await;
         assert_eq!(
             fleet.get(i, contact).await.header("x-cache-status"),
             Some("MISS")

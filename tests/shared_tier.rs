@@ -27,7 +27,8 @@ use consent_proxy::consent::{ConsentStatus, ContactId};
 use consent_proxy::simulator::{Fault, SimRoute, Simulator, SimulatorConfig};
 use futures_util::future::join_all;
 use support::fleet::{
-    cluster_config, randomized_history, shared_tier, shared_tier_with_keys, Fleet, Instance,
+    cluster_config, randomized_history, shared_tier, shared_tier_with_keys, slow_fill_then_write,
+    Fleet, Instance,
 };
 use support::*;
 use tokio::time::Instant;
@@ -140,22 +141,8 @@ async fn a_hundred_concurrent_misses_over_three_instances_make_one_upstream_get(
 async fn a_fill_that_began_before_a_write_elsewhere_does_not_store_into_redis() {
     let fleet = Arc::new(shared_cache_fleet().await);
     let contact = "+15550900003";
-    fleet.sim.set_status(contact, ConsentStatus::Consented);
-    fleet
-        .sim
-        .delay_next_get(contact, Duration::from_millis(600), 1);
-    let slow_read = tokio::spawn({
-        let fleet = fleet.clone();
-        async move { fleet.get(1, contact).await }
-    });
-    // B's fill holds the contact's fill lock and has read CONSENTED upstream.
-    wait_until(Duration::from_secs(5), || async {
-        fleet.sim.gets_for(contact) == 1
-    })
-    .await;
-    let write = fleet.put(0, contact, "REFUSED").await;
-    assert_eq!(write.status, 200, "{}", write.text());
-    assert!(!slow_read.is_finished(), "the fill must still be in flight");
+    // B's fill holds the contact's fill lock when A's PUT returns.
+    let slow_read = slow_fill_then_write(&fleet, contact, 1, 0).await;
     let slow = slow_read.await.unwrap();
     assert_eq!(
         slow.status_field(),
@@ -230,30 +217,7 @@ async fn an_admin_purge_clears_the_shared_tier() {
     fleet.sim.set_status(contact, ConsentStatus::Consented);
     fleet.get(0, contact).await;
     assert_eq!(source(&fleet.get(1, contact).await), shared_hit());
-    let url = format!(
-        "{}/admin/cache/{contact}",
-        fleet.proxies[2].proxy.admin_url()
-    );
-    let purged = fleet
-        .http
-        .send(
-            http::Method::DELETE,
-            &url,
-            &[("x-api-key", ADMIN_KEY)],
-            None,
-        )
-        .await;
-    assert_eq!(purged.status, 204);
-    wait_until(Duration::from_secs(2), || async {
-        fleet
-            .metric(
-                1,
-                r#"consent_proxy_cache_invalidations_total{reason="purge"}"#,
-            )
-            .await
-            == 1.0
-    })
-    .await;
+    fleet.purge(2, contact, &[1]).await;
     assert_eq!(source(&fleet.get(1, contact).await), local("MISS"));
     assert_eq!(fleet.sim.gets_for(contact), 2);
 }

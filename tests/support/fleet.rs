@@ -14,7 +14,8 @@ use tokio::time::Instant;
 use super::history::{cluster_violations, gets, random_client, random_upstream_delays};
 use super::redis_server::RedisServer;
 use super::{
-    metric_value, start_simulator, wait_until, ProxyConfig, TestClient, TestResponse, RW_KEY,
+    metric_value, start_simulator, wait_until, ProxyConfig, TestClient, TestResponse, ADMIN_KEY,
+    RW_KEY,
 };
 
 /// `cluster.max_staleness_ms` in these tests.
@@ -116,6 +117,34 @@ fn fnv1a(bytes: &[u8]) -> u64 {
     bytes.iter().fold(0xcbf2_9ce4_8422_2325, |hash, &b| {
         (hash ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
     })
+}
+
+/// The race of a fill and a write on two instances: `contact` is CONSENTED upstream; a GET
+/// through `reader` reaches upstream and reads it, but its answer is held back (600 ms); while
+/// it is, a PUT of REFUSED through `writer` returns 200. Returns the slow GET, still in flight.
+pub async fn slow_fill_then_write(
+    fleet: &Arc<Fleet>,
+    contact: &'static str,
+    reader: usize,
+    writer: usize,
+) -> tokio::task::JoinHandle<TestResponse> {
+    fleet.sim.set_status(contact, ConsentStatus::Consented);
+    fleet
+        .sim
+        .delay_next_get(contact, Duration::from_millis(600), 1);
+    let slow_read = tokio::spawn({
+        let fleet = fleet.clone();
+        async move { fleet.get(reader, contact).await }
+    });
+    // The slow fill has reached upstream and read CONSENTED.
+    wait_until(Duration::from_secs(5), || async {
+        fleet.sim.gets_for(contact) == 1
+    })
+    .await;
+    let write = fleet.put(writer, contact, "REFUSED").await;
+    assert_eq!(write.status, 200, "{}", write.text());
+    assert!(!slow_read.is_finished(), "the fill must still be in flight");
+    slow_read
 }
 
 /// What a [`randomized_history`] run saw.
@@ -297,6 +326,31 @@ impl Fleet {
         for i in instances {
             wait_until(Duration::from_secs(20), || async {
                 self.feed(i).await == (200, "live".to_owned())
+            })
+            .await;
+        }
+    }
+
+    /// `DELETE /admin/cache/{contact}` through instance `via` (with the admin key), then waits
+    /// until each of `others` has applied its announcement.
+    pub async fn purge(&self, via: usize, contact: &str, others: &[usize]) {
+        let url = format!(
+            "{}/admin/cache/{contact}",
+            self.proxies[via].proxy.admin_url()
+        );
+        let purged = self
+            .http
+            .send(Method::DELETE, &url, &[("x-api-key", ADMIN_KEY)], None)
+            .await;
+        assert_eq!(purged.status, 204);
+        for &i in others {
+            wait_until(Duration::from_secs(2), || async {
+                self.metric(
+                    i,
+                    r#"consent_proxy_cache_invalidations_total{reason="purge"}"#,
+                )
+                .await
+                    == 1.0
             })
             .await;
         }
