@@ -4,7 +4,8 @@
 //! Shared cache (`cluster.shared_cache`):
 //! - a GET through A, then through B and C: one upstream GET in total, B and C answer from the
 //!   shared tier (`HIT`, `x-cache-tier: shared`);
-//! - 100 concurrent misses spread over the three instances: one upstream GET;
+//! - 100 concurrent misses spread over the three instances: one upstream GET; a fill lock whose
+//!   holder died is taken over;
 //! - a fill that began before a write announced through another instance does not store its
 //!   older answer into Redis (the Redis-side generation guard);
 //! - the randomized three-instance history keeps rule 5;
@@ -132,6 +133,44 @@ async fn a_hundred_concurrent_misses_over_three_instances_make_one_upstream_get(
         coalesced_elsewhere, 2.0,
         "two instances waited for the third's fill"
     );
+}
+
+/// A's fill holds the contact's fill lock when A dies (its runtime is dropped mid-fill, as a
+/// process killed): B's fill waits for it, takes over once the lock expires (one upstream
+/// attempt, 1 s here, plus two Redis calls), fetches and stores for the fleet.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fill_lock_whose_holder_died_is_taken_over() {
+    let mut fleet = Fleet::start_with(3, |_, c| {
+        shared_tier(c, true, false).set("talkdesk.timeout_ms", "1000");
+    })
+    .await;
+    let contact = "+15550900007";
+    fleet.sim.set_status(contact, ConsentStatus::Consented);
+    fleet
+        .sim
+        .delay_next_get(contact, Duration::from_millis(900), 1);
+    let url = fleet.url(0, contact);
+    let http = fleet.http.clone();
+    // Its connection breaks when A dies (the client's panic then ends this task, ignored).
+    let dying = tokio::spawn(async move {
+        http.send(http::Method::GET, &url, &[("x-api-key", RW_KEY)], None)
+            .await
+    });
+    wait_until(Duration::from_secs(5), || async {
+        fleet.sim.gets_for(contact) == 1
+    })
+    .await;
+    drop(fleet.proxies.remove(0));
+    let _ = dying.await;
+    // B and C are now instances 0 and 1.
+    let answer = fleet.get(0, contact).await;
+    assert_eq!(answer.status_field(), "CONSENTED");
+    for (result, expected) in [("miss", 1.0), ("lock_timeout", 0.0)] {
+        let sample = format!(r#"consent_proxy_shared_cache_lookups_total{{result="{result}"}}"#);
+        assert_eq!(fleet.metric(0, &sample).await, expected, "{result}");
+    }
+    assert_eq!(fleet.sim.gets_for(contact), 2);
+    assert_eq!(source(&fleet.get(1, contact).await), shared_hit());
 }
 
 /// B's fill reads upstream before a write through A is applied, and its answer (the older
