@@ -4,16 +4,25 @@
 //! 1. the cache hit through the whole handler, in-process on one core: cluster on against off
 //!    (target: at least 0.95× the throughput);
 //! 2. PUT latency through the handler (upstream and Redis over loopback): p50 and p99 with the
-//!    two announcements against without (target: at most 1 ms added at p50);
+//!    two announcements against without (target: at most 1 ms added at p50), and with the
+//!    shared tier's scripts in their place;
 //! 3. propagation under load: three instances, mixed PUTs and GETs, p50 / p99 / max of
 //!    `consent_proxy_cluster_propagation_seconds` (from an announcement by one instance to its
-//!    application by another).
+//!    application by another);
+//! 4. the shared tier (`cluster.shared_cache`): upstream GETs per 1,000 lookups over three
+//!    instances taking turns (round robin), each lookup of a call on the next instance, with a
+//!    working set five times what one instance's cache holds, without and with the tier;
+//! 5. a shared-tier hit's latency through the handler (Redis over loopback): p50 / p99, against
+//!    a local hit and an upstream miss in the same run. (1. also times the local hit with the
+//!    shared tier on: it must not change.)
 //!
-//! `cargo bench --bench cluster`; `CLUSTER_BENCH_SCALE=0.2` for a quick run.
+//! `cargo bench --bench cluster`; `CLUSTER_BENCH_SCALE=0.2` for a quick run;
+//! `CLUSTER_BENCH_ONLY=shared` skips 3.
 
 use std::time::{Duration, Instant};
 
 use consent_proxy::config::Settings;
+use consent_proxy::consent::ContactId;
 use consent_proxy::simulator::Simulator;
 use consent_proxy::{App, AppHandle};
 
@@ -48,10 +57,21 @@ async fn simulator() -> Simulator {
 
 /// A proxy in front of `sim`; in cluster mode when `redis_url` is given.
 async fn proxy(sim: &Simulator, redis_url: Option<&str>, max_staleness_ms: u64) -> AppHandle {
+    proxy_with(sim, redis_url, max_staleness_ms, "", "").await
+}
+
+/// As [`proxy`], with more `[cluster]` keys (TOML lines) and more sections.
+async fn proxy_with(
+    sim: &Simulator,
+    redis_url: Option<&str>,
+    max_staleness_ms: u64,
+    cluster_keys: &str,
+    sections: &str,
+) -> AppHandle {
     let cluster = match redis_url {
         Some(url) => format!(
             "[cluster]\nredis_url = \"{url}\"\nmax_staleness_ms = {max_staleness_ms}\n\
-             [oauth]\nenabled = false\n"
+             {cluster_keys}\n[oauth]\nenabled = false\n"
         ),
         None => String::new(),
     };
@@ -68,6 +88,7 @@ token_url = "{}"
 client_id = "sim-client"
 client_secret = "{SIM_CLIENT_SECRET}"
 {cluster}
+{sections}
 [[clients]]
 name = "bench"
 api_key = "{KEY}"
@@ -116,31 +137,33 @@ fn percentile(sorted: &[Duration], p: f64) -> Duration {
     sorted[((sorted.len() - 1) as f64 * p).round() as usize]
 }
 
-/// The hit path, cluster off and on, interleaved rounds on one core.
+/// The hit path, cluster off, on, and on with the shared tier, interleaved rounds on one core.
 fn hit_path() {
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .expect("runtime");
     let redis = redis_server::RedisServer::start();
-    let (off, on, _sim) = runtime.block_on(async {
+    let (modes, _sim) = runtime.block_on(async {
         let sim = simulator().await;
         let off = proxy(&sim, None, 0).await;
         // A long max_staleness: the feed must stay trusted while criterion-less rounds run
         // back to back on this one thread (the hit path's cost does not depend on it).
         let on = proxy(&sim, Some(&redis.url()), 60_000).await;
-        for proxy in [&off, &on] {
+        let shared = proxy_with(&sim, Some(&redis.url()), 60_000, &shared_cache_keys(), "").await;
+        let modes = [off, on, shared];
+        for proxy in &modes {
             for i in 0..WORKING_SET {
                 let response = proxy.routes.handle(get(i), PEER).await;
                 assert_eq!(response.status(), 200);
             }
         }
-        (off, on, sim)
+        (modes, sim)
     });
     let hits = scaled(200_000);
-    let mut per_hit = [Vec::new(), Vec::new()];
+    let mut per_hit = [Vec::new(), Vec::new(), Vec::new()];
     for _round in 0..7 {
-        for (mode, proxy) in [&off, &on].into_iter().enumerate() {
+        for (mode, proxy) in modes.iter().enumerate() {
             let started = Instant::now();
             runtime.block_on(async {
                 for i in 0..hits {
@@ -151,7 +174,7 @@ fn hit_path() {
             per_hit[mode].push(started.elapsed().as_nanos() as f64 / hits as f64);
         }
     }
-    for (name, proxy) in [("off", &off), ("on", &on)] {
+    for (name, proxy) in ["off", "on", "on with the shared tier"].iter().zip(&modes) {
         let bypassed = counter(
             proxy,
             "consent_proxy_cache_lookups_total",
@@ -166,46 +189,71 @@ fn hit_path() {
             "cluster {name}: every timed GET must be a hit"
         );
     }
-    let off_ns = median(&mut per_hit[0]);
-    let on_ns = median(&mut per_hit[1]);
+    let [off_ns, on_ns, shared_ns] = per_hit.map(|mut rounds| median(&mut rounds));
     println!(
         "hit path (in-process handler, one core, {hits} hits x 7 rounds, medians): cluster off \
-         {off_ns:.0} ns/hit ({:.0}/s), on {on_ns:.0} ns/hit ({:.0}/s): on/off throughput {:.3}x",
+         {off_ns:.0} ns/hit ({:.0}/s), on {on_ns:.0} ns/hit ({:.0}/s), on with the shared tier \
+         {shared_ns:.0} ns/hit ({:.0}/s): on/off throughput {:.3}x, shared tier on/off {:.3}x \
+         (against cluster on without it: {:.3}x)",
         1e9 / off_ns,
         1e9 / on_ns,
-        off_ns / on_ns
+        1e9 / shared_ns,
+        off_ns / on_ns,
+        off_ns / shared_ns,
+        on_ns / shared_ns
     );
     runtime.block_on(async {
-        on.shutdown().await;
-        off.shutdown().await;
+        for proxy in modes {
+            proxy.shutdown().await;
+        }
     });
+}
+
+/// A runtime with one worker thread, so that redis-server has the other core (on two cores, a
+/// second worker competing with it shows up as Redis' scheduling delay in the p99, not as the
+/// proxy's cost).
+fn one_worker_runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .expect("runtime")
+}
+
+/// The `[cluster]` keys of the shared cache, with a key file written for the benchmarks.
+fn shared_cache_keys() -> String {
+    let key_file = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join("bench-shared-key");
+    std::fs::write(&key_file, "bench-shared-tier-key-0123456789abcdef").expect("key file");
+    format!(
+        "shared_cache = true\nshared_key_file = {:?}\nshared_timeout_ms = 50",
+        key_file.display().to_string()
+    )
 }
 
 /// PUT latency with and without the announcements, one PUT at a time. One worker thread, so
 /// that redis-server has the other core (on two cores, a second worker competing with it shows
 /// up as Redis' scheduling delay in the p99, not as the proxy's cost).
 fn put_latency() {
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(1)
-        .enable_all()
-        .build()
-        .expect("runtime");
+    let runtime = one_worker_runtime();
     let redis = redis_server::RedisServer::start();
     let puts = scaled(3_000);
     let statuses = ["CONSENTED", "REFUSED"];
-    let (off, on) = runtime.block_on(async {
+    let [mut off, mut on, mut shared] = runtime.block_on(async {
         let sim = simulator().await;
-        let off = proxy(&sim, None, 0).await;
-        let on = proxy(&sim, Some(&redis.url()), 1_000).await;
-        let mut latencies = [Vec::new(), Vec::new()];
-        // Warm both (connections, token), then alternate blocks of 100.
-        for proxy in [&off, &on] {
+        let modes = [
+            proxy(&sim, None, 0).await,
+            proxy(&sim, Some(&redis.url()), 1_000).await,
+            proxy_with(&sim, Some(&redis.url()), 1_000, &shared_cache_keys(), "").await,
+        ];
+        let mut latencies = [Vec::new(), Vec::new(), Vec::new()];
+        // Warm each (connections, token, scripts), then alternate blocks of 100.
+        for proxy in &modes {
             for i in 0..200 {
                 proxy.routes.handle(put(i, statuses[i % 2]), PEER).await;
             }
         }
         for block in 0..(puts / 100).max(1) {
-            for (mode, proxy) in [&off, &on].into_iter().enumerate() {
+            for (mode, proxy) in modes.iter().enumerate() {
                 for i in 0..100 {
                     let request = put(block * 100 + i, statuses[i % 2]);
                     let started = Instant::now();
@@ -215,29 +263,37 @@ fn put_latency() {
                 }
             }
         }
-        let refused = counter(
-            &on,
-            "consent_proxy_cluster_announce_failures_total",
-            ("stage", "pending"),
-        );
-        assert_eq!(refused, 0.0, "every PUT announced");
+        for proxy in &modes[1..] {
+            let refused = counter(
+                proxy,
+                "consent_proxy_cluster_announce_failures_total",
+                ("stage", "pending"),
+            );
+            assert_eq!(refused, 0.0, "every PUT announced");
+        }
         sim.shutdown().await;
-        (latencies[0].clone(), latencies[1].clone())
+        latencies
     });
-    let (mut off, mut on) = (off, on);
-    off.sort();
-    on.sort();
-    let (off50, off99) = (percentile(&off, 0.5), percentile(&off, 0.99));
-    let (on50, on99) = (percentile(&on, 0.5), percentile(&on, 0.99));
+    for latencies in [&mut off, &mut on, &mut shared] {
+        latencies.sort();
+    }
+    let p = |sorted: &[Duration]| (percentile(sorted, 0.5), percentile(sorted, 0.99));
+    let ((off50, off99), (on50, on99), (shared50, shared99)) = (p(&off), p(&on), p(&shared));
     println!(
         "PUT latency ({} PUTs each, handler -> simulator over loopback): cluster off p50 {off50:?} \
-         p99 {off99:?}; on p50 {on50:?} p99 {on99:?}; added by the announcements: p50 {:?} \
-         ({:.2}x), p99 {:?} ({:.2}x)",
+         p99 {off99:?}; on p50 {on50:?} p99 {on99:?}; on with the shared tier p50 {shared50:?} \
+         p99 {shared99:?}; added by the announcements: p50 {:?} ({:.2}x), p99 {:?} ({:.2}x); \
+         by the announcements with the shared tier's scripts: p50 {:?} ({:.2}x), p99 {:?} \
+         ({:.2}x)",
         on.len(),
         on50.saturating_sub(off50),
         on50.as_secs_f64() / off50.as_secs_f64(),
         on99.saturating_sub(off99),
         on99.as_secs_f64() / off99.as_secs_f64(),
+        shared50.saturating_sub(off50),
+        shared50.as_secs_f64() / off50.as_secs_f64(),
+        shared99.saturating_sub(off99),
+        shared99.as_secs_f64() / off99.as_secs_f64(),
     );
 }
 
@@ -354,9 +410,195 @@ fn propagation() {
     main.block_on(sim.shutdown());
 }
 
+/// Upstream GETs per 1,000 lookups over three instances taking turns, without and with the
+/// shared tier. Each call looks its contact up twice (a common flow shape), the second time on
+/// the next instance; contacts are drawn at random from a working set five times what one
+/// instance's cache holds (`cache.max_entries`), the same calls in both runs, one lookup at a
+/// time (no coalescing).
+fn shared_tier_upstream_gets() {
+    const INSTANCE_ENTRIES: usize = 1_000;
+    const CONTACTS: usize = 5 * INSTANCE_ENTRIES;
+    let calls = scaled(10_000);
+    let sequence: Vec<usize> = (0..calls)
+        .map(|_| rand::random_range(0..CONTACTS))
+        .collect();
+    let runtime = one_worker_runtime();
+    let mut per_thousand = Vec::new();
+    for shared in [false, true] {
+        let redis = redis_server::RedisServer::start();
+        let (total, second_half, unavailable, (used, keys)) = runtime.block_on(async {
+            let sim = simulator().await;
+            let keys = if shared {
+                shared_cache_keys()
+            } else {
+                String::new()
+            };
+            let cache = format!("[cache]\nmax_entries = {INSTANCE_ENTRIES}");
+            let mut instances = Vec::new();
+            for _ in 0..3 {
+                instances.push(proxy_with(&sim, Some(&redis.url()), 1_000, &keys, &cache).await);
+            }
+            sim.reset_counters();
+            let (empty, _) = redis_memory(&redis.url()).await;
+            let mut halfway = 0;
+            for (n, &contact) in sequence.iter().enumerate() {
+                if n == calls / 2 {
+                    halfway = sim.stats().gets;
+                }
+                for lookup in 0..2 {
+                    let via = &instances[(2 * n + lookup) % 3];
+                    let response = via.routes.handle(get(contact), PEER).await;
+                    assert_eq!(response.status(), 200);
+                }
+            }
+            let gets = sim.stats().gets;
+            let (used, keys) = redis_memory(&redis.url()).await;
+            let redis_bytes = (used.saturating_sub(empty), keys);
+            let unavailable: f64 = instances
+                .iter()
+                .map(|p| {
+                    counter(
+                        p,
+                        "consent_proxy_shared_cache_lookups_total",
+                        ("result", "unavailable"),
+                    )
+                })
+                .sum();
+            for proxy in instances {
+                proxy.shutdown().await;
+            }
+            sim.shutdown().await;
+            (gets, gets - halfway, unavailable, redis_bytes)
+        });
+        let lookups = 2 * calls;
+        let overall = total as f64 * 1000.0 / lookups as f64;
+        let steady = second_half as f64 * 1000.0 / (lookups - lookups / 2) as f64;
+        per_thousand.push((overall, steady));
+        println!(
+            "round robin over 3 instances, shared tier {}: {lookups} lookups of {CONTACTS} \
+             contacts (each instance's cache holds {INSTANCE_ENTRIES}): {total} upstream GETs, \
+             {overall:.0} per 1,000 lookups ({steady:.0} in the second half){}",
+            if shared { "on" } else { "off" },
+            if shared {
+                format!(
+                    "; {unavailable} fills found Redis unavailable; Redis grew by {used} bytes \
+                     for {keys} keys ({} bytes a contact)",
+                    used / keys.max(1)
+                )
+            } else {
+                String::new()
+            }
+        );
+    }
+    let ((off, off_steady), (on, on_steady)) = (per_thousand[0], per_thousand[1]);
+    println!(
+        "upstream GETs per 1,000 lookups, shared tier on/off: {:.3}x overall, {:.3}x in the \
+         second half",
+        on / off,
+        on_steady / off_steady
+    );
+}
+
+/// Redis' `used_memory` and its number of keys.
+async fn redis_memory(url: &str) -> (u64, u64) {
+    let client = redis::Client::open(url).expect("redis url");
+    let mut connection = client
+        .get_multiplexed_async_connection()
+        .await
+        .expect("redis connection");
+    let info: String = redis::cmd("INFO")
+        .arg("memory")
+        .query_async(&mut connection)
+        .await
+        .expect("INFO memory");
+    let used = info
+        .lines()
+        .find_map(|line| line.strip_prefix("used_memory:"))
+        .and_then(|n| n.trim().parse().ok())
+        .unwrap_or(0);
+    let keys: u64 = redis::cmd("DBSIZE")
+        .query_async(&mut connection)
+        .await
+        .expect("DBSIZE");
+    (used, keys)
+}
+
+/// A shared-tier hit through the handler (this instance's cache misses, Redis has the answer),
+/// against a local hit and an upstream miss, in interleaved blocks on one worker thread (so
+/// that redis-server has the other core).
+fn shared_hit_latency() {
+    let runtime = one_worker_runtime();
+    let redis = redis_server::RedisServer::start();
+    let lookups = scaled(3_000);
+    let [mut shared, mut local, mut miss] = runtime.block_on(async {
+        let sim = simulator().await;
+        let tier = proxy_with(&sim, Some(&redis.url()), 60_000, &shared_cache_keys(), "").await;
+        let alone = proxy(&sim, Some(&redis.url()), 60_000).await;
+        let forget = |proxy: &AppHandle, i: usize| {
+            let id = ContactId::from_path_segment(&format!("+1555{i:07}")).expect("contact");
+            proxy.cache.purge(&id);
+        };
+        // Warm both (connections, token, scripts loaded) and fill Redis.
+        for i in 0..lookups {
+            tier.routes.handle(get(i), PEER).await;
+            alone.routes.handle(get(i), PEER).await;
+        }
+        let mut latencies = [Vec::new(), Vec::new(), Vec::new()];
+        for block in 0..(lookups / 100).max(1) {
+            for i in block * 100..(block + 1) * 100 {
+                forget(&tier, i);
+                let started = Instant::now();
+                let response = tier.routes.handle(get(i), PEER).await;
+                latencies[0].push(started.elapsed());
+                assert_eq!(
+                    response.headers().get("x-cache-tier").map(|v| v.as_bytes()),
+                    Some(&b"shared"[..])
+                );
+            }
+            for i in block * 100..(block + 1) * 100 {
+                let started = Instant::now();
+                let response = tier.routes.handle(get(i), PEER).await;
+                latencies[1].push(started.elapsed());
+                assert_eq!(response.headers()["x-cache-status"], "HIT");
+            }
+            for i in block * 100..(block + 1) * 100 {
+                forget(&alone, i);
+                let started = Instant::now();
+                let response = alone.routes.handle(get(i), PEER).await;
+                latencies[2].push(started.elapsed());
+                assert_eq!(response.headers()["x-cache-status"], "MISS");
+            }
+        }
+        tier.shutdown().await;
+        alone.shutdown().await;
+        sim.shutdown().await;
+        latencies
+    });
+    for latencies in [&mut shared, &mut local, &mut miss] {
+        latencies.sort();
+    }
+    let p = |sorted: &[Duration]| (percentile(sorted, 0.5), percentile(sorted, 0.99));
+    let ((shared50, shared99), (local50, local99), (miss50, miss99)) =
+        (p(&shared), p(&local), p(&miss));
+    println!(
+        "GET latency through the handler ({} each, Redis and the simulator over loopback): \
+         shared-tier hit p50 {shared50:?} p99 {shared99:?}; local hit p50 {local50:?} p99 \
+         {local99:?}; upstream miss p50 {miss50:?} p99 {miss99:?}; a shared-tier hit takes \
+         {:.2}x an upstream miss at p50 ({:.2}x at p99)",
+        shared.len(),
+        shared50.as_secs_f64() / miss50.as_secs_f64(),
+        shared99.as_secs_f64() / miss99.as_secs_f64(),
+    );
+}
+
 fn main() {
     // `cargo bench` passes `--bench`; nothing else is read.
+    let only_shared = std::env::var("CLUSTER_BENCH_ONLY").is_ok_and(|only| only == "shared");
     hit_path();
     put_latency();
-    propagation();
+    if !only_shared {
+        propagation();
+    }
+    shared_tier_upstream_gets();
+    shared_hit_latency();
 }

@@ -61,6 +61,7 @@ impl Fixture {
                 &settings.talkdesk,
                 &settings.token,
                 TokenMetrics::register(&prometheus::Registry::new()),
+                None,
                 shutdown_rx,
             );
             // Wait for the first token.

@@ -13,7 +13,7 @@ use tokio::task::JoinHandle;
 use crate::auth::token::TokenKeys;
 use crate::auth::Authenticator;
 use crate::cache::{CacheMetrics, ConsentCache};
-use crate::cluster::{Cluster, ClusterMetrics, ClusterStartError};
+use crate::cluster::{Cluster, ClusterStartError};
 use crate::config::Settings;
 use crate::error::Failure;
 use crate::http::admin::AdminRoutes;
@@ -89,11 +89,32 @@ impl App {
 
         let registry = metrics::new_registry();
         let (shutdown, shutdown_rx) = watch::channel(false);
+        let cache = ConsentCache::new(&settings.cache, CacheMetrics::register(&registry));
+        // The cluster's feed stops only after the listeners have drained, so that the requests
+        // finishing within the grace period can still announce their writes.
+        let (feed_stop, feed_stop_rx) = watch::channel(false);
+        let mut feed_task = None;
+        let cluster = match &settings.cluster {
+            Some(cluster_settings) => {
+                let (cluster, feed) = Cluster::start(
+                    cluster_settings,
+                    &settings.talkdesk,
+                    cache.clone(),
+                    settings.server.request_timeout,
+                    &registry,
+                    feed_stop_rx,
+                )?;
+                feed_task = Some(feed);
+                Some(cluster)
+            }
+            None => None,
+        };
         let (tokens, refresher) = TokenManager::start(
             transport.clone(),
             &settings.talkdesk,
             &settings.token,
             TokenMetrics::register(&registry),
+            cluster.as_ref().and_then(Cluster::fleet_tokens),
             shutdown_rx.clone(),
         );
         let api = Arc::new(ConsentApi::new(
@@ -103,26 +124,7 @@ impl App {
             UpstreamMetrics::register(&registry),
             AdmissionMetrics::register(&registry),
         ));
-        let cache = ConsentCache::new(&settings.cache, CacheMetrics::register(&registry));
         let mut tasks = vec![refresher];
-        // The cluster's feed stops only after the listeners have drained, so that the requests
-        // finishing within the grace period can still announce their writes.
-        let (feed_stop, feed_stop_rx) = watch::channel(false);
-        let mut feed_task = None;
-        let cluster = match &settings.cluster {
-            Some(cluster_settings) => {
-                let (cluster, feed) = Cluster::start(
-                    cluster_settings,
-                    cache.clone(),
-                    settings.server.request_timeout,
-                    ClusterMetrics::register(&registry),
-                    feed_stop_rx,
-                )?;
-                feed_task = Some(feed);
-                Some(cluster)
-            }
-            None => None,
-        };
         let service = ConsentService::new(
             api,
             cache.clone(),

@@ -1,7 +1,8 @@
 //! The consent operations, independent of HTTP: a read goes through the cache to the
 //! consent API; a write goes to the consent API and then through the cache, in its own task
 //! so that a caller hanging up cannot leave the cache behind upstream. In cluster mode a
-//! write is announced to the other instances before it goes upstream and its outcome after.
+//! write is announced to the other instances before it goes upstream and its outcome after,
+//! and with the shared cache a fill looks in the cluster's shared tier before going upstream.
 
 use std::sync::Arc;
 
@@ -9,7 +10,10 @@ use http::HeaderValue;
 use prometheus::{IntCounter, Registry};
 use tokio::time::Instant;
 
-use crate::cache::{CacheStatus, ConsentCache, Lookup, Settled, WriteOutcome};
+use crate::cache::{
+    CacheStatus, ConsentCache, FillLead, FillResult, FillWaiter, Lookup, Settled, WriteOutcome,
+};
+use crate::cluster::shared::FillReport;
 use crate::cluster::Cluster;
 use crate::consent::{consent_status_of, ConsentAnswer};
 use crate::consent::{ConsentStatus, ContactId};
@@ -50,6 +54,8 @@ pub struct ReadResult {
     pub cache_status: CacheStatus,
     /// Seconds since the answer was stored, for answers from the cache.
     pub age: Option<u32>,
+    /// A hit of the cluster's shared tier (this instance's own cache missed).
+    pub shared_hit: bool,
     pub answer: Result<ConsentAnswer, ProxyError>,
     /// For an answer from the cache after upstream failed (STALE): the failure, for the log.
     pub upstream_failure: Option<ProxyError>,
@@ -60,6 +66,7 @@ impl From<Settled> for ReadResult {
         ReadResult {
             cache_status: settled.status,
             age: settled.age_s,
+            shared_hit: false,
             answer: settled.answer,
             upstream_failure: settled.upstream_failure,
         }
@@ -116,12 +123,15 @@ impl ConsentService {
         let (cache_status, answer) = match self.cache.lookup(contact) {
             Lookup::Hit(hit) => {
                 if let Some(refresh) = hit.refresh {
-                    // Its attempts are not this request's: they are not in its log line.
+                    // Straight upstream, also with the shared tier (which would answer with an
+                    // entry as old as this one). Its attempts are not this request's: they are
+                    // not in its log line.
                     drop(refresh.spawn(fetch(LastAttempt::default())));
                 }
                 return ReadResult {
                     cache_status: CacheStatus::Hit,
                     age: Some(hit.age_s),
+                    shared_hit: false,
                     answer: Ok(hit.answer),
                     upstream_failure: None,
                 };
@@ -134,12 +144,25 @@ impl ConsentService {
                     .into()
             }
             Lookup::Lead(lead) => {
-                let waiter = lead.spawn(fetch(upstream.clone()));
-                return self
+                let (waiter, report) =
+                    self.lead_fill(lead, contact, deadline, fetch(upstream.clone()));
+                let settled = self
                     .cache
                     .settle(contact, CacheStatus::Miss, waiter, deadline)
-                    .await
-                    .into();
+                    .await;
+                let shared_age = report.as_ref().and_then(FillReport::shared_age);
+                if let Some(age) = shared_age.filter(|_| settled.status == CacheStatus::Miss) {
+                    if settled.answer.is_ok() {
+                        return ReadResult {
+                            cache_status: CacheStatus::Hit,
+                            age: Some(age.as_secs() as u32),
+                            shared_hit: true,
+                            answer: settled.answer,
+                            upstream_failure: None,
+                        };
+                    }
+                }
+                return settled.into();
             }
             Lookup::Bypass => (CacheStatus::Bypass, fetch(upstream.clone()).await),
             Lookup::Unsynced => (CacheStatus::Unsynced, fetch(upstream.clone()).await),
@@ -147,8 +170,31 @@ impl ConsentService {
         ReadResult {
             cache_status,
             age: None,
+            shared_hit: false,
             answer,
             upstream_failure: None,
+        }
+    }
+
+    /// Runs the fill a miss leads: through the cluster's shared tier when there is one (with
+    /// the report that says whether the tier answered), else straight upstream.
+    fn lead_fill<F>(
+        &self,
+        lead: FillLead,
+        contact: &ContactId,
+        deadline: Instant,
+        upstream: F,
+    ) -> (FillWaiter, Option<FillReport>)
+    where
+        F: std::future::Future<Output = FillResult> + Send + 'static,
+    {
+        match self.cluster.as_ref().and_then(Cluster::shared_cache) {
+            None => (lead.spawn(upstream), None),
+            Some(tier) => {
+                let report = FillReport::default();
+                let fill = tier.fill(contact, deadline, upstream, report.clone());
+                (lead.spawn_aged(fill), Some(report))
+            }
         }
     }
 

@@ -495,7 +495,7 @@ fn check_config_refuses_a_per_process_signing_key_in_a_cluster_among_other_probl
         &output,
         &[
             "oauth.signing_key_file: must be set when cluster.redis_url is set",
-            "cluster.shared_cache: true is not supported yet",
+            "cluster.shared_cache: true needs cluster.shared_key_file",
             "(from environment variable CONSENT_PROXY__CLUSTER__SHARED_CACHE)",
             "token.refresh_margin_s: must be greater than 0",
             "CONSENT_PROXY__CLIENTS__NAME: [[clients]] can only be configured in a file",

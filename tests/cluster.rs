@@ -21,177 +21,20 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use consent_proxy::consent::ConsentStatus;
-use consent_proxy::simulator::{Fault, SimRoute, Simulator};
-use consent_proxy::{App, AppHandle};
+use consent_proxy::simulator::{Fault, SimRoute};
 use http::Method;
 use support::fake_upstream::{answer, consent_200, Act, FakeUpstream};
-use support::history::{
-    cluster_violations, gets, random_client, random_upstream_delays, Event, Op,
+use support::fleet::{
+    cluster_config, randomized_history, slow_fill_then_write, Fleet, Instance, MAX_STALENESS,
+    RULE_5_LAG,
 };
+use support::history::{cluster_violations, gets, random_client, Event, Op};
 use support::redis_server::{free_port, RedisServer};
 use support::relay::Relay;
 use support::*;
 use tokio::time::Instant;
 
 const BIN: &str = env!("CARGO_BIN_EXE_consent-proxy");
-/// The contract's bound for a healthy cluster (rule 5).
-const RULE_5_LAG: Duration = Duration::from_millis(50);
-/// `cluster.max_staleness_ms` in these tests.
-const MAX_STALENESS: Duration = Duration::from_millis(400);
-
-/// A simulator, a Redis and proxies pointed at both.
-struct Fleet {
-    sim: Simulator,
-    /// Locked only to kill, freeze or restart it.
-    redis: std::sync::Mutex<RedisServer>,
-    proxies: Vec<Instance>,
-    http: TestClient,
-}
-
-/// One proxy on a runtime of its own (one worker thread), as if in a process of its own: on a
-/// runtime shared by all the instances of a test, a chain of one instance's tasks can hold
-/// another's feed task back for a millisecond or more, which separate processes never see.
-struct Instance {
-    proxy: AppHandle,
-    runtime: Option<tokio::runtime::Runtime>,
-}
-
-impl Instance {
-    async fn start(config: &ProxyConfig) -> Instance {
-        let runtime = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(1)
-            .enable_all()
-            .build()
-            .expect("a runtime");
-        let settings = config.settings();
-        let proxy = runtime
-            .spawn(async move { App::start(settings).await.expect("proxy starts") })
-            .await
-            .expect("start task");
-        Instance {
-            proxy,
-            runtime: Some(runtime),
-        }
-    }
-}
-
-impl Drop for Instance {
-    fn drop(&mut self) {
-        if let Some(runtime) = self.runtime.take() {
-            runtime.shutdown_background();
-        }
-    }
-}
-
-/// The cluster keys every test uses; `redis_url` is the instance's way to Redis.
-fn cluster_config(sim: &Simulator, redis_url: &str) -> ProxyConfig {
-    let mut config = ProxyConfig::for_simulator(sim);
-    config
-        .clustered(redis_url)
-        .set(
-            "cluster.max_staleness_ms",
-            &MAX_STALENESS.as_millis().to_string(),
-        )
-        .set("log.level", "\"warn\"");
-    config
-}
-
-impl Fleet {
-    async fn start(instances: usize) -> Fleet {
-        Self::start_with(instances, |_, _| {}).await
-    }
-
-    /// `configure(i, config)` adjusts instance `i`'s configuration.
-    async fn start_with(instances: usize, configure: impl Fn(usize, &mut ProxyConfig)) -> Fleet {
-        let sim = start_simulator().await;
-        let redis = RedisServer::start();
-        let mut proxies = Vec::new();
-        for i in 0..instances {
-            let mut config = cluster_config(&sim, &redis.url());
-            configure(i, &mut config);
-            proxies.push(Instance::start(&config).await);
-        }
-        let fleet = Fleet {
-            sim,
-            redis: std::sync::Mutex::new(redis),
-            proxies,
-            http: TestClient::new(),
-        };
-        fleet.wait_live(0..instances).await;
-        fleet
-    }
-
-    fn redis(&self) -> std::sync::MutexGuard<'_, RedisServer> {
-        self.redis.lock().unwrap()
-    }
-
-    fn url(&self, i: usize, contact: &str) -> String {
-        format!(
-            "{}/voicebiometrics/contacts/{contact}/consent",
-            self.proxies[i].proxy.url()
-        )
-    }
-
-    async fn get(&self, i: usize, contact: &str) -> TestResponse {
-        let url = self.url(i, contact);
-        self.http
-            .send(Method::GET, &url, &[("x-api-key", RW_KEY)], None)
-            .await
-    }
-
-    async fn put(&self, i: usize, contact: &str, status: &str) -> TestResponse {
-        let url = self.url(i, contact);
-        self.http
-            .send(
-                Method::PUT,
-                &url,
-                &[("x-api-key", RW_KEY), ("content-type", "application/json")],
-                Some(format!(r#"{{"status":"{status}"}}"#)),
-            )
-            .await
-    }
-
-    async fn admin(&self, i: usize, path: &str) -> TestResponse {
-        let url = format!("{}{path}", self.proxies[i].proxy.admin_url());
-        self.http.send(Method::GET, &url, &[], None).await
-    }
-
-    async fn metric(&self, i: usize, sample: &str) -> f64 {
-        metric_value(&self.admin(i, "/metrics").await.text(), sample)
-    }
-
-    /// `/readyz`'s status and the feed's state in it (`live` or `down`).
-    async fn feed(&self, i: usize) -> (u16, String) {
-        let ready = self.admin(i, "/readyz").await;
-        let feed = ready.json()["cluster"]["feed"]
-            .as_str()
-            .unwrap_or_default()
-            .to_owned();
-        (ready.status, feed)
-    }
-
-    /// Waits (bounded) until these instances are ready with their feed live.
-    async fn wait_live(&self, instances: impl IntoIterator<Item = usize>) {
-        for i in instances {
-            wait_until(Duration::from_secs(20), || async {
-                self.feed(i).await == (200, "live".to_owned())
-            })
-            .await;
-        }
-    }
-
-    /// Reads `contact` through every instance until each answers it from its cache.
-    async fn cache_everywhere(&self, contact: &str, expected: &str) {
-        for i in 0..self.proxies.len() {
-            wait_until(Duration::from_secs(5), || async {
-                let response = self.get(i, contact).await;
-                assert_eq!(response.status_field(), expected, "instance {i}");
-                response.header("x-cache-status") == Some("HIT")
-            })
-            .await;
-        }
-    }
-}
 
 /// One GET as seen by [`poll_gets`].
 struct Seen {
@@ -310,71 +153,16 @@ async fn a_write_through_one_instance_is_seen_through_the_others_right_after_its
 /// Rule 5 over a randomized history: clients on random instances, random upstream delays.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn randomized_history_across_three_instances_keeps_rule_5() {
-    let fleet = Arc::new(
-        Fleet::start_with(3, |_, c| {
-            c.set("talkdesk.max_retries", "0");
-        })
-        .await,
-    );
-    const CONTACTS: usize = 3;
-    const INITIAL: &str = "NO_CONSENT";
-    let contacts: Vec<String> = (0..CONTACTS).map(|i| format!("+1555020000{i}")).collect();
-    for contact in &contacts {
-        fleet.sim.set_status(contact, ConsentStatus::NoConsent);
-    }
-    let run_for = Duration::from_secs(5);
-    let started = Instant::now();
-
-    let delays = tokio::spawn({
-        let fleet = fleet.clone();
-        let contacts = contacts.clone();
-        async move { random_upstream_delays(&fleet.sim, &contacts, started + run_for).await }
-    });
-    let clients: Vec<_> = (0..6)
-        .map(|_| {
-            let fleet = fleet.clone();
-            let contacts = contacts.clone();
-            tokio::spawn(async move {
-                random_client(
-                    started + run_for,
-                    CONTACTS,
-                    3,
-                    0.2,
-                    0..0,
-                    |via, contact| fleet.get(via, &contacts[contact]),
-                    |via, contact, status| fleet.put(via, &contacts[contact], status),
-                )
-                .await
-            })
-        })
-        .collect();
-    let mut history = Vec::new();
-    for client in clients {
-        history.extend(client.await.unwrap());
-    }
-    delays.await.unwrap();
-    let mut hits = 0.0;
-    for i in 0..3 {
-        hits += fleet
-            .metric(i, r#"consent_proxy_cache_lookups_total{result="hit"}"#)
-            .await;
-    }
-    let gets = gets(&history);
-    let puts = history.len() - gets;
-    let problems = cluster_violations(&history, INITIAL, RULE_5_LAG);
-    println!(
-        "history: {} operations ({gets} GETs, {puts} PUTs, {hits} cache hits) over 3 instances, {} violations",
-        history.len(),
-        problems.len()
-    );
+    let fleet = Fleet::start_with(3, |_, c| {
+        c.set("talkdesk.max_retries", "0");
+    })
+    .await;
+    let run = randomized_history(Arc::new(fleet), "+1555020000").await;
+    assert!(run.local_hits > 50.0, "too few cache hits to mean anything");
     assert!(
-        gets > 200 && puts > 40 && hits > 50.0,
-        "too little traffic to mean anything"
-    );
-    assert!(
-        problems.is_empty(),
+        run.violations.is_empty(),
         "rule 5 violated:\n{}",
-        problems.join("\n")
+        run.violations.join("\n")
     );
 }
 
@@ -384,22 +172,7 @@ async fn randomized_history_across_three_instances_keeps_rule_5() {
 async fn a_fill_that_began_before_a_write_elsewhere_is_not_stored() {
     let fleet = Arc::new(Fleet::start(2).await);
     let contact = "+15550300001";
-    fleet.sim.set_status(contact, ConsentStatus::Consented);
-    fleet
-        .sim
-        .delay_next_get(contact, Duration::from_millis(600), 1);
-    let slow_read = tokio::spawn({
-        let fleet = fleet.clone();
-        async move { fleet.get(1, contact).await }
-    });
-    // The slow fill has reached upstream and read CONSENTED.
-    wait_until(Duration::from_secs(5), || async {
-        fleet.sim.gets_for(contact) == 1
-    })
-    .await;
-    let write = fleet.put(0, contact, "REFUSED").await;
-    assert_eq!(write.status, 200);
-    assert!(!slow_read.is_finished(), "the fill must still be in flight");
+    let slow_read = slow_fill_then_write(&fleet, contact, 1, 0).await;
 
     let during = fleet.get(1, contact).await;
     assert_eq!(
@@ -1100,26 +873,8 @@ async fn an_admin_purge_reaches_every_instance() {
     let contact = "+15550800001";
     fleet.sim.set_status(contact, ConsentStatus::Consented);
     fleet.cache_everywhere(contact, "CONSENTED").await;
-    let url = format!(
-        "{}/admin/cache/{contact}",
-        fleet.proxies[0].proxy.admin_url()
-    );
-    let purged = fleet
-        .http
-        .send(Method::DELETE, &url, &[("x-api-key", ADMIN_KEY)], None)
-        .await;
-    assert_eq!(purged.status, 204);
+    fleet.purge(0, contact, &[1, 2]).await;
     for i in 1..3 {
-        wait_until(Duration::from_secs(2), || async {
-            fleet
-                .metric(
-                    i,
-                    r#"consent_proxy_cache_invalidations_total{reason="purge"}"#,
-                )
-                .await
-                == 1.0
-        })
-        .await;
         assert_eq!(
             fleet.get(i, contact).await.header("x-cache-status"),
             Some("MISS")

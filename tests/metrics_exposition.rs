@@ -325,6 +325,119 @@ async fn cluster_metrics_are_promtool_clean_and_complete() {
     h.proxy.shutdown().await;
 }
 
+/// The cluster's shared tier (a real `redis-server`): its metrics are there, with their types
+/// and labels, promtool-clean, after a miss, a shared-tier hit and a write.
+#[tokio::test]
+async fn shared_tier_metrics_are_promtool_clean_and_complete() {
+    let promtool = Promtool::find();
+    let redis = support::redis_server::RedisServer::start();
+    let h = Harness::start_with(|c| {
+        support::fleet::shared_tier(c.clustered(&redis.url()), true, true);
+    })
+    .await;
+    h.wait_cluster_live().await;
+    h.sim
+        .set_status(CONTACT_READ_WRITE, ConsentStatus::Consented);
+    assert_eq!(h.get(CONTACT_READ_WRITE).await.status, 200);
+    let id = consent_proxy::consent::ContactId::from_path_segment(CONTACT_READ_WRITE).unwrap();
+    h.proxy.cache.purge(&id);
+    let shared = h.get(CONTACT_READ_WRITE).await;
+    assert_eq!(shared.header("x-cache-tier"), Some("shared"));
+    assert_eq!(h.put(CONTACT_READ_WRITE, "REFUSED").await.status / 100, 2);
+    let text = h.admin("/metrics").await.text();
+    let (code, output) = promtool.check_metrics(&text);
+    assert!(
+        code == Some(0) && output.trim().is_empty(),
+        "`promtool check metrics` exit {code:?}, output:\n{output}\n--- exposition ---\n{text}"
+    );
+    let exposition = Exposition::parse(&text);
+    for (name, kind, labels) in [
+        (
+            "consent_proxy_shared_cache_lookups_total",
+            "counter",
+            &["result"][..],
+        ),
+        (
+            "consent_proxy_shared_cache_stores_total",
+            "counter",
+            &["result"][..],
+        ),
+        (
+            "consent_proxy_shared_redis_duration_seconds",
+            "histogram",
+            &["op"][..],
+        ),
+        (
+            "consent_proxy_shared_token_obtained_total",
+            "counter",
+            &["source"][..],
+        ),
+        (
+            "consent_proxy_shared_token_lock_waits_total",
+            "counter",
+            &[][..],
+        ),
+    ] {
+        exposition.assert_family(name, kind, labels);
+    }
+    for (name, label, values) in [
+        (
+            "consent_proxy_shared_cache_lookups_total",
+            "result",
+            &[
+                "coalesced",
+                "hit",
+                "lock_timeout",
+                "miss",
+                "unavailable",
+                "write_pending",
+            ][..],
+        ),
+        (
+            "consent_proxy_shared_cache_stores_total",
+            "result",
+            &["failed", "refused", "stored"][..],
+        ),
+        (
+            "consent_proxy_shared_token_obtained_total",
+            "source",
+            &["alone", "fleet", "renewed"][..],
+        ),
+        (
+            "consent_proxy_shared_redis_duration_seconds_count",
+            "op",
+            &["lookup", "store", "token"][..],
+        ),
+    ] {
+        assert_eq!(
+            exposition.label_values(name, label),
+            values.iter().map(|s| s.to_string()).collect(),
+            "{name}"
+        );
+    }
+    for (sample, expected) in [
+        (
+            r#"consent_proxy_shared_cache_lookups_total{result="miss"}"#,
+            1.0,
+        ),
+        (
+            r#"consent_proxy_shared_cache_lookups_total{result="hit"}"#,
+            1.0,
+        ),
+        (
+            r#"consent_proxy_shared_cache_stores_total{result="stored"}"#,
+            1.0,
+        ),
+        (
+            r#"consent_proxy_shared_token_obtained_total{source="renewed"}"#,
+            1.0,
+        ),
+    ] {
+        assert_eq!(metric_value(&text, sample), expected, "{sample}");
+    }
+    h.proxy.shutdown().await;
+}
+
 /// GET miss + hit (twice), a `%2B` GET, a PUT, a 404 from upstream (cached), an upstream 500
 /// answered 502, a 400, a 401, an unknown route, an admin purge.
 async fn drive_traffic(h: &Harness) {

@@ -1,7 +1,7 @@
 //! A real Prometheus scrapes the proxy's admin listener, loads `deploy/prometheus/alerts.yml`,
 //! and answers every query of `deploy/grafana/consent-proxy.json`. The proxy runs in cluster
-//! mode against a real `redis-server` (see `support::redis_server`), so that every metric the
-//! rules and panels name is exposed.
+//! mode, with the shared tier, against a real `redis-server` (see `support::redis_server`), so
+//! that every metric the rules and panels name is exposed.
 //!
 //! Needs `prometheus` on PATH (Debian/Ubuntu: `apt-get install -y prometheus`) or in
 //! `$PROMETHEUS`; without it the test fails, saying so. Prometheus runs on a free loopback
@@ -36,15 +36,17 @@ const ALERTS: &[&str] = &[
     "UpstreamLatencyHigh",
     "CacheHitRatioCollapsed",
     "ClusterFeedDown",
+    "SharedCacheUnavailable",
 ];
 
 #[tokio::test]
 async fn prometheus_scrapes_the_proxy_evaluates_the_alerts_and_runs_the_dashboard_queries() {
-    // In cluster mode (with a real Redis), so that the cluster's metrics, panels and alert
-    // are exercised too; the traffic below is the same as for a single instance.
+    // In cluster mode with the shared tier (and a real Redis), so that the cluster's and the
+    // shared tier's metrics, panels and alerts are exercised too; the traffic below is the
+    // same as for a single instance.
     let redis = support::redis_server::RedisServer::start();
     let h = Harness::start_with(|c| {
-        c.clustered(&redis.url());
+        support::fleet::shared_tier(c.clustered(&redis.url()), true, true);
     })
     .await;
     h.wait_cluster_live().await;
@@ -216,6 +218,11 @@ async fn check_dashboard(
         "consent_proxy_cluster_connected",
         "consent_proxy_cluster_messages_total",
         "consent_proxy_cluster_propagation_seconds_bucket",
+        "consent_proxy_shared_cache_lookups_total",
+        "consent_proxy_shared_cache_stores_total",
+        "consent_proxy_shared_redis_duration_seconds_bucket",
+        "consent_proxy_shared_token_obtained_total",
+        "consent_proxy_shared_token_lock_waits_total",
     ] {
         assert!(
             all_exprs.contains(metric),
@@ -253,6 +260,7 @@ async fn check_dashboard(
         "Consent writes by status",
         "Cluster feed live",
         "Cluster messages",
+        "Shared cache lookups by result",
     ] {
         let (_, expr) = targets
             .iter()

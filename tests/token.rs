@@ -509,6 +509,7 @@ async fn dropping_the_manager_stops_its_refresher() {
         &settings.talkdesk,
         &settings.token,
         TokenMetrics::register(&prometheus::Registry::new()),
+        None,
         shutdown_rx,
     );
     tokens

@@ -6,6 +6,7 @@
 
 use std::future::Future;
 use std::sync::Arc;
+use std::time::Duration;
 
 use tokio::sync::watch;
 use tokio::time::Instant;
@@ -16,6 +17,14 @@ use crate::error::ProxyError;
 
 /// What a fill ends with, shared with every request waiting on it.
 pub type FillResult = Result<ConsentAnswer, ProxyError>;
+
+/// What a fill's fetch produced, with how old its answer already was: an answer another cache
+/// held (the cluster's shared tier) is stored no younger than it is, so that it is never
+/// served past its TTL (rule 3).
+pub struct Fetched {
+    pub result: FillResult,
+    pub age: Duration,
+}
 
 /// One upstream read in flight for a key. Its identity (the `Arc`) is the key's generation:
 /// a fill stores its answer only if it is still the key's registered fill when it ends.
@@ -94,17 +103,30 @@ impl FillLead {
     where
         Fut: Future<Output = FillResult> + Send + 'static,
     {
+        self.spawn_aged(async move {
+            Fetched {
+                result: fetch.await,
+                age: Duration::ZERO,
+            }
+        })
+    }
+
+    /// As [`Self::spawn`], for a fetch whose answer may already have an age.
+    pub fn spawn_aged<Fut>(self, fetch: Fut) -> FillWaiter
+    where
+        Fut: Future<Output = Fetched> + Send + 'static,
+    {
         let waiter = self.fill.waiter();
         tokio::spawn(async move {
-            let result = fetch.await;
-            self.finish(result);
+            let fetched = fetch.await;
+            self.finish(fetched.result, fetched.age);
         });
         waiter
     }
 
-    fn finish(mut self, result: FillResult) {
+    fn finish(mut self, result: FillResult, age: Duration) {
         self.cache
-            .complete_fill(&self.key, &self.fill, result.as_ref().ok());
+            .complete_fill(&self.key, &self.fill, result.as_ref().ok(), age);
         self.finished = true;
         self.sender.send_replace(Some(result));
     }
@@ -113,7 +135,8 @@ impl FillLead {
 impl Drop for FillLead {
     fn drop(&mut self) {
         if !self.finished {
-            self.cache.complete_fill(&self.key, &self.fill, None);
+            self.cache
+                .complete_fill(&self.key, &self.fill, None, Duration::ZERO);
         }
     }
 }

@@ -94,6 +94,11 @@ impl Lifetimes {
         }
     }
 
+    /// The entry's TTL (its kind's).
+    pub(super) fn ttl(&self, stored: &StoredAnswer) -> Duration {
+        Duration::from_millis(self.of(stored).ttl_ms.into())
+    }
+
     /// Where an entry of this age stands. One comparison for a hit outside the refresh window.
     #[inline]
     pub(super) fn freshness(&self, stored: &StoredAnswer, age_ms: u32) -> Freshness {

@@ -40,7 +40,6 @@ use std::collections::HashMap;
 use std::hash::{BuildHasher, RandomState};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
-#[cfg(test)]
 use std::time::Duration;
 
 use moka::sync::Cache;
@@ -48,9 +47,9 @@ use tokio::time::Instant;
 
 use crate::config::CacheSettings;
 use crate::consent::{ConsentAnswer, ConsentStatus, ContactId};
-use entry::StoredAnswer;
+use entry::{StoredAnswer, MAX_TTL};
 use fill::Fill;
-pub use fill::{FillLead, FillResult, FillWaiter};
+pub use fill::{Fetched, FillLead, FillResult, FillWaiter};
 use lifetime::{Freshness, Lifetimes};
 pub use metrics::{CacheMetrics, CacheStatus, Invalidation};
 pub use stale::Settled;
@@ -237,12 +236,19 @@ impl ConsentCache {
     }
 
     /// Ends `fill` (the generation guard): if it is still the key's registered fill, it is
-    /// unregistered and `answer`, when cacheable, stored; a superseded fill stores nothing, and
+    /// unregistered and `answer`, when cacheable, stored (as `age` old already); a superseded
+    /// fill stores nothing, and
     /// neither does one that ends while a write of the key is in flight (it may have read
     /// upstream before the write applied, and a remote write's outcome may never come: the
     /// key is then read from upstream until the write ends). `None` is a fill that failed or
     /// was abandoned.
-    fn complete_fill(&self, key: &Arc<str>, fill: &Arc<Fill>, answer: Option<&ConsentAnswer>) {
+    fn complete_fill(
+        &self,
+        key: &Arc<str>,
+        fill: &Arc<Fill>,
+        answer: Option<&ConsentAnswer>,
+        age: Duration,
+    ) {
         let mut shard = self.shard(key);
         let Some(state) = shard.get_mut(key) else {
             return;
@@ -250,12 +256,11 @@ impl ConsentCache {
         if state.fill.as_ref().is_some_and(|f| Arc::ptr_eq(f, fill)) {
             state.fill = None;
             let answer = answer.filter(|_| state.writes_in_flight == 0);
+            // Ages are exact below MAX_TTL, which no TTL reaches.
+            let age_ms = age.min(MAX_TTL).as_millis() as u32;
+            let stored_at = self.now_ms().wrapping_sub(age_ms);
             let stored = answer.and_then(|answer| {
-                StoredAnswer::from_read(
-                    answer,
-                    self.inner.lifetimes.caches_not_found(),
-                    self.now_ms(),
-                )
+                StoredAnswer::from_read(answer, self.inner.lifetimes.caches_not_found(), stored_at)
             });
             if let Some(stored) = stored {
                 self.inner.answers.insert(key.clone(), stored);
@@ -264,6 +269,15 @@ impl ConsentCache {
         if state.is_idle() {
             shard.remove(key);
         }
+    }
+
+    /// How long this cache keeps `answer`, by its kind; `None` when it is not cacheable (only
+    /// 200s with a consent body and, unless `not_found_ttl_s` is 0, 404s are: rule 4). The
+    /// cluster's shared tier keeps answers by the same rule.
+    pub fn ttl_for(&self, answer: &ConsentAnswer) -> Option<Duration> {
+        let lifetimes = &self.inner.lifetimes;
+        let stored = StoredAnswer::from_read(answer, lifetimes.caches_not_found(), 0)?;
+        Some(lifetimes.ttl(&stored))
     }
 
     /// Marks a write to `contact` as in flight until the guard is finished (or dropped).
@@ -541,6 +555,58 @@ mod tests {
             &b"{\"status\":\"REFUSED\"}"[..]
         );
         assert!(matches!(cache.lookup(&id), Lookup::Hit(_)));
+    }
+
+    /// An answer another cache held for 50 s is stored 50 s old: with a 60 s TTL it is a hit
+    /// for 10 s more, not 60 (rule 3 across tiers).
+    #[tokio::test(start_paused = true)]
+    async fn an_aged_fill_is_stored_as_old_as_it_is() {
+        let cache = cache();
+        let id = contact("+15550000009");
+        lead(&cache, &id)
+            .spawn_aged(async {
+                Fetched {
+                    result: Ok(ConsentAnswer::canonical(ConsentStatus::Consented)),
+                    age: Duration::from_secs(50),
+                }
+            })
+            .wait(deadline())
+            .await
+            .expect("filled");
+        match cache.lookup(&id) {
+            Lookup::Hit(hit) => assert_eq!(hit.age_s, 50),
+            _ => panic!("expected a hit"),
+        }
+        tokio::time::advance(Duration::from_millis(9_900)).await;
+        assert!(matches!(cache.lookup(&id), Lookup::Hit(_)));
+        tokio::time::advance(Duration::from_millis(200)).await;
+        assert!(matches!(cache.lookup(&id), Lookup::Lead(_)), "past its TTL");
+    }
+
+    #[test]
+    fn ttl_for_follows_the_kind_and_rule_4() {
+        let cache = ConsentCache::for_tests();
+        let answer = |status, body: &'static str| ConsentAnswer {
+            status,
+            body: Bytes::from_static(body.as_bytes()),
+            content_type: None,
+            retry_after: None,
+        };
+        assert_eq!(
+            cache.ttl_for(&ConsentAnswer::canonical(ConsentStatus::Refused)),
+            Some(Duration::from_secs(60))
+        );
+        assert_eq!(
+            cache.ttl_for(&answer(http::StatusCode::NOT_FOUND, "{}")),
+            Some(Duration::from_secs(30))
+        );
+        for (status, body) in [
+            (http::StatusCode::OK, "{}"),
+            (http::StatusCode::UNAUTHORIZED, "{}"),
+            (http::StatusCode::SERVICE_UNAVAILABLE, "{}"),
+        ] {
+            assert_eq!(cache.ttl_for(&answer(status, body)), None, "{status}");
+        }
     }
 
     #[tokio::test]

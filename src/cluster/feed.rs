@@ -3,7 +3,9 @@
 //! applies the other instances' announcements to the cache, sends a heartbeat every
 //! `max_staleness / 4`, and trusts the cache until `max_staleness` after sending the latest
 //! heartbeat that came back. A new subscription flushes the cache first: whatever was
-//! published before it may have been missed.
+//! published before it may have been missed. With the shared cache, a session that finds
+//! another Redis than the previous one (its run id changed: it restarted, or a replica took
+//! over) starts a new epoch of the shared tier first, since Redis may have lost writes.
 
 use std::collections::VecDeque;
 use std::sync::Arc;
@@ -17,6 +19,7 @@ use tokio::time::{Instant, MissedTickBehavior};
 
 use super::messages::{unix_us, Announcement, Body};
 use super::remote::RemoteWrites;
+use super::shared::SharedCache;
 use super::{Shared, ANNOUNCE_TIMEOUT, CONNECT_TIMEOUT};
 use crate::cache::ConsentCache;
 use crate::error::{ErrorChain, Failure};
@@ -31,6 +34,7 @@ pub(super) struct Feed {
     pub shared: Arc<Shared>,
     pub client: redis::Client,
     pub cache: ConsentCache,
+    pub shared_cache: Option<Arc<SharedCache>>,
     /// Without a password: safe to log.
     pub redis_url: String,
     pub max_staleness: Duration,
@@ -76,6 +80,33 @@ impl Heartbeats {
     }
 }
 
+/// Which Redis the previous session talked to.
+enum RedisSeen {
+    /// No session yet.
+    NotYet,
+    /// Its run id (`INFO server`), which changes when it restarts or another node takes over.
+    RunId(String),
+    /// It would not say.
+    Unknown,
+}
+
+/// Redis' run id, if it tells (`INFO server` may be refused, e.g. renamed on managed services).
+async fn run_id(publisher: &MultiplexedConnection) -> Option<String> {
+    let mut connection = publisher.clone();
+    let info = tokio::time::timeout(
+        ANNOUNCE_TIMEOUT,
+        redis::cmd("INFO")
+            .arg("server")
+            .query_async::<String>(&mut connection),
+    )
+    .await
+    .ok()?
+    .ok()?;
+    info.lines()
+        .find_map(|line| line.strip_prefix("run_id:"))
+        .map(|id| id.trim().to_owned())
+}
+
 impl Feed {
     pub(super) async fn run(self, mut shutdown: watch::Receiver<bool>) {
         let mut backoff = Backoff::new(RECONNECT_FIRST, RECONNECT_LAST);
@@ -83,11 +114,18 @@ impl Feed {
         // Heartbeat numbers go on across sessions, so that a late one from an earlier
         // session is never taken for one of the current session's.
         let mut next_seq = 0;
+        let mut redis_seen = RedisSeen::NotYet;
         loop {
             let end = self
-                .session(&mut remote, &mut next_seq, &mut shutdown, &mut backoff)
+                .session(
+                    &mut remote,
+                    &mut next_seq,
+                    &mut redis_seen,
+                    &mut shutdown,
+                    &mut backoff,
+                )
                 .await;
-            self.shared.publisher.store(None);
+            self.shared.link.clear();
             self.cache.distrust();
             self.shared.metrics.connected.set(0);
             let problem = match end {
@@ -113,6 +151,7 @@ impl Feed {
         &self,
         remote: &mut RemoteWrites,
         next_seq: &mut u64,
+        redis_seen: &mut RedisSeen,
         shutdown: &mut watch::Receiver<bool>,
         backoff: &mut Backoff,
     ) -> End {
@@ -124,14 +163,20 @@ impl Feed {
             Ok(connected) => connected,
             Err(problem) => return End::Lost(problem),
         };
+        if let Some(tier) = &self.shared_cache {
+            if let Err(problem) = self
+                .same_redis_or_new_epoch(tier, &publisher, redis_seen)
+                .await
+            {
+                return End::Lost(problem);
+            }
+        }
         // Subscribed: every announcement Redis takes from now on reaches this instance.
         // Whatever came before may have been missed, so the cache forgets it all before it is
         // trusted again (when the first heartbeat comes back).
         self.cache.flush();
         self.shared.metrics.resyncs.inc();
-        self.shared
-            .publisher
-            .store(Some(Arc::new(publisher.clone())));
+        self.shared.link.set(publisher.clone());
         self.shared.set_problem(Some(
             "subscribed; waiting for the first heartbeat".to_owned(),
         ));
@@ -240,6 +285,34 @@ impl Feed {
             })?
             .map_err(|err| Failure::new("cannot subscribe to the cluster channel", err))?;
         Ok((publisher, messages))
+    }
+
+    /// Starts a new epoch of the shared tier when this session's Redis is not the previous
+    /// session's: it restarted or failed over, and may have lost writes (announcements of
+    /// writes in flight among them). Not on a process's first session: it had no write then.
+    async fn same_redis_or_new_epoch(
+        &self,
+        tier: &SharedCache,
+        publisher: &MultiplexedConnection,
+        seen: &mut RedisSeen,
+    ) -> Result<(), Failure> {
+        let run_id = run_id(publisher).await;
+        let changed = match (&*seen, &run_id) {
+            (RedisSeen::NotYet, _) => false,
+            (RedisSeen::RunId(before), Some(now)) => before != now,
+            // Which Redis it is cannot be told (INFO refused): assume another.
+            _ => true,
+        };
+        if changed {
+            tier.new_epoch(publisher.clone(), ANNOUNCE_TIMEOUT).await?;
+            tracing::warn!(
+                redis = %self.redis_url,
+                "Redis restarted or another node took over: the shared tier starts a new epoch \
+                 (its entries are not used, and none stored for a pending write's lifetime)"
+            );
+        }
+        *seen = run_id.map_or(RedisSeen::Unknown, RedisSeen::RunId);
+        Ok(())
     }
 
     /// Publishes heartbeat `seq` without holding up the loop; a failure other than a timeout

@@ -18,30 +18,40 @@
 //!   proves every announcement Redis took before it was received too. After any new
 //!   subscription the whole cache is flushed before it is trusted again ([`feed`]).
 //!
+//! - **The shared tier** (`shared_cache`, `shared_token`): a second cache tier and the fleet's
+//!   upstream token, kept in the same Redis ([`shared`]). With `shared_cache`, each
+//!   announcement of a write (or purge) is published by a script that also applies it to the
+//!   shared tier, in the same round trip.
+//!
 //! The hit path never touches Redis: the cache checks one atomic deadline. Dependencies flow
-//! one way: `cluster` drives `cache`, which knows nothing of Redis.
+//! one way: `cluster` drives `cache`, which knows nothing of Redis, and serves `upstream`'s token
+//! manager as a [`FleetTokens`] store.
 
 mod feed;
+mod link;
 pub mod messages;
 mod metrics;
 mod remote;
+pub mod shared;
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
-use arc_swap::ArcSwapOption;
-use redis::aio::MultiplexedConnection;
+use prometheus::Registry;
 use redis::{AsyncCommands, IntoConnectionInfo};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
 use crate::cache::{ConsentCache, WriteOutcome};
-use crate::config::{ClusterSettings, WritePolicy};
+use crate::config::{ClusterSettings, TalkdeskSettings, WritePolicy};
 use crate::consent::ContactId;
 use crate::error::{ErrorChain, Failure, ProxyError};
+use crate::upstream::token::FleetTokens;
+use link::Link;
 use messages::Announcement;
 pub use metrics::ClusterMetrics;
+use shared::{Call, FleetTokenStore, SharedCache, SharedKeys, SharedMetrics, SharedWrite};
 
 /// How long Redis may take to acknowledge an announcement (or a heartbeat).
 pub const ANNOUNCE_TIMEOUT: Duration = Duration::from_millis(250);
@@ -66,8 +76,8 @@ struct Shared {
     id: String,
     channel: String,
     policy: WritePolicy,
-    /// The connection announcements are published on; `None` while the feed is down.
-    publisher: ArcSwapOption<MultiplexedConnection>,
+    /// The connection announcements are published on (and the shared tier's commands sent).
+    link: Arc<Link>,
     next_write: AtomicU64,
     /// Why the feed is not live (for `/readyz` and errors); `None` while it is.
     problem: Mutex<Option<String>>,
@@ -75,19 +85,34 @@ struct Shared {
 }
 
 impl Shared {
-    /// Publishes one message; `Ok` once Redis has taken it.
-    async fn publish(&self, message: &Announcement) -> Result<(), Failure> {
-        let Some(connection) = self.publisher.load_full() else {
+    /// Publishes one message, by `PUBLISH` or, when the shared tier has its part in it, by
+    /// that script (which publishes it after applying it); `Ok` once Redis has taken it.
+    async fn publish(
+        &self,
+        message: &Announcement,
+        shared_part: Option<Call<'static>>,
+    ) -> Result<(), Failure> {
+        let Some(mut connection) = self.link.get() else {
             return Err(Failure::msg(format!(
                 "not connected to Redis ({})",
                 self.problem().unwrap_or_else(|| "connecting".to_owned())
             )));
         };
-        let mut connection = MultiplexedConnection::clone(&connection);
-        let published = tokio::time::timeout(
-            ANNOUNCE_TIMEOUT,
-            connection.publish::<_, _, usize>(&self.channel, message.encode()),
-        )
+        let encoded = message.encode();
+        let published = tokio::time::timeout(ANNOUNCE_TIMEOUT, async {
+            match shared_part {
+                Some(call) => {
+                    call.args_first(&[self.channel.as_bytes(), &encoded])
+                        .run::<usize>(&mut connection)
+                        .await
+                }
+                None => {
+                    connection
+                        .publish::<_, _, usize>(&self.channel, encoded)
+                        .await
+                }
+            }
+        })
         .await;
         match published {
             Ok(Ok(_receivers)) => {
@@ -119,6 +144,10 @@ impl Shared {
 pub struct Cluster {
     shared: Arc<Shared>,
     cache: ConsentCache,
+    /// `cluster.shared_cache`.
+    shared_cache: Option<Arc<SharedCache>>,
+    /// `cluster.shared_token`.
+    fleet_tokens: Option<Arc<FleetTokenStore>>,
 }
 
 /// What `/readyz` says about the cluster.
@@ -132,12 +161,14 @@ pub struct ClusterStatus {
 
 impl Cluster {
     /// Starts the feed task (it connects, and reconnects, by itself). Until the feed is
-    /// confirmed live the cache is not answered from.
+    /// confirmed live the cache is not answered from. Registers the cluster's metrics (and the
+    /// shared tier's, when it is on).
     pub fn start(
         settings: &ClusterSettings,
+        talkdesk: &TalkdeskSettings,
         cache: ConsentCache,
         request_timeout: Duration,
-        metrics: ClusterMetrics,
+        registry: &Registry,
         shutdown: watch::Receiver<bool>,
     ) -> Result<(Cluster, JoinHandle<()>), ClusterStartError> {
         let failed = |source| ClusterStartError {
@@ -158,32 +189,86 @@ impl Cluster {
         }
         let client = redis::Client::open(info).map_err(failed)?;
         cache.distrust();
+        let link = Arc::new(Link::default());
         let shared = Arc::new(Shared {
             id: format!("{:016x}", rand::random::<u64>()),
             channel: format!("{}:consent:v1", settings.key_prefix),
             policy: settings.write_policy,
-            publisher: ArcSwapOption::empty(),
+            link: link.clone(),
             next_write: AtomicU64::new(1),
             problem: Mutex::new(Some("connecting to Redis".to_owned())),
-            metrics,
+            metrics: ClusterMetrics::register(registry),
         });
+        let pending_lifetime = request_timeout + 2 * ANNOUNCE_TIMEOUT + PENDING_MARGIN;
+        let shared_metrics = (settings.shared_cache || settings.shared_token)
+            .then(|| SharedMetrics::register(registry));
+        let keys = || SharedKeys::new(&settings.shared_keys);
+        let shared_cache = shared_metrics
+            .clone()
+            .filter(|_| settings.shared_cache)
+            .zip(keys())
+            .map(|(metrics, keys)| {
+                let tier = shared::SharedCacheSettings {
+                    key_prefix: settings.key_prefix.clone(),
+                    local: cache.clone(),
+                    timeout: settings.shared_timeout,
+                    attempt_timeout: talkdesk.timeout,
+                    pending_life: pending_lifetime,
+                };
+                Arc::new(SharedCache::new(link.clone(), keys, tier, metrics))
+            });
+        let fleet_tokens = shared_metrics
+            .filter(|_| settings.shared_token)
+            .zip(keys())
+            .map(|(metrics, keys)| {
+                Arc::new(FleetTokenStore::new(
+                    link.clone(),
+                    keys,
+                    &settings.key_prefix,
+                    talkdesk,
+                    ANNOUNCE_TIMEOUT.max(settings.shared_timeout),
+                    CONNECT_TIMEOUT,
+                    metrics,
+                ))
+            });
         let feed = feed::Feed {
             shared: shared.clone(),
             client,
             cache: cache.clone(),
+            shared_cache: shared_cache.clone(),
             redis_url: settings.redis_url.clone(),
             max_staleness: settings.max_staleness,
-            pending_lifetime: request_timeout + 2 * ANNOUNCE_TIMEOUT + PENDING_MARGIN,
+            pending_lifetime,
         };
         tracing::info!(
             redis = %settings.redis_url,
             channel = %shared.channel,
             instance = %shared.id,
             write_policy = settings.write_policy.as_str(),
+            shared_cache = shared_cache.is_some(),
+            shared_token = fleet_tokens.is_some(),
             "cluster mode: the cache is answered from only while the Redis feed is live"
         );
         let task = tokio::spawn(feed.run(shutdown));
-        Ok((Cluster { shared, cache }, task))
+        let cluster = Cluster {
+            shared,
+            cache,
+            shared_cache,
+            fleet_tokens,
+        };
+        Ok((cluster, task))
+    }
+
+    /// The second cache tier, with `cluster.shared_cache`.
+    pub fn shared_cache(&self) -> Option<&Arc<SharedCache>> {
+        self.shared_cache.as_ref()
+    }
+
+    /// The fleet's token store for the token manager, with `cluster.shared_token`.
+    pub fn fleet_tokens(&self) -> Option<Arc<dyn FleetTokens>> {
+        self.fleet_tokens
+            .clone()
+            .map(|store| store as Arc<dyn FleetTokens>)
     }
 
     /// Announces a write of `contact` before it goes upstream. `Err` (503
@@ -192,13 +277,24 @@ impl Cluster {
     pub async fn announce_write(&self, contact: &ContactId) -> Result<AnnouncedWrite, ProxyError> {
         let shared = &self.shared;
         let write = shared.next_write.fetch_add(1, Ordering::Relaxed);
+        let (tier, shared_part) = match &self.shared_cache {
+            Some(cache) => {
+                let (tier_write, call) = cache.begin_write(contact, &shared.id, write);
+                (Some((cache.clone(), tier_write)), Some(call))
+            }
+            None => (None, None),
+        };
         let announced = shared
-            .publish(&Announcement::pending(&shared.id, write, contact))
+            .publish(
+                &Announcement::pending(&shared.id, write, contact),
+                shared_part,
+            )
             .await;
         let announced_write = AnnouncedWrite {
             shared: shared.clone(),
             write,
             contact: contact.clone(),
+            tier,
         };
         let Err(problem) = announced else {
             return Ok(announced_write);
@@ -213,7 +309,7 @@ impl Cluster {
                 );
                 // A slow Redis may still take the pending announcement later (not one that is
                 // not connected): its outcome follows it, so that the others release the contact.
-                if shared.publisher.load().is_some() {
+                if shared.link.is_up() {
                     tokio::spawn(announced_write.finish(WriteOutcome::NotApplied));
                 }
                 Err(ProxyError::ClusterUnavailable(problem))
@@ -240,7 +336,8 @@ impl Cluster {
                 contact: contact.as_str().to_owned(),
             },
         );
-        self.shared.publish(&purge).await
+        let shared_part = self.shared_cache.as_ref().map(|cache| cache.purge(contact));
+        self.shared.publish(&purge, shared_part).await
     }
 
     pub fn status(&self) -> ClusterStatus {
@@ -272,6 +369,8 @@ pub struct AnnouncedWrite {
     shared: Arc<Shared>,
     write: u64,
     contact: ContactId,
+    /// Its part in the shared tier, with `cluster.shared_cache`.
+    tier: Option<(Arc<SharedCache>, SharedWrite)>,
 }
 
 impl AnnouncedWrite {
@@ -280,7 +379,11 @@ impl AnnouncedWrite {
     pub async fn finish(self, outcome: WriteOutcome) {
         let shared = &self.shared;
         let message = Announcement::done(&shared.id, self.write, &self.contact, outcome);
-        if let Err(problem) = shared.publish(&message).await {
+        let shared_part = self
+            .tier
+            .as_ref()
+            .map(|(cache, write)| cache.end_write(write, &self.contact, outcome));
+        if let Err(problem) = shared.publish(&message, shared_part).await {
             shared.metrics.outcome_failed.inc();
             tracing::warn!(
                 contact = %self.contact.masked(),

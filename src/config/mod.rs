@@ -246,10 +246,15 @@ pub struct ClusterSettings {
     pub key_prefix: String,
     pub max_staleness: Duration,
     pub write_policy: WritePolicy,
-    /// Always `false` for now: `true` is refused until the shared tier exists.
+    /// A second cache tier in Redis, shared by every instance.
     pub shared_cache: bool,
-    /// Always `false` for now: `true` is refused until the shared token exists.
+    /// One upstream token for the fleet, kept in Redis.
     pub shared_token: bool,
+    /// The shared tier's secrets, the one in use first; empty unless `shared_cache` or
+    /// `shared_token` is on (then at least one, each at least 32 bytes).
+    pub shared_keys: Vec<Secret>,
+    /// The longest a GET waits for each Redis call of the shared tier.
+    pub shared_timeout: Duration,
 }
 
 /// What a PUT does when it cannot first announce itself to the cluster.

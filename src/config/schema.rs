@@ -93,6 +93,8 @@ pub(super) struct Cluster {
     pub write_policy: Field<WritePolicy>,
     pub shared_cache: Field<bool>,
     pub shared_token: Field<bool>,
+    pub shared_key_file: Field<String>,
+    pub shared_timeout_ms: Field<u64>,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]

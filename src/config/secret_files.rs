@@ -5,7 +5,7 @@ use std::{fs, path::Path};
 
 use super::Secret;
 
-/// The shortest accepted OAuth signing key.
+/// The shortest accepted key (OAuth signing keys, the cluster's shared-tier keys).
 pub(super) const MIN_SIGNING_KEY_BYTES: usize = 32;
 
 /// A secret from a file: its content without trailing whitespace (the newline), not empty.
@@ -24,6 +24,12 @@ pub(super) fn read_secret_file(path: &str) -> Result<Secret, String> {
 ///
 /// Each key must be at least [`MIN_SIGNING_KEY_BYTES`] long.
 pub(super) fn read_signing_keys(path: &str) -> Result<Vec<Secret>, String> {
+    read_keys(path, "a signing key")
+}
+
+/// Keys in the layout of [`read_signing_keys`], the one in use first; `what` names one of them
+/// in messages ("a signing key").
+pub(super) fn read_keys(path: &str, what: &str) -> Result<Vec<Secret>, String> {
     let metadata = fs::metadata(path).map_err(|e| format!("cannot read '{path}': {e}"))?;
     let keys = if metadata.is_dir() {
         keys_in_directory(Path::new(path))?
@@ -40,7 +46,7 @@ pub(super) fn read_signing_keys(path: &str) -> Result<Vec<Secret>, String> {
         .collect();
     if !too_short.is_empty() {
         return Err(format!(
-            "a signing key must be at least {MIN_SIGNING_KEY_BYTES} bytes; shorter: {}",
+            "{what} must be at least {MIN_SIGNING_KEY_BYTES} bytes; shorter: {}",
             too_short.join(", ")
         ));
     }

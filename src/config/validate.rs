@@ -12,7 +12,7 @@ use super::{
     redact,
     redis_url::RedisUrl,
     schema::{self, Field},
-    secret_files::{read_secret_file, read_signing_keys},
+    secret_files::{read_keys, read_secret_file, read_signing_keys},
     AuthSettings, BreakerSettings, CacheSettings, ClientSettings, ClusterSettings, LogSettings,
     OAuthSettings, Permissions, Secret, ServerSettings, Settings, TalkdeskSettings, TlsFiles,
     TokenSettings, ANONYMOUS,
@@ -38,6 +38,7 @@ pub(super) fn settings(file: schema::ConfigFile, p: &mut Problems) -> Option<Set
         .map(|refresh_margin| TokenSettings { refresh_margin });
     let cache = cache(file.cache, p);
     let cluster = cluster(file.cluster, p);
+    shared_tier_fits(cluster.as_ref(), cache.as_ref(), server.as_ref(), p);
     let oauth = oauth(file.oauth, clustered, p);
     let auth = p
         .value("auth.required", file.auth.required)
@@ -62,6 +63,34 @@ pub(super) fn settings(file: schema::ConfigFile, p: &mut Problems) -> Option<Set
         clients: clients?,
         auth: auth?,
     })
+}
+
+/// The shared tier needs the local cache in front of it, and Redis calls shorter than a request.
+fn shared_tier_fits(
+    cluster: Option<&Option<ClusterSettings>>,
+    cache: Option<&CacheSettings>,
+    server: Option<&ServerSettings>,
+    p: &mut Problems,
+) {
+    let Some(Some(cluster)) = cluster else {
+        return;
+    };
+    if cluster.shared_cache && cache.is_some_and(|cache| !cache.enabled) {
+        p.at(
+            "cluster.shared_cache",
+            "true needs cache.enabled = true (the shared tier is the second tier behind it)",
+        );
+    }
+    let shared = cluster.shared_cache || cluster.shared_token;
+    if let Some(server) = server.filter(|s| shared && cluster.shared_timeout >= s.request_timeout) {
+        p.at(
+            "cluster.shared_timeout_ms",
+            format!(
+                "must be less than server.request_timeout_ms ({})",
+                server.request_timeout.as_millis()
+            ),
+        );
+    }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -160,15 +189,6 @@ fn dns_label(s: &str) -> Result<(), String> {
         Err(format!(
             "{s:?} is not a DNS label (1 to 63 of a-z, 0-9 and '-', not starting or ending with '-')"
         ))
-    }
-}
-
-/// For keys of features that are not built yet: only `false` is accepted.
-fn not_supported_yet(on: bool) -> Result<bool, String> {
-    if on {
-        Err("true is not supported yet; only false is accepted for now".to_owned())
-    } else {
-        Ok(false)
     }
 }
 
@@ -456,11 +476,42 @@ fn cluster(c: schema::Cluster, p: &mut Problems) -> Option<Option<ClusterSetting
         positive_millis,
     );
     let write_policy = p.value("cluster.write_policy", c.write_policy);
-    let shared_cache = p.check("cluster.shared_cache", c.shared_cache, not_supported_yet);
-    let shared_token = p.check("cluster.shared_token", c.shared_token, not_supported_yet);
+    let shared_cache = p.value("cluster.shared_cache", c.shared_cache);
+    let shared_token = p.value("cluster.shared_token", c.shared_token);
+    let shared_timeout = p.check(
+        "cluster.shared_timeout_ms",
+        c.shared_timeout_ms,
+        positive_millis,
+    );
+    let shared_keys = p
+        .value("cluster.shared_key_file", c.shared_key_file)
+        .and_then(|path| {
+            if path.is_empty() {
+                Some(Vec::new())
+            } else {
+                p.take(
+                    "cluster.shared_key_file",
+                    read_keys(&path, "a shared-tier key"),
+                )
+            }
+        });
+    let shared_on = [
+        ("cluster.shared_cache", shared_cache),
+        ("cluster.shared_token", shared_token),
+    ]
+    .into_iter()
+    .filter(|(_, on)| *on == Some(true))
+    .map(|(key, _)| key)
+    .collect::<Vec<_>>();
 
     let (url, password_file) = (url?, password_file?);
     if url.is_empty() {
+        for key in &shared_on {
+            p.at(
+                key,
+                "true needs cluster.redis_url (the shared tier lives in Redis)",
+            );
+        }
         if !password_file.is_empty() {
             p.at(
                 "cluster.redis_password_file",
@@ -468,7 +519,17 @@ fn cluster(c: schema::Cluster, p: &mut Problems) -> Option<Option<ClusterSetting
             );
             return None;
         }
-        return Some(None);
+        return shared_on.is_empty().then_some(None);
+    }
+    let keys_missing = !shared_on.is_empty() && shared_keys.as_ref().is_some_and(Vec::is_empty);
+    if keys_missing {
+        for key in &shared_on {
+            p.at(
+                key,
+                "true needs cluster.shared_key_file (the shared tier's keys, the same on every \
+                 instance)",
+            );
+        }
     }
     let redis = p.take("cluster.redis_url", RedisUrl::parse(&url));
     let file_password = if password_file.is_empty() {
@@ -491,6 +552,9 @@ fn cluster(c: schema::Cluster, p: &mut Problems) -> Option<Option<ClusterSetting
         }
         (from_url, from_file) => from_url.or(from_file),
     };
+    if keys_missing {
+        return None;
+    }
     Some(Some(ClusterSettings {
         redis_url: redis.without_password(),
         redis_password,
@@ -499,6 +563,8 @@ fn cluster(c: schema::Cluster, p: &mut Problems) -> Option<Option<ClusterSetting
         write_policy: write_policy?,
         shared_cache: shared_cache?,
         shared_token: shared_token?,
+        shared_keys: shared_keys?,
+        shared_timeout: shared_timeout?,
     }))
 }
 
@@ -924,7 +990,7 @@ permissions = []
             "cache.ttl_s: must be greater than 0",
             "cache.max_entries: must be greater than 0",
             "cluster.key_prefix: \"\" is not a key prefix",
-            "cluster.shared_cache: true is not supported yet",
+            "cluster.shared_cache: true needs cluster.redis_url",
             "oauth.token_ttl_s: must be greater than 0",
             "clients[0].name: \"bad name\" is not a client name",
             "clients[0].api_key: the API key must be at least 16 characters",
@@ -1067,8 +1133,8 @@ permissions = []
             "cluster.key_prefix: \"a b\" is not a key prefix (non-empty, no whitespace)",
             "cluster.max_staleness_ms: must be greater than 0",
             "cluster.write_policy: \"sometimes\" is not a write policy; allowed: require, best_effort",
-            "cluster.shared_cache: true is not supported yet",
-            "cluster.shared_token: true is not supported yet",
+            "cluster.shared_cache: true needs cluster.shared_key_file",
+            "cluster.shared_token: true needs cluster.shared_key_file",
             "cluster.redis_url has a password and cluster.redis_password_file is set",
         ] {
             assert!(has(&list, needle), "missing {needle:?} in {list:#?}");
@@ -1095,6 +1161,64 @@ permissions = []
                     .to_owned()
             ]
         );
+    }
+
+    #[test]
+    fn shared_tier_settings() {
+        let dir = TempDir::new("shared-tier");
+        let keys = dir.file(
+            "shared-keys",
+            &format!("# in use\n{SIGNING_KEY}\nolder-key-0123456789abcdef0123456789\n"),
+        );
+        let toml = minimal_with(
+            "cluster",
+            &format!(
+                "redis_url = \"redis://redis\"\nshared_cache = true\nshared_token = true\n\
+                 shared_key_file = {keys:?}\nshared_timeout_ms = 20\n[oauth]\nenabled = false"
+            ),
+        );
+        let cluster = Settings::from_toml_str(&toml).unwrap().cluster.unwrap();
+        assert!(cluster.shared_cache && cluster.shared_token);
+        assert_eq!(cluster.shared_keys.len(), 2);
+        assert_eq!(cluster.shared_keys[0].expose(), SIGNING_KEY);
+        assert_eq!(cluster.shared_timeout, Duration::from_millis(20));
+
+        let short = dir.file("short", "too-short\n");
+        let list = errors(&minimal_with(
+            "cluster",
+            &format!(
+                "redis_url = \"redis://redis\"\nshared_cache = true\nshared_key_file = {short:?}\n\
+                 [oauth]\nenabled = false"
+            ),
+        ));
+        assert!(
+            has(&list, "cluster.shared_key_file: a shared-tier key must be at least 32 bytes; shorter: line 1"),
+            "{list:#?}"
+        );
+        assert!(!list.iter().any(|e| e.contains("too-short")));
+        let list = errors(&minimal_with(
+            "cluster",
+            &format!(
+                "redis_url = \"redis://redis\"\nshared_cache = true\nshared_key_file = {keys:?}\n\
+                 [cache]\nenabled = false\n[oauth]\nenabled = false"
+            ),
+        ));
+        assert_eq!(
+            list,
+            vec!["cluster.shared_cache: true needs cache.enabled = true (the shared tier is the second tier behind it)"]
+        );
+        let list = errors(&minimal_with(
+            "cluster",
+            &format!(
+                "redis_url = \"redis://redis\"\nshared_token = true\nshared_key_file = {keys:?}\n\
+                 shared_timeout_ms = 10000\n[oauth]\nenabled = false"
+            ),
+        ));
+        assert_eq!(
+            list,
+            vec!["cluster.shared_timeout_ms: must be less than server.request_timeout_ms (10000)"]
+        );
+        assert!(!list.iter().any(|e| e.contains(SIGNING_KEY)));
     }
 
     #[test]

@@ -142,13 +142,16 @@ impl AdminRoutes {
             "cache entry purged"
         );
         if let Some(cluster) = &self.cluster {
-            // The other instances drop it too. Without Redis they cannot be told, but then they
-            // do not answer from their caches either, and flush them when they reconnect.
+            // The other instances drop it too (and, with the shared cache, Redis). Without Redis
+            // they cannot be told, but then they do not answer from their caches either, and
+            // flush them when they reconnect; the shared tier's entry, though, stays until its
+            // TTL unless the purge is repeated once Redis is back (the warning says so).
             if let Err(problem) = cluster.announce_purge(&contact).await {
                 tracing::warn!(
                     contact = %contact.masked(),
                     error = %ErrorChain(&problem),
-                    "the purge could not be announced to the other instances"
+                    "the purge could not be announced to the other instances (nor applied to the \
+                     shared tier, if on): repeat it once Redis is back"
                 );
             }
         }

@@ -33,6 +33,8 @@ const ALLOWED_METHODS: &str = "GET, PUT";
 const X_CACHE_STATUS: HeaderName = HeaderName::from_static("x-cache-status");
 /// On a STALE answer (RFC 7234's warn-code 111: the cache could not revalidate it).
 pub const STALE_WARNING: &str = r#"111 consent-proxy "Revalidation Failed""#;
+/// On a `HIT` answered from the cluster's shared tier (Redis), not from this instance's cache.
+const X_CACHE_TIER: HeaderName = HeaderName::from_static("x-cache-tier");
 
 /// Limits the HTTP layer enforces itself.
 #[derive(Debug, Clone)]
@@ -95,6 +97,8 @@ struct Outcome {
     contact: Option<ContactId>,
     caller: Option<Caller>,
     cache_status: Option<CacheStatus>,
+    /// The hit came from the cluster's shared tier.
+    shared_hit: bool,
     error: Option<ProxyError>,
     /// Set once the request may go upstream. Shared with the upstream call and read only
     /// when logging, so the last attempt shows even when the deadline cut the request short.
@@ -201,6 +205,7 @@ impl ConsentRoutes {
             outcome.cache_status = Some(read.cache_status);
             // Logged with the answer from the cache that stood in for upstream's.
             outcome.error = read.upstream_failure;
+            outcome.shared_hit = read.shared_hit;
             let answer = read.answer?;
             let mut response = answer_response(answer);
             if matches!(response.status(), StatusCode::OK | StatusCode::NOT_FOUND) {
@@ -208,6 +213,11 @@ impl ConsentRoutes {
                     X_CACHE_STATUS,
                     HeaderValue::from_static(read.cache_status.header_value()),
                 );
+                if read.shared_hit {
+                    response
+                        .headers_mut()
+                        .insert(X_CACHE_TIER, HeaderValue::from_static("shared"));
+                }
             }
             if read.cache_status == CacheStatus::Stale {
                 response
@@ -345,7 +355,11 @@ impl ConsentRoutes {
                 route = outcome.route,
                 contact = contact.as_deref().unwrap_or("-"),
                 status = status.as_u16(),
-                cache = outcome.cache_status.map_or("-", CacheStatus::as_str),
+                cache = if outcome.shared_hit {
+                    "HIT_SHARED"
+                } else {
+                    outcome.cache_status.map_or("-", CacheStatus::as_str)
+                },
                 upstream_status = upstream.as_ref().map_or("-", |u| u.outcome.as_str()),
                 upstream_duration_us = upstream.map(|u| u.duration.as_micros() as u64),
                 error = outcome

@@ -9,6 +9,8 @@
 
 use std::borrow::Cow;
 use std::fmt;
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Weak};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -37,6 +39,73 @@ const BACKOFF_FIRST: Duration = Duration::from_millis(250);
 const BACKOFF_LAST: Duration = Duration::from_secs(30);
 /// The largest token response read.
 const MAX_TOKEN_RESPONSE_BYTES: usize = 64 * 1024;
+/// While another instance renews the fleet's token, the store is asked again this often...
+const FLEET_POLL: Duration = Duration::from_millis(20);
+/// ...for at most one token request's timeout plus this, then the refresher fetches alone.
+const FLEET_WAIT_MARGIN: Duration = Duration::from_secs(1);
+
+/// A future of a fleet store's (a trait object's).
+pub type FleetFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
+
+/// The fleet's token, as a fleet store hands it out.
+pub struct FleetToken {
+    /// `Bearer <token>`, marked sensitive.
+    pub authorization: HeaderValue,
+    /// What is left of its lifetime, by the store's clock.
+    pub remaining: Duration,
+    /// Its whole lifetime (`expires_in` when it was fetched).
+    pub lifetime: Duration,
+    /// Tells the fleet's tokens apart.
+    pub id: u64,
+}
+
+/// The fleet's renewal lock, held by this instance.
+pub struct FleetLock(pub String);
+
+/// What a fleet store says to a request for its lock.
+pub enum LockAnswer {
+    /// The lock is this instance's: fetch, then [`FleetTokens::store`] or
+    /// [`FleetTokens::release`].
+    Locked(FleetLock),
+    /// The token was replaced meanwhile: here is the new one.
+    Replaced(FleetToken),
+    /// Another instance holds the lock.
+    Held,
+}
+
+/// One upstream token for several instances (`cluster.shared_token`): kept where every instance
+/// reads it, renewed by one instance at a time. The token manager knows only this; the cluster
+/// implements it over Redis. Every method is bounded in time by the store.
+pub trait FleetTokens: Send + Sync + 'static {
+    /// The fleet's current token, if it has one.
+    fn read(&self) -> FleetFuture<'_, Result<Option<FleetToken>, Failure>>;
+    /// The renewal lock, unless the fleet's token is no longer `replacing` (the id of the token
+    /// this instance found unusable; `None`: it found none), or another instance holds the lock.
+    fn lock(&self, replacing: Option<u64>) -> FleetFuture<'_, Result<LockAnswer, Failure>>;
+    /// Stores a token fetched under `lock` for the fleet and releases the lock; its fleet id.
+    fn store(
+        &self,
+        lock: FleetLock,
+        authorization: HeaderValue,
+        remaining: Duration,
+        lifetime: Duration,
+    ) -> FleetFuture<'_, Result<u64, Failure>>;
+    /// Releases `lock` without storing (the fetch failed).
+    fn release(&self, lock: FleetLock) -> FleetFuture<'_, ()>;
+    /// A token was installed, from `source` (for the store's metrics).
+    fn installed(&self, source: TokenSource);
+}
+
+/// Where an installed token came from, with a fleet store.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TokenSource {
+    /// The fleet's, from the store.
+    Fleet,
+    /// Fetched by this instance for the fleet, under the renewal lock.
+    Renewed,
+    /// Fetched for this instance only: the store could not help.
+    Alone,
+}
 
 /// A bearer token and when it stops being usable.
 pub struct AccessToken {
@@ -206,6 +275,7 @@ impl TokenManager {
         talkdesk: &TalkdeskSettings,
         settings: &TokenSettings,
         metrics: TokenMetrics,
+        fleet: Option<Arc<dyn FleetTokens>>,
         shutdown: watch::Receiver<bool>,
     ) -> (Self, JoinHandle<()>) {
         let (phase, _) = watch::channel(Phase::Fetching);
@@ -234,6 +304,8 @@ impl TokenManager {
             transport,
             request,
             refresh_margin: settings.refresh_margin,
+            fleet,
+            installed_fleet_id: None,
         };
         let task = tokio::spawn(refresher.run(shutdown));
         (TokenManager { shared }, task)
@@ -307,7 +379,13 @@ struct Refresher {
     transport: Transport,
     request: TokenRequest,
     refresh_margin: Duration,
+    fleet: Option<Arc<dyn FleetTokens>>,
+    /// The fleet id of the token last installed, when it is the fleet's.
+    installed_fleet_id: Option<u64>,
 }
+
+/// A token ready to install, and how long it lives from now (for the expiry gauge).
+type Obtained = (AccessToken, Duration);
 
 impl Refresher {
     async fn run(mut self, mut shutdown: watch::Receiver<bool>) {
@@ -317,18 +395,12 @@ impl Refresher {
                 return;
             };
             shared.phase.send_replace(Phase::Fetching);
-            let started = Instant::now();
-            let result = self.fetch(started, &shared).await;
-            shared
-                .metrics
-                .fetch_duration
-                .observe(started.elapsed().as_secs_f64());
+            let result = self.obtain(&shared).await;
             let (sleep_until, backing_off) = match result {
-                Ok((token, expires_in)) => {
-                    shared.metrics.fetch_succeeded.inc();
+                Ok((token, lifetime_left)) => {
                     tracing::debug!(
                         token_id = token.id,
-                        expires_in_s = expires_in.as_secs(),
+                        expires_in_s = lifetime_left.as_secs(),
                         "token obtained"
                     );
                     let refresh_at = token.refresh_at;
@@ -338,13 +410,12 @@ impl Refresher {
                     shared
                         .metrics
                         .expiry
-                        .set(unix_now() + expires_in.as_secs_f64());
+                        .set(unix_now() + lifetime_left.as_secs_f64());
                     shared.phase.send_replace(Phase::Idle);
                     backoff.reset();
                     (refresh_at, false)
                 }
                 Err(failure) => {
-                    shared.metrics.fetch_failed.inc();
                     let delay = backoff.next_delay();
                     tracing::warn!(
                         error = %crate::error::ErrorChain(&failure),
@@ -387,11 +458,167 @@ impl Refresher {
         }
     }
 
-    async fn fetch(
-        &self,
-        started: Instant,
+    /// A token: the fleet's when there is a fleet store and it can help, else fetched.
+    async fn obtain(&mut self, shared: &Shared) -> Result<Obtained, TokenFailure> {
+        let Some(fleet) = self.fleet.clone() else {
+            return self.fetch_counted(shared).await;
+        };
+        // The token held was dropped (upstream rejected it) or ran out: if it was the fleet's,
+        // the fleet's copy is no good either.
+        let rejected = shared
+            .usable_token()
+            .is_none()
+            .then_some(self.installed_fleet_id)
+            .flatten();
+        let give_up_at = Instant::now() + self.request.timeout + FLEET_WAIT_MARGIN;
+        loop {
+            let found = match fleet.read().await {
+                Ok(found) => found,
+                Err(problem) => return self.alone(shared, fleet.as_ref(), problem).await,
+            };
+            let replacing = match found {
+                Some(token) if self.usable_from_fleet(&token, rejected) => {
+                    return Ok(self.install_fleet_token(shared, fleet.as_ref(), token));
+                }
+                Some(token) => Some(token.id),
+                None => None,
+            };
+            match fleet.lock(replacing).await {
+                Err(problem) => return self.alone(shared, fleet.as_ref(), problem).await,
+                Ok(LockAnswer::Replaced(token)) if self.usable_from_fleet(&token, rejected) => {
+                    return Ok(self.install_fleet_token(shared, fleet.as_ref(), token));
+                }
+                Ok(LockAnswer::Locked(lock)) => {
+                    return self.renew_for_fleet(shared, fleet.as_ref(), lock).await;
+                }
+                Ok(LockAnswer::Replaced(_) | LockAnswer::Held) => {}
+            }
+            if Instant::now() + FLEET_POLL >= give_up_at {
+                let problem = Failure::msg(format!(
+                    "no token from the instance renewing it within {} ms",
+                    (self.request.timeout + FLEET_WAIT_MARGIN).as_millis()
+                ));
+                return self.alone(shared, fleet.as_ref(), problem).await;
+            }
+            tokio::time::sleep(FLEET_POLL).await;
+        }
+    }
+
+    /// Whether the fleet's `token` may be installed: not the one just rejected, not due for
+    /// renewal (then this instance renews it, or waits for the one that does).
+    fn usable_from_fleet(&self, token: &FleetToken, rejected: Option<u64>) -> bool {
+        let (margin, safety) = self.margins(token.lifetime);
+        Some(token.id) != rejected && token.remaining > margin.max(safety)
+    }
+
+    fn install_fleet_token(
+        &mut self,
         shared: &Shared,
-    ) -> Result<(AccessToken, Duration), TokenFailure> {
+        fleet: &dyn FleetTokens,
+        token: FleetToken,
+    ) -> Obtained {
+        fleet.installed(TokenSource::Fleet);
+        self.installed_fleet_id = Some(token.id);
+        let expires_at = Instant::now() + token.remaining;
+        let access = self.access_token(shared, token.authorization, expires_at, token.lifetime);
+        (access, token.remaining)
+    }
+
+    /// Fetches under the fleet's lock and stores the token for the others; the token is used
+    /// here even when storing fails (the lock then expires by itself).
+    async fn renew_for_fleet(
+        &mut self,
+        shared: &Shared,
+        fleet: &dyn FleetTokens,
+        lock: FleetLock,
+    ) -> Result<Obtained, TokenFailure> {
+        let started = Instant::now();
+        let (token, lifetime) = match self.fetch_counted(shared).await {
+            Ok(fetched) => fetched,
+            Err(failure) => {
+                fleet.release(lock).await;
+                return Err(failure);
+            }
+        };
+        fleet.installed(TokenSource::Renewed);
+        let remaining = lifetime.saturating_sub(started.elapsed());
+        self.installed_fleet_id = match fleet
+            .store(lock, token.authorization.clone(), remaining, lifetime)
+            .await
+        {
+            Ok(id) => Some(id),
+            Err(problem) => {
+                tracing::warn!(
+                    error = %crate::error::ErrorChain(&problem),
+                    "the renewed token could not be stored for the fleet; the others renew \
+                     their own when their lock wait ends"
+                );
+                None
+            }
+        };
+        Ok((token, lifetime))
+    }
+
+    /// Fetches a token for this instance only: the fleet store could not help.
+    async fn alone(
+        &mut self,
+        shared: &Shared,
+        fleet: &dyn FleetTokens,
+        problem: Failure,
+    ) -> Result<Obtained, TokenFailure> {
+        tracing::warn!(
+            error = %crate::error::ErrorChain(&problem),
+            "the fleet's token is out of reach: fetching one for this instance"
+        );
+        self.installed_fleet_id = None;
+        let result = self.fetch_counted(shared).await;
+        if result.is_ok() {
+            fleet.installed(TokenSource::Alone);
+        }
+        result
+    }
+
+    /// [`Self::fetch`], counted and timed in the token metrics.
+    async fn fetch_counted(&self, shared: &Shared) -> Result<Obtained, TokenFailure> {
+        let started = Instant::now();
+        let result = self.fetch(started, shared).await;
+        let metrics = &shared.metrics;
+        metrics
+            .fetch_duration
+            .observe(started.elapsed().as_secs_f64());
+        match &result {
+            Ok(_) => metrics.fetch_succeeded.inc(),
+            Err(_) => metrics.fetch_failed.inc(),
+        }
+        result
+    }
+
+    /// The refresh margin and the safety margin for a token of `lifetime`: it is renewed
+    /// `margin` before its end and never sent in its last `safety`.
+    fn margins(&self, lifetime: Duration) -> (Duration, Duration) {
+        let margin = self.refresh_margin.min(lifetime / 2);
+        let safety = (lifetime / 4).min(Duration::from_secs(5));
+        (margin, safety)
+    }
+
+    fn access_token(
+        &self,
+        shared: &Shared,
+        authorization: HeaderValue,
+        expires_at: Instant,
+        lifetime: Duration,
+    ) -> AccessToken {
+        let (margin, safety) = self.margins(lifetime);
+        let before_end = |d: Duration| expires_at.checked_sub(d).unwrap_or(expires_at);
+        AccessToken {
+            authorization,
+            usable_until: before_end(safety),
+            refresh_at: before_end(margin),
+            id: shared.next_id.fetch_add(1, Ordering::Relaxed),
+        }
+    }
+
+    async fn fetch(&self, started: Instant, shared: &Shared) -> Result<Obtained, TokenFailure> {
         let request = self.build_request()?;
         let answer = self
             .transport
@@ -406,14 +633,7 @@ impl Refresher {
         }
         let parsed = parse_token_response(&answer.body)?;
         let lifetime = parsed.expires_in;
-        let margin = self.refresh_margin.min(lifetime / 2);
-        let safety = (lifetime / 4).min(Duration::from_secs(5));
-        let token = AccessToken {
-            authorization: parsed.authorization,
-            usable_until: started + lifetime - safety,
-            refresh_at: started + lifetime - margin,
-            id: shared.next_id.fetch_add(1, Ordering::Relaxed),
-        };
+        let token = self.access_token(shared, parsed.authorization, started + lifetime, lifetime);
         Ok((token, lifetime))
     }
 

@@ -3,6 +3,7 @@
 #![allow(dead_code)]
 
 pub mod fake_upstream;
+pub mod fleet;
 pub mod history;
 pub mod raw_http;
 pub mod redis_server;

@@ -1,5 +1,6 @@
-//! A real `redis-server` for the cluster tests, on a free loopback port, without persistence:
-//! started, killed, restarted on the same port, frozen (`SIGSTOP`) and thawed (`SIGCONT`).
+//! A real `redis-server` for the cluster tests, on a free loopback port, without persistence
+//! (or with an append-only file, to restart with its data): started, killed, restarted on the
+//! same port, frozen (`SIGSTOP`) and thawed (`SIGCONT`).
 //! A missing `redis-server` fails the test loudly (scripts/test.sh installs it).
 #![allow(dead_code)]
 
@@ -15,6 +16,8 @@ pub struct RedisServer {
     password: Option<String>,
     dir: PathBuf,
     frozen: bool,
+    /// Every write appended to a file (fsync'd) and read back when it restarts.
+    persistent: bool,
 }
 
 impl RedisServer {
@@ -25,6 +28,16 @@ impl RedisServer {
 
     /// A server that requires `password` (`requirepass`).
     pub fn start_with_password(password: Option<&str>) -> RedisServer {
+        Self::start_with(password, false)
+    }
+
+    /// A server that keeps its data across [`Self::kill`] and [`Self::restart`] (as a
+    /// restarted production Redis with persistence, or a replica taking over, has data).
+    pub fn start_persistent() -> RedisServer {
+        Self::start_with(None, true)
+    }
+
+    fn start_with(password: Option<&str>, persistent: bool) -> RedisServer {
         let dir = std::env::temp_dir().join(format!(
             "consent-proxy-redis-{}-{}",
             std::process::id(),
@@ -39,6 +52,7 @@ impl RedisServer {
                 password: password.map(str::to_owned),
                 dir: dir.clone(),
                 frozen: false,
+                persistent,
             };
             if server.spawn() {
                 return server;
@@ -111,7 +125,8 @@ impl RedisServer {
             .args(["--port", &self.port.to_string()])
             .args(["--bind", "127.0.0.1"])
             .args(["--save", ""])
-            .args(["--appendonly", "no"])
+            .args(["--appendonly", if self.persistent { "yes" } else { "no" }])
+            .args(["--appendfsync", "always"])
             .args(["--protected-mode", "no"])
             .arg("--dir")
             .arg(&self.dir)

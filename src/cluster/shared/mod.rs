@@ -1,0 +1,117 @@
+//! The cluster's shared tier: what the instances keep in their one Redis beside the feed.
+//!
+//! - `cache` (`cluster.shared_cache`): a second cache tier. A fill (a GET this instance's own
+//!   cache missed) looks in Redis first; what it fetches from upstream it stores there for every
+//!   instance, under a generation guard checked by Redis; one upstream GET for the whole fleet
+//!   however many instances miss at once (a fill lock per contact). Writes and purges clear or
+//!   replace the contact in Redis in the same round trip as their announcement.
+//! - `token` (`cluster.shared_token`): the fleet's upstream token, encrypted in Redis, renewed
+//!   by one instance at a time (a renewal lock); the token manager sees it as a
+//!   [`FleetTokens`](crate::upstream::token::FleetTokens) store.
+//! - `keys`: the secrets' derived keys (contact digests, sealing); `scripts`: the Lua scripts,
+//!   whose module comment describes what is stored; `metrics`.
+//!
+//! Redis is reached over the feed's connection. Every call is bounded in time, and whenever
+//! Redis cannot answer (not connected, failing, slower than the bound) the instance goes on as
+//! if it were alone: a fill goes upstream without storing, a token is fetched for this instance
+//! only. Redis never fails a request.
+
+mod cache;
+mod keys;
+mod metrics;
+mod scripts;
+mod token;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use redis::aio::MultiplexedConnection;
+use redis::FromRedisValue;
+use tokio::time::Instant;
+
+use super::link::Link;
+use crate::error::Failure;
+pub use cache::{FillReport, SharedCache, SharedCacheSettings, SharedWrite};
+pub(super) use keys::SharedKeys;
+use metrics::Op;
+pub use metrics::SharedMetrics;
+pub(super) use scripts::Call;
+pub use token::FleetTokenStore;
+
+/// Redis as the shared tier sees it: the feed's connection, each call bounded and timed.
+struct Redis {
+    link: Arc<Link>,
+    metrics: SharedMetrics,
+}
+
+impl Redis {
+    /// Runs `call` within `timeout` on the feed's connection; an error when it is down.
+    async fn run<T: FromRedisValue>(
+        &self,
+        op: Op,
+        timeout: Duration,
+        call: Call<'_>,
+    ) -> Result<T, Failure> {
+        let Some(connection) = self.link.get() else {
+            return Err(Failure::msg("not connected to Redis"));
+        };
+        self.run_on(connection, op, timeout, call).await
+    }
+
+    async fn run_on<T: FromRedisValue>(
+        &self,
+        mut connection: MultiplexedConnection,
+        op: Op,
+        timeout: Duration,
+        call: Call<'_>,
+    ) -> Result<T, Failure> {
+        let started = Instant::now();
+        let result = tokio::time::timeout(timeout, call.run(&mut connection)).await;
+        self.metrics.redis_call(op, started.elapsed().as_secs_f64());
+        match result {
+            Ok(Ok(value)) => Ok(value),
+            Ok(Err(err)) => Err(Failure::new("Redis failed", err)),
+            Err(_) => Err(Failure::msg(format!(
+                "Redis did not answer within {} ms",
+                timeout.as_millis()
+            ))),
+        }
+    }
+}
+
+/// A random 64-bit value as hex: generations, lock holders, token ids.
+fn random_id() -> String {
+    format!("{:016x}", rand::random::<u64>())
+}
+
+/// Reads the parts of a script's array answer.
+mod reply {
+    use redis::Value;
+
+    pub fn items(value: Value) -> Vec<Value> {
+        match value {
+            Value::Array(items) => items,
+            _ => Vec::new(),
+        }
+    }
+
+    pub fn int(value: Option<&Value>) -> Option<i64> {
+        match value? {
+            Value::Int(n) => Some(*n),
+            Value::BulkString(bytes) => std::str::from_utf8(bytes).ok()?.parse().ok(),
+            _ => None,
+        }
+    }
+
+    pub fn bytes(value: Option<Value>) -> Option<Vec<u8>> {
+        match value? {
+            Value::BulkString(bytes) => Some(bytes),
+            Value::SimpleString(text) => Some(text.into_bytes()),
+            _ => None,
+        }
+    }
+
+    pub fn text(value: Option<Value>) -> Option<String> {
+        String::from_utf8(bytes(value)?).ok()
+    }
+}

@@ -1,0 +1,543 @@
+//! The cluster's shared tier against a real `redis-server` (started here on a free port; a
+//! missing `redis-server` fails loudly), with three in-process proxies and one simulator.
+//!
+//! Shared cache (`cluster.shared_cache`):
+//! - a GET through A, then through B and C: one upstream GET in total, B and C answer from the
+//!   shared tier (`HIT`, `x-cache-tier: shared`);
+//! - 100 concurrent misses spread over the three instances: one upstream GET; a fill lock whose
+//!   holder died is taken over;
+//! - a fill that began before a write announced through another instance does not store its
+//!   older answer into Redis (the Redis-side generation guard);
+//! - the randomized three-instance history keeps rule 5;
+//! - a restarted instance answers the contacts cached before without upstream calls;
+//! - an admin purge clears the shared tier; during a key rotation a write clears every
+//!   keyspace; after Redis restarts with its data, the tier starts a new epoch;
+//! - a frozen Redis never fails a GET: it is answered from upstream within its deadline.
+//!
+//! Shared token (`cluster.shared_token`):
+//! - one token fetch per token lifetime for the whole fleet, renewed before it expires;
+//! - a burst of upstream 401s across the instances: one renewal;
+//! - Redis stopped: each instance fetches its own token and keeps serving.
+
+mod support;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use consent_proxy::consent::{ConsentStatus, ContactId};
+use consent_proxy::simulator::{Fault, SimRoute, Simulator, SimulatorConfig};
+use futures_util::future::join_all;
+use support::fleet::{
+    cluster_config, randomized_history, shared_tier, shared_tier_with_keys, slow_fill_then_write,
+    Fleet, Instance,
+};
+use support::*;
+use tokio::time::Instant;
+
+const SHARED_HIT: &str = r#"consent_proxy_shared_cache_lookups_total{result="hit"}"#;
+const SHARED_COALESCED: &str = r#"consent_proxy_shared_cache_lookups_total{result="coalesced"}"#;
+const STORES_REFUSED: &str = r#"consent_proxy_shared_cache_stores_total{result="refused"}"#;
+const FETCHED: &str = r#"consent_proxy_token_fetches_total{result="success"}"#;
+
+/// Three instances with the shared cache on.
+async fn shared_cache_fleet() -> Fleet {
+    Fleet::start_with(3, |_, c| {
+        shared_tier(c, true, false);
+    })
+    .await
+}
+
+/// Where an answer came from: `x-cache-status` and `x-cache-tier`.
+fn source(response: &TestResponse) -> (String, Option<String>) {
+    (
+        response
+            .header("x-cache-status")
+            .unwrap_or_default()
+            .to_owned(),
+        response.header("x-cache-tier").map(str::to_owned),
+    )
+}
+
+fn shared_hit() -> (String, Option<String>) {
+    ("HIT".to_owned(), Some("shared".to_owned()))
+}
+
+fn local(status: &str) -> (String, Option<String>) {
+    (status.to_owned(), None)
+}
+
+// ---------------------------------------------------------------------------------------------
+// The shared cache
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_contact_read_through_one_instance_is_answered_by_the_others_from_the_shared_tier() {
+    let fleet = shared_cache_fleet().await;
+    let contact = "+15550900001";
+    fleet.sim.set_status(contact, ConsentStatus::Consented);
+
+    let first = fleet.get(0, contact).await;
+    assert_eq!(first.status_field(), "CONSENTED");
+    assert_eq!(source(&first), local("MISS"));
+    for i in [1, 2] {
+        let answer = fleet.get(i, contact).await;
+        assert_eq!(answer.status_field(), "CONSENTED", "instance {i}");
+        assert_eq!(source(&answer), shared_hit(), "instance {i}");
+        assert!(answer.header("age").is_some(), "a hit says its age");
+        assert_eq!(fleet.metric(i, SHARED_HIT).await, 1.0);
+        // Now in the instance's own cache too.
+        assert_eq!(source(&fleet.get(i, contact).await), local("HIT"));
+    }
+    assert_eq!(fleet.sim.gets_for(contact), 1, "one upstream GET in total");
+
+    // Upstream's 404 is shared too (under cache.not_found_ttl_s).
+    let unknown = "+15550900099";
+    assert_eq!(
+        (
+            fleet.get(0, unknown).await.status,
+            fleet.get(1, unknown).await.status
+        ),
+        (404, 404)
+    );
+    assert_eq!(source(&fleet.get(2, unknown).await), shared_hit());
+    assert_eq!(fleet.sim.gets_for(unknown), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hundred_concurrent_misses_over_three_instances_make_one_upstream_get() {
+    let fleet = Arc::new(shared_cache_fleet().await);
+    let contact = "+15550900002";
+    fleet.sim.set_status(contact, ConsentStatus::Refused);
+    // Upstream takes its time, so that all the GETs arrive while the first is in flight.
+    fleet.sim.set_latency(Duration::from_millis(400));
+    let answers = join_all((0..100).map(|i| {
+        let fleet = fleet.clone();
+        async move { fleet.get(i % 3, contact).await }
+    }))
+    .await;
+    for answer in &answers {
+        assert_eq!(
+            (answer.status, answer.status_field()),
+            (200, "REFUSED".to_owned())
+        );
+    }
+    assert_eq!(
+        fleet.sim.gets_for(contact),
+        1,
+        "one upstream GET for the fleet"
+    );
+    let mut coalesced_elsewhere = 0.0;
+    for i in 0..3 {
+        coalesced_elsewhere += fleet.metric(i, SHARED_COALESCED).await;
+    }
+    assert_eq!(
+        coalesced_elsewhere, 2.0,
+        "two instances waited for the third's fill"
+    );
+}
+
+/// A's fill holds the contact's fill lock when A dies (its runtime is dropped mid-fill, as a
+/// process killed): B's fill waits for it, takes over once the lock expires (one upstream
+/// attempt, 1 s here, plus two Redis calls), fetches and stores for the fleet.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fill_lock_whose_holder_died_is_taken_over() {
+    let mut fleet = Fleet::start_with(3, |_, c| {
+        shared_tier(c, true, false).set("talkdesk.timeout_ms", "1000");
+    })
+    .await;
+    let contact = "+15550900007";
+    fleet.sim.set_status(contact, ConsentStatus::Consented);
+    fleet
+        .sim
+        .delay_next_get(contact, Duration::from_millis(900), 1);
+    let url = fleet.url(0, contact);
+    let http = fleet.http.clone();
+    // Its connection breaks when A dies (the client's panic then ends this task, ignored).
+    let dying = tokio::spawn(async move {
+        http.send(http::Method::GET, &url, &[("x-api-key", RW_KEY)], None)
+            .await
+    });
+    wait_until(Duration::from_secs(5), || async {
+        fleet.sim.gets_for(contact) == 1
+    })
+    .await;
+    drop(fleet.proxies.remove(0));
+    let _ = dying.await;
+    // B and C are now instances 0 and 1.
+    let answer = fleet.get(0, contact).await;
+    assert_eq!(answer.status_field(), "CONSENTED");
+    for (result, expected) in [("miss", 1.0), ("lock_timeout", 0.0)] {
+        let sample = format!(r#"consent_proxy_shared_cache_lookups_total{{result="{result}"}}"#);
+        assert_eq!(fleet.metric(0, &sample).await, expected, "{result}");
+    }
+    assert_eq!(fleet.sim.gets_for(contact), 2);
+    assert_eq!(source(&fleet.get(1, contact).await), shared_hit());
+}
+
+/// B's fill reads upstream before a write through A is applied, and its answer (the older
+/// status) comes back after A's PUT has returned: Redis refuses to store it, so neither B
+/// nor any other instance is later answered the older status from the shared tier.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fill_that_began_before_a_write_elsewhere_does_not_store_into_redis() {
+    let fleet = Arc::new(shared_cache_fleet().await);
+    let contact = "+15550900003";
+    // B's fill holds the contact's fill lock when A's PUT returns.
+    let slow_read = slow_fill_then_write(&fleet, contact, 1, 0).await;
+    let slow = slow_read.await.unwrap();
+    assert_eq!(
+        slow.status_field(),
+        "CONSENTED",
+        "it began before the write"
+    );
+    assert_eq!(fleet.metric(1, STORES_REFUSED).await, 1.0);
+
+    // What Redis holds is the write's status: C, and B once its own cache forgets the
+    // contact, are answered REFUSED from the shared tier.
+    let id = ContactId::from_path_segment(contact).unwrap();
+    for i in [2, 1] {
+        fleet.proxies[i].proxy.cache.purge(&id);
+        let answer = fleet.get(i, contact).await;
+        assert_eq!(
+            (answer.status_field(), source(&answer)),
+            ("REFUSED".to_owned(), shared_hit()),
+            "instance {i}"
+        );
+    }
+    assert_eq!(fleet.sim.gets_for(contact), 1, "nothing more went upstream");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn randomized_history_with_the_shared_cache_keeps_rule_5() {
+    let fleet = Fleet::start_with(3, |_, c| {
+        shared_tier(c, true, false).set("talkdesk.max_retries", "0");
+    })
+    .await;
+    let run = randomized_history(Arc::new(fleet), "+1555091000").await;
+    assert!(
+        run.shared_hits > 20.0,
+        "too few shared-tier hits to mean anything"
+    );
+    assert!(
+        run.violations.is_empty(),
+        "rule 5 violated:\n{}",
+        run.violations.join("\n")
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restarted_instance_answers_cached_contacts_without_upstream_calls() {
+    let mut fleet = shared_cache_fleet().await;
+    let contacts: Vec<String> = (0..20).map(|i| format!("+155509200{i:02}")).collect();
+    for contact in &contacts {
+        fleet.sim.set_status(contact, ConsentStatus::Deleted);
+        assert_eq!(fleet.get(0, contact).await.status_field(), "DELETED");
+    }
+    // Instance C stops (its runtime dropped, as a process killed) and a new one takes its place.
+    drop(fleet.proxies.remove(2));
+    let mut config = cluster_config(&fleet.sim, &fleet.redis().url());
+    shared_tier(&mut config, true, false);
+    fleet.proxies.push(Instance::start(&config).await);
+    fleet.wait_live([2]).await;
+    fleet.sim.reset_counters();
+    for contact in &contacts {
+        let answer = fleet.get(2, contact).await;
+        assert_eq!(
+            (answer.status_field(), source(&answer)),
+            ("DELETED".to_owned(), shared_hit())
+        );
+    }
+    assert_eq!(fleet.sim.stats().gets, 0, "no upstream call");
+}
+
+/// `DELETE /admin/cache/{id}` through one instance drops the contact from the shared tier too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_admin_purge_clears_the_shared_tier() {
+    let fleet = shared_cache_fleet().await;
+    let contact = "+15550900004";
+    fleet.sim.set_status(contact, ConsentStatus::Consented);
+    fleet.get(0, contact).await;
+    assert_eq!(source(&fleet.get(1, contact).await), shared_hit());
+    fleet.purge(2, contact, &[1]).await;
+    assert_eq!(source(&fleet.get(1, contact).await), local("MISS"));
+    assert_eq!(fleet.sim.gets_for(contact), 2);
+}
+
+/// A rotation of `cluster.shared_key_file` done as documented: A still uses the old key and has
+/// the new one as its second, B and C use the new one. A write through A clears the contact in
+/// both keyspaces, so B and C never read the answer they stored before it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn during_a_key_rotation_a_write_clears_every_keyspace() {
+    const OLD: &str = "rotation-old-key-0123456789abcdef0123";
+    const NEW: &str = "rotation-new-key-0123456789abcdef0123";
+    let fleet = Fleet::start_with(3, |i, c| {
+        let keys = if i == 0 { [OLD, NEW] } else { [NEW, OLD] };
+        shared_tier_with_keys(c, true, false, &keys);
+    })
+    .await;
+    let contact = "+15550900005";
+    fleet.sim.set_status(contact, ConsentStatus::Consented);
+    assert_eq!(source(&fleet.get(1, contact).await), local("MISS"));
+    assert_eq!(source(&fleet.get(2, contact).await), shared_hit());
+    assert_eq!(fleet.put(0, contact, "REFUSED").await.status, 200);
+    let id = ContactId::from_path_segment(contact).unwrap();
+    fleet.proxies[1].proxy.cache.purge(&id);
+    let answer = fleet.get(1, contact).await;
+    assert_eq!(
+        (answer.status_field(), source(&answer)),
+        ("REFUSED".to_owned(), local("MISS"))
+    );
+}
+
+/// Redis restarts with its data (persistence, or a replica taking over) and may have lost the
+/// latest writes: the instances see another run id and start a new epoch, so nothing stored
+/// before is used, and nothing is stored until a pending write could have ended.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn after_redis_restarts_the_shared_tier_starts_a_new_epoch() {
+    let fleet = Fleet::start_with_redis(
+        start_simulator().await,
+        support::redis_server::RedisServer::start_persistent(),
+        3,
+        |_, c| {
+            shared_tier(c, true, false).set("server.request_timeout_ms", "1000");
+        },
+    )
+    .await;
+    let contact = "+15550900006";
+    fleet.sim.set_status(contact, ConsentStatus::Consented);
+    fleet.get(0, contact).await;
+    assert_eq!(source(&fleet.get(1, contact).await), shared_hit());
+
+    fleet.redis().kill();
+    fleet.redis().restart();
+    fleet.wait_live(0..3).await;
+    let answer = fleet.get(2, contact).await;
+    assert_eq!(
+        (answer.status_field(), source(&answer)),
+        ("CONSENTED".to_owned(), local("MISS")),
+        "an answer of the previous epoch was used"
+    );
+    assert_eq!(
+        fleet
+            .metric(
+                2,
+                r#"consent_proxy_shared_cache_lookups_total{result="write_pending"}"#
+            )
+            .await,
+        1.0,
+        "stores are held off"
+    );
+    // Once a pending write's lifetime (1 s + 1.5 s) has passed, the tier fills again.
+    let id = ContactId::from_path_segment(contact).unwrap();
+    wait_until(Duration::from_secs(10), || async {
+        fleet.proxies[0].proxy.cache.purge(&id);
+        fleet.proxies[1].proxy.cache.purge(&id);
+        fleet.get(0, contact).await;
+        source(&fleet.get(1, contact).await) == shared_hit()
+    })
+    .await;
+}
+
+/// Redis stops answering (`SIGSTOP`): GETs are answered from upstream, each within its
+/// deadline; a fill never waits on Redis longer than `cluster.shared_timeout_ms`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_frozen_redis_never_fails_a_read() {
+    let fleet = Fleet::start_with(3, |_, c| {
+        shared_tier(c, true, false)
+            .set("cluster.shared_timeout_ms", "50")
+            .set("server.request_timeout_ms", "2000");
+    })
+    .await;
+    let contacts: Vec<String> = (0..30).map(|i| format!("+155509300{i:02}")).collect();
+    for contact in &contacts {
+        fleet.sim.set_status(contact, ConsentStatus::Consented);
+    }
+    fleet.redis().freeze();
+    for (n, contact) in contacts.iter().enumerate() {
+        let answer = fleet.get(n % 3, contact).await;
+        assert_eq!(
+            (answer.status, answer.status_field()),
+            (200, "CONSENTED".to_owned()),
+            "{}",
+            answer.text()
+        );
+    }
+    let mut unavailable = 0.0;
+    for i in 0..3 {
+        unavailable += fleet
+            .metric(
+                i,
+                r#"consent_proxy_shared_cache_lookups_total{result="unavailable"}"#,
+            )
+            .await;
+    }
+    assert!(unavailable >= 1.0, "no fill met the frozen Redis");
+    fleet.redis().thaw();
+}
+
+// ---------------------------------------------------------------------------------------------
+// The shared token
+
+/// A simulator issuing tokens that live `ttl`, with the contacts `contact(0..n)` CONSENTED.
+async fn simulator_with_token_ttl(ttl: Duration, contacts: usize) -> Simulator {
+    let sim = Simulator::start(
+        "127.0.0.1:0".parse().unwrap(),
+        SimulatorConfig {
+            token_ttl: ttl,
+            ..sim_config()
+        },
+    )
+    .await
+    .expect("simulator starts");
+    for i in 0..contacts {
+        sim.set_status(&contact(i), ConsentStatus::Consented);
+    }
+    sim
+}
+
+fn contact(i: usize) -> String {
+    format!("+15550940{i:03}")
+}
+
+/// Three instances sharing the token, without a cache (every GET goes upstream with it).
+async fn shared_token_fleet(sim: Simulator) -> Fleet {
+    Fleet::start_on(sim, 3, |_, c| {
+        shared_tier(c, false, true)
+            .set("cache.enabled", "false")
+            .set("token.refresh_margin_s", "1");
+    })
+    .await
+}
+
+/// GETs through the instances in turn, one every 30 ms, until `until`; every one must be a 200.
+async fn steady_traffic(fleet: &Fleet, until: Instant) -> usize {
+    let mut ticks = tokio::time::interval(Duration::from_millis(30));
+    let mut sent = 0;
+    while Instant::now() < until {
+        ticks.tick().await;
+        let answer = fleet.get(sent % 3, &contact(sent % 5)).await;
+        assert_eq!(answer.status, 200, "request {sent}: {}", answer.text());
+        sent += 1;
+    }
+    sent
+}
+
+async fn total(fleet: &Fleet, sample: &str) -> f64 {
+    let mut sum = 0.0;
+    for i in 0..fleet.proxies.len() {
+        sum += fleet.metric(i, sample).await;
+    }
+    sum
+}
+
+/// Tokens of 3 s, renewed 1 s before their end: over 9 s the fleet fetches one every 2 s (and
+/// the first), not one per instance; none is ever used expired.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_fleet_fetches_one_token_per_lifetime_and_renews_it_before_it_expires() {
+    let sim = simulator_with_token_ttl(Duration::from_secs(3), 5).await;
+    let fleet = shared_token_fleet(sim).await;
+    let started = Instant::now();
+    let sent = steady_traffic(&fleet, started + Duration::from_secs(9)).await;
+    let elapsed = started.elapsed().as_secs_f64();
+    let stats = fleet.sim.stats();
+    println!("{sent} GETs in {elapsed:.1} s over 3 instances: {stats:?}");
+    assert_eq!(stats.expired_token_uses, 0, "{stats:?}");
+    assert_eq!(stats.unauthorized, 0, "{stats:?}");
+    // One per renewal period (2 s) since the first, plus the first; each instance alone would
+    // fetch three times as many.
+    let per_period = (elapsed / 2.0).ceil() as u64 + 1;
+    assert!(
+        (per_period.saturating_sub(2)..=per_period + 1).contains(&stats.tokens_issued),
+        "expected about {per_period} tokens for the fleet, issued {}",
+        stats.tokens_issued
+    );
+    assert_eq!(stats.token_requests, stats.tokens_issued, "{stats:?}");
+    wait_until(Duration::from_secs(3), || async {
+        total(&fleet, FETCHED).await == fleet.sim.stats().tokens_issued as f64
+    })
+    .await;
+    for i in 0..3 {
+        assert!(
+            fleet
+                .metric(
+                    i,
+                    r#"consent_proxy_shared_token_obtained_total{source="fleet"}"#
+                )
+                .await
+                >= 1.0,
+            "instance {i} never used the fleet's token"
+        );
+    }
+}
+
+/// The simulator decides each answer on arrival and answers after its latency: with 400 ms,
+/// all 30 first attempts take one of the 30 queued 401s before the first 401 reaches a proxy,
+/// so every retry meets a renewed token. The three instances renew once between them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_burst_of_401s_across_the_fleet_renews_the_token_once() {
+    let sim = simulator_with_token_ttl(Duration::from_secs(600), 30).await;
+    let fleet = Arc::new(shared_token_fleet(sim).await);
+    let before = fleet.sim.stats();
+    assert_eq!(
+        before.tokens_issued, 1,
+        "one token for the fleet: {before:?}"
+    );
+
+    fleet.sim.set_latency(Duration::from_millis(400));
+    fleet.sim.inject(SimRoute::Get, Fault::Unauthorized, 30);
+    let answers = join_all((0..30).map(|i| {
+        let fleet = fleet.clone();
+        async move { fleet.get(i % 3, &contact(i)).await }
+    }))
+    .await;
+    let stats = fleet.sim.stats();
+    assert_eq!(
+        stats.unauthorized, 30,
+        "the 401s were not all taken by first attempts (machine too slow?): {stats:?}"
+    );
+    for answer in &answers {
+        assert_eq!(answer.status, 200, "{}", answer.text());
+    }
+    assert_eq!(
+        stats.token_requests,
+        before.token_requests + 1,
+        "one renewal for the fleet: {stats:?}"
+    );
+    assert_eq!(
+        total(
+            &fleet,
+            r#"consent_proxy_token_upstream_rejections_total{outcome="renewed"}"#
+        )
+        .await,
+        3.0,
+        "each instance dropped the rejected token"
+    );
+}
+
+/// Redis killed: each instance fetches a token of its own when its token is due, and every GET
+/// is answered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_redis_stopped_each_instance_fetches_its_own_token_and_keeps_serving() {
+    let sim = simulator_with_token_ttl(Duration::from_secs(3), 5).await;
+    let fleet = shared_token_fleet(sim).await;
+    let before = fleet.sim.stats();
+    fleet.redis().kill();
+    let sent = steady_traffic(&fleet, Instant::now() + Duration::from_secs(5)).await;
+    let stats = fleet.sim.stats();
+    println!("Redis down: {sent} GETs answered; {stats:?}");
+    assert_eq!(stats.expired_token_uses, 0, "{stats:?}");
+    for i in 0..3 {
+        assert!(
+            fleet
+                .metric(
+                    i,
+                    r#"consent_proxy_shared_token_obtained_total{source="alone"}"#
+                )
+                .await
+                >= 1.0,
+            "instance {i} did not fetch its own token"
+        );
+    }
+    assert!(
+        stats.tokens_issued >= before.tokens_issued + 3,
+        "each instance renews for itself: {stats:?}"
+    );
+}

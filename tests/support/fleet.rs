@@ -1,0 +1,370 @@
+//! A cluster in one test process: a simulator, a real `redis-server` and in-process proxies,
+//! each on a runtime of its own, with helpers to talk to each instance.
+#![allow(dead_code)]
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use consent_proxy::consent::ConsentStatus;
+use consent_proxy::simulator::Simulator;
+use consent_proxy::{App, AppHandle};
+use http::Method;
+use tokio::time::Instant;
+
+use super::history::{cluster_violations, gets, random_client, random_upstream_delays};
+use super::redis_server::RedisServer;
+use super::{
+    metric_value, start_simulator, wait_until, ProxyConfig, TestClient, TestResponse, ADMIN_KEY,
+    RW_KEY,
+};
+
+/// `cluster.max_staleness_ms` in these tests.
+pub const MAX_STALENESS: Duration = Duration::from_millis(400);
+/// The contract's bound for a healthy cluster (rule 5).
+pub const RULE_5_LAG: Duration = Duration::from_millis(50);
+/// The secret of the cluster's shared tier in these tests (the same for every instance).
+const SHARED_KEY: &str = "shared-tier-test-key-0123456789abcdef";
+
+/// A simulator, a Redis and proxies pointed at both.
+pub struct Fleet {
+    pub sim: Simulator,
+    /// Locked only to kill, freeze or restart it.
+    pub redis: std::sync::Mutex<RedisServer>,
+    pub proxies: Vec<Instance>,
+    pub http: TestClient,
+}
+
+/// One proxy on a runtime of its own (one worker thread), as if in a process of its own: on a
+/// runtime shared by all the instances of a test, a chain of one instance's tasks can hold
+/// another's feed task back for a millisecond or more, which separate processes never see.
+pub struct Instance {
+    pub proxy: AppHandle,
+    runtime: Option<tokio::runtime::Runtime>,
+}
+
+impl Instance {
+    pub async fn start(config: &ProxyConfig) -> Instance {
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()
+            .expect("a runtime");
+        let settings = config.settings();
+        let proxy = runtime
+            .spawn(async move { App::start(settings).await.expect("proxy starts") })
+            .await
+            .expect("start task");
+        Instance {
+            proxy,
+            runtime: Some(runtime),
+        }
+    }
+}
+
+impl Drop for Instance {
+    fn drop(&mut self) {
+        if let Some(runtime) = self.runtime.take() {
+            runtime.shutdown_background();
+        }
+    }
+}
+
+/// The cluster keys every test uses; `redis_url` is the instance's way to Redis.
+pub fn cluster_config(sim: &Simulator, redis_url: &str) -> ProxyConfig {
+    let mut config = ProxyConfig::for_simulator(sim);
+    config
+        .clustered(redis_url)
+        .set(
+            "cluster.max_staleness_ms",
+            &MAX_STALENESS.as_millis().to_string(),
+        )
+        .set("log.level", "\"warn\"");
+    config
+}
+
+/// Turns the shared tier on in `config`: the shared cache, the fleet token, or both, with the
+/// tests' key and a Redis bound generous enough for a loaded test machine (the tests that are
+/// about a slow Redis set their own).
+pub fn shared_tier(config: &mut ProxyConfig, cache: bool, token: bool) -> &mut ProxyConfig {
+    shared_tier_with_keys(config, cache, token, &[SHARED_KEY])
+}
+
+/// As [`shared_tier`], with these keys in `cluster.shared_key_file` (the first in use).
+pub fn shared_tier_with_keys<'a>(
+    config: &'a mut ProxyConfig,
+    cache: bool,
+    token: bool,
+    keys: &[&str],
+) -> &'a mut ProxyConfig {
+    let content = keys.join("\n");
+    let dir = std::path::Path::new(env!("CARGO_TARGET_TMPDIR"));
+    let key_file = dir.join(format!("shared-tier-keys-{:x}", fnv1a(content.as_bytes())));
+    if std::fs::read_to_string(&key_file).ok() != Some(content.clone()) {
+        // Written aside and renamed: a test reading it meanwhile never sees it half written.
+        let aside = dir.join(format!("shared-tier-keys.{}", rand::random::<u64>()));
+        std::fs::write(&aside, &content).expect("write the shared keys");
+        std::fs::rename(&aside, &key_file).expect("move the shared keys in place");
+    }
+    config
+        .set("cluster.shared_cache", &cache.to_string())
+        .set("cluster.shared_token", &token.to_string())
+        .set_str("cluster.shared_key_file", &key_file.display().to_string())
+        .set("cluster.shared_timeout_ms", "250")
+}
+
+/// A stable name for a key file's content.
+fn fnv1a(bytes: &[u8]) -> u64 {
+    bytes.iter().fold(0xcbf2_9ce4_8422_2325, |hash, &b| {
+        (hash ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
+    })
+}
+
+/// The race of a fill and a write on two instances: `contact` is CONSENTED upstream; a GET
+/// through `reader` reaches upstream and reads it, but its answer is held back (600 ms); while
+/// it is, a PUT of REFUSED through `writer` returns 200. Returns the slow GET, still in flight.
+pub async fn slow_fill_then_write(
+    fleet: &Arc<Fleet>,
+    contact: &'static str,
+    reader: usize,
+    writer: usize,
+) -> tokio::task::JoinHandle<TestResponse> {
+    fleet.sim.set_status(contact, ConsentStatus::Consented);
+    fleet
+        .sim
+        .delay_next_get(contact, Duration::from_millis(600), 1);
+    let slow_read = tokio::spawn({
+        let fleet = fleet.clone();
+        async move { fleet.get(reader, contact).await }
+    });
+    // The slow fill has reached upstream and read CONSENTED.
+    wait_until(Duration::from_secs(5), || async {
+        fleet.sim.gets_for(contact) == 1
+    })
+    .await;
+    let write = fleet.put(writer, contact, "REFUSED").await;
+    assert_eq!(write.status, 200, "{}", write.text());
+    assert!(!slow_read.is_finished(), "the fill must still be in flight");
+    slow_read
+}
+
+/// What a [`randomized_history`] run saw.
+pub struct HistoryRun {
+    pub violations: Vec<String>,
+    /// Hits of the instances' own caches.
+    pub local_hits: f64,
+    /// Hits of the shared tier (0 without it).
+    pub shared_hits: f64,
+}
+
+/// Rule 5 over a randomized history on three instances: six clients on random instances, 20 %
+/// PUTs, three contacts `{prefix}0..2` starting `NO_CONSENT`, random upstream delays, for 5 s.
+pub async fn randomized_history(fleet: Arc<Fleet>, prefix: &str) -> HistoryRun {
+    const CONTACTS: usize = 3;
+    const INITIAL: &str = "NO_CONSENT";
+    let contacts: Vec<String> = (0..CONTACTS).map(|i| format!("{prefix}{i}")).collect();
+    for contact in &contacts {
+        fleet.sim.set_status(contact, ConsentStatus::NoConsent);
+    }
+    let run_for = Duration::from_secs(5);
+    let started = Instant::now();
+    let delays = tokio::spawn({
+        let fleet = fleet.clone();
+        let contacts = contacts.clone();
+        async move { random_upstream_delays(&fleet.sim, &contacts, started + run_for).await }
+    });
+    let clients: Vec<_> = (0..6)
+        .map(|_| {
+            let fleet = fleet.clone();
+            let contacts = contacts.clone();
+            tokio::spawn(async move {
+                random_client(
+                    started + run_for,
+                    CONTACTS,
+                    3,
+                    0.2,
+                    0..0,
+                    |via, contact| fleet.get(via, &contacts[contact]),
+                    |via, contact, status| fleet.put(via, &contacts[contact], status),
+                )
+                .await
+            })
+        })
+        .collect();
+    let mut history = Vec::new();
+    for client in clients {
+        history.extend(client.await.expect("client"));
+    }
+    delays.await.expect("delays");
+    let (mut local_hits, mut shared_hits) = (0.0, 0.0);
+    for i in 0..3 {
+        local_hits += fleet
+            .metric(i, r#"consent_proxy_cache_lookups_total{result="hit"}"#)
+            .await;
+        shared_hits += fleet
+            .metric(
+                i,
+                r#"consent_proxy_shared_cache_lookups_total{result="hit"}"#,
+            )
+            .await;
+    }
+    let gets = gets(&history);
+    let puts = history.len() - gets;
+    let violations = cluster_violations(&history, INITIAL, RULE_5_LAG);
+    println!(
+        "history: {} operations ({gets} GETs, {puts} PUTs, {local_hits} local hits, \
+         {shared_hits} shared-tier hits) over 3 instances, {} violations",
+        history.len(),
+        violations.len()
+    );
+    assert!(
+        gets > 200 && puts > 40,
+        "too little traffic to mean anything"
+    );
+    HistoryRun {
+        violations,
+        local_hits,
+        shared_hits,
+    }
+}
+
+impl Fleet {
+    pub async fn start(instances: usize) -> Fleet {
+        Self::start_with(instances, |_, _| {}).await
+    }
+
+    /// `configure(i, config)` adjusts instance `i`'s configuration.
+    pub async fn start_with(
+        instances: usize,
+        configure: impl Fn(usize, &mut ProxyConfig),
+    ) -> Fleet {
+        Self::start_on(start_simulator().await, instances, configure).await
+    }
+
+    /// As [`Self::start_with`], in front of `sim`.
+    pub async fn start_on(
+        sim: Simulator,
+        instances: usize,
+        configure: impl Fn(usize, &mut ProxyConfig),
+    ) -> Fleet {
+        Self::start_with_redis(sim, RedisServer::start(), instances, configure).await
+    }
+
+    /// As [`Self::start_on`], with this Redis.
+    pub async fn start_with_redis(
+        sim: Simulator,
+        redis: RedisServer,
+        instances: usize,
+        configure: impl Fn(usize, &mut ProxyConfig),
+    ) -> Fleet {
+        let mut proxies = Vec::new();
+        for i in 0..instances {
+            let mut config = cluster_config(&sim, &redis.url());
+            configure(i, &mut config);
+            proxies.push(Instance::start(&config).await);
+        }
+        let fleet = Fleet {
+            sim,
+            redis: std::sync::Mutex::new(redis),
+            proxies,
+            http: TestClient::new(),
+        };
+        fleet.wait_live(0..instances).await;
+        fleet
+    }
+
+    pub fn redis(&self) -> std::sync::MutexGuard<'_, RedisServer> {
+        self.redis.lock().unwrap()
+    }
+
+    pub fn url(&self, i: usize, contact: &str) -> String {
+        format!(
+            "{}/voicebiometrics/contacts/{contact}/consent",
+            self.proxies[i].proxy.url()
+        )
+    }
+
+    pub async fn get(&self, i: usize, contact: &str) -> TestResponse {
+        let url = self.url(i, contact);
+        self.http
+            .send(Method::GET, &url, &[("x-api-key", RW_KEY)], None)
+            .await
+    }
+
+    pub async fn put(&self, i: usize, contact: &str, status: &str) -> TestResponse {
+        let url = self.url(i, contact);
+        self.http
+            .send(
+                Method::PUT,
+                &url,
+                &[("x-api-key", RW_KEY), ("content-type", "application/json")],
+                Some(format!(r#"{{"status":"{status}"}}"#)),
+            )
+            .await
+    }
+
+    pub async fn admin(&self, i: usize, path: &str) -> TestResponse {
+        let url = format!("{}{path}", self.proxies[i].proxy.admin_url());
+        self.http.send(Method::GET, &url, &[], None).await
+    }
+
+    pub async fn metric(&self, i: usize, sample: &str) -> f64 {
+        metric_value(&self.admin(i, "/metrics").await.text(), sample)
+    }
+
+    /// `/readyz`'s status and the feed's state in it (`live` or `down`).
+    pub async fn feed(&self, i: usize) -> (u16, String) {
+        let ready = self.admin(i, "/readyz").await;
+        let feed = ready.json()["cluster"]["feed"]
+            .as_str()
+            .unwrap_or_default()
+            .to_owned();
+        (ready.status, feed)
+    }
+
+    /// Waits (bounded) until these instances are ready with their feed live.
+    pub async fn wait_live(&self, instances: impl IntoIterator<Item = usize>) {
+        for i in instances {
+            wait_until(Duration::from_secs(20), || async {
+                self.feed(i).await == (200, "live".to_owned())
+            })
+            .await;
+        }
+    }
+
+    /// `DELETE /admin/cache/{contact}` through instance `via` (with the admin key), then waits
+    /// until each of `others` has applied its announcement.
+    pub async fn purge(&self, via: usize, contact: &str, others: &[usize]) {
+        let url = format!(
+            "{}/admin/cache/{contact}",
+            self.proxies[via].proxy.admin_url()
+        );
+        let purged = self
+            .http
+            .send(Method::DELETE, &url, &[("x-api-key", ADMIN_KEY)], None)
+            .await;
+        assert_eq!(purged.status, 204);
+        for &i in others {
+            wait_until(Duration::from_secs(2), || async {
+                self.metric(
+                    i,
+                    r#"consent_proxy_cache_invalidations_total{reason="purge"}"#,
+                )
+                .await
+                    == 1.0
+            })
+            .await;
+        }
+    }
+
+    /// Reads `contact` through every instance until each answers it from its cache.
+    pub async fn cache_everywhere(&self, contact: &str, expected: &str) {
+        for i in 0..self.proxies.len() {
+            wait_until(Duration::from_secs(5), || async {
+                let response = self.get(i, contact).await;
+                assert_eq!(response.status_field(), expected, "instance {i}");
+                response.header("x-cache-status") == Some("HIT")
+            })
+            .await;
+        }
+    }
+}
