@@ -535,6 +535,45 @@ async fn a_get_whose_fill_fails_after_a_put_returned_falls_back_on_the_put() {
     );
 }
 
+/// A GET whose upstream call is still pending near its deadline (upstream holds it, the
+/// attempt timeout is longer than the deadline) is answered STALE before the deadline, not 504
+/// at it.
+#[tokio::test]
+async fn a_get_still_pending_near_its_deadline_is_answered_stale_before_it() {
+    let fake = FakeUpstream::start(|_, n| match n {
+        0 => Act::Send(consent_200("REFUSED")),
+        _ => Act::Hang,
+    })
+    .await;
+    let h = Harness::start_with_upstream(
+        |sim| (fake.url(), sim.token_url()),
+        |c| {
+            stale_if_error(c);
+            c.set("server.request_timeout_ms", "1000")
+                .set("talkdesk.timeout_ms", "5000");
+        },
+    )
+    .await;
+    h.wait_ready().await;
+    let contact = "+15550019";
+    assert_eq!(h.get(contact).await.status_field(), "REFUSED");
+    let_the_ttl_pass().await;
+    let asked = Instant::now();
+    let stale = h.get(contact).await;
+    let took = asked.elapsed();
+    assert_stale(&stale, "REFUSED");
+    assert!(
+        (Duration::from_millis(700)..Duration::from_millis(1000)).contains(&took),
+        "answered after {took:?}: 250 ms before the 1 s deadline expected"
+    );
+    // Without an entry to fall back on, the deadline's 504.
+    let other = h.get("+15550020").await;
+    assert_eq!(
+        (other.status, other.code().as_str()),
+        (504, "upstream_timeout")
+    );
+}
+
 /// Past `ttl_s + stale_if_error_s` an entry answers nothing.
 #[tokio::test]
 async fn past_the_stale_window_the_failure_is_answered() {
