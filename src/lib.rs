@@ -2,11 +2,15 @@
 //! Biometrics consent API. See `docs/ARCHITECTURE.md` for how the modules fit together.
 //!
 //! The folders tell the story, from the network inwards:
-//! - [`http`]: the listeners (accept loop, TLS, limits), the consent routes and the admin routes;
+//! - [`http`]: the listeners (accept loop, TLS, limits), the consent routes, the proxy's own
+//!   OAuth token endpoint and the admin routes;
+//! - [`auth`]: who the caller is (API keys, the proxy's access tokens) and what it may do;
 //! - [`service`]: the consent operations without HTTP (read through the cache, write through);
-//! - [`cluster`]: cluster mode: the caches of several instances kept coherent through Redis;
+//! - [`cluster`]: cluster mode: the caches of several instances kept coherent through Redis,
+//!   and the shared tier (one cache and one upstream token for the fleet);
 //! - [`cache`]: the consent-answer cache and the rules that keep it correct under writes;
-//! - [`upstream`]: the Talkdesk client: transport, retries, the shared OAuth token;
+//! - [`upstream`]: the Talkdesk client: admission (Retry-After, circuit breaker, budgets),
+//!   retries, transport, the shared OAuth token;
 //! - [`consent`]: the domain (statuses, contact ids, bodies, answers), shared by everyone;
 //! - [`config`]: the configuration schema, its layers and its validation into [`config::Settings`];
 //! - [`simulator`]: a Talkdesk stand-in for tests and `demo`; the product never uses it, and it
