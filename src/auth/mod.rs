@@ -8,7 +8,7 @@
 //! client holds in the configuration now.
 //!
 //! - [`token`]: signing and verifying access tokens (HS256 JWTs, key ids, rotation);
-//! - [`bearer`]: access tokens on the consent routes, verified once, then found in a cache;
+//! - `bearer`: access tokens on the consent routes, verified once, then found in a cache;
 //! - [`scope`]: OAuth scopes and the permissions they stand for;
 //! - [`throttle`]: failed client authentications at the token endpoint, per name and address.
 

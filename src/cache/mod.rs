@@ -3,7 +3,7 @@
 //!
 //! Invariants (docs/ARCHITECTURE.md explains them at more length):
 //! - A fill (the upstream GET after a miss) is registered per key; concurrent misses on that
-//!   key wait for it (`COALESCED`) instead of calling upstream again ([`fill`]).
+//!   key wait for it (`COALESCED`) instead of calling upstream again (`fill`).
 //! - A fill stores its answer only if it is still the key's registered fill when it ends,
 //!   checked and stored under the key's shard lock. A write that completes unregisters any
 //!   fill in flight under the same lock before storing its own answer, so a read that began

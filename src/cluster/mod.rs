@@ -11,12 +11,12 @@
 //! - **Receivers** hold a remote write guard of the cache per pending write: the contact is
 //!   dropped at once, no fill stores it while the write is in flight, and when the outcome
 //!   arrives (or the pending expires after `server.request_timeout_ms` plus a margin) it is
-//!   dropped again ([`remote`]).
+//!   dropped again (`remote`).
 //! - **Know when you may be deaf.** Each instance publishes a heartbeat every
 //!   `max_staleness_ms / 4` and trusts its cache only until `max_staleness_ms` after sending
 //!   the latest heartbeat that came back to it: pub/sub delivers in order, so receiving it
 //!   proves every announcement Redis took before it was received too. After any new
-//!   subscription the whole cache is flushed before it is trusted again ([`feed`]).
+//!   subscription the whole cache is flushed before it is trusted again (`feed`).
 //!
 //! - **The shared tier** (`shared_cache`, `shared_token`): a second cache tier and the fleet's
 //!   upstream token, kept in the same Redis ([`shared`]). With `shared_cache`, each
