@@ -1,10 +1,10 @@
 //! The proxy's one error type, and the single place where errors become HTTP answers.
 //!
-//! Every failure carries where it came from (the caller, upstream, the token endpoint or the
-//! proxy itself) so logs and metrics can say whose fault it was, and keeps its cause: a
-//! [`Failure`] holds a context and the underlying error behind an `Arc`, so one error can be
-//! handed to every request waiting on a coalesced fill without losing its source. The mapping
-//! to the contract's status codes and `{code, message, fields}` bodies lives only here.
+//! Each variant names what failed (the caller's request, upstream, the token endpoint, the
+//! cluster or the proxy itself), and a failure keeps its cause: a [`Failure`] holds a context
+//! and the underlying error behind an `Arc`, so one error can be handed to every request
+//! waiting on a coalesced fill without losing its source. The mapping to the contract's status
+//! codes and `{code, message, fields}` bodies lives only here.
 
 use std::borrow::Cow;
 use std::fmt;
@@ -76,21 +76,6 @@ impl fmt::Display for ErrorChain<'_> {
     }
 }
 
-/// Who caused a failure.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum ErrorSource {
-    /// The caller sent something wrong.
-    Downstream,
-    /// The consent API failed or answered something unusable.
-    Upstream,
-    /// The token endpoint could not give a token.
-    TokenEndpoint,
-    /// The cluster's Redis could not take a write's announcement.
-    Cluster,
-    /// A defect or resource limit inside the proxy.
-    Internal,
-}
-
 /// One field named in an `invalid_body` answer.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct FieldProblem {
@@ -147,27 +132,6 @@ pub enum ProxyError {
 }
 
 impl ProxyError {
-    pub fn source_kind(&self) -> ErrorSource {
-        match self {
-            ProxyError::InvalidContactId
-            | ProxyError::InvalidBody { .. }
-            | ProxyError::Unauthorized
-            | ProxyError::InvalidToken(_)
-            | ProxyError::Forbidden(_)
-            | ProxyError::NotFound
-            | ProxyError::MethodNotAllowed { .. }
-            | ProxyError::PayloadTooLarge { .. }
-            | ProxyError::UnsupportedMediaType
-            | ProxyError::RequestTimeout => ErrorSource::Downstream,
-            ProxyError::Upstream(_)
-            | ProxyError::UpstreamTimeout
-            | ProxyError::UpstreamUnavailable { .. } => ErrorSource::Upstream,
-            ProxyError::TokenUnavailable(_) => ErrorSource::TokenEndpoint,
-            ProxyError::ClusterUnavailable(_) => ErrorSource::Cluster,
-            ProxyError::Internal(_) => ErrorSource::Internal,
-        }
-    }
-
     pub fn status(&self) -> StatusCode {
         match self {
             ProxyError::InvalidContactId | ProxyError::InvalidBody { .. } => {
@@ -258,7 +222,7 @@ impl ProxyError {
             ProxyError::Unauthorized => {
                 headers.insert(
                     header::WWW_AUTHENTICATE,
-                    HeaderValue::from_static("Basic realm=\"consent-proxy\""),
+                    HeaderValue::from_static(BASIC_CHALLENGE),
                 );
             }
             ProxyError::InvalidToken(_) => {
@@ -274,14 +238,22 @@ impl ProxyError {
                 headers.insert(header::ALLOW, HeaderValue::from_static(allow));
             }
             ProxyError::UpstreamUnavailable { retry_after, .. } => {
-                // Whole seconds, rounded up: never 0, which would invite an immediate retry.
-                let seconds = retry_after.as_secs() + u64::from(retry_after.subsec_nanos() > 0);
-                headers.insert(header::RETRY_AFTER, HeaderValue::from(seconds.max(1)));
+                let seconds = retry_after_seconds(retry_after);
+                headers.insert(header::RETRY_AFTER, HeaderValue::from(seconds));
             }
             _ => {}
         }
         response
     }
+}
+
+/// The challenge of a 401 for a missing or unknown key, or an OAuth `invalid_client`.
+pub const BASIC_CHALLENGE: &str = "Basic realm=\"consent-proxy\"";
+
+/// A wait as `Retry-After` seconds: rounded up, never 0 (which would invite an immediate
+/// retry).
+pub fn retry_after_seconds(wait: Duration) -> u64 {
+    (wait.as_secs() + u64::from(wait.subsec_nanos() > 0)).max(1)
 }
 
 #[cfg(test)]
@@ -327,6 +299,13 @@ mod tests {
         let value: serde_json::Value = serde_json::from_slice(&body).unwrap();
         assert_eq!(value["code"], "unauthorized");
         assert!(!value["message"].as_str().unwrap().contains("expired"));
+    }
+
+    #[test]
+    fn retry_after_is_rounded_up() {
+        assert_eq!(retry_after_seconds(Duration::from_millis(1)), 1);
+        assert_eq!(retry_after_seconds(Duration::from_secs(3)), 3);
+        assert_eq!(retry_after_seconds(Duration::from_millis(3001)), 4);
     }
 
     #[test]

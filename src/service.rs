@@ -49,30 +49,6 @@ impl WriteMetrics {
     }
 }
 
-/// A read's answer and how the cache produced it.
-pub struct ReadResult {
-    pub cache_status: CacheStatus,
-    /// Seconds since the answer was stored, for answers from the cache.
-    pub age: Option<u32>,
-    /// A hit of the cluster's shared tier (this instance's own cache missed).
-    pub shared_hit: bool,
-    pub answer: Result<ConsentAnswer, ProxyError>,
-    /// For an answer from the cache after upstream failed (STALE): the failure, for the log.
-    pub upstream_failure: Option<ProxyError>,
-}
-
-impl From<Settled> for ReadResult {
-    fn from(settled: Settled) -> Self {
-        ReadResult {
-            cache_status: settled.status,
-            age: settled.age_s,
-            shared_hit: false,
-            answer: settled.answer,
-            upstream_failure: settled.upstream_failure,
-        }
-    }
-}
-
 #[derive(Clone)]
 pub struct ConsentService {
     api: Arc<ConsentApi>,
@@ -97,10 +73,6 @@ impl ConsentService {
         }
     }
 
-    pub fn cache(&self) -> &ConsentCache {
-        &self.cache
-    }
-
     /// Reads through the cache. When this request's own fetch goes upstream (a miss or a
     /// bypass), its attempts are reported to `upstream`. A hit near the end of its TTL starts
     /// the entry's refresh in the background; a fill upstream cannot answer may be answered
@@ -111,7 +83,7 @@ impl ConsentService {
         request_id: &HeaderValue,
         deadline: Instant,
         upstream: &LastAttempt,
-    ) -> ReadResult {
+    ) -> Settled {
         // Built only when the fetch runs (a miss, a bypass or a refresh): a hit clones nothing,
         // and cloning a new request id's bytes would allocate a shared copy.
         let fetch = |last: LastAttempt| {
@@ -128,10 +100,9 @@ impl ConsentService {
                     // not in its log line.
                     drop(refresh.spawn(fetch(LastAttempt::default())));
                 }
-                return ReadResult {
-                    cache_status: CacheStatus::Hit,
-                    age: Some(hit.age_s),
-                    shared_hit: false,
+                return Settled {
+                    status: CacheStatus::Hit,
+                    age_s: Some(hit.age_s),
                     answer: Ok(hit.answer),
                     upstream_failure: None,
                 };
@@ -141,7 +112,6 @@ impl ConsentService {
                     .cache
                     .settle(contact, CacheStatus::Coalesced, waiter, deadline)
                     .await
-                    .into()
             }
             Lookup::Lead(lead) => {
                 let (waiter, report) =
@@ -153,24 +123,22 @@ impl ConsentService {
                 let shared_age = report.as_ref().and_then(FillReport::shared_age);
                 if let Some(age) = shared_age.filter(|_| settled.status == CacheStatus::Miss) {
                     if settled.answer.is_ok() {
-                        return ReadResult {
-                            cache_status: CacheStatus::Hit,
-                            age: Some(age.as_secs() as u32),
-                            shared_hit: true,
+                        return Settled {
+                            status: CacheStatus::SharedHit,
+                            age_s: Some(age.as_secs() as u32),
                             answer: settled.answer,
                             upstream_failure: None,
                         };
                     }
                 }
-                return settled.into();
+                return settled;
             }
             Lookup::Bypass => (CacheStatus::Bypass, fetch(upstream.clone()).await),
             Lookup::Unsynced => (CacheStatus::Unsynced, fetch(upstream.clone()).await),
         };
-        ReadResult {
-            cache_status,
-            age: None,
-            shared_hit: false,
+        Settled {
+            status: cache_status,
+            age_s: None,
             answer,
             upstream_failure: None,
         }

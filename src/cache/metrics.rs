@@ -16,6 +16,9 @@ pub enum CacheStatus {
     Unsynced,
     /// Answered from an expired entry because upstream could not answer.
     Stale,
+    /// Answered from the cluster's shared tier after this instance's cache missed (`HIT`
+    /// to the caller, with `x-cache-tier: shared`).
+    SharedHit,
 }
 
 impl CacheStatus {
@@ -23,6 +26,7 @@ impl CacheStatus {
     pub fn as_str(self) -> &'static str {
         match self {
             CacheStatus::Unsynced => "UNSYNCED",
+            CacheStatus::SharedHit => "HIT_SHARED",
             status => status.header_value(),
         }
     }
@@ -30,7 +34,7 @@ impl CacheStatus {
     /// The `x-cache-status` value: the contract's HIT, MISS, COALESCED, BYPASS or STALE.
     pub fn header_value(self) -> &'static str {
         match self {
-            CacheStatus::Hit => "HIT",
+            CacheStatus::Hit | CacheStatus::SharedHit => "HIT",
             CacheStatus::Miss => "MISS",
             CacheStatus::Coalesced => "COALESCED",
             CacheStatus::Bypass | CacheStatus::Unsynced => "BYPASS",
@@ -122,7 +126,8 @@ impl CacheMetrics {
     pub(super) fn lookup(&self, status: CacheStatus) {
         match status {
             CacheStatus::Hit => &self.hit,
-            CacheStatus::Miss => &self.miss,
+            // This instance's cache missed; the shared tier counts its own hits.
+            CacheStatus::Miss | CacheStatus::SharedHit => &self.miss,
             CacheStatus::Coalesced => &self.coalesced,
             CacheStatus::Bypass => &self.bypass,
             CacheStatus::Unsynced => &self.unsynced,

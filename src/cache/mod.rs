@@ -161,10 +161,6 @@ impl ConsentCache {
         }
     }
 
-    pub fn enabled(&self) -> bool {
-        self.inner.enabled
-    }
-
     /// Looks a contact up: a hit, a fill to join, or the lead of a new fill. A hit touches
     /// only moka (and one atomic load: whether the cache is trusted); the shard lock is
     /// taken on a miss, and on a hit inside the refresh-ahead window. A hit is counted here;

@@ -23,10 +23,10 @@ use crate::error::ProxyError;
 /// stale entry, so the caller hears before its deadline instead of a 504.
 const STALE_BEFORE_DEADLINE: Duration = Duration::from_millis(250);
 
-/// How a GET that joined or led a fill was answered.
+/// How a GET was answered. For one that joined or led a fill: `Miss` or `Coalesced` (the
+/// fill's result), `Stale`, or `Hit` (the fill failed, but a write had meanwhile stored a
+/// fresh answer).
 pub struct Settled {
-    /// `Miss` or `Coalesced` (the fill's result), `Stale`, or `Hit` (the fill failed, but a
-    /// write had meanwhile stored a fresh answer).
     pub status: CacheStatus,
     /// Seconds since the answer was stored, when it came from the cache.
     pub age_s: Option<u32>,

@@ -5,13 +5,21 @@ use std::fmt::Write as _;
 use std::sync::OnceLock;
 
 use bytes::Bytes;
-use http::{header, HeaderValue, Response, StatusCode};
+use http::{header, HeaderMap, HeaderValue, Response, StatusCode};
 use http_body_util::{BodyExt, Full, Limited};
 
 /// Every answer this crate makes is small and fully buffered.
 pub type Body = Full<Bytes>;
 
 pub const APPLICATION_JSON: HeaderValue = HeaderValue::from_static("application/json");
+
+/// The media type a `Content-Type` header declares, without its parameters (`None`: no
+/// header; `""`: a value that is not text).
+pub fn media_type(headers: &HeaderMap) -> Option<&str> {
+    let value = headers.get(header::CONTENT_TYPE)?;
+    let essence = value.to_str().unwrap_or("").split(';').next().unwrap_or("");
+    Some(essence.trim())
+}
 
 /// A response with a JSON body.
 pub fn json_response(status: StatusCode, value: &serde_json::Value) -> Response<Body> {

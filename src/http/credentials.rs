@@ -6,8 +6,10 @@
 //! never disagree on who is asking or for what.
 
 use base64::Engine as _;
-use http::{header, HeaderMap, HeaderValue};
+use http::{HeaderMap, HeaderValue};
 use percent_encoding::percent_decode;
+
+use crate::http::body::media_type;
 
 /// An `Authorization` header split into its scheme and credentials, both trimmed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -57,14 +59,13 @@ impl BasicCredentials {
         })
     }
 
-    /// Decodes an OAuth client's Basic credentials (RFC 6749 §2.3.1): the client id and
-    /// secret are each form-urlencoded before the Basic encoding, so either may hold a colon
+    /// These credentials as an OAuth client's (RFC 6749 §2.3.1): the client id and secret
+    /// are each form-urlencoded before the Basic encoding, so either may hold a colon
     /// (`%3A`), and `+` is a space.
-    pub fn decode_oauth_client(credentials: &str) -> Option<Self> {
-        let encoded = Self::decode(credentials)?;
+    pub fn form_decoded(&self) -> Option<Self> {
         Some(BasicCredentials {
-            user_id: form_decode(&encoded.user_id)?,
-            password: form_decode(&encoded.password)?,
+            user_id: form_decode(&self.user_id)?,
+            password: form_decode(&self.password)?,
         })
     }
 }
@@ -72,15 +73,8 @@ impl BasicCredentials {
 /// Whether the request's `Content-Type` is `application/x-www-form-urlencoded` (parameters
 /// such as `charset` allowed).
 pub fn is_form_urlencoded(headers: &HeaderMap) -> bool {
-    headers
-        .get(header::CONTENT_TYPE)
-        .and_then(|value| value.to_str().ok())
-        .and_then(|value| value.split(';').next())
-        .is_some_and(|essence| {
-            essence
-                .trim()
-                .eq_ignore_ascii_case("application/x-www-form-urlencoded")
-        })
+    media_type(headers)
+        .is_some_and(|essence| essence.eq_ignore_ascii_case("application/x-www-form-urlencoded"))
 }
 
 /// The parameters of an `application/x-www-form-urlencoded` body, each present once.
@@ -158,9 +152,14 @@ fn escapes_are_well_formed(encoded: &str) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use http::header;
 
     fn basic(user_pass: &str) -> String {
         base64::engine::general_purpose::STANDARD.encode(user_pass)
+    }
+
+    fn oauth_client(credentials: &str) -> Option<BasicCredentials> {
+        BasicCredentials::decode(credentials)?.form_decoded()
     }
 
     #[test]
@@ -204,14 +203,14 @@ mod tests {
     #[test]
     fn oauth_client_credentials_are_form_decoded() {
         let decoded =
-            BasicCredentials::decode_oauth_client(&basic("sim+client:p%40ss%3Aw%25rd")).unwrap();
+            oauth_client(&basic("sim+client:p%40ss%3Aw%25rd")).unwrap();
         assert_eq!(decoded.user_id, "sim client");
         assert_eq!(decoded.password, "p@ss:w%rd");
-        let plus = BasicCredentials::decode_oauth_client(&basic("a%2Bb:c")).unwrap();
+        let plus = oauth_client(&basic("a%2Bb:c")).unwrap();
         assert_eq!(plus.user_id, "a+b");
         for malformed in ["id:%zz", "id:%4", "%:secret", "id:%FF"] {
             assert_eq!(
-                BasicCredentials::decode_oauth_client(&basic(malformed)),
+                oauth_client(&basic(malformed)),
                 None,
                 "{malformed}"
             );

@@ -214,7 +214,7 @@ impl ClientCredentials {
 /// well-formed form encoding), and the raw reading when it differs.
 fn basic_readings(credentials: &str) -> Option<(BasicCredentials, Option<(String, String)>)> {
     let raw = BasicCredentials::decode(credentials)?;
-    match BasicCredentials::decode_oauth_client(credentials) {
+    match raw.form_decoded() {
         Some(decoded) if decoded == raw => Some((decoded, None)),
         Some(decoded) => Some((decoded, Some((raw.user_id, raw.password)))),
         None => Some((raw, None)),

@@ -97,8 +97,6 @@ struct Outcome {
     contact: Option<ContactId>,
     caller: Option<Caller>,
     cache_status: Option<CacheStatus>,
-    /// The hit came from the cluster's shared tier.
-    shared_hit: bool,
     error: Option<ProxyError>,
     /// Set once the request may go upstream. Shared with the upstream call and read only
     /// when logging, so the last attempt shows even when the deadline cut the request short.
@@ -202,29 +200,28 @@ impl ConsentRoutes {
                 .service
                 .read(&contact, request_id, deadline, upstream)
                 .await;
-            outcome.cache_status = Some(read.cache_status);
+            outcome.cache_status = Some(read.status);
             // Logged with the answer from the cache that stood in for upstream's.
             outcome.error = read.upstream_failure;
-            outcome.shared_hit = read.shared_hit;
             let answer = read.answer?;
             let mut response = answer_response(answer);
             if matches!(response.status(), StatusCode::OK | StatusCode::NOT_FOUND) {
                 response.headers_mut().insert(
                     X_CACHE_STATUS,
-                    HeaderValue::from_static(read.cache_status.header_value()),
+                    HeaderValue::from_static(read.status.header_value()),
                 );
-                if read.shared_hit {
+                if read.status == CacheStatus::SharedHit {
                     response
                         .headers_mut()
                         .insert(X_CACHE_TIER, HeaderValue::from_static("shared"));
                 }
             }
-            if read.cache_status == CacheStatus::Stale {
+            if read.status == CacheStatus::Stale {
                 response
                     .headers_mut()
                     .insert(header::WARNING, HeaderValue::from_static(STALE_WARNING));
             }
-            if let Some(age) = read.age {
+            if let Some(age) = read.age_s {
                 response
                     .headers_mut()
                     .insert(header::AGE, body::age_value(age));
@@ -355,11 +352,7 @@ impl ConsentRoutes {
                 route = outcome.route,
                 contact = contact.as_deref().unwrap_or("-"),
                 status = status.as_u16(),
-                cache = if outcome.shared_hit {
-                    "HIT_SHARED"
-                } else {
-                    outcome.cache_status.map_or("-", CacheStatus::as_str)
-                },
+                cache = outcome.cache_status.map_or("-", CacheStatus::as_str),
                 upstream_status = upstream.as_ref().map_or("-", |u| u.outcome.as_str()),
                 upstream_duration_us = upstream.map(|u| u.duration.as_micros() as u64),
                 error = outcome
@@ -414,17 +407,10 @@ fn header_bytes(headers: &HeaderMap) -> usize {
 
 /// A PUT body must be JSON when its type is declared at all.
 fn check_json_content_type(headers: &HeaderMap) -> Result<(), ProxyError> {
-    let Some(value) = headers.get(header::CONTENT_TYPE) else {
+    let Some(essence) = body::media_type(headers) else {
         return Ok(());
     };
-    let essence = value
-        .to_str()
-        .unwrap_or("")
-        .split(';')
-        .next()
-        .unwrap_or("")
-        .trim()
-        .to_ascii_lowercase();
+    let essence = essence.to_ascii_lowercase();
     if essence == "application/json"
         || (essence.starts_with("application/") && essence.ends_with("+json"))
     {

@@ -19,13 +19,10 @@ use prometheus::{IntCounter, IntCounterVec, Registry};
 use crate::auth::throttle::FailureThrottle;
 use crate::auth::token::TokenKeys;
 use crate::auth::{scope, Authenticator, Caller};
-use crate::error::{Failure, ProxyError};
+use crate::error::{retry_after_seconds, Failure, ProxyError, BASIC_CHALLENGE};
 use crate::http::body::Body;
 use crate::http::oauth::{self, ClientCredentials, TokenError, TokenErrorCode};
 use crate::metrics;
-
-/// The challenge of a 401 `invalid_client`.
-const BASIC_CHALLENGE: &str = "Basic realm=\"consent-proxy\"";
 
 /// The `error` label of a throttled attempt in `consent_proxy_oauth_failures_total`.
 const THROTTLED: &str = "throttled";
@@ -46,7 +43,7 @@ impl fmt::Display for Refusal {
         match self {
             Refusal::Token(error) => write!(f, "{error}"),
             Refusal::Throttled(wait) => {
-                write!(f, "{THROTTLED}: retry after {} s", whole_seconds(*wait))
+                write!(f, "{THROTTLED}: retry after {} s", retry_after_seconds(*wait))
             }
             Refusal::Internal(failure) => write!(f, "{}", crate::error::ErrorChain(failure)),
         }
@@ -57,11 +54,6 @@ impl From<TokenError> for Refusal {
     fn from(error: TokenError) -> Self {
         Refusal::Token(error)
     }
-}
-
-/// A duration as `Retry-After` seconds: rounded up, at least 1.
-fn whole_seconds(wait: Duration) -> u64 {
-    wait.as_secs() + u64::from(wait.subsec_nanos() > 0)
 }
 
 /// The endpoint's answer, with what the access log and the request metrics need.
@@ -130,9 +122,9 @@ impl OAuthMetrics {
 
 /// An access token granted.
 struct Issued {
-    client_index: usize,
+    /// The client, with the permissions the token grants.
+    caller: Caller,
     access_token: String,
-    scopes: crate::config::Permissions,
 }
 
 pub struct TokenEndpoint {
@@ -169,12 +161,9 @@ impl TokenEndpoint {
                 oauth::token_response(
                     &issued.access_token,
                     self.ttl.as_secs(),
-                    &scope::to_scope_string(issued.scopes),
+                    &scope::to_scope_string(issued.caller.permissions),
                 ),
-                Some(Caller {
-                    client_index: Some(issued.client_index),
-                    permissions: issued.scopes,
-                }),
+                Some(issued.caller),
                 None,
             ),
             Err(refusal) => (refusal_response(&refusal), None, Some(refusal)),
@@ -230,9 +219,11 @@ impl TokenEndpoint {
             .issue(&client_name, scopes, self.ttl)
             .map_err(Refusal::Internal)?;
         Ok(Issued {
-            client_index: client.client_index.unwrap_or_default(),
+            caller: Caller {
+                permissions: scopes,
+                ..client
+            },
             access_token,
-            scopes,
         })
     }
 }
@@ -241,7 +232,7 @@ fn refusal_response(refusal: &Refusal) -> Response<Body> {
     match refusal {
         Refusal::Token(error) => error.clone().into_response(BASIC_CHALLENGE),
         Refusal::Throttled(wait) => {
-            let seconds = whole_seconds(*wait);
+            let seconds = retry_after_seconds(*wait);
             let mut response = oauth::error_response(
                 StatusCode::TOO_MANY_REQUESTS,
                 "temporarily_unavailable",
@@ -461,12 +452,5 @@ mod tests {
             PEER,
         );
         assert_eq!(ok.response.status(), 200);
-    }
-
-    #[test]
-    fn retry_after_is_rounded_up() {
-        assert_eq!(whole_seconds(Duration::from_millis(1)), 1);
-        assert_eq!(whole_seconds(Duration::from_secs(3)), 3);
-        assert_eq!(whole_seconds(Duration::from_millis(3001)), 4);
     }
 }
