@@ -41,11 +41,10 @@ impl RedisUrl {
                 "query strings and fragments are not supported ({SHAPE})"
             ));
         }
-        let (authority, path) = rest.split_once('/').unwrap_or((rest, ""));
-        let (userinfo, host_port) = match authority.rsplit_once('@') {
-            Some((userinfo, host_port)) => (userinfo, host_port),
-            None => ("", authority),
-        };
+        // The user information first, up to the last '@': a password may hold a '/' that
+        // was not percent-encoded, and must not be taken for the host or the database.
+        let (userinfo, after) = rest.rsplit_once('@').unwrap_or(("", rest));
+        let (host_port, path) = after.split_once('/').unwrap_or((after, ""));
         let (user, password) = userinfo.split_once(':').unwrap_or((userinfo, ""));
         let password = percent_decode_str(password)
             .decode_utf8()
@@ -155,6 +154,10 @@ mod tests {
         assert_eq!(url.without_password(), "redis://localhost:6379/0");
         assert_eq!(url.redacted(), "redis://localhost:6379/0");
 
+        let url = RedisUrl::parse("redis://app:pa/ss@redis:6379").unwrap();
+        assert_eq!(url.password.as_ref().map(Secret::expose), Some("pa/ss"));
+        assert_eq!(url.without_password(), "redis://app@redis:6379/0");
+
         let url = RedisUrl::parse("redis://:secret@[::1]:7000/").unwrap();
         assert_eq!(url.password.as_ref().map(Secret::expose), Some("secret"));
         assert_eq!(url.without_password(), "redis://[::1]:7000/0");
@@ -185,10 +188,16 @@ mod tests {
                 "\"nope\" is not an IPv6 address",
             ),
             ("redis://u:hunter2@ho st", "\"ho st\" is not a host name"),
+            // A '/' in the password, not percent-encoded, must not end the host part.
+            ("redis://u:hun/ter2@host:port", "the port \"port\""),
+            ("redis://u:12/hunter2@host/db1", "the database \"db1\""),
         ] {
             let err = RedisUrl::parse(url).unwrap_err();
             assert!(err.contains(expected), "{url}: {err}");
-            assert!(!err.contains("hunter2"), "{url}: {err}");
+            assert!(
+                !err.contains("hunter2") && !err.contains("ter2"),
+                "{url}: {err}"
+            );
         }
     }
 }

@@ -202,18 +202,13 @@ mod tests {
 
     #[test]
     fn oauth_client_credentials_are_form_decoded() {
-        let decoded =
-            oauth_client(&basic("sim+client:p%40ss%3Aw%25rd")).unwrap();
+        let decoded = oauth_client(&basic("sim+client:p%40ss%3Aw%25rd")).unwrap();
         assert_eq!(decoded.user_id, "sim client");
         assert_eq!(decoded.password, "p@ss:w%rd");
         let plus = oauth_client(&basic("a%2Bb:c")).unwrap();
         assert_eq!(plus.user_id, "a+b");
         for malformed in ["id:%zz", "id:%4", "%:secret", "id:%FF"] {
-            assert_eq!(
-                oauth_client(&basic(malformed)),
-                None,
-                "{malformed}"
-            );
+            assert_eq!(oauth_client(&basic(malformed)), None, "{malformed}");
         }
     }
 

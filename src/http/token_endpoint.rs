@@ -43,7 +43,11 @@ impl fmt::Display for Refusal {
         match self {
             Refusal::Token(error) => write!(f, "{error}"),
             Refusal::Throttled(wait) => {
-                write!(f, "{THROTTLED}: retry after {} s", retry_after_seconds(*wait))
+                write!(
+                    f,
+                    "{THROTTLED}: retry after {} s",
+                    retry_after_seconds(*wait)
+                )
             }
             Refusal::Internal(failure) => write!(f, "{}", crate::error::ErrorChain(failure)),
         }
