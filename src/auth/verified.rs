@@ -59,6 +59,13 @@ fn tail(token: &str) -> u128 {
     u128::from_le_bytes(tail)
 }
 
+/// The token's second-to-last byte: a base64url character of its signature carrying 6
+/// random bits. (The last character of an HS256 signature carries only 4, and would leave 5
+/// of the 16 shards unused.)
+fn shard_index(tail: u128) -> usize {
+    (tail >> 112) as u8 as usize % SHARDS
+}
+
 impl VerifiedTokens {
     pub fn new(capacity: usize) -> Self {
         VerifiedTokens {
@@ -68,8 +75,7 @@ impl VerifiedTokens {
     }
 
     fn shard(&self, tail: u128) -> &RwLock<HashMap<u128, Entry>> {
-        // The token's last byte: a base64url character of its signature.
-        &self.shards[(tail >> 120) as usize % SHARDS]
+        &self.shards[shard_index(tail)]
     }
 
     /// The verified token equal to `token`, if it has not expired.
@@ -183,7 +189,7 @@ mod tests {
         assert!(tokens.len() <= SHARDS * 4, "{}", tokens.len());
 
         let tokens = VerifiedTokens::new(SHARDS);
-        // One shard's worth: tokens ending in the same character share a shard.
+        // One shard's worth: tokens ending in the same two characters share a shard.
         tokens.insert("expiring-soon-a", verified(Duration::from_millis(20)));
         std::thread::sleep(Duration::from_millis(40));
         tokens.insert("long-lived-00-a", verified(Duration::from_secs(60)));
@@ -193,5 +199,17 @@ mod tests {
         // next one an arbitrary live entry's.
         assert!(tokens.get("long-lived-01-a").is_some());
         assert_eq!(tokens.len(), 1);
+    }
+
+    #[test]
+    fn hs256_tokens_spread_over_every_shard() {
+        use base64::Engine as _;
+        let mut used = std::collections::HashSet::new();
+        for _ in 0..2000 {
+            let signature: [u8; 32] = rand::random();
+            let signature = base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(signature);
+            used.insert(shard_index(tail(&format!("header.claims.{signature}"))));
+        }
+        assert_eq!(used.len(), SHARDS, "shards used: {used:?}");
     }
 }
