@@ -693,6 +693,31 @@ async fn a_405_is_counted_under_the_caller_whose_key_is_valid() {
 }
 
 #[tokio::test]
+async fn a_403_is_counted_under_the_caller_that_lacks_the_permission() {
+    let h = Harness::start().await;
+    let put = send(
+        &h,
+        Method::PUT,
+        &consent_path("+15550700003"),
+        &[
+            ("x-api-key", READER_KEY),
+            ("content-type", "application/json"),
+        ],
+        Some(r#"{"status":"REFUSED"}"#),
+    )
+    .await;
+    assert_eq!(put.status, 403, "{}", put.text());
+    let sample = |client: &str| {
+        format!(
+            r#"consent_proxy_requests_total{{client="{client}",code="403",method="PUT",route="consent"}}"#
+        )
+    };
+    assert_eq!(h.metric(&sample("reader")).await, 1.0);
+    assert_eq!(h.metric(&sample("anonymous")).await, 0.0);
+    assert_upstream_untouched(&h.sim);
+}
+
+#[tokio::test]
 async fn body_over_max_body_bytes_is_413_without_calling_upstream() {
     let h = Harness::start_with(|c| {
         c.set("server.max_body_bytes", "256");

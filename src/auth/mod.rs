@@ -74,6 +74,17 @@ pub struct Caller {
     pub permissions: Permissions,
 }
 
+impl Caller {
+    /// 403 unless this caller holds `needed`.
+    pub fn require(&self, needed: Permission) -> Result<(), ProxyError> {
+        if needed.granted_by(self.permissions) {
+            Ok(())
+        } else {
+            Err(ProxyError::Forbidden(needed.as_str()))
+        }
+    }
+}
+
 pub struct Authenticator {
     clients: Vec<ClientSettings>,
     required: bool,
@@ -128,11 +139,8 @@ impl Authenticator {
     /// Finds the caller and checks it holds `needed`.
     pub fn authorize(&self, headers: &HeaderMap, needed: Permission) -> Result<Caller, ProxyError> {
         let caller = self.authenticate(headers)?;
-        if needed.granted_by(caller.permissions) {
-            Ok(caller)
-        } else {
-            Err(ProxyError::Forbidden(needed.as_str()))
-        }
+        caller.require(needed)?;
+        Ok(caller)
     }
 
     /// Who is calling. Wrong credentials are always refused; no credentials are refused

@@ -189,8 +189,10 @@ impl ConsentRoutes {
                 });
             }
         };
-        let caller = self.auth.authorize(request.headers(), needed)?;
+        // Counted under the caller's name also when it lacks the permission (403).
+        let caller = self.auth.authenticate(request.headers())?;
         outcome.caller = Some(caller);
+        caller.require(needed)?;
         let contact = ContactId::from_path_segment(segment).ok_or(ProxyError::InvalidContactId)?;
         outcome.contact = Some(contact.clone());
         let upstream = outcome.upstream.insert(LastAttempt::default());
