@@ -356,7 +356,7 @@ mod tests {
     fn syntax_error_names_the_file() {
         let dir = TempDir::new("syntax");
         let path = dir.file("bad.toml", "[server\n");
-        let list = Settings::load_with_env(Some(Path::new(&path)), HashMap::new())
+        let list = from_file_and_env(Some(Path::new(&path)), HashMap::new())
             .unwrap_err()
             .0;
         assert_eq!(list.len(), 1, "{list:?}");
@@ -366,7 +366,7 @@ mod tests {
     #[test]
     fn missing_config_file_is_named() {
         let path = std::env::temp_dir().join("consent-proxy-config-test-does-not-exist.toml");
-        let list = Settings::load_with_env(Some(&path), HashMap::new())
+        let list = from_file_and_env(Some(&path), HashMap::new())
             .unwrap_err()
             .0;
         assert_eq!(list.len(), 1);
@@ -377,7 +377,7 @@ mod tests {
     fn env_overrides_file() {
         let dir = TempDir::new("env");
         let file = dir.file("env.toml", &minimal());
-        let s = Settings::load_with_env(
+        let s = from_file_and_env(
             Some(Path::new(&file)),
             env(&[
                 ("CONSENT_PROXY__SERVER__LISTEN", "127.0.0.1:18080"),
@@ -404,7 +404,7 @@ mod tests {
     fn env_numbers_bools_lists_and_numeric_looking_strings() {
         let dir = TempDir::new("envtypes");
         let file = dir.file("envtypes.toml", &minimal());
-        let s = Settings::load_with_env(
+        let s = from_file_and_env(
             Some(Path::new(&file)),
             env(&[
                 ("CONSENT_PROXY__SERVER__MAX_BODY_BYTES", "8192"),
@@ -430,7 +430,7 @@ mod tests {
     fn env_problems_name_their_variable_all_together() {
         let dir = TempDir::new("envbad");
         let file = dir.file("envbad.toml", &minimal());
-        let list = Settings::load_with_env(
+        let list = from_file_and_env(
             Some(Path::new(&file)),
             env(&[
                 ("CONSENT_PROXY__SERVER__MAX_BODY_BYTES", "lots"),
@@ -453,7 +453,7 @@ mod tests {
         );
         assert_eq!(list.len(), 4, "{list:#?}");
 
-        let list = Settings::load_with_env(
+        let list = from_file_and_env(
             Some(Path::new(&file)),
             env(&[
                 ("CONSENT_PROXY__SERVER", "x"),

@@ -16,7 +16,6 @@ mod secret_files;
 mod validate;
 
 use std::{
-    collections::HashMap,
     fmt,
     net::SocketAddr,
     num::NonZeroU32,
@@ -334,14 +333,6 @@ impl Settings {
     /// defaults < file < the process environment.
     pub fn load(file: Option<&Path>) -> Result<Settings, ConfigErrors> {
         load::from_file_and_process_env(file)
-    }
-
-    /// defaults < file < the given environment (keys like "CONSENT_PROXY__SERVER__LISTEN"); for tests.
-    pub fn load_with_env(
-        file: Option<&Path>,
-        env: HashMap<String, String>,
-    ) -> Result<Settings, ConfigErrors> {
-        load::from_file_and_env(file, env)
     }
 
     /// defaults < this TOML text (no environment); for tests and the demo.

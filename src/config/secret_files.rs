@@ -17,18 +17,13 @@ pub(super) fn read_secret_file(path: &str) -> Result<Secret, String> {
     }
 }
 
-/// The OAuth signing keys at `path`, the signing one first:
-/// - a file: one key per line, blank lines and `#` comments skipped; the first line signs;
+/// The keys at `path`, the one in use (the signing one) first:
+/// - a file: one key per line, blank lines and `#` comments skipped; the first line is in use;
 /// - a directory (e.g. a Kubernetes Secret mount): every regular file in it is one key (names
-///   starting with '.' skipped, symlinks followed); the file whose name sorts last signs.
+///   starting with '.' skipped, symlinks followed); the file whose name sorts last is in use.
 ///
-/// Each key must be at least [`MIN_SIGNING_KEY_BYTES`] long.
-pub(super) fn read_signing_keys(path: &str) -> Result<Vec<Secret>, String> {
-    read_keys(path, "a signing key")
-}
-
-/// Keys in the layout of [`read_signing_keys`], the one in use first; `what` names one of them
-/// in messages ("a signing key").
+/// Each key must be at least [`MIN_SIGNING_KEY_BYTES`] long; `what` names one of them in
+/// messages ("a signing key").
 pub(super) fn read_keys(path: &str, what: &str) -> Result<Vec<Secret>, String> {
     let metadata = fs::metadata(path).map_err(|e| format!("cannot read '{path}': {e}"))?;
     let keys = if metadata.is_dir() {
@@ -98,6 +93,8 @@ fn keys_in_directory(dir: &Path) -> Result<Vec<(String, String)>, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    const SIGNING_KEY: &str = "a signing key";
     use crate::config::test_support::TempDir;
 
     const KEY_A: &str = "key-a-0123456789abcdef0123456789abcdef";
@@ -126,7 +123,7 @@ mod tests {
             "keys",
             &format!("# rotated in on Monday\n{KEY_B}\n\n  {KEY_A}  \r\n# old\n"),
         );
-        let keys = read_signing_keys(&file).unwrap();
+        let keys = read_keys(&file, SIGNING_KEY).unwrap();
         assert_eq!(exposed(&keys), [KEY_B, KEY_A]);
     }
 
@@ -138,7 +135,7 @@ mod tests {
         std::os::unix::fs::symlink(&target, dir.path().join("2024-06")).unwrap();
         dir.file(".ignored", "short");
         std::fs::create_dir(dir.path().join("..data")).unwrap();
-        let keys = read_signing_keys(&dir.path_str()).unwrap();
+        let keys = read_keys(&dir.path_str(), SIGNING_KEY).unwrap();
         assert_eq!(exposed(&keys), [KEY_B, KEY_A]);
     }
 
@@ -146,27 +143,27 @@ mod tests {
     fn short_or_missing_keys_name_their_file_not_their_content() {
         let dir = TempDir::new("key-short");
         let file = dir.file("keys", &format!("{KEY_A}\nshort-key\n"));
-        let err = read_signing_keys(&file).unwrap_err();
+        let err = read_keys(&file, SIGNING_KEY).unwrap_err();
         assert!(err.contains(&format!("line 2 of '{file}'")), "{err}");
         assert!(!err.contains("short-key"), "{err}");
 
         let keys_dir = TempDir::new("key-short-dir");
         let short = keys_dir.file("current", "tiny\n");
-        let err = read_signing_keys(&keys_dir.path_str()).unwrap_err();
+        let err = read_keys(&keys_dir.path_str(), SIGNING_KEY).unwrap_err();
         assert!(err.contains(&format!("'{short}'")), "{err}");
         assert!(!err.contains("tiny"), "{err}");
 
         let comments = dir.file("comments", "# nothing yet\n\n");
         assert_eq!(
-            read_signing_keys(&comments).unwrap_err(),
+            read_keys(&comments, SIGNING_KEY).unwrap_err(),
             format!("'{comments}' holds no key")
         );
         let empty_dir = TempDir::new("key-empty-dir");
-        assert!(read_signing_keys(&empty_dir.path_str())
+        assert!(read_keys(&empty_dir.path_str(), SIGNING_KEY)
             .unwrap_err()
             .contains("holds no key"));
         let missing = format!("{}/missing", dir.path_str());
-        assert!(read_signing_keys(&missing)
+        assert!(read_keys(&missing, SIGNING_KEY)
             .unwrap_err()
             .starts_with(&format!("cannot read '{missing}'")));
     }

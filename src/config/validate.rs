@@ -12,7 +12,7 @@ use super::{
     redact,
     redis_url::RedisUrl,
     schema::{self, Field},
-    secret_files::{read_keys, read_secret_file, read_signing_keys},
+    secret_files::{read_keys, read_secret_file},
     AuthSettings, BreakerSettings, CacheSettings, ClientSettings, ClusterSettings, LogSettings,
     OAuthSettings, Permissions, Secret, ServerSettings, Settings, TalkdeskSettings, TlsFiles,
     TokenSettings, ANONYMOUS,
@@ -117,6 +117,17 @@ fn positive_secs(s: u64) -> Result<Duration, String> {
 /// Seconds, where 0 turns the feature off.
 fn secs_or_off(s: u64) -> Result<Option<Duration>, String> {
     Ok((s > 0).then(|| Duration::from_secs(s)))
+}
+
+/// The keys in a key file or directory; none when the path is empty (the key is not set).
+fn key_file(what: &'static str) -> impl FnOnce(String) -> Result<Vec<Secret>, String> {
+    move |path| {
+        if path.is_empty() {
+            Ok(Vec::new())
+        } else {
+            read_keys(&path, what)
+        }
+    }
 }
 
 /// A size or a count of at least `min`.
@@ -483,18 +494,11 @@ fn cluster(c: schema::Cluster, p: &mut Problems) -> Option<Option<ClusterSetting
         c.shared_timeout_ms,
         positive_millis,
     );
-    let shared_keys = p
-        .value("cluster.shared_key_file", c.shared_key_file)
-        .and_then(|path| {
-            if path.is_empty() {
-                Some(Vec::new())
-            } else {
-                p.take(
-                    "cluster.shared_key_file",
-                    read_keys(&path, "a shared-tier key"),
-                )
-            }
-        });
+    let shared_keys = p.check(
+        "cluster.shared_key_file",
+        c.shared_key_file,
+        key_file("a shared-tier key"),
+    );
     let shared_on = [
         ("cluster.shared_cache", shared_cache),
         ("cluster.shared_token", shared_token),
@@ -571,13 +575,11 @@ fn cluster(c: schema::Cluster, p: &mut Problems) -> Option<Option<ClusterSetting
 fn oauth(o: schema::OAuth, clustered: bool, p: &mut Problems) -> Option<OAuthSettings> {
     let enabled = p.value("oauth.enabled", o.enabled);
     let token_ttl = p.check("oauth.token_ttl_s", o.token_ttl_s, positive_secs);
-    let signing_keys = p.check("oauth.signing_key_file", o.signing_key_file, |path| {
-        if path.is_empty() {
-            Ok(Vec::new())
-        } else {
-            read_signing_keys(&path)
-        }
-    });
+    let signing_keys = p.check(
+        "oauth.signing_key_file",
+        o.signing_key_file,
+        key_file("a signing key"),
+    );
     if clustered && enabled == Some(true) && signing_keys.as_ref().is_some_and(Vec::is_empty) {
         p.at(
             "oauth.signing_key_file",
