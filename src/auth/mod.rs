@@ -23,7 +23,6 @@ use std::sync::Arc;
 
 use http::{header, HeaderMap};
 use prometheus::Registry;
-use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
 
 use crate::config::{ClientSettings, Permissions};
@@ -34,11 +33,6 @@ use token::{TokenKeys, TokenRejection};
 
 /// The metric label for a caller not (yet) authenticated.
 pub use crate::config::ANONYMOUS;
-
-/// How client keys are kept and compared: their SHA-256 digest.
-fn sha256(key: &[u8]) -> [u8; 32] {
-    Sha256::digest(key).into()
-}
 
 /// What a request may need.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -148,7 +142,10 @@ impl Authenticator {
     pub fn authenticate(&self, headers: &HeaderMap) -> Result<Caller, ProxyError> {
         match presented(headers)? {
             Some(Presented::Key { claimed_name, key }) => self
-                .client_with_key(&sha256(key.as_bytes()), claimed_name.as_deref())
+                .client_with_key(
+                    &ClientSettings::key_digest(key.as_bytes()),
+                    claimed_name.as_deref(),
+                )
                 .ok_or(ProxyError::Unauthorized),
             Some(Presented::Bearer(value)) => self.bearer(value),
             None if !self.required => Ok(Caller {
@@ -167,7 +164,10 @@ impl Authenticator {
     /// `client_secret` is its key (compared in constant time, whatever form the key is
     /// configured in).
     pub fn authenticate_client(&self, client_id: &str, client_secret: &str) -> Option<Caller> {
-        self.client_with_key(&sha256(client_secret.as_bytes()), Some(client_id))
+        self.client_with_key(
+            &ClientSettings::key_digest(client_secret.as_bytes()),
+            Some(client_id),
+        )
     }
 
     /// A Bearer value: a token verified before, else a client's key, else a token to verify.
@@ -180,7 +180,9 @@ impl Authenticator {
         {
             return Ok(caller);
         }
-        if let Some(caller) = self.client_with_key(&sha256(value.as_bytes()), None) {
+        if let Some(caller) =
+            self.client_with_key(&ClientSettings::key_digest(value.as_bytes()), None)
+        {
             return Ok(caller);
         }
         let rejected = |reason: TokenRejection| {
@@ -252,7 +254,7 @@ mod tests {
             vec![
                 ClientSettings {
                     name: "ivr".into(),
-                    key_sha256: sha256(b"reader-key-0123456789"),
+                    key_sha256: ClientSettings::key_digest(b"reader-key-0123456789"),
                     permissions: Permissions {
                         read: true,
                         write: false,
@@ -261,7 +263,7 @@ mod tests {
                 },
                 ClientSettings {
                     name: "ops".into(),
-                    key_sha256: sha256(b"admin-key-0123456789"),
+                    key_sha256: ClientSettings::key_digest(b"admin-key-0123456789"),
                     permissions: Permissions {
                         read: true,
                         write: true,

@@ -3,9 +3,7 @@
 //! scope setting carries over). No scope grants `admin`: the admin listener takes keys only.
 
 use crate::config::Permissions;
-
-pub const READ_SCOPE: &str = "voicebiometrics-consent:read";
-pub const WRITE_SCOPE: &str = "voicebiometrics-consent:write";
+use crate::consent::{READ_SCOPE, WRITE_SCOPE};
 
 /// Why a requested scope cannot be granted (RFC 6749 `invalid_scope`).
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -23,13 +21,21 @@ fn parse(scope: &str) -> Result<Permissions, ScopeError> {
     let mut permissions = Permissions::default();
     // RFC 6749 §3.3: space-delimited; extra spaces are tolerated, not other whitespace.
     for name in scope.split(' ').filter(|s| !s.is_empty()) {
-        match name {
-            READ_SCOPE => permissions.read = true,
-            WRITE_SCOPE => permissions.write = true,
-            other => return Err(ScopeError::Unknown(other.to_owned())),
+        if !add(&mut permissions, name) {
+            return Err(ScopeError::Unknown(name.to_owned()));
         }
     }
     Ok(permissions)
+}
+
+/// Adds the permission scope `name` stands for; false for an unknown name.
+fn add(permissions: &mut Permissions, name: &str) -> bool {
+    match name {
+        READ_SCOPE => permissions.read = true,
+        WRITE_SCOPE => permissions.write = true,
+        _ => return false,
+    }
+    true
 }
 
 /// The permissions a token may name, given the `scope` the client asked for (absent or blank:
@@ -61,11 +67,7 @@ pub fn to_grant(requested: Option<&str>, held: Permissions) -> Result<Permission
 pub fn from_token(scope: &str) -> Permissions {
     let mut permissions = Permissions::default();
     for name in scope.split(' ') {
-        match name {
-            READ_SCOPE => permissions.read = true,
-            WRITE_SCOPE => permissions.write = true,
-            _ => {}
-        }
+        add(&mut permissions, name);
     }
     permissions
 }

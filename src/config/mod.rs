@@ -302,6 +302,14 @@ pub struct ClientSettings {
     pub permissions: Permissions,
 }
 
+impl ClientSettings {
+    /// How a client's key is kept and compared: its SHA-256 digest.
+    pub fn key_digest(key: &[u8]) -> [u8; 32] {
+        use sha2::{Digest, Sha256};
+        Sha256::digest(key).into()
+    }
+}
+
 impl fmt::Debug for ClientSettings {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("ClientSettings")

@@ -5,8 +5,6 @@
 
 use std::{collections::HashMap, net::SocketAddr, num::NonZeroU32, path::PathBuf, time::Duration};
 
-use sha2::{Digest, Sha256};
-
 use super::{
     problems::Problems,
     redact,
@@ -734,7 +732,7 @@ fn api_key_digest(api_key: &str, what: &str) -> Result<[u8; 32], String> {
             "{what} must be printable ASCII without spaces (it is sent in a header)"
         ))
     } else {
-        Ok(Sha256::digest(api_key.as_bytes()).into())
+        Ok(ClientSettings::key_digest(api_key.as_bytes()))
     }
 }
 
@@ -776,6 +774,7 @@ mod tests {
     };
 
     fn digest(key: &str) -> [u8; 32] {
+        use sha2::{Digest, Sha256};
         Sha256::digest(key.as_bytes()).into()
     }
 

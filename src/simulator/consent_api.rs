@@ -9,9 +9,10 @@ use hyper::body::Incoming;
 use serde_json::json;
 
 use super::state::{Shared, TokenCheck};
+use super::SimRoute;
 use super::{deliver, faults, read_body, CloseConnection, Fault, Outcome, RecordedRequest};
-use super::{SimRoute, READ_SCOPE, WRITE_SCOPE};
 use crate::consent::{parse_consent_body, ConsentStatus, ContactId};
+use crate::consent::{READ_SCOPE, WRITE_SCOPE};
 use crate::http::body::{self, Body};
 use crate::http::credentials::Authorization;
 
@@ -223,8 +224,9 @@ mod tests {
     use serde_json::json;
 
     use super::super::testing::*;
-    use super::super::{SimStats, READ_SCOPE, WRITE_SCOPE};
+    use super::super::SimStats;
     use crate::consent::ConsentStatus;
+    use crate::consent::{READ_SCOPE, WRITE_SCOPE};
 
     #[tokio::test]
     async fn get_unknown_is_404() {

@@ -46,17 +46,13 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 
-use crate::consent::{consent_path_segment, ConsentStatus};
+use crate::consent::{consent_path_segment, ConsentStatus, READ_SCOPE, WRITE_SCOPE};
 use crate::http::body::{self, Body, ReadBodyError};
 use crate::http::server::{self, ListenerLimits};
 use state::{lock, normalise, Shared};
 
 /// The token endpoint's path.
 pub use crate::http::oauth::TOKEN_PATH;
-/// The scope a GET needs.
-pub const READ_SCOPE: &str = "voicebiometrics-consent:read";
-/// The scope a PUT needs.
-pub const WRITE_SCOPE: &str = "voicebiometrics-consent:write";
 /// How long [`Simulator::shutdown`] lets in-flight requests finish before cutting them off.
 pub const DEFAULT_SHUTDOWN_GRACE: Duration = Duration::from_secs(1);
 
