@@ -3,7 +3,6 @@
 //! account or credentials.
 
 use std::net::{Ipv4Addr, SocketAddr};
-use std::time::Duration;
 
 use crate::app::{App, AppHandle, StartError};
 use crate::config::{ConfigErrors, Settings};
@@ -112,8 +111,6 @@ permissions = ["read", "write", "admin"]
 
     pub async fn shutdown(self) {
         self.proxy.shutdown().await;
-        self.simulator
-            .shutdown_with_grace(Duration::from_secs(1))
-            .await;
+        self.simulator.shutdown().await;
     }
 }
