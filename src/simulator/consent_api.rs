@@ -225,8 +225,7 @@ mod tests {
 
     use super::super::testing::*;
     use super::super::SimStats;
-    use crate::consent::ConsentStatus;
-    use crate::consent::{READ_SCOPE, WRITE_SCOPE};
+    use crate::consent::{ConsentStatus, READ_SCOPE, WRITE_SCOPE};
 
     #[tokio::test]
     async fn get_unknown_is_404() {
