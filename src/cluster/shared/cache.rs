@@ -93,7 +93,6 @@ pub struct SharedCache {
     guard_life: Duration,
     /// Fills keep this much of their deadline for their own upstream attempt.
     attempt_timeout: Duration,
-    metrics: SharedMetrics,
 }
 
 /// What the shared cache needs beyond its keys and Redis.
@@ -116,10 +115,7 @@ impl SharedCache {
     ) -> SharedCache {
         let prefix = format!("{}:v1", settings.key_prefix);
         SharedCache {
-            redis: Redis {
-                link,
-                metrics: metrics.clone(),
-            },
+            redis: Redis { link, metrics },
             keys,
             epoch_key: format!("{prefix}:epoch"),
             prefix,
@@ -129,7 +125,6 @@ impl SharedCache {
             pending_life: settings.pending_life,
             guard_life: 2 * settings.pending_life,
             attempt_timeout: settings.attempt_timeout,
-            metrics,
         }
     }
 
@@ -186,7 +181,7 @@ impl SharedCache {
             let begin = match self.begin(key, &lock).await {
                 Ok(begin) => begin,
                 Err(problem) => {
-                    self.metrics.lookup(Lookup::Unavailable);
+                    self.redis.metrics.lookup(Lookup::Unavailable);
                     tracing::debug!(error = %ErrorChain(&problem), "shared tier unavailable: fetching alone");
                     return Err(upstream.await);
                 }
@@ -194,7 +189,7 @@ impl SharedCache {
             match begin {
                 Begin::Answer(sealed, left_ms, ttl_ms) => {
                     if let Some(found) = self.open_answer(key, &sealed, left_ms, ttl_ms) {
-                        self.metrics.lookup(if waited {
+                        self.redis.metrics.lookup(if waited {
                             Lookup::Coalesced
                         } else {
                             Lookup::Hit
@@ -203,15 +198,15 @@ impl SharedCache {
                     }
                     // Not usable here (older than this instance's TTL, or sealed with a key
                     // it does not have): fetched, and left to its own instance to replace.
-                    self.metrics.lookup(Lookup::Miss);
+                    self.redis.metrics.lookup(Lookup::Miss);
                     return Err(upstream.await);
                 }
                 Begin::WriteInFlight => {
-                    self.metrics.lookup(Lookup::WritePending);
+                    self.redis.metrics.lookup(Lookup::WritePending);
                     return Err(upstream.await);
                 }
                 Begin::Lead { generation, epoch } => {
-                    self.metrics.lookup(Lookup::Miss);
+                    self.redis.metrics.lookup(Lookup::Miss);
                     let result = upstream.await;
                     self.store(key, &generation, &epoch, &lock, &result).await;
                     return Err(result);
@@ -219,7 +214,7 @@ impl SharedCache {
                 Begin::Held => {
                     waited = true;
                     if Instant::now() + poll >= wait_until {
-                        self.metrics.lookup(Lookup::LockTimeout);
+                        self.redis.metrics.lookup(Lookup::LockTimeout);
                         return Err(upstream.await);
                     }
                     tokio::time::sleep(poll).await;
@@ -317,7 +312,7 @@ impl SharedCache {
                 Store::Failed
             }
         };
-        self.metrics.store(outcome);
+        self.redis.metrics.store(outcome);
     }
 
     fn seal_answer(&self, key: &str, answer: &ConsentAnswer) -> Option<Vec<u8>> {

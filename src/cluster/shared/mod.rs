@@ -29,7 +29,7 @@ use redis::aio::MultiplexedConnection;
 use redis::FromRedisValue;
 use tokio::time::Instant;
 
-use super::link::Link;
+use super::link::{bounded, not_connected, Link};
 use crate::error::Failure;
 pub use cache::{FillReport, SharedCache, SharedCacheSettings, SharedWrite};
 pub(super) use keys::SharedKeys;
@@ -52,9 +52,7 @@ impl Redis {
         timeout: Duration,
         call: Call<'_>,
     ) -> Result<T, Failure> {
-        let Some(connection) = self.link.get() else {
-            return Err(Failure::msg("not connected to Redis"));
-        };
+        let connection = self.link.get().ok_or_else(|| not_connected(None))?;
         self.run_on(connection, op, timeout, call).await
     }
 
@@ -66,16 +64,15 @@ impl Redis {
         call: Call<'_>,
     ) -> Result<T, Failure> {
         let started = Instant::now();
-        let result = tokio::time::timeout(timeout, call.run(&mut connection)).await;
+        let result = bounded(
+            timeout,
+            "Redis failed",
+            "Redis did not answer",
+            call.run(&mut connection),
+        )
+        .await;
         self.metrics.redis_call(op, started.elapsed().as_secs_f64());
-        match result {
-            Ok(Ok(value)) => Ok(value),
-            Ok(Err(err)) => Err(Failure::new("Redis failed", err)),
-            Err(_) => Err(Failure::msg(format!(
-                "Redis did not answer within {} ms",
-                timeout.as_millis()
-            ))),
-        }
+        result
     }
 }
 

@@ -16,7 +16,7 @@ use super::keys::{KeySet, SharedKeys};
 use super::metrics::{Op, SharedMetrics};
 use super::scripts::{Call, TOKEN_LOCK, TOKEN_READ, TOKEN_RELEASE, TOKEN_STORE};
 use super::{random_id, reply, Redis};
-use crate::cluster::link::Link;
+use crate::cluster::link::{not_connected, Link};
 use crate::config::TalkdeskSettings;
 use crate::error::Failure;
 use crate::upstream::token::{
@@ -34,7 +34,6 @@ pub struct FleetTokenStore {
     timeout: Duration,
     /// How long a process that is starting waits for its first connection to Redis.
     first_connection: Duration,
-    metrics: SharedMetrics,
 }
 
 impl FleetTokenStore {
@@ -60,17 +59,13 @@ impl FleetTokenStore {
             current.digest(purpose.as_bytes())
         );
         FleetTokenStore {
-            redis: Redis {
-                link,
-                metrics: metrics.clone(),
-            },
+            redis: Redis { link, metrics },
             lock_key: format!("{token_key}:lock"),
             token_key,
             keys,
             lock_ttl: talkdesk.timeout + Duration::from_secs(1),
             timeout,
             first_connection,
-            metrics,
         }
     }
 
@@ -84,7 +79,7 @@ impl FleetTokenStore {
             .link
             .get_or_wait_first(self.first_connection)
             .await
-            .ok_or_else(|| Failure::msg("not connected to Redis"))?;
+            .ok_or_else(|| not_connected(None))?;
         self.redis
             .run_on(connection, Op::Token, self.timeout, call)
             .await
@@ -152,7 +147,7 @@ impl FleetTokens for FleetTokenStore {
                 Some(1) => self.token(items).map(LockAnswer::Replaced),
                 Some(2) => Some(LockAnswer::Locked(FleetLock(lock))),
                 Some(3) => {
-                    self.metrics.token_lock_wait();
+                    self.redis.metrics.token_lock_wait();
                     Some(LockAnswer::Held)
                 }
                 _ => None,
@@ -196,6 +191,6 @@ impl FleetTokens for FleetTokenStore {
     }
 
     fn installed(&self, source: TokenSource) {
-        self.metrics.token(source);
+        self.redis.metrics.token(source);
     }
 }
