@@ -62,6 +62,7 @@ impl Refusal {
         Refusal::Concurrency,
     ];
 }
+metrics::assert_in_declaration_order!(Refusal::ALL);
 
 #[derive(Clone)]
 pub struct AdmissionMetrics {
@@ -85,7 +86,7 @@ impl AdmissionMetrics {
                 "consent_proxy_upstream_circuit_open",
                 "1 while the circuit to the consent API is open.",
             ),
-            refused: Refusal::ALL.map(|r| refused.with_label_values(&[r.as_str()])),
+            refused: metrics::counters(&refused, Refusal::ALL.map(Refusal::as_str)),
         }
     }
 

@@ -107,6 +107,20 @@ pub enum TokenSource {
     Alone,
 }
 
+impl TokenSource {
+    pub const ALL: [TokenSource; 3] =
+        [TokenSource::Fleet, TokenSource::Renewed, TokenSource::Alone];
+
+    /// Its label in the store's metrics.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            TokenSource::Fleet => "fleet",
+            TokenSource::Renewed => "renewed",
+            TokenSource::Alone => "alone",
+        }
+    }
+}
+
 /// A bearer token and when it stops being usable.
 pub struct AccessToken {
     /// `Bearer <token>`, marked sensitive so hyper never logs it.
