@@ -41,8 +41,10 @@ const BACKOFF_LAST: Duration = Duration::from_secs(30);
 const MAX_TOKEN_RESPONSE_BYTES: usize = 64 * 1024;
 /// While another instance renews the fleet's token, the store is asked again this often...
 const FLEET_POLL: Duration = Duration::from_millis(20);
-/// ...for at most one token request's timeout plus this, then the refresher fetches alone.
-const FLEET_WAIT_MARGIN: Duration = Duration::from_secs(1);
+/// ...for at most one token request's timeout plus this, then the refresher fetches alone. A
+/// fleet store holds its renewal lock for the same time at most, so a waiter gives up only
+/// once the lock's holder could no longer store.
+pub const FLEET_WAIT_MARGIN: Duration = Duration::from_secs(1);
 
 /// A future of a fleet store's (a trait object's).
 pub type FleetFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;

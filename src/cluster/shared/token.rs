@@ -20,7 +20,7 @@ use crate::cluster::link::{not_connected, Link};
 use crate::config::TalkdeskSettings;
 use crate::error::Failure;
 use crate::upstream::token::{
-    FleetFuture, FleetLock, FleetToken, FleetTokens, LockAnswer, TokenSource,
+    FleetFuture, FleetLock, FleetToken, FleetTokens, LockAnswer, TokenSource, FLEET_WAIT_MARGIN,
 };
 
 pub struct FleetTokenStore {
@@ -28,7 +28,8 @@ pub struct FleetTokenStore {
     keys: SharedKeys,
     token_key: String,
     lock_key: String,
-    /// How long the renewal lock is held at most: one token request and a margin.
+    /// How long the renewal lock is held at most: one token request and the margin the
+    /// waiters allow (`FLEET_WAIT_MARGIN`).
     lock_ttl: Duration,
     /// Each Redis call's bound (the refresher is off the requests' path).
     timeout: Duration,
@@ -63,7 +64,7 @@ impl FleetTokenStore {
             lock_key: format!("{token_key}:lock"),
             token_key,
             keys,
-            lock_ttl: talkdesk.timeout + Duration::from_secs(1),
+            lock_ttl: talkdesk.timeout + FLEET_WAIT_MARGIN,
             timeout,
             first_connection,
         }
