@@ -182,7 +182,7 @@ impl Cluster {
         cache.distrust();
         let link = Arc::new(Link::default());
         let shared = Arc::new(Shared {
-            id: format!("{:016x}", rand::random::<u64>()),
+            id: shared::random_id(),
             channel: format!("{}:consent:v1", settings.key_prefix),
             policy: settings.write_policy,
             link: link.clone(),

@@ -31,7 +31,7 @@ use super::metrics::{Lookup, Op, SharedMetrics, Store};
 use super::scripts::{
     Call, FILL_BEGIN, FILL_RELEASE, FILL_STORE, NEW_EPOCH, PURGE, WRITE_DONE, WRITE_PENDING,
 };
-use super::{random_id, reply, Redis};
+use super::{millis, random_id, reply, Redis};
 use crate::cache::{ConsentCache, Fetched, FillResult, WriteOutcome};
 use crate::cluster::link::Link;
 use crate::consent::{ConsentAnswer, ContactId};
@@ -46,8 +46,8 @@ const ANSWER_FORMAT: u8 = 1;
 
 /// What a fill found when it began (or looked again).
 enum Begin {
-    /// An answer: sealed, ms left of its TTL, its TTL in ms.
-    Answer(Vec<u8>, u64, u64),
+    /// An answer: sealed, what is left of its TTL, its TTL.
+    Answer(Vec<u8>, Duration, Duration),
     /// A write of the contact is in flight: nothing may be stored.
     WriteInFlight,
     /// Another instance's fill holds the lock.
@@ -187,8 +187,8 @@ impl SharedCache {
                 }
             };
             match begin {
-                Begin::Answer(sealed, left_ms, ttl_ms) => {
-                    if let Some(found) = self.open_answer(key, &sealed, left_ms, ttl_ms) {
+                Begin::Answer(sealed, left, ttl) => {
+                    if let Some(found) = self.open_answer(key, &sealed, left, ttl) {
                         self.redis.metrics.lookup(if waited {
                             Lookup::Coalesced
                         } else {
@@ -234,13 +234,11 @@ impl SharedCache {
             .arg(millis(self.guard_life));
         let answer: Value = self.redis.run(Op::Lookup, self.timeout, call).await?;
         let mut items = reply::items(answer).into_iter();
-        let kind = reply::int(items.next().as_ref());
-        let ms =
-            |value: Option<Value>| reply::int(value.as_ref()).and_then(|n| u64::try_from(n).ok());
+        let kind = reply::int(items.next());
         let begin = match kind {
             Some(1) => {
                 let sealed = reply::bytes(items.next());
-                let (left, ttl) = (ms(items.next()), ms(items.next()));
+                let (left, ttl) = (reply::millis(items.next()), reply::millis(items.next()));
                 sealed
                     .zip(left.zip(ttl))
                     .map(|(sealed, (left, ttl))| Begin::Answer(sealed, left, ttl))
@@ -261,12 +259,12 @@ impl SharedCache {
         &self,
         key: &str,
         sealed: &[u8],
-        left_ms: u64,
-        ttl_ms: u64,
+        left: Duration,
+        ttl: Duration,
     ) -> Option<(ConsentAnswer, Duration)> {
         let plaintext = self.keys.current().open(key.as_bytes(), sealed)?;
         let answer = decode_answer(&plaintext)?;
-        let age = Duration::from_millis(ttl_ms.saturating_sub(left_ms));
+        let age = ttl.saturating_sub(left);
         (age < self.local.ttl_for(&answer)?).then_some((answer, age))
     }
 
@@ -418,10 +416,6 @@ impl SharedCache {
             .await
             .map(drop)
     }
-}
-
-fn millis(duration: Duration) -> u64 {
-    u64::try_from(duration.as_millis()).unwrap_or(u64::MAX)
 }
 
 /// An answer as stored (before sealing): format, HTTP status, content type, body.

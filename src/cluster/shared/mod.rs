@@ -76,13 +76,20 @@ impl Redis {
     }
 }
 
-/// A random 64-bit value as hex: generations, lock holders, token ids.
-fn random_id() -> String {
+/// A random 64-bit value as hex: instance ids, generations, lock holders.
+pub(super) fn random_id() -> String {
     format!("{:016x}", rand::random::<u64>())
+}
+
+/// A duration as a script's millisecond argument.
+fn millis(duration: Duration) -> u64 {
+    u64::try_from(duration.as_millis()).unwrap_or(u64::MAX)
 }
 
 /// Reads the parts of a script's array answer.
 mod reply {
+    use std::time::Duration;
+
     use redis::Value;
 
     pub fn items(value: Value) -> Vec<Value> {
@@ -92,12 +99,17 @@ mod reply {
         }
     }
 
-    pub fn int(value: Option<&Value>) -> Option<i64> {
+    pub fn int(value: Option<Value>) -> Option<i64> {
         match value? {
-            Value::Int(n) => Some(*n),
-            Value::BulkString(bytes) => std::str::from_utf8(bytes).ok()?.parse().ok(),
+            Value::Int(n) => Some(n),
+            Value::BulkString(bytes) => std::str::from_utf8(&bytes).ok()?.parse().ok(),
             _ => None,
         }
+    }
+
+    /// A count of milliseconds (never negative).
+    pub fn millis(value: Option<Value>) -> Option<Duration> {
+        Some(Duration::from_millis(u64::try_from(int(value)?).ok()?))
     }
 
     pub fn bytes(value: Option<Value>) -> Option<Vec<u8>> {

@@ -15,7 +15,7 @@ use redis::Value;
 use super::keys::{KeySet, SharedKeys};
 use super::metrics::{Op, SharedMetrics};
 use super::scripts::{Call, TOKEN_LOCK, TOKEN_READ, TOKEN_RELEASE, TOKEN_STORE};
-use super::{random_id, reply, Redis};
+use super::{millis, random_id, reply, Redis};
 use crate::cluster::link::{not_connected, Link};
 use crate::config::TalkdeskSettings;
 use crate::error::Failure;
@@ -91,9 +91,8 @@ impl FleetTokenStore {
     fn token(&self, mut items: impl Iterator<Item = Value>) -> Option<FleetToken> {
         let id = u64::from_str_radix(&reply::text(items.next())?, 16).ok()?;
         let sealed = reply::bytes(items.next())?;
-        let lifetime = reply::int(items.next().as_ref())?;
-        let left = reply::int(items.next().as_ref())?;
-        let millis = |n: i64| Duration::from_millis(u64::try_from(n).unwrap_or(0));
+        let lifetime = reply::millis(items.next())?;
+        let left = reply::millis(items.next())?;
         let authorization = self
             .keys()
             .open(self.token_key.as_bytes(), &sealed)
@@ -105,14 +104,14 @@ impl FleetTokenStore {
         Some(match authorization {
             Some(authorization) => FleetToken {
                 authorization,
-                remaining: millis(left),
-                lifetime: millis(lifetime),
+                remaining: left,
+                lifetime,
                 id,
             },
             None => FleetToken {
                 authorization: HeaderValue::from_static(""),
                 remaining: Duration::ZERO,
-                lifetime: millis(lifetime),
+                lifetime,
                 id,
             },
         })
@@ -142,9 +141,9 @@ impl FleetTokens for FleetTokenStore {
                 .key(&self.lock_key)
                 .arg(replacing.map(|id| format!("{id:016x}")).unwrap_or_default())
                 .arg(&lock)
-                .arg(u64::try_from(self.lock_ttl.as_millis()).unwrap_or(u64::MAX));
+                .arg(millis(self.lock_ttl));
             let mut items = reply::items(self.run(call).await?).into_iter();
-            let answer = match reply::int(items.next().as_ref()) {
+            let answer = match reply::int(items.next()) {
                 Some(1) => self.token(items).map(LockAnswer::Replaced),
                 Some(2) => Some(LockAnswer::Locked(FleetLock(lock))),
                 Some(3) => {
@@ -170,15 +169,14 @@ impl FleetTokens for FleetTokenStore {
                 .keys()
                 .seal(self.token_key.as_bytes(), authorization.as_bytes())
                 .ok_or_else(|| Failure::msg("the token could not be sealed"))?;
-            let millis = |d: Duration| u64::try_from(d.as_millis()).unwrap_or(u64::MAX).max(1);
             let call = TOKEN_STORE
                 .call()
                 .key(&self.token_key)
                 .key(&self.lock_key)
                 .arg(format!("{id:016x}"))
                 .arg(sealed)
-                .arg(millis(lifetime))
-                .arg(millis(remaining))
+                .arg(millis(lifetime).max(1))
+                .arg(millis(remaining).max(1))
                 .arg(&lock.0);
             self.run(call).await.map(|_| id)
         })
