@@ -96,6 +96,9 @@ pub trait FleetTokens: Send + Sync + 'static {
     fn release(&self, lock: FleetLock) -> FleetFuture<'_, ()>;
     /// A token was installed, from `source` (for the store's metrics).
     fn installed(&self, source: TokenSource);
+    /// The lock was found held by another instance, whose token this instance now waits for:
+    /// once per wait, however often the lock is asked for meanwhile (for the store's metrics).
+    fn waiting_for_lock(&self);
 }
 
 /// Where an installed token came from, with a fleet store.
@@ -487,6 +490,7 @@ impl Refresher {
             .then_some(self.installed_fleet_id)
             .flatten();
         let give_up_at = Instant::now() + self.request.timeout + FLEET_WAIT_MARGIN;
+        let mut waiting = false;
         loop {
             let found = match fleet.read().await {
                 Ok(found) => found,
@@ -506,6 +510,10 @@ impl Refresher {
                 }
                 Ok(LockAnswer::Locked(lock)) => {
                     return self.renew_for_fleet(shared, fleet.as_ref(), lock).await;
+                }
+                Ok(LockAnswer::Held) if !waiting => {
+                    waiting = true;
+                    fleet.waiting_for_lock();
                 }
                 Ok(LockAnswer::Replaced(_) | LockAnswer::Held) => {}
             }

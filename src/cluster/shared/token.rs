@@ -146,10 +146,7 @@ impl FleetTokens for FleetTokenStore {
             let answer = match reply::int(items.next()) {
                 Some(1) => self.token(items).map(LockAnswer::Replaced),
                 Some(2) => Some(LockAnswer::Locked(FleetLock(lock))),
-                Some(3) => {
-                    self.redis.metrics.token_lock_wait();
-                    Some(LockAnswer::Held)
-                }
+                Some(3) => Some(LockAnswer::Held),
                 _ => None,
             };
             answer.ok_or_else(|| Failure::msg("Redis answered the token lock unexpectedly"))
@@ -191,5 +188,9 @@ impl FleetTokens for FleetTokenStore {
 
     fn installed(&self, source: TokenSource) {
         self.redis.metrics.token(source);
+    }
+
+    fn waiting_for_lock(&self) {
+        self.redis.metrics.token_lock_wait();
     }
 }
