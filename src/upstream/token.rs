@@ -13,7 +13,7 @@ use std::future::Future;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Weak};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use arc_swap::ArcSwapOption;
 use base64::Engine;
@@ -429,7 +429,7 @@ impl Refresher {
                     shared
                         .metrics
                         .expiry
-                        .set(unix_now() + lifetime_left.as_secs_f64());
+                        .set((crate::since_epoch() + lifetime_left).as_secs_f64());
                     shared.phase.send_replace(Phase::Idle);
                     backoff.reset();
                     (refresh_at, false)
@@ -802,12 +802,6 @@ fn oauth_error_code(body: &[u8]) -> Option<String> {
 /// the id and secret inside a Basic header too).
 pub fn form_encode(value: &str) -> String {
     form_urlencoded::byte_serialize(value.as_bytes()).collect()
-}
-
-fn unix_now() -> f64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0.0, |d| d.as_secs_f64())
 }
 
 #[cfg(test)]
