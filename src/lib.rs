@@ -36,3 +36,13 @@ pub mod tls;
 pub mod upstream;
 
 pub use app::{App, AppHandle};
+
+/// The wall clock since the Unix epoch (zero before 1970), for times other processes read:
+/// token expiries, the cluster's send times, the token expiry metric. Everything timed within
+/// the process uses tokio's `Instant`. Here because auth, upstream and cluster all need it and
+/// none of them owns the wall clock.
+pub fn since_epoch() -> std::time::Duration {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default()
+}

@@ -44,6 +44,32 @@ pub fn counter_vec(registry: &Registry, name: &str, help: &str, labels: &[&str])
     )
 }
 
+/// One counter per value of a one-label family, resolved at registration, indexed like
+/// `labels` (an enum's `ALL` mapped by `as_str`, then indexed by `variant as usize` where
+/// `assert_in_declaration_order!` holds).
+pub fn counters<const N: usize>(
+    family: &IntCounterVec,
+    labels: [&'static str; N],
+) -> [IntCounter; N] {
+    labels.map(|label| family.with_label_values(&[label]))
+}
+
+/// Fails the build unless `$all` (an enum's `ALL`) lists its variants in declaration order, so
+/// that `variant as usize` indexes the series built from it.
+macro_rules! assert_in_declaration_order {
+    ($all:expr) => {
+        const _: () = {
+            let all = $all;
+            let mut i = 0;
+            while i < all.len() {
+                assert!(all[i] as usize == i, "ALL is not in declaration order");
+                i += 1;
+            }
+        };
+    };
+}
+pub(crate) use assert_in_declaration_order;
+
 pub fn gauge(registry: &Registry, name: &str, help: &str) -> IntGauge {
     register(
         registry,

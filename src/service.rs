@@ -36,18 +36,15 @@ impl WriteMetrics {
             &["status"],
         );
         WriteMetrics {
-            by_status: ConsentStatus::ALL.map(|s| writes.with_label_values(&[s.as_str()])),
+            by_status: metrics::counters(&writes, ConsentStatus::ALL.map(ConsentStatus::as_str)),
         }
     }
 
     fn acknowledged(&self, status: ConsentStatus) {
-        let index = ConsentStatus::ALL
-            .iter()
-            .position(|s| *s == status)
-            .unwrap_or_default();
-        self.by_status[index].inc();
+        self.by_status[status as usize].inc();
     }
 }
+metrics::assert_in_declaration_order!(ConsentStatus::ALL);
 
 #[derive(Clone)]
 pub struct ConsentService {

@@ -11,7 +11,7 @@
 //! HMAC, no public-key algorithm that could be confused with a shared secret. Expiry is checked
 //! with [`LEEWAY`] for clocks that differ between instances, and no more.
 
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use jsonwebtoken::errors::ErrorKind;
 use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation};
@@ -22,6 +22,7 @@ use super::hs256;
 use super::scope;
 use crate::config::{OAuthSettings, Permissions};
 use crate::error::Failure;
+use crate::since_epoch;
 
 /// The `aud` of every token: the proxy. A token meant for another service is refused.
 pub const AUDIENCE: &str = "consent-proxy";
@@ -130,12 +131,6 @@ pub fn key_id(secret: &[u8]) -> String {
     digest.update(b"consent-proxy oauth key id\n");
     digest.update(secret);
     hex::encode(&digest.finalize()[..8])
-}
-
-fn since_epoch() -> Duration {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap_or_default()
 }
 
 impl TokenKeys {

@@ -14,6 +14,27 @@ use crate::consent::{consent_status_of, ConsentAnswer, ConsentStatus};
 /// any sensible consent TTL).
 pub const MAX_TTL: Duration = Duration::from_millis(1 << 31);
 
+/// What kind of cacheable answer an upstream GET answer is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    /// A 200 with a consent body.
+    Found(ConsentStatus),
+    /// A 404.
+    NotFound,
+}
+
+impl Kind {
+    /// `answer`'s kind, if it is cacheable: a 200 with a consent body, or (when
+    /// `not_found_cached`) a 404. Only these are ever stored (contract rule 4). Copies nothing.
+    pub fn of(answer: &ConsentAnswer, not_found_cached: bool) -> Option<Kind> {
+        match answer.status {
+            StatusCode::OK => consent_status_of(&answer.body).map(Kind::Found),
+            StatusCode::NOT_FOUND if not_found_cached => Some(Kind::NotFound),
+            _ => None,
+        }
+    }
+}
+
 /// A cached answer, kept small: the common `{"status":"..."}` 200 answer is one byte of status
 /// and shares a static body; anything else keeps upstream's answer behind an `Arc`.
 #[derive(Clone)]
@@ -35,20 +56,15 @@ impl StoredAnswer {
         }
     }
 
-    /// An upstream GET answer as an entry, if it is cacheable: a 200 with a consent body, or
-    /// (when `not_found_cached`) a 404. Only these are ever stored (contract rule 4).
+    /// An upstream GET answer as an entry, if it is cacheable (see [`Kind::of`]).
     pub fn from_read(answer: &ConsentAnswer, not_found_cached: bool, now_ms: u32) -> Option<Self> {
-        let (status, raw) = match answer.status {
-            StatusCode::OK => {
-                let status = consent_status_of(&answer.body)?;
+        let (status, raw) = match Kind::of(answer, not_found_cached)? {
+            Kind::Found(status) => {
                 let canonical = answer.body[..] == *status.canonical_body();
                 (status, (!canonical).then(|| Arc::new(compact(answer))))
             }
             // The status is unused for a raw answer.
-            StatusCode::NOT_FOUND if not_found_cached => {
-                (ConsentStatus::NoConsent, Some(Arc::new(compact(answer))))
-            }
-            _ => return None,
+            Kind::NotFound => (ConsentStatus::NoConsent, Some(Arc::new(compact(answer)))),
         };
         Some(StoredAnswer {
             raw,

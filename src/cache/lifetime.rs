@@ -86,17 +86,21 @@ impl Lifetimes {
         self.not_found.ttl_ms > 0
     }
 
-    fn of(&self, stored: &StoredAnswer) -> &KindLimits {
-        if stored.is_not_found() {
+    fn kind(&self, not_found: bool) -> &KindLimits {
+        if not_found {
             &self.not_found
         } else {
             &self.found
         }
     }
 
-    /// The entry's TTL (its kind's).
-    pub(super) fn ttl(&self, stored: &StoredAnswer) -> Duration {
-        Duration::from_millis(self.of(stored).ttl_ms.into())
+    fn of(&self, stored: &StoredAnswer) -> &KindLimits {
+        self.kind(stored.is_not_found())
+    }
+
+    /// The TTL of a 404 (`not_found`) or of a 200.
+    pub(super) fn ttl_of(&self, not_found: bool) -> Duration {
+        Duration::from_millis(self.kind(not_found).ttl_ms.into())
     }
 
     /// Where an entry of this age stands. One comparison for a hit outside the refresh window.

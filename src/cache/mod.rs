@@ -47,7 +47,7 @@ use tokio::time::Instant;
 
 use crate::config::CacheSettings;
 use crate::consent::{ConsentAnswer, ConsentStatus, ContactId};
-use entry::{StoredAnswer, MAX_TTL};
+use entry::{Kind, StoredAnswer, MAX_TTL};
 use fill::Fill;
 pub use fill::{Fetched, FillLead, FillResult, FillWaiter};
 use lifetime::{Freshness, Lifetimes};
@@ -272,8 +272,8 @@ impl ConsentCache {
     /// cluster's shared tier keeps answers by the same rule.
     pub fn ttl_for(&self, answer: &ConsentAnswer) -> Option<Duration> {
         let lifetimes = &self.inner.lifetimes;
-        let stored = StoredAnswer::from_read(answer, lifetimes.caches_not_found(), 0)?;
-        Some(lifetimes.ttl(&stored))
+        let kind = Kind::of(answer, lifetimes.caches_not_found())?;
+        Some(lifetimes.ttl_of(kind == Kind::NotFound))
     }
 
     /// Marks a write to `contact` as in flight until the guard is finished (or dropped).

@@ -127,7 +127,6 @@ impl Feed {
                 .await;
             self.shared.link.clear();
             self.cache.distrust();
-            self.shared.metrics.connected.set(0);
             let problem = match end {
                 End::Shutdown => return,
                 End::Lost(problem) => problem,
@@ -217,7 +216,6 @@ impl Feed {
                     }
                     if live && !self.cache.is_trusted() {
                         live = false;
-                        self.shared.metrics.connected.set(0);
                         self.shared.set_problem(Some(format!(
                             "no heartbeat came back within cluster.max_staleness_ms ({} ms)",
                             self.max_staleness.as_millis()
@@ -249,7 +247,6 @@ impl Feed {
                         if !live {
                             live = true;
                             backoff.reset();
-                            self.shared.metrics.connected.set(1);
                             self.shared.set_problem(None);
                             tracing::info!(redis = %self.redis_url, "cluster feed live: answering from the cache");
                         }

@@ -1,14 +1,18 @@
 //! The connection Redis commands go over: the feed's publishing connection, present only while
 //! its session is up. Announcements and the shared tier use it; while it is absent they do not
-//! wait for Redis but go on without it.
+//! wait for Redis but go on without it. Every call over it is [`bounded`] in time.
 
+use std::future::Future;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
 use arc_swap::ArcSwapOption;
 use redis::aio::MultiplexedConnection;
+use redis::RedisResult;
 use tokio::sync::Notify;
+
+use crate::error::Failure;
 
 #[derive(Default)]
 pub(super) struct Link {
@@ -50,5 +54,31 @@ impl Link {
 
     pub fn clear(&self) {
         self.connection.store(None);
+    }
+}
+
+/// Why a call could not be made: the link is down (`why`, when it is known).
+pub(super) fn not_connected(why: Option<String>) -> Failure {
+    match why {
+        Some(why) => Failure::msg(format!("not connected to Redis ({why})")),
+        None => Failure::msg("not connected to Redis"),
+    }
+}
+
+/// Awaits a Redis `call` for at most `timeout`: its error becomes `failed` (with the cause), a
+/// timeout "`late` within N ms".
+pub(super) async fn bounded<T>(
+    timeout: Duration,
+    failed: &'static str,
+    late: &'static str,
+    call: impl Future<Output = RedisResult<T>>,
+) -> Result<T, Failure> {
+    match tokio::time::timeout(timeout, call).await {
+        Ok(Ok(value)) => Ok(value),
+        Ok(Err(err)) => Err(Failure::new(failed, err)),
+        Err(_) => Err(Failure::msg(format!(
+            "{late} within {} ms",
+            timeout.as_millis()
+        ))),
     }
 }

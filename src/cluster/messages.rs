@@ -3,8 +3,6 @@
 //! (`purge`), and each instance's heartbeat. Every message names its sender and carries the sender's wall-clock
 //! time, used only for the propagation metric (never for ordering: Redis orders the channel).
 
-use std::time::{SystemTime, UNIX_EPOCH};
-
 use serde::{Deserialize, Serialize};
 
 use crate::cache::WriteOutcome;
@@ -175,9 +173,7 @@ fn contact_id(contact: &str) -> Result<ContactId, DecodeError> {
 
 /// Unix time in microseconds (0 before 1970).
 pub fn unix_us() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_micros() as u64)
+    crate::since_epoch().as_micros() as u64
 }
 
 #[cfg(test)]

@@ -92,14 +92,14 @@ impl Shared {
         message: &Announcement,
         shared_part: Option<Call<'static>>,
     ) -> Result<(), Failure> {
-        let Some(mut connection) = self.link.get() else {
-            return Err(Failure::msg(format!(
-                "not connected to Redis ({})",
-                self.problem().unwrap_or_else(|| "connecting".to_owned())
-            )));
-        };
+        let mut connection = self.link.get().ok_or_else(|| {
+            link::not_connected(Some(
+                self.problem().unwrap_or_else(|| "connecting".to_owned()),
+            ))
+        })?;
         let encoded = message.encode();
-        let published = tokio::time::timeout(ANNOUNCE_TIMEOUT, async {
+        let not_taken = "Redis did not take the message";
+        link::bounded(ANNOUNCE_TIMEOUT, not_taken, not_taken, async {
             match shared_part {
                 Some(call) => {
                     call.args_first(&[self.channel.as_bytes(), &encoded])
@@ -113,18 +113,9 @@ impl Shared {
                 }
             }
         })
-        .await;
-        match published {
-            Ok(Ok(_receivers)) => {
-                self.metrics.sent.inc();
-                Ok(())
-            }
-            Ok(Err(err)) => Err(Failure::new("Redis did not take the message", err)),
-            Err(_) => Err(Failure::msg(format!(
-                "Redis did not take the message within {} ms",
-                ANNOUNCE_TIMEOUT.as_millis()
-            ))),
-        }
+        .await?;
+        self.metrics.sent.inc();
+        Ok(())
     }
 
     fn problem(&self) -> Option<String> {
@@ -191,7 +182,7 @@ impl Cluster {
         cache.distrust();
         let link = Arc::new(Link::default());
         let shared = Arc::new(Shared {
-            id: format!("{:016x}", rand::random::<u64>()),
+            id: shared::random_id(),
             channel: format!("{}:consent:v1", settings.key_prefix),
             policy: settings.write_policy,
             link: link.clone(),

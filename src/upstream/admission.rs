@@ -62,6 +62,7 @@ impl Refusal {
         Refusal::Concurrency,
     ];
 }
+metrics::assert_in_declaration_order!(Refusal::ALL);
 
 #[derive(Clone)]
 pub struct AdmissionMetrics {
@@ -85,7 +86,7 @@ impl AdmissionMetrics {
                 "consent_proxy_upstream_circuit_open",
                 "1 while the circuit to the consent API is open.",
             ),
-            refused: Refusal::ALL.map(|r| refused.with_label_values(&[r.as_str()])),
+            refused: metrics::counters(&refused, Refusal::ALL.map(Refusal::as_str)),
         }
     }
 
@@ -126,18 +127,14 @@ pub struct Permit<'a> {
 impl Permit<'_> {
     pub fn finish(mut self, verdict: Verdict) {
         self.finished = true;
-        if let Some(breaker) = &self.admission.breaker {
-            breaker.record(verdict, self.probe, &self.admission.metrics);
-        }
+        self.admission.record(verdict, self.probe);
     }
 }
 
 impl Drop for Permit<'_> {
     fn drop(&mut self) {
         if !self.finished && self.probe {
-            if let Some(breaker) = &self.admission.breaker {
-                breaker.record(Verdict::Failed, true, &self.admission.metrics);
-            }
+            self.admission.record(Verdict::Failed, true);
         }
     }
 }
@@ -156,7 +153,9 @@ impl Admission {
 
     /// A permit for one attempt, or `upstream_unavailable` with when to try again.
     pub async fn admit(&self, deadline: Instant) -> Result<Permit<'_>, ProxyError> {
-        self.refuse_if(Refusal::RetryAfter, self.hold_off_remaining())?;
+        if let Some(wait) = self.hold_off_remaining() {
+            return Err(self.refusal(Refusal::RetryAfter, wait));
+        }
         let probe = match &self.breaker {
             Some(breaker) => breaker
                 .admit()
@@ -166,9 +165,7 @@ impl Admission {
         // From here on a refusal must hand the probe back (as failed: it never ran).
         let refused = |refusal, wait| {
             if probe {
-                if let Some(breaker) = &self.breaker {
-                    breaker.record(Verdict::Failed, true, &self.metrics);
-                }
+                self.record(Verdict::Failed, true);
             }
             self.refusal(refusal, wait)
         };
@@ -201,17 +198,18 @@ impl Admission {
     }
 
     /// How long upstream's `Retry-After` still holds, if it does.
-    pub fn hold_off_remaining(&self) -> Option<Duration> {
+    fn hold_off_remaining(&self) -> Option<Duration> {
         let until = Duration::from_millis(self.hold_off_until_ms.load(Ordering::Acquire));
         until
             .checked_sub(self.epoch.elapsed())
             .filter(|d| !d.is_zero())
     }
 
-    fn refuse_if(&self, refusal: Refusal, wait: Option<Duration>) -> Result<(), ProxyError> {
-        match wait {
-            Some(wait) => Err(self.refusal(refusal, wait)),
-            None => Ok(()),
+    /// Tells the breaker (if any) how an admitted attempt went; `probe`: it was the probe, which
+    /// is handed back this way.
+    fn record(&self, verdict: Verdict, probe: bool) {
+        if let Some(breaker) = &self.breaker {
+            breaker.record(verdict, probe, &self.metrics);
         }
     }
 

@@ -31,11 +31,6 @@ impl Backoff {
     pub fn reset(&mut self) {
         self.nominal = self.first;
     }
-
-    /// The nominal (unjittered) delay the next call will draw from.
-    pub fn nominal(&self) -> Duration {
-        self.nominal
-    }
 }
 
 #[cfg(test)]
@@ -55,6 +50,6 @@ mod tests {
             );
         }
         backoff.reset();
-        assert_eq!(backoff.nominal(), first);
+        assert_eq!(backoff.nominal, first);
     }
 }

@@ -13,7 +13,7 @@ use std::future::Future;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Weak};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use arc_swap::ArcSwapOption;
 use base64::Engine;
@@ -41,8 +41,10 @@ const BACKOFF_LAST: Duration = Duration::from_secs(30);
 const MAX_TOKEN_RESPONSE_BYTES: usize = 64 * 1024;
 /// While another instance renews the fleet's token, the store is asked again this often...
 const FLEET_POLL: Duration = Duration::from_millis(20);
-/// ...for at most one token request's timeout plus this, then the refresher fetches alone.
-const FLEET_WAIT_MARGIN: Duration = Duration::from_secs(1);
+/// ...for at most one token request's timeout plus this, then the refresher fetches alone. A
+/// fleet store holds its renewal lock for the same time at most, so a waiter gives up only
+/// once the lock's holder could no longer store.
+pub const FLEET_WAIT_MARGIN: Duration = Duration::from_secs(1);
 
 /// A future of a fleet store's (a trait object's).
 pub type FleetFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
@@ -94,6 +96,9 @@ pub trait FleetTokens: Send + Sync + 'static {
     fn release(&self, lock: FleetLock) -> FleetFuture<'_, ()>;
     /// A token was installed, from `source` (for the store's metrics).
     fn installed(&self, source: TokenSource);
+    /// The lock was found held by another instance, whose token this instance now waits for:
+    /// once per wait, however often the lock is asked for meanwhile (for the store's metrics).
+    fn waiting_for_lock(&self);
 }
 
 /// Where an installed token came from, with a fleet store.
@@ -105,6 +110,20 @@ pub enum TokenSource {
     Renewed,
     /// Fetched for this instance only: the store could not help.
     Alone,
+}
+
+impl TokenSource {
+    pub const ALL: [TokenSource; 3] =
+        [TokenSource::Fleet, TokenSource::Renewed, TokenSource::Alone];
+
+    /// Its label in the store's metrics.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            TokenSource::Fleet => "fleet",
+            TokenSource::Renewed => "renewed",
+            TokenSource::Alone => "alone",
+        }
+    }
 }
 
 /// A bearer token and when it stops being usable.
@@ -410,7 +429,7 @@ impl Refresher {
                     shared
                         .metrics
                         .expiry
-                        .set(unix_now() + lifetime_left.as_secs_f64());
+                        .set((crate::since_epoch() + lifetime_left).as_secs_f64());
                     shared.phase.send_replace(Phase::Idle);
                     backoff.reset();
                     (refresh_at, false)
@@ -471,6 +490,7 @@ impl Refresher {
             .then_some(self.installed_fleet_id)
             .flatten();
         let give_up_at = Instant::now() + self.request.timeout + FLEET_WAIT_MARGIN;
+        let mut waiting = false;
         loop {
             let found = match fleet.read().await {
                 Ok(found) => found,
@@ -490,6 +510,10 @@ impl Refresher {
                 }
                 Ok(LockAnswer::Locked(lock)) => {
                     return self.renew_for_fleet(shared, fleet.as_ref(), lock).await;
+                }
+                Ok(LockAnswer::Held) if !waiting => {
+                    waiting = true;
+                    fleet.waiting_for_lock();
                 }
                 Ok(LockAnswer::Replaced(_) | LockAnswer::Held) => {}
             }
@@ -778,12 +802,6 @@ fn oauth_error_code(body: &[u8]) -> Option<String> {
 /// the id and secret inside a Basic header too).
 pub fn form_encode(value: &str) -> String {
     form_urlencoded::byte_serialize(value.as_bytes()).collect()
-}
-
-fn unix_now() -> f64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0.0, |d| d.as_secs_f64())
 }
 
 #[cfg(test)]

@@ -31,7 +31,7 @@ use super::metrics::{Lookup, Op, SharedMetrics, Store};
 use super::scripts::{
     Call, FILL_BEGIN, FILL_RELEASE, FILL_STORE, NEW_EPOCH, PURGE, WRITE_DONE, WRITE_PENDING,
 };
-use super::{random_id, reply, Redis};
+use super::{millis, random_id, reply, Redis};
 use crate::cache::{ConsentCache, Fetched, FillResult, WriteOutcome};
 use crate::cluster::link::Link;
 use crate::consent::{ConsentAnswer, ContactId};
@@ -46,8 +46,8 @@ const ANSWER_FORMAT: u8 = 1;
 
 /// What a fill found when it began (or looked again).
 enum Begin {
-    /// An answer: sealed, ms left of its TTL, its TTL in ms.
-    Answer(Vec<u8>, u64, u64),
+    /// An answer: sealed, what is left of its TTL, its TTL.
+    Answer(Vec<u8>, Duration, Duration),
     /// A write of the contact is in flight: nothing may be stored.
     WriteInFlight,
     /// Another instance's fill holds the lock.
@@ -93,7 +93,6 @@ pub struct SharedCache {
     guard_life: Duration,
     /// Fills keep this much of their deadline for their own upstream attempt.
     attempt_timeout: Duration,
-    metrics: SharedMetrics,
 }
 
 /// What the shared cache needs beyond its keys and Redis.
@@ -116,10 +115,7 @@ impl SharedCache {
     ) -> SharedCache {
         let prefix = format!("{}:v1", settings.key_prefix);
         SharedCache {
-            redis: Redis {
-                link,
-                metrics: metrics.clone(),
-            },
+            redis: Redis { link, metrics },
             keys,
             epoch_key: format!("{prefix}:epoch"),
             prefix,
@@ -129,7 +125,6 @@ impl SharedCache {
             pending_life: settings.pending_life,
             guard_life: 2 * settings.pending_life,
             attempt_timeout: settings.attempt_timeout,
-            metrics,
         }
     }
 
@@ -186,15 +181,15 @@ impl SharedCache {
             let begin = match self.begin(key, &lock).await {
                 Ok(begin) => begin,
                 Err(problem) => {
-                    self.metrics.lookup(Lookup::Unavailable);
+                    self.redis.metrics.lookup(Lookup::Unavailable);
                     tracing::debug!(error = %ErrorChain(&problem), "shared tier unavailable: fetching alone");
                     return Err(upstream.await);
                 }
             };
             match begin {
-                Begin::Answer(sealed, left_ms, ttl_ms) => {
-                    if let Some(found) = self.open_answer(key, &sealed, left_ms, ttl_ms) {
-                        self.metrics.lookup(if waited {
+                Begin::Answer(sealed, left, ttl) => {
+                    if let Some(found) = self.open_answer(key, &sealed, left, ttl) {
+                        self.redis.metrics.lookup(if waited {
                             Lookup::Coalesced
                         } else {
                             Lookup::Hit
@@ -203,15 +198,15 @@ impl SharedCache {
                     }
                     // Not usable here (older than this instance's TTL, or sealed with a key
                     // it does not have): fetched, and left to its own instance to replace.
-                    self.metrics.lookup(Lookup::Miss);
+                    self.redis.metrics.lookup(Lookup::Miss);
                     return Err(upstream.await);
                 }
                 Begin::WriteInFlight => {
-                    self.metrics.lookup(Lookup::WritePending);
+                    self.redis.metrics.lookup(Lookup::WritePending);
                     return Err(upstream.await);
                 }
                 Begin::Lead { generation, epoch } => {
-                    self.metrics.lookup(Lookup::Miss);
+                    self.redis.metrics.lookup(Lookup::Miss);
                     let result = upstream.await;
                     self.store(key, &generation, &epoch, &lock, &result).await;
                     return Err(result);
@@ -219,7 +214,7 @@ impl SharedCache {
                 Begin::Held => {
                     waited = true;
                     if Instant::now() + poll >= wait_until {
-                        self.metrics.lookup(Lookup::LockTimeout);
+                        self.redis.metrics.lookup(Lookup::LockTimeout);
                         return Err(upstream.await);
                     }
                     tokio::time::sleep(poll).await;
@@ -239,13 +234,11 @@ impl SharedCache {
             .arg(millis(self.guard_life));
         let answer: Value = self.redis.run(Op::Lookup, self.timeout, call).await?;
         let mut items = reply::items(answer).into_iter();
-        let kind = reply::int(items.next().as_ref());
-        let ms =
-            |value: Option<Value>| reply::int(value.as_ref()).and_then(|n| u64::try_from(n).ok());
+        let kind = reply::int(items.next());
         let begin = match kind {
             Some(1) => {
                 let sealed = reply::bytes(items.next());
-                let (left, ttl) = (ms(items.next()), ms(items.next()));
+                let (left, ttl) = (reply::millis(items.next()), reply::millis(items.next()));
                 sealed
                     .zip(left.zip(ttl))
                     .map(|(sealed, (left, ttl))| Begin::Answer(sealed, left, ttl))
@@ -266,12 +259,12 @@ impl SharedCache {
         &self,
         key: &str,
         sealed: &[u8],
-        left_ms: u64,
-        ttl_ms: u64,
+        left: Duration,
+        ttl: Duration,
     ) -> Option<(ConsentAnswer, Duration)> {
         let plaintext = self.keys.current().open(key.as_bytes(), sealed)?;
         let answer = decode_answer(&plaintext)?;
-        let age = Duration::from_millis(ttl_ms.saturating_sub(left_ms));
+        let age = ttl.saturating_sub(left);
         (age < self.local.ttl_for(&answer)?).then_some((answer, age))
     }
 
@@ -317,7 +310,7 @@ impl SharedCache {
                 Store::Failed
             }
         };
-        self.metrics.store(outcome);
+        self.redis.metrics.store(outcome);
     }
 
     fn seal_answer(&self, key: &str, answer: &ConsentAnswer) -> Option<Vec<u8>> {
@@ -423,10 +416,6 @@ impl SharedCache {
             .await
             .map(drop)
     }
-}
-
-fn millis(duration: Duration) -> u64 {
-    u64::try_from(duration.as_millis()).unwrap_or(u64::MAX)
 }
 
 /// An answer as stored (before sealing): format, HTTP status, content type, body.

@@ -23,6 +23,29 @@ pub enum Lookup {
     Unavailable,
 }
 
+impl Lookup {
+    const ALL: [Lookup; 6] = [
+        Lookup::Hit,
+        Lookup::Coalesced,
+        Lookup::Miss,
+        Lookup::WritePending,
+        Lookup::LockTimeout,
+        Lookup::Unavailable,
+    ];
+
+    fn as_str(self) -> &'static str {
+        match self {
+            Lookup::Hit => "hit",
+            Lookup::Coalesced => "coalesced",
+            Lookup::Miss => "miss",
+            Lookup::WritePending => "write_pending",
+            Lookup::LockTimeout => "lock_timeout",
+            Lookup::Unavailable => "unavailable",
+        }
+    }
+}
+metrics::assert_in_declaration_order!(Lookup::ALL);
+
 /// A fill's attempt to store its answer in Redis.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Store {
@@ -32,6 +55,19 @@ pub enum Store {
     /// Redis failed or was too slow.
     Failed,
 }
+
+impl Store {
+    const ALL: [Store; 3] = [Store::Stored, Store::Refused, Store::Failed];
+
+    fn as_str(self) -> &'static str {
+        match self {
+            Store::Stored => "stored",
+            Store::Refused => "refused",
+            Store::Failed => "failed",
+        }
+    }
+}
+metrics::assert_in_declaration_order!(Store::ALL);
 
 /// Which Redis call a latency is of.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -43,6 +79,20 @@ pub enum Op {
     /// The fleet token's reads, lock and store.
     Token,
 }
+
+impl Op {
+    const ALL: [Op; 3] = [Op::Lookup, Op::Store, Op::Token];
+
+    fn as_str(self) -> &'static str {
+        match self {
+            Op::Lookup => "lookup",
+            Op::Store => "store",
+            Op::Token => "token",
+        }
+    }
+}
+metrics::assert_in_declaration_order!(Op::ALL);
+metrics::assert_in_declaration_order!(TokenSource::ALL);
 
 #[derive(Clone)]
 pub struct SharedMetrics {
@@ -93,25 +143,16 @@ impl SharedMetrics {
             &["op"],
         );
         SharedMetrics {
-            lookups: [
-                "hit",
-                "coalesced",
-                "miss",
-                "write_pending",
-                "lock_timeout",
-                "unavailable",
-            ]
-            .map(|result| lookups.with_label_values(&[result])),
-            stores: ["stored", "refused", "failed"]
-                .map(|result| stores.with_label_values(&[result])),
-            tokens: ["fleet", "renewed", "alone"].map(|source| tokens.with_label_values(&[source])),
+            lookups: metrics::counters(&lookups, Lookup::ALL.map(Lookup::as_str)),
+            stores: metrics::counters(&stores, Store::ALL.map(Store::as_str)),
+            tokens: metrics::counters(&tokens, TokenSource::ALL.map(TokenSource::as_str)),
             token_lock_waits: metrics::counter(
                 registry,
                 "consent_proxy_shared_token_lock_waits_total",
                 "Times this instance found the fleet token's renewal lock held by another \
                  instance and waited for its token (lock contention).",
             ),
-            latency: ["lookup", "store", "token"].map(|op| latency.with_label_values(&[op])),
+            latency: Op::ALL.map(|op| latency.with_label_values(&[op.as_str()])),
         }
     }
 
@@ -124,12 +165,7 @@ impl SharedMetrics {
     }
 
     pub fn token(&self, source: TokenSource) {
-        let index = match source {
-            TokenSource::Fleet => 0,
-            TokenSource::Renewed => 1,
-            TokenSource::Alone => 2,
-        };
-        self.tokens[index].inc();
+        self.tokens[source as usize].inc();
     }
 
     pub fn token_lock_wait(&self) {

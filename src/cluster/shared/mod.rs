@@ -29,7 +29,7 @@ use redis::aio::MultiplexedConnection;
 use redis::FromRedisValue;
 use tokio::time::Instant;
 
-use super::link::Link;
+use super::link::{bounded, not_connected, Link};
 use crate::error::Failure;
 pub use cache::{FillReport, SharedCache, SharedCacheSettings, SharedWrite};
 pub(super) use keys::SharedKeys;
@@ -52,9 +52,7 @@ impl Redis {
         timeout: Duration,
         call: Call<'_>,
     ) -> Result<T, Failure> {
-        let Some(connection) = self.link.get() else {
-            return Err(Failure::msg("not connected to Redis"));
-        };
+        let connection = self.link.get().ok_or_else(|| not_connected(None))?;
         self.run_on(connection, op, timeout, call).await
     }
 
@@ -66,26 +64,32 @@ impl Redis {
         call: Call<'_>,
     ) -> Result<T, Failure> {
         let started = Instant::now();
-        let result = tokio::time::timeout(timeout, call.run(&mut connection)).await;
+        let result = bounded(
+            timeout,
+            "Redis failed",
+            "Redis did not answer",
+            call.run(&mut connection),
+        )
+        .await;
         self.metrics.redis_call(op, started.elapsed().as_secs_f64());
-        match result {
-            Ok(Ok(value)) => Ok(value),
-            Ok(Err(err)) => Err(Failure::new("Redis failed", err)),
-            Err(_) => Err(Failure::msg(format!(
-                "Redis did not answer within {} ms",
-                timeout.as_millis()
-            ))),
-        }
+        result
     }
 }
 
-/// A random 64-bit value as hex: generations, lock holders, token ids.
-fn random_id() -> String {
+/// A random 64-bit value as hex: instance ids, generations, lock holders.
+pub(super) fn random_id() -> String {
     format!("{:016x}", rand::random::<u64>())
+}
+
+/// A duration as a script's millisecond argument.
+fn millis(duration: Duration) -> u64 {
+    u64::try_from(duration.as_millis()).unwrap_or(u64::MAX)
 }
 
 /// Reads the parts of a script's array answer.
 mod reply {
+    use std::time::Duration;
+
     use redis::Value;
 
     pub fn items(value: Value) -> Vec<Value> {
@@ -95,12 +99,17 @@ mod reply {
         }
     }
 
-    pub fn int(value: Option<&Value>) -> Option<i64> {
+    pub fn int(value: Option<Value>) -> Option<i64> {
         match value? {
-            Value::Int(n) => Some(*n),
-            Value::BulkString(bytes) => std::str::from_utf8(bytes).ok()?.parse().ok(),
+            Value::Int(n) => Some(n),
+            Value::BulkString(bytes) => std::str::from_utf8(&bytes).ok()?.parse().ok(),
             _ => None,
         }
+    }
+
+    /// A count of milliseconds (never negative).
+    pub fn millis(value: Option<Value>) -> Option<Duration> {
+        Some(Duration::from_millis(u64::try_from(int(value)?).ok()?))
     }
 
     pub fn bytes(value: Option<Value>) -> Option<Vec<u8>> {

@@ -15,12 +15,12 @@ use redis::Value;
 use super::keys::{KeySet, SharedKeys};
 use super::metrics::{Op, SharedMetrics};
 use super::scripts::{Call, TOKEN_LOCK, TOKEN_READ, TOKEN_RELEASE, TOKEN_STORE};
-use super::{random_id, reply, Redis};
-use crate::cluster::link::Link;
+use super::{millis, random_id, reply, Redis};
+use crate::cluster::link::{not_connected, Link};
 use crate::config::TalkdeskSettings;
 use crate::error::Failure;
 use crate::upstream::token::{
-    FleetFuture, FleetLock, FleetToken, FleetTokens, LockAnswer, TokenSource,
+    FleetFuture, FleetLock, FleetToken, FleetTokens, LockAnswer, TokenSource, FLEET_WAIT_MARGIN,
 };
 
 pub struct FleetTokenStore {
@@ -28,13 +28,13 @@ pub struct FleetTokenStore {
     keys: SharedKeys,
     token_key: String,
     lock_key: String,
-    /// How long the renewal lock is held at most: one token request and a margin.
+    /// How long the renewal lock is held at most: one token request and the margin the
+    /// waiters allow (`FLEET_WAIT_MARGIN`).
     lock_ttl: Duration,
     /// Each Redis call's bound (the refresher is off the requests' path).
     timeout: Duration,
     /// How long a process that is starting waits for its first connection to Redis.
     first_connection: Duration,
-    metrics: SharedMetrics,
 }
 
 impl FleetTokenStore {
@@ -60,17 +60,13 @@ impl FleetTokenStore {
             current.digest(purpose.as_bytes())
         );
         FleetTokenStore {
-            redis: Redis {
-                link,
-                metrics: metrics.clone(),
-            },
+            redis: Redis { link, metrics },
             lock_key: format!("{token_key}:lock"),
             token_key,
             keys,
-            lock_ttl: talkdesk.timeout + Duration::from_secs(1),
+            lock_ttl: talkdesk.timeout + FLEET_WAIT_MARGIN,
             timeout,
             first_connection,
-            metrics,
         }
     }
 
@@ -84,7 +80,7 @@ impl FleetTokenStore {
             .link
             .get_or_wait_first(self.first_connection)
             .await
-            .ok_or_else(|| Failure::msg("not connected to Redis"))?;
+            .ok_or_else(|| not_connected(None))?;
         self.redis
             .run_on(connection, Op::Token, self.timeout, call)
             .await
@@ -95,9 +91,8 @@ impl FleetTokenStore {
     fn token(&self, mut items: impl Iterator<Item = Value>) -> Option<FleetToken> {
         let id = u64::from_str_radix(&reply::text(items.next())?, 16).ok()?;
         let sealed = reply::bytes(items.next())?;
-        let lifetime = reply::int(items.next().as_ref())?;
-        let left = reply::int(items.next().as_ref())?;
-        let millis = |n: i64| Duration::from_millis(u64::try_from(n).unwrap_or(0));
+        let lifetime = reply::millis(items.next())?;
+        let left = reply::millis(items.next())?;
         let authorization = self
             .keys()
             .open(self.token_key.as_bytes(), &sealed)
@@ -109,14 +104,14 @@ impl FleetTokenStore {
         Some(match authorization {
             Some(authorization) => FleetToken {
                 authorization,
-                remaining: millis(left),
-                lifetime: millis(lifetime),
+                remaining: left,
+                lifetime,
                 id,
             },
             None => FleetToken {
                 authorization: HeaderValue::from_static(""),
                 remaining: Duration::ZERO,
-                lifetime: millis(lifetime),
+                lifetime,
                 id,
             },
         })
@@ -146,15 +141,12 @@ impl FleetTokens for FleetTokenStore {
                 .key(&self.lock_key)
                 .arg(replacing.map(|id| format!("{id:016x}")).unwrap_or_default())
                 .arg(&lock)
-                .arg(u64::try_from(self.lock_ttl.as_millis()).unwrap_or(u64::MAX));
+                .arg(millis(self.lock_ttl));
             let mut items = reply::items(self.run(call).await?).into_iter();
-            let answer = match reply::int(items.next().as_ref()) {
+            let answer = match reply::int(items.next()) {
                 Some(1) => self.token(items).map(LockAnswer::Replaced),
                 Some(2) => Some(LockAnswer::Locked(FleetLock(lock))),
-                Some(3) => {
-                    self.metrics.token_lock_wait();
-                    Some(LockAnswer::Held)
-                }
+                Some(3) => Some(LockAnswer::Held),
                 _ => None,
             };
             answer.ok_or_else(|| Failure::msg("Redis answered the token lock unexpectedly"))
@@ -174,15 +166,14 @@ impl FleetTokens for FleetTokenStore {
                 .keys()
                 .seal(self.token_key.as_bytes(), authorization.as_bytes())
                 .ok_or_else(|| Failure::msg("the token could not be sealed"))?;
-            let millis = |d: Duration| u64::try_from(d.as_millis()).unwrap_or(u64::MAX).max(1);
             let call = TOKEN_STORE
                 .call()
                 .key(&self.token_key)
                 .key(&self.lock_key)
                 .arg(format!("{id:016x}"))
                 .arg(sealed)
-                .arg(millis(lifetime))
-                .arg(millis(remaining))
+                .arg(millis(lifetime).max(1))
+                .arg(millis(remaining).max(1))
                 .arg(&lock.0);
             self.run(call).await.map(|_| id)
         })
@@ -196,6 +187,10 @@ impl FleetTokens for FleetTokenStore {
     }
 
     fn installed(&self, source: TokenSource) {
-        self.metrics.token(source);
+        self.redis.metrics.token(source);
+    }
+
+    fn waiting_for_lock(&self) {
+        self.redis.metrics.token_lock_wait();
     }
 }
