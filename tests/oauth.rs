@@ -80,10 +80,6 @@ fn token_url(proxy: &AppHandle) -> String {
     format!("{}/oauth/token", proxy.url())
 }
 
-fn consent_url(proxy: &AppHandle, contact: &str) -> String {
-    format!("{}/voicebiometrics/contacts/{contact}/consent", proxy.url())
-}
-
 /// A token request with `client_secret_basic`.
 async fn request_token(
     http: &TestClient,
@@ -135,23 +131,6 @@ async fn put_with(proxy: &AppHandle, contact: &str, token: &str, status: &str) -
             Some(format!(r#"{{"status":"{status}"}}"#)),
         )
         .await
-}
-
-/// The proxy's metrics text.
-async fn metrics(proxy: &AppHandle) -> String {
-    TestClient::new()
-        .send(
-            Method::GET,
-            &format!("{}/metrics", proxy.admin_url()),
-            &[],
-            None,
-        )
-        .await
-        .text()
-}
-
-async fn metric(proxy: &AppHandle, sample: &str) -> f64 {
-    metric_value(&metrics(proxy).await, sample)
 }
 
 fn assert_invalid_token(response: &TestResponse, what: &str) {
@@ -251,7 +230,7 @@ async fn an_independent_oauth_client_gets_tokens_both_ways_and_reads_and_writes_
         h.sim.stored_status("+15557000001"),
         Some(ConsentStatus::Refused)
     );
-    let text = metrics(&h.proxy).await;
+    let text = h.admin("/metrics").await.text();
     assert_eq!(
         metric_value(
             &text,
@@ -283,11 +262,8 @@ async fn a_read_only_client_cannot_get_the_write_scope_and_its_read_token_cannot
         assert!(refused.json().get("access_token").is_none());
     }
     assert_eq!(
-        metric(
-            &h.proxy,
-            r#"consent_proxy_oauth_tokens_issued_total{client="reader"}"#
-        )
-        .await,
+        h.metric(r#"consent_proxy_oauth_tokens_issued_total{client="reader"}"#)
+            .await,
         0.0,
         "nothing issued"
     );
@@ -311,11 +287,8 @@ async fn a_read_only_client_cannot_get_the_write_scope_and_its_read_token_cannot
         403
     );
     assert_eq!(
-        metric(
-            &h.proxy,
-            r#"consent_proxy_oauth_tokens_issued_total{client="reader"}"#
-        )
-        .await,
+        h.metric(r#"consent_proxy_oauth_tokens_issued_total{client="reader"}"#)
+            .await,
         1.0
     );
 }
@@ -332,7 +305,7 @@ async fn token_endpoint_refusals_are_rfc_6749_answers() {
     .await;
     let http = TestClient::new();
     let url = token_url(&h.proxy);
-    let text = metrics(&h.proxy).await;
+    let text = h.admin("/metrics").await.text();
     for client in ["rw", "reader", "ops", "special"] {
         assert!(
             text.contains(&format!(
@@ -451,7 +424,7 @@ async fn token_endpoint_refusals_are_rfc_6749_answers() {
     assert_eq!(get.status, 405);
     assert_eq!(get.header("allow"), Some("POST"));
 
-    let text = metrics(&h.proxy).await;
+    let text = h.admin("/metrics").await.text();
     for (error, count) in [
         ("invalid_client", 4.0),
         ("invalid_request", 4.0),
@@ -636,11 +609,11 @@ async fn unacceptable_tokens_are_401_invalid_token_and_never_reach_upstream() {
             &put_with(&h.proxy, "+15557200001", token, "CONSENTED").await,
             what,
         );
-        let counted = metric(
-            &h.proxy,
-            &format!("consent_proxy_oauth_tokens_rejected_total{{reason=\"{reason}\"}}"),
-        )
-        .await;
+        let counted = h
+            .metric(&format!(
+                "consent_proxy_oauth_tokens_rejected_total{{reason=\"{reason}\"}}"
+            ))
+            .await;
         assert!(counted >= 2.0, "{what}: reason {reason} counted {counted}");
     }
     assert_eq!(
@@ -694,11 +667,8 @@ async fn an_expired_token_stops_working_even_after_it_was_cached() {
         issued_at.elapsed()
     );
     assert!(
-        metric(
-            &h.proxy,
-            r#"consent_proxy_oauth_tokens_rejected_total{reason="expired"}"#
-        )
-        .await
+        h.metric(r#"consent_proxy_oauth_tokens_rejected_total{reason="expired"}"#)
+            .await
             >= 1.0
     );
 }
@@ -792,6 +762,7 @@ async fn a_client_removed_or_narrowed_in_the_configuration_loses_its_token_at_th
     );
     assert_eq!(
         metric(
+            &TestClient::new(),
             &second,
             r#"consent_proxy_oauth_tokens_rejected_total{reason="unknown_client"}"#
         )
@@ -896,7 +867,7 @@ async fn failed_client_authentications_are_throttled_per_address_and_per_name() 
         "a correct one from another address works"
     );
 
-    let text = metrics(&h.proxy).await;
+    let text = h.admin("/metrics").await.text();
     assert_eq!(
         metric_value(
             &text,

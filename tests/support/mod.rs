@@ -199,58 +199,30 @@ impl Harness {
     }
 
     pub fn consent_url(&self, contact: &str) -> String {
-        format!(
-            "{}/voicebiometrics/contacts/{contact}/consent",
-            self.proxy.url()
-        )
+        consent_url(&self.proxy, contact)
     }
 
     pub async fn get(&self, contact: &str) -> TestResponse {
-        self.http
-            .send(
-                Method::GET,
-                &self.consent_url(contact),
-                &[("x-api-key", RW_KEY)],
-                None,
-            )
-            .await
+        get_consent(&self.http, &self.proxy, contact).await
     }
 
     pub async fn put(&self, contact: &str, status: &str) -> TestResponse {
-        self.http
-            .send(
-                Method::PUT,
-                &self.consent_url(contact),
-                &[("x-api-key", RW_KEY), ("content-type", "application/json")],
-                Some(format!(r#"{{"status":"{status}"}}"#)),
-            )
-            .await
+        put_consent(&self.http, &self.proxy, contact, status).await
     }
 
     pub async fn admin(&self, path: &str) -> TestResponse {
-        self.http
-            .send(
-                Method::GET,
-                &format!("{}{path}", self.proxy.admin_url()),
-                &[],
-                None,
-            )
-            .await
+        admin_get(&self.http, &self.proxy, path).await
     }
 
     /// Drops `contact`'s cached answer through the admin API, with the admin key.
     pub async fn purge(&self, contact: &str) -> TestResponse {
-        let url = format!("{}/admin/cache/{contact}", self.proxy.admin_url());
-        self.http
-            .send(Method::DELETE, &url, &[("x-api-key", ADMIN_KEY)], None)
-            .await
+        purge(&self.http, &self.proxy, contact).await
     }
 
     /// The value of one sample of the proxy's metrics, e.g.
     /// `consent_proxy_cache_lookups_total{result="hit"}`; 0 when absent.
     pub async fn metric(&self, sample: &str) -> f64 {
-        let text = self.admin("/metrics").await.text();
-        metric_value(&text, sample)
+        metric(&self.http, &self.proxy, sample).await
     }
 
     /// Waits (polling, bounded) until the proxy reports ready.
@@ -269,6 +241,61 @@ impl Harness {
         })
         .await;
     }
+}
+
+/// The consent resource of `contact` on `proxy`.
+pub fn consent_url(proxy: &AppHandle, contact: &str) -> String {
+    format!("{}/voicebiometrics/contacts/{contact}/consent", proxy.url())
+}
+
+/// `GET` of `contact`'s consent on `proxy`, with the read-write key.
+pub async fn get_consent(http: &TestClient, proxy: &AppHandle, contact: &str) -> TestResponse {
+    http.send(
+        Method::GET,
+        &consent_url(proxy, contact),
+        &[("x-api-key", RW_KEY)],
+        None,
+    )
+    .await
+}
+
+/// `PUT` of `status` as `contact`'s consent on `proxy`, with the read-write key.
+pub async fn put_consent(
+    http: &TestClient,
+    proxy: &AppHandle,
+    contact: &str,
+    status: &str,
+) -> TestResponse {
+    http.send(
+        Method::PUT,
+        &consent_url(proxy, contact),
+        &[("x-api-key", RW_KEY), ("content-type", "application/json")],
+        Some(format!(r#"{{"status":"{status}"}}"#)),
+    )
+    .await
+}
+
+/// `GET` of `path` on `proxy`'s admin listener, without credentials.
+pub async fn admin_get(http: &TestClient, proxy: &AppHandle, path: &str) -> TestResponse {
+    let url = format!("{}{path}", proxy.admin_url());
+    http.send(Method::GET, &url, &[], None).await
+}
+
+/// `DELETE /admin/cache/{contact}` on `proxy`, with the admin key.
+pub async fn purge(http: &TestClient, proxy: &AppHandle, contact: &str) -> TestResponse {
+    let url = format!("{}/admin/cache/{contact}", proxy.admin_url());
+    http.send(Method::DELETE, &url, &[("x-api-key", ADMIN_KEY)], None)
+        .await
+}
+
+/// `proxy`'s metrics exposition text.
+pub async fn metrics_text(http: &TestClient, proxy: &AppHandle) -> String {
+    admin_get(http, proxy, "/metrics").await.text()
+}
+
+/// The value of one sample of `proxy`'s metrics (see [`metric_value`]).
+pub async fn metric(http: &TestClient, proxy: &AppHandle, sample: &str) -> f64 {
+    metric_value(&metrics_text(http, proxy).await, sample)
 }
 
 /// Finds `sample` (name with labels exactly as exposed, labels sorted) in exposition text.
