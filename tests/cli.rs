@@ -5,12 +5,13 @@ mod support;
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::TcpStream;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Child, Command, ExitStatus, Output, Stdio};
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc;
 use std::thread;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
+
+use support::temp_file::TempFile;
 
 const BIN: &str = env!("CARGO_BIN_EXE_consent-proxy");
 
@@ -33,39 +34,6 @@ fn command() -> Command {
     }
     command.stdin(Stdio::null());
     command
-}
-
-/// A file under the temp dir with a unique name, removed when dropped.
-struct TempFile(PathBuf);
-
-impl TempFile {
-    fn new(stem: &str, content: &str) -> TempFile {
-        static COUNTER: AtomicU64 = AtomicU64::new(0);
-        let nanos = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map_or(0, |d| d.subsec_nanos());
-        let path = std::env::temp_dir().join(format!(
-            "consent-proxy-cli-{}-{}-{nanos}-{stem}",
-            std::process::id(),
-            COUNTER.fetch_add(1, Ordering::Relaxed)
-        ));
-        std::fs::write(&path, content).expect("write temp file");
-        TempFile(path)
-    }
-
-    fn path(&self) -> &Path {
-        &self.0
-    }
-
-    fn display(&self) -> String {
-        self.0.display().to_string()
-    }
-}
-
-impl Drop for TempFile {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_file(&self.0);
-    }
 }
 
 /// A valid configuration, with `extra` appended to the `[talkdesk]` section.

@@ -8,6 +8,7 @@ pub mod history;
 pub mod raw_http;
 pub mod redis_server;
 pub mod relay;
+pub mod temp_file;
 pub mod yaml;
 
 use std::collections::BTreeMap;
