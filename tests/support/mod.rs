@@ -181,6 +181,18 @@ impl Harness {
         h
     }
 
+    /// A proxy whose consent API is at `api_base_url` (a fake upstream, a port that refuses
+    /// connections) and whose tokens come from the simulator; returns once the proxy is ready.
+    pub async fn start_for_api(
+        api_base_url: &str,
+        configure: impl FnOnce(&mut ProxyConfig),
+    ) -> Harness {
+        let api_base_url = api_base_url.to_owned();
+        let h = Self::start_with_upstream(|sim| (api_base_url, sim.token_url()), configure).await;
+        h.wait_ready().await;
+        h
+    }
+
     /// A simulator and a proxy whose consent API and token URLs `urls` picks, given the
     /// simulator (`(api_base_url, token_url)`).
     pub async fn start_with_upstream(
