@@ -78,6 +78,22 @@ fn text(bytes: &[u8]) -> String {
     String::from_utf8_lossy(bytes).into_owned()
 }
 
+/// Asserts that check-config accepted the file (exit 0), that none of `secrets` is in its
+/// stdout or stderr and that the configuration it printed is itself valid TOML; returns stdout.
+fn assert_printed_without(output: &Output, secrets: &[&str]) -> String {
+    let stdout = text(&output.stdout);
+    let stderr = text(&output.stderr);
+    assert_eq!(output.status.code(), Some(0), "stderr: {stderr}");
+    for secret in secrets {
+        assert!(!stdout.contains(secret), "secret in stdout:\n{stdout}");
+        assert!(!stderr.contains(secret), "secret in stderr:\n{stderr}");
+    }
+    stdout
+        .parse::<toml::Table>()
+        .unwrap_or_else(|e| panic!("printed config is not TOML: {e}\n{stdout}"));
+    stdout
+}
+
 /// Asserts exit 2 and that stderr names every one of `keys`.
 fn assert_invalid(output: &Output, keys: &[&str]) {
     let stderr = text(&output.stderr);
@@ -278,10 +294,7 @@ fn http_get(addr: &str, path: &str) -> (u16, String) {
 #[test]
 fn check_config_accepts_a_valid_file_and_prints_it_without_secrets() {
     let file = TempFile::new("valid.toml", &valid_config(&inline_secret(), &inline_key()));
-    let output = check_config(file.path(), &[]);
-    let stdout = text(&output.stdout);
-    let stderr = text(&output.stderr);
-    assert_eq!(output.status.code(), Some(0), "stderr: {stderr}");
+    let stdout = assert_printed_without(&check_config(file.path(), &[]), &[CLIENT_SECRET, API_KEY]);
     // The effective configuration: file values, defaults and derived URLs.
     assert!(stdout.contains(r#"listen = "127.0.0.1:18080""#), "{stdout}");
     assert!(stdout.contains(r#"client_id = "cli-client""#), "{stdout}");
@@ -293,14 +306,6 @@ fn check_config_accepts_a_valid_file_and_prints_it_without_secrets() {
     assert!(stdout.contains("https://api.talkdeskapp.eu"), "{stdout}");
     assert!(stdout.contains("max_body_bytes = 4096"), "{stdout}");
     assert!(stdout.contains(r#"name = "studio-ivr""#), "{stdout}");
-    for secret in [CLIENT_SECRET, API_KEY] {
-        assert!(!stdout.contains(secret), "secret in stdout:\n{stdout}");
-        assert!(!stderr.contains(secret), "secret in stderr:\n{stderr}");
-    }
-    // The printed configuration is itself valid TOML.
-    stdout
-        .parse::<toml::Table>()
-        .unwrap_or_else(|e| panic!("printed config is not TOML: {e}\n{stdout}"));
 }
 
 #[test]
@@ -423,10 +428,10 @@ fn check_config_keeps_cluster_and_oauth_secrets_out_of_its_output() {
         keys.display()
     );
     let file = TempFile::new("cluster.toml", &config);
-    let output = check_config(file.path(), &[]);
-    let stdout = text(&output.stdout);
-    let stderr = text(&output.stderr);
-    assert_eq!(output.status.code(), Some(0), "stderr: {stderr}");
+    let stdout = assert_printed_without(
+        &check_config(file.path(), &[]),
+        &[CLIENT_SECRET, API_KEY, REDIS_PASSWORD, SIGNING_KEY],
+    );
     assert!(
         stdout.contains(r#"redis_url = "rediss://proxy:<redacted>@redis.internal:6380/3""#),
         "{stdout}"
@@ -435,13 +440,6 @@ fn check_config_keeps_cluster_and_oauth_secrets_out_of_its_output() {
         stdout.contains(&format!("signing_key_file = {:?}", keys.display())),
         "{stdout}"
     );
-    for secret in [CLIENT_SECRET, API_KEY, REDIS_PASSWORD, SIGNING_KEY] {
-        assert!(!stdout.contains(secret), "secret in stdout:\n{stdout}");
-        assert!(!stderr.contains(secret), "secret in stderr:\n{stderr}");
-    }
-    stdout
-        .parse::<toml::Table>()
-        .unwrap_or_else(|e| panic!("printed config is not TOML: {e}\n{stdout}"));
 }
 
 #[test]
