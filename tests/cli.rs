@@ -24,15 +24,7 @@ const API_KEY: &str = "cli-test-api-key-Vb9Lm4Tn0123";
 /// The binary with no `CONSENT_PROXY__*` variables inherited from the test's environment.
 fn command() -> Command {
     let mut command = Command::new(BIN);
-    for (key, _) in std::env::vars_os() {
-        if key
-            .to_str()
-            .is_some_and(|k| k.to_ascii_uppercase().starts_with("CONSENT_PROXY"))
-        {
-            command.env_remove(key);
-        }
-    }
-    command.stdin(Stdio::null());
+    support::without_proxy_env(&mut command).stdin(Stdio::null());
     command
 }
 

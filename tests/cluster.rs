@@ -573,7 +573,7 @@ impl ChildProxy {
             .set_str("server.listen", &format!("127.0.0.1:{listen}"))
             .set_str("server.admin_listen", &format!("127.0.0.1:{admin}"));
         let config_file = TempFile::new("cluster.toml", &config.to_toml());
-        let child = std::process::Command::new(BIN)
+        let child = without_proxy_env(&mut std::process::Command::new(BIN))
             .arg("serve")
             .arg("--config")
             .arg(config_file.path())
@@ -883,7 +883,7 @@ async fn an_admin_purge_reaches_every_instance() {
 /// build: three instances and a Redis, a write seen everywhere, Redis killed and restarted.
 #[test]
 fn the_local_example_runs() {
-    let status = std::process::Command::new("bash")
+    let status = without_proxy_env(&mut std::process::Command::new("bash"))
         .arg("examples/cluster/run.sh")
         .arg("--check")
         .env("BIN", BIN)

@@ -73,11 +73,7 @@ impl Proxy {
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::piped());
-        for (name, _) in std::env::vars_os() {
-            if name.to_string_lossy().starts_with("CONSENT_PROXY__") {
-                command.env_remove(name);
-            }
-        }
+        without_proxy_env(&mut command);
         let mut child = command.spawn().expect("spawn consent-proxy");
         let stderr = child.stderr.take().expect("piped stderr");
         let lines = Arc::new(Mutex::new(Vec::new()));

@@ -426,6 +426,20 @@ impl TestClient {
     }
 }
 
+/// Removes every `CONSENT_PROXY*` variable (any case) of the test's own environment from
+/// `command`, so that a child proxy reads only the configuration its test gives it.
+pub fn without_proxy_env(command: &mut std::process::Command) -> &mut std::process::Command {
+    for (key, _) in std::env::vars_os() {
+        if key
+            .to_str()
+            .is_some_and(|k| k.to_ascii_uppercase().starts_with("CONSENT_PROXY"))
+        {
+            command.env_remove(key);
+        }
+    }
+    command
+}
+
 /// Sends SIGTERM to a child process (`kill -TERM`; libc is not a dependency).
 pub fn send_sigterm(child: &std::process::Child) {
     let sent = std::process::Command::new("kill")
