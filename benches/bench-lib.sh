@@ -1,8 +1,10 @@
-# benches/bench-lib.sh: what the load scripts beside it (compare.sh, outage.sh) share, sourced
-# by them after they set BENCH (their name, for messages) and their own defaults:
+# benches/bench-lib.sh: what the load scripts beside it (compare.sh, outage.sh) and
+# scripts/measure-memory.sh share, sourced by them after they set BENCH (their name, for
+# messages) and their own defaults:
 #   tools, the release binary, process priority, a work directory cleaned up on exit, free
-#   ports, servers pinned to SERVER_CPU, the Talkdesk simulator, nginx from benches/nginx.conf,
-#   wrk runs with benches/compare.lua, a wait for a quiet machine, and medians and ratios.
+#   ports, servers pinned to SERVER_CPU, the Talkdesk simulator, consent-proxy's configuration,
+#   nginx from benches/nginx.conf, wrk runs with benches/compare.lua, a wait for a quiet
+#   machine, and medians and ratios.
 # Every function documents its arguments; globals it reads or sets are named in CAPITALS.
 
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
@@ -94,12 +96,19 @@ free_port() {
     die "no free port found"
 }
 
-# start NAME CMD...: run CMD pinned to the server core, output to $WORK/NAME.log; SPID[NAME].
-start() {
+# spawn NAME CMD...: run CMD in the background, output to $WORK/NAME.log, stopped on exit;
+# SPID[NAME].
+spawn() {
     local name=$1; shift
-    "${PRIO[@]}" taskset -c "$SERVER_CPU" "$@" >"$WORK/$name.log" 2>&1 &
+    "$@" >"$WORK/$name.log" 2>&1 &
     PIDS+=($!)
     SPID[$name]=$!
+}
+
+# start NAME CMD...: spawn CMD pinned to the server core, with PRIO.
+start() {
+    local name=$1; shift
+    spawn "$name" "${PRIO[@]}" taskset -c "$SERVER_CPU" "$@"
 }
 
 # wait_ok URL [CURL ARGS...]: until URL answers 2xx (20 s at most).
@@ -141,6 +150,30 @@ start_simulator() {
     TOKEN=$(curl -fsS -u "bench:$SECRET" -d grant_type=client_credentials "$SIM/oauth/token" \
         | sed -n 's/.*"access_token":"\([^"]*\)".*/\1/p')
     [[ -n $TOKEN ]] || die "no token from the simulator"
+}
+
+# proxy_config FILE PORT ADMIN_PORT LOG_LEVEL CACHE_LINES: a consent-proxy configuration in
+# FILE, listening on PORT and ADMIN_PORT, in front of the simulator (SIM, SECRET), with one
+# read-only client "bench" whose key is API_KEY; CACHE_LINES make up its [cache] section.
+proxy_config() {
+    cat >"$1" <<EOF
+[server]
+listen = "127.0.0.1:$2"
+admin_listen = "127.0.0.1:$3"
+[log]
+level = "$4"
+[talkdesk]
+api_base_url = "$SIM"
+token_url = "$SIM/oauth/token"
+client_id = "bench"
+client_secret = "$SECRET"
+[cache]
+$5
+[[clients]]
+name = "bench"
+api_key = "$API_KEY"
+permissions = ["read"]
+EOF
 }
 
 # sim_gets: consent GETs the simulator has received so far.
@@ -273,4 +306,8 @@ spread() { # "median" or "median (min..max)"
         printf '%s' "$med"
     fi
 }
-ratio() { awk -v x="$1" -v y="$2" 'BEGIN { if (y > 0) printf "%.2f", x / y; else printf "-" }'; }
+# ratio X Y [DECIMALS]: X / Y with DECIMALS (2) decimals, "-" when Y is not positive.
+ratio() {
+    awk -v x="$1" -v y="$2" -v format="%.${3:-2}f" \
+        'BEGIN { if (y > 0) printf format, x / y; else printf "-" }'
+}

@@ -12,17 +12,21 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use consent_proxy::config::Settings;
 use consent_proxy::consent::ConsentStatus;
-use consent_proxy::simulator::{Simulator, SimulatorConfig};
 use consent_proxy::{App, AppHandle};
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use http::{HeaderName, HeaderValue, Request};
 use http_body_util::{BodyExt, Full};
 
+#[path = "support/consent_requests.rs"]
+mod consent_requests;
 #[path = "support/counting_alloc.rs"]
 mod counting_alloc;
+#[path = "support/stats.rs"]
+mod stats;
+use consent_requests::{proxy_toml, KEY};
 use counting_alloc::allocations;
+use stats::median;
 
-const KEY: &str = "bench-key-0123456789abcdef";
 const WORKING_SET: usize = 10_000;
 /// Interleaved rounds for the ratio, and hits per credential form in each.
 const ROUNDS: usize = 15;
@@ -40,12 +44,10 @@ struct Credential {
 }
 
 fn request(contact: usize, credential: &Credential) -> Request<Full<Bytes>> {
-    Request::get(format!(
-        "/voicebiometrics/contacts/%2B1555{contact:07}/consent"
-    ))
-    .header(credential.name.clone(), credential.value.clone())
-    .body(Full::new(Bytes::new()))
-    .expect("valid request")
+    Request::get(consent_requests::path(contact))
+        .header(credential.name.clone(), credential.value.clone())
+        .body(Full::new(Bytes::new()))
+        .expect("valid request")
 }
 
 fn token_request() -> Request<Full<Bytes>> {
@@ -70,11 +72,6 @@ async fn hits(proxy: &AppHandle, credential: &Credential, hits: usize, offset: u
     started.elapsed()
 }
 
-fn median(mut values: Vec<f64>) -> f64 {
-    values.sort_by(f64::total_cmp);
-    values[values.len() / 2]
-}
-
 fn cache_hit(c: &mut Criterion) {
     // One core: a current-thread runtime drives both the handler and the simulator.
     let runtime = tokio::runtime::Builder::new_current_thread()
@@ -86,36 +83,9 @@ fn cache_hit(c: &mut Criterion) {
         value: HeaderValue::from_static(KEY),
     };
     let (proxy, _simulator, bearer) = runtime.block_on(async {
-        let simulator = Simulator::start(
-            "127.0.0.1:0".parse().expect("addr"),
-            SimulatorConfig {
-                client_secret: "bench-secret".into(),
-                ..SimulatorConfig::default()
-            },
-        )
-        .await
-        .expect("simulator");
-        let settings = Settings::from_toml_str(&format!(
-            r#"
-[server]
-listen = "127.0.0.1:0"
-admin_listen = "127.0.0.1:0"
-[log]
-level = "warn"
-[talkdesk]
-api_base_url = "{}"
-token_url = "{}"
-client_id = "sim-client"
-client_secret = "bench-secret"
-[[clients]]
-name = "bench"
-api_key = "{KEY}"
-permissions = ["read"]
-"#,
-            simulator.base_url(),
-            simulator.token_url()
-        ))
-        .expect("settings");
+        let simulator = consent_requests::simulator().await;
+        let settings = Settings::from_toml_str(&proxy_toml(&simulator, "warn", "", r#"["read"]"#))
+            .expect("settings");
         let proxy = App::start(settings).await.expect("proxy");
         for contact in 0..WORKING_SET {
             simulator.set_status(&format!("+1555{contact:07}"), ConsentStatus::Consented);
@@ -171,7 +141,7 @@ permissions = ["read"]
     println!(
         "Bearer-token hit throughput / X-API-Key hit throughput: {:.3} (median of {ROUNDS} \
          interleaved rounds of {HITS_PER_ROUND} hits each; range {min:.3}..{max:.3}; target >= 0.95)",
-        median(ratios.clone())
+        median(&mut ratios.clone())
     );
 
     // Token issuance on this one core.

@@ -30,7 +30,10 @@ use consent_proxy::{App, AppHandle};
 mod consent_requests;
 #[path = "../tests/support/redis_server.rs"]
 mod redis_server;
-use consent_requests::{get, put, KEY, SIM_CLIENT_SECRET};
+#[path = "support/stats.rs"]
+mod stats;
+use consent_requests::{get, proxy_toml, put};
+use stats::median;
 
 const WORKING_SET: usize = 10_000;
 /// The callers' address, as the listener would pass it.
@@ -75,27 +78,11 @@ async fn proxy_with(
         ),
         None => String::new(),
     };
-    let settings = Settings::from_toml_str(&format!(
-        r#"
-[server]
-listen = "127.0.0.1:0"
-admin_listen = "127.0.0.1:0"
-[log]
-level = "error"
-[talkdesk]
-api_base_url = "{}"
-token_url = "{}"
-client_id = "sim-client"
-client_secret = "{SIM_CLIENT_SECRET}"
-{cluster}
-{sections}
-[[clients]]
-name = "bench"
-api_key = "{KEY}"
-permissions = ["read", "write"]
-"#,
-        sim.base_url(),
-        sim.token_url()
+    let settings = Settings::from_toml_str(&proxy_toml(
+        sim,
+        "error",
+        &format!("{cluster}\n{sections}"),
+        r#"["read", "write"]"#,
     ))
     .expect("settings");
     let proxy = App::start(settings).await.expect("proxy");
@@ -126,11 +113,6 @@ fn counter(proxy: &AppHandle, name: &str, label: (&str, &str)) -> f64 {
         })
         .map(|metric| metric.get_counter().get_value())
         .sum()
-}
-
-fn median(values: &mut [f64]) -> f64 {
-    values.sort_by(f64::total_cmp);
-    values[values.len() / 2]
 }
 
 fn percentile(sorted: &[Duration], p: f64) -> Duration {

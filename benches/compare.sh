@@ -70,35 +70,17 @@ SAMPLE_PATH="/voicebiometrics/contacts/+15550000000/consent"
 start_simulator
 
 # ---- consent-proxy: with cache (b) and without (e) ----------------------------------------
-proxy_config() { # FILE PORT ADMIN_PORT CACHE_ENABLED
-    cat >"$1" <<EOF
-[server]
-listen = "127.0.0.1:$2"
-admin_listen = "127.0.0.1:$3"
-[log]
-level = "warn"
-[talkdesk]
-api_base_url = "$SIM"
-token_url = "$SIM/oauth/token"
-client_id = "bench"
-client_secret = "$SECRET"
-[cache]
-enabled = $4
-ttl_s = 86400
-not_found_ttl_s = 86400
-max_entries = $((WORKING_SET * 2))
-[[clients]]
-name = "bench"
-api_key = "$API_KEY"
-permissions = ["read"]
-EOF
+# proxy_cache_config ENABLED: the [cache] lines of b (true) and e (false).
+proxy_cache_config() {
+    printf 'enabled = %s\nttl_s = 86400\nnot_found_ttl_s = 86400\nmax_entries = %s' \
+        "$1" $((WORKING_SET * 2))
 }
 
 URL_a="$SIM"
 HDR_a="Authorization: Bearer $TOKEN"
 if [[ " $TARGETS " == *" b "* ]]; then
     PROXY_PORT=$(free_port); PROXY_ADMIN=$(free_port)
-    proxy_config "$WORK/proxy.toml" "$PROXY_PORT" "$PROXY_ADMIN" true
+    proxy_config "$WORK/proxy.toml" "$PROXY_PORT" "$PROXY_ADMIN" warn "$(proxy_cache_config true)"
     start proxy "$BIN" serve --config "$WORK/proxy.toml"
     wait_ok "http://127.0.0.1:$PROXY_ADMIN/readyz"
 fi
@@ -106,7 +88,8 @@ URL_b="http://127.0.0.1:${PROXY_PORT:-0}"
 HDR_b="X-API-Key: $API_KEY"
 if [[ " $TARGETS " == *" e "* ]]; then
     NOCACHE_PORT=$(free_port); NOCACHE_ADMIN=$(free_port)
-    proxy_config "$WORK/proxy-nocache.toml" "$NOCACHE_PORT" "$NOCACHE_ADMIN" false
+    proxy_config "$WORK/proxy-nocache.toml" "$NOCACHE_PORT" "$NOCACHE_ADMIN" warn \
+        "$(proxy_cache_config false)"
     start proxy-nocache "$BIN" serve --config "$WORK/proxy-nocache.toml"
     wait_ok "http://127.0.0.1:$NOCACHE_ADMIN/readyz"
 fi

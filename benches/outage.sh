@@ -60,27 +60,10 @@ start_simulator
 # ---- consent-proxy (p) ----------------------------------------------------------------------
 API_KEY="bench-api-key-$RANDOM$RANDOM$RANDOM"
 PROXY_PORT=$(free_port); PROXY_ADMIN=$(free_port)
-cat >"$WORK/proxy.toml" <<EOF
-[server]
-listen = "127.0.0.1:$PROXY_PORT"
-admin_listen = "127.0.0.1:$PROXY_ADMIN"
-[log]
-level = "error"
-[talkdesk]
-api_base_url = "$SIM"
-token_url = "$SIM/oauth/token"
-client_id = "bench"
-client_secret = "$SECRET"
-[cache]
-ttl_s = $TTL_S
+proxy_config "$WORK/proxy.toml" "$PROXY_PORT" "$PROXY_ADMIN" error "ttl_s = $TTL_S
 not_found_ttl_s = $TTL_S
 stale_if_error_s = 3600
-max_entries = $((WORKING_SET * 2))
-[[clients]]
-name = "bench"
-api_key = "$API_KEY"
-permissions = ["read"]
-EOF
+max_entries = $((WORKING_SET * 2))"
 start proxy "$BIN" serve --config "$WORK/proxy.toml"
 wait_ok "http://127.0.0.1:$PROXY_ADMIN/readyz"
 URL_p="http://127.0.0.1:$PROXY_PORT"
@@ -137,7 +120,6 @@ if [[ $STALE_S -gt 0 ]]; then
 fi
 
 # ---- report ---------------------------------------------------------------------------------
-share() { awk -v x="$1" -v y="$2" 'BEGIN { if (y > 0) printf "%.4f", x / y; else printf "-" }'; }
 table() { # table PASS TITLE
     local pass=$1 t k
     echo
@@ -147,7 +129,7 @@ table() { # table PASS TITLE
     for t in p n; do
         k=$pass$t
         printf '%-2s %-34s %-9s %-9s %-9s %-9s %-10s %s\n' "$t" "${NAME[$t]}" "${RPS[$k]}" \
-            "$(share "${ANSWERED[$k]}" "${REQUESTS[$k]}")" "$(share "${STALE[$k]}" "${REQUESTS[$k]}")" \
+            "$(ratio "${ANSWERED[$k]}" "${REQUESTS[$k]}" 4)" "$(ratio "${STALE[$k]}" "${REQUESTS[$k]}" 4)" \
             "${P50[$k]}" "${P99[$k]}" "$([[ $OUTAGE == 500 ]] && echo "${UPSTREAM[$k]}" || echo n/a)"
     done
 }
@@ -157,7 +139,7 @@ echo "upstream outage ($OUTAGE): $WORKING_SET contacts cached (TTL ${TTL_S} s, e
 echo "answered: share of answers that were 2xx; stale: share marked stale; latencies over all answers"
 table O "the outage: ${OUTAGE_S} s per target over all $WORKING_SET contacts"
 echo
-echo "answered p/n $(ratio "$(share "${ANSWERED[Op]}" "${REQUESTS[Op]}")" "$(share "${ANSWERED[On]}" "${REQUESTS[On]}")");" \
+echo "answered p/n $(ratio "$(ratio "${ANSWERED[Op]}" "${REQUESTS[Op]}" 4)" "$(ratio "${ANSWERED[On]}" "${REQUESTS[On]}" 4)");" \
     "p99 p/n $(ratio "${P99[Op]}" "${P99[On]}"); p50 p/n $(ratio "${P50[Op]}" "${P50[On]}");" \
     "throughput p/n $(ratio "${RPS[Op]}" "${RPS[On]}")"
 if [[ $STALE_S -gt 0 ]]; then

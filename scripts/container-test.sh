@@ -21,6 +21,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 RUNS=${RUNS:-5}
+# The target scripts/container-build.sh builds for (its default: the host's).
+export TARGET=${TARGET:-$(rustc -vV | sed -n 's/^host: //p')}
 PODMAN=(podman --cgroup-manager=cgroupfs)
 nofile=$(ulimit -Hn)
 [[ $nofile == unlimited || $nofile -gt 65536 ]] && nofile=65536
@@ -83,7 +85,7 @@ stop_container() {
 # --- 1. the image -------------------------------------------------------------------------------
 step "build"
 image=$(bash scripts/container-build.sh)
-binary="${CARGO_TARGET_DIR:-target}/$(rustc -vV | sed -n 's/^host: //p')/release/consent-proxy"
+binary="${CARGO_TARGET_DIR:-target}/$TARGET/release/consent-proxy"
 
 step "the image"
 size=$("${PODMAN[@]}" image inspect --format '{{.Size}}' "$image")

@@ -5,12 +5,13 @@ mod support;
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::TcpStream;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Child, Command, ExitStatus, Output, Stdio};
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc;
 use std::thread;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
+
+use support::temp_file::TempFile;
 
 const BIN: &str = env!("CARGO_BIN_EXE_consent-proxy");
 
@@ -23,49 +24,8 @@ const API_KEY: &str = "cli-test-api-key-Vb9Lm4Tn0123";
 /// The binary with no `CONSENT_PROXY__*` variables inherited from the test's environment.
 fn command() -> Command {
     let mut command = Command::new(BIN);
-    for (key, _) in std::env::vars_os() {
-        if key
-            .to_str()
-            .is_some_and(|k| k.to_ascii_uppercase().starts_with("CONSENT_PROXY"))
-        {
-            command.env_remove(key);
-        }
-    }
-    command.stdin(Stdio::null());
+    support::without_proxy_env(&mut command).stdin(Stdio::null());
     command
-}
-
-/// A file under the temp dir with a unique name, removed when dropped.
-struct TempFile(PathBuf);
-
-impl TempFile {
-    fn new(stem: &str, content: &str) -> TempFile {
-        static COUNTER: AtomicU64 = AtomicU64::new(0);
-        let nanos = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map_or(0, |d| d.subsec_nanos());
-        let path = std::env::temp_dir().join(format!(
-            "consent-proxy-cli-{}-{}-{nanos}-{stem}",
-            std::process::id(),
-            COUNTER.fetch_add(1, Ordering::Relaxed)
-        ));
-        std::fs::write(&path, content).expect("write temp file");
-        TempFile(path)
-    }
-
-    fn path(&self) -> &Path {
-        &self.0
-    }
-
-    fn display(&self) -> String {
-        self.0.display().to_string()
-    }
-}
-
-impl Drop for TempFile {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_file(&self.0);
-    }
 }
 
 /// A valid configuration, with `extra` appended to the `[talkdesk]` section.
@@ -108,6 +68,22 @@ fn check_config(file: &Path, env: &[(&str, &str)]) -> Output {
 
 fn text(bytes: &[u8]) -> String {
     String::from_utf8_lossy(bytes).into_owned()
+}
+
+/// Asserts that check-config accepted the file (exit 0), that none of `secrets` is in its
+/// stdout or stderr and that the configuration it printed is itself valid TOML; returns stdout.
+fn assert_printed_without(output: &Output, secrets: &[&str]) -> String {
+    let stdout = text(&output.stdout);
+    let stderr = text(&output.stderr);
+    assert_eq!(output.status.code(), Some(0), "stderr: {stderr}");
+    for secret in secrets {
+        assert!(!stdout.contains(secret), "secret in stdout:\n{stdout}");
+        assert!(!stderr.contains(secret), "secret in stderr:\n{stderr}");
+    }
+    stdout
+        .parse::<toml::Table>()
+        .unwrap_or_else(|e| panic!("printed config is not TOML: {e}\n{stdout}"));
+    stdout
 }
 
 /// Asserts exit 2 and that stderr names every one of `keys`.
@@ -310,10 +286,7 @@ fn http_get(addr: &str, path: &str) -> (u16, String) {
 #[test]
 fn check_config_accepts_a_valid_file_and_prints_it_without_secrets() {
     let file = TempFile::new("valid.toml", &valid_config(&inline_secret(), &inline_key()));
-    let output = check_config(file.path(), &[]);
-    let stdout = text(&output.stdout);
-    let stderr = text(&output.stderr);
-    assert_eq!(output.status.code(), Some(0), "stderr: {stderr}");
+    let stdout = assert_printed_without(&check_config(file.path(), &[]), &[CLIENT_SECRET, API_KEY]);
     // The effective configuration: file values, defaults and derived URLs.
     assert!(stdout.contains(r#"listen = "127.0.0.1:18080""#), "{stdout}");
     assert!(stdout.contains(r#"client_id = "cli-client""#), "{stdout}");
@@ -325,14 +298,6 @@ fn check_config_accepts_a_valid_file_and_prints_it_without_secrets() {
     assert!(stdout.contains("https://api.talkdeskapp.eu"), "{stdout}");
     assert!(stdout.contains("max_body_bytes = 4096"), "{stdout}");
     assert!(stdout.contains(r#"name = "studio-ivr""#), "{stdout}");
-    for secret in [CLIENT_SECRET, API_KEY] {
-        assert!(!stdout.contains(secret), "secret in stdout:\n{stdout}");
-        assert!(!stderr.contains(secret), "secret in stderr:\n{stderr}");
-    }
-    // The printed configuration is itself valid TOML.
-    stdout
-        .parse::<toml::Table>()
-        .unwrap_or_else(|e| panic!("printed config is not TOML: {e}\n{stdout}"));
 }
 
 #[test]
@@ -455,10 +420,10 @@ fn check_config_keeps_cluster_and_oauth_secrets_out_of_its_output() {
         keys.display()
     );
     let file = TempFile::new("cluster.toml", &config);
-    let output = check_config(file.path(), &[]);
-    let stdout = text(&output.stdout);
-    let stderr = text(&output.stderr);
-    assert_eq!(output.status.code(), Some(0), "stderr: {stderr}");
+    let stdout = assert_printed_without(
+        &check_config(file.path(), &[]),
+        &[CLIENT_SECRET, API_KEY, REDIS_PASSWORD, SIGNING_KEY],
+    );
     assert!(
         stdout.contains(r#"redis_url = "rediss://proxy:<redacted>@redis.internal:6380/3""#),
         "{stdout}"
@@ -467,13 +432,6 @@ fn check_config_keeps_cluster_and_oauth_secrets_out_of_its_output() {
         stdout.contains(&format!("signing_key_file = {:?}", keys.display())),
         "{stdout}"
     );
-    for secret in [CLIENT_SECRET, API_KEY, REDIS_PASSWORD, SIGNING_KEY] {
-        assert!(!stdout.contains(secret), "secret in stdout:\n{stdout}");
-        assert!(!stderr.contains(secret), "secret in stderr:\n{stderr}");
-    }
-    stdout
-        .parse::<toml::Table>()
-        .unwrap_or_else(|e| panic!("printed config is not TOML: {e}\n{stdout}"));
 }
 
 #[test]

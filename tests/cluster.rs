@@ -31,6 +31,7 @@ use support::fleet::{
 use support::history::{cluster_violations, gets, random_client, Event, Op};
 use support::redis_server::{free_port, RedisServer};
 use support::relay::Relay;
+use support::temp_file::TempFile;
 use support::*;
 use tokio::time::Instant;
 
@@ -560,7 +561,8 @@ async fn best_effort_writes_go_through_while_redis_is_down() {
 /// The binary, as one instance of the cluster; killed when dropped.
 struct ChildProxy {
     child: std::process::Child,
-    config_file: std::path::PathBuf,
+    /// Removed when dropped, after the child is killed.
+    _config_file: TempFile,
     addr: std::net::SocketAddr,
 }
 
@@ -570,15 +572,11 @@ impl ChildProxy {
         config
             .set_str("server.listen", &format!("127.0.0.1:{listen}"))
             .set_str("server.admin_listen", &format!("127.0.0.1:{admin}"));
-        let config_file = std::env::temp_dir().join(format!(
-            "consent-proxy-cluster-{}.toml",
-            rand::random::<u64>()
-        ));
-        std::fs::write(&config_file, config.to_toml()).expect("write config");
-        let child = std::process::Command::new(BIN)
+        let config_file = TempFile::new("cluster.toml", &config.to_toml());
+        let child = without_proxy_env(&mut std::process::Command::new(BIN))
             .arg("serve")
             .arg("--config")
-            .arg(&config_file)
+            .arg(config_file.path())
             .stdin(std::process::Stdio::null())
             .stdout(std::process::Stdio::null())
             .stderr(std::process::Stdio::null())
@@ -587,7 +585,7 @@ impl ChildProxy {
         // Held before waiting, so that a failed wait still kills it.
         let proxy = ChildProxy {
             child,
-            config_file,
+            _config_file: config_file,
             addr: ([127, 0, 0, 1], listen).into(),
         };
         let admin_url = format!("http://127.0.0.1:{admin}/readyz");
@@ -610,7 +608,6 @@ impl Drop for ChildProxy {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
-        let _ = std::fs::remove_file(&self.config_file);
     }
 }
 
@@ -886,7 +883,7 @@ async fn an_admin_purge_reaches_every_instance() {
 /// build: three instances and a Redis, a write seen everywhere, Redis killed and restarted.
 #[test]
 fn the_local_example_runs() {
-    let status = std::process::Command::new("bash")
+    let status = without_proxy_env(&mut std::process::Command::new("bash"))
         .arg("examples/cluster/run.sh")
         .arg("--check")
         .env("BIN", BIN)

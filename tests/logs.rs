@@ -12,9 +12,7 @@ mod support;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::io::{BufRead, BufReader};
-use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
-use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{mpsc, Arc, Mutex};
 use std::thread;
 use std::time::{Duration, Instant};
@@ -27,6 +25,7 @@ use http_body_util::{BodyExt, Full};
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
+use support::temp_file::TempFile;
 use support::*;
 
 const BIN: &str = env!("CARGO_BIN_EXE_consent-proxy");
@@ -59,31 +58,22 @@ struct Proxy {
     /// Every line of standard error so far.
     lines: Arc<Mutex<Vec<String>>>,
     listening: mpsc::Receiver<String>,
-    config_file: PathBuf,
+    /// Removed when the proxy is dropped.
+    _config_file: TempFile,
 }
 
 impl Proxy {
     fn start(config_toml: &str) -> Proxy {
-        static NEXT: AtomicU32 = AtomicU32::new(0);
-        let config_file = std::env::temp_dir().join(format!(
-            "consent-proxy-logs-{}-{}.toml",
-            std::process::id(),
-            NEXT.fetch_add(1, Ordering::Relaxed)
-        ));
-        std::fs::write(&config_file, config_toml).expect("write config");
+        let config_file = TempFile::new("logs.toml", config_toml);
         let mut command = Command::new(BIN);
         command
             .arg("serve")
             .arg("--config")
-            .arg(&config_file)
+            .arg(config_file.path())
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::piped());
-        for (name, _) in std::env::vars_os() {
-            if name.to_string_lossy().starts_with("CONSENT_PROXY__") {
-                command.env_remove(name);
-            }
-        }
+        without_proxy_env(&mut command);
         let mut child = command.spawn().expect("spawn consent-proxy");
         let stderr = child.stderr.take().expect("piped stderr");
         let lines = Arc::new(Mutex::new(Vec::new()));
@@ -104,7 +94,7 @@ impl Proxy {
             child,
             lines,
             listening,
-            config_file,
+            _config_file: config_file,
         }
     }
 
@@ -166,7 +156,6 @@ impl Drop for Proxy {
             let _ = self.child.kill();
             let _ = self.child.wait();
         }
-        let _ = std::fs::remove_file(&self.config_file);
     }
 }
 
@@ -301,17 +290,8 @@ async fn scenario(run: Run) {
         .set("talkdesk.max_retries", "2")
         // The scenario's run of upstream failures would open the circuit before r13.
         .set("talkdesk.breaker_failures", "0");
-    static NEXT_KEY_FILE: AtomicU32 = AtomicU32::new(0);
-    let signing_key_file = std::env::temp_dir().join(format!(
-        "consent-proxy-logs-signing-key-{}-{}",
-        std::process::id(),
-        NEXT_KEY_FILE.fetch_add(1, Ordering::Relaxed)
-    ));
-    std::fs::write(&signing_key_file, SIGNING_KEY).expect("write signing key");
-    config.set_str(
-        "oauth.signing_key_file",
-        signing_key_file.to_str().expect("UTF-8 path"),
-    );
+    let signing_key_file = TempFile::new("logs-signing-key", SIGNING_KEY);
+    config.set_str("oauth.signing_key_file", &signing_key_file.display());
     let mut proxy = Proxy::start(&config.to_toml());
     let (base, admin) = proxy.wait_listening();
     let mut builder = Client::builder(TokioExecutor::new());
@@ -606,7 +586,7 @@ async fn scenario(run: Run) {
         )
         .await;
     expect(Expected::refused("t04-tampered-token"), got);
-    let _ = std::fs::remove_file(&signing_key_file);
+    drop(signing_key_file);
 
     let log = proxy.stop();
     if let Ok(dir) = std::env::var("LOGS_TEST_DUMP") {

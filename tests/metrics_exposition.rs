@@ -93,11 +93,7 @@ async fn metrics_are_promtool_clean_and_complete_after_traffic() {
     let text = response.text();
 
     // 1. promtool: exit 0 and not a word of lint.
-    let (code, output) = promtool.check_metrics(&text);
-    assert!(
-        code == Some(0) && output.trim().is_empty(),
-        "`promtool check metrics` exit {code:?}, output:\n{output}\n--- exposition ---\n{text}"
-    );
+    promtool.assert_clean(&text);
 
     let exposition = Exposition::parse(&text);
 
@@ -279,11 +275,7 @@ async fn cluster_metrics_are_promtool_clean_and_complete() {
     assert_eq!(h.metric("consent_proxy_cluster_connected").await, 1.0);
     assert_eq!(h.put(CONTACT_READ_WRITE, "REFUSED").await.status / 100, 2);
     let text = h.admin("/metrics").await.text();
-    let (code, output) = promtool.check_metrics(&text);
-    assert!(
-        code == Some(0) && output.trim().is_empty(),
-        "`promtool check metrics` exit {code:?}, output:\n{output}\n--- exposition ---\n{text}"
-    );
+    promtool.assert_clean(&text);
     let exposition = Exposition::parse(&text);
     for (name, kind, labels) in [
         ("consent_proxy_cluster_connected", "gauge", &[][..]),
@@ -345,11 +337,7 @@ async fn shared_tier_metrics_are_promtool_clean_and_complete() {
     assert_eq!(shared.header("x-cache-tier"), Some("shared"));
     assert_eq!(h.put(CONTACT_READ_WRITE, "REFUSED").await.status / 100, 2);
     let text = h.admin("/metrics").await.text();
-    let (code, output) = promtool.check_metrics(&text);
-    assert!(
-        code == Some(0) && output.trim().is_empty(),
-        "`promtool check metrics` exit {code:?}, output:\n{output}\n--- exposition ---\n{text}"
-    );
+    promtool.assert_clean(&text);
     let exposition = Exposition::parse(&text);
     for (name, kind, labels) in [
         (
@@ -548,6 +536,15 @@ impl Promtool {
         let mut text = String::from_utf8_lossy(&output.stdout).into_owned();
         text.push_str(&String::from_utf8_lossy(&output.stderr));
         (output.status.code(), text)
+    }
+
+    /// `promtool check metrics` exits 0 and prints nothing about `exposition`.
+    fn assert_clean(&self, exposition: &str) {
+        let (code, output) = self.check_metrics(exposition);
+        assert!(
+            code == Some(0) && output.trim().is_empty(),
+            "`promtool check metrics` exit {code:?}, output:\n{output}\n--- exposition ---\n{exposition}"
+        );
     }
 
     /// The check has teeth: promtool reports a known lint (a counter without `_total`).

@@ -18,7 +18,6 @@ mod support;
 use std::net::{IpAddr, Ipv4Addr};
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
 use base64::engine::general_purpose::{STANDARD, URL_SAFE_NO_PAD};
@@ -27,6 +26,7 @@ use consent_proxy::consent::ConsentStatus;
 use consent_proxy::AppHandle;
 use http::Method;
 use serde_json::{json, Value};
+use support::temp_file::TempFile;
 use support::*;
 
 const KEY_A: &str = "signing-key-a-0123456789abcdef0123456789";
@@ -40,30 +40,9 @@ const BEARER_CHALLENGE: &str = r#"Bearer realm="consent-proxy", error="invalid_t
 // ---------------------------------------------------------------------------------------------
 // Helpers
 
-/// A signing key file in the temporary directory, removed on drop.
-struct KeyFile(PathBuf);
-
-impl KeyFile {
-    fn new(keys: &[&str]) -> KeyFile {
-        static NEXT: AtomicU32 = AtomicU32::new(0);
-        let path = std::env::temp_dir().join(format!(
-            "consent-proxy-oauth-keys-{}-{}",
-            std::process::id(),
-            NEXT.fetch_add(1, Ordering::Relaxed)
-        ));
-        std::fs::write(&path, keys.join("\n")).expect("write key file");
-        KeyFile(path)
-    }
-
-    fn path(&self) -> &str {
-        self.0.to_str().expect("UTF-8 temp path")
-    }
-}
-
-impl Drop for KeyFile {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_file(&self.0);
-    }
+/// A signing key file (one key a line) in the temporary directory, removed on drop.
+fn key_file(keys: &[&str]) -> TempFile {
+    TempFile::new("oauth-keys", &keys.join("\n"))
 }
 
 fn form_encode(value: &str) -> String {
@@ -78,10 +57,6 @@ fn client_basic(id: &str, secret: &str) -> String {
 
 fn token_url(proxy: &AppHandle) -> String {
     format!("{}/oauth/token", proxy.url())
-}
-
-fn consent_url(proxy: &AppHandle, contact: &str) -> String {
-    format!("{}/voicebiometrics/contacts/{contact}/consent", proxy.url())
 }
 
 /// A token request with `client_secret_basic`.
@@ -137,23 +112,6 @@ async fn put_with(proxy: &AppHandle, contact: &str, token: &str, status: &str) -
         .await
 }
 
-/// The proxy's metrics text.
-async fn metrics(proxy: &AppHandle) -> String {
-    TestClient::new()
-        .send(
-            Method::GET,
-            &format!("{}/metrics", proxy.admin_url()),
-            &[],
-            None,
-        )
-        .await
-        .text()
-}
-
-async fn metric(proxy: &AppHandle, sample: &str) -> f64 {
-    metric_value(&metrics(proxy).await, sample)
-}
-
 fn assert_invalid_token(response: &TestResponse, what: &str) {
     assert_eq!(response.status, 401, "{what}: {}", response.text());
     assert_eq!(response.code(), "unauthorized", "{what}");
@@ -165,8 +123,8 @@ fn assert_invalid_token(response: &TestResponse, what: &str) {
 }
 
 /// A proxy (with its own simulator) whose tokens are signed with the keys in `keys`.
-async fn harness_with_keys(keys: &KeyFile, configure: impl FnOnce(&mut ProxyConfig)) -> Harness {
-    let path = keys.path().to_owned();
+async fn harness_with_keys(keys: &TempFile, configure: impl FnOnce(&mut ProxyConfig)) -> Harness {
+    let path = keys.display();
     Harness::start_with(move |c| {
         c.set_str("oauth.signing_key_file", &path);
         configure(c);
@@ -251,7 +209,7 @@ async fn an_independent_oauth_client_gets_tokens_both_ways_and_reads_and_writes_
         h.sim.stored_status("+15557000001"),
         Some(ConsentStatus::Refused)
     );
-    let text = metrics(&h.proxy).await;
+    let text = h.admin("/metrics").await.text();
     assert_eq!(
         metric_value(
             &text,
@@ -283,11 +241,8 @@ async fn a_read_only_client_cannot_get_the_write_scope_and_its_read_token_cannot
         assert!(refused.json().get("access_token").is_none());
     }
     assert_eq!(
-        metric(
-            &h.proxy,
-            r#"consent_proxy_oauth_tokens_issued_total{client="reader"}"#
-        )
-        .await,
+        h.metric(r#"consent_proxy_oauth_tokens_issued_total{client="reader"}"#)
+            .await,
         0.0,
         "nothing issued"
     );
@@ -311,11 +266,8 @@ async fn a_read_only_client_cannot_get_the_write_scope_and_its_read_token_cannot
         403
     );
     assert_eq!(
-        metric(
-            &h.proxy,
-            r#"consent_proxy_oauth_tokens_issued_total{client="reader"}"#
-        )
-        .await,
+        h.metric(r#"consent_proxy_oauth_tokens_issued_total{client="reader"}"#)
+            .await,
         1.0
     );
 }
@@ -332,7 +284,7 @@ async fn token_endpoint_refusals_are_rfc_6749_answers() {
     .await;
     let http = TestClient::new();
     let url = token_url(&h.proxy);
-    let text = metrics(&h.proxy).await;
+    let text = h.admin("/metrics").await.text();
     for client in ["rw", "reader", "ops", "special"] {
         assert!(
             text.contains(&format!(
@@ -451,7 +403,7 @@ async fn token_endpoint_refusals_are_rfc_6749_answers() {
     assert_eq!(get.status, 405);
     assert_eq!(get.header("allow"), Some("POST"));
 
-    let text = metrics(&h.proxy).await;
+    let text = h.admin("/metrics").await.text();
     for (error, count) in [
         ("invalid_client", 4.0),
         ("invalid_request", 4.0),
@@ -499,7 +451,7 @@ fn decode_part(part: &str) -> Value {
 
 #[tokio::test]
 async fn unacceptable_tokens_are_401_invalid_token_and_never_reach_upstream() {
-    let keys = KeyFile::new(&[KEY_A]);
+    let keys = key_file(&[KEY_A]);
     let h = harness_with_keys(&keys, |_| {}).await;
     h.wait_ready().await;
     let genuine = token(&h.proxy, "rw", RW_KEY, None).await;
@@ -636,11 +588,11 @@ async fn unacceptable_tokens_are_401_invalid_token_and_never_reach_upstream() {
             &put_with(&h.proxy, "+15557200001", token, "CONSENTED").await,
             what,
         );
-        let counted = metric(
-            &h.proxy,
-            &format!("consent_proxy_oauth_tokens_rejected_total{{reason=\"{reason}\"}}"),
-        )
-        .await;
+        let counted = h
+            .metric(&format!(
+                "consent_proxy_oauth_tokens_rejected_total{{reason=\"{reason}\"}}"
+            ))
+            .await;
         assert!(counted >= 2.0, "{what}: reason {reason} counted {counted}");
     }
     assert_eq!(
@@ -694,11 +646,8 @@ async fn an_expired_token_stops_working_even_after_it_was_cached() {
         issued_at.elapsed()
     );
     assert!(
-        metric(
-            &h.proxy,
-            r#"consent_proxy_oauth_tokens_rejected_total{reason="expired"}"#
-        )
-        .await
+        h.metric(r#"consent_proxy_oauth_tokens_rejected_total{reason="expired"}"#)
+            .await
             >= 1.0
     );
 }
@@ -708,15 +657,15 @@ async fn an_expired_token_stops_working_even_after_it_was_cached() {
 
 #[tokio::test]
 async fn instances_sharing_the_key_file_accept_each_others_tokens_and_others_refuse_them() {
-    let shared = KeyFile::new(&[KEY_A]);
-    let other = KeyFile::new(&[KEY_B]);
+    let shared = key_file(&[KEY_A]);
+    let other = key_file(&[KEY_B]);
     // The rotation's middle step: the new key signs, the old one still verifies.
-    let rotated = KeyFile::new(&["# new key first", KEY_B, KEY_A]);
+    let rotated = key_file(&["# new key first", KEY_B, KEY_A]);
     let sim = start_simulator().await;
     sim.set_status("+15557400001", ConsentStatus::Consented);
-    let start = |keys: &KeyFile| {
+    let start = |keys: &TempFile| {
         let mut config = ProxyConfig::for_simulator(&sim);
-        config.set_str("oauth.signing_key_file", keys.path());
+        config.set_str("oauth.signing_key_file", &keys.display());
         async move { config.start().await }
     };
     let a = start(&shared).await;
@@ -759,11 +708,11 @@ async fn instances_sharing_the_key_file_accept_each_others_tokens_and_others_ref
 
 #[tokio::test]
 async fn a_client_removed_or_narrowed_in_the_configuration_loses_its_token_at_the_restart() {
-    let keys = KeyFile::new(&[KEY_A]);
+    let keys = key_file(&[KEY_A]);
     let sim = start_simulator().await;
     sim.set_status("+15557500001", ConsentStatus::Consented);
     let mut before = ProxyConfig::for_simulator(&sim);
-    before.set_str("oauth.signing_key_file", keys.path());
+    before.set_str("oauth.signing_key_file", &keys.display());
     let first = before.start().await;
     let reader_token = token(&first, "reader", READER_KEY, None).await;
     let rw_token = token(&first, "rw", RW_KEY, None).await;
@@ -782,7 +731,7 @@ async fn a_client_removed_or_narrowed_in_the_configuration_loses_its_token_at_th
     // The restart: "reader" removed, "rw" keeps its name and key but loses `write`.
     let mut after = ProxyConfig::for_simulator(&sim);
     after
-        .set_str("oauth.signing_key_file", keys.path())
+        .set_str("oauth.signing_key_file", &keys.display())
         .without_clients()
         .with_client("rw", RW_KEY, &["read"]);
     let second = after.start().await;
@@ -792,6 +741,7 @@ async fn a_client_removed_or_narrowed_in_the_configuration_loses_its_token_at_th
     );
     assert_eq!(
         metric(
+            &TestClient::new(),
             &second,
             r#"consent_proxy_oauth_tokens_rejected_total{reason="unknown_client"}"#
         )
@@ -815,7 +765,7 @@ async fn a_client_removed_or_narrowed_in_the_configuration_loses_its_token_at_th
 
 #[tokio::test]
 async fn with_oauth_disabled_there_is_no_token_endpoint_and_no_token_is_accepted() {
-    let keys = KeyFile::new(&[KEY_A]);
+    let keys = key_file(&[KEY_A]);
     let issuer = harness_with_keys(&keys, |_| {}).await;
     let issued = token(&issuer.proxy, "rw", RW_KEY, None).await;
     let disabled = harness_with_keys(&keys, |c| {
@@ -896,7 +846,7 @@ async fn failed_client_authentications_are_throttled_per_address_and_per_name() 
         "a correct one from another address works"
     );
 
-    let text = metrics(&h.proxy).await;
+    let text = h.admin("/metrics").await.text();
     assert_eq!(
         metric_value(
             &text,

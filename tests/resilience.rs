@@ -21,17 +21,11 @@ use tokio::time::Instant;
 /// A proxy (no cache: every GET goes upstream) in front of `api`, with the simulator's token
 /// endpoint.
 async fn proxy_for(api: &str, configure: impl FnOnce(&mut ProxyConfig)) -> Harness {
-    let api = api.to_owned();
-    let h = Harness::start_with_upstream(
-        |sim| (api, sim.token_url()),
-        |c| {
-            c.set("cache.enabled", "false");
-            configure(c);
-        },
-    )
-    .await;
-    h.wait_ready().await;
-    h
+    Harness::start_for_api(api, |c| {
+        c.set("cache.enabled", "false");
+        configure(c);
+    })
+    .await
 }
 
 /// GETs of `n` distinct contacts at once; each answer with how long it took.

@@ -5,7 +5,6 @@
 
 mod support;
 
-use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -31,15 +30,6 @@ fn unavailable() -> Act {
 
 fn ok_answer() -> Act {
     Act::Send(consent_200("CONSENTED"))
-}
-
-/// A proxy whose consent API is at `api` and whose tokens come from a simulator.
-async fn proxy_for_api(api: SocketAddr, configure: impl FnOnce(&mut ProxyConfig)) -> Harness {
-    let h =
-        Harness::start_with_upstream(|sim| (format!("http://{api}"), sim.token_url()), configure)
-            .await;
-    h.wait_ready().await;
-    h
 }
 
 /// A GET of `contact` for `SimRoute::Get`, else a PUT of `put_status`; and how long it took.
@@ -77,7 +67,7 @@ fn assert_error(response: &TestResponse, status: u16, code: &str) {
 async fn get_and_put_are_retried_on_connect_errors_until_upstream_listens() {
     let api = free_addr().await;
     let h = Arc::new(
-        proxy_for_api(api, |c| {
+        Harness::start_for_api(&format!("http://{api}"), |c| {
             // Back-off 25-50, 50-100, 100-200, 200-400, 400-800 ms: room to start listening.
             c.set("talkdesk.max_retries", "5")
                 .set("server.request_timeout_ms", "5000");
@@ -124,7 +114,7 @@ async fn get_and_put_are_retried_on_connect_errors_until_upstream_listens() {
 #[tokio::test]
 async fn a_port_that_always_refuses_gets_max_retries_plus_one_attempts_then_502() {
     let api = free_addr().await;
-    let h = proxy_for_api(api, |c| {
+    let h = Harness::start_for_api(&format!("http://{api}"), |c| {
         c.set("talkdesk.max_retries", "2")
             .set("server.request_timeout_ms", "3000")
             .set("talkdesk.breaker_failures", "0");
@@ -301,7 +291,7 @@ async fn back_off_between_attempts_grows() {
         listener,
         |_, n| if n < 4 { unavailable() } else { ok_answer() },
     );
-    let h = proxy_for_api(api, |c| {
+    let h = Harness::start_for_api(&format!("http://{api}"), |c| {
         c.set("talkdesk.max_retries", "4")
             .set("server.request_timeout_ms", "5000");
     })

@@ -1,6 +1,6 @@
 //! What the in-process benchmarks send through the handler: consent GETs and PUTs for the
-//! contacts `+1555NNNNNNN` of a working set, with the benchmarks' API key, and the simulator
-//! they are sent to.
+//! contacts `+1555NNNNNNN` of a working set, with the benchmarks' API key, the simulator they
+//! are sent to and the proxy configuration in front of it.
 #![allow(dead_code)]
 
 use bytes::Bytes;
@@ -11,7 +11,8 @@ use http_body_util::Full;
 pub const KEY: &str = "bench-key-0123456789abcdef";
 pub const SIM_CLIENT_SECRET: &str = "bench-secret";
 
-fn path(contact: usize) -> String {
+/// The consent resource of the working set's `contact`.
+pub fn path(contact: usize) -> String {
     format!("/voicebiometrics/contacts/%2B1555{contact:07}/consent")
 }
 
@@ -30,6 +31,32 @@ pub fn put(contact: usize, status: &str) -> Request<Full<Bytes>> {
             r#"{{"status":"{status}"}}"#
         ))))
         .expect("valid request")
+}
+
+/// A proxy configuration (TOML) in front of `sim`, logging at `log_level`, with `sections`
+/// (more TOML) and one client, "bench", with the key [`KEY`] and `permissions` (a TOML array).
+pub fn proxy_toml(sim: &Simulator, log_level: &str, sections: &str, permissions: &str) -> String {
+    format!(
+        r#"
+[server]
+listen = "127.0.0.1:0"
+admin_listen = "127.0.0.1:0"
+[log]
+level = "{log_level}"
+[talkdesk]
+api_base_url = "{}"
+token_url = "{}"
+client_id = "sim-client"
+client_secret = "{SIM_CLIENT_SECRET}"
+{sections}
+[[clients]]
+name = "bench"
+api_key = "{KEY}"
+permissions = {permissions}
+"#,
+        sim.base_url(),
+        sim.token_url()
+    )
 }
 
 /// The simulator on a free loopback port, with the client secret the benchmarks configure.

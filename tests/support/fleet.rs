@@ -8,14 +8,13 @@ use std::time::Duration;
 use consent_proxy::consent::ConsentStatus;
 use consent_proxy::simulator::Simulator;
 use consent_proxy::{App, AppHandle};
-use http::Method;
 use tokio::time::Instant;
 
 use super::history::{cluster_violations, gets, random_client, random_upstream_delays};
 use super::redis_server::RedisServer;
 use super::{
-    metric_value, start_simulator, wait_until, ProxyConfig, TestClient, TestResponse, ADMIN_KEY,
-    RW_KEY,
+    admin_get, consent_url, get_consent, metric, put_consent, start_simulator, wait_until,
+    ProxyConfig, TestClient, TestResponse,
 };
 
 /// `cluster.max_staleness_ms` in these tests.
@@ -277,38 +276,23 @@ impl Fleet {
     }
 
     pub fn url(&self, i: usize, contact: &str) -> String {
-        format!(
-            "{}/voicebiometrics/contacts/{contact}/consent",
-            self.proxies[i].proxy.url()
-        )
+        consent_url(&self.proxies[i].proxy, contact)
     }
 
     pub async fn get(&self, i: usize, contact: &str) -> TestResponse {
-        let url = self.url(i, contact);
-        self.http
-            .send(Method::GET, &url, &[("x-api-key", RW_KEY)], None)
-            .await
+        get_consent(&self.http, &self.proxies[i].proxy, contact).await
     }
 
     pub async fn put(&self, i: usize, contact: &str, status: &str) -> TestResponse {
-        let url = self.url(i, contact);
-        self.http
-            .send(
-                Method::PUT,
-                &url,
-                &[("x-api-key", RW_KEY), ("content-type", "application/json")],
-                Some(format!(r#"{{"status":"{status}"}}"#)),
-            )
-            .await
+        put_consent(&self.http, &self.proxies[i].proxy, contact, status).await
     }
 
     pub async fn admin(&self, i: usize, path: &str) -> TestResponse {
-        let url = format!("{}{path}", self.proxies[i].proxy.admin_url());
-        self.http.send(Method::GET, &url, &[], None).await
+        admin_get(&self.http, &self.proxies[i].proxy, path).await
     }
 
     pub async fn metric(&self, i: usize, sample: &str) -> f64 {
-        metric_value(&self.admin(i, "/metrics").await.text(), sample)
+        metric(&self.http, &self.proxies[i].proxy, sample).await
     }
 
     /// `/readyz`'s status and the feed's state in it (`live` or `down`).
@@ -334,14 +318,7 @@ impl Fleet {
     /// `DELETE /admin/cache/{contact}` through instance `via` (with the admin key), then waits
     /// until each of `others` has applied its announcement.
     pub async fn purge(&self, via: usize, contact: &str, others: &[usize]) {
-        let url = format!(
-            "{}/admin/cache/{contact}",
-            self.proxies[via].proxy.admin_url()
-        );
-        let purged = self
-            .http
-            .send(Method::DELETE, &url, &[("x-api-key", ADMIN_KEY)], None)
-            .await;
+        let purged = super::purge(&self.http, &self.proxies[via].proxy, contact).await;
         assert_eq!(purged.status, 204);
         for &i in others {
             wait_until(Duration::from_secs(2), || async {

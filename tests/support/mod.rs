@@ -8,6 +8,7 @@ pub mod history;
 pub mod raw_http;
 pub mod redis_server;
 pub mod relay;
+pub mod temp_file;
 pub mod yaml;
 
 use std::collections::BTreeMap;
@@ -180,6 +181,18 @@ impl Harness {
         h
     }
 
+    /// A proxy whose consent API is at `api_base_url` (a fake upstream, a port that refuses
+    /// connections) and whose tokens come from the simulator; returns once the proxy is ready.
+    pub async fn start_for_api(
+        api_base_url: &str,
+        configure: impl FnOnce(&mut ProxyConfig),
+    ) -> Harness {
+        let api_base_url = api_base_url.to_owned();
+        let h = Self::start_with_upstream(|sim| (api_base_url, sim.token_url()), configure).await;
+        h.wait_ready().await;
+        h
+    }
+
     /// A simulator and a proxy whose consent API and token URLs `urls` picks, given the
     /// simulator (`(api_base_url, token_url)`).
     pub async fn start_with_upstream(
@@ -199,58 +212,30 @@ impl Harness {
     }
 
     pub fn consent_url(&self, contact: &str) -> String {
-        format!(
-            "{}/voicebiometrics/contacts/{contact}/consent",
-            self.proxy.url()
-        )
+        consent_url(&self.proxy, contact)
     }
 
     pub async fn get(&self, contact: &str) -> TestResponse {
-        self.http
-            .send(
-                Method::GET,
-                &self.consent_url(contact),
-                &[("x-api-key", RW_KEY)],
-                None,
-            )
-            .await
+        get_consent(&self.http, &self.proxy, contact).await
     }
 
     pub async fn put(&self, contact: &str, status: &str) -> TestResponse {
-        self.http
-            .send(
-                Method::PUT,
-                &self.consent_url(contact),
-                &[("x-api-key", RW_KEY), ("content-type", "application/json")],
-                Some(format!(r#"{{"status":"{status}"}}"#)),
-            )
-            .await
+        put_consent(&self.http, &self.proxy, contact, status).await
     }
 
     pub async fn admin(&self, path: &str) -> TestResponse {
-        self.http
-            .send(
-                Method::GET,
-                &format!("{}{path}", self.proxy.admin_url()),
-                &[],
-                None,
-            )
-            .await
+        admin_get(&self.http, &self.proxy, path).await
     }
 
     /// Drops `contact`'s cached answer through the admin API, with the admin key.
     pub async fn purge(&self, contact: &str) -> TestResponse {
-        let url = format!("{}/admin/cache/{contact}", self.proxy.admin_url());
-        self.http
-            .send(Method::DELETE, &url, &[("x-api-key", ADMIN_KEY)], None)
-            .await
+        purge(&self.http, &self.proxy, contact).await
     }
 
     /// The value of one sample of the proxy's metrics, e.g.
     /// `consent_proxy_cache_lookups_total{result="hit"}`; 0 when absent.
     pub async fn metric(&self, sample: &str) -> f64 {
-        let text = self.admin("/metrics").await.text();
-        metric_value(&text, sample)
+        metric(&self.http, &self.proxy, sample).await
     }
 
     /// Waits (polling, bounded) until the proxy reports ready.
@@ -269,6 +254,61 @@ impl Harness {
         })
         .await;
     }
+}
+
+/// The consent resource of `contact` on `proxy`.
+pub fn consent_url(proxy: &AppHandle, contact: &str) -> String {
+    format!("{}/voicebiometrics/contacts/{contact}/consent", proxy.url())
+}
+
+/// `GET` of `contact`'s consent on `proxy`, with the read-write key.
+pub async fn get_consent(http: &TestClient, proxy: &AppHandle, contact: &str) -> TestResponse {
+    http.send(
+        Method::GET,
+        &consent_url(proxy, contact),
+        &[("x-api-key", RW_KEY)],
+        None,
+    )
+    .await
+}
+
+/// `PUT` of `status` as `contact`'s consent on `proxy`, with the read-write key.
+pub async fn put_consent(
+    http: &TestClient,
+    proxy: &AppHandle,
+    contact: &str,
+    status: &str,
+) -> TestResponse {
+    http.send(
+        Method::PUT,
+        &consent_url(proxy, contact),
+        &[("x-api-key", RW_KEY), ("content-type", "application/json")],
+        Some(format!(r#"{{"status":"{status}"}}"#)),
+    )
+    .await
+}
+
+/// `GET` of `path` on `proxy`'s admin listener, without credentials.
+pub async fn admin_get(http: &TestClient, proxy: &AppHandle, path: &str) -> TestResponse {
+    let url = format!("{}{path}", proxy.admin_url());
+    http.send(Method::GET, &url, &[], None).await
+}
+
+/// `DELETE /admin/cache/{contact}` on `proxy`, with the admin key.
+pub async fn purge(http: &TestClient, proxy: &AppHandle, contact: &str) -> TestResponse {
+    let url = format!("{}/admin/cache/{contact}", proxy.admin_url());
+    http.send(Method::DELETE, &url, &[("x-api-key", ADMIN_KEY)], None)
+        .await
+}
+
+/// `proxy`'s metrics exposition text.
+pub async fn metrics_text(http: &TestClient, proxy: &AppHandle) -> String {
+    admin_get(http, proxy, "/metrics").await.text()
+}
+
+/// The value of one sample of `proxy`'s metrics (see [`metric_value`]).
+pub async fn metric(http: &TestClient, proxy: &AppHandle, sample: &str) -> f64 {
+    metric_value(&metrics_text(http, proxy).await, sample)
 }
 
 /// Finds `sample` (name with labels exactly as exposed, labels sorted) in exposition text.
@@ -384,6 +424,20 @@ impl TestClient {
             body,
         }
     }
+}
+
+/// Removes every `CONSENT_PROXY*` variable (any case) of the test's own environment from
+/// `command`, so that a child proxy reads only the configuration its test gives it.
+pub fn without_proxy_env(command: &mut std::process::Command) -> &mut std::process::Command {
+    for (key, _) in std::env::vars_os() {
+        if key
+            .to_str()
+            .is_some_and(|k| k.to_ascii_uppercase().starts_with("CONSENT_PROXY"))
+        {
+            command.env_remove(key);
+        }
+    }
+    command
 }
 
 /// Sends SIGTERM to a child process (`kill -TERM`; libc is not a dependency).

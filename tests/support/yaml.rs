@@ -8,6 +8,7 @@
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
+use std::sync::OnceLock;
 
 use serde_json::Value;
 
@@ -15,8 +16,14 @@ fn root_dir() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
 }
 
-/// An interpreter that has PyYAML, or a message saying how to get one.
-fn python_with_yaml() -> Result<PathBuf, String> {
+/// An interpreter that has PyYAML, or a message saying how to get one; looked for once per
+/// test process.
+fn python_with_yaml() -> &'static Result<PathBuf, String> {
+    static PYTHON: OnceLock<Result<PathBuf, String>> = OnceLock::new();
+    PYTHON.get_or_init(find_python_with_yaml)
+}
+
+fn find_python_with_yaml() -> Result<PathBuf, String> {
     let mut candidates = Vec::new();
     if let Some(p) = std::env::var_os("OPENAPI_PYTHON") {
         candidates.push(PathBuf::from(p));
@@ -43,8 +50,10 @@ fn python_with_yaml() -> Result<PathBuf, String> {
 
 /// Every document of a YAML file (`---`-separated), as JSON values; empty documents skipped.
 pub fn yaml_documents(path: &Path) -> Vec<Value> {
-    let python = python_with_yaml().unwrap_or_else(|e| panic!("{e}"));
-    let out = Command::new(&python)
+    let python = python_with_yaml()
+        .as_ref()
+        .unwrap_or_else(|e| panic!("{e}"));
+    let out = Command::new(python)
         .args([
             "-c",
             "import json, sys, yaml\n\
