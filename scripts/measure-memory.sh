@@ -22,7 +22,7 @@ cd "$(dirname "$0")/.."
 WORKING_SETS=(${WORKING_SETS:-50000 100000 200000})
 LOAD_S=${LOAD_S:-10}
 UNKNOWN=${UNKNOWN:-no_consent}
-TARGET=$(rustc -vV | sed -n 's/^host: //p')
+TARGET=${TARGET:-$(rustc -vV | sed -n 's/^host: //p')}
 BIN=${BIN:-${CARGO_TARGET_DIR:-target}/$TARGET/release/consent-proxy}
 if [[ ! -x $BIN ]]; then
     RUSTFLAGS="${RUSTFLAGS:-} -C target-feature=+crt-static" \
