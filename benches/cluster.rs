@@ -28,7 +28,7 @@ use consent_proxy::{App, AppHandle};
 
 #[path = "support/consent_requests.rs"]
 mod consent_requests;
-#[path = "../tests/support/redis_server.rs"]
+#[path = "../tests/integration/support/redis_server.rs"]
 mod redis_server;
 #[path = "support/stats.rs"]
 mod stats;

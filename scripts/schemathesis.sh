@@ -11,7 +11,7 @@
 # status (0 when all passed). JUnit reports: target/schemathesis/.
 #
 # Usage: bash scripts/schemathesis.sh [--setup-only]
-#   --setup-only   only create/update the virtualenv (tests/openapi.rs uses its Python + PyYAML)
+#   --setup-only   only create/update the virtualenv (tests/integration/openapi.rs uses its Python + PyYAML)
 # Environment:
 #   SCHEMATHESIS_MAX_EXAMPLES  test cases per operation and phase (default 100; the Bearer,
 #                              Basic, access-token and token endpoint runs use a fifth of it)

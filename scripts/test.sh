@@ -35,7 +35,7 @@ invoke-rc.d redis-server stop >/dev/null 2>&1 || true
 step "npm ci (oidc-provider for the OAuth compatibility test)"
 npm ci --prefix tests/oidc --no-audit --no-fund --loglevel=error
 
-step "Python virtualenv with Authlib (the independent client of tests/oauth.rs)"
+step "Python virtualenv with Authlib (the independent client of tests/integration/external/oauth.rs)"
 bash scripts/python-venv.sh .venv-oauth-client scripts/requirements-oauth-client.txt
 
 # --- the tests ------------------------------------------------------------------------------
@@ -46,10 +46,10 @@ step "Prometheus rules (promtool check/test rules)"
 bash scripts/check-deploy.sh
 
 step "soak test (bounded, release build)"
-cargo test --release --test soak -- --ignored --nocapture
+cargo test --release --test integration -- --ignored --nocapture soak::
 
 step "cluster soak: three instances, Redis restarts (bounded, release build)"
-cargo test --release --test cluster -- --ignored --nocapture
+cargo test --release --test integration -- --ignored --nocapture external::cluster::
 
 step "schemathesis against consent-proxy demo"
 bash scripts/schemathesis.sh

@@ -18,7 +18,6 @@ use crate::config::Settings;
 use crate::error::Failure;
 use crate::http::admin::AdminRoutes;
 use crate::http::routes::{ConsentRoutes, RouteLimits};
-use crate::http::server::{self, ListenerLimits};
 use crate::http::token_endpoint::TokenEndpoint;
 use crate::metrics::{self, HttpMetrics};
 use crate::service::{ConsentService, WriteMetrics};
@@ -27,6 +26,7 @@ use crate::upstream::admission::AdmissionMetrics;
 use crate::upstream::client::{ConsentApi, UpstreamMetrics};
 use crate::upstream::token::{TokenManager, TokenMetrics};
 use crate::upstream::transport::Transport;
+use crate::wire::server::{self, ListenerLimits};
 
 pub struct App;
 

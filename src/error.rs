@@ -216,7 +216,7 @@ impl ProxyError {
                     .collect();
             }
         }
-        let mut response = crate::http::body::json_response(self.status(), &body);
+        let mut response = crate::wire::body::json_response(self.status(), &body);
         let headers = response.headers_mut();
         match self {
             ProxyError::Unauthorized => {

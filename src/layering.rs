@@ -1,6 +1,7 @@
-//! The dependency rule of the module tree, checked on the source: the product never uses the
-//! simulator, and the simulator uses only the product's shared plumbing (the listener, body
-//! helpers, credential parsing, the OAuth token-endpoint plumbing and the consent domain). The
+//! The dependency rules of the module tree, checked on the source: the HTTP plumbing (`wire/`)
+//! uses nothing of the product, the product never uses the simulator, and the simulator uses
+//! only the plumbing (the listener, body helpers, credential parsing, the OAuth token-endpoint
+//! plumbing) and the consent domain. The
 //! compiler cannot tell, since both live in one library.
 
 use std::fs;
@@ -14,10 +15,10 @@ const MAY_USE_THE_SIMULATOR: &[&str] =
 /// The crate paths the simulator may use (a grouped `use crate::{…}` must be split to pass).
 const SIMULATOR_MAY_USE: &[&str] = &[
     "crate::consent",
-    "crate::http::body",
-    "crate::http::credentials",
-    "crate::http::oauth",
-    "crate::http::server",
+    "crate::wire::body",
+    "crate::wire::credentials",
+    "crate::wire::oauth",
+    "crate::wire::server",
 ];
 
 #[test]
@@ -48,6 +49,23 @@ fn the_simulator_uses_only_shared_plumbing() {
     );
 }
 
+/// The HTTP plumbing knows nothing of the product: it may use only itself.
+const PLUMBING_MAY_USE: &[&str] = &["crate::wire"];
+
+#[test]
+fn the_plumbing_uses_nothing_of_the_product() {
+    let offending: Vec<String> = code_lines()
+        .filter(|line| line.top_level == "wire")
+        .filter(|line| uses_more_than(&line.code, PLUMBING_MAY_USE))
+        .map(|line| line.to_string())
+        .collect();
+    assert!(
+        offending.is_empty(),
+        "the plumbing in wire/ uses the product:\n{}",
+        offending.join("\n")
+    );
+}
+
 #[test]
 fn the_checks_see_what_they_look_for() {
     for (code, names) in [
@@ -61,7 +79,7 @@ fn the_checks_see_what_they_look_for() {
         ("use crate::cache::ConsentCache;", true),
         ("crate::http::bodyguard()", true),
         ("use crate::http::{body, routes};", true),
-        ("use crate::http::body::{self, Body};", false),
+        ("use crate::wire::body::{self, Body};", false),
         (
             "let id = crate::consent::ContactId::from_path_segment(s);",
             false,

@@ -2,8 +2,8 @@
 //! Biometrics consent API. See `docs/ARCHITECTURE.md` for how the modules fit together.
 //!
 //! The folders tell the story, from the network inwards:
-//! - [`http`]: the listeners (accept loop, TLS, limits), the consent routes, the proxy's own
-//!   OAuth token endpoint and the admin routes;
+//! - [`http`]: the proxy's handlers: the consent routes, the proxy's own OAuth token endpoint
+//!   and the admin routes;
 //! - [`auth`]: who the caller is (API keys, the proxy's access tokens) and what it may do;
 //! - [`service`]: the consent operations without HTTP (read through the cache, write through);
 //! - [`cluster`]: cluster mode: the caches of several instances kept coherent through Redis,
@@ -12,6 +12,9 @@
 //! - [`upstream`]: the Talkdesk client: admission (Retry-After, circuit breaker, budgets),
 //!   retries, transport, the shared OAuth token;
 //! - [`consent`]: the domain (statuses, contact ids, bodies, answers), shared by everyone;
+//! - [`wire`]: HTTP plumbing that knows nothing of the product (listener, bodies, credentials,
+//!   OAuth form plumbing, request ids), shared by the handlers, `auth`, `error` and the simulator;
+//! - [`clock`]: the wall clock, for times other processes read;
 //! - [`config`]: the configuration schema, its layers and its validation into [`config::Settings`];
 //! - [`simulator`]: a Talkdesk stand-in for tests and `demo`; the product never uses it, and it
 //!   uses only the product's shared plumbing (the `layering` tests check both).
@@ -20,6 +23,7 @@ pub mod app;
 pub mod auth;
 pub mod build_info;
 pub mod cache;
+pub mod clock;
 pub mod cluster;
 pub mod config;
 pub mod consent;
@@ -34,15 +38,6 @@ pub mod service;
 pub mod simulator;
 pub mod tls;
 pub mod upstream;
+pub mod wire;
 
 pub use app::{App, AppHandle};
-
-/// The wall clock since the Unix epoch (zero before 1970), for times other processes read:
-/// token expiries, the cluster's send times, the token expiry metric. Everything timed within
-/// the process uses tokio's `Instant`. Here because auth, upstream and cluster all need it and
-/// none of them owns the wall clock.
-pub fn since_epoch() -> std::time::Duration {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap_or_default()
-}

@@ -4,7 +4,7 @@ third-party integration would use it, against consent-proxy's token endpoint.
 For each client authentication method (client_secret_basic, then client_secret_post) it fetches
 a token with the client credentials grant, then PUTs and GETs a contact's consent with that
 token (Authlib adds the Authorization header). Prints one JSON object per method on standard
-output; tests/oauth.rs checks them. Exits non-zero, with the traceback, on any error.
+output; tests/integration/external/oauth.rs checks them. Exits non-zero, with the traceback, on any error.
 
 Usage: oauth_client.py BASE_URL CLIENT_ID CLIENT_SECRET CONTACT_PATH_SEGMENT
 """

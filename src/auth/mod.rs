@@ -27,7 +27,7 @@ use subtle::ConstantTimeEq;
 
 use crate::config::{ClientSettings, Permissions};
 use crate::error::{Failure, ProxyError};
-use crate::http::credentials::{Authorization, BasicCredentials};
+use crate::wire::credentials::{Authorization, BasicCredentials};
 use bearer::AccessTokens;
 use token::{TokenKeys, TokenRejection};
 

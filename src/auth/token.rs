@@ -20,9 +20,9 @@ use sha2::{Digest, Sha256};
 
 use super::hs256;
 use super::scope;
+use crate::clock::since_epoch;
 use crate::config::{OAuthSettings, Permissions};
 use crate::error::Failure;
-use crate::since_epoch;
 
 /// The `aud` of every token: the proxy. A token meant for another service is refused.
 pub const AUDIENCE: &str = "consent-proxy";

@@ -173,7 +173,7 @@ fn contact_id(contact: &str) -> Result<ContactId, DecodeError> {
 
 /// Unix time in microseconds (0 before 1970).
 pub fn unix_us() -> u64 {
-    crate::since_epoch().as_micros() as u64
+    crate::clock::since_epoch().as_micros() as u64
 }
 
 #[cfg(test)]

@@ -16,9 +16,9 @@ use crate::cache::ConsentCache;
 use crate::cluster::Cluster;
 use crate::consent::ContactId;
 use crate::error::{ErrorChain, ProxyError};
-use crate::http::body::{self, Body};
-use crate::http::request_id::{request_id_of, X_REQUEST_ID};
 use crate::upstream::token::TokenManager;
+use crate::wire::body::{self, Body};
+use crate::wire::request_id::{request_id_of, X_REQUEST_ID};
 
 const PURGE_PREFIX: &str = "/admin/cache/";
 

@@ -1,20 +1,9 @@
-//! The HTTP side of the proxy: the listeners and what they answer.
+//! The proxy's HTTP handlers, standing on the plumbing in [`crate::wire`].
 //!
-//! - [`server`]: accept loop, connection limits, TLS termination, graceful shutdown;
 //! - [`routes`]: the consent listener (the two consent routes, and the token endpoint);
 //! - [`token_endpoint`]: the proxy's own OAuth token endpoint (`POST /oauth/token`);
-//! - [`admin`]: the admin listener (metrics, health, readiness, cache purge);
-//! - [`body`]: the buffered body type and small answer helpers they share;
-//! - [`credentials`]: `Authorization` schemes, Basic credentials and OAuth form bodies;
-//! - [`oauth`]: token-endpoint plumbing shared with the simulator (client credentials, grant
-//!   type, RFC 6749 answers);
-//! - [`request_id`]: the `x-request-id` every answer of both listeners carries.
+//! - [`admin`]: the admin listener (metrics, health, readiness, cache purge).
 
 pub mod admin;
-pub mod body;
-pub mod credentials;
-pub mod oauth;
-pub mod request_id;
 pub mod routes;
-pub mod server;
 pub mod token_endpoint;

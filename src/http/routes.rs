@@ -18,14 +18,14 @@ use crate::cache::CacheStatus;
 use crate::consent::ConsentAnswer;
 use crate::consent::{consent_path_segment, parse_consent_body, ContactId};
 use crate::error::{ErrorChain, FieldProblem, ProxyError};
-use crate::http::body::{self, Body, ReadBodyError};
-use crate::http::oauth::TOKEN_PATH;
-use crate::http::request_id::{request_id_of, X_REQUEST_ID};
 use crate::http::token_endpoint::{Refusal, TokenEndpoint};
 use crate::metrics::status_label;
 use crate::metrics::HttpMetrics;
 use crate::service::ConsentService;
 use crate::upstream::client::LastAttempt;
+use crate::wire::body::{self, Body, ReadBodyError};
+use crate::wire::oauth::TOKEN_PATH;
+use crate::wire::request_id::{request_id_of, X_REQUEST_ID};
 
 const ALLOWED_METHODS: &str = "GET, PUT";
 /// As a constant: inserting under a `&str` name that is not a standard header allocates a

@@ -20,9 +20,9 @@ use crate::auth::throttle::FailureThrottle;
 use crate::auth::token::TokenKeys;
 use crate::auth::{scope, Authenticator, Caller};
 use crate::error::{retry_after_seconds, Failure, ProxyError, BASIC_CHALLENGE};
-use crate::http::body::Body;
-use crate::http::oauth::{self, ClientCredentials, TokenError, TokenErrorCode};
 use crate::metrics;
+use crate::wire::body::Body;
+use crate::wire::oauth::{self, ClientCredentials, TokenError, TokenErrorCode};
 
 /// The `error` label of a throttled attempt in `consent_proxy_oauth_failures_total`.
 const THROTTLED: &str = "throttled";

@@ -13,8 +13,8 @@ use super::SimRoute;
 use super::{deliver, faults, read_body, CloseConnection, Fault, Outcome, RecordedRequest};
 use crate::consent::{parse_consent_body, ConsentStatus, ContactId};
 use crate::consent::{READ_SCOPE, WRITE_SCOPE};
-use crate::http::body::{self, Body};
-use crate::http::credentials::Authorization;
+use crate::wire::body::{self, Body};
+use crate::wire::credentials::Authorization;
 
 const MAX_CONSENT_BODY: usize = 64 * 1024;
 

@@ -15,7 +15,7 @@ use super::consent_api::{invalid_body, method_not_allowed, status_response, talk
 use super::state::{millis, Shared};
 use super::{read_body, CloseConnection, Fault, SimRoute};
 use crate::consent::{parse_consent_body, ContactId};
-use crate::http::body::{self, Body};
+use crate::wire::body::{self, Body};
 
 pub(super) const CONTROL_PREFIX: &str = "/_sim/";
 const MAX_CONTROL_BODY: usize = 1024 * 1024;

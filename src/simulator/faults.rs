@@ -7,8 +7,8 @@ use super::consent_api::{talkdesk_error, unauthorized};
 use super::state::Shared;
 use super::token::invalid_client;
 use super::{Fault, Outcome, SimRoute};
-use crate::http::body::Body;
-use crate::http::oauth;
+use crate::wire::body::Body;
+use crate::wire::oauth;
 
 /// The answer `fault` makes on `route` (`Delay` is the callers' to apply).
 pub(super) fn outcome(shared: &Shared, route: SimRoute, fault: Fault) -> Outcome {

@@ -4,7 +4,7 @@
 //! switches for tests.
 //!
 //! It serves HTTP/1.1 and HTTP/2 (prior knowledge) on one listener through the proxy's own
-//! [`serve`](crate::http::server::serve). Tests start it in-process on port 0 with
+//! [`serve`](crate::wire::server::serve). Tests start it in-process on port 0 with
 //! [`Simulator::start`]; the `consent-proxy simulator` command runs it alone. The same switches
 //! are reachable over HTTP, without authentication, under `/_sim/` (see [`Simulator`] for the
 //! list).
@@ -47,12 +47,12 @@ use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 
 use crate::consent::{consent_path_segment, ConsentStatus, READ_SCOPE, WRITE_SCOPE};
-use crate::http::body::{self, Body, ReadBodyError};
-use crate::http::server::{self, ListenerLimits};
+use crate::wire::body::{self, Body, ReadBodyError};
+use crate::wire::server::{self, ListenerLimits};
 use state::{lock, normalise, Shared};
 
 /// The token endpoint's path.
-pub use crate::http::oauth::TOKEN_PATH;
+pub use crate::wire::oauth::TOKEN_PATH;
 /// How long [`Simulator::shutdown`] lets in-flight requests finish before cutting them off.
 pub const DEFAULT_SHUTDOWN_GRACE: Duration = Duration::from_secs(1);
 

@@ -11,8 +11,8 @@ use hyper::body::Incoming;
 use super::consent_api::method_not_allowed;
 use super::state::Shared;
 use super::{deliver, faults, read_body, CloseConnection, Fault, Outcome, SimRoute};
-use crate::http::body::Body;
-use crate::http::oauth::{self, ClientCredentials, TokenError, TokenErrorCode};
+use crate::wire::body::Body;
+use crate::wire::oauth::{self, ClientCredentials, TokenError, TokenErrorCode};
 
 const MAX_TOKEN_BODY: usize = 64 * 1024;
 const TOKEN_REALM: &str = "Basic realm=\"talkdesk-simulator\"";

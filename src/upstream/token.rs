@@ -429,7 +429,7 @@ impl Refresher {
                     shared
                         .metrics
                         .expiry
-                        .set((crate::since_epoch() + lifetime_left).as_secs_f64());
+                        .set((crate::clock::since_epoch() + lifetime_left).as_secs_f64());
                     shared.phase.send_replace(Phase::Idle);
                     backoff.reset();
                     (refresh_at, false)

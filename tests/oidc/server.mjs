@@ -1,5 +1,5 @@
 // A real, certified OAuth 2.0 authorization server (panva's oidc-provider) for
-// consent-proxy's integration test `tests/oidc_provider.rs`.
+// consent-proxy's integration test `tests/integration/external/oidc_provider.rs`.
 //
 //   node tests/oidc/server.mjs [PORT]      (PORT, or $PORT, default 0 = any free port)
 //

@@ -5,16 +5,14 @@
 //! Needs `promtool` on PATH (Debian/Ubuntu: `apt-get install -y prometheus`) or in `$PROMTOOL`;
 //! without it the test fails, saying so.
 
-mod support;
-
 use std::collections::{BTreeMap, BTreeSet};
 use std::io::Write;
 use std::process::{Command, Stdio};
 
+use crate::support::*;
 use consent_proxy::consent::ConsentStatus;
 use consent_proxy::simulator::{Fault, SimRoute};
 use http::Method;
-use support::*;
 
 /// The contract's metric table: name, type, label names.
 const CONTRACT: &[(&str, &str, &[&str])] = &[
@@ -266,7 +264,7 @@ async fn metrics_are_promtool_clean_and_complete_after_traffic() {
 #[tokio::test]
 async fn cluster_metrics_are_promtool_clean_and_complete() {
     let promtool = Promtool::find();
-    let redis = support::redis_server::RedisServer::start();
+    let redis = crate::support::redis_server::RedisServer::start();
     let h = Harness::start_with(|c| {
         c.clustered(&redis.url());
     })
@@ -322,9 +320,9 @@ async fn cluster_metrics_are_promtool_clean_and_complete() {
 #[tokio::test]
 async fn shared_tier_metrics_are_promtool_clean_and_complete() {
     let promtool = Promtool::find();
-    let redis = support::redis_server::RedisServer::start();
+    let redis = crate::support::redis_server::RedisServer::start();
     let h = Harness::start_with(|c| {
-        support::fleet::shared_tier(c.clustered(&redis.url()), true, true);
+        crate::support::fleet::shared_tier(c.clustered(&redis.url()), true, true);
     })
     .await;
     h.wait_cluster_live().await;

@@ -1,13 +1,11 @@
 //! A real Prometheus scrapes the proxy's admin listener, loads `deploy/prometheus/alerts.yml`,
 //! and answers every query of `deploy/grafana/consent-proxy.json`. The proxy runs in cluster
-//! mode, with the shared tier, against a real `redis-server` (see `support::redis_server`), so
+//! mode, with the shared tier, against a real `redis-server` (see `crate::support::redis_server`), so
 //! that every metric the rules and panels name is exposed.
 //!
 //! Needs `prometheus` on PATH (Debian/Ubuntu: `apt-get install -y prometheus`) or in
 //! `$PROMETHEUS`; without it the test fails, saying so. Prometheus runs on a free loopback
 //! port with its own temporary config and storage, and is killed when the test ends.
-
-mod support;
 
 use std::collections::BTreeSet;
 use std::fs;
@@ -16,11 +14,11 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
+use crate::support::*;
 use consent_proxy::consent::ConsentStatus;
 use consent_proxy::simulator::{Fault, SimRoute};
 use http::Method;
 use serde_json::Value;
-use support::*;
 
 const JOB: &str = "consent-proxy";
 const CONTACT: &str = "+15557654321";
@@ -44,9 +42,9 @@ async fn prometheus_scrapes_the_proxy_evaluates_the_alerts_and_runs_the_dashboar
     // In cluster mode with the shared tier (and a real Redis), so that the cluster's and the
     // shared tier's metrics, panels and alerts are exercised too; the traffic below is the
     // same as for a single instance.
-    let redis = support::redis_server::RedisServer::start();
+    let redis = crate::support::redis_server::RedisServer::start();
     let h = Harness::start_with(|c| {
-        support::fleet::shared_tier(c.clustered(&redis.url()), true, true);
+        crate::support::fleet::shared_tier(c.clustered(&redis.url()), true, true);
     })
     .await;
     h.wait_cluster_live().await;

@@ -1,7 +1,7 @@
 //! A bounded soak test (ignored by default; CI runs it in release mode):
 //!
 //! ```text
-//! cargo test --release --test soak -- --ignored --nocapture
+//! cargo test --release --test integration -- --ignored soak:: --nocapture
 //! ```
 //!
 //! Several workers send mixed GET/PUT traffic, a few hundred requests a second, over a fixed
@@ -13,16 +13,14 @@
 //! `request_timeout_ms`, and that the process's memory did not grow without bound.
 //! `SOAK_SECS` sets the traffic's duration (default 60).
 
-mod support;
-
 use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
+use crate::support::history::{gets, violations, Event, Op};
+use crate::support::*;
 use consent_proxy::consent::ConsentStatus;
 use consent_proxy::simulator::{Fault, SimRoute};
-use support::history::{gets, violations, Event, Op};
-use support::*;
 use tokio::time::Instant;
 
 const CONTACTS: usize = 20;
@@ -35,7 +33,7 @@ const TIMEOUT_SLACK: Duration = Duration::from_millis(300);
 const WARM_UP: Duration = Duration::from_secs(10);
 const MAX_RSS_GROWTH_KIB: u64 = 50 * 1024;
 
-// ---- the history checker (support::history) ----
+// ---- the history checker (crate::support::history) ----
 
 #[test]
 fn the_history_checker_catches_a_stale_read() {
@@ -242,7 +240,7 @@ async fn worker(h: Arc<Harness>, contacts: Arc<Vec<String>>, until: Instant) -> 
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "soak test: cargo test --release --test soak -- --ignored --nocapture"]
+#[ignore = "soak test: cargo test --release --test integration -- --ignored soak:: --nocapture"]
 async fn soak_mixed_traffic_under_upstream_chaos() {
     let run_for = Duration::from_secs(
         std::env::var("SOAK_SECS")

@@ -1,5 +1,6 @@
-mod support;
-use support::*;
+//! The smallest end-to-end check: the demo wiring answers a consent GET.
+
+use crate::support::*;
 
 #[tokio::test]
 async fn get_put_get_round_trip() {

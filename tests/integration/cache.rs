@@ -4,20 +4,18 @@
 //! cannot answer (never older than a write the proxy knows of: rule 6, also checked over a
 //! randomized history with upstream outages) and refreshing ahead of the TTL.
 
-mod support;
-
 use std::sync::Arc;
 use std::time::Duration;
 
-use consent_proxy::consent::ConsentStatus;
-use consent_proxy::simulator::{Fault, SimRoute};
-use http::Method;
-use support::fake_upstream::{answer, consent_200, Act, FakeUpstream};
-use support::history::{
+use crate::support::fake_upstream::{answer, consent_200, Act, FakeUpstream};
+use crate::support::history::{
     gets, random_client, random_upstream_delays, random_upstream_outages, stale_violations,
     violations, Event, Op, OutageFaults,
 };
-use support::*;
+use crate::support::*;
+use consent_proxy::consent::ConsentStatus;
+use consent_proxy::simulator::{Fault, SimRoute};
+use http::Method;
 use tokio::time::Instant;
 
 const HIT: Option<&str> = Some("HIT");

@@ -3,22 +3,20 @@
 //! the request's deadline and never running past it; a timed-out attempt is not retried; the
 //! retry after a token renewal (upstream 401) does not count against `max_retries`.
 
-mod support;
-
 use std::sync::Arc;
 use std::time::Duration;
 
+use crate::support::fake_upstream::{answer, consent_200, Act, FakeUpstream};
+use crate::support::raw_http::free_addr;
+use crate::support::*;
 use bytes::Bytes;
 use consent_proxy::consent::ConsentStatus;
 use consent_proxy::simulator::{Fault, SimRoute};
-use support::fake_upstream::{answer, consent_200, Act, FakeUpstream};
-use support::raw_http::free_addr;
-use support::*;
 use tokio::net::TcpListener;
 use tokio::time::Instant;
 
 // ---------------------------------------------------------------------------------------------
-// A fake consent API (support::fake_upstream) that records when each request arrived
+// A fake consent API (crate::support::fake_upstream) that records when each request arrived
 
 fn unavailable() -> Act {
     Act::Send(answer(

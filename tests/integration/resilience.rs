@@ -3,17 +3,15 @@
 //! against a real socket: a fake upstream that counts what reaches it (and how many at once),
 //! the simulator with its faults, or a port that refuses connections.
 
-mod support;
-
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
+use crate::support::fake_upstream::{answer, consent_200, Act, FakeUpstream};
+use crate::support::raw_http::free_addr;
+use crate::support::*;
 use consent_proxy::consent::ConsentStatus;
 use consent_proxy::simulator::{Fault, SimRoute};
-use support::fake_upstream::{answer, consent_200, Act, FakeUpstream};
-use support::raw_http::free_addr;
-use support::*;
 use tokio::net::TcpListener;
 use tokio::task::JoinSet;
 use tokio::time::Instant;

@@ -2,13 +2,13 @@
 //! in-process proxy on port 0 (see `support`). Each test asserts the behaviour it names,
 //! including, where the contract says so, that upstream was never called.
 
-mod support;
-
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use crate::support::raw_http::{free_addr, read_raw_answer};
+use crate::support::*;
 use base64::Engine as _;
 use bytes::Bytes;
 use consent_proxy::consent::ConsentStatus;
@@ -19,8 +19,6 @@ use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioIo};
-use support::raw_http::{free_addr, read_raw_answer};
-use support::*;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::time::Instant;
 
@@ -620,7 +618,7 @@ async fn other_paths_are_404_not_found_without_calling_upstream() {
         "/api/voicebiometrics/contacts/x/consent",
         "/metrics",
         "/healthz",
-        // The token endpoint is exactly /oauth/token (tests/oauth.rs).
+        // The token endpoint is exactly /oauth/token (tests/integration/external/oauth.rs).
         "/oauth/token/",
         "/oauth",
         "/_sim/stats",

@@ -11,9 +11,7 @@
 //! `ProxyError::status()`.
 //!
 //! Reading YAML: serde_yaml is not a dependency, so the spec is converted to JSON by Python's
-//! PyYAML (`support::yaml`); no interpreter with it is a test failure that says how to get one.
-
-mod support;
+//! PyYAML (`crate::support::yaml`); no interpreter with it is a test failure that says how to get one.
 
 use std::collections::BTreeSet;
 use std::net::SocketAddr;
@@ -21,6 +19,9 @@ use std::path::PathBuf;
 use std::sync::OnceLock;
 use std::time::Duration;
 
+use crate::support::raw_http::read_raw_answer;
+use crate::support::yaml::yaml_to_json;
+use crate::support::*;
 use base64::Engine as _;
 use bytes::Bytes;
 use consent_proxy::consent::ConsentStatus;
@@ -28,9 +29,6 @@ use consent_proxy::error::{FieldProblem, ProxyError};
 use consent_proxy::simulator::{Fault, SimRoute};
 use http::{HeaderMap, HeaderName, HeaderValue, Method};
 use serde_json::Value;
-use support::raw_http::read_raw_answer;
-use support::yaml::yaml_to_json;
-use support::*;
 
 const SPEC_PATH: &str = "docs/openapi.yaml";
 const HTTP_METHODS: [&str; 8] = [

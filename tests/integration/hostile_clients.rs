@@ -3,15 +3,13 @@
 //! connections than allowed, oversized and ambiguous framing, bodies that never finish, path
 //! tricks, wrong methods and content types. Each test also checks what reached upstream.
 
-mod support;
-
 use std::net::SocketAddr;
 use std::time::Duration;
 
+use crate::support::raw_http::{content_length, head_end};
+use crate::support::*;
 use consent_proxy::consent::ConsentStatus;
 use consent_proxy::simulator::Simulator;
-use support::raw_http::{content_length, head_end};
-use support::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::sync::mpsc;

@@ -2,7 +2,7 @@
 //!
 //! - The key tables of `docs/configuration.md` are generated from `config/default.toml` (every
 //!   key, its default, its comment; the `[[clients]]` keys from the commented example there):
-//!   any difference fails, and `UPDATE_CONFIG_DOC=1 cargo test --test docs` rewrites them.
+//!   any difference fails, and `UPDATE_CONFIG_DOC=1 cargo test --test integration docs::` rewrites them.
 //!   `config/default.toml` itself is held to the configuration structs by a unit test in
 //!   `src/config/load.rs`, so the reference cannot drift from the code.
 //! - Nothing in the repository points outside it (a sibling folder, a path of the machine it
@@ -17,8 +17,8 @@ use std::path::{Path, PathBuf};
 const DEFAULTS: &str = "config/default.toml";
 const REFERENCE: &str = "docs/configuration.md";
 const BEGIN: &str =
-    "<!-- BEGIN generated from config/default.toml by tests/docs.rs: edit the comments there, \
-                     then run `UPDATE_CONFIG_DOC=1 cargo test --test docs` -->";
+    "<!-- BEGIN generated from config/default.toml by tests/integration/docs.rs: edit the comments there, \
+                     then run `UPDATE_CONFIG_DOC=1 cargo test --test integration docs::` -->";
 const END: &str = "<!-- END generated -->";
 
 fn root() -> PathBuf {
@@ -374,7 +374,7 @@ fn named_paths(text: &str) -> Vec<String> {
         if TOP.iter().any(|top| candidate.starts_with(top))
             && !candidate.contains(['*', '{', '<', '$'])
         {
-            // `tests/cli.rs:12` names a line of tests/cli.rs.
+            // `tests/integration/cli.rs:12` names a line of tests/integration/cli.rs.
             let path = candidate.split(':').next().unwrap_or_default();
             paths.push(path.trim_end_matches([',', '.']).to_owned());
         }
@@ -413,9 +413,12 @@ fn every_path_the_documents_name_exists() {
 fn the_checks_see_what_they_look_for() {
     let paths = named_paths(
         "see [the guide](docs/guide.md#top), [site](https://x.org), `src/main.rs`, \
-         `deploy/prometheus/tests/*.yml`, `cargo run`, `tests/cli.rs:12`",
+         `deploy/prometheus/tests/*.yml`, `cargo run`, `tests/integration/cli.rs:12`",
     );
-    assert_eq!(paths, ["docs/guide.md", "src/main.rs", "tests/cli.rs"]);
+    assert_eq!(
+        paths,
+        ["docs/guide.md", "src/main.rs", "tests/integration/cli.rs"]
+    );
     assert_eq!(
         split_key_line(r#"a = "x # y"   # the comment"#),
         Some(("a".into(), r#""x # y""#.into(), Some("the comment".into())))

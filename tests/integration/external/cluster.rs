@@ -2,7 +2,7 @@
 //! `redis-server` fails loudly): three in-process proxies, one Redis and one simulator.
 //!
 //! - a write through one instance is seen through the others right after its answer;
-//! - a randomized history over three instances keeps rule 5 (checked by `support::history`);
+//! - a randomized history over three instances keeps rule 5 (checked by `crate::support::history`);
 //! - a fill that began on one instance before a write through another is not stored;
 //! - Redis killed, frozen (`SIGSTOP`) or one instance cut off from it (a paused relay):
 //!   PUTs are refused with `cluster_unavailable` and never reach upstream, GETs are answered
@@ -15,24 +15,22 @@
 //!   that missed announcements;
 //! - a soak (ignored by default) of three instances with Redis restarts.
 
-mod support;
-
 use std::sync::Arc;
 use std::time::Duration;
 
-use consent_proxy::consent::ConsentStatus;
-use consent_proxy::simulator::{Fault, SimRoute};
-use http::Method;
-use support::fake_upstream::{answer, consent_200, Act, FakeUpstream};
-use support::fleet::{
+use crate::support::fake_upstream::{answer, consent_200, Act, FakeUpstream};
+use crate::support::fleet::{
     cluster_config, randomized_history, slow_fill_then_write, Fleet, Instance, MAX_STALENESS,
     RULE_5_LAG,
 };
-use support::history::{cluster_violations, gets, random_client, Event, Op};
-use support::redis_server::{free_port, RedisServer};
-use support::relay::Relay;
-use support::temp_file::TempFile;
-use support::*;
+use crate::support::history::{cluster_violations, gets, random_client, Event, Op};
+use crate::support::redis_server::{free_port, RedisServer};
+use crate::support::relay::Relay;
+use crate::support::temp_file::TempFile;
+use crate::support::*;
+use consent_proxy::consent::ConsentStatus;
+use consent_proxy::simulator::{Fault, SimRoute};
+use http::Method;
 use tokio::time::Instant;
 
 const BIN: &str = env!("CARGO_BIN_EXE_consent-proxy");
@@ -710,7 +708,7 @@ async fn a_writer_that_dies_between_its_announcements() {
 /// seconds; at the end rule 5 holds over the whole history and upstream holds every
 /// acknowledged write (unless a later write replaced it). `CLUSTER_SOAK_SECS` (default 60).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "soak: cargo test --release --test cluster -- --ignored --nocapture"]
+#[ignore = "soak: cargo test --release --test integration -- --ignored external::cluster:: --nocapture"]
 async fn soak_three_instances_with_redis_restarts() {
     let run_for = Duration::from_secs(
         std::env::var("CLUSTER_SOAK_SECS")

@@ -3,16 +3,14 @@
 //! upstream 401s, fail-fast while the token endpoint is down and recovery without a restart,
 //! malformed token answers, and the same 401 handling for PUT.
 
-mod support;
-
 use std::io;
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
+use crate::support::*;
 use bytes::Bytes;
 use consent_proxy::consent::ConsentStatus;
 use consent_proxy::simulator::{Fault, SimRoute, Simulator, SimulatorConfig};
-use support::*;
 use tokio::task::JoinSet;
 use tokio::time::Instant;
 

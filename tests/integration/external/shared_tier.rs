@@ -19,19 +19,17 @@
 //! - a burst of upstream 401s across the instances: one renewal;
 //! - Redis stopped: each instance fetches its own token and keeps serving.
 
-mod support;
-
 use std::sync::Arc;
 use std::time::Duration;
 
-use consent_proxy::consent::{ConsentStatus, ContactId};
-use consent_proxy::simulator::{Fault, SimRoute, Simulator, SimulatorConfig};
-use futures_util::future::join_all;
-use support::fleet::{
+use crate::support::fleet::{
     cluster_config, randomized_history, shared_tier, shared_tier_with_keys, slow_fill_then_write,
     Fleet, Instance,
 };
-use support::*;
+use crate::support::*;
+use consent_proxy::consent::{ConsentStatus, ContactId};
+use consent_proxy::simulator::{Fault, SimRoute, Simulator, SimulatorConfig};
+use futures_util::future::join_all;
 use tokio::time::Instant;
 
 const SHARED_HIT: &str = r#"consent_proxy_shared_cache_lookups_total{result="hit"}"#;
@@ -294,7 +292,7 @@ async fn during_a_key_rotation_a_write_clears_every_keyspace() {
 async fn after_redis_restarts_the_shared_tier_starts_a_new_epoch() {
     let fleet = Fleet::start_with_redis(
         start_simulator().await,
-        support::redis_server::RedisServer::start_persistent(),
+        crate::support::redis_server::RedisServer::start_persistent(),
         3,
         |_, c| {
             shared_tier(c, true, false).set("server.request_timeout_ms", "1000");

@@ -4,18 +4,16 @@
 //! fake upstream writing crafted bytes does what the simulator cannot. After every failure the
 //! proxy must serve the next good request normally.
 
-mod support;
-
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
+use crate::support::fake_upstream::{answer, consent_200, Act, FakeUpstream};
+use crate::support::*;
 use bytes::Bytes;
 use consent_proxy::consent::ConsentStatus;
 use consent_proxy::simulator::{Fault, SimRoute};
 use http::Method;
-use support::fake_upstream::{answer, consent_200, Act, FakeUpstream};
-use support::*;
 use tokio::time::Instant;
 
 const TOKEN_BODY: &[u8] =

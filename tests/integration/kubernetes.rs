@@ -6,13 +6,11 @@
 //!   `/readyz` and `/healthz` of the admin port, the Service on the consent port only, the
 //!   `--config` path inside the ConfigMap's mount, three replicas, no privilege, a read-only root.
 //! - The PrometheusRule holds exactly the groups of `deploy/prometheus/alerts.yml`
-//!   (`UPDATE_K8S_RULES=1 cargo test --test kubernetes` copies them), and the PodMonitor's job
+//!   (`UPDATE_K8S_RULES=1 cargo test --test integration kubernetes::` copies them), and the PodMonitor's job
 //!   label gives the job name those alerts select.
 //! - The real binary's `check-config` accepts the ConfigMap's configuration with the Secrets'
 //!   files laid out as the kubelet mounts them (`..data` symlinks included), at the paths the
 //!   Deployment mounts them, every `*_file` key pointing into a mounted Secret.
-
-mod support;
 
 use std::collections::BTreeMap;
 use std::fs;
@@ -20,8 +18,8 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::OnceLock;
 
+use crate::support::yaml::yaml_documents;
 use serde_json::Value;
-use support::yaml::yaml_documents;
 
 const DIR: &str = "deploy/kubernetes";
 const ALERTS: &str = "deploy/prometheus/alerts.yml";
@@ -348,7 +346,7 @@ fn the_prometheus_rule_holds_the_alerts_of_alerts_yml() {
     };
     panic!(
         "{RULES} differs from {ALERTS} (alerts in the rule: {:?}, in alerts.yml: {:?}); run \
-         `UPDATE_K8S_RULES=1 cargo test --test kubernetes` and commit the result",
+         `UPDATE_K8S_RULES=1 cargo test --test integration kubernetes::` and commit the result",
         names(&rule["spec"]["groups"]),
         names(groups)
     );

@@ -1,8 +1,6 @@
 //! The `consent-proxy` binary as a user runs it: `check-config`, `demo`, `simulator` and
 //! `--help`. Child processes are always reaped, killed if a test fails half-way.
 
-mod support;
-
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::TcpStream;
 use std::path::Path;
@@ -11,7 +9,7 @@ use std::sync::mpsc;
 use std::thread;
 use std::time::{Duration, Instant};
 
-use support::temp_file::TempFile;
+use crate::support::temp_file::TempFile;
 
 const BIN: &str = env!("CARGO_BIN_EXE_consent-proxy");
 
@@ -24,7 +22,7 @@ const API_KEY: &str = "cli-test-api-key-Vb9Lm4Tn0123";
 /// The binary with no `CONSENT_PROXY__*` variables inherited from the test's environment.
 fn command() -> Command {
     let mut command = Command::new(BIN);
-    support::without_proxy_env(&mut command).stdin(Stdio::null());
+    crate::support::without_proxy_env(&mut command).stdin(Stdio::null());
     command
 }
 
@@ -166,7 +164,7 @@ impl Running {
 
     /// Sends SIGTERM and waits (bounded) for the exit status.
     fn terminate(&mut self, limit: Duration) -> Option<ExitStatus> {
-        support::send_sigterm(&self.child);
+        crate::support::send_sigterm(&self.child);
         let deadline = Instant::now() + limit;
         loop {
             if let Some(status) = self.child.try_wait().expect("try_wait") {

@@ -9,7 +9,7 @@ use base64::Engine as _;
 use http::{HeaderMap, HeaderValue};
 use percent_encoding::percent_decode;
 
-use crate::http::body::media_type;
+use crate::wire::body::media_type;
 
 /// An `Authorization` header split into its scheme and credentials, both trimmed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

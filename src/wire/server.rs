@@ -24,7 +24,7 @@ use tokio::net::{TcpListener, TcpSocket, TcpStream};
 use tokio::sync::{watch, Semaphore};
 use tokio_rustls::TlsAcceptor;
 
-use crate::http::body::Body;
+use crate::wire::body::Body;
 
 /// hyper's smallest allowed HTTP/1 read buffer.
 const MIN_HTTP1_BUFFER: usize = 8192;

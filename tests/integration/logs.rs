@@ -8,8 +8,6 @@
 //!
 //! `LOGS_TEST_DUMP=<dir>` writes each run's standard error there, for reading.
 
-mod support;
-
 use std::collections::{BTreeMap, BTreeSet};
 use std::io::{BufRead, BufReader};
 use std::process::{Child, Command, Stdio};
@@ -17,6 +15,8 @@ use std::sync::{mpsc, Arc, Mutex};
 use std::thread;
 use std::time::{Duration, Instant};
 
+use crate::support::temp_file::TempFile;
+use crate::support::*;
 use base64::Engine as _;
 use bytes::Bytes;
 use consent_proxy::simulator::{Fault, SimRoute, Simulator};
@@ -25,8 +25,6 @@ use http_body_util::{BodyExt, Full};
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
-use support::temp_file::TempFile;
-use support::*;
 
 const BIN: &str = env!("CARGO_BIN_EXE_consent-proxy");
 /// A key no client has: callers' wrong keys must not be logged either.
@@ -125,7 +123,7 @@ impl Proxy {
 
     /// SIGTERM, then waits (bounded) for a clean exit; returns all of standard error.
     fn stop(mut self) -> String {
-        support::send_sigterm(&self.child);
+        crate::support::send_sigterm(&self.child);
         let deadline = Instant::now() + Duration::from_secs(20);
         let status = loop {
             if let Some(status) = self.child.try_wait().expect("try_wait") {
@@ -963,7 +961,7 @@ async fn json_logs_with_the_http_libraries_at_trace() {
 async fn the_redis_password_stays_secret() {
     const PASSWORD: &str = "redis-pw-5f3a9c1e7b";
     const WRONG: &str = "wrong-redis-pw-42d8e0";
-    let redis = support::redis_server::RedisServer::start_with_password(Some(PASSWORD));
+    let redis = crate::support::redis_server::RedisServer::start_with_password(Some(PASSWORD));
     let sim = start_simulator().await;
     for (password, accepted) in [(PASSWORD, true), (WRONG, false)] {
         let mut config = ProxyConfig::for_simulator(&sim);

@@ -7,8 +7,8 @@ use std::borrow::Cow;
 use http::{header, HeaderMap, HeaderValue, Response, StatusCode};
 use serde_json::json;
 
-use crate::http::body::{self, Body};
-use crate::http::credentials::{self, Authorization, BasicCredentials, FormParams};
+use crate::wire::body::{self, Body};
+use crate::wire::credentials::{self, Authorization, BasicCredentials, FormParams};
 
 /// Where token endpoints live, the proxy's and Talkdesk's (and so the simulator's).
 pub const TOKEN_PATH: &str = "/oauth/token";

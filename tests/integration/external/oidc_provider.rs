@@ -6,8 +6,6 @@
 //! Needs `node` (20+) on PATH and the provider installed: `npm ci --prefix tests/oidc`.
 //! Without them these tests FAIL, they never skip.
 
-mod support;
-
 use std::convert::Infallible;
 use std::io::{BufRead, BufReader, Read};
 use std::path::PathBuf;
@@ -16,6 +14,7 @@ use std::sync::{mpsc, Arc, Mutex};
 use std::thread;
 use std::time::Duration;
 
+use crate::support::*;
 use base64::Engine as _;
 use bytes::Bytes;
 use consent_proxy::upstream::token::form_encode;
@@ -24,7 +23,6 @@ use http_body_util::Full;
 use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::TokioIo;
-use support::*;
 use tokio::net::TcpListener;
 
 /// The clients `tests/oidc/server.mjs` registers.

@@ -13,21 +13,19 @@
 //!   power at the restart;
 //! - failed client authentications are throttled per address and per client name.
 
-mod support;
-
 use std::net::{IpAddr, Ipv4Addr};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
+use crate::support::temp_file::TempFile;
+use crate::support::*;
 use base64::engine::general_purpose::{STANDARD, URL_SAFE_NO_PAD};
 use base64::Engine as _;
 use consent_proxy::consent::ConsentStatus;
 use consent_proxy::AppHandle;
 use http::Method;
 use serde_json::{json, Value};
-use support::temp_file::TempFile;
-use support::*;
 
 const KEY_A: &str = "signing-key-a-0123456789abcdef0123456789";
 const KEY_B: &str = "signing-key-b-0123456789abcdef0123456789";
