@@ -1,0 +1,610 @@
+//! Validation's unit tests: every key's checks, and that problems are all collected.
+
+use super::*;
+use crate::config::{
+    test_support::{errors, has, minimal, minimal_with, TempDir, API_KEY, SECRET},
+    ClientAuth, ConfigErrors, LogFormat, Region, WritePolicy,
+};
+
+fn digest(key: &str) -> [u8; 32] {
+    use sha2::{Digest, Sha256};
+    Sha256::digest(key.as_bytes()).into()
+}
+
+const SIGNING_KEY: &str = "signing-key-0123456789abcdef0123456789";
+
+#[test]
+fn defaults_alone_report_only_missing_essentials() {
+    let list = errors("");
+    assert_eq!(
+        list,
+        vec![
+            "talkdesk.account or talkdesk.token_url is required".to_owned(),
+            "talkdesk.client_id is required".to_owned(),
+            "talkdesk.client_secret (or talkdesk.client_secret_file) is required".to_owned(),
+            "clients: at least one [[clients]] entry is required unless auth.required = false"
+                .to_owned(),
+        ]
+    );
+}
+
+#[test]
+fn minimal_file_gives_contract_defaults() {
+    let s = Settings::from_toml_str(&minimal()).unwrap();
+    assert_eq!(s.server.listen, "0.0.0.0:8080".parse().unwrap());
+    assert_eq!(s.server.admin_listen, "127.0.0.1:9464".parse().unwrap());
+    assert!(s.server.tls.is_none());
+    assert_eq!(s.server.max_body_bytes, 4096);
+    assert_eq!(s.server.max_header_bytes, 16384);
+    assert_eq!(s.server.header_read_timeout, Duration::from_millis(5000));
+    assert_eq!(s.server.request_timeout, Duration::from_millis(10000));
+    assert_eq!(s.server.shutdown_grace, Duration::from_millis(10000));
+    assert_eq!(s.server.max_connections, 10000);
+    assert_eq!(s.server.listen_backlog, 1024);
+    assert_eq!(s.log.level, "info");
+    assert_eq!(s.log.format, LogFormat::Text);
+    let t = &s.talkdesk;
+    assert_eq!(t.account, "acme");
+    assert_eq!(t.region, Region::Com);
+    assert_eq!(t.api_base_url, "https://api.talkdeskapp.com");
+    assert_eq!(t.token_url, "https://acme.talkdeskid.com/oauth/token");
+    assert_eq!(t.client_id, "cid");
+    assert_eq!(t.client_secret.expose(), SECRET);
+    assert_eq!(t.client_auth, ClientAuth::Basic);
+    assert_eq!(
+        t.scopes,
+        vec![
+            "voicebiometrics-consent:read",
+            "voicebiometrics-consent:write"
+        ]
+    );
+    assert_eq!(t.timeout, Duration::from_millis(3000));
+    assert_eq!(t.max_retries, 2);
+    assert_eq!(t.max_response_bytes, 65536);
+    assert_eq!(t.max_concurrent, 100);
+    assert_eq!(t.max_requests_per_s, None);
+    let breaker = t.breaker.unwrap();
+    assert_eq!(breaker.failures.get(), 5);
+    assert_eq!(breaker.cooldown, Duration::from_millis(5000));
+    assert_eq!(s.token.refresh_margin, Duration::from_secs(60));
+    assert!(s.cache.enabled);
+    assert_eq!(s.cache.ttl, Duration::from_secs(300));
+    assert_eq!(s.cache.not_found_ttl, Duration::from_secs(30));
+    assert_eq!(s.cache.max_entries, 1_000_000);
+    assert_eq!(s.cache.stale_if_error, None);
+    assert_eq!(s.cache.refresh_ahead, None);
+    assert!(s.cluster.is_none());
+    assert!(s.oauth.enabled);
+    assert_eq!(s.oauth.token_ttl, Duration::from_secs(3600));
+    assert!(s.oauth.signing_keys.is_empty());
+    assert!(s.auth.required);
+    assert_eq!(s.clients.len(), 1);
+    assert_eq!(s.clients[0].name, "studio-ivr");
+    assert_eq!(s.clients[0].key_sha256, digest(API_KEY));
+    assert_eq!(
+        s.clients[0].permissions,
+        Permissions {
+            read: true,
+            write: true,
+            admin: false
+        }
+    );
+}
+
+#[test]
+fn region_derivation_for_all_four() {
+    let cases = [
+        (
+            "com",
+            "https://api.talkdeskapp.com",
+            "https://acme.talkdeskid.com/oauth/token",
+        ),
+        (
+            "eu",
+            "https://api.talkdeskapp.eu",
+            "https://acme.talkdeskid.eu/oauth/token",
+        ),
+        (
+            "ca",
+            "https://api.talkdeskappca.com",
+            "https://acme.talkdeskidca.com/oauth/token",
+        ),
+        (
+            "au",
+            "https://api.talkdeskapp.au",
+            "https://acme.talkdeskid.au/oauth/token",
+        ),
+    ];
+    for (region, api, token) in cases {
+        let toml = minimal_with("talkdesk", &format!("region = \"{region}\""));
+        let s = Settings::from_toml_str(&toml).unwrap();
+        assert_eq!(s.talkdesk.region.as_str(), region);
+        assert_eq!(s.talkdesk.api_base_url, api, "{region}");
+        assert_eq!(s.talkdesk.token_url, token, "{region}");
+    }
+}
+
+#[test]
+fn explicit_urls_win_and_lose_trailing_slash() {
+    let toml = minimal().replace(
+        "account = \"acme\"",
+        "account = \"\"\napi_base_url = \"http://127.0.0.1:9000/\"\n\
+             token_url = \"http://127.0.0.1:9000/oauth/token\"",
+    );
+    let s = Settings::from_toml_str(&toml).unwrap();
+    assert_eq!(s.talkdesk.api_base_url, "http://127.0.0.1:9000");
+    assert_eq!(s.talkdesk.token_url, "http://127.0.0.1:9000/oauth/token");
+
+    let bad = minimal().replace(
+        "account = \"acme\"",
+        "account = \"Acme Inc\"\napi_base_url = \"ftp://x\"",
+    );
+    let list = errors(&bad);
+    assert!(
+        has(
+            &list,
+            "talkdesk.api_base_url: \"ftp://x\" must be an http:// or https:// URL"
+        ),
+        "{list:?}"
+    );
+    assert!(
+        has(&list, "talkdesk.account: \"Acme Inc\" is not a DNS label"),
+        "{list:?}"
+    );
+    let with_credentials =
+        minimal_with("talkdesk", "api_base_url = \"https://user:pw@example.com\"");
+    let list = errors(&with_credentials);
+    assert_eq!(
+        list,
+        vec!["talkdesk.api_base_url: must not contain credentials (user@host)".to_owned()]
+    );
+}
+
+#[test]
+fn several_problems_reported_together() {
+    let toml = r#"
+[server]
+listen = "nope"
+max_body_bytes = 0
+max_header_bytes = 100
+tls_cert_file = "/some/cert.pem"
+request_timeout_ms = "ten"
+listen_backlog = 0
+
+[log]
+format = "xml"
+
+[talkdesk]
+region = "us"
+client_auth = "jwt"
+scopes = []
+max_concurrent = 0
+
+[token]
+refresh_margin_s = 0
+
+[cache]
+ttl_s = 0
+max_entries = 0
+
+[cluster]
+key_prefix = ""
+shared_cache = true
+
+[oauth]
+token_ttl_s = 0
+
+[[clients]]
+name = "bad name"
+api_key = "short"
+permissions = ["read", "root"]
+
+[[clients]]
+api_key_sha256 = "zz"
+api_key = "k3y-0123456789abcdef"
+permissions = []
+"#;
+    let list = errors(toml);
+    for needle in [
+        "server.listen: \"nope\" is not a socket address",
+        "server.max_body_bytes: must be greater than 0",
+        "server.max_header_bytes: must be at least 1024, got 100",
+        "server.tls_key_file: is required when server.tls_cert_file is set",
+        "server.request_timeout_ms: expected a non-negative integer, got string \"ten\"",
+        "server.listen_backlog: must be greater than 0",
+        "log.format: \"xml\" is not a log format",
+        "talkdesk.region: \"us\" is not a region; allowed: com, eu, ca, au",
+        "talkdesk.client_auth: \"jwt\"",
+        "talkdesk.account or talkdesk.token_url is required",
+        "talkdesk.client_id is required",
+        "talkdesk.client_secret (or talkdesk.client_secret_file) is required",
+        "talkdesk.scopes: must not be empty",
+        "talkdesk.max_concurrent: must be greater than 0",
+        "token.refresh_margin_s: must be greater than 0",
+        "cache.ttl_s: must be greater than 0",
+        "cache.max_entries: must be greater than 0",
+        "cluster.key_prefix: \"\" is not a key prefix",
+        "cluster.shared_cache: true needs cluster.redis_url",
+        "oauth.token_ttl_s: must be greater than 0",
+        "clients[0].name: \"bad name\" is not a client name",
+        "clients[0].api_key: the API key must be at least 16 characters",
+        "clients[0].permissions: unknown permission \"root\"",
+        "clients[1].name is required",
+        "clients[1]: give exactly one of api_key, api_key_file, api_key_sha256",
+        "clients[1].permissions: must not be empty",
+    ] {
+        assert!(has(&list, needle), "missing {needle:?} in {list:#?}");
+    }
+    // Display: one problem per line.
+    let shown = ConfigErrors(list.clone()).to_string();
+    assert_eq!(shown.lines().count(), list.len());
+}
+
+#[test]
+fn wrong_types_name_their_key_and_do_not_hide_the_others() {
+    let toml = minimal_with(
+        "server",
+        "listen = 8080\nmax_connections = -1\nmax_body_bytes = 1.5\nlisten_backlog = 5000000000",
+    )
+    .replace(
+        "permissions = [\"read\", \"write\"]",
+        "permissions = [\"read\", 1]",
+    );
+    let list = errors(&toml);
+    assert_eq!(
+            list,
+            vec![
+                "server.listen: expected a string, got integer 8080".to_owned(),
+                "server.max_body_bytes: expected a non-negative integer, got float 1.5".to_owned(),
+                "server.max_connections: expected a non-negative integer, got integer -1".to_owned(),
+                "server.listen_backlog: expected an integer from 0 to 4294967295, got integer 5000000000"
+                    .to_owned(),
+                "clients[0].permissions: expected an array of strings, got an array".to_owned(),
+            ]
+        );
+}
+
+#[test]
+fn refresh_margin_must_be_positive() {
+    let list = errors(&minimal_with("token", "refresh_margin_s = 0"));
+    assert_eq!(
+        list,
+        vec!["token.refresh_margin_s: must be greater than 0".to_owned()]
+    );
+}
+
+#[test]
+fn talkdesk_limits_and_breaker() {
+    let toml = minimal_with(
+        "talkdesk",
+        "max_concurrent = 8\nmax_requests_per_s = 50\nbreaker_failures = 0",
+    );
+    let t = Settings::from_toml_str(&toml).unwrap().talkdesk;
+    assert_eq!(t.max_concurrent, 8);
+    assert_eq!(t.max_requests_per_s.map(NonZeroU32::get), Some(50));
+    assert!(t.breaker.is_none(), "0 = no breaker");
+
+    let list = errors(&minimal_with(
+        "talkdesk",
+        "max_concurrent = 0\nbreaker_cooldown_ms = 0\nmax_requests_per_s = -1",
+    ));
+    assert_eq!(list.len(), 3, "{list:#?}");
+    assert!(has(
+        &list,
+        "talkdesk.max_concurrent: must be greater than 0"
+    ));
+    assert!(has(
+        &list,
+        "talkdesk.breaker_cooldown_ms: must be greater than 0"
+    ));
+    assert!(has(
+        &list,
+        "talkdesk.max_requests_per_s: expected an integer"
+    ));
+}
+
+#[test]
+fn stale_and_refresh_ahead() {
+    let toml = minimal_with(
+        "cache",
+        "ttl_s = 60\nstale_if_error_s = 600\nrefresh_ahead_s = 10",
+    );
+    let c = Settings::from_toml_str(&toml).unwrap().cache;
+    assert_eq!(c.stale_if_error, Some(Duration::from_secs(600)));
+    assert_eq!(c.refresh_ahead, Some(Duration::from_secs(10)));
+
+    let list = errors(&minimal_with("cache", "ttl_s = 60\nrefresh_ahead_s = 60"));
+    assert_eq!(
+        list,
+        vec![
+            "cache.refresh_ahead_s: must be less than cache.ttl_s (60), or 0 to turn \
+                 refreshing ahead off"
+                .to_owned()
+        ]
+    );
+    // Not checked against a TTL that is not in use.
+    let off = minimal_with("cache", "enabled = false\nttl_s = 0\nrefresh_ahead_s = 60");
+    assert!(Settings::from_toml_str(&off).is_ok());
+}
+
+#[test]
+fn cluster_settings_and_password_from_a_file() {
+    let dir = TempDir::new("cluster");
+    let password = dir.file("redis-password", "from-file-pw\n");
+    let toml = minimal_with(
+            "cluster",
+            &format!(
+                "redis_url = \"rediss://redis.internal\"\nredis_password_file = {password:?}\n\
+                 key_prefix = \"tenant-a\"\nmax_staleness_ms = 250\nwrite_policy = \"best_effort\"\n\
+                 [oauth]\nsigning_key_file = {:?}",
+                dir.file("keys", SIGNING_KEY)
+            ),
+        );
+    let s = Settings::from_toml_str(&toml).unwrap();
+    let cluster = s.cluster.unwrap();
+    assert_eq!(cluster.redis_url, "rediss://redis.internal:6379/0");
+    assert_eq!(
+        cluster.redis_password.as_ref().map(Secret::expose),
+        Some("from-file-pw")
+    );
+    assert_eq!(cluster.key_prefix, "tenant-a");
+    assert_eq!(cluster.max_staleness, Duration::from_millis(250));
+    assert_eq!(cluster.write_policy, WritePolicy::BestEffort);
+    assert!(!cluster.shared_cache && !cluster.shared_token);
+}
+
+#[test]
+fn cluster_problems() {
+    let dir = TempDir::new("cluster-bad");
+    let password = dir.file("redis-password", "from-file-pw\n");
+    let toml = minimal_with(
+        "cluster",
+        &format!(
+            "redis_url = \"redis://:url-pw@redis\"\nredis_password_file = {password:?}\n\
+                 key_prefix = \"a b\"\nmax_staleness_ms = 0\nwrite_policy = \"sometimes\"\n\
+                 shared_cache = true\nshared_token = true\n[oauth]\nenabled = false"
+        ),
+    );
+    let list = errors(&toml);
+    for needle in [
+        "cluster.key_prefix: \"a b\" is not a key prefix (non-empty, no whitespace)",
+        "cluster.max_staleness_ms: must be greater than 0",
+        "cluster.write_policy: \"sometimes\" is not a write policy; allowed: require, best_effort",
+        "cluster.shared_cache: true needs cluster.shared_key_file",
+        "cluster.shared_token: true needs cluster.shared_key_file",
+        "cluster.redis_url has a password and cluster.redis_password_file is set",
+    ] {
+        assert!(has(&list, needle), "missing {needle:?} in {list:#?}");
+    }
+    assert_eq!(list.len(), 6, "{list:#?}");
+    assert!(!list
+        .iter()
+        .any(|e| e.contains("url-pw") || e.contains("from-file-pw")));
+
+    let list = errors(&minimal_with(
+        "cluster",
+        "redis_url = \"redis://user:pw@redis:port\"\n[oauth]\nenabled = false",
+    ));
+    assert_eq!(
+        list,
+        vec!["cluster.redis_url: the port \"port\" is not a number from 1 to 65535".to_owned()]
+    );
+    let list = errors(&minimal_with("cluster", "redis_password_file = \"/x\""));
+    assert_eq!(
+        list,
+        vec![
+            "cluster.redis_password_file: is set but cluster.redis_url is empty \
+                 (no cluster to connect to)"
+                .to_owned()
+        ]
+    );
+}
+
+#[test]
+fn shared_tier_settings() {
+    let dir = TempDir::new("shared-tier");
+    let keys = dir.file(
+        "shared-keys",
+        &format!("# in use\n{SIGNING_KEY}\nolder-key-0123456789abcdef0123456789\n"),
+    );
+    let toml = minimal_with(
+        "cluster",
+        &format!(
+            "redis_url = \"redis://redis\"\nshared_cache = true\nshared_token = true\n\
+                 shared_key_file = {keys:?}\nshared_timeout_ms = 20\n[oauth]\nenabled = false"
+        ),
+    );
+    let cluster = Settings::from_toml_str(&toml).unwrap().cluster.unwrap();
+    assert!(cluster.shared_cache && cluster.shared_token);
+    assert_eq!(cluster.shared_keys.len(), 2);
+    assert_eq!(cluster.shared_keys[0].expose(), SIGNING_KEY);
+    assert_eq!(cluster.shared_timeout, Duration::from_millis(20));
+
+    let short = dir.file("short", "too-short\n");
+    let list = errors(&minimal_with(
+        "cluster",
+        &format!(
+            "redis_url = \"redis://redis\"\nshared_cache = true\nshared_key_file = {short:?}\n\
+                 [oauth]\nenabled = false"
+        ),
+    ));
+    assert!(
+        has(
+            &list,
+            "cluster.shared_key_file: a shared-tier key must be at least 32 bytes; shorter: line 1"
+        ),
+        "{list:#?}"
+    );
+    assert!(!list.iter().any(|e| e.contains("too-short")));
+    let list = errors(&minimal_with(
+        "cluster",
+        &format!(
+            "redis_url = \"redis://redis\"\nshared_cache = true\nshared_key_file = {keys:?}\n\
+                 [cache]\nenabled = false\n[oauth]\nenabled = false"
+        ),
+    ));
+    assert_eq!(
+            list,
+            vec!["cluster.shared_cache: true needs cache.enabled = true (the shared tier is the second tier behind it)"]
+        );
+    let list = errors(&minimal_with(
+        "cluster",
+        &format!(
+            "redis_url = \"redis://redis\"\nshared_token = true\nshared_key_file = {keys:?}\n\
+                 shared_timeout_ms = 10000\n[oauth]\nenabled = false"
+        ),
+    ));
+    assert_eq!(
+        list,
+        vec!["cluster.shared_timeout_ms: must be less than server.request_timeout_ms (10000)"]
+    );
+    assert!(!list.iter().any(|e| e.contains(SIGNING_KEY)));
+}
+
+#[test]
+fn random_signing_key_refused_in_a_cluster() {
+    let clustered = minimal_with("cluster", "redis_url = \"redis://redis\"");
+    let list = errors(&clustered);
+    assert_eq!(list.len(), 1, "{list:#?}");
+    assert!(list[0].starts_with(
+            "oauth.signing_key_file: must be set when cluster.redis_url is set and oauth.enabled = true"
+        ));
+    // Fine without the token endpoint, or with a key file.
+    let disabled = format!("{clustered}\n[oauth]\nenabled = false\n");
+    assert!(Settings::from_toml_str(&disabled).is_ok());
+    let dir = TempDir::new("oauth-cluster");
+    let keys = dir.file("keys", SIGNING_KEY);
+    let with_key = format!("{clustered}\n[oauth]\nsigning_key_file = {keys:?}\n");
+    let s = Settings::from_toml_str(&with_key).unwrap();
+    assert_eq!(s.oauth.signing_keys.len(), 1);
+    assert_eq!(s.oauth.signing_keys[0].expose(), SIGNING_KEY);
+}
+
+#[test]
+fn signing_key_problems_name_the_file() {
+    let dir = TempDir::new("oauth-short");
+    let keys = dir.file("keys", "too-short\n");
+    let list = errors(&minimal_with(
+        "oauth",
+        &format!("signing_key_file = {keys:?}\ntoken_ttl_s = 0"),
+    ));
+    assert_eq!(list.len(), 2, "{list:#?}");
+    assert!(has(&list, "oauth.token_ttl_s: must be greater than 0"));
+    assert!(has(
+            &list,
+            &format!("oauth.signing_key_file: a signing key must be at least 32 bytes; shorter: line 1 of '{keys}'")
+        ));
+    assert!(!has(&list, "too-short"));
+}
+
+#[test]
+fn bad_region_names_key_and_allowed_values() {
+    let list = errors(&minimal_with("talkdesk", "region = \"us\""));
+    assert_eq!(
+        list,
+        vec!["talkdesk.region: \"us\" is not a region; allowed: com, eu, ca, au".to_owned()]
+    );
+}
+
+#[test]
+fn bad_log_filter_is_named() {
+    let list = errors(&minimal_with("log", "level = \"consent_proxy=loud\""));
+    assert_eq!(list.len(), 1, "{list:?}");
+    assert!(list[0].starts_with("log.level: "), "{list:?}");
+}
+
+#[test]
+fn missing_client_secret_is_named() {
+    let toml = minimal().replace(&format!("client_secret = \"{SECRET}\""), "");
+    let list = errors(&toml);
+    assert_eq!(
+        list,
+        vec!["talkdesk.client_secret (or talkdesk.client_secret_file) is required".to_owned()]
+    );
+    let both = minimal_with("talkdesk", "client_secret_file = \"/x\"");
+    assert!(has(&errors(&both), "both set"));
+}
+
+#[test]
+fn secret_files_are_read_and_trimmed() {
+    let dir = TempDir::new("secrets");
+    let secret = dir.file("secret", "file-secret\n");
+    let key = dir.file("apikey", "file-key-0123456789\r\n");
+    let toml = minimal()
+        .replace(
+            &format!("client_secret = \"{SECRET}\""),
+            &format!("client_secret_file = {secret:?}"),
+        )
+        .replace(
+            &format!("api_key = \"{API_KEY}\""),
+            &format!("api_key_file = {key:?}"),
+        );
+    let s = Settings::from_toml_str(&toml).unwrap();
+    assert_eq!(s.talkdesk.client_secret.expose(), "file-secret");
+    assert_eq!(s.clients[0].key_sha256, digest("file-key-0123456789"));
+
+    let missing = toml.replace(&secret, "/nonexistent/consent-proxy-secret");
+    let list = errors(&missing);
+    assert!(
+        has(
+            &list,
+            "talkdesk.client_secret_file: cannot read '/nonexistent/consent-proxy-secret'"
+        ),
+        "{list:?}"
+    );
+    let empty = dir.file("empty", "\n");
+    let list = errors(&toml.replace(&key, &empty));
+    assert_eq!(
+        list,
+        vec![format!("clients[0].api_key_file: file '{empty}' is empty")]
+    );
+}
+
+#[test]
+fn api_key_sha256_accepted() {
+    let hex: String = digest(API_KEY).iter().map(|b| format!("{b:02X}")).collect();
+    let toml = minimal().replace(
+        &format!("api_key = \"{API_KEY}\""),
+        &format!("api_key_sha256 = \"{hex}\""),
+    );
+    let s = Settings::from_toml_str(&toml).unwrap();
+    assert_eq!(s.clients[0].key_sha256, digest(API_KEY));
+    // A sign is not a hex digit.
+    assert_eq!(decode_sha256_hex(&format!("+f{}", &hex[2..])), None);
+}
+
+#[test]
+fn auth_optional_without_clients() {
+    let toml = "[talkdesk]\naccount = \"acme\"\nclient_id = \"c\"\nclient_secret = \"s\"\n\
+                    [auth]\nrequired = false\n";
+    let s = Settings::from_toml_str(toml).unwrap();
+    assert!(!s.auth.required);
+    assert!(s.clients.is_empty());
+}
+
+#[test]
+fn duplicate_names_and_keys() {
+    let toml = format!(
+            "{}\n[[clients]]\nname = \"studio-ivr\"\napi_key = \"{API_KEY}\"\npermissions = [\"admin\"]\n",
+            minimal()
+        );
+    let list = errors(&toml);
+    assert!(
+        has(
+            &list,
+            "clients[1].name: \"studio-ivr\" is already used by clients[0]"
+        ),
+        "{list:?}"
+    );
+    assert!(
+        has(&list, "clients[1]: has the same API key as clients[0]"),
+        "{list:?}"
+    );
+    assert!(!list.iter().any(|e| e.contains(API_KEY)));
+
+    let reserved = minimal().replace("name = \"studio-ivr\"", &format!("name = {ANONYMOUS:?}"));
+    assert!(has(
+        &errors(&reserved),
+        "clients[0].name: \"anonymous\" is reserved"
+    ));
+}
