@@ -9,6 +9,7 @@ pub mod raw_http;
 pub mod redis_server;
 pub mod relay;
 pub mod temp_file;
+pub mod tls_upstream;
 pub mod yaml;
 
 use std::collections::BTreeMap;
