@@ -55,7 +55,10 @@ impl ProxyEndpoint {
                 .map_err(|_| format!("the {what} is not valid percent-encoded UTF-8"))
         };
         let (user_as_written, password) = userinfo.split_once(':').unwrap_or((userinfo, ""));
-        let (user, password) = (decode(user_as_written, "user")?, decode(password, "password")?);
+        let (user, password) = (
+            decode(user_as_written, "user")?,
+            decode(password, "password")?,
+        );
         let authorization = if user.is_empty() && password.is_empty() {
             None
         } else {
@@ -98,7 +101,10 @@ mod tests {
         assert_eq!(proxy.authorization.as_ref(), Some(&expected));
         assert!(proxy.authorization.unwrap().is_sensitive());
         let proxy = ProxyEndpoint::parse("http://corp%40it:p%3Ass@proxy.internal:3128").unwrap();
-        assert_eq!(proxy.redacted(), "http://corp%40it:<redacted>@proxy.internal:3128");
+        assert_eq!(
+            proxy.redacted(),
+            "http://corp%40it:<redacted>@proxy.internal:3128"
+        );
         assert!(!format!("{proxy:?}").contains("p%3Ass"));
     }
 

@@ -21,7 +21,8 @@ pub(super) fn redact(mut file: ConfigFile, talkdesk: &TalkdeskSettings) -> Confi
     }
     if let Ok(url) = &mut file.egress.proxy_url.0 {
         if !url.is_empty() {
-            *url = ProxyEndpoint::parse(url).map_or_else(|_| REDACTED.to_owned(), |url| url.redacted());
+            *url = ProxyEndpoint::parse(url)
+                .map_or_else(|_| REDACTED.to_owned(), |url| url.redacted());
         }
     }
     for client in &mut file.clients {

@@ -11,9 +11,9 @@ use super::{
     redis_url::RedisUrl,
     schema::{self, Field},
     secret_files::{read_keys, read_secret_file},
-    AuthSettings, BreakerSettings, EgressSettings, ExtraRoots, ProxyEndpoint, CacheSettings, ClientSettings, ClusterSettings, LogSettings,
-    OAuthSettings, Permissions, Secret, ServerSettings, Settings, TalkdeskSettings, TlsFiles,
-    TokenSettings, ANONYMOUS,
+    AuthSettings, BreakerSettings, CacheSettings, ClientSettings, ClusterSettings, EgressSettings,
+    ExtraRoots, LogSettings, OAuthSettings, Permissions, ProxyEndpoint, Secret, ServerSettings,
+    Settings, TalkdeskSettings, TlsFiles, TokenSettings, ANONYMOUS,
 };
 
 const MAX_CLIENT_NAME: usize = 64;
@@ -461,9 +461,12 @@ fn extra_roots(path: &str) -> Result<ExtraRoots, String> {
     }
     let mut roots = rustls::RootCertStore::empty();
     for (i, certificate) in certificates.iter().enumerate() {
-        roots
-            .add(certificate.clone())
-            .map_err(|e| format!("certificate {} of '{path}' is not a usable root: {e}", i + 1))?;
+        roots.add(certificate.clone()).map_err(|e| {
+            format!(
+                "certificate {} of '{path}' is not a usable root: {e}",
+                i + 1
+            )
+        })?;
     }
     Ok(ExtraRoots { certificates, pem })
 }

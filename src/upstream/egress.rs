@@ -149,16 +149,18 @@ impl Service<Uri> for EgressConnector {
                         source: source.into(),
                     });
             };
-            let proxy_uri = Uri::try_from(format!("http://{}", hop.authority))
-                .map_err(|_| EgressError::UnsupportedProxy {
+            let proxy_uri = Uri::try_from(format!("http://{}", hop.authority)).map_err(|_| {
+                EgressError::UnsupportedProxy {
                     proxy: hop.authority.clone(),
-                })?;
-            let stream = tcp.call(proxy_uri).await.map_err(|source| {
-                EgressError::ProxyUnreachable {
-                    proxy: hop.authority.clone(),
-                    source: source.into(),
                 }
             })?;
+            let stream =
+                tcp.call(proxy_uri)
+                    .await
+                    .map_err(|source| EgressError::ProxyUnreachable {
+                        proxy: hop.authority.clone(),
+                        source: source.into(),
+                    })?;
             let stream = tunnel(stream.into_inner(), &hop, &target).await?;
             Ok(TokioIo::new(stream))
         })
@@ -172,7 +174,11 @@ fn target_of(destination: &Uri) -> Result<String, EgressError> {
         .ok_or_else(|| EgressError::NoHost(destination.to_string()))?;
     let port = destination
         .port_u16()
-        .unwrap_or(if destination.scheme_str() == Some("http") { 80 } else { 443 });
+        .unwrap_or(if destination.scheme_str() == Some("http") {
+            80
+        } else {
+            443
+        });
     Ok(format!("{host}:{port}"))
 }
 

@@ -154,7 +154,11 @@ fn connect_failure(err: hyper_util::client::legacy::Error, host: String) -> Shar
         if let Some(rustls::Error::InvalidCertificate(_)) = current.downcast_ref::<rustls::Error>() {
             return Arc::new(UntrustedCertificate { host, source: err });
         }
-        cause = current.source();
+        // hyper-rustls hands rustls' error over inside `io::Error`s, whose `source` skips it.
+        cause = match current.downcast_ref::<std::io::Error>().and_then(|io| io.get_ref()) {
+            Some(inner) => Some(inner),
+            None => current.source(),
+        };
     }
     Arc::new(err)
 }

@@ -4,6 +4,7 @@
 //! OAuth server as upstream token endpoint), a Python with Authlib (an independent OAuth client).
 
 mod cluster;
+mod egress;
 mod metrics_exposition;
 mod oauth;
 mod oidc_provider;

@@ -28,6 +28,8 @@ pub struct TestPki {
     pub ca: CertificateDer<'static>,
     pub cert_file: PathBuf,
     pub key_file: PathBuf,
+    /// The CA certificate alone, as PEM.
+    pub ca_file: PathBuf,
     /// A key that does not belong to the certificate.
     pub other_key_pem: String,
     pub cert_pem: String,
@@ -74,11 +76,14 @@ impl TestPki {
         let cert_pem = server_cert.pem();
         std::fs::write(&cert_file, format!("{cert_pem}{}", ca_cert.pem())).expect("write cert");
         std::fs::write(&key_file, server_key.serialize_pem()).expect("write key");
+        let ca_file = dir.join("ca.crt");
+        std::fs::write(&ca_file, ca_cert.pem()).expect("write CA");
         TestPki {
             dir,
             ca: ca_cert.der().clone(),
             cert_file,
             key_file,
+            ca_file,
             other_key_pem: KeyPair::generate().expect("other key").serialize_pem(),
             cert_pem,
         }
@@ -124,7 +129,6 @@ impl Drop for TestPki {
         let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
-
 
 // ---------------------------------------------------------------------------------------------
 // Upstream over HTTP/2
@@ -230,4 +234,3 @@ async fn fake_answer(request: Request<Incoming>, seen: &Mutex<Vec<Seen>>) -> Res
         _ => json(StatusCode::NOT_FOUND, "{}".to_owned()),
     }
 }
-
