@@ -151,11 +151,15 @@ pub struct UntrustedCertificate {
 fn connect_failure(err: hyper_util::client::legacy::Error, host: String) -> SharedError {
     let mut cause: Option<&(dyn std::error::Error + 'static)> = Some(&err);
     while let Some(current) = cause {
-        if let Some(rustls::Error::InvalidCertificate(_)) = current.downcast_ref::<rustls::Error>() {
+        if let Some(rustls::Error::InvalidCertificate(_)) = current.downcast_ref::<rustls::Error>()
+        {
             return Arc::new(UntrustedCertificate { host, source: err });
         }
         // hyper-rustls hands rustls' error over inside `io::Error`s, whose `source` skips it.
-        cause = match current.downcast_ref::<std::io::Error>().and_then(|io| io.get_ref()) {
+        cause = match current
+            .downcast_ref::<std::io::Error>()
+            .and_then(|io| io.get_ref())
+        {
             Some(inner) => Some(inner),
             None => current.source(),
         };

@@ -246,7 +246,11 @@ async fn the_environment_names_the_proxy_unless_egress_proxy_url_does() {
     config.set_str("egress.ca_file", &ca_file);
     let served = Served::start(&mut config, &[("HTTPS_PROXY", &forward.url())]);
     served.wait_ready(&http).await;
-    assert_eq!(forward.connects(), [tunnel.clone()], "HTTPS_PROXY followed");
+    assert_eq!(
+        forward.connects(),
+        std::slice::from_ref(&tunnel),
+        "HTTPS_PROXY followed"
+    );
     drop(served);
 
     let served = Served::start(
@@ -257,7 +261,11 @@ async fn the_environment_names_the_proxy_unless_egress_proxy_url_does() {
         ],
     );
     served.wait_ready(&http).await;
-    assert_eq!(forward.connects(), [tunnel.clone()], "NO_PROXY: direct");
+    assert_eq!(
+        forward.connects(),
+        std::slice::from_ref(&tunnel),
+        "NO_PROXY: direct"
+    );
     drop(served);
 
     let down = format!("http://127.0.0.1:{}", free_port());
