@@ -27,7 +27,7 @@ use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
 use crate::config::{ClientAuth, Secret, TalkdeskSettings, TokenSettings};
-use crate::error::{Failure, ProxyError};
+use crate::error::{ErrorChain, Failure, ProxyError};
 use crate::metrics;
 use crate::upstream::backoff::Backoff;
 use crate::upstream::transport::{AttemptError, Transport, USER_AGENT};
@@ -382,7 +382,7 @@ impl TokenManager {
             return Ok(());
         }
         Err(match &*self.shared.phase.borrow() {
-            Phase::BackingOff(failure) => format!("no valid token: {failure}"),
+            Phase::BackingOff(failure) => format!("no valid token: {}", ErrorChain(failure)),
             Phase::Fetching => "no valid token yet: fetching".to_owned(),
             Phase::Idle => "no valid token: renewal pending".to_owned(),
         })
