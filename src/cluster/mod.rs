@@ -218,7 +218,6 @@ impl Cluster {
                     &settings.key_prefix,
                     talkdesk,
                     ANNOUNCE_TIMEOUT.max(settings.shared_timeout),
-                    CONNECT_TIMEOUT,
                     metrics,
                 ))
             });
