@@ -261,7 +261,8 @@ struct TokenRequest {
     timeout: Duration,
 }
 
-struct Shared {
+/// The token manager's state: held by every handle, and weakly by the refresher.
+struct TokenState {
     current: ArcSwapOption<AccessToken>,
     phase: watch::Sender<Phase>,
     /// Wakes the refresher when a request finds no usable token.
@@ -272,7 +273,7 @@ struct Shared {
     _alive: oneshot::Sender<()>,
 }
 
-impl Shared {
+impl TokenState {
     fn usable_token(&self) -> Option<Arc<AccessToken>> {
         let token = self.current.load_full()?;
         token.is_usable(Instant::now()).then_some(token)
@@ -282,7 +283,7 @@ impl Shared {
 /// The handle requests use. Cheap to clone.
 #[derive(Clone)]
 pub struct TokenManager {
-    shared: Arc<Shared>,
+    state: Arc<TokenState>,
 }
 
 impl TokenManager {
@@ -300,7 +301,7 @@ impl TokenManager {
         let (phase, _) = watch::channel(Phase::Fetching);
         let (alive, manager_gone) = oneshot::channel();
         let wake = Arc::new(Notify::new());
-        let shared = Arc::new(Shared {
+        let state = Arc::new(TokenState {
             current: ArcSwapOption::empty(),
             phase,
             wake: wake.clone(),
@@ -317,7 +318,7 @@ impl TokenManager {
             timeout: talkdesk.timeout,
         };
         let refresher = Refresher {
-            shared: Arc::downgrade(&shared),
+            state: Arc::downgrade(&state),
             wake,
             manager_gone,
             transport,
@@ -327,25 +328,25 @@ impl TokenManager {
             installed_fleet_id: None,
         };
         let task = tokio::spawn(refresher.run(shutdown));
-        (TokenManager { shared }, task)
+        (TokenManager { state }, task)
     }
 
     /// The current token, waiting (at most `MAX_TOKEN_WAIT`, and not past `deadline`) for
     /// the refresher when none is usable. Fails fast while the token endpoint is failing.
     pub async fn current(&self, deadline: Instant) -> Result<Arc<AccessToken>, ProxyError> {
-        if let Some(token) = self.shared.usable_token() {
+        if let Some(token) = self.state.usable_token() {
             return Ok(token);
         }
         let wait_until = deadline.min(Instant::now() + MAX_TOKEN_WAIT);
-        let mut phase = self.shared.phase.subscribe();
+        let mut phase = self.state.phase.subscribe();
         loop {
-            if let Some(token) = self.shared.usable_token() {
+            if let Some(token) = self.state.usable_token() {
                 return Ok(token);
             }
             match &*phase.borrow_and_update() {
                 Phase::BackingOff(failure) => return Err(failure.clone().into()),
                 // Idle with no usable token: dropped after a 401 or expired unrenewed.
-                Phase::Idle => self.shared.wake.notify_one(),
+                Phase::Idle => self.state.wake.notify_one(),
                 Phase::Fetching => {}
             }
             match tokio::time::timeout_at(wait_until, phase.changed()).await {
@@ -359,29 +360,29 @@ impl TokenManager {
     /// Upstream rejected `token`: drop it if it is still the current one (so a burst of 401s
     /// causes one renewal) and wake the refresher.
     pub fn reject(&self, token: &Arc<AccessToken>) {
-        let current = self.shared.current.load();
+        let current = self.state.current.load();
         if current.as_ref().is_some_and(|c| Arc::ptr_eq(c, token)) {
-            let previous = self.shared.current.compare_and_swap(&*current, None);
+            let previous = self.state.current.compare_and_swap(&*current, None);
             if previous.as_ref().is_some_and(|p| Arc::ptr_eq(p, token)) {
-                self.shared.metrics.renewed_after_rejection.inc();
+                self.state.metrics.renewed_after_rejection.inc();
                 // No token is held until the renewal succeeds ("0 = none held").
-                self.shared.metrics.expiry.set(0.0);
+                self.state.metrics.expiry.set(0.0);
                 tracing::info!(token_id = token.id, "upstream rejected the token; renewing");
-                self.shared.wake.notify_one();
+                self.state.wake.notify_one();
             }
         }
     }
 
     pub fn metrics(&self) -> &TokenMetrics {
-        &self.shared.metrics
+        &self.state.metrics
     }
 
     /// Ready when a usable token is held; otherwise the reason.
     pub fn readiness(&self) -> Result<(), String> {
-        if self.shared.usable_token().is_some() {
+        if self.state.usable_token().is_some() {
             return Ok(());
         }
-        Err(match &*self.shared.phase.borrow() {
+        Err(match &*self.state.phase.borrow() {
             Phase::BackingOff(failure) => format!("no valid token: {failure}"),
             Phase::Fetching => "no valid token yet: fetching".to_owned(),
             Phase::Idle => "no valid token: renewal pending".to_owned(),
@@ -392,7 +393,7 @@ impl TokenManager {
 /// The background task that owns all talk with the token endpoint. It holds the manager's
 /// state only weakly (and only while it works), so dropping the last handle stops it.
 struct Refresher {
-    shared: Weak<Shared>,
+    state: Weak<TokenState>,
     wake: Arc<Notify>,
     manager_gone: oneshot::Receiver<()>,
     transport: Transport,
@@ -410,11 +411,11 @@ impl Refresher {
     async fn run(mut self, mut shutdown: watch::Receiver<bool>) {
         let mut backoff = Backoff::new(BACKOFF_FIRST, BACKOFF_LAST);
         loop {
-            let Some(shared) = self.shared.upgrade() else {
+            let Some(state) = self.state.upgrade() else {
                 return;
             };
-            shared.phase.send_replace(Phase::Fetching);
-            let result = self.obtain(&shared).await;
+            state.phase.send_replace(Phase::Fetching);
+            let result = self.obtain(&state).await;
             let (sleep_until, backing_off) = match result {
                 Ok((token, lifetime_left)) => {
                     tracing::debug!(
@@ -423,14 +424,14 @@ impl Refresher {
                         "token obtained"
                     );
                     let refresh_at = token.refresh_at;
-                    shared.current.store(Some(Arc::new(token)));
+                    state.current.store(Some(Arc::new(token)));
                     // After the store, so that a concurrent `reject` of the previous token
                     // (which zeroes the gauge) cannot overwrite the new token's expiry.
-                    shared
+                    state
                         .metrics
                         .expiry
                         .set((crate::clock::since_epoch() + lifetime_left).as_secs_f64());
-                    shared.phase.send_replace(Phase::Idle);
+                    state.phase.send_replace(Phase::Idle);
                     backoff.reset();
                     (refresh_at, false)
                 }
@@ -441,11 +442,11 @@ impl Refresher {
                         retry_in_ms = delay.as_millis() as u64,
                         "token fetch failed"
                     );
-                    shared.phase.send_replace(Phase::BackingOff(failure));
+                    state.phase.send_replace(Phase::BackingOff(failure));
                     (Instant::now() + delay, true)
                 }
             };
-            drop(shared);
+            drop(state);
             if !self.sleep(sleep_until, backing_off, &mut shutdown).await {
                 return;
             }
@@ -465,8 +466,8 @@ impl Refresher {
             tokio::select! {
                 _ = tokio::time::sleep_until(until) => return true,
                 _ = self.wake.notified(), if !backing_off => {
-                    match self.shared.upgrade() {
-                        Some(shared) if shared.usable_token().is_some() => {}
+                    match self.state.upgrade() {
+                        Some(state) if state.usable_token().is_some() => {}
                         Some(_) => return true,
                         None => return false,
                     }
@@ -478,13 +479,13 @@ impl Refresher {
     }
 
     /// A token: the fleet's when there is a fleet store and it can help, else fetched.
-    async fn obtain(&mut self, shared: &Shared) -> Result<Obtained, TokenFailure> {
+    async fn obtain(&mut self, state: &TokenState) -> Result<Obtained, TokenFailure> {
         let Some(fleet) = self.fleet.clone() else {
-            return self.fetch_counted(shared).await;
+            return self.fetch_counted(state).await;
         };
         // The token held was dropped (upstream rejected it) or ran out: if it was the fleet's,
         // the fleet's copy is no good either.
-        let rejected = shared
+        let rejected = state
             .usable_token()
             .is_none()
             .then_some(self.installed_fleet_id)
@@ -494,22 +495,22 @@ impl Refresher {
         loop {
             let found = match fleet.read().await {
                 Ok(found) => found,
-                Err(problem) => return self.alone(shared, fleet.as_ref(), problem).await,
+                Err(problem) => return self.alone(state, fleet.as_ref(), problem).await,
             };
             let replacing = match found {
                 Some(token) if self.usable_from_fleet(&token, rejected) => {
-                    return Ok(self.install_fleet_token(shared, fleet.as_ref(), token));
+                    return Ok(self.install_fleet_token(state, fleet.as_ref(), token));
                 }
                 Some(token) => Some(token.id),
                 None => None,
             };
             match fleet.lock(replacing).await {
-                Err(problem) => return self.alone(shared, fleet.as_ref(), problem).await,
+                Err(problem) => return self.alone(state, fleet.as_ref(), problem).await,
                 Ok(LockAnswer::Replaced(token)) if self.usable_from_fleet(&token, rejected) => {
-                    return Ok(self.install_fleet_token(shared, fleet.as_ref(), token));
+                    return Ok(self.install_fleet_token(state, fleet.as_ref(), token));
                 }
                 Ok(LockAnswer::Locked(lock)) => {
-                    return self.renew_for_fleet(shared, fleet.as_ref(), lock).await;
+                    return self.renew_for_fleet(state, fleet.as_ref(), lock).await;
                 }
                 Ok(LockAnswer::Held) if !waiting => {
                     waiting = true;
@@ -522,7 +523,7 @@ impl Refresher {
                     "no token from the instance renewing it within {} ms",
                     (self.request.timeout + FLEET_WAIT_MARGIN).as_millis()
                 ));
-                return self.alone(shared, fleet.as_ref(), problem).await;
+                return self.alone(state, fleet.as_ref(), problem).await;
             }
             tokio::time::sleep(FLEET_POLL).await;
         }
@@ -537,14 +538,14 @@ impl Refresher {
 
     fn install_fleet_token(
         &mut self,
-        shared: &Shared,
+        state: &TokenState,
         fleet: &dyn FleetTokens,
         token: FleetToken,
     ) -> Obtained {
         fleet.installed(TokenSource::Fleet);
         self.installed_fleet_id = Some(token.id);
         let expires_at = Instant::now() + token.remaining;
-        let access = self.access_token(shared, token.authorization, expires_at, token.lifetime);
+        let access = self.access_token(state, token.authorization, expires_at, token.lifetime);
         (access, token.remaining)
     }
 
@@ -552,12 +553,12 @@ impl Refresher {
     /// here even when storing fails (the lock then expires by itself).
     async fn renew_for_fleet(
         &mut self,
-        shared: &Shared,
+        state: &TokenState,
         fleet: &dyn FleetTokens,
         lock: FleetLock,
     ) -> Result<Obtained, TokenFailure> {
         let started = Instant::now();
-        let (token, lifetime) = match self.fetch_counted(shared).await {
+        let (token, lifetime) = match self.fetch_counted(state).await {
             Ok(fetched) => fetched,
             Err(failure) => {
                 fleet.release(lock).await;
@@ -586,7 +587,7 @@ impl Refresher {
     /// Fetches a token for this instance only: the fleet store could not help.
     async fn alone(
         &mut self,
-        shared: &Shared,
+        state: &TokenState,
         fleet: &dyn FleetTokens,
         problem: Failure,
     ) -> Result<Obtained, TokenFailure> {
@@ -595,7 +596,7 @@ impl Refresher {
             "the fleet's token is out of reach: fetching one for this instance"
         );
         self.installed_fleet_id = None;
-        let result = self.fetch_counted(shared).await;
+        let result = self.fetch_counted(state).await;
         if result.is_ok() {
             fleet.installed(TokenSource::Alone);
         }
@@ -603,10 +604,10 @@ impl Refresher {
     }
 
     /// [`Self::fetch`], counted and timed in the token metrics.
-    async fn fetch_counted(&self, shared: &Shared) -> Result<Obtained, TokenFailure> {
+    async fn fetch_counted(&self, state: &TokenState) -> Result<Obtained, TokenFailure> {
         let started = Instant::now();
-        let result = self.fetch(started, shared).await;
-        let metrics = &shared.metrics;
+        let result = self.fetch(started, state).await;
+        let metrics = &state.metrics;
         metrics
             .fetch_duration
             .observe(started.elapsed().as_secs_f64());
@@ -627,7 +628,7 @@ impl Refresher {
 
     fn access_token(
         &self,
-        shared: &Shared,
+        state: &TokenState,
         authorization: HeaderValue,
         expires_at: Instant,
         lifetime: Duration,
@@ -638,11 +639,11 @@ impl Refresher {
             authorization,
             usable_until: before_end(safety),
             refresh_at: before_end(margin),
-            id: shared.next_id.fetch_add(1, Ordering::Relaxed),
+            id: state.next_id.fetch_add(1, Ordering::Relaxed),
         }
     }
 
-    async fn fetch(&self, started: Instant, shared: &Shared) -> Result<Obtained, TokenFailure> {
+    async fn fetch(&self, started: Instant, state: &TokenState) -> Result<Obtained, TokenFailure> {
         let request = self.build_request()?;
         let answer = self
             .transport
@@ -657,7 +658,7 @@ impl Refresher {
         }
         let parsed = parse_token_response(&answer.body)?;
         let lifetime = parsed.expires_in;
-        let token = self.access_token(shared, parsed.authorization, started + lifetime, lifetime);
+        let token = self.access_token(state, parsed.authorization, started + lifetime, lifetime);
         Ok((token, lifetime))
     }
 
