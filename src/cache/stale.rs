@@ -115,13 +115,7 @@ impl ConsentCache {
 fn upstream_could_not_answer(result: &FillResult) -> bool {
     match result {
         Ok(answer) => answer_is_a_failure(answer),
-        Err(error) => matches!(
-            error,
-            ProxyError::Upstream(_)
-                | ProxyError::UpstreamTimeout
-                | ProxyError::UpstreamUnavailable { .. }
-                | ProxyError::TokenUnavailable(_)
-        ),
+        Err(error) => error.upstream_cannot_answer(),
     }
 }
 
