@@ -9,13 +9,11 @@ use std::sync::Arc;
 use prometheus::{IntCounter, Registry};
 use tokio::time::Instant;
 
-use crate::cache::{
-    CacheStatus, ConsentCache, FillLead, FillResult, FillWaiter, Lookup, Settled, WriteOutcome,
-};
+use crate::cache::{CacheStatus, ConsentCache, FillLead, FillResult, FillWaiter, Lookup, Settled};
 use crate::cluster::shared::FillReport;
 use crate::cluster::Cluster;
 use crate::consent::{consent_status_of, ConsentAnswer};
-use crate::consent::{ConsentStatus, ContactId};
+use crate::consent::{ConsentStatus, ContactId, WriteOutcome};
 use crate::error::{Failure, ProxyError};
 use crate::metrics;
 use crate::request::RequestContext;

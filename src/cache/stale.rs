@@ -136,8 +136,9 @@ fn failure_of(result: &FillResult) -> ProxyError {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::cache::{FillLead, Lookup, WriteOutcome};
+    use crate::cache::{FillLead, Lookup};
     use crate::consent::ConsentStatus;
+    use crate::consent::WriteOutcome;
     use crate::error::Failure;
 
     const TTL: Duration = Duration::from_secs(60);
