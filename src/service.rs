@@ -11,10 +11,10 @@ use tokio::time::Instant;
 
 use crate::cache::{CacheStatus, ConsentCache, FillLead, FillResult, FillWaiter, Lookup, Settled};
 use crate::cluster::shared::FillReport;
-use crate::cluster::Cluster;
+use crate::cluster::{Cluster, ClusterStatus};
 use crate::consent::{consent_status_of, ConsentAnswer};
 use crate::consent::{ConsentStatus, ContactId, WriteOutcome};
-use crate::error::{Failure, ProxyError};
+use crate::error::{ErrorChain, Failure, ProxyError};
 use crate::metrics;
 use crate::request::RequestContext;
 use crate::upstream::client::ConsentApi;
@@ -198,5 +198,38 @@ impl ConsentService {
         });
         task.await
             .unwrap_or_else(|err| Err(ProxyError::Internal(Failure::new("write task failed", err))))
+    }
+
+    /// Drops the contact's cached answer here and, in a cluster, on the other instances and in
+    /// the shared tier. Without Redis they cannot be told, but then they do not answer from
+    /// their caches either, and flush them when they reconnect; the shared tier's entry,
+    /// though, stays until its TTL unless the purge is repeated once Redis is back (the
+    /// warning says so).
+    pub async fn purge(&self, contact: &ContactId) {
+        self.cache.purge(contact);
+        if let Some(cluster) = &self.cluster {
+            if let Err(problem) = cluster.announce_purge(contact).await {
+                tracing::warn!(
+                    contact = %contact.masked(),
+                    error = %ErrorChain(&problem),
+                    "the purge could not be announced to the other instances (nor applied to the \
+                     shared tier, if on): repeat it once Redis is back"
+                );
+            }
+        }
+    }
+
+    /// Brings the gauges read at scrape time up to date: the cache's entries, the cluster's
+    /// feed.
+    pub fn refresh_gauges(&self) {
+        self.cache.refresh_entry_gauge();
+        if let Some(cluster) = &self.cluster {
+            cluster.refresh_gauge();
+        }
+    }
+
+    /// The cluster feed's state, in cluster mode.
+    pub fn cluster_status(&self) -> Option<ClusterStatus> {
+        self.cluster.as_ref().map(Cluster::status)
     }
 }
