@@ -161,7 +161,7 @@ impl App {
         }
 
         let routes = Arc::new(ConsentRoutes::new(
-            service,
+            service.clone(),
             auth.clone(),
             HttpMetrics::register(&registry),
             RouteLimits {
@@ -174,8 +174,7 @@ impl App {
         let serving = Arc::new(AtomicBool::new(false));
         let admin = Arc::new(AdminRoutes::new(
             registry.clone(),
-            cache.clone(),
-            cluster.clone(),
+            service,
             tokens.clone(),
             auth,
             serving.clone(),

@@ -43,9 +43,9 @@ use redis::{AsyncCommands, IntoConnectionInfo};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
-use crate::cache::{ConsentCache, WriteOutcome};
+use crate::cache::ConsentCache;
 use crate::config::{ClusterSettings, TalkdeskSettings, WritePolicy};
-use crate::consent::ContactId;
+use crate::consent::{ContactId, WriteOutcome};
 use crate::error::{ErrorChain, Failure, ProxyError};
 use crate::upstream::token::FleetTokens;
 use link::Link;
@@ -228,7 +228,6 @@ impl Cluster {
                     &settings.key_prefix,
                     talkdesk,
                     ANNOUNCE_TIMEOUT.max(settings.shared_timeout),
-                    CONNECT_TIMEOUT,
                     metrics,
                 ))
             });
