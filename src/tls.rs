@@ -8,6 +8,8 @@ use rustls::pki_types::pem::{Error as PemError, PemObject};
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use tokio_rustls::TlsAcceptor;
 
+use crate::config::files::{read_text, FileKind};
+
 /// Installs rustls' process-wide crypto provider (ring) once; later calls are no-ops. Both
 /// the server and the client side call it before building a configuration.
 pub fn install_crypto_provider() {
@@ -17,6 +19,8 @@ pub fn install_crypto_provider() {
 /// Why the consent listener's certificate or key could not be loaded; each names its key.
 #[derive(Debug, thiserror::Error)]
 pub enum TlsError {
+    #[error("{key}: {problem}")]
+    Read { key: &'static str, problem: String },
     #[error("server.tls_cert_file {}: cannot read a certificate chain", .path.display())]
     Certificates {
         path: PathBuf,
@@ -45,10 +49,18 @@ pub enum TlsError {
 }
 
 /// Loads a PEM certificate chain and key into a TLS acceptor offering h2 and http/1.1.
+/// Both files are read through the configuration's bounded read (the key as a secret).
 pub fn tls_acceptor(cert_file: &Path, key_file: &Path) -> Result<TlsAcceptor, TlsError> {
     install_crypto_provider();
-    let certs = CertificateDer::pem_file_iter(cert_file)
-        .and_then(|iter| iter.collect::<Result<Vec<_>, _>>())
+    let read = |key, path, kind| {
+        read_text(path, kind)
+            .map(|read| read.text)
+            .map_err(|problem| TlsError::Read { key, problem })
+    };
+    let cert_pem = read("server.tls_cert_file", cert_file, FileKind::Certificates)?;
+    let key_pem = read("server.tls_key_file", key_file, FileKind::Secret)?;
+    let certs = CertificateDer::pem_slice_iter(cert_pem.as_bytes())
+        .collect::<Result<Vec<_>, _>>()
         .map_err(|source| TlsError::Certificates {
             path: cert_file.to_owned(),
             source,
@@ -58,7 +70,7 @@ pub fn tls_acceptor(cert_file: &Path, key_file: &Path) -> Result<TlsAcceptor, Tl
             path: cert_file.to_owned(),
         });
     }
-    let key = PrivateKeyDer::from_pem_file(key_file).map_err(|source| TlsError::Key {
+    let key = PrivateKeyDer::from_pem_slice(key_pem.as_bytes()).map_err(|source| TlsError::Key {
         path: key_file.to_owned(),
         source,
     })?;

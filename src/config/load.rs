@@ -9,6 +9,7 @@ use config::{Config, Environment, File, FileFormat};
 use serde_ignored::Path as IgnoredPath;
 
 use super::{
+    files::{read_text, FileKind},
     introspect::{struct_fields, StructFields},
     problems::Problems,
     schema::ConfigFile,
@@ -74,12 +75,15 @@ pub(super) fn from_toml_str(toml: &str) -> Result<Settings, ConfigErrors> {
 
 fn read_file(path: &Path) -> Result<FileLayer, ConfigErrors> {
     let label = format!("config file '{}'", path.display());
-    match std::fs::read_to_string(path) {
-        Ok(text) => Ok(FileLayer { label, text }),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            Err(ConfigErrors(vec![format!("{label} not found")]))
-        }
-        Err(e) => Err(ConfigErrors(vec![format!("cannot read {label}: {e}")])),
+    if !path.exists() {
+        return Err(ConfigErrors(vec![format!("{label} not found")]));
+    }
+    match read_text(path, FileKind::Configuration) {
+        Ok(read) => Ok(FileLayer {
+            label,
+            text: read.text,
+        }),
+        Err(problem) => Err(ConfigErrors(vec![format!("config file: {problem}")])),
     }
 }
 
@@ -126,7 +130,9 @@ fn load(
         })?;
     report_unknown_keys(&unknown, &mut problems);
     let settings = validate::settings(schema, &mut problems);
-    problems.finish(settings)
+    let (mut settings, warnings) = problems.finish(settings)?;
+    settings.warnings = warnings;
+    Ok(settings)
 }
 
 fn env_prefix_lowercase() -> String {
@@ -361,6 +367,17 @@ mod tests {
             .0;
         assert_eq!(list.len(), 1, "{list:?}");
         assert!(list[0].starts_with(&format!("config file '{path}' is not valid TOML")));
+    }
+
+    #[test]
+    fn an_endless_config_file_is_refused_after_its_bound() {
+        let list = from_file_and_env(Some(Path::new("/dev/zero")), HashMap::new())
+            .unwrap_err()
+            .0;
+        assert_eq!(
+            list,
+            vec!["config file: '/dev/zero' is larger than 1 MiB".to_owned()]
+        );
     }
 
     #[test]

@@ -6,6 +6,7 @@
 //! turns the schema into `Settings` reporting every problem at once (each naming its key), and
 //! `redact` prints the effective configuration without its secrets.
 
+pub mod files;
 mod introspect;
 mod load;
 mod problems;
@@ -76,6 +77,9 @@ pub struct Settings {
     pub auth: AuthSettings,
     /// The configuration as loaded, secrets already replaced: what [`Settings::redacted_toml`] prints.
     redacted: schema::ConfigFile,
+    /// What is worth a warning though valid (a secret file others can read), each naming its
+    /// key: printed by `check-config`, logged at start.
+    warnings: Vec<String>,
 }
 
 #[derive(Debug, Clone)]
@@ -352,6 +356,11 @@ impl Settings {
     /// section, derived URLs filled in, secrets as `<redacted>`, nothing of the clients' keys.
     pub fn redacted_toml(&self) -> String {
         redact::to_toml(&self.redacted)
+    }
+
+    /// The warnings found while loading, each naming its key.
+    pub fn warnings(&self) -> &[String] {
+        &self.warnings
     }
 }
 

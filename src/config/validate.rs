@@ -3,14 +3,21 @@
 //! settings exist only when nothing was wrong (each section is `Some` only when all its values
 //! are).
 
-use std::{collections::HashMap, net::SocketAddr, num::NonZeroU32, path::PathBuf, time::Duration};
+use std::{
+    collections::HashMap,
+    net::SocketAddr,
+    num::NonZeroU32,
+    path::{Path, PathBuf},
+    time::Duration,
+};
 
 use super::{
+    files::{read_text, FileKind},
     problems::Problems,
     redact,
     redis_url::RedisUrl,
     schema::{self, Field},
-    secret_files::{read_keys, read_secret_file},
+    secret_files::{read_keys, read_secret_file, FromFiles},
     AuthSettings, BreakerSettings, CacheSettings, ClientSettings, ClusterSettings, LogSettings,
     OAuthSettings, Permissions, Secret, ServerSettings, Settings, TalkdeskSettings, TlsFiles,
     TokenSettings, ANONYMOUS,
@@ -60,6 +67,7 @@ pub(super) fn settings(file: schema::ConfigFile, p: &mut Problems) -> Option<Set
         oauth: oauth?,
         clients: clients?,
         auth: auth?,
+        warnings: Vec::new(),
     })
 }
 
@@ -117,15 +125,23 @@ fn secs_or_off(s: u64) -> Result<Option<Duration>, String> {
     Ok((s > 0).then(|| Duration::from_secs(s)))
 }
 
-/// The keys in a key file or directory; none when the path is empty (the key is not set).
-fn key_file(what: &'static str) -> impl FnOnce(String) -> Result<Vec<Secret>, String> {
-    move |path| {
-        if path.is_empty() {
-            Ok(Vec::new())
-        } else {
-            read_keys(&path, what)
-        }
-    }
+/// The keys in the key file or directory `key` names; none when it is empty (not set).
+fn key_file(
+    key: &str,
+    field: Field<String>,
+    what: &str,
+    p: &mut Problems,
+) -> Option<Vec<Secret>> {
+    let path = p.value(key, field)?;
+    let keys = if path.is_empty() {
+        Ok(FromFiles {
+            value: Vec::new(),
+            warnings: Vec::new(),
+        })
+    } else {
+        read_keys(&path, what)
+    };
+    p.from_files(key, keys)
 }
 
 /// A size or a count of at least `min`.
@@ -148,16 +164,13 @@ fn socket_addr(s: String) -> Result<SocketAddr, String> {
     })
 }
 
-fn readable_file(path: &str) -> Result<(), String> {
-    std::fs::metadata(path)
-        .and_then(|meta| {
-            if meta.is_file() {
-                std::fs::File::open(path).map(drop)
-            } else {
-                Err(std::io::Error::other("not a regular file"))
-            }
-        })
-        .map_err(|e| format!("cannot read '{path}': {e}"))
+/// A file that can be read within its kind's bound and checks (the TLS files, which the
+/// listener reads again when it starts).
+fn readable_file(path: &str, kind: FileKind) -> Result<FromFiles<()>, String> {
+    read_text(Path::new(path), kind).map(|read| FromFiles {
+        value: (),
+        warnings: read.warning.into_iter().collect(),
+    })
 }
 
 /// An absolute http(s) URL with a host and no credentials (it is logged).
@@ -282,8 +295,12 @@ fn tls_files(
             None
         }
         (false, false) => {
-            let cert_readable = p.take("server.tls_cert_file", readable_file(&cert));
-            let key_readable = p.take("server.tls_key_file", readable_file(&key));
+            let cert_readable = p.from_files(
+                "server.tls_cert_file",
+                readable_file(&cert, FileKind::Certificates),
+            );
+            let key_readable =
+                p.from_files("server.tls_key_file", readable_file(&key, FileKind::Secret));
             cert_readable.and(key_readable)?;
             Some(Some(TlsFiles {
                 cert_file: PathBuf::from(cert),
@@ -398,7 +415,7 @@ fn client_secret(inline: Field<String>, file: Field<String>, p: &mut Problems) -
     let (inline, file) = (inline?, file?);
     match (inline.is_empty(), file.is_empty()) {
         (false, true) => Some(Secret::new(inline)),
-        (true, false) => p.take("talkdesk.client_secret_file", read_secret_file(&file)),
+        (true, false) => p.from_files("talkdesk.client_secret_file", read_secret_file(&file)),
         (false, false) => {
             p.general(
                 "talkdesk.client_secret and talkdesk.client_secret_file are both set; give exactly one",
@@ -492,10 +509,11 @@ fn cluster(c: schema::Cluster, p: &mut Problems) -> Option<Option<ClusterSetting
         c.shared_timeout_ms,
         positive_millis,
     );
-    let shared_keys = p.check(
+    let shared_keys = key_file(
         "cluster.shared_key_file",
         c.shared_key_file,
-        key_file("a shared-tier key"),
+        "a shared-tier key",
+        p,
     );
     let shared_on = [
         ("cluster.shared_cache", shared_cache),
@@ -537,7 +555,7 @@ fn cluster(c: schema::Cluster, p: &mut Problems) -> Option<Option<ClusterSetting
     let file_password = if password_file.is_empty() {
         Some(None)
     } else {
-        p.take(
+        p.from_files(
             "cluster.redis_password_file",
             read_secret_file(&password_file),
         )
@@ -573,10 +591,11 @@ fn cluster(c: schema::Cluster, p: &mut Problems) -> Option<Option<ClusterSetting
 fn oauth(o: schema::OAuth, clustered: bool, p: &mut Problems) -> Option<OAuthSettings> {
     let enabled = p.value("oauth.enabled", o.enabled);
     let token_ttl = p.check("oauth.token_ttl_s", o.token_ttl_s, positive_secs);
-    let signing_keys = p.check(
+    let signing_keys = key_file(
         "oauth.signing_key_file",
         o.signing_key_file,
-        key_file("a signing key"),
+        "a signing key",
+        p,
     );
     if clustered && enabled == Some(true) && signing_keys.as_ref().is_some_and(Vec::is_empty) {
         p.at(
@@ -642,10 +661,16 @@ fn client(
         (Some(api_key), None, None) => p.check(&key("api_key"), api_key, |api_key| {
             api_key_digest(&api_key, "the API key")
         }),
-        (None, Some(file), None) => p.check(&key("api_key_file"), file, |path| {
-            let api_key = read_secret_file(&path)?;
-            api_key_digest(api_key.expose(), &format!("the API key in '{path}'"))
-        }),
+        (None, Some(file), None) => {
+            let key = key("api_key_file");
+            let digest = p.check(&key, file, |path| {
+                let api_key = read_secret_file(&path)?;
+                let what = format!("the API key in '{path}'");
+                let digest = api_key_digest(api_key.value.expose(), &what)?;
+                Ok(api_key.map(|_| digest))
+            });
+            digest.and_then(|digest| p.from_files(&key, Ok(digest)))
+        }
         (None, None, Some(hex)) => p.check(&key("api_key_sha256"), hex, |hex| {
             decode_sha256_hex(&hex)
                 .ok_or_else(|| "must be 64 hexadecimal characters (the SHA-256 of the key)".into())

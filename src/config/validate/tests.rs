@@ -608,3 +608,114 @@ fn duplicate_names_and_keys() {
         "clients[0].name: \"anonymous\" is reserved"
     ));
 }
+
+/// Sets a file's permission bits.
+fn chmod(path: &str, mode: u32) {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).unwrap();
+}
+
+#[test]
+fn every_file_read_is_bounded_and_an_oversized_one_names_its_key() {
+    let dir = TempDir::new("oversized");
+    // One line of 2 MiB: read whole, it would be a valid (long) key or secret.
+    let huge = dir.file("huge", &"k".repeat(2 << 20));
+    chmod(&huge, 0o600);
+    let toml = minimal()
+        .replace(
+            &format!("client_secret = \"{SECRET}\""),
+            &format!("client_secret_file = {huge:?}"),
+        )
+        .replace(
+            &format!("api_key = \"{API_KEY}\""),
+            &format!("api_key_file = {huge:?}"),
+        )
+        + &format!(
+            "[oauth]\nsigning_key_file = {huge:?}\n[server]\ntls_cert_file = {huge:?}\n\
+             tls_key_file = {huge:?}\n"
+        );
+    let list = errors(&toml);
+    for key in [
+        "talkdesk.client_secret_file",
+        "clients[0].api_key_file",
+        "oauth.signing_key_file",
+        "server.tls_key_file",
+    ] {
+        assert!(
+            has(&list, &format!("{key}: '{huge}' is larger than 64 KiB")),
+            "{key} in {list:#?}"
+        );
+    }
+    assert!(
+        has(&list, &format!("server.tls_cert_file: '{huge}' is larger than 1 MiB")),
+        "{list:#?}"
+    );
+    assert_eq!(list.len(), 5, "{list:#?}");
+
+    // A key directory's files are bounded too; a device is not a file to read a key from.
+    let keys = TempDir::new("oversized-dir");
+    std::fs::copy(&huge, keys.path().join("key")).unwrap();
+    let list = errors(&minimal_with(
+        "oauth",
+        &format!("signing_key_file = {:?}", keys.path_str()),
+    ));
+    assert!(has(&list, "oauth.signing_key_file: '"), "{list:#?}");
+    assert!(has(&list, "is larger than 64 KiB"), "{list:#?}");
+    let list = errors(&minimal_with("oauth", "signing_key_file = \"/dev/zero\""));
+    assert_eq!(
+        list,
+        vec!["oauth.signing_key_file: '/dev/zero' is not a regular file".to_owned()]
+    );
+}
+
+#[test]
+fn secret_files_others_can_write_are_refused_readable_ones_warned_naming_their_key() {
+    let dir = TempDir::new("modes");
+    let secret = dir.file("secret", "file-secret\n");
+    let keys = TempDir::new("modes-keys");
+    let key = keys.file("current", &format!("{SIGNING_KEY}\n"));
+    let toml = minimal().replace(
+        &format!("client_secret = \"{SECRET}\""),
+        &format!("client_secret_file = {secret:?}"),
+    ) + &format!("[oauth]\nsigning_key_file = {:?}\n", keys.path_str());
+
+    // Owner and group (Kubernetes' fsGroup mounts, 0440): quiet.
+    chmod(&secret, 0o640);
+    chmod(&key, 0o440);
+    let s = Settings::from_toml_str(&toml).unwrap();
+    assert!(s.warnings().is_empty(), "{:?}", s.warnings());
+
+    // Readable by others: loads, with a warning naming the key and the file.
+    chmod(&secret, 0o644);
+    chmod(&key, 0o444);
+    let s = Settings::from_toml_str(&toml).unwrap();
+    assert_eq!(s.talkdesk.client_secret.expose(), "file-secret");
+    assert_eq!(
+        s.warnings(),
+        [
+            format!(
+                "talkdesk.client_secret_file: '{secret}' can be read by others (mode 0644); \
+                 owner and group suffice: chmod o-r"
+            ),
+            format!(
+                "oauth.signing_key_file: '{key}' can be read by others (mode 0444); \
+                 owner and group suffice: chmod o-r"
+            ),
+        ]
+    );
+
+    // Writable by others: refused.
+    chmod(&secret, 0o646);
+    chmod(&key, 0o442);
+    let list = errors(&toml);
+    assert_eq!(list.len(), 2, "{list:#?}");
+    assert!(has(
+        &list,
+        &format!("talkdesk.client_secret_file: '{secret}' can be written by others (mode 0646)")
+    ));
+    assert!(has(
+        &list,
+        &format!("oauth.signing_key_file: '{key}' can be written by others (mode 0442)")
+    ));
+    assert!(!has(&list, "file-secret") && !has(&list, SIGNING_KEY));
+}
