@@ -9,11 +9,13 @@
 pub mod files;
 mod introspect;
 mod load;
+mod log_level;
 mod problems;
 mod redact;
 mod redis_url;
 mod schema;
 mod secret_files;
+mod suggest;
 mod validate;
 
 use std::{

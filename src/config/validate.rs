@@ -13,6 +13,7 @@ use std::{
 
 use super::{
     files::{read_text, FileKind},
+    log_level::log_filter,
     problems::Problems,
     redact,
     redis_url::RedisUrl,
@@ -311,14 +312,7 @@ fn tls_files(
 }
 
 fn log(l: schema::Log, p: &mut Problems) -> Option<LogSettings> {
-    let level = p.check(
-        "log.level",
-        l.level,
-        |level| match tracing_subscriber::EnvFilter::try_new(&level) {
-            Ok(_) => Ok(level),
-            Err(e) => Err(format!("{level:?} is not a level or tracing filter: {e}")),
-        },
-    );
+    let level = p.check("log.level", l.level, log_filter);
     let format = p.value("log.format", l.format);
     Some(LogSettings {
         level: level?,

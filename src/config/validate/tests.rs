@@ -514,6 +514,25 @@ fn bad_log_filter_is_named() {
 }
 
 #[test]
+fn log_level_typos_are_refused_with_the_level_meant() {
+    // tracing reads each of these as a target to log at every level: nothing of the proxy
+    // would be logged.
+    for (typo, meant) in [("deubg", "debug"), ("warning", "warn"), ("verbose", "debug")] {
+        let list = errors(&minimal_with("log", &format!("level = {typo:?}")));
+        assert_eq!(list.len(), 1, "{list:?}");
+        assert!(
+            list[0].starts_with(&format!(
+                "log.level: {typo:?} is not a level; did you mean {meant:?}?"
+            )),
+            "{list:?}"
+        );
+    }
+    let s = Settings::from_toml_str(&minimal_with("log", "level = \"consent_proxy=debug,info\""))
+        .unwrap();
+    assert_eq!(s.log.level, "consent_proxy=debug,info");
+}
+
+#[test]
 fn missing_client_secret_is_named() {
     let toml = minimal().replace(&format!("client_secret = \"{SECRET}\""), "");
     let list = errors(&toml);
