@@ -5,7 +5,7 @@
 
 use std::{
     collections::HashMap,
-    net::SocketAddr,
+    net::{IpAddr, SocketAddr},
     num::NonZeroU32,
     path::{Path, PathBuf},
     time::Duration,
@@ -174,6 +174,21 @@ fn readable_file(path: &str, kind: FileKind) -> Result<FromFiles<()>, String> {
     })
 }
 
+/// Whether two listeners could not both be bound: the same port (not 0, with which the kernel
+/// picks two) on overlapping addresses. An unspecified address covers its family, and `[::]`
+/// covers IPv4 too (Linux binds it dual-stack unless `net.ipv6.bindv6only` is set);
+/// `::ffff:a.b.c.d` is the IPv4 address `a.b.c.d`.
+pub(super) fn listeners_collide(a: SocketAddr, b: SocketAddr) -> bool {
+    if a.port() != b.port() || a.port() == 0 {
+        return false;
+    }
+    let (a, b) = (a.ip().to_canonical(), b.ip().to_canonical());
+    let covers = |wide: IpAddr, other: IpAddr| {
+        wide.is_unspecified() && (wide.is_ipv6() || other.is_ipv4())
+    };
+    a == b || covers(a, b) || covers(b, a)
+}
+
 /// An absolute http(s) URL with a host and no credentials (it is logged).
 fn http_url(url: &str, allow_query: bool) -> Result<(), String> {
     let uri = url
@@ -222,11 +237,13 @@ fn server(s: schema::Server, p: &mut Problems) -> Option<ServerSettings> {
     let listen = p.check("server.listen", s.listen, socket_addr);
     let admin_listen = p.check("server.admin_listen", s.admin_listen, socket_addr);
     if let (Some(listen), Some(admin_listen)) = (listen, admin_listen) {
-        // Port 0 (tests) lets the kernel pick two different ports.
-        if listen == admin_listen && listen.port() != 0 {
+        if listeners_collide(listen, admin_listen) {
             p.at(
                 "server.admin_listen",
-                format!("must differ from server.listen (both are {listen})"),
+                format!(
+                    "{admin_listen} collides with server.listen ({listen}): the same port on \
+                     overlapping addresses; give it another port"
+                ),
             );
         }
     }

@@ -738,3 +738,43 @@ fn secret_files_others_can_write_are_refused_readable_ones_warned_naming_their_k
     ));
     assert!(!has(&list, "file-secret") && !has(&list, SIGNING_KEY));
 }
+
+#[test]
+fn listeners_that_would_collide_are_refused() {
+    let addr = |s: &str| s.parse::<SocketAddr>().unwrap();
+    for (a, b, collide) in [
+        ("127.0.0.1:9000", "127.0.0.1:9000", true),
+        ("0.0.0.0:9000", "127.0.0.1:9000", true),
+        ("10.0.0.5:9000", "0.0.0.0:9000", true),
+        ("[::]:9000", "127.0.0.1:9000", true),
+        ("[::]:9000", "0.0.0.0:9000", true),
+        ("[::]:9000", "[::1]:9000", true),
+        ("[::ffff:127.0.0.1]:9000", "127.0.0.1:9000", true),
+        ("0.0.0.0:9000", "[::1]:9000", false),
+        ("127.0.0.1:9000", "127.0.0.2:9000", false),
+        ("127.0.0.1:9000", "[::1]:9000", false),
+        ("0.0.0.0:9000", "0.0.0.0:9001", false),
+        ("0.0.0.0:0", "0.0.0.0:0", false),
+    ] {
+        assert_eq!(listeners_collide(addr(a), addr(b)), collide, "{a} {b}");
+        assert_eq!(listeners_collide(addr(b), addr(a)), collide, "{b} {a}");
+    }
+
+    let list = errors(&minimal_with(
+        "server",
+        "listen = \"127.0.0.1:9000\"\nadmin_listen = \"0.0.0.0:9000\"",
+    ));
+    assert_eq!(
+        list,
+        vec![
+            "server.admin_listen: 0.0.0.0:9000 collides with server.listen (127.0.0.1:9000): \
+             the same port on overlapping addresses; give it another port"
+                .to_owned()
+        ]
+    );
+    Settings::from_toml_str(&minimal_with(
+        "server",
+        "listen = \"127.0.0.1:9000\"\nadmin_listen = \"127.0.0.2:9000\"",
+    ))
+    .unwrap();
+}
