@@ -70,10 +70,11 @@ pub fn tls_acceptor(cert_file: &Path, key_file: &Path) -> Result<TlsAcceptor, Tl
             path: cert_file.to_owned(),
         });
     }
-    let key = PrivateKeyDer::from_pem_slice(key_pem.as_bytes()).map_err(|source| TlsError::Key {
-        path: key_file.to_owned(),
-        source,
-    })?;
+    let key =
+        PrivateKeyDer::from_pem_slice(key_pem.as_bytes()).map_err(|source| TlsError::Key {
+            path: key_file.to_owned(),
+            source,
+        })?;
     let mut config = rustls::ServerConfig::builder()
         .with_no_client_auth()
         .with_single_cert(certs, key)

@@ -261,7 +261,10 @@ mod tests {
         let link = dir.path().join("link");
         std::os::unix::fs::symlink(&secret, &link).unwrap();
         chmod(&secret, 0o440);
-        assert!(read_text(&link, FileKind::Secret).unwrap().warning.is_none());
+        assert!(read_text(&link, FileKind::Secret)
+            .unwrap()
+            .warning
+            .is_none());
         chmod(&secret, 0o646);
         assert!(read_text(&link, FileKind::Secret).is_err());
         // Certificates are public: no mode check.
@@ -274,7 +277,10 @@ mod tests {
         let key = dir.file("key", "k");
         chmod(&dir.path_str(), 0o757);
         let err = key_files(dir.path()).unwrap_err();
-        assert!(err.contains("can be written by others (mode 0757)"), "{err}");
+        assert!(
+            err.contains("can be written by others (mode 0757)"),
+            "{err}"
+        );
         // Sticky and everything the owner's (as the kubelet mounts Secrets): accepted.
         chmod(&dir.path_str(), 0o1777);
         assert_eq!(key_files(dir.path()).unwrap(), [Path::new(&key)]);

@@ -232,7 +232,9 @@ fn suggestion(unknown: &str, known: &StructFields) -> Option<String> {
         .collect();
     let close = closest(
         name,
-        sections.iter().flat_map(|(_, fields)| fields.iter().copied()),
+        sections
+            .iter()
+            .flat_map(|(_, fields)| fields.iter().copied()),
     )?;
     sections
         .iter()
@@ -335,7 +337,13 @@ mod tests {
                 "{unknown}"
             );
         }
-        for far in ["cache.colour", "server.port", "oauth.issuer", "bogus", "log.colour"] {
+        for far in [
+            "cache.colour",
+            "server.port",
+            "oauth.issuer",
+            "bogus",
+            "log.colour",
+        ] {
             assert_eq!(suggestion(far, &known), None, "{far}");
         }
     }

@@ -110,7 +110,11 @@ mod tests {
             "info,h2=trace,",
             "consent_proxy[request{method=PUT}]=trace,info",
         ] {
-            assert_eq!(log_filter(level.to_owned()).as_deref(), Ok(level), "{level}");
+            assert_eq!(
+                log_filter(level.to_owned()).as_deref(),
+                Ok(level),
+                "{level}"
+            );
         }
     }
 
@@ -118,8 +122,14 @@ mod tests {
     fn unknown_level_words_are_refused_with_the_nearest_level() {
         for (level, expected) in [
             ("deubg", "\"deubg\" is not a level; did you mean \"debug\"?"),
-            ("warning", "\"warning\" is not a level; did you mean \"warn\"?"),
-            ("verbose", "\"verbose\" is not a level; did you mean \"debug\"?"),
+            (
+                "warning",
+                "\"warning\" is not a level; did you mean \"warn\"?",
+            ),
+            (
+                "verbose",
+                "\"verbose\" is not a level; did you mean \"debug\"?",
+            ),
             ("Inf", "\"Inf\" is not a level; did you mean \"info\"?"),
             (
                 "consent_proxy=deubg,info",

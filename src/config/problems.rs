@@ -65,7 +65,7 @@ impl Problems {
 
     /// A value read from files for `key`, its warnings recorded; or `None` after reporting
     /// what is wrong at `key`.
-    pub fn from_files<T>(&mut self, key: &str, result: Result<FromFiles<T>, String>) -> Option<T> {
+    pub fn take_file<T>(&mut self, key: &str, result: Result<FromFiles<T>, String>) -> Option<T> {
         let read = self.take(key, result)?;
         for warning in read.warnings {
             let origin = self.origin(key);

@@ -26,12 +26,13 @@ pub(super) fn closest<'a>(
             near(&word, &normal, similarity).then_some((similarity, candidate))
         })
         // The first of equally similar candidates wins (`max_by` would take the last).
-        .fold(None, |best: Option<(f64, &str)>, (similarity, candidate)| {
-            match best {
+        .fold(
+            None,
+            |best: Option<(f64, &str)>, (similarity, candidate)| match best {
                 Some((best_similarity, _)) if best_similarity >= similarity => best,
                 _ => Some((similarity, candidate)),
-            }
-        })
+            },
+        )
         .map(|(_, candidate)| candidate)
 }
 

@@ -127,12 +127,7 @@ fn secs_or_off(s: u64) -> Result<Option<Duration>, String> {
 }
 
 /// The keys in the key file or directory `key` names; none when it is empty (not set).
-fn key_file(
-    key: &str,
-    field: Field<String>,
-    what: &str,
-    p: &mut Problems,
-) -> Option<Vec<Secret>> {
+fn key_file(key: &str, field: Field<String>, what: &str, p: &mut Problems) -> Option<Vec<Secret>> {
     let path = p.value(key, field)?;
     let keys = if path.is_empty() {
         Ok(FromFiles {
@@ -142,7 +137,7 @@ fn key_file(
     } else {
         read_keys(&path, what)
     };
-    p.from_files(key, keys)
+    p.take_file(key, keys)
 }
 
 /// A size or a count of at least `min`.
@@ -183,9 +178,8 @@ pub(super) fn listeners_collide(a: SocketAddr, b: SocketAddr) -> bool {
         return false;
     }
     let (a, b) = (a.ip().to_canonical(), b.ip().to_canonical());
-    let covers = |wide: IpAddr, other: IpAddr| {
-        wide.is_unspecified() && (wide.is_ipv6() || other.is_ipv4())
-    };
+    let covers =
+        |wide: IpAddr, other: IpAddr| wide.is_unspecified() && (wide.is_ipv6() || other.is_ipv4());
     a == b || covers(a, b) || covers(b, a)
 }
 
@@ -313,12 +307,12 @@ fn tls_files(
             None
         }
         (false, false) => {
-            let cert_readable = p.from_files(
+            let cert_readable = p.take_file(
                 "server.tls_cert_file",
                 readable_file(&cert, FileKind::Certificates),
             );
             let key_readable =
-                p.from_files("server.tls_key_file", readable_file(&key, FileKind::Secret));
+                p.take_file("server.tls_key_file", readable_file(&key, FileKind::Secret));
             cert_readable.and(key_readable)?;
             Some(Some(TlsFiles {
                 cert_file: PathBuf::from(cert),
@@ -426,7 +420,7 @@ fn client_secret(inline: Field<String>, file: Field<String>, p: &mut Problems) -
     let (inline, file) = (inline?, file?);
     match (inline.is_empty(), file.is_empty()) {
         (false, true) => Some(Secret::new(inline)),
-        (true, false) => p.from_files("talkdesk.client_secret_file", read_secret_file(&file)),
+        (true, false) => p.take_file("talkdesk.client_secret_file", read_secret_file(&file)),
         (false, false) => {
             p.general(
                 "talkdesk.client_secret and talkdesk.client_secret_file are both set; give exactly one",
@@ -566,7 +560,7 @@ fn cluster(c: schema::Cluster, p: &mut Problems) -> Option<Option<ClusterSetting
     let file_password = if password_file.is_empty() {
         Some(None)
     } else {
-        p.from_files(
+        p.take_file(
             "cluster.redis_password_file",
             read_secret_file(&password_file),
         )
@@ -680,7 +674,7 @@ fn client(
                 let digest = api_key_digest(api_key.value.expose(), &what)?;
                 Ok(api_key.map(|_| digest))
             });
-            digest.and_then(|digest| p.from_files(&key, Ok(digest)))
+            digest.and_then(|digest| p.take_file(&key, Ok(digest)))
         }
         (None, None, Some(hex)) => p.check(&key("api_key_sha256"), hex, |hex| {
             decode_sha256_hex(&hex)

@@ -440,7 +440,10 @@ fn check_config_warns_of_a_secret_others_can_read_and_refuses_one_they_can_write
 
     chmod(secret.path(), 0o666);
     let output = check_config(file.path(), &[]);
-    assert_invalid(&output, &["talkdesk.client_secret_file", "can be written by others"]);
+    assert_invalid(
+        &output,
+        &["talkdesk.client_secret_file", "can be written by others"],
+    );
     assert!(!text(&output.stderr).contains(CLIENT_SECRET));
 }
 
@@ -480,7 +483,10 @@ fn serve_logs_the_configuration_warnings_at_start() {
         .find(|l| l.contains("talkdesk.client_secret_file"))
         .unwrap_or_else(|| panic!("no warning logged:\n{}", logs.join("\n")));
     assert!(warning.contains("WARN"), "{warning}");
-    assert!(warning.contains("can be read by others (mode 0644)"), "{warning}");
+    assert!(
+        warning.contains("can be read by others (mode 0644)"),
+        "{warning}"
+    );
     proxy.assert_stops_cleanly(Duration::from_secs(15));
 }
 

@@ -212,10 +212,18 @@ async fn a_write_acknowledged_with_another_status_drops_the_entry_instead_of_cac
 
     let put = h.put(contact, "REFUSED").await;
     // The caller gets upstream's answer as it is (rule 1: 2xx only on upstream's 2xx) ...
-    assert_eq!((put.status, put.status_field().as_str()), (200, "CONSENTED"));
+    assert_eq!(
+        (put.status, put.status_field().as_str()),
+        (200, "CONSENTED")
+    );
     // ... but the cache holds neither status: the next GET asks upstream.
     let after = h.get(contact).await;
-    assert_eq!(cached(&after), (200, Some("MISS".into())), "{}", after.text());
+    assert_eq!(
+        cached(&after),
+        (200, Some("MISS".into())),
+        "{}",
+        after.text()
+    );
     assert_eq!(after.status_field(), "REFUSED");
     assert_eq!(upstream_gets(), 2);
     // The write is counted under the status written.
@@ -232,7 +240,10 @@ async fn a_write_acknowledged_with_another_status_drops_the_entry_instead_of_cac
 
     // An answer that agrees with the write stores the written status, as always.
     let put = h.put(contact, "CONSENTED").await;
-    assert_eq!((put.status, put.status_field().as_str()), (200, "CONSENTED"));
+    assert_eq!(
+        (put.status, put.status_field().as_str()),
+        (200, "CONSENTED")
+    );
     let hit = h.get(contact).await;
     assert_eq!(cached(&hit), (200, Some("HIT".into())));
     assert_eq!(hit.status_field(), "CONSENTED");

@@ -481,7 +481,9 @@ fn check_config_accepts_the_config_map_with_the_secrets_mounted() {
             "secret"
         };
         // The kubelet's default mode is 0644.
-        let mode = volume[kind]["defaultMode"].as_u64().map_or(0o644, |m| m as u32);
+        let mode = volume[kind]["defaultMode"]
+            .as_u64()
+            .map_or(0o644, |m| m as u32);
         let source = if kind == "configMap" {
             find("ConfigMap", str_of(&volume["configMap"]["name"], "name"))
         } else {

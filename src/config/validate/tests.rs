@@ -517,7 +517,11 @@ fn bad_log_filter_is_named() {
 fn log_level_typos_are_refused_with_the_level_meant() {
     // tracing reads each of these as a target to log at every level: nothing of the proxy
     // would be logged.
-    for (typo, meant) in [("deubg", "debug"), ("warning", "warn"), ("verbose", "debug")] {
+    for (typo, meant) in [
+        ("deubg", "debug"),
+        ("warning", "warn"),
+        ("verbose", "debug"),
+    ] {
         let list = errors(&minimal_with("log", &format!("level = {typo:?}")));
         assert_eq!(list.len(), 1, "{list:?}");
         assert!(
@@ -666,7 +670,10 @@ fn every_file_read_is_bounded_and_an_oversized_one_names_its_key() {
         );
     }
     assert!(
-        has(&list, &format!("server.tls_cert_file: '{huge}' is larger than 1 MiB")),
+        has(
+            &list,
+            &format!("server.tls_cert_file: '{huge}' is larger than 1 MiB")
+        ),
         "{list:#?}"
     );
     assert_eq!(list.len(), 5, "{list:#?}");
