@@ -21,7 +21,7 @@ pub const MAX_SECRET_FILE_BYTES: u64 = 64 * 1024;
 pub const MAX_FILE_BYTES: u64 = 1024 * 1024;
 
 /// The most key files a key directory may hold.
-pub const MAX_KEYS_IN_DIRECTORY: usize = 64;
+pub(super) const MAX_KEYS_IN_DIRECTORY: usize = 64;
 
 /// Permission bits of "others" (neither the owner nor the group).
 const OTHERS_WRITE: u32 = 0o002;
@@ -89,7 +89,7 @@ pub fn read_text(path: &Path, kind: FileKind) -> Result<FileText, String> {
 /// A directory that others can write is refused, as they could add a key, unless it is sticky
 /// and everything in it belongs to the directory's owner (Kubernetes' Secret mounts: a
 /// read-only `1777` tmpfs, owned by root, like its links and files).
-pub fn key_files(dir: &Path) -> Result<Vec<std::path::PathBuf>, String> {
+pub(super) fn key_files(dir: &Path) -> Result<Vec<std::path::PathBuf>, String> {
     let cannot_read =
         |path: &Path, e: std::io::Error| format!("cannot read '{}': {e}", path.display());
     let dir_metadata = fs::metadata(dir).map_err(|e| cannot_read(dir, e))?;
