@@ -96,3 +96,50 @@ pub fn webpki_client_config() -> rustls::ClientConfig {
         .with_root_certificates(roots)
         .with_no_client_auth()
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The listener reads its files again when it starts (they may have changed since the
+    /// configuration was checked): through the same bounded read.
+    #[test]
+    fn the_listener_reads_its_files_within_their_bounds() {
+        let dir = std::env::temp_dir().join(format!("consent-proxy-tls-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let huge = dir.join("huge.pem");
+        std::fs::write(&huge, "-".repeat(2 << 20)).unwrap();
+        let small = dir.join("small.pem");
+        std::fs::write(&small, "not yet parsed").unwrap();
+        let zero = Path::new("/dev/zero");
+        for (cert, key, expected) in [
+            (
+                small.as_path(),
+                huge.as_path(),
+                format!(
+                    "server.tls_key_file: '{}' is larger than 64 KiB",
+                    huge.display()
+                ),
+            ),
+            (
+                huge.as_path(),
+                zero,
+                format!(
+                    "server.tls_cert_file: '{}' is larger than 1 MiB",
+                    huge.display()
+                ),
+            ),
+            (
+                zero,
+                zero,
+                "server.tls_cert_file: '/dev/zero' is not a regular file".to_owned(),
+            ),
+        ] {
+            match tls_acceptor(cert, key) {
+                Err(error) => assert_eq!(error.to_string(), expected),
+                Ok(_) => panic!("accepted {}", cert.display()),
+            }
+        }
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}
