@@ -9,7 +9,21 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-step() { printf '\n==> %s\n' "$*"; }
+# Each step is announced, and the one before it is closed with the time it took.
+step_name=""
+step_started=$SECONDS
+script_started=$SECONDS
+step() {
+    end_step
+    step_name="$*"
+    step_started=$SECONDS
+    printf '\n==> %s\n' "$*"
+}
+end_step() {
+    if [[ -n $step_name ]]; then
+        printf '<== %s: %ds\n' "$step_name" $((SECONDS - step_started))
+    fi
+}
 
 # --- what the tests need --------------------------------------------------------------------
 missing=()
@@ -27,11 +41,8 @@ if ((${#missing[@]})); then
     apt-get update -qq
     DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
 fi
-# The Debian package may start its own Prometheus on :9090; the tests run their own instance
-# on a free port, so only the packaged service is stopped (if it runs at all).
-invoke-rc.d prometheus stop >/dev/null 2>&1 || true
-# Likewise the packaged Redis on :6379: the cluster tests start their own redis-server.
-invoke-rc.d redis-server stop >/dev/null 2>&1 || true
+# A packaged Prometheus or Redis service that runs here is left alone: the tests start their
+# own redis-server and Prometheus on free ports.
 
 step "npm ci (oidc-provider for the OAuth compatibility test)"
 npm ci --prefix tests/oidc --no-audit --no-fund --loglevel=error
@@ -58,4 +69,6 @@ bash scripts/schemathesis.sh
 step "container image (podman build, run demo and serve inside it)"
 bash scripts/container-test.sh
 
-step "all tests passed"
+end_step
+step_name=""
+printf '\n==> all tests passed in %ds\n' $((SECONDS - script_started))

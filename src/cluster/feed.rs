@@ -29,6 +29,68 @@ use crate::upstream::backoff::Backoff;
 /// meanwhile, which costs upstream calls).
 const RECONNECT_FIRST: Duration = Duration::from_millis(50);
 const RECONNECT_LAST: Duration = Duration::from_secs(2);
+/// While Redis stays unreachable, a reminder at WARN this often; the failures between are at
+/// DEBUG (a wrong URL would otherwise log a warning every 2 s, forever).
+const STILL_DOWN_WARNING_EVERY: Duration = Duration::from_secs(60);
+
+/// The reconnection state across sessions: the back-off, and how long the feed has been down,
+/// which decides whether a failure is worth a warning.
+struct Reconnects {
+    backoff: Backoff,
+    /// Since the first failure after the feed was last live (or since start).
+    down_since: Option<Instant>,
+    failures: u64,
+    last_warning: Option<Instant>,
+}
+
+/// How a failed session is logged.
+#[derive(Debug, PartialEq, Eq)]
+enum Report {
+    /// The first failure of an outage: a warning.
+    Lost,
+    /// A reminder: still down after this many failures over this long.
+    StillDown { failures: u64, down_for: Duration },
+    /// Otherwise: debug only.
+    Quiet,
+}
+
+impl Reconnects {
+    fn new() -> Self {
+        Reconnects {
+            backoff: Backoff::new(RECONNECT_FIRST, RECONNECT_LAST),
+            down_since: None,
+            failures: 0,
+            last_warning: None,
+        }
+    }
+
+    fn failed(&mut self, now: Instant) -> Report {
+        self.failures += 1;
+        let Some(since) = self.down_since else {
+            self.down_since = Some(now);
+            self.last_warning = Some(now);
+            return Report::Lost;
+        };
+        if self
+            .last_warning
+            .is_none_or(|warned| now.duration_since(warned) >= STILL_DOWN_WARNING_EVERY)
+        {
+            self.last_warning = Some(now);
+            return Report::StillDown {
+                failures: self.failures,
+                down_for: now.duration_since(since),
+            };
+        }
+        Report::Quiet
+    }
+
+    /// The feed is live: the next failure starts a new outage.
+    fn live(&mut self) {
+        self.backoff.reset();
+        self.down_since = None;
+        self.failures = 0;
+    }
+}
 
 pub(super) struct Feed {
     pub shared: Arc<Shared>,
@@ -109,7 +171,7 @@ async fn run_id(publisher: &MultiplexedConnection) -> Option<String> {
 
 impl Feed {
     pub(super) async fn run(self, mut shutdown: watch::Receiver<bool>) {
-        let mut backoff = Backoff::new(RECONNECT_FIRST, RECONNECT_LAST);
+        let mut reconnects = Reconnects::new();
         let mut remote = RemoteWrites::new(self.pending_lifetime);
         // Heartbeat numbers go on across sessions, so that a late one from an earlier
         // session is never taken for one of the current session's.
@@ -122,7 +184,7 @@ impl Feed {
                     &mut next_seq,
                     &mut redis_seen,
                     &mut shutdown,
-                    &mut backoff,
+                    &mut reconnects,
                 )
                 .await;
             self.shared.link.clear();
@@ -131,14 +193,32 @@ impl Feed {
                 End::Shutdown => return,
                 End::Lost(problem) => problem,
             };
-            tracing::warn!(
-                redis = %self.redis_url,
-                error = %ErrorChain(&problem),
-                "cluster feed lost: answering from upstream, writes cannot be announced; reconnecting"
-            );
-            self.shared
-                .set_problem(Some(ErrorChain(&problem).to_string()));
-            let delay = backoff.next_delay();
+            let error = ErrorChain(&problem).to_string();
+            match reconnects.failed(Instant::now()) {
+                Report::Lost => tracing::warn!(
+                    redis = %self.redis_url,
+                    error,
+                    "cluster feed lost: answering from upstream, writes cannot be announced; \
+                     reconnecting (further failures at debug, a reminder every minute)"
+                ),
+                Report::StillDown {
+                    failures,
+                    down_for,
+                } => tracing::warn!(
+                    redis = %self.redis_url,
+                    error,
+                    failures,
+                    down_for_s = down_for.as_secs(),
+                    "cluster feed still down: answering from upstream, writes cannot be announced"
+                ),
+                Report::Quiet => tracing::debug!(
+                    redis = %self.redis_url,
+                    error,
+                    "cluster feed: reconnecting failed"
+                ),
+            }
+            self.shared.set_problem(Some(error));
+            let delay = reconnects.backoff.next_delay();
             tokio::select! {
                 _ = tokio::time::sleep(delay) => {}
                 _ = shutdown.wait_for(|stop| *stop) => return,
@@ -152,7 +232,7 @@ impl Feed {
         next_seq: &mut u64,
         redis_seen: &mut RedisSeen,
         shutdown: &mut watch::Receiver<bool>,
-        backoff: &mut Backoff,
+        reconnects: &mut Reconnects,
     ) -> End {
         let connected = tokio::select! {
             connected = self.connect() => connected,
@@ -246,7 +326,7 @@ impl Feed {
                         self.cache.trust_until(trusted_until);
                         if !live {
                             live = true;
-                            backoff.reset();
+                            reconnects.live();
                             self.shared.set_problem(None);
                             tracing::info!(redis = %self.redis_url, "cluster feed live: answering from the cache");
                         }
@@ -391,5 +471,32 @@ impl Feed {
             .propagation
             .observe(announcement.age_s(unix_us()));
         None
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_outage_warns_once_then_reminds_every_minute() {
+        let start = Instant::now();
+        let mut reconnects = Reconnects::new();
+        assert_eq!(reconnects.failed(start), Report::Lost);
+        for s in 1..60 {
+            let at = start + Duration::from_secs(s);
+            assert_eq!(reconnects.failed(at), Report::Quiet, "{s} s");
+        }
+        assert_eq!(
+            reconnects.failed(start + Duration::from_secs(60)),
+            Report::StillDown {
+                failures: 61,
+                down_for: Duration::from_secs(60)
+            }
+        );
+        assert_eq!(reconnects.failed(start + Duration::from_secs(61)), Report::Quiet);
+        // Live again: the next failure is a new outage, warned at once.
+        reconnects.live();
+        assert_eq!(reconnects.failed(start + Duration::from_secs(62)), Report::Lost);
     }
 }

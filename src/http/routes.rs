@@ -347,7 +347,8 @@ impl ConsentRoutes {
                 route = outcome.route,
                 contact = contact.as_deref().unwrap_or("-"),
                 status = status.as_u16(),
-                cache = outcome.cache_status.map_or("-", CacheStatus::as_str),
+                cache = outcome.cache_status.map_or("-", CacheStatus::header_value),
+                cache_detail = outcome.cache_status.and_then(CacheStatus::log_detail),
                 upstream_status = upstream.as_ref().map_or("-", |u| u.outcome.as_str()),
                 upstream_duration_us = upstream.map(|u| u.duration.as_micros() as u64),
                 error = outcome

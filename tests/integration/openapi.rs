@@ -638,6 +638,7 @@ fn every_proxy_error() -> Vec<ProxyError> {
         ProxyError::Unauthorized,
         ProxyError::InvalidToken("access token expired".into()),
         ProxyError::Forbidden("write"),
+        ProxyError::ScopeLacks("write"),
         ProxyError::NotFound,
         ProxyError::MethodNotAllowed { allow: "GET, PUT" },
         ProxyError::PayloadTooLarge { limit: 4096 },
@@ -660,6 +661,7 @@ fn every_proxy_error() -> Vec<ProxyError> {
             | ProxyError::Unauthorized
             | ProxyError::InvalidToken(_)
             | ProxyError::Forbidden(_)
+            | ProxyError::ScopeLacks(_)
             | ProxyError::NotFound
             | ProxyError::MethodNotAllowed { .. }
             | ProxyError::PayloadTooLarge { .. }
