@@ -62,6 +62,7 @@ impl Fixture {
                 &settings.token,
                 TokenMetrics::register(&prometheus::Registry::new()),
                 None,
+                consent_proxy::otel::Tracer::off(),
                 shutdown_rx,
             );
             // Wait for the first token.

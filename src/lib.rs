@@ -36,6 +36,7 @@ pub mod http;
 mod layering;
 pub mod logging;
 pub mod metrics;
+pub mod otel;
 pub mod request;
 pub mod service;
 pub mod simulator;

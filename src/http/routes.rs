@@ -16,11 +16,12 @@ use tokio::time::Instant;
 use crate::auth::{Authenticator, Permission};
 use crate::cache::CacheStatus;
 use crate::consent::ConsentAnswer;
-use crate::consent::{consent_path_segment, parse_consent_body, ContactId};
+use crate::consent::{consent_path_segment, parse_consent_body, ContactId, CONSENT_ROUTE};
 use crate::error::{ErrorChain, FieldProblem, ProxyError};
 use crate::http::token_endpoint::{Refusal, TokenEndpoint};
 use crate::metrics::status_label;
 use crate::metrics::HttpMetrics;
+use crate::otel::{Span, Tracer};
 use crate::request::RequestContext;
 use crate::service::ConsentService;
 use crate::wire::body::{self, Body, ReadBodyError};
@@ -52,6 +53,7 @@ pub struct ConsentRoutes {
     limits: RouteLimits,
     /// `None` when `oauth.enabled = false`.
     token_endpoint: Option<TokenEndpoint>,
+    tracer: Tracer,
 }
 
 /// The answers common enough to keep their `consent_proxy_requests_total` series at hand.
@@ -95,6 +97,8 @@ impl HotSeries {
 #[derive(Default)]
 struct Outcome {
     route: &'static str,
+    /// The matched route's template, for traces (`http.route`).
+    http_route: Option<&'static str>,
     contact: Option<ContactId>,
     cache_status: Option<CacheStatus>,
     error: Option<ProxyError>,
@@ -109,6 +113,7 @@ impl ConsentRoutes {
         metrics: HttpMetrics,
         limits: RouteLimits,
         token_endpoint: Option<TokenEndpoint>,
+        tracer: Tracer,
     ) -> Self {
         let hot = HotSeries::new(auth.client_names().count());
         ConsentRoutes {
@@ -118,6 +123,7 @@ impl ConsentRoutes {
             hot,
             limits,
             token_endpoint,
+            tracer,
         }
     }
 
@@ -134,6 +140,8 @@ impl ConsentRoutes {
             started,
             started + self.limits.request_timeout,
         );
+        // Named and described once the route is known (`record`).
+        context.trace = self.tracer.server_span(request.headers(), "HTTP");
         let method = request.method().clone();
         let mut outcome = Outcome {
             route: "other",
@@ -151,6 +159,9 @@ impl ConsentRoutes {
             Err(_) => error_response(&mut outcome, ProxyError::UpstreamTimeout),
         };
         self.record(&method, &response, &outcome, &context);
+        if context.trace.is_recording() {
+            describe_server_span(&mut context.trace, &method, &response, &outcome);
+        }
         // Moved, not cloned: cloning a new id's bytes would allocate a shared copy.
         response.headers_mut().insert(X_REQUEST_ID, context.id);
         response
@@ -176,6 +187,7 @@ impl ConsentRoutes {
             return self.other_route(request, peer, context, outcome).await;
         };
         outcome.route = "consent";
+        outcome.http_route = Some(CONSENT_ROUTE);
         let needed = match *request.method() {
             Method::GET => Permission::Read,
             Method::PUT => Permission::Write,
@@ -261,6 +273,7 @@ impl ConsentRoutes {
             Some(endpoint) if request.uri().path() == TOKEN_PATH => endpoint,
             _ => return Err(ProxyError::NotFound),
         };
+        outcome.http_route = Some(TOKEN_PATH);
         if request.method() != Method::POST {
             return Err(ProxyError::MethodNotAllowed { allow: "POST" });
         }
@@ -361,6 +374,45 @@ impl ConsentRoutes {
                 duration_us = elapsed.as_micros() as u64,
                 "request"
             );
+        }
+    }
+}
+
+/// The server span in OpenTelemetry's HTTP semantic conventions: named `{method} {route}`
+/// after the route template (never the path, which holds the contact id), the answer's
+/// status, a 5xx as an error, and how the cache answered.
+fn describe_server_span(
+    span: &mut Span,
+    method: &Method,
+    response: &Response<Body>,
+    outcome: &Outcome,
+) {
+    let method = match *method {
+        Method::GET => "GET",
+        Method::PUT => "PUT",
+        Method::POST => "POST",
+        _ => "_OTHER",
+    };
+    let route = outcome.http_route;
+    span.rename(match (method, route) {
+        ("GET", Some(CONSENT_ROUTE)) => "GET /voicebiometrics/contacts/{contact_id}/consent",
+        ("PUT", Some(CONSENT_ROUTE)) => "PUT /voicebiometrics/contacts/{contact_id}/consent",
+        ("POST", Some(TOKEN_PATH)) => "POST /oauth/token",
+        (method, _) => method,
+    });
+    span.set("http.request.method", method);
+    if let Some(route) = route {
+        span.set("http.route", route);
+    }
+    let status = response.status();
+    span.set("http.response.status_code", i64::from(status.as_u16()));
+    if let Some(cache) = outcome.cache_status {
+        span.set("consent_proxy.cache.status", cache.header_value());
+    }
+    if status.is_server_error() {
+        span.set("error.type", status_label(status));
+        if let Some(error) = &outcome.error {
+            span.fail(error.code());
         }
     }
 }

@@ -508,6 +508,7 @@ async fn dropping_the_manager_stops_its_refresher() {
         &settings.token,
         TokenMetrics::register(&prometheus::Registry::new()),
         None,
+        consent_proxy::otel::Tracer::off(),
         shutdown_rx,
     );
     tokens

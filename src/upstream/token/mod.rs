@@ -17,6 +17,7 @@ mod fleet;
 mod metrics;
 mod refresher;
 
+use crate::otel::Tracer;
 use std::fmt;
 use std::sync::atomic::AtomicU64;
 use std::sync::Arc;
@@ -152,6 +153,7 @@ impl TokenManager {
         settings: &TokenSettings,
         metrics: TokenMetrics,
         fleet: Option<Arc<dyn FleetTokens>>,
+        tracer: Tracer,
         shutdown: watch::Receiver<bool>,
     ) -> (Self, JoinHandle<()>) {
         let (phase, _) = watch::channel(Phase::Fetching);
@@ -175,6 +177,7 @@ impl TokenManager {
             refresh_margin: settings.refresh_margin,
             fleet,
             installed_fleet_id: None,
+            tracer,
         };
         let task = tokio::spawn(refresher.run(shutdown));
         (TokenManager { state }, task)

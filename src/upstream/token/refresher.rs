@@ -12,6 +12,8 @@ use tokio::time::Instant;
 use super::endpoint::TokenRequest;
 use super::fleet::FleetTokens;
 use super::{AccessToken, Phase, TokenFailure, TokenState};
+use crate::error::ErrorChain;
+use crate::otel::{SpanKind, Tracer};
 use crate::upstream::backoff::Backoff;
 use crate::upstream::transport::Transport;
 
@@ -31,6 +33,8 @@ pub(super) struct Refresher {
     pub(super) fleet: Option<Arc<dyn FleetTokens>>,
     /// The fleet id of the token last installed, when it is the fleet's.
     pub(super) installed_fleet_id: Option<u64>,
+    /// Each fetch is the root span of a trace of its own: no request asked for it.
+    pub(super) tracer: Tracer,
 }
 
 /// A token ready to install, and how long it lives from now (for the expiry gauge).
@@ -110,7 +114,18 @@ impl Refresher {
     /// [`Self::fetch`], counted and timed in the token metrics.
     pub(super) async fn fetch_counted(&self, state: &TokenState) -> Result<Obtained, TokenFailure> {
         let started = Instant::now();
+        let mut span = self.tracer.root_span("POST", SpanKind::Client);
+        if span.is_recording() {
+            span.set("http.request.method", "POST");
+            span.set("consent_proxy.operation", "token fetch");
+            self.request.describe(&mut span);
+        }
         let result = self.fetch(started, state).await;
+        match &result {
+            Ok(_) => span.set("http.response.status_code", 200i64),
+            Err(failure) => span.fail(ErrorChain(failure).to_string()),
+        }
+        drop(span);
         let metrics = &state.metrics;
         metrics
             .fetch_duration
