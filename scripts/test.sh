@@ -4,7 +4,7 @@
 # against `consent-proxy demo` and the container image built and run with podman
 # (scripts/container-test.sh). Installs what a fresh machine lacks first (Debian packages:
 # prometheus, redis-server for the cluster tests, tinyproxy for the egress tests, podman; the oidc-provider npm package, Python
-# virtualenvs for the OAuth client test and for schemathesis). Exits non-zero on the first
+# virtualenvs for the OAuth client test, the OTLP receiver and schemathesis). Exits non-zero on the first
 # failure.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -49,6 +49,9 @@ npm ci --prefix tests/oidc --no-audit --no-fund --loglevel=error
 
 step "Python virtualenv with Authlib (the independent client of tests/integration/external/oauth.rs)"
 bash scripts/python-venv.sh .venv-oauth-client scripts/requirements-oauth-client.txt
+
+step "Python virtualenv with opentelemetry-proto (the independent OTLP receiver of tests/integration/external/otel.rs)"
+bash scripts/python-venv.sh .venv-otlp-receiver scripts/requirements-otlp-receiver.txt
 
 # --- the tests ------------------------------------------------------------------------------
 step "cargo test"

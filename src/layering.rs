@@ -1,5 +1,5 @@
 //! The dependency rules of the module tree, checked on the source: the HTTP plumbing (`wire/`)
-//! uses nothing of the product, the product never uses the simulator, and the simulator uses
+//! and tracing (`otel/`) use nothing of the product, the product never uses the simulator, and the simulator uses
 //! only the plumbing (the listener, body helpers, credential parsing, the OAuth token-endpoint
 //! plumbing) and the consent domain. The
 //! compiler cannot tell, since both live in one library.
@@ -62,6 +62,24 @@ fn the_plumbing_uses_nothing_of_the_product() {
     assert!(
         offending.is_empty(),
         "the plumbing in wire/ uses the product:\n{}",
+        offending.join("\n")
+    );
+}
+
+/// Tracing knows nothing of the product either: callers name their spans and attributes. It
+/// registers its own metrics through the shared helpers.
+const TRACING_MAY_USE: &[&str] = &["crate::otel", "crate::metrics"];
+
+#[test]
+fn tracing_uses_nothing_of_the_product() {
+    let offending: Vec<String> = code_lines()
+        .filter(|line| line.top_level == "otel")
+        .filter(|line| uses_more_than(&line.code, TRACING_MAY_USE))
+        .map(|line| line.to_string())
+        .collect();
+    assert!(
+        offending.is_empty(),
+        "otel/ uses the product:\n{}",
         offending.join("\n")
     );
 }
