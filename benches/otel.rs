@@ -76,7 +76,7 @@ fn metric(proxy: &AppHandle, name: &str) -> f64 {
         .gather()
         .iter()
         .find(|family| family.name() == name)
-        .and_then(|family| family.get_metric().first().map(|m| m.get_counter().value()))
+        .and_then(|family| family.get_metric().first().map(|m| m.get_counter().get_value()))
         .unwrap_or(0.0)
 }
 

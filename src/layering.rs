@@ -35,17 +35,26 @@ fn the_product_does_not_use_the_simulator() {
     );
 }
 
-#[test]
-fn the_simulator_uses_only_shared_plumbing() {
+/// Fails listing every line of the folder `top_level` that uses more than `may_use`.
+fn assert_uses_only(top_level: &str, may_use: &[&str], what: &str) {
     let offending: Vec<String> = code_lines()
-        .filter(|line| line.top_level == "simulator")
-        .filter(|line| uses_more_than(&line.code, SIMULATOR_MAY_USE))
+        .filter(|line| line.top_level == top_level)
+        .filter(|line| uses_more_than(&line.code, may_use))
         .map(|line| line.to_string())
         .collect();
     assert!(
         offending.is_empty(),
-        "the simulator uses more of the product than its shared plumbing:\n{}",
+        "{what}:\n{}",
         offending.join("\n")
+    );
+}
+
+#[test]
+fn the_simulator_uses_only_shared_plumbing() {
+    assert_uses_only(
+        "simulator",
+        SIMULATOR_MAY_USE,
+        "the simulator uses more of the product than its shared plumbing",
     );
 }
 
@@ -54,16 +63,7 @@ const PLUMBING_MAY_USE: &[&str] = &["crate::wire"];
 
 #[test]
 fn the_plumbing_uses_nothing_of_the_product() {
-    let offending: Vec<String> = code_lines()
-        .filter(|line| line.top_level == "wire")
-        .filter(|line| uses_more_than(&line.code, PLUMBING_MAY_USE))
-        .map(|line| line.to_string())
-        .collect();
-    assert!(
-        offending.is_empty(),
-        "the plumbing in wire/ uses the product:\n{}",
-        offending.join("\n")
-    );
+    assert_uses_only("wire", PLUMBING_MAY_USE, "the plumbing in wire/ uses the product");
 }
 
 /// Tracing knows nothing of the product either: callers name their spans and attributes. It
@@ -72,16 +72,7 @@ const TRACING_MAY_USE: &[&str] = &["crate::otel", "crate::metrics"];
 
 #[test]
 fn tracing_uses_nothing_of_the_product() {
-    let offending: Vec<String> = code_lines()
-        .filter(|line| line.top_level == "otel")
-        .filter(|line| uses_more_than(&line.code, TRACING_MAY_USE))
-        .map(|line| line.to_string())
-        .collect();
-    assert!(
-        offending.is_empty(),
-        "otel/ uses the product:\n{}",
-        offending.join("\n")
-    );
+    assert_uses_only("otel", TRACING_MAY_USE, "otel/ uses the product");
 }
 
 #[test]

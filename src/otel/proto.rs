@@ -102,7 +102,7 @@ fn key_value(out: &mut Vec<u8>, field: u32, key: &str, value: &AttributeValue) {
 }
 
 fn tag(out: &mut Vec<u8>, field: u32, wire_type: u8) {
-    varint(out, u64::from(field << 3 | u32::from(wire_type)));
+    varint(out, u64::from((field << 3) | u32::from(wire_type)));
 }
 
 fn varint(out: &mut Vec<u8>, mut n: u64) {

@@ -18,27 +18,17 @@ use http::Method;
 use serde_json::Value;
 
 use crate::support::fake_upstream::{answer, consent_200, Act, FakeUpstream};
+use crate::support::python_venv::venv_python;
 use crate::support::*;
 
 /// The interpreter of the virtualenv `scripts/test.sh` prepares, with opentelemetry-proto.
 fn receiver_python() -> PathBuf {
-    let python = std::env::var_os("OTLP_RECEIVER_PYTHON")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| {
-            Path::new(env!("CARGO_MANIFEST_DIR")).join(".venv-otlp-receiver/bin/python")
-        });
-    let usable = Command::new(&python)
-        .args(["-c", "import opentelemetry.proto.collector.trace.v1.trace_service_pb2"])
-        .output()
-        .is_ok_and(|out| out.status.success());
-    assert!(
-        usable,
-        "no Python with opentelemetry-proto at {} (OTLP_RECEIVER_PYTHON or .venv-otlp-receiver): \
-         run `bash scripts/python-venv.sh .venv-otlp-receiver scripts/requirements-otlp-receiver.txt` \
-         (scripts/test.sh does)",
-        python.display()
-    );
-    python
+    venv_python(
+        "OTLP_RECEIVER_PYTHON",
+        ".venv-otlp-receiver",
+        "opentelemetry.proto.collector.trace.v1.trace_service_pb2",
+        "scripts/requirements-otlp-receiver.txt",
+    )
 }
 
 /// The receiver process and the spans it printed, one JSON object each.

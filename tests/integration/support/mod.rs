@@ -6,6 +6,7 @@ pub mod fake_upstream;
 pub mod fleet;
 pub mod forward_proxy;
 pub mod history;
+pub mod python_venv;
 pub mod raw_http;
 pub mod redis_server;
 pub mod relay;
