@@ -17,12 +17,14 @@
 //! This file holds the handle, the public types and the timing model; beside it:
 //! - `state`: what the simulator remembers (contacts, tokens, queued faults, counters);
 //! - `token`: the token endpoint;
+//! - `assertion`: `private_key_jwt` client assertions checked as Talkdesk checks them;
 //! - `consent_api`: the consent API;
 //! - `faults`: what a faulted answer is;
 //! - `control`: the `/_sim/` control surface.
 //!
 //! The product never uses this module; it uses the product's listener, body helpers,
-//! credential parsing and consent domain, and nothing else (`src/layering.rs` checks both).
+//! credential parsing, JWS verification, clock and consent domain, and nothing else
+//! (`src/layering.rs` checks both).
 
 mod assertion;
 mod consent_api;

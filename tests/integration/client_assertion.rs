@@ -91,7 +91,10 @@ async fn ask_for_token(sim: &Simulator, assertion: &str) -> (u16, String) {
             Some(body),
         )
         .await;
-    let error = answer.json()["error"].as_str().unwrap_or_default().to_owned();
+    let error = answer.json()["error"]
+        .as_str()
+        .unwrap_or_default()
+        .to_owned();
     (answer.status, error)
 }
 
@@ -114,13 +117,27 @@ async fn the_simulator_refuses_replayed_misaddressed_expired_and_foreign_asserti
     assert_eq!(ask_for_token(&sim, &first).await.0, 200);
     let refused = (401, "invalid_client".to_owned());
     assert_eq!(ask_for_token(&sim, &first).await, refused, "replayed jti");
-    let elsewhere = assertion(&signer, "jti-2", "https://other.example/oauth/token", now + 300);
+    let elsewhere = assertion(
+        &signer,
+        "jti-2",
+        "https://other.example/oauth/token",
+        now + 300,
+    );
     assert_eq!(ask_for_token(&sim, &elsewhere).await, refused, "wrong aud");
     let expired = assertion(&signer, "jti-3", &aud, now - 1);
     assert_eq!(ask_for_token(&sim, &expired).await, refused, "expired");
-    let foreign = assertion(&key(&SigningKey::generate_es256()), "jti-4", &aud, now + 300);
+    let foreign = assertion(
+        &key(&SigningKey::generate_es256()),
+        "jti-4",
+        &aud,
+        now + 300,
+    );
     assert_eq!(ask_for_token(&sim, &foreign).await, refused, "wrong key");
     let fresh = assertion(&signer, "jti-5", &aud, now + 300);
-    assert_eq!(ask_for_token(&sim, &fresh).await.0, 200, "a fresh one still works");
+    assert_eq!(
+        ask_for_token(&sim, &fresh).await.0,
+        200,
+        "a fresh one still works"
+    );
     assert_eq!(sim.stats().tokens_issued, 2);
 }

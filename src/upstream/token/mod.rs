@@ -12,7 +12,7 @@
 //! the validation of its answer), `assertion` (the `private_key_jwt` client assertion), `fleet` (one token for several instances, through a store
 //! the cluster implements), `metrics`.
 
-mod assertion;
+pub mod assertion;
 mod endpoint;
 mod fleet;
 mod metrics;
