@@ -14,7 +14,9 @@ const MAY_USE_THE_SIMULATOR: &[&str] =
 
 /// The crate paths the simulator may use (a grouped `use crate::{…}` must be split to pass).
 const SIMULATOR_MAY_USE: &[&str] = &[
+    "crate::clock",
     "crate::consent",
+    "crate::jws",
     "crate::wire::body",
     "crate::wire::credentials",
     "crate::wire::oauth",
