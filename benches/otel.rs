@@ -42,16 +42,12 @@ async fn collector() -> SocketAddr {
     let addr = listener.local_addr().expect("addr");
     tokio::spawn(async move {
         while let Ok((stream, _)) = listener.accept().await {
-            tokio::spawn(
-                hyper::server::conn::http1::Builder::new().serve_connection(
-                    TokioIo::new(stream),
-                    service_fn(|_request| async {
-                        Ok::<_, std::convert::Infallible>(hyper::Response::new(Full::new(
-                            Bytes::new(),
-                        )))
-                    }),
-                ),
-            );
+            tokio::spawn(hyper::server::conn::http1::Builder::new().serve_connection(
+                TokioIo::new(stream),
+                service_fn(|_request| async {
+                    Ok::<_, std::convert::Infallible>(hyper::Response::new(Full::new(Bytes::new())))
+                }),
+            ));
         }
     });
     addr
@@ -76,7 +72,12 @@ fn metric(proxy: &AppHandle, name: &str) -> f64 {
         .gather()
         .iter()
         .find(|family| family.name() == name)
-        .and_then(|family| family.get_metric().first().map(|m| m.get_counter().get_value()))
+        .and_then(|family| {
+            family
+                .get_metric()
+                .first()
+                .map(|m| m.get_counter().get_value())
+        })
         .unwrap_or(0.0)
 }
 

@@ -25,7 +25,7 @@ use crate::service::{ConsentService, WriteMetrics};
 use crate::tls::TlsError;
 use crate::upstream::admission::AdmissionMetrics;
 use crate::upstream::client::{ConsentApi, UpstreamMetrics};
-use crate::upstream::token::{TokenManager, TokenMetrics};
+use crate::upstream::token::{EndpointClient, TokenManager, TokenMetrics};
 use crate::upstream::transport::Transport;
 use crate::wire::server::{self, ListenerLimits};
 
@@ -116,19 +116,22 @@ impl App {
         let (export_stop, export_stop_rx) = watch::channel(false);
         let (tracer, export_task) = match &settings.otel {
             Some(otel) => {
-                let (tracer, task) = start_tracer(otel, transport.clone(), &registry, export_stop_rx);
+                let (tracer, task) =
+                    start_tracer(otel, transport.clone(), &registry, export_stop_rx);
                 tracing::info!(endpoint = %otel.endpoint, sample_ratio = otel.sample_ratio, "OpenTelemetry trace export on");
                 (tracer, Some(task))
             }
             None => (Tracer::off(), None),
         };
         let (tokens, refresher) = TokenManager::start(
-            transport.clone(),
+            EndpointClient {
+                transport: transport.clone(),
+                tracer: tracer.clone(),
+            },
             &settings.talkdesk,
             &settings.token,
             TokenMetrics::register(&registry),
             cluster.as_ref().and_then(Cluster::fleet_tokens),
-            tracer.clone(),
             shutdown_rx.clone(),
         );
         let api = Arc::new(ConsentApi::new(

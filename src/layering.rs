@@ -44,11 +44,7 @@ fn assert_uses_only(top_level: &str, may_use: &[&str], what: &str) {
         .filter(|line| uses_more_than(&line.code, may_use))
         .map(|line| line.to_string())
         .collect();
-    assert!(
-        offending.is_empty(),
-        "{what}:\n{}",
-        offending.join("\n")
-    );
+    assert!(offending.is_empty(), "{what}:\n{}", offending.join("\n"));
 }
 
 #[test]
@@ -65,7 +61,11 @@ const PLUMBING_MAY_USE: &[&str] = &["crate::wire"];
 
 #[test]
 fn the_plumbing_uses_nothing_of_the_product() {
-    assert_uses_only("wire", PLUMBING_MAY_USE, "the plumbing in wire/ uses the product");
+    assert_uses_only(
+        "wire",
+        PLUMBING_MAY_USE,
+        "the plumbing in wire/ uses the product",
+    );
 }
 
 /// Tracing knows nothing of the product either: callers name their spans and attributes. It

@@ -417,7 +417,16 @@ mod tests {
             .authorize(&bearer(&ivr_token), Permission::Read)
             .is_ok());
         // A read-scoped token of a client that may write: the token's scope is what lacks it.
-        let read_token = keys.issue("ops", Permissions { write: false, ..READ_WRITE }, hour).unwrap();
+        let read_token = keys
+            .issue(
+                "ops",
+                Permissions {
+                    write: false,
+                    ..READ_WRITE
+                },
+                hour,
+            )
+            .unwrap();
         let refused = auth.authorize(&bearer(&read_token), Permission::Write);
         assert!(
             matches!(refused, Err(ProxyError::ScopeLacks("write"))),

@@ -201,10 +201,7 @@ impl Feed {
                     "cluster feed lost: answering from upstream, writes cannot be announced; \
                      reconnecting (further failures at debug, a reminder every minute)"
                 ),
-                Report::StillDown {
-                    failures,
-                    down_for,
-                } => tracing::warn!(
+                Report::StillDown { failures, down_for } => tracing::warn!(
                     redis = %self.redis_url,
                     error,
                     failures,
@@ -494,9 +491,15 @@ mod tests {
                 down_for: Duration::from_secs(60)
             }
         );
-        assert_eq!(reconnects.failed(start + Duration::from_secs(61)), Report::Quiet);
+        assert_eq!(
+            reconnects.failed(start + Duration::from_secs(61)),
+            Report::Quiet
+        );
         // Live again: the next failure is a new outage, warned at once.
         reconnects.live();
-        assert_eq!(reconnects.failed(start + Duration::from_secs(62)), Report::Lost);
+        assert_eq!(
+            reconnects.failed(start + Duration::from_secs(62)),
+            Report::Lost
+        );
     }
 }

@@ -79,7 +79,11 @@ pub fn read_text(path: &Path, kind: FileKind) -> Result<FileText, String> {
         .read_to_string(&mut text)
         .map_err(cannot_read)?;
     if text.len() as u64 > limit {
-        return Err(format!("'{}' is larger than {}", path.display(), size(limit)));
+        return Err(format!(
+            "'{}' is larger than {}",
+            path.display(),
+            size(limit)
+        ));
     }
     Ok(FileText { text, warning })
 }
@@ -201,9 +205,15 @@ mod tests {
     fn a_refused_read_names_the_user_the_file_must_be_readable_by() {
         let denied = std::io::Error::from(std::io::ErrorKind::PermissionDenied);
         let message = cannot_read(Path::new("/etc/consent-proxy/secret"), denied);
-        assert!(message.starts_with("cannot read '/etc/consent-proxy/secret': "), "{message}");
+        assert!(
+            message.starts_with("cannot read '/etc/consent-proxy/secret': "),
+            "{message}"
+        );
         let me = fs::metadata("/proc/self").unwrap();
-        assert!(message.contains(&format!("readable by uid {} gid {}", me.uid(), me.gid())), "{message}");
+        assert!(
+            message.contains(&format!("readable by uid {} gid {}", me.uid(), me.gid())),
+            "{message}"
+        );
         assert!(message.contains("uid 65532"), "{message}");
         // Other failures say only what failed.
         let missing = std::io::Error::from(std::io::ErrorKind::NotFound);

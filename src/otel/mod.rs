@@ -72,7 +72,13 @@ impl Tracer {
                     span_id: span::new_span_id(),
                     ..parent
                 };
-                Span::start(exporter, context, Some(parent_span_id), name, SpanKind::Server)
+                Span::start(
+                    exporter,
+                    context,
+                    Some(parent_span_id),
+                    name,
+                    SpanKind::Server,
+                )
             }
             None => inner.root(name, SpanKind::Server),
         }

@@ -350,6 +350,9 @@ mod tests {
         child.set("http.request.method", "GET");
         assert!(!child.is_recording());
         assert_eq!(child.context(), Some(&context));
-        assert!(Span::none().child("x", SpanKind::Internal).context().is_none());
+        assert!(Span::none()
+            .child("x", SpanKind::Internal)
+            .context()
+            .is_none());
     }
 }

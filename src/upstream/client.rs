@@ -191,11 +191,11 @@ impl ConsentApi {
                 self.describe_attempt(&mut span, &method, attempts);
             }
             attempts += 1;
-            let mut request =
-                match build_request(&method, &uri, &token, &context.id, body.clone()) {
-                    Ok(request) => request,
-                    Err(error) => break Err(CallError::NotApplied(error)),
-                };
+            let mut request = match build_request(&method, &uri, &token, &context.id, body.clone())
+            {
+                Ok(request) => request,
+                Err(error) => break Err(CallError::NotApplied(error)),
+            };
             span.inject(request.headers_mut());
             let started = Instant::now();
             let timeout = self
@@ -317,7 +317,11 @@ impl ConsentApi {
             }
             let port = base
                 .port_u16()
-                .unwrap_or(if base.scheme_str() == Some("http") { 80 } else { 443 });
+                .unwrap_or(if base.scheme_str() == Some("http") {
+                    80
+                } else {
+                    443
+                });
             span.set("server.port", i64::from(port));
             let base_path = base.path().trim_end_matches('/');
             span.set("url.template", format!("{base_path}{CONSENT_ROUTE}"));

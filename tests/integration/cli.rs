@@ -616,7 +616,13 @@ fn demo_prints_working_curl_lines_and_stops_on_sigterm() {
 #[test]
 fn demo_flag_errors_are_named_after_the_flags_and_said_once() {
     let short = command()
-        .args(["demo", "--listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0"])
+        .args([
+            "demo",
+            "--listen",
+            "127.0.0.1:0",
+            "--admin-listen",
+            "127.0.0.1:0",
+        ])
         .args(["--api-key", "short"])
         .output()
         .expect("run demo");

@@ -138,6 +138,13 @@ impl TokenState {
     }
 }
 
+/// How the refresher reaches the token endpoint: the transport, and the tracer each fetch
+/// reports a span to (`Tracer::off()` for none).
+pub struct EndpointClient {
+    pub transport: Transport,
+    pub tracer: Tracer,
+}
+
 /// The handle requests use. Cheap to clone.
 #[derive(Clone)]
 pub struct TokenManager {
@@ -149,14 +156,14 @@ impl TokenManager {
     /// returned manager and all its clones are dropped, or when `shutdown` fires; the handle
     /// says when it has.
     pub fn start(
-        transport: Transport,
+        endpoint: EndpointClient,
         talkdesk: &TalkdeskSettings,
         settings: &TokenSettings,
         metrics: TokenMetrics,
         fleet: Option<Arc<dyn FleetTokens>>,
-        tracer: Tracer,
         shutdown: watch::Receiver<bool>,
     ) -> (Self, JoinHandle<()>) {
+        let EndpointClient { transport, tracer } = endpoint;
         let (phase, _) = watch::channel(Phase::Fetching);
         let (alive, manager_gone) = oneshot::channel();
         let wake = Arc::new(Notify::new());

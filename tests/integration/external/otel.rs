@@ -137,7 +137,11 @@ async fn a_traced_get_is_one_trace_under_the_callers_span_with_each_attempt_and_
     assert_eq!(answer.status, 200, "{}", answer.text());
 
     let trace = receiver.spans_until(Duration::from_secs(20), |spans| {
-        spans.iter().filter(|s| s["trace_id"] == CALLER_TRACE).count() >= 5
+        spans
+            .iter()
+            .filter(|s| s["trace_id"] == CALLER_TRACE)
+            .count()
+            >= 5
     });
     let trace: Vec<Value> = trace
         .into_iter()
@@ -181,7 +185,9 @@ async fn a_traced_get_is_one_trace_under_the_callers_span_with_each_attempt_and_
     }
     assert_eq!(attempts[0]["attributes"]["http.response.status_code"], 503);
     assert_eq!(attempts[0]["status_code"], 2, "ERROR");
-    assert!(attempts[0]["attributes"].get("http.request.resend_count").is_none());
+    assert!(attempts[0]["attributes"]
+        .get("http.request.resend_count")
+        .is_none());
     assert_eq!(attempts[1]["attributes"]["http.response.status_code"], 200);
     assert_eq!(attempts[1]["attributes"]["http.request.resend_count"], 1);
 
@@ -224,9 +230,13 @@ async fn a_dead_collector_costs_only_the_failure_counter() {
     let dead = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let endpoint = format!("http://{}", dead.local_addr().unwrap());
     drop(dead);
-    let h = Harness::start_seeded(CONTACT, consent_proxy::consent::ConsentStatus::Consented, |c| {
-        c.set_str("otel.endpoint", &endpoint);
-    })
+    let h = Harness::start_seeded(
+        CONTACT,
+        consent_proxy::consent::ConsentStatus::Consented,
+        |c| {
+            c.set_str("otel.endpoint", &endpoint);
+        },
+    )
     .await;
     for _ in 0..20 {
         assert_eq!(h.get(CONTACT).await.status, 200);
@@ -236,5 +246,8 @@ async fn a_dead_collector_costs_only_the_failure_counter() {
     })
     .await;
     assert!(h.metric("consent_proxy_otel_spans_dropped_total").await >= 1.0);
-    assert_eq!(h.metric("consent_proxy_otel_spans_exported_total").await, 0.0);
+    assert_eq!(
+        h.metric("consent_proxy_otel_spans_exported_total").await,
+        0.0
+    );
 }

@@ -9,7 +9,11 @@ use std::process::Command;
 pub fn venv_python(env_var: &str, venv: &str, module: &str, requirements: &str) -> PathBuf {
     let python = std::env::var_os(env_var)
         .map(PathBuf::from)
-        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join(venv).join("bin/python"));
+        .unwrap_or_else(|| {
+            Path::new(env!("CARGO_MANIFEST_DIR"))
+                .join(venv)
+                .join("bin/python")
+        });
     let usable = Command::new(&python)
         .args(["-c", &format!("import {module}")])
         .output()
