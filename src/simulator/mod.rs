@@ -24,6 +24,7 @@
 //! The product never uses this module; it uses the product's listener, body helpers,
 //! credential parsing and consent domain, and nothing else (`src/layering.rs` checks both).
 
+mod answers;
 mod consent_api;
 mod control;
 mod faults;
@@ -441,7 +442,7 @@ async fn handle(
     if path.starts_with(control::CONTROL_PREFIX) {
         return Ok(control::control_endpoint(&sim, request).await);
     }
-    Ok(consent_api::talkdesk_error(
+    Ok(answers::talkdesk_error(
         StatusCode::NOT_FOUND,
         "not_found",
         "no such resource",
