@@ -68,7 +68,7 @@ pub struct AppHandle {
 impl App {
     /// Starts the proxy with the default outbound TLS roots (webpki).
     pub async fn start(settings: Settings) -> Result<AppHandle, StartError> {
-        let transport = Transport::new(settings.talkdesk.timeout);
+        let transport = Transport::new(settings.talkdesk.timeout, &settings.egress);
         Self::start_with_transport(settings, transport).await
     }
 

@@ -1,5 +1,6 @@
 //! TLS in one place: the process-wide rustls crypto provider, the server side (the consent
-//! listener's certificate) and the client side (the roots trusted for Talkdesk).
+//! listener's certificate) and the client side (the roots trusted for Talkdesk: the built-in
+//! ones and `egress.ca_file`'s).
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -74,11 +75,13 @@ pub fn tls_acceptor(cert_file: &Path, key_file: &Path) -> Result<TlsAcceptor, Tl
     Ok(TlsAcceptor::from(Arc::new(config)))
 }
 
-/// A client configuration trusting the webpki roots (what Talkdesk's certificates chain to).
-pub fn webpki_client_config() -> rustls::ClientConfig {
+/// A client configuration trusting the webpki roots (what Talkdesk's certificates chain to)
+/// and `extra_roots` (`egress.ca_file`: a corporate CA that inspects TLS), validated already.
+pub fn client_config(extra_roots: &[CertificateDer<'static>]) -> rustls::ClientConfig {
     install_crypto_provider();
     let mut roots = rustls::RootCertStore::empty();
     roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
+    roots.add_parsable_certificates(extra_roots.iter().cloned());
     rustls::ClientConfig::builder()
         .with_root_certificates(roots)
         .with_no_client_auth()

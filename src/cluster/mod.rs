@@ -178,7 +178,17 @@ impl Cluster {
                 .set_password(password.expose());
             info = info.set_redis_settings(redis);
         }
-        let client = redis::Client::open(info).map_err(failed)?;
+        let client = match &settings.tls_roots_pem {
+            Some(roots) if settings.redis_url.starts_with("rediss://") => {
+                let roots = redis::TlsCertificates {
+                    client_tls: None,
+                    root_cert: Some(roots.clone()),
+                };
+                redis::Client::build_with_tls(info, roots)
+            }
+            _ => redis::Client::open(info),
+        }
+        .map_err(failed)?;
         cache.distrust();
         let link = Arc::new(Link::default());
         let shared = Arc::new(Shared {

@@ -11,9 +11,9 @@ use super::{
     redis_url::RedisUrl,
     schema::{self, Field},
     secret_files::{read_keys, read_secret_file},
-    AuthSettings, BreakerSettings, CacheSettings, ClientSettings, ClusterSettings, LogSettings,
-    OAuthSettings, Permissions, Secret, ServerSettings, Settings, TalkdeskSettings, TlsFiles,
-    TokenSettings, ANONYMOUS,
+    AuthSettings, BreakerSettings, CacheSettings, ClientSettings, ClusterSettings, EgressSettings,
+    ExtraRoots, LogSettings, OAuthSettings, Permissions, ProxyEndpoint, Secret, ServerSettings,
+    Settings, TalkdeskSettings, TlsFiles, TokenSettings, ANONYMOUS,
 };
 
 const MAX_CLIENT_NAME: usize = 64;
@@ -27,6 +27,7 @@ pub(super) fn settings(file: schema::ConfigFile, p: &mut Problems) -> Option<Set
     let server = server(file.server, p);
     let log = log(file.log, p);
     let talkdesk = talkdesk(file.talkdesk, p);
+    let egress = egress(file.egress, p);
     let token = p
         .check(
             "token.refresh_margin_s",
@@ -35,7 +36,13 @@ pub(super) fn settings(file: schema::ConfigFile, p: &mut Problems) -> Option<Set
         )
         .map(|refresh_margin| TokenSettings { refresh_margin });
     let cache = cache(file.cache, p);
-    let cluster = cluster(file.cluster, p);
+    let mut cluster = cluster(file.cluster, p);
+    if let (Some(Some(cluster)), Some(Some(roots))) = (
+        cluster.as_mut(),
+        egress.as_ref().map(|egress| &egress.extra_roots),
+    ) {
+        cluster.tls_roots_pem = Some(roots.pem.clone());
+    }
     shared_tier_fits(cluster.as_ref(), cache.as_ref(), server.as_ref(), p);
     let oauth = oauth(file.oauth, clustered, p);
     let auth = p
@@ -54,6 +61,7 @@ pub(super) fn settings(file: schema::ConfigFile, p: &mut Problems) -> Option<Set
         server: server?,
         log: log?,
         talkdesk,
+        egress: egress?,
         token: token?,
         cache: cache?,
         cluster: cluster?,
@@ -415,6 +423,54 @@ fn client_secret(inline: Field<String>, file: Field<String>, p: &mut Problems) -
     }
 }
 
+fn egress(e: schema::Egress, p: &mut Problems) -> Option<EgressSettings> {
+    let inline = p.value("egress.proxy_url", e.proxy_url);
+    let file = p.value("egress.proxy_url_file", e.proxy_url_file);
+    let extra_roots = p.check("egress.ca_file", e.ca_file, |path| {
+        (!path.is_empty()).then(|| extra_roots(&path)).transpose()
+    });
+    let proxy = match (inline?, file?) {
+        (inline, file) if inline.is_empty() && file.is_empty() => None,
+        (inline, file) if !inline.is_empty() && !file.is_empty() => {
+            p.general("egress.proxy_url and egress.proxy_url_file are both set; give at most one");
+            return None;
+        }
+        (inline, _) if !inline.is_empty() => {
+            Some(p.take("egress.proxy_url", ProxyEndpoint::parse(&inline))?)
+        }
+        (_, file) => Some(p.take(
+            "egress.proxy_url_file",
+            read_secret_file(&file).and_then(|url| ProxyEndpoint::parse(url.expose())),
+        )?),
+    };
+    Some(EgressSettings {
+        proxy,
+        extra_roots: extra_roots?,
+    })
+}
+
+/// PEM certificates, each usable as a trust anchor, at least one.
+fn extra_roots(path: &str) -> Result<ExtraRoots, String> {
+    use rustls::pki_types::{pem::PemObject, CertificateDer};
+    let pem = std::fs::read(path).map_err(|e| format!("cannot read '{path}': {e}"))?;
+    let certificates = CertificateDer::pem_slice_iter(&pem)
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| format!("'{path}' is not PEM certificates: {e}"))?;
+    if certificates.is_empty() {
+        return Err(format!("'{path}' holds no PEM certificate"));
+    }
+    let mut roots = rustls::RootCertStore::empty();
+    for (i, certificate) in certificates.iter().enumerate() {
+        roots.add(certificate.clone()).map_err(|e| {
+            format!(
+                "certificate {} of '{path}' is not a usable root: {e}",
+                i + 1
+            )
+        })?;
+    }
+    Ok(ExtraRoots { certificates, pem })
+}
+
 fn scopes(scopes: Vec<String>) -> Result<Vec<String>, String> {
     if scopes.is_empty() {
         return Err("must not be empty".to_owned());
@@ -567,6 +623,7 @@ fn cluster(c: schema::Cluster, p: &mut Problems) -> Option<Option<ClusterSetting
         shared_token: shared_token?,
         shared_keys: shared_keys?,
         shared_timeout: shared_timeout?,
+        tls_roots_pem: None,
     }))
 }
 

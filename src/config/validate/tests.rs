@@ -608,3 +608,99 @@ fn duplicate_names_and_keys() {
         "clients[0].name: \"anonymous\" is reserved"
     ));
 }
+
+/// A CA certificate in PEM (made by rcgen).
+fn ca_pem() -> String {
+    let key = rcgen::KeyPair::generate().unwrap();
+    let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+    params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    params.self_signed(&key).unwrap().pem()
+}
+
+#[test]
+fn egress_settings_from_a_proxy_url_file_and_a_ca_file() {
+    let dir = TempDir::new("egress");
+    let url = dir.file("proxy-url", "http://corp:pr0xy-pw@proxy.internal:3128\n");
+    let roots = dir.file("corp-ca.pem", &format!("{}{}", ca_pem(), ca_pem()));
+    let toml = minimal_with(
+        "egress",
+        &format!("proxy_url_file = {url:?}\nca_file = {roots:?}"),
+    );
+    let s = Settings::from_toml_str(&toml).unwrap();
+    let proxy = s.egress.proxy.as_ref().unwrap();
+    assert_eq!(proxy.authority, "proxy.internal:3128");
+    assert!(proxy.authorization.is_some());
+    assert_eq!(s.egress.extra_roots.as_ref().unwrap().certificates.len(), 2);
+    assert!(s.cluster.is_none());
+
+    let inline = minimal_with(
+        "egress",
+        "proxy_url = \"http://corp:pr0xy-pw@proxy.internal:3128\"",
+    );
+    let out = Settings::from_toml_str(&inline).unwrap().redacted_toml();
+    assert!(
+        out.contains("http://corp:<redacted>@proxy.internal:3128"),
+        "{out}"
+    );
+    assert!(!out.contains("pr0xy-pw"), "{out}");
+    assert!(!format!("{:?}", Settings::from_toml_str(&inline).unwrap()).contains("pr0xy-pw"));
+}
+
+#[test]
+fn egress_problems_name_their_key_and_never_the_password() {
+    let dir = TempDir::new("egress-bad");
+    let not_pem = dir.file("not-pem.pem", "just text\n");
+    let broken = dir.file(
+        "broken.pem",
+        "-----BEGIN CERTIFICATE-----\nnot base64!\n-----END CERTIFICATE-----\n",
+    );
+    for (extra, key, problem) in [
+        (
+            "ca_file = \"/nonexistent/ca.pem\"",
+            "egress.ca_file",
+            "cannot read",
+        ),
+        (
+            &format!("ca_file = {not_pem:?}"),
+            "egress.ca_file",
+            "holds no PEM certificate",
+        ),
+        (&format!("ca_file = {broken:?}"), "egress.ca_file", ""),
+        (
+            "proxy_url = \"https://u:pr0xy-pw@p:3128\"",
+            "egress.proxy_url",
+            "http://",
+        ),
+        (
+            "proxy_url = \"http://u:pr0xy-pw@p\"",
+            "egress.proxy_url",
+            "port is required",
+        ),
+        (
+            "proxy_url = \"http://p:1\"\nproxy_url_file = \"/x\"",
+            "egress.proxy_url_file",
+            "both set",
+        ),
+    ] {
+        let list = errors(&minimal_with("egress", extra));
+        assert!(has(&list, key) && has(&list, problem), "{extra}: {list:?}");
+        assert!(!has(&list, "pr0xy-pw"), "{extra}: {list:?}");
+    }
+}
+
+#[test]
+fn egress_ca_roots_reach_a_rediss_cluster() {
+    let dir = TempDir::new("egress-redis");
+    let roots = dir.file("corp-ca.pem", &ca_pem());
+    let toml = minimal_with(
+        "egress",
+        &format!(
+            "ca_file = {roots:?}\n[cluster]\nredis_url = \"rediss://redis.internal\"\n\
+             [oauth]\nsigning_key_file = {:?}",
+            dir.file("keys", SIGNING_KEY)
+        ),
+    );
+    let s = Settings::from_toml_str(&toml).unwrap();
+    let pem = s.cluster.unwrap().tls_roots_pem.unwrap();
+    assert_eq!(pem, std::fs::read(&roots).unwrap());
+}

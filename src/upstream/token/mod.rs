@@ -29,7 +29,7 @@ use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
 use crate::config::{TalkdeskSettings, TokenSettings};
-use crate::error::{Failure, ProxyError};
+use crate::error::{ErrorChain, Failure, ProxyError};
 use crate::upstream::transport::{AttemptError, Transport};
 use endpoint::TokenRequest;
 pub use endpoint::{form_encode, parse_token_response, ParsedToken};
@@ -232,7 +232,7 @@ impl TokenManager {
             return Ok(());
         }
         Err(match &*self.state.phase.borrow() {
-            Phase::BackingOff(failure) => format!("no valid token: {failure}"),
+            Phase::BackingOff(failure) => format!("no valid token: {}", ErrorChain(failure)),
             Phase::Fetching => "no valid token yet: fetching".to_owned(),
             Phase::Idle => "no valid token: renewal pending".to_owned(),
         })
