@@ -19,7 +19,7 @@ use super::{
 
 /// `cluster.max_staleness_ms` in these tests.
 pub const MAX_STALENESS: Duration = Duration::from_millis(400);
-/// The contract's bound for a healthy cluster (rule 5).
+/// The bound for a healthy cluster (rule 5 of docs/CONSISTENCY.md).
 pub const RULE_5_LAG: Duration = Duration::from_millis(50);
 /// The secret of the cluster's shared tier in these tests (the same for every instance).
 const SHARED_KEY: &str = "shared-tier-test-key-0123456789abcdef";
