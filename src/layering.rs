@@ -1,11 +1,139 @@
-//! The dependency rules of the module tree, checked on the source: the HTTP plumbing (`wire/`)
-//! uses nothing of the product, the product never uses the simulator, and the simulator uses
-//! only the plumbing (the listener, body helpers, credential parsing, the OAuth token-endpoint
-//! plumbing) and the consent domain. The
-//! compiler cannot tell, since both live in one library.
+//! The dependency rules of the module tree, checked on the source (the compiler cannot tell,
+//! since everything lives in one library):
+//! - the top-level modules stand on floors ([`FLOORS`]), and each imports only from floors
+//!   below its own: no arrow runs up or sideways, so no circle can form;
+//! - the HTTP plumbing (`wire/`) uses nothing of the product;
+//! - the product never uses the simulator, and the simulator uses only the plumbing (the
+//!   listener, body helpers, credential parsing, the OAuth token-endpoint plumbing) and the
+//!   consent domain.
 
 use std::fs;
 use std::path::{Path, PathBuf};
+
+/// The top-level modules of `src/`, bottom floor first. A module may import from the floors
+/// below its own, never from its own or one above. `docs/ARCHITECTURE.md` draws the same.
+const FLOORS: &[&[&str]] = &[
+    // Foundations: each imports nothing of the product.
+    &["wire", "clock", "build_info", "tls", "config", "consent"],
+    // What every component uses: the error type, the metrics registry, logging.
+    &["error", "metrics", "logging"],
+    // Who the caller is.
+    &["auth"],
+    // One request as it travels down (it names the caller).
+    &["request"],
+    // The consent-answer cache; the Talkdesk client.
+    &["cache", "upstream"],
+    // Cluster mode: drives the cache, and holds the fleet's token for the client.
+    &["cluster"],
+    // The consent operations.
+    &["service"],
+    // The proxy's handlers.
+    &["http"],
+    // What the commands run: the proxy's wiring, the Talkdesk stand-in.
+    &["app", "simulator"],
+    // The demo: the proxy and the simulator in one process.
+    &["demo"],
+    // The command line.
+    &["main"],
+];
+
+/// Files that name every module by their nature: the crate root, and this file.
+const ABOVE_THE_FLOORS: &[&str] = &["lib.rs", "layering.rs"];
+
+/// The floor of a top-level module (`cache`) or file (`demo.rs`).
+fn floor_of(top_level: &str) -> Option<usize> {
+    let module = top_level.strip_suffix(".rs").unwrap_or(top_level);
+    FLOORS.iter().position(|floor| floor.contains(&module))
+}
+
+#[test]
+fn every_top_level_module_has_a_floor() {
+    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("src");
+    let entries =
+        fs::read_dir(&src).unwrap_or_else(|err| panic!("cannot list {}: {err}", src.display()));
+    let mut homeless = Vec::new();
+    for entry in entries.flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let is_module = entry.path().is_dir() || name.ends_with(".rs");
+        if is_module && !ABOVE_THE_FLOORS.contains(&name.as_str()) && floor_of(&name).is_none() {
+            homeless.push(name);
+        }
+    }
+    assert!(
+        homeless.is_empty(),
+        "top-level modules on no floor of FLOORS: {homeless:?}"
+    );
+}
+
+#[test]
+fn no_module_imports_from_its_floor_or_above() {
+    let mut offending = Vec::new();
+    for line in code_lines() {
+        if ABOVE_THE_FLOORS.contains(&line.top_level.as_str()) {
+            continue;
+        }
+        let Some(own) = floor_of(&line.top_level) else {
+            continue; // every_top_level_module_has_a_floor reports it
+        };
+        let own_module = line.top_level.trim_end_matches(".rs");
+        for used in modules_named(&line.code) {
+            match used.as_deref().map(floor_of) {
+                Ok(Some(floor)) if floor < own || used.as_deref() == Ok(own_module) => {}
+                Ok(Some(_)) => offending.push(format!("{line}  ({own_module} may not use it)")),
+                Ok(None) => offending.push(format!("{line}  (a module on no floor)")),
+                Err(problem) => offending.push(format!("{line}  ({problem})")),
+            }
+        }
+    }
+    assert!(
+        offending.is_empty(),
+        "imports that do not point down the floors:\n{}",
+        offending.join("\n")
+    );
+}
+
+/// The top-level modules `code` names through `crate::` (or, in `main.rs`, `consent_proxy::`):
+/// `crate::cache::X` names `cache`; `consent_proxy::{logging, App}` names `logging` and `app`
+/// (an item of the crate root is looked up among its re-exports). An error for a group that
+/// does not close on its line (one `use` per module, please).
+fn modules_named(code: &str) -> Vec<Result<String, String>> {
+    let mut named = Vec::new();
+    for prefix in ["crate::", "consent_proxy::"] {
+        for (at, _) in code.match_indices(prefix) {
+            if at > 0 && code[..at].ends_with(is_identifier_char) {
+                continue; // `my_crate::` is not `crate::`
+            }
+            let path = &code[at + prefix.len()..];
+            let names: Vec<&str> = match path.strip_prefix('{') {
+                Some(group) => match group.find('}') {
+                    Some(end) => group[..end]
+                        .split(',')
+                        .map(|item| item.trim().split("::").next().unwrap_or_default())
+                        .filter(|name| !name.is_empty())
+                        .collect(),
+                    None => {
+                        named.push(Err("a `use` group over several lines".to_owned()));
+                        continue;
+                    }
+                },
+                None => vec![&path[..path.find(|c| !is_identifier_char(c)).unwrap_or(path.len())]],
+            };
+            named.extend(names.into_iter().map(|name| match root_reexport(name) {
+                Some(module) => Ok(module.to_owned()),
+                None => Ok(name.to_owned()),
+            }));
+        }
+    }
+    named
+}
+
+/// The module an item re-exported by `lib.rs` comes from (`App` → `app`).
+fn root_reexport(item: &str) -> Option<&'static str> {
+    match item {
+        "App" | "AppHandle" => Some("app"),
+        _ => None,
+    }
+}
 
 /// What under `src/` may name the simulator: itself, the commands that run it, `lib.rs`, which
 /// declares it, and this file.
@@ -87,6 +215,20 @@ fn the_checks_see_what_they_look_for() {
     ] {
         assert_eq!(uses_more_than(code, SIMULATOR_MAY_USE), outside, "{code}");
     }
+    let ok = |names: &[&str]| names.iter().map(|n| Ok(n.to_string())).collect::<Vec<_>>();
+    assert_eq!(modules_named("use crate::cache::Lookup;"), ok(&["cache"]));
+    assert_eq!(
+        modules_named("use consent_proxy::{build_info, logging, App};"),
+        ok(&["build_info", "logging", "app"])
+    );
+    assert_eq!(
+        modules_named("let x = crate::clock::since_epoch() + crate::upstream::X;"),
+        ok(&["clock", "upstream"])
+    );
+    assert!(modules_named("use crate::{")[0].is_err());
+    assert!(modules_named("my_crate::cache").is_empty());
+    assert!(floor_of("cache") < floor_of("cluster"));
+    assert!(floor_of("demo.rs") > floor_of("app.rs"));
 }
 
 fn names_the_simulator(code: &str) -> bool {
