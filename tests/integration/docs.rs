@@ -386,7 +386,11 @@ fn named_paths(text: &str) -> Vec<String> {
 
 #[test]
 fn every_path_the_documents_name_exists() {
-    let mut files = vec![root().join("README.md"), root().join("benches/README.md")];
+    let mut files = vec![
+        root().join("README.md"),
+        root().join("benches/README.md"),
+        root().join("tests/README.md"),
+    ];
     collect_files(&root().join("docs"), &mut files);
     collect_files(&root().join("deploy"), &mut files);
     let mut missing = Vec::new();
