@@ -2,6 +2,7 @@
 //! since everything lives in one library):
 //! - the top-level modules stand on floors ([`FLOORS`]), and each imports only from floors
 //!   below its own: no arrow runs up or sideways, so no circle can form;
+//! - inside a folder, the files (and subfolders) import each other without a circle;
 //! - the HTTP plumbing (`wire/`) uses nothing of the product;
 //! - the product never uses the simulator, and the simulator uses only the plumbing (the
 //!   listener, body helpers, credential parsing, the OAuth token-endpoint plumbing) and the
@@ -91,6 +92,135 @@ fn no_module_imports_from_its_floor_or_above() {
         "imports that do not point down the floors:\n{}",
         offending.join("\n")
     );
+}
+
+#[test]
+fn no_circle_between_the_files_of_a_folder() {
+    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("src");
+    let mut circles = Vec::new();
+    for folder in folders(&src) {
+        let siblings = sibling_uses(&src, &folder);
+        for (file, uses) in &siblings {
+            for used in uses {
+                if let Some(path) = path_back(&siblings, used, file) {
+                    circles.push(format!(
+                        "{}: {file} -> {}",
+                        folder.strip_prefix(&src).unwrap_or(&folder).display(),
+                        path.join(" -> ")
+                    ));
+                }
+            }
+        }
+    }
+    assert!(
+        circles.is_empty(),
+        "files of one folder that import each other (directly or around a circle):\n{}",
+        circles.join("\n")
+    );
+}
+
+/// Every folder under `dir`, `dir` included.
+fn folders(dir: &Path) -> Vec<PathBuf> {
+    let mut found = vec![dir.to_path_buf()];
+    for entry in fs::read_dir(dir).into_iter().flatten().flatten() {
+        if entry.path().is_dir() {
+            found.extend(folders(&entry.path()));
+        }
+    }
+    found
+}
+
+/// For each module of `folder` (its files but `mod.rs`, and its subfolders as `name/mod.rs`),
+/// the sibling modules its code outside `#[cfg(test)]` names: `super::x` (or a group
+/// `super::{x, y}`) and `crate::…::folder::x`.
+fn sibling_uses(src: &Path, folder: &Path) -> Vec<(String, Vec<String>)> {
+    let mut modules = Vec::new();
+    for entry in fs::read_dir(folder).into_iter().flatten().flatten() {
+        let path = entry.path();
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if path.is_dir() && path.join("mod.rs").exists() {
+            modules.push((name, path.join("mod.rs")));
+        } else if let Some(stem) = name.strip_suffix(".rs").filter(|stem| *stem != "mod") {
+            modules.push((stem.to_owned(), path));
+        }
+    }
+    let names: Vec<String> = modules.iter().map(|(name, _)| name.clone()).collect();
+    let relative = folder.strip_prefix(src).unwrap_or(folder);
+    let crate_path: String = relative
+        .components()
+        .map(|c| format!("::{}", c.as_os_str().to_string_lossy()))
+        .collect();
+    modules
+        .iter()
+        .map(|(name, file)| {
+            let text = fs::read_to_string(file).unwrap_or_default();
+            let code: String = text
+                .split("#[cfg(test)]")
+                .next()
+                .unwrap_or_default()
+                .lines()
+                .map(|line| without_strings(line.split("//").next().unwrap_or_default()))
+                .collect::<Vec<_>>()
+                .join("\n");
+            let uses = names
+                .iter()
+                .filter(|other| *other != name)
+                .filter(|other| names_sibling(&code, other, &crate_path))
+                .cloned()
+                .collect();
+            (name.clone(), uses)
+        })
+        .collect()
+}
+
+/// Whether `code` names the sibling module `name` (see [`sibling_uses`]).
+fn names_sibling(code: &str, name: &str, crate_path: &str) -> bool {
+    let whole_word = |rest: &str| {
+        rest.strip_prefix(name)
+            .is_some_and(|after| !after.starts_with(is_identifier_char))
+    };
+    let by_super = code.match_indices("super::").any(|(at, _)| {
+        let before = &code[..at];
+        if before.ends_with("super::") || before.ends_with(is_identifier_char) {
+            return false;
+        }
+        let rest = &code[at + "super::".len()..];
+        match rest.strip_prefix('{') {
+            Some(group) => group[..group.find('}').unwrap_or(group.len())]
+                .split(',')
+                .any(|item| whole_word(item.trim())),
+            None => whole_word(rest),
+        }
+    });
+    let by_crate = !crate_path.is_empty()
+        && code
+            .match_indices(&format!("crate{crate_path}::"))
+            .any(|(at, matched)| whole_word(&code[at + matched.len()..]));
+    by_super || by_crate
+}
+
+/// A path of imports from `from` back to `to`, if there is one (a circle through both).
+fn path_back(graph: &[(String, Vec<String>)], from: &str, to: &str) -> Option<Vec<String>> {
+    let mut seen = vec![from.to_owned()];
+    let mut paths = vec![vec![from.to_owned()]];
+    while let Some(path) = paths.pop() {
+        let last = path.last()?;
+        let Some((_, uses)) = graph.iter().find(|(name, _)| name == last) else {
+            continue;
+        };
+        for next in uses {
+            let mut longer = path.clone();
+            longer.push(next.clone());
+            if next == to {
+                return Some(longer);
+            }
+            if !seen.contains(next) {
+                seen.push(next.clone());
+                paths.push(longer);
+            }
+        }
+    }
+    None
 }
 
 /// The top-level modules `code` names through `crate::` (or, in `main.rs`, `consent_proxy::`):
@@ -259,6 +389,29 @@ fn the_checks_see_what_they_look_for() {
         ok(&["cache"])
     );
     assert!(floor_of("cache") < floor_of("cluster"));
+    assert!(names_sibling("use super::faults::outcome;", "faults", ""));
+    assert!(names_sibling(
+        "use super::{deliver, faults, Fault};",
+        "faults",
+        ""
+    ));
+    assert!(!names_sibling("use super::super::faults;", "faults", ""));
+    assert!(!names_sibling("use super::faults_x;", "faults", ""));
+    assert!(names_sibling(
+        "crate::cluster::shared::keys::X",
+        "keys",
+        "::cluster::shared"
+    ));
+    let graph = [
+        ("a".to_owned(), vec!["b".to_owned()]),
+        ("b".to_owned(), vec!["c".to_owned()]),
+        ("c".to_owned(), vec!["a".to_owned()]),
+    ];
+    assert_eq!(
+        path_back(&graph, "b", "a"),
+        Some(vec!["b".into(), "c".into(), "a".into()])
+    );
+    assert_eq!(path_back(&graph[..2], "b", "a"), None);
     assert!(floor_of("demo.rs") > floor_of("app.rs"));
 }
 
