@@ -183,9 +183,8 @@ impl ConsentService {
             let written = service.api.put(&contact, status, &request).await;
             let outcome = match &written.answer {
                 Ok(answer) if answer.status.is_success() => {
-                    let status = consent_status_of(&answer.body).unwrap_or(status);
                     service.writes.acknowledged(status);
-                    WriteOutcome::Applied(status)
+                    applied(&contact, status, consent_status_of(&answer.body))
                 }
                 _ if written.maybe_applied => WriteOutcome::Unknown,
                 _ => WriteOutcome::NotApplied,
@@ -231,5 +230,30 @@ impl ConsentService {
     /// The cluster feed's state, in cluster mode.
     pub fn cluster_status(&self) -> Option<ClusterStatus> {
         self.cluster.as_ref().map(Cluster::status)
+    }
+}
+
+/// What a write upstream acknowledged (2xx) did, given the status its answer names, if any.
+/// An answer naming another status than the one written contradicts the acknowledgement: the
+/// contact's status is then unknown, as after a timeout, and the cached answer is dropped
+/// rather than set to either (docs/ARCHITECTURE.md, "Writes"). The caller still gets
+/// upstream's answer as it is.
+fn applied(
+    contact: &ContactId,
+    written: ConsentStatus,
+    echoed: Option<ConsentStatus>,
+) -> WriteOutcome {
+    match echoed {
+        Some(echoed) if echoed != written => {
+            tracing::warn!(
+                contact = %contact.masked(),
+                written = %written,
+                echoed = %echoed,
+                "upstream acknowledged a consent write with another status; the contact's \
+                 cached answer is dropped"
+            );
+            WriteOutcome::Unknown
+        }
+        _ => WriteOutcome::Applied(written),
     }
 }

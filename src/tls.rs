@@ -9,6 +9,8 @@ use rustls::pki_types::pem::{Error as PemError, PemObject};
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use tokio_rustls::TlsAcceptor;
 
+use crate::config::files::{read_text, FileKind};
+
 /// Installs rustls' process-wide crypto provider (ring) once; later calls are no-ops. Both
 /// the server and the client side call it before building a configuration.
 pub fn install_crypto_provider() {
@@ -18,6 +20,8 @@ pub fn install_crypto_provider() {
 /// Why the consent listener's certificate or key could not be loaded; each names its key.
 #[derive(Debug, thiserror::Error)]
 pub enum TlsError {
+    #[error("{key}: {problem}")]
+    Read { key: &'static str, problem: String },
     #[error("server.tls_cert_file {}: cannot read a certificate chain", .path.display())]
     Certificates {
         path: PathBuf,
@@ -46,10 +50,18 @@ pub enum TlsError {
 }
 
 /// Loads a PEM certificate chain and key into a TLS acceptor offering h2 and http/1.1.
+/// Both files are read through the configuration's bounded read (the key as a secret).
 pub fn tls_acceptor(cert_file: &Path, key_file: &Path) -> Result<TlsAcceptor, TlsError> {
     install_crypto_provider();
-    let certs = CertificateDer::pem_file_iter(cert_file)
-        .and_then(|iter| iter.collect::<Result<Vec<_>, _>>())
+    let read = |key, path, kind| {
+        read_text(path, kind)
+            .map(|read| read.text)
+            .map_err(|problem| TlsError::Read { key, problem })
+    };
+    let cert_pem = read("server.tls_cert_file", cert_file, FileKind::Certificates)?;
+    let key_pem = read("server.tls_key_file", key_file, FileKind::Secret)?;
+    let certs = CertificateDer::pem_slice_iter(cert_pem.as_bytes())
+        .collect::<Result<Vec<_>, _>>()
         .map_err(|source| TlsError::Certificates {
             path: cert_file.to_owned(),
             source,
@@ -59,10 +71,11 @@ pub fn tls_acceptor(cert_file: &Path, key_file: &Path) -> Result<TlsAcceptor, Tl
             path: cert_file.to_owned(),
         });
     }
-    let key = PrivateKeyDer::from_pem_file(key_file).map_err(|source| TlsError::Key {
-        path: key_file.to_owned(),
-        source,
-    })?;
+    let key =
+        PrivateKeyDer::from_pem_slice(key_pem.as_bytes()).map_err(|source| TlsError::Key {
+            path: key_file.to_owned(),
+            source,
+        })?;
     let mut config = rustls::ServerConfig::builder()
         .with_no_client_auth()
         .with_single_cert(certs, key)
@@ -85,4 +98,51 @@ pub fn client_config(extra_roots: &[CertificateDer<'static>]) -> rustls::ClientC
     rustls::ClientConfig::builder()
         .with_root_certificates(roots)
         .with_no_client_auth()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The listener reads its files again when it starts (they may have changed since the
+    /// configuration was checked): through the same bounded read.
+    #[test]
+    fn the_listener_reads_its_files_within_their_bounds() {
+        let dir = std::env::temp_dir().join(format!("consent-proxy-tls-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let huge = dir.join("huge.pem");
+        std::fs::write(&huge, "-".repeat(2 << 20)).unwrap();
+        let small = dir.join("small.pem");
+        std::fs::write(&small, "not yet parsed").unwrap();
+        let zero = Path::new("/dev/zero");
+        for (cert, key, expected) in [
+            (
+                small.as_path(),
+                huge.as_path(),
+                format!(
+                    "server.tls_key_file: '{}' is larger than 64 KiB",
+                    huge.display()
+                ),
+            ),
+            (
+                huge.as_path(),
+                zero,
+                format!(
+                    "server.tls_cert_file: '{}' is larger than 1 MiB",
+                    huge.display()
+                ),
+            ),
+            (
+                zero,
+                zero,
+                "server.tls_cert_file: '/dev/zero' is not a regular file".to_owned(),
+            ),
+        ] {
+            match tls_acceptor(cert, key) {
+                Err(error) => assert_eq!(error.to_string(), expected),
+                Ok(_) => panic!("accepted {}", cert.display()),
+            }
+        }
+        let _ = std::fs::remove_dir_all(&dir);
+    }
 }

@@ -7,13 +7,16 @@
 //! `redact` prints the effective configuration without its secrets.
 
 mod egress;
+pub mod files;
 mod introspect;
 mod load;
+mod log_level;
 mod problems;
 mod redact;
 mod redis_url;
 mod schema;
 mod secret_files;
+mod suggest;
 mod validate;
 
 use std::{
@@ -80,6 +83,9 @@ pub struct Settings {
     pub auth: AuthSettings,
     /// The configuration as loaded, secrets already replaced: what [`Settings::redacted_toml`] prints.
     redacted: schema::ConfigFile,
+    /// What is worth a warning though valid (a secret file others can read), each naming its
+    /// key: printed by `check-config`, logged at start.
+    warnings: Vec<String>,
 }
 
 #[derive(Debug, Clone)]
@@ -377,6 +383,11 @@ impl Settings {
     /// section, derived URLs filled in, secrets as `<redacted>`, nothing of the clients' keys.
     pub fn redacted_toml(&self) -> String {
         redact::to_toml(&self.redacted)
+    }
+
+    /// The warnings found while loading, each naming its key.
+    pub fn warnings(&self) -> &[String] {
+        &self.warnings
     }
 }
 
