@@ -15,7 +15,9 @@ use std::path::{Path, PathBuf};
 /// below its own, never from its own or one above. `docs/ARCHITECTURE.md` draws the same.
 const FLOORS: &[&[&str]] = &[
     // Foundations: each imports nothing of the product.
-    &["wire", "clock", "build_info", "config", "consent"],
+    &["wire", "jws", "clock", "build_info", "consent"],
+    // The configuration (its keys name signing algorithms and hold signing keys).
+    &["config"],
     // What every component uses: the error type, the metrics registry, logging, rustls (whose
     // roots may come from a configured file).
     &["error", "metrics", "logging", "tls"],
@@ -298,7 +300,9 @@ const MAY_USE_THE_SIMULATOR: &[&str] =
 
 /// The crate paths the simulator may use (a grouped `use crate::{…}` must be split to pass).
 const SIMULATOR_MAY_USE: &[&str] = &[
+    "crate::clock",
     "crate::consent",
+    "crate::jws",
     "crate::wire::body",
     "crate::wire::credentials",
     "crate::wire::oauth",

@@ -18,6 +18,8 @@
 //! - [`wire`]: HTTP plumbing that knows nothing of the product (listener, bodies, credentials,
 //!   OAuth form plumbing, request ids), shared by the handlers, `auth`, `error` and the simulator;
 //! - [`clock`]: the wall clock, for times other processes read;
+//! - [`jws`]: signed JWTs with ring's keys (the `private_key_jwt` client assertion, and the
+//!   simulator's check of it);
 //! - [`config`]: the configuration schema, its layers and its validation into [`config::Settings`];
 //! - [`simulator`]: a Talkdesk stand-in for tests and `demo`; the product never uses it, and it
 //!   uses only the product's shared plumbing (the `layering` tests check both).
@@ -33,6 +35,7 @@ pub mod consent;
 pub mod demo;
 pub mod error;
 pub mod http;
+pub mod jws;
 #[cfg(test)]
 mod layering;
 pub mod logging;
