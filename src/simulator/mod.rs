@@ -26,6 +26,7 @@
 //! credential parsing, JWS verification, clock and consent domain, and nothing else
 //! (`src/layering.rs` checks both).
 
+mod answers;
 mod assertion;
 mod consent_api;
 mod control;
@@ -449,7 +450,7 @@ async fn handle(
     if path.starts_with(control::CONTROL_PREFIX) {
         return Ok(control::control_endpoint(&sim, request).await);
     }
-    Ok(consent_api::talkdesk_error(
+    Ok(answers::talkdesk_error(
         StatusCode::NOT_FOUND,
         "not_found",
         "no such resource",
