@@ -15,8 +15,8 @@ use std::path::{Path, PathBuf};
 /// below its own, never from its own or one above. `docs/ARCHITECTURE.md` draws the same.
 const FLOORS: &[&[&str]] = &[
     // Foundations: each imports nothing of the product.
-    &["wire", "jws", "clock", "build_info", "consent"],
-    // The configuration (its keys name signing algorithms and hold signing keys).
+    &["wire", "clock", "build_info", "consent", "jws"],
+    // The configuration (its validation parses keys with `jws`).
     &["config"],
     // What every component uses: the error type, the metrics registry, logging, rustls (whose
     // roots may come from a configured file).
