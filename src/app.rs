@@ -179,6 +179,7 @@ impl App {
             tokens.clone(),
             auth,
             serving.clone(),
+            settings.server.max_header_bytes,
         ));
         let limits = ListenerLimits {
             max_header_bytes: settings.server.max_header_bytes,

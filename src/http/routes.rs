@@ -168,10 +168,10 @@ impl ConsentRoutes {
         B: hyper::body::Body,
         B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
     {
-        if header_bytes(request.headers()) > self.limits.max_header_bytes {
-            return Ok(body::empty_response(
-                StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
-            ));
+        if let Some(too_large) =
+            body::headers_too_large(request.headers(), self.limits.max_header_bytes)
+        {
+            return Ok(too_large);
         }
         let Some(segment) = consent_path_segment(request.uri().path()) else {
             return self.other_route(request, peer, deadline, outcome).await;
@@ -398,13 +398,6 @@ fn method_label(method: &Method) -> &'static str {
         Method::HEAD => "HEAD",
         _ => "other",
     }
-}
-
-fn header_bytes(headers: &HeaderMap) -> usize {
-    headers
-        .iter()
-        .map(|(name, value)| name.as_str().len() + value.len() + 4)
-        .sum()
 }
 
 /// A PUT body must be JSON when its type is declared at all.

@@ -535,6 +535,31 @@ async fn oversized_headers_are_431_and_not_forwarded() {
 }
 
 #[tokio::test]
+async fn the_admin_listener_refuses_oversized_headers_too() {
+    // The default max_header_bytes (16,384): a 30,000-byte header, within what hyper's own
+    // read buffer lets through, is 431 on the admin listener as on the consent listener.
+    let h = Harness::start().await;
+    for (path, size) in [("/healthz", 30_000), ("/metrics", 17_000)] {
+        let request = format!(
+            "GET {path} HTTP/1.1\r\nHost: admin\r\nX-Big: {}\r\nConnection: close\r\n\r\n",
+            "b".repeat(size)
+        );
+        let answer = exchange(h.proxy.admin_addr, request.as_bytes())
+            .await
+            .expect("an answer");
+        assert_eq!(answer.status, 431, "{path} with {size} bytes of header");
+    }
+    let request = format!(
+        "GET /healthz HTTP/1.1\r\nHost: admin\r\nX-Big: {}\r\nConnection: close\r\n\r\n",
+        "b".repeat(16_000)
+    );
+    let answer = exchange(h.proxy.admin_addr, request.as_bytes())
+        .await
+        .expect("an answer");
+    assert_eq!(answer.status, 200, "within the limit");
+}
+
+#[tokio::test]
 async fn conflicting_content_length_and_transfer_encoding_never_smuggle_a_request() {
     let h = Harness::start().await;
     h.wait_ready().await;
