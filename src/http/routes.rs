@@ -21,7 +21,7 @@ use crate::error::{ErrorChain, FieldProblem, ProxyError};
 use crate::http::token_endpoint::{Refusal, TokenEndpoint};
 use crate::metrics::status_label;
 use crate::metrics::HttpMetrics;
-use crate::service::ConsentService;
+use crate::service::{ConsentService, WriteTask};
 use crate::upstream::client::LastAttempt;
 use crate::wire::body::{self, Body, ReadBodyError};
 use crate::wire::oauth::TOKEN_PATH;
@@ -44,11 +44,18 @@ pub struct RouteLimits {
     pub request_timeout: Duration,
 }
 
+/// The status a request is counted and logged with when its caller hung up before the answer
+/// while its write was upstream (nginx's "client closed request"): the write is seen through
+/// to its end, then recorded with this status and upstream's real outcome.
+pub const CLIENT_CLOSED_REQUEST: StatusCode = match StatusCode::from_u16(499) {
+    Ok(status) => status,
+    Err(_) => panic!("499 is a valid status code"),
+};
+
 pub struct ConsentRoutes {
     service: ConsentService,
     auth: Arc<Authenticator>,
-    metrics: HttpMetrics,
-    hot: HotSeries,
+    recorder: Arc<Recorder>,
     limits: RouteLimits,
     /// `None` when `oauth.enabled = false`.
     token_endpoint: Option<TokenEndpoint>,
@@ -90,6 +97,14 @@ impl HotSeries {
     }
 }
 
+/// Counts and logs answered requests: kept apart from [`ConsentRoutes`] so that a write whose
+/// caller hung up can be recorded from its own task when it ends.
+struct Recorder {
+    auth: Arc<Authenticator>,
+    metrics: HttpMetrics,
+    hot: HotSeries,
+}
+
 /// What the access log and metrics need to know about a handled request.
 #[derive(Default)]
 struct Outcome {
@@ -103,6 +118,49 @@ struct Outcome {
     upstream: Option<LastAttempt>,
     /// Why the token endpoint granted no token.
     token_refusal: Option<Refusal>,
+    /// A write sent on its way whose answer the request has not had yet.
+    write: Option<WriteTask>,
+    /// The caller hung up before its write's answer.
+    hung_up: bool,
+}
+
+/// A request being handled, recorded once answered. Dropped unanswered (its caller hung up)
+/// while its write is upstream, it leaves a task that records the write when it ends; any
+/// other request dropped unanswered never reached upstream, or only through a fill that
+/// outlives it and answers the requests that wait for it.
+struct InFlight<'a> {
+    recorder: &'a Arc<Recorder>,
+    method: Method,
+    request_id: HeaderValue,
+    started: Instant,
+    outcome: Outcome,
+}
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        let Some(write) = self.outcome.write.take() else {
+            return;
+        };
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        let recorder = self.recorder.clone();
+        let method = self.method.clone();
+        let request_id = self.request_id.clone();
+        let started = self.started;
+        let mut outcome = std::mem::take(&mut self.outcome);
+        runtime.spawn(async move {
+            outcome.error = write.await.err();
+            outcome.hung_up = true;
+            recorder.record(
+                &method,
+                CLIENT_CLOSED_REQUEST,
+                &outcome,
+                &request_id,
+                started,
+            );
+        });
+    }
 }
 
 impl ConsentRoutes {
@@ -113,12 +171,15 @@ impl ConsentRoutes {
         limits: RouteLimits,
         token_endpoint: Option<TokenEndpoint>,
     ) -> Self {
-        let hot = HotSeries::new(auth.client_names().count());
+        let recorder = Arc::new(Recorder {
+            hot: HotSeries::new(auth.client_names().count()),
+            auth: auth.clone(),
+            metrics,
+        });
         ConsentRoutes {
             service,
             auth,
-            metrics,
-            hot,
+            recorder,
             limits,
             token_endpoint,
         }
@@ -126,32 +187,50 @@ impl ConsentRoutes {
 
     /// Handles one request from `peer`. Generic over the body so benchmarks can drive the
     /// handler in-process; the server passes hyper's `Incoming`.
-    pub async fn handle<B>(&self, request: Request<B>, peer: SocketAddr) -> Response<Body>
+    pub async fn handle<B>(&self, http_request: Request<B>, peer: SocketAddr) -> Response<Body>
     where
         B: hyper::body::Body,
         B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
     {
         let started = Instant::now();
         let deadline = started + self.limits.request_timeout;
-        let request_id = request_id_of(request.headers());
-        let method = request.method().clone();
-        let mut outcome = Outcome {
-            route: "other",
-            ..Outcome::default()
+        let mut request = InFlight {
+            recorder: &self.recorder,
+            request_id: request_id_of(http_request.headers()),
+            method: http_request.method().clone(),
+            started,
+            outcome: Outcome {
+                route: "other",
+                ..Outcome::default()
+            },
         };
+        let InFlight {
+            request_id,
+            outcome,
+            ..
+        } = &mut request;
 
         let mut response = match tokio::time::timeout_at(
             deadline,
-            self.route(request, peer, &request_id, deadline, &mut outcome),
+            self.route(http_request, peer, request_id, deadline, outcome),
         )
         .await
         {
             Ok(Ok(response)) => response,
-            Ok(Err(error)) => error_response(&mut outcome, error),
-            Err(_) => error_response(&mut outcome, ProxyError::UpstreamTimeout),
+            Ok(Err(error)) => error_response(outcome, error),
+            Err(_) => error_response(outcome, ProxyError::UpstreamTimeout),
         };
-        self.record(&method, &response, &outcome, &request_id, started);
+        // Answered: a write still running (past the deadline) is not this request's to record.
+        outcome.write = None;
+        self.recorder.record(
+            &request.method,
+            response.status(),
+            &request.outcome,
+            &request.request_id,
+            started,
+        );
         // Moved, not cloned: cloning a new id's bytes would allocate a shared copy.
+        let request_id = std::mem::replace(&mut request.request_id, HeaderValue::from_static(""));
         response.headers_mut().insert(X_REQUEST_ID, request_id);
         response
     }
@@ -243,11 +322,16 @@ impl ConsentRoutes {
                     .collect(),
                 message: e.message,
             })?;
-            let answer = self
-                .service
-                .write(&contact, status, request_id, deadline, upstream)
-                .await?;
-            Ok(answer_response(answer))
+            let write = outcome.write.insert(self.service.write(
+                &contact,
+                status,
+                request_id,
+                deadline,
+                upstream,
+            ));
+            let answer = write.await;
+            outcome.write = None;
+            Ok(answer_response(answer?))
         }
     }
 
@@ -301,10 +385,13 @@ impl ConsentRoutes {
         }
     }
 
+}
+
+impl Recorder {
     fn record(
         &self,
         method: &Method,
-        response: &Response<Body>,
+        status: StatusCode,
         outcome: &Outcome,
         request_id: &HeaderValue,
         started: Instant,
@@ -312,7 +399,6 @@ impl ConsentRoutes {
         let elapsed = started.elapsed();
         let method_label = method_label(method);
         let client = self.auth.client_name(outcome.caller.as_ref());
-        let status = response.status();
         let requests_labels = [outcome.route, method_label, status_label(status), client];
         let duration_labels = [outcome.route, method_label];
         let hot = &self.hot;
@@ -362,6 +448,11 @@ impl ConsentRoutes {
                     .as_ref()
                     .map(|e| ErrorChain(e).to_string())
                     .or_else(|| outcome.token_refusal.as_ref().map(Refusal::to_string))
+                    .or_else(|| {
+                        outcome
+                            .hung_up
+                            .then(|| "the caller hung up before the answer".to_owned())
+                    })
                     .as_deref()
                     .unwrap_or("-"),
                 duration_us = elapsed.as_micros() as u64,

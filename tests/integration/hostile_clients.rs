@@ -9,7 +9,7 @@ use std::time::Duration;
 use crate::support::raw_http::{content_length, head_end};
 use crate::support::*;
 use consent_proxy::consent::ConsentStatus;
-use consent_proxy::simulator::Simulator;
+use consent_proxy::simulator::{Fault, SimRoute, Simulator};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::sync::mpsc;
@@ -557,6 +557,51 @@ async fn the_admin_listener_refuses_oversized_headers_too() {
         .await
         .expect("an answer");
     assert_eq!(answer.status, 200, "within the limit");
+}
+
+#[tokio::test]
+async fn a_put_whose_caller_hung_up_is_still_logged_and_counted() {
+    let h = Harness::start().await;
+    h.wait_ready().await;
+    let contact = "+15553000077";
+    // Upstream holds the write long enough for the caller to give up on it.
+    h.sim.inject(
+        SimRoute::Put,
+        Fault::Delay(Duration::from_millis(1500)),
+        1,
+    );
+    let body = r#"{"status":"CONSENTED"}"#;
+    let request = format!(
+        "PUT {} HTTP/1.1\r\nHost: proxy\r\nX-API-Key: {RW_KEY}\r\n\
+         Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        consent_path(contact),
+        body.len()
+    );
+    let mut caller = TcpStream::connect(h.proxy.listen_addr).await.unwrap();
+    caller.write_all(request.as_bytes()).await.unwrap();
+    wait_until(Duration::from_secs(5), || async {
+        h.sim.puts_for(contact) == 1
+    })
+    .await;
+    drop(caller);
+
+    // Counted once the write ends, as 499 under its client, with upstream's outcome applied.
+    let hung_up = r#"consent_proxy_requests_total{client="rw",code="499",method="PUT",route="consent"}"#;
+    wait_until(Duration::from_secs(10), || async {
+        h.metric(hung_up).await == 1.0
+    })
+    .await;
+    assert_eq!(
+        h.metric(r#"consent_proxy_consent_writes_total{status="CONSENTED"}"#)
+            .await,
+        1.0
+    );
+    assert_eq!(h.sim.stored_status(contact), Some(ConsentStatus::Consented));
+    let read = h.get(contact).await;
+    assert_eq!(
+        (read.status, read.status_field().as_str()),
+        (200, "CONSENTED")
+    );
 }
 
 #[tokio::test]
