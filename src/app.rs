@@ -168,6 +168,7 @@ impl App {
                 max_body_bytes: settings.server.max_body_bytes,
                 max_header_bytes: settings.server.max_header_bytes,
                 request_timeout: settings.server.request_timeout,
+                trusted_proxies: settings.server.trusted_proxies.clone(),
             },
             token_endpoint,
         ));

@@ -4,7 +4,7 @@
 //! token endpoint (`POST /oauth/token`) is served here too: its request is read here, its
 //! answer decided by [`TokenEndpoint`].
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
@@ -13,7 +13,7 @@ use http::{header, HeaderMap, HeaderName, HeaderValue, Method, Request, Response
 use prometheus::{Histogram, IntCounter};
 use tokio::time::Instant;
 
-use crate::auth::{Authenticator, Caller, Permission};
+use crate::auth::{self, Authenticator, Caller, Permission};
 use crate::cache::CacheStatus;
 use crate::consent::ConsentAnswer;
 use crate::consent::{consent_path_segment, parse_consent_body, ContactId};
@@ -24,6 +24,7 @@ use crate::metrics::HttpMetrics;
 use crate::service::{ConsentService, WriteTask};
 use crate::upstream::client::LastAttempt;
 use crate::wire::body::{self, Body, ReadBodyError};
+use crate::wire::forwarded::TrustedProxies;
 use crate::wire::oauth::TOKEN_PATH;
 use crate::wire::request_id::{request_id_of, X_REQUEST_ID};
 
@@ -36,12 +37,15 @@ pub const STALE_WARNING: &str = r#"111 consent-proxy "Revalidation Failed""#;
 /// On a `HIT` answered from the cluster's shared tier (Redis), not from this instance's cache.
 const X_CACHE_TIER: HeaderName = HeaderName::from_static("x-cache-tier");
 
-/// Limits the HTTP layer enforces itself.
+/// Limits the HTTP layer enforces itself, and whom it believes about callers' addresses.
 #[derive(Debug, Clone)]
 pub struct RouteLimits {
     pub max_body_bytes: usize,
     pub max_header_bytes: usize,
     pub request_timeout: Duration,
+    /// `server.trusted_proxies`: the caller's address (throttles, access log) is the one they
+    /// forward for.
+    pub trusted_proxies: TrustedProxies,
 }
 
 /// The status a request is counted and logged with when its caller hung up before the answer
@@ -109,6 +113,8 @@ struct Recorder {
 #[derive(Default)]
 struct Outcome {
     route: &'static str,
+    /// The caller's address (the peer's, or the one a trusted proxy forwarded for).
+    address: Option<IpAddr>,
     contact: Option<ContactId>,
     caller: Option<Caller>,
     cache_status: Option<CacheStatus>,
@@ -171,6 +177,15 @@ impl ConsentRoutes {
         limits: RouteLimits,
         token_endpoint: Option<TokenEndpoint>,
     ) -> Self {
+        // Every series shown from the start, so that a rate over them is defined at once.
+        for reason in auth::FAILURE_REASONS {
+            metrics.auth_failures.with_label_values(&["consent", reason]);
+        }
+        if token_endpoint.is_some() {
+            for reason in Refusal::AUTH_FAILURE_REASONS {
+                metrics.auth_failures.with_label_values(&["other", reason]);
+            }
+        }
         let recorder = Arc::new(Recorder {
             hot: HotSeries::new(auth.client_names().count()),
             auth: auth.clone(),
@@ -194,6 +209,10 @@ impl ConsentRoutes {
     {
         let started = Instant::now();
         let deadline = started + self.limits.request_timeout;
+        let address = self
+            .limits
+            .trusted_proxies
+            .client_address(peer.ip(), http_request.headers());
         let mut request = InFlight {
             recorder: &self.recorder,
             request_id: request_id_of(http_request.headers()),
@@ -201,6 +220,7 @@ impl ConsentRoutes {
             started,
             outcome: Outcome {
                 route: "other",
+                address: Some(address),
                 ..Outcome::default()
             },
         };
@@ -212,7 +232,7 @@ impl ConsentRoutes {
 
         let mut response = match tokio::time::timeout_at(
             deadline,
-            self.route(http_request, peer, request_id, deadline, outcome),
+            self.route(http_request, address, request_id, deadline, outcome),
         )
         .await
         {
@@ -238,7 +258,7 @@ impl ConsentRoutes {
     async fn route<B>(
         &self,
         request: Request<B>,
-        peer: SocketAddr,
+        address: IpAddr,
         request_id: &HeaderValue,
         deadline: Instant,
         outcome: &mut Outcome,
@@ -253,7 +273,7 @@ impl ConsentRoutes {
             return Ok(too_large);
         }
         let Some(segment) = consent_path_segment(request.uri().path()) else {
-            return self.other_route(request, peer, deadline, outcome).await;
+            return self.other_route(request, address, deadline, outcome).await;
         };
         outcome.route = "consent";
         let needed = match *request.method() {
@@ -269,7 +289,9 @@ impl ConsentRoutes {
             }
         };
         // Counted under the caller's name also when it lacks the permission (403).
-        let caller = self.auth.authenticate(request.headers())?;
+        let caller =
+            self.auth
+                .authenticate_from(request.headers(), address, std::time::Instant::now())?;
         outcome.caller = Some(caller);
         caller.require(needed)?;
         let contact = ContactId::from_path_segment(segment).ok_or(ProxyError::InvalidContactId)?;
@@ -339,7 +361,7 @@ impl ConsentRoutes {
     async fn other_route<B>(
         &self,
         request: Request<B>,
-        peer: SocketAddr,
+        address: IpAddr,
         deadline: Instant,
         outcome: &mut Outcome,
     ) -> Result<Response<Body>, ProxyError>
@@ -356,7 +378,7 @@ impl ConsentRoutes {
         }
         let (parts, body) = request.into_parts();
         let body = self.read_body(body, deadline).await?;
-        let answer = endpoint.answer(&parts.headers, &body, peer.ip());
+        let answer = endpoint.answer(&parts.headers, &body, address);
         outcome.caller = answer.caller;
         outcome.token_refusal = answer.refusal;
         Ok(answer.response)
@@ -425,6 +447,19 @@ impl Recorder {
             ("consent", &Method::PUT) => Some(&hot.duration[1]),
             _ => None,
         };
+        let auth_failure = match outcome.route {
+            "consent" => outcome.error.as_ref().and_then(auth::failure_reason),
+            _ => outcome
+                .token_refusal
+                .as_ref()
+                .and_then(Refusal::auth_failure_reason),
+        };
+        if let Some(reason) = auth_failure {
+            self.metrics
+                .auth_failures
+                .with_label_values(&[outcome.route, reason])
+                .inc();
+        }
         let duration = || self.metrics.duration.with_label_values(&duration_labels);
         match hot_duration {
             Some(series) => series.get_or_init(duration).observe(elapsed.as_secs_f64()),
@@ -436,6 +471,7 @@ impl Recorder {
             tracing::info!(
                 request_id = request_id.to_str().unwrap_or("-"),
                 client,
+                address = outcome.address.map(tracing::field::display),
                 method = method_label,
                 route = outcome.route,
                 contact = contact.as_deref().unwrap_or("-"),

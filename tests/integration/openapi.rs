@@ -612,6 +612,10 @@ fn every_proxy_error() -> Vec<ProxyError> {
             }],
         },
         ProxyError::Unauthorized,
+        ProxyError::MissingCredentials,
+        ProxyError::TooManyAttempts {
+            retry_after: std::time::Duration::from_secs(30),
+        },
         ProxyError::InvalidToken("access token expired".into()),
         ProxyError::Forbidden("write"),
         ProxyError::NotFound,
@@ -634,6 +638,8 @@ fn every_proxy_error() -> Vec<ProxyError> {
             ProxyError::InvalidContactId
             | ProxyError::InvalidBody { .. }
             | ProxyError::Unauthorized
+            | ProxyError::MissingCredentials
+            | ProxyError::TooManyAttempts { .. }
             | ProxyError::InvalidToken(_)
             | ProxyError::Forbidden(_)
             | ProxyError::NotFound
