@@ -481,6 +481,7 @@ fn check_documented(ex: &Exchange<'_>) -> Result<(), String> {
 
 async fn call(
     h: &Harness,
+    from: &TestClient,
     listener: Listener,
     method: Method,
     path: &str,
@@ -491,8 +492,7 @@ async fn call(
         Listener::Consent => h.proxy.url(),
         Listener::Admin => h.proxy.admin_url(),
     };
-    h.http
-        .send(method, &format!("{base}{path}"), headers, body)
+    from.send(method, &format!("{base}{path}"), headers, body)
         .await
 }
 
@@ -508,8 +508,29 @@ async fn expect(
     status: u16,
     origin: Origin,
 ) -> TestResponse {
+    expect_from(
+        h, &h.http, listener, method, path, headers, body, status, origin,
+    )
+    .await
+}
+
+/// [`expect`] from another client (another source address: failed authentications are
+/// throttled per address, and some scenarios fail more than ten times).
+#[allow(clippy::too_many_arguments)]
+async fn expect_from(
+    h: &Harness,
+    from: &TestClient,
+    listener: Listener,
+    method: Method,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: Option<&str>,
+    status: u16,
+    origin: Origin,
+) -> TestResponse {
     let response = call(
         h,
+        from,
         listener,
         method.clone(),
         path,
@@ -1019,21 +1040,27 @@ async fn consent_errors_made_by_the_proxy_are_documented() {
     .await;
     assert_eq!(extra.json()["fields"][0]["name"], "extra");
 
-    // 401: none, wrong, malformed; WWW-Authenticate is required by the spec.
+    // 401: none, wrong, malformed; WWW-Authenticate is required by the spec. Each from its own
+    // address: together they are more failures than one address may make in a minute.
     let wrong_basic = basic("ops", RW_KEY);
-    for headers in [
+    for (i, headers) in [
         vec![],
         vec![("x-api-key", "wrong-key-0123456789")],
         vec![("authorization", "Bearer wrong-key-0123456789")],
         vec![("authorization", wrong_basic.as_str())],
         vec![("authorization", "Basic %%%")],
         vec![("authorization", "Token abc")],
-    ] {
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let from = TestClient::from_address(std::net::Ipv4Addr::new(127, 0, 2, i as u8 + 1).into());
         let mut put_headers = headers.clone();
         put_headers.push(JSON);
-        expect(&h, C, Method::GET, &ok, &headers, None, 401, P).await;
-        expect(
+        expect_from(&h, &from, C, Method::GET, &ok, &headers, None, 401, P).await;
+        expect_from(
             &h,
+            &from,
             C,
             Method::PUT,
             &ok,
@@ -1568,8 +1595,10 @@ async fn token_endpoint_answers_are_documented() {
     .await;
     assert_eq!(r.json()["error"], "invalid_scope");
 
-    // 401 invalid_client: none, wrong, unknown, malformed (from another address than the
-    // throttle test's, but still fewer than ten failures).
+    // 401 invalid_client: none, wrong, unknown, malformed (from an address of their own: with
+    // the five below they make the ten failures that throttle it, and the tokens must still
+    // work from this test's usual address afterwards).
+    let guesser = TestClient::from_address(std::net::Ipv4Addr::new(127, 0, 3, 1).into());
     let wrong = basic("rw", "wrong-key-0123456789");
     let unknown = basic("nobody", RW_KEY);
     for headers in [
@@ -1579,8 +1608,9 @@ async fn token_endpoint_answers_are_documented() {
         vec![("authorization", "Basic %%%"), FORM],
         vec![("authorization", "Bearer abc"), FORM],
     ] {
-        let r = expect(
+        let r = expect_from(
             &h,
+            &guesser,
             C,
             Method::POST,
             token_path,
@@ -1625,8 +1655,9 @@ async fn token_endpoint_answers_are_documented() {
 
     // 429 with Retry-After: five more failures make ten; the eleventh attempt is throttled.
     for _ in 0..5 {
-        expect(
+        expect_from(
             &h,
+            &guesser,
             C,
             Method::POST,
             token_path,
@@ -1637,8 +1668,9 @@ async fn token_endpoint_answers_are_documented() {
         )
         .await;
     }
-    let r = expect(
+    let r = expect_from(
         &h,
+        &guesser,
         C,
         Method::POST,
         token_path,

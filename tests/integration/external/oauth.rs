@@ -866,7 +866,8 @@ async fn failed_client_authentications_are_throttled_per_address_and_per_name() 
         ),
         2.0
     );
-    // Keys (and tokens) are not throttled: the brake is on the token endpoint only.
+    // The throttle is per address and name: this test's own address, which failed nothing,
+    // still reads with its key.
     h.wait_ready().await;
     assert_eq!(h.get("+15557700001").await.status, 404);
 }
