@@ -186,6 +186,8 @@ impl App {
             max_header_bytes: settings.server.max_header_bytes,
             header_read_timeout: settings.server.header_read_timeout,
             idle_timeout: settings.server.idle_timeout,
+            // An answer may take as long to be taken as a request's head may take to come.
+            answer_timeout: settings.server.request_timeout + settings.server.header_read_timeout,
             max_connections: settings.server.max_connections,
         };
         let grace = settings.server.shutdown_grace;

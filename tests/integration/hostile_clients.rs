@@ -328,6 +328,102 @@ async fn an_idle_h2_connection_gives_up_its_slot_at_the_idle_timeout() {
         .expect("closed with GOAWAY, not torn down");
 }
 
+/// HTTP/2 readers that never open their flow-control window (SETTINGS_INITIAL_WINDOW_SIZE = 0)
+/// and ask once each, as many as `max_connections`: the answers they never take are reset at
+/// the answer timeout (request + header read timeouts), their connections close once idle,
+/// and a caller waiting behind them is served.
+#[tokio::test]
+async fn h2_readers_that_never_open_their_window_give_their_slots_back() {
+    let h = Harness::start_seeded("+15553000008", ConsentStatus::Refused, |c| {
+        c.set("server.max_connections", "4")
+            .set("server.request_timeout_ms", "500")
+            .set("server.header_read_timeout_ms", "500")
+            .set("server.idle_timeout_ms", "300");
+    })
+    .await;
+    let addr = h.proxy.listen_addr;
+    let path = consent_path("%2B15553000008");
+    let mut readers = Vec::new();
+    for _ in 0..4 {
+        let tcp = TcpStream::connect(addr).await.unwrap();
+        let (client, connection) = h2::client::Builder::new()
+            .initial_window_size(0)
+            .handshake::<_, bytes::Bytes>(tcp)
+            .await
+            .expect("h2 handshake");
+        let connection = tokio::spawn(connection);
+        let mut client = client.ready().await.expect("ready");
+        let request = http::Request::get(format!("http://proxy{path}"))
+            .header("x-api-key", RW_KEY)
+            .body(())
+            .unwrap();
+        let (response, _) = client.send_request(request, true).expect("sent");
+        // The head gets through (HEADERS are not flow-controlled); the body cannot.
+        let response = response.await.expect("an answer's head");
+        assert_eq!(response.status(), 200);
+        readers.push((response.into_body(), connection, client));
+    }
+    let mut waiting = RawConn::connect(addr).await;
+    waiting.send(get_request(&path).as_bytes()).await.unwrap();
+    let served = timeout(Duration::from_secs(10), waiting.response())
+        .await
+        .expect("the waiting caller is served once the slow readers' slots are back")
+        .expect("an answer");
+    assert_eq!(served.status, 200, "{}", served.text());
+    for (mut body, connection, _client) in readers {
+        let ended = timeout(Duration::from_secs(5), body.data())
+            .await
+            .expect("the answer never taken has ended");
+        match ended {
+            Some(Err(error)) => assert_eq!(
+                error.reason(),
+                Some(h2::Reason::CANCEL),
+                "the stream is reset: {error}"
+            ),
+            other => panic!("the stream should have been reset, got {other:?}"),
+        }
+        timeout(Duration::from_secs(5), connection)
+            .await
+            .expect("the slow reader's connection is closed")
+            .expect("connection task")
+            .ok();
+    }
+}
+
+/// An HTTP/1.1 client that pipelines many requests and never reads keeps its answers from
+/// being written (its receive window is tiny): once idle, its connection is asked to close
+/// and, since the answer in progress can never be written, it is cut off at the answer
+/// timeout, giving its slot back.
+#[tokio::test]
+async fn an_http1_connection_that_never_takes_its_answers_is_cut_off() {
+    let h = Harness::start_seeded("+15553000009", ConsentStatus::Refused, |c| {
+        c.set("server.max_connections", "1")
+            .set("server.request_timeout_ms", "500")
+            .set("server.header_read_timeout_ms", "500")
+            .set("server.idle_timeout_ms", "300");
+    })
+    .await;
+    let addr = h.proxy.listen_addr;
+    let path = consent_path("%2B15553000009");
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.set_recv_buffer_size(4096).unwrap();
+    let mut stuck = socket.connect(addr).await.unwrap();
+    let pipelined = get_request(&path).repeat(30_000);
+    // Written from its own task: the proxy stops reading once it cannot write.
+    let writer = tokio::spawn(async move {
+        let _ = stuck.write_all(pipelined.as_bytes()).await;
+        stuck
+    });
+    let mut waiting = RawConn::connect(addr).await;
+    waiting.send(get_request(&path).as_bytes()).await.unwrap();
+    let served = timeout(Duration::from_secs(10), waiting.response())
+        .await
+        .expect("the waiting caller is served once the stuck connection is cut off")
+        .expect("an answer");
+    assert_eq!(served.status, 200, "{}", served.text());
+    drop(writer);
+}
+
 /// The idle clock runs only while no request is in progress: a request slower than the idle
 /// timeout is answered, and the kept-alive HTTP/1.1 connection is closed once idle.
 #[tokio::test]
