@@ -86,6 +86,8 @@ impl App {
         let (listener, listen_addr) = listen("server.listen", settings.server.listen, backlog)?;
         let (admin_listener, admin_addr) =
             listen("server.admin_listen", settings.server.admin_listen, backlog)?;
+        // Before the first connection can come: a burst must not wait while the table grows.
+        server::reserve_descriptors(&listener, settings.server.max_connections);
 
         let registry = metrics::new_registry();
         let (shutdown, shutdown_rx) = watch::channel(false);

@@ -33,6 +33,10 @@ use crate::wire::body::Body;
 /// hyper's smallest allowed HTTP/1 read buffer.
 const MIN_HTTP1_BUFFER: usize = 8192;
 
+/// Descriptors reserved beyond a listener's `max_connections`: the other listener, upstream
+/// and Redis connections, files.
+const DESCRIPTOR_HEADROOM: usize = 1024;
+
 /// How a listener treats its connections.
 #[derive(Debug, Clone)]
 pub struct ListenerLimits {
@@ -381,6 +385,33 @@ fn connection_builder(limits: &ListenerLimits) -> auto::Builder<StreamDeadline> 
         .timer(TokioTimer::new())
         .max_header_list_size(u32::try_from(limits.max_header_bytes).unwrap_or(u32::MAX));
     builder
+}
+
+/// Grows the process's descriptor table now to hold `connections` descriptors and some
+/// headroom (below the soft `RLIMIT_NOFILE`), so that the first burst of new connections does not grow it. Linux grows
+/// the table by doubling as descriptors are opened (64, 256, 512, 1024, ...), and in a
+/// multi-threaded process each growth waits inside `accept()` for an RCU grace period
+/// (milliseconds, tens under load): a fresh proxy stalled at its 256th, 512th and 1024th
+/// connection while the accept queue overflowed and the kernel dropped SYNs (those clients wait
+/// a second for their retransmit). The table never shrinks, so a later burst never paid it.
+/// Opening one descriptor at the top (a duplicate of the listener's, closed at once) grows it
+/// once, here, before any caller waits: call it before saying the listener is up.
+pub fn reserve_descriptors(listener: &TcpListener, connections: usize) {
+    let count = connections.saturating_add(DESCRIPTOR_HEADROOM);
+    #[cfg(target_os = "linux")]
+    {
+        use rustix::process::{getrlimit, Resource};
+        let soft_limit = getrlimit(Resource::Nofile).current.unwrap_or(u64::MAX);
+        let highest = (count as u64).min(soft_limit.saturating_sub(1));
+        let Ok(highest) = i32::try_from(highest) else {
+            return;
+        };
+        if let Err(err) = rustix::io::fcntl_dupfd_cloexec(listener, highest) {
+            tracing::debug!(error = %err, highest, "could not grow the descriptor table");
+        }
+    }
+    #[cfg(not(target_os = "linux"))]
+    let _ = (listener, count);
 }
 
 /// Binds a listener with an accept queue of `backlog` connections (std's default is 128,

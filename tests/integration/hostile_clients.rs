@@ -487,6 +487,143 @@ async fn a_burst_of_1500_connections_is_accepted_without_syn_drops() {
     );
 }
 
+/// A fresh process takes its first burst of new connections without SYN drops. Linux grows a
+/// process's descriptor table by doubling as descriptors are opened, and in a multi-threaded
+/// process each growth (at the 256th, 512th, 1024th descriptor) stalls `accept()` for an RCU
+/// grace period: the accept queue overflowed on a fresh proxy's first burst, never on a later
+/// one. The proxy grows the table at start (its size shows in `/proc/<pid>/status`), and a
+/// burst issued back to back right after start (every connect sent before any completes) is
+/// accepted with none waiting for a SYN retransmit.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fresh_process_takes_its_first_burst_without_syn_drops() {
+    const MAX_CONNECTIONS: u64 = 2000;
+    const BURST: usize = 1500;
+    let sim = start_simulator().await;
+    let mut config = ProxyConfig::for_simulator(&sim);
+    config
+        .set("server.max_connections", &MAX_CONNECTIONS.to_string())
+        .set_str("log.level", "info");
+    let proxy = FreshProxy::start(&config.to_toml());
+
+    // The table holds max_connections descriptors before the first connection (or as many as
+    // the soft RLIMIT_NOFILE allows, which the child inherits).
+    let soft_limit = open_files_soft_limit();
+    let status = std::fs::read_to_string(format!("/proc/{}/status", proxy.child.id()))
+        .expect("the proxy's /proc status");
+    let table: u64 = status
+        .lines()
+        .find_map(|line| line.strip_prefix("FDSize:"))
+        .and_then(|size| size.trim().parse().ok())
+        .expect("FDSize in /proc status");
+    assert!(
+        table >= MAX_CONNECTIONS.min(soft_limit),
+        "descriptor table of {table} at start, below max_connections {MAX_CONNECTIONS}"
+    );
+
+    // Every connect issued before any is awaited: one tight loop of connect() calls.
+    let started = Instant::now();
+    let mut connects: Vec<_> = (0..BURST)
+        .map(|_| Box::pin(TcpStream::connect(proxy.addr)))
+        .collect();
+    let mut took: Vec<Option<Duration>> = vec![None; BURST];
+    let mut streams = Vec::with_capacity(BURST);
+    std::future::poll_fn(|cx| {
+        for (connect, took) in connects.iter_mut().zip(took.iter_mut()) {
+            if took.is_none() {
+                if let std::task::Poll::Ready(result) = std::future::Future::poll(connect.as_mut(), cx) {
+                    *took = Some(started.elapsed());
+                    streams.push(result.expect("connect"));
+                }
+            }
+        }
+        if took.iter().all(Option::is_some) {
+            std::task::Poll::Ready(())
+        } else {
+            std::task::Poll::Pending
+        }
+    })
+    .await;
+    let slowest = took.into_iter().flatten().max().unwrap_or_default();
+    assert!(
+        slowest < Duration::from_millis(900),
+        "the slowest of {BURST} connects took {slowest:?}: SYNs were dropped"
+    );
+    drop(streams);
+}
+
+/// The soft limit on open files this process (and so its children) runs with.
+fn open_files_soft_limit() -> u64 {
+    std::fs::read_to_string("/proc/self/limits")
+        .ok()
+        .and_then(|limits| {
+            limits
+                .lines()
+                .find(|line| line.starts_with("Max open files"))
+                .and_then(|line| line.split_whitespace().nth(3))
+                .and_then(|soft| soft.parse().ok())
+        })
+        .unwrap_or(u64::MAX)
+}
+
+/// The proxy binary started afresh, killed when dropped.
+struct FreshProxy {
+    child: std::process::Child,
+    addr: SocketAddr,
+    _config_file: crate::support::temp_file::TempFile,
+}
+
+impl FreshProxy {
+    fn start(config_toml: &str) -> FreshProxy {
+        use std::io::BufRead;
+        let config_file = crate::support::temp_file::TempFile::new("fresh.toml", config_toml);
+        let mut child = without_proxy_env(&mut std::process::Command::new(env!(
+            "CARGO_BIN_EXE_consent-proxy"
+        )))
+        .arg("serve")
+        .arg("--config")
+        .arg(config_file.path())
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("spawn consent-proxy");
+        let stderr = child.stderr.take().expect("piped stderr");
+        let mut proxy = FreshProxy {
+            child,
+            addr: SocketAddr::from(([127, 0, 0, 1], 0)),
+            _config_file: config_file,
+        };
+        // Its "listening" line names the port it was given (the standard error is read to the
+        // end in a thread of its own, so the proxy never blocks on it).
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for line in std::io::BufReader::new(stderr).lines() {
+                let Ok(line) = line else { break };
+                if line.contains("consent-proxy listening") {
+                    let _ = tx.send(line);
+                }
+            }
+        });
+        let line = rx
+            .recv_timeout(Duration::from_secs(30))
+            .expect("the proxy did not start");
+        let start = line.find("listen_addr=").expect("listen_addr") + "listen_addr=".len();
+        let rest = &line[start..];
+        let end = rest
+            .find(|c: char| !(c.is_ascii_digit() || c == '.' || c == ':'))
+            .unwrap_or(rest.len());
+        proxy.addr = rest[..end].parse().expect("a socket address");
+        proxy
+    }
+}
+
+impl Drop for FreshProxy {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
 /// Runs futures concurrently and collects their outputs in order.
 async fn futures_join<F>(futures: Vec<F>) -> Vec<F::Output>
 where
