@@ -183,7 +183,10 @@ impl Authenticator {
         if let Some(retry_after) = self.throttle.wait(address, name, now) {
             return Err(ProxyError::TooManyAttempts { retry_after });
         }
-        let result = presented.as_ref().map_err(Clone::clone).and_then(|p| self.check(p));
+        let result = presented
+            .as_ref()
+            .map_err(Clone::clone)
+            .and_then(|p| self.check(p));
         if result.is_err() {
             self.throttle.record_failure(address, name, now);
         }

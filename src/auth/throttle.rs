@@ -198,8 +198,14 @@ mod tests {
         }
         let now = start + Duration::from_secs(10);
         assert_eq!(throttle.address_wait(A, now), Some(Duration::from_secs(50)));
-        assert_eq!(throttle.name_wait("ops", now), Some(Duration::from_secs(50)));
-        assert_eq!(throttle.wait(B, Some("ops"), now), Some(Duration::from_secs(50)));
+        assert_eq!(
+            throttle.name_wait("ops", now),
+            Some(Duration::from_secs(50))
+        );
+        assert_eq!(
+            throttle.wait(B, Some("ops"), now),
+            Some(Duration::from_secs(50))
+        );
         // Others are not affected.
         assert_eq!(throttle.address_wait(B, now), None);
         assert_eq!(throttle.name_wait("ivr", now), None);

@@ -63,8 +63,7 @@ impl AdminRoutes {
     }
 
     async fn route(&self, request: &Request<Incoming>, request_id: &HeaderValue) -> Response<Body> {
-        if let Some(too_large) = body::headers_too_large(request.headers(), self.max_header_bytes)
-        {
+        if let Some(too_large) = body::headers_too_large(request.headers(), self.max_header_bytes) {
             return too_large;
         }
         let path = request.uri().path();

@@ -179,7 +179,9 @@ impl ConsentRoutes {
     ) -> Self {
         // Every series shown from the start, so that a rate over them is defined at once.
         for reason in auth::FAILURE_REASONS {
-            metrics.auth_failures.with_label_values(&["consent", reason]);
+            metrics
+                .auth_failures
+                .with_label_values(&["consent", reason]);
         }
         if token_endpoint.is_some() {
             for reason in Refusal::AUTH_FAILURE_REASONS {
@@ -232,7 +234,7 @@ impl ConsentRoutes {
 
         let mut response = match tokio::time::timeout_at(
             deadline,
-            self.route(http_request, address, request_id, deadline, outcome),
+            self.route(http_request, address, request_id, started, outcome),
         )
         .await
         {
@@ -260,13 +262,14 @@ impl ConsentRoutes {
         request: Request<B>,
         address: IpAddr,
         request_id: &HeaderValue,
-        deadline: Instant,
+        started: Instant,
         outcome: &mut Outcome,
     ) -> Result<Response<Body>, ProxyError>
     where
         B: hyper::body::Body,
         B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
     {
+        let deadline = started + self.limits.request_timeout;
         if let Some(too_large) =
             body::headers_too_large(request.headers(), self.limits.max_header_bytes)
         {
@@ -289,9 +292,9 @@ impl ConsentRoutes {
             }
         };
         // Counted under the caller's name also when it lacks the permission (403).
-        let caller =
-            self.auth
-                .authenticate_from(request.headers(), address, std::time::Instant::now())?;
+        let caller = self
+            .auth
+            .authenticate_from(request.headers(), address, started.into_std())?;
         outcome.caller = Some(caller);
         caller.require(needed)?;
         let contact = ContactId::from_path_segment(segment).ok_or(ProxyError::InvalidContactId)?;
@@ -344,13 +347,10 @@ impl ConsentRoutes {
                     .collect(),
                 message: e.message,
             })?;
-            let write = outcome.write.insert(self.service.write(
-                &contact,
-                status,
-                request_id,
-                deadline,
-                upstream,
-            ));
+            let write = outcome.write.insert(
+                self.service
+                    .write(&contact, status, request_id, deadline, upstream),
+            );
             let answer = write.await;
             outcome.write = None;
             Ok(answer_response(answer?))
@@ -406,7 +406,6 @@ impl ConsentRoutes {
             Err(_) => Err(ProxyError::RequestTimeout),
         }
     }
-
 }
 
 impl Recorder {

@@ -239,7 +239,14 @@ mod tests {
         assert!(!v6.contains(ip("2001:db9::1")));
         assert!(Network::parse("0.0.0.0/0").unwrap().contains(ip("8.8.8.8")));
         assert!(Network::parse("::/0").unwrap().contains(ip("2001:db8::1")));
-        for bad in ["10.0.0.0/33", "nope", "10.0.0.1/8", "2001:db8::/129", "10.0.0.0/x", ""] {
+        for bad in [
+            "10.0.0.0/33",
+            "nope",
+            "10.0.0.1/8",
+            "2001:db8::/129",
+            "10.0.0.0/x",
+            "",
+        ] {
             assert!(Network::parse(bad).is_err(), "{bad}");
         }
         assert!(Network::parse("10.0.0.1/8")
@@ -271,10 +278,7 @@ mod tests {
         let balancer = ip("10.0.0.5");
         // The caller forged the first entry; the balancer appended the real one.
         let forged = headers(&[("x-forwarded-for", "1.2.3.4, 203.0.113.9")]);
-        assert_eq!(
-            proxies.client_address(balancer, &forged),
-            ip("203.0.113.9")
-        );
+        assert_eq!(proxies.client_address(balancer, &forged), ip("203.0.113.9"));
         // Two trusted hops: the one the outer balancer named is skipped.
         let chain = headers(&[
             ("x-forwarded-for", "1.2.3.4, 203.0.113.9"),
@@ -288,7 +292,10 @@ mod tests {
         let garbled = headers(&[("x-forwarded-for", "203.0.113.9, garbage, 192.0.2.1")]);
         assert_eq!(proxies.client_address(balancer, &garbled), ip("192.0.2.1"));
         // No header: the balancer itself.
-        assert_eq!(proxies.client_address(balancer, &HeaderMap::new()), balancer);
+        assert_eq!(
+            proxies.client_address(balancer, &HeaderMap::new()),
+            balancer
+        );
         // Ports and brackets.
         let ported = headers(&[("x-forwarded-for", "[2001:db8::7]:4711, 203.0.113.9:80")]);
         assert_eq!(proxies.client_address(balancer, &ported), ip("203.0.113.9"));

@@ -530,7 +530,9 @@ async fn a_fresh_process_takes_its_first_burst_without_syn_drops() {
     std::future::poll_fn(|cx| {
         for (connect, took) in connects.iter_mut().zip(took.iter_mut()) {
             if took.is_none() {
-                if let std::task::Poll::Ready(result) = std::future::Future::poll(connect.as_mut(), cx) {
+                if let std::task::Poll::Ready(result) =
+                    std::future::Future::poll(connect.as_mut(), cx)
+                {
                     *took = Some(started.elapsed());
                     streams.push(result.expect("connect"));
                 }
@@ -798,11 +800,8 @@ async fn a_put_whose_caller_hung_up_is_still_logged_and_counted() {
     h.wait_ready().await;
     let contact = "+15553000077";
     // Upstream holds the write long enough for the caller to give up on it.
-    h.sim.inject(
-        SimRoute::Put,
-        Fault::Delay(Duration::from_millis(1500)),
-        1,
-    );
+    h.sim
+        .inject(SimRoute::Put, Fault::Delay(Duration::from_millis(1500)), 1);
     let body = r#"{"status":"CONSENTED"}"#;
     let request = format!(
         "PUT {} HTTP/1.1\r\nHost: proxy\r\nX-API-Key: {RW_KEY}\r\n\
@@ -819,7 +818,8 @@ async fn a_put_whose_caller_hung_up_is_still_logged_and_counted() {
     drop(caller);
 
     // Counted once the write ends, as 499 under its client, with upstream's outcome applied.
-    let hung_up = r#"consent_proxy_requests_total{client="rw",code="499",method="PUT",route="consent"}"#;
+    let hung_up =
+        r#"consent_proxy_requests_total{client="rw",code="499",method="PUT",route="consent"}"#;
     wait_until(Duration::from_secs(10), || async {
         h.metric(hung_up).await == 1.0
     })

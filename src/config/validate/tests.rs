@@ -630,12 +630,18 @@ fn trusted_proxies_are_addresses_or_networks() {
         r#"trusted_proxies = ["10.0.0.1/8"]"#,
     ));
     assert!(
-        has(&list, "server.trusted_proxies: \"10.0.0.1/8\" has bits set beyond its /8 prefix"),
+        has(
+            &list,
+            "server.trusted_proxies: \"10.0.0.1/8\" has bits set beyond its /8 prefix"
+        ),
         "{list:?}"
     );
     let list = errors(&minimal_with("server", r#"trusted_proxies = ["balancer"]"#));
     assert!(
-        has(&list, "server.trusted_proxies: \"balancer\" is not an IP address or a CIDR network"),
+        has(
+            &list,
+            "server.trusted_proxies: \"balancer\" is not an IP address or a CIDR network"
+        ),
         "{list:?}"
     );
 }
