@@ -13,7 +13,7 @@ use http::{header, HeaderMap, HeaderName, HeaderValue, Method, Request, Response
 use prometheus::{Histogram, IntCounter};
 use tokio::time::Instant;
 
-use crate::auth::{self, Authenticator, Caller, Permission};
+use crate::auth::{self, Authenticator, Permission};
 use crate::cache::CacheStatus;
 use crate::consent::ConsentAnswer;
 use crate::consent::{consent_path_segment, parse_consent_body, ContactId};
@@ -21,8 +21,8 @@ use crate::error::{ErrorChain, FieldProblem, ProxyError};
 use crate::http::token_endpoint::{Refusal, TokenEndpoint};
 use crate::metrics::status_label;
 use crate::metrics::HttpMetrics;
+use crate::request::RequestContext;
 use crate::service::{ConsentService, WriteTask};
-use crate::upstream::client::LastAttempt;
 use crate::wire::body::{self, Body, ReadBodyError};
 use crate::wire::forwarded::TrustedProxies;
 use crate::wire::oauth::TOKEN_PATH;
@@ -109,19 +109,16 @@ struct Recorder {
     hot: HotSeries,
 }
 
-/// What the access log and metrics need to know about a handled request.
+/// What the access log and metrics need to know about a handled request, besides its
+/// context (id, caller, last upstream attempt).
 #[derive(Default)]
 struct Outcome {
     route: &'static str,
     /// The caller's address (the peer's, or the one a trusted proxy forwarded for).
     address: Option<IpAddr>,
     contact: Option<ContactId>,
-    caller: Option<Caller>,
     cache_status: Option<CacheStatus>,
     error: Option<ProxyError>,
-    /// Set once the request may go upstream. Shared with the upstream call and read only
-    /// when logging, so the last attempt shows even when the deadline cut the request short.
-    upstream: Option<LastAttempt>,
     /// Why the token endpoint granted no token.
     token_refusal: Option<Refusal>,
     /// A write sent on its way whose answer the request has not had yet.
@@ -137,8 +134,7 @@ struct Outcome {
 struct InFlight<'a> {
     recorder: &'a Arc<Recorder>,
     method: Method,
-    request_id: HeaderValue,
-    started: Instant,
+    context: RequestContext,
     outcome: Outcome,
 }
 
@@ -152,19 +148,13 @@ impl Drop for InFlight<'_> {
         };
         let recorder = self.recorder.clone();
         let method = self.method.clone();
-        let request_id = self.request_id.clone();
-        let started = self.started;
+        // Shares the last-attempt slot the write reports to.
+        let context = self.context.hand_over();
         let mut outcome = std::mem::take(&mut self.outcome);
         runtime.spawn(async move {
             outcome.error = write.await.err();
             outcome.hung_up = true;
-            recorder.record(
-                &method,
-                CLIENT_CLOSED_REQUEST,
-                &outcome,
-                &request_id,
-                started,
-            );
+            recorder.record(&method, CLIENT_CLOSED_REQUEST, &outcome, &context);
         });
     }
 }
@@ -204,22 +194,24 @@ impl ConsentRoutes {
 
     /// Handles one request from `peer`. Generic over the body so benchmarks can drive the
     /// handler in-process; the server passes hyper's `Incoming`.
-    pub async fn handle<B>(&self, http_request: Request<B>, peer: SocketAddr) -> Response<Body>
+    pub async fn handle<B>(&self, request: Request<B>, peer: SocketAddr) -> Response<Body>
     where
         B: hyper::body::Body,
         B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
     {
         let started = Instant::now();
-        let deadline = started + self.limits.request_timeout;
         let address = self
             .limits
             .trusted_proxies
-            .client_address(peer.ip(), http_request.headers());
-        let mut request = InFlight {
+            .client_address(peer.ip(), request.headers());
+        let mut in_flight = InFlight {
             recorder: &self.recorder,
-            request_id: request_id_of(http_request.headers()),
-            method: http_request.method().clone(),
-            started,
+            method: request.method().clone(),
+            context: RequestContext::new(
+                request_id_of(request.headers()),
+                started,
+                started + self.limits.request_timeout,
+            ),
             outcome: Outcome {
                 route: "other",
                 address: Some(address),
@@ -227,14 +219,12 @@ impl ConsentRoutes {
             },
         };
         let InFlight {
-            request_id,
-            outcome,
-            ..
-        } = &mut request;
+            context, outcome, ..
+        } = &mut in_flight;
 
         let mut response = match tokio::time::timeout_at(
-            deadline,
-            self.route(http_request, address, request_id, started, outcome),
+            context.deadline,
+            self.route(request, address, context, outcome),
         )
         .await
         {
@@ -245,15 +235,14 @@ impl ConsentRoutes {
         // Answered: a write still running (past the deadline) is not this request's to record.
         outcome.write = None;
         self.recorder.record(
-            &request.method,
+            &in_flight.method,
             response.status(),
-            &request.outcome,
-            &request.request_id,
-            started,
+            &in_flight.outcome,
+            &in_flight.context,
         );
         // Moved, not cloned: cloning a new id's bytes would allocate a shared copy.
-        let request_id = std::mem::replace(&mut request.request_id, HeaderValue::from_static(""));
-        response.headers_mut().insert(X_REQUEST_ID, request_id);
+        let id = std::mem::replace(&mut in_flight.context.id, HeaderValue::from_static(""));
+        response.headers_mut().insert(X_REQUEST_ID, id);
         response
     }
 
@@ -261,22 +250,20 @@ impl ConsentRoutes {
         &self,
         request: Request<B>,
         address: IpAddr,
-        request_id: &HeaderValue,
-        started: Instant,
+        context: &mut RequestContext,
         outcome: &mut Outcome,
     ) -> Result<Response<Body>, ProxyError>
     where
         B: hyper::body::Body,
         B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
     {
-        let deadline = started + self.limits.request_timeout;
         if let Some(too_large) =
             body::headers_too_large(request.headers(), self.limits.max_header_bytes)
         {
             return Ok(too_large);
         }
         let Some(segment) = consent_path_segment(request.uri().path()) else {
-            return self.other_route(request, address, deadline, outcome).await;
+            return self.other_route(request, address, context, outcome).await;
         };
         outcome.route = "consent";
         let needed = match *request.method() {
@@ -285,27 +272,24 @@ impl ConsentRoutes {
             _ => {
                 // Counted under the caller's name when its credentials are valid; the 405
                 // itself does not depend on them.
-                outcome.caller = self.auth.authenticate(request.headers()).ok();
+                context.caller = self.auth.authenticate(request.headers()).ok();
                 return Err(ProxyError::MethodNotAllowed {
                     allow: ALLOWED_METHODS,
                 });
             }
         };
-        // Counted under the caller's name also when it lacks the permission (403).
-        let caller = self
-            .auth
-            .authenticate_from(request.headers(), address, started.into_std())?;
-        outcome.caller = Some(caller);
+        // Counted under the caller's name also when it lacks the permission (403). Under the
+        // failure throttle, whose clock is the request's start.
+        let caller =
+            self.auth
+                .authenticate_from(request.headers(), address, context.started.into_std())?;
+        context.caller = Some(caller);
         caller.require(needed)?;
         let contact = ContactId::from_path_segment(segment).ok_or(ProxyError::InvalidContactId)?;
         outcome.contact = Some(contact.clone());
-        let upstream = outcome.upstream.insert(LastAttempt::default());
 
         if needed == Permission::Read {
-            let read = self
-                .service
-                .read(&contact, request_id, deadline, upstream)
-                .await;
+            let read = self.service.read(&contact, context).await;
             outcome.cache_status = Some(read.status);
             // Logged with the answer from the cache that stood in for upstream's.
             outcome.error = read.upstream_failure;
@@ -335,7 +319,9 @@ impl ConsentRoutes {
             Ok(response)
         } else {
             check_json_content_type(request.headers())?;
-            let body = self.read_body(request.into_body(), deadline).await?;
+            let body = self
+                .read_body(request.into_body(), context.deadline)
+                .await?;
             let status = parse_consent_body(&body).map_err(|e| ProxyError::InvalidBody {
                 fields: e
                     .field
@@ -347,10 +333,9 @@ impl ConsentRoutes {
                     .collect(),
                 message: e.message,
             })?;
-            let write = outcome.write.insert(
-                self.service
-                    .write(&contact, status, request_id, deadline, upstream),
-            );
+            let write = outcome
+                .write
+                .insert(self.service.write(&contact, status, context));
             let answer = write.await;
             outcome.write = None;
             Ok(answer_response(answer?))
@@ -362,7 +347,7 @@ impl ConsentRoutes {
         &self,
         request: Request<B>,
         address: IpAddr,
-        deadline: Instant,
+        context: &mut RequestContext,
         outcome: &mut Outcome,
     ) -> Result<Response<Body>, ProxyError>
     where
@@ -377,9 +362,9 @@ impl ConsentRoutes {
             return Err(ProxyError::MethodNotAllowed { allow: "POST" });
         }
         let (parts, body) = request.into_parts();
-        let body = self.read_body(body, deadline).await?;
+        let body = self.read_body(body, context.deadline).await?;
         let answer = endpoint.answer(&parts.headers, &body, address);
-        outcome.caller = answer.caller;
+        context.caller = answer.caller;
         outcome.token_refusal = answer.refusal;
         Ok(answer.response)
     }
@@ -414,12 +399,11 @@ impl Recorder {
         method: &Method,
         status: StatusCode,
         outcome: &Outcome,
-        request_id: &HeaderValue,
-        started: Instant,
+        context: &RequestContext,
     ) {
-        let elapsed = started.elapsed();
+        let elapsed = context.started.elapsed();
         let method_label = method_label(method);
-        let client = self.auth.client_name(outcome.caller.as_ref());
+        let client = self.auth.client_name(context.caller.as_ref());
         let requests_labels = [outcome.route, method_label, status_label(status), client];
         let duration_labels = [outcome.route, method_label];
         let hot = &self.hot;
@@ -429,7 +413,7 @@ impl Recorder {
             .flatten()
             .and_then(|answer| {
                 let slots = hot.requests.len();
-                let slot = outcome
+                let slot = context
                     .caller
                     .and_then(|c| c.client_index)
                     .filter(|&i| i + 1 < slots)
@@ -466,9 +450,9 @@ impl Recorder {
         }
         if tracing::enabled!(tracing::Level::INFO) {
             let contact = outcome.contact.as_ref().map(ContactId::masked);
-            let upstream = outcome.upstream.as_ref().and_then(LastAttempt::get);
+            let upstream = context.last_attempt();
             tracing::info!(
-                request_id = request_id.to_str().unwrap_or("-"),
+                request_id = context.id.to_str().unwrap_or("-"),
                 client,
                 address = outcome.address.map(tracing::field::display),
                 method = method_label,
