@@ -580,12 +580,25 @@ async fn unacceptable_tokens_are_401_invalid_token_and_never_reach_upstream() {
         404
     );
     let upstream_before = h.sim.stats().gets + h.sim.stats().puts;
-    for (what, token, reason) in &cases {
-        assert_invalid_token(&get_with(&h.proxy, "+15557200001", token).await, what);
-        assert_invalid_token(
-            &put_with(&h.proxy, "+15557200001", token, "CONSENTED").await,
-            what,
-        );
+    // Each forgery from its own address: together they are more failed authentications than
+    // one address may make in a minute before it is throttled.
+    for (i, (what, token, reason)) in cases.iter().enumerate() {
+        let from = TestClient::from_address(loopback(100 + i as u8));
+        let bearer = format!("Bearer {token}");
+        let url = consent_url(&h.proxy, "+15557200001");
+        let get = from
+            .send(Method::GET, &url, &[("authorization", &bearer)], None)
+            .await;
+        assert_invalid_token(&get, what);
+        let put = from
+            .send(
+                Method::PUT,
+                &url,
+                &[("authorization", &bearer), JSON],
+                Some(r#"{"status":"CONSENTED"}"#.to_owned()),
+            )
+            .await;
+        assert_invalid_token(&put, what);
         let counted = h
             .metric(&format!(
                 "consent_proxy_oauth_tokens_rejected_total{{reason=\"{reason}\"}}"
