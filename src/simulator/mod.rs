@@ -26,6 +26,7 @@
 //! credential parsing, JWS verification, clock and consent domain, and nothing else
 //! (`src/layering.rs` checks both).
 
+mod answers;
 mod assertion;
 mod consent_api;
 mod control;
@@ -64,6 +65,7 @@ const LISTENER_LIMITS: ListenerLimits = ListenerLimits {
     max_header_bytes: 64 * 1024,
     header_read_timeout: Duration::from_secs(3600),
     idle_timeout: Duration::from_secs(3600),
+    answer_timeout: Duration::from_secs(3600),
     max_connections: 65_536,
 };
 
@@ -449,7 +451,7 @@ async fn handle(
     if path.starts_with(control::CONTROL_PREFIX) {
         return Ok(control::control_endpoint(&sim, request).await);
     }
-    Ok(consent_api::talkdesk_error(
+    Ok(answers::talkdesk_error(
         StatusCode::NOT_FOUND,
         "not_found",
         "no such resource",

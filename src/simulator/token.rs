@@ -8,15 +8,14 @@ use std::time::Duration;
 use http::{HeaderMap, Method, Request, Response, StatusCode};
 use hyper::body::Incoming;
 
+use super::answers::{method_not_allowed, TOKEN_REALM};
 use super::assertion::ClientKeys;
-use super::consent_api::method_not_allowed;
 use super::state::Simulation;
 use super::{deliver, faults, read_body, CloseConnection, Fault, Outcome, SimRoute};
 use crate::wire::body::Body;
 use crate::wire::oauth::{self, ClientCredentials, TokenError, TokenErrorCode};
 
 const MAX_TOKEN_BODY: usize = 64 * 1024;
-const TOKEN_REALM: &str = "Basic realm=\"talkdesk-simulator\"";
 
 pub(super) async fn token_endpoint(
     sim: &Simulation,
@@ -94,11 +93,6 @@ fn issue(
     let scope = granted.join(" ");
     let (access_token, ttl) = sim.issue_token(granted);
     Ok(oauth::token_response(&access_token, ttl.as_secs(), &scope))
-}
-
-/// A 401 `invalid_client`, with the Basic challenge RFC 6749 §5.2 asks for.
-pub(super) fn invalid_client(description: &'static str) -> Response<Body> {
-    TokenError::new(TokenErrorCode::InvalidClient, description).into_response(TOKEN_REALM)
 }
 
 #[cfg(test)]
