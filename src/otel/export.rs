@@ -14,8 +14,8 @@ use http_body_util::Full;
 use prometheus::{IntCounter, Registry};
 use tokio::sync::{mpsc, watch};
 
+use super::data::FinishedSpan;
 use super::proto;
-use super::span::FinishedSpan;
 use crate::metrics;
 
 /// Spans waiting for export at most; past it, new ones are dropped (counted).

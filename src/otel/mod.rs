@@ -5,11 +5,13 @@
 //! Hand-written rather than the `opentelemetry` crates: the proxy needs a handful of span
 //! kinds, one propagator and one exporter; the crates' SDK, OTLP exporter and protobuf types
 //! (prost, and tonic's with them) would add more to a 2-core build than the proxy itself, for
-//! what fits in `proto` (the few OTLP messages, encoded by hand) and `span`. `export` batches
+//! what fits in `proto` (the few OTLP messages, encoded by hand), `data` (a finished span) and
+//! `span`. `export` batches
 //! and sends; `Tracer` decides what is sampled. Knows nothing of the product: callers name
 //! their spans and attributes (OpenTelemetry's HTTP semantic conventions, the route template,
 //! never a contact id or a secret).
 
+mod data;
 mod export;
 mod proto;
 mod span;
@@ -20,8 +22,9 @@ use http::HeaderMap;
 use prometheus::Registry;
 use tokio::sync::watch;
 
+pub use data::{AttributeValue, SpanKind};
 pub use export::{Post, EXPORT_TIMEOUT};
-pub use span::{AttributeValue, Span, SpanContext, SpanKind, TRACEPARENT, TRACESTATE};
+pub use span::{Span, SpanContext, TRACEPARENT, TRACESTATE};
 
 /// Where spans start: off (no spans, nothing propagated), or exporting with a sample ratio.
 #[derive(Clone, Default)]

@@ -3,7 +3,7 @@
 //! sends, each written with the field number the `.proto` files give it. Decoding is the
 //! collector's job (and the test's, with the `opentelemetry-proto` Python package).
 
-use super::span::{AttributeValue, FinishedSpan, SpanKind};
+use super::data::{AttributeValue, FinishedSpan, SpanKind};
 
 /// Protobuf wire types.
 const VARINT: u8 = 0;

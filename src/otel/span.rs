@@ -8,6 +8,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use http::{HeaderMap, HeaderValue};
 
+use super::data::{AttributeValue, FinishedSpan, SpanKind};
 use super::export::Exporter;
 
 /// The W3C trace-context headers.
@@ -15,44 +16,6 @@ pub const TRACEPARENT: &str = "traceparent";
 pub const TRACESTATE: &str = "tracestate";
 /// The longest `tracestate` kept (W3C: 512 characters is what a vendor must propagate).
 const MAX_TRACESTATE: usize = 512;
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum SpanKind {
-    Internal,
-    Server,
-    Client,
-}
-
-#[derive(Debug, Clone, PartialEq)]
-pub enum AttributeValue {
-    Str(Cow<'static, str>),
-    Bool(bool),
-    Int(i64),
-}
-
-impl From<&'static str> for AttributeValue {
-    fn from(s: &'static str) -> Self {
-        AttributeValue::Str(Cow::Borrowed(s))
-    }
-}
-
-impl From<String> for AttributeValue {
-    fn from(s: String) -> Self {
-        AttributeValue::Str(Cow::Owned(s))
-    }
-}
-
-impl From<i64> for AttributeValue {
-    fn from(n: i64) -> Self {
-        AttributeValue::Int(n)
-    }
-}
-
-impl From<bool> for AttributeValue {
-    fn from(b: bool) -> Self {
-        AttributeValue::Bool(b)
-    }
-}
 
 /// Where a span sits in its trace, as `traceparent` carries it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -154,22 +117,6 @@ pub(super) fn new_span_id() -> [u8; 8] {
 pub(super) fn unix_nanos(at: SystemTime) -> u64 {
     at.duration_since(UNIX_EPOCH)
         .map_or(0, |d| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX))
-}
-
-/// A span as the exporter sends it.
-#[derive(Debug, Clone)]
-pub struct FinishedSpan {
-    pub trace_id: [u8; 16],
-    pub span_id: [u8; 8],
-    pub parent_span_id: Option<[u8; 8]>,
-    pub trace_state: Option<Arc<str>>,
-    pub name: Cow<'static, str>,
-    pub kind: SpanKind,
-    pub start_unix_nanos: u64,
-    pub end_unix_nanos: u64,
-    pub attributes: Vec<(&'static str, AttributeValue)>,
-    /// The span's status is ERROR, with this message.
-    pub error: Option<String>,
 }
 
 /// A span in progress, or none at all (tracing off, or the trace not sampled). Dropping it
