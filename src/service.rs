@@ -10,6 +10,8 @@ use http::HeaderValue;
 use prometheus::{IntCounter, Registry};
 use tokio::time::Instant;
 
+use crate::audit::{Audit, Draft, Outcome as AuditOutcome};
+use crate::auth::AuthMethod;
 use crate::cache::{
     CacheStatus, ConsentCache, FillLead, FillResult, FillWaiter, Lookup, Settled, WriteOutcome,
 };
@@ -52,7 +54,16 @@ pub struct ConsentService {
     cache: ConsentCache,
     /// `None`: this instance runs alone.
     cluster: Option<Cluster>,
+    /// `None` unless `audit.enabled`.
+    audit: Option<Audit>,
     writes: WriteMetrics,
+}
+
+/// Who writes, as the audit trail records it.
+pub struct Author {
+    /// The client's name (`anonymous` without authentication).
+    pub client: String,
+    pub auth: AuthMethod,
 }
 
 impl ConsentService {
@@ -60,12 +71,14 @@ impl ConsentService {
         api: Arc<ConsentApi>,
         cache: ConsentCache,
         cluster: Option<Cluster>,
+        audit: Option<Audit>,
         writes: WriteMetrics,
     ) -> Self {
         ConsentService {
             api,
             cache,
             cluster,
+            audit,
             writes,
         }
     }
@@ -164,9 +177,12 @@ impl ConsentService {
     }
 
     /// Writes upstream, then updates the cache; answered 2xx only when upstream said 2xx.
-    /// In a cluster the write is first announced (refused with `cluster_unavailable`, upstream
-    /// not called, when that fails under `write_policy = "require"`), and its outcome is
-    /// announced before the answer. The upstream attempts are reported to `upstream`.
+    /// With the audit trail on, the write's pending record is made durable first (refused with
+    /// `audit_unavailable`, upstream not called, when that fails under `audit.write_policy =
+    /// "require"`) and completed with the outcome. In a cluster the write is then announced
+    /// (refused with `cluster_unavailable`, upstream not called, when that fails under
+    /// `write_policy = "require"`), and its outcome is announced before the answer. The
+    /// upstream attempts are reported to `upstream`.
     pub async fn write(
         &self,
         contact: &ContactId,
@@ -174,12 +190,27 @@ impl ConsentService {
         request_id: &HeaderValue,
         deadline: Instant,
         upstream: &LastAttempt,
+        author: Author,
     ) -> Result<ConsentAnswer, ProxyError> {
         let service = self.clone();
         let contact = contact.clone();
         let request_id = request_id.clone();
         let last = upstream.clone();
         let task = tokio::spawn(async move {
+            let record = match &service.audit {
+                None => None,
+                Some(audit) => {
+                    let draft = Draft {
+                        contact: contact.clone(),
+                        request_id: request_id.to_str().unwrap_or("-").to_owned(),
+                        client: author.client,
+                        auth: author.auth,
+                        status,
+                        previous: service.cache.known_status(&contact),
+                    };
+                    audit.begin(draft, deadline).await?
+                }
+            };
             let write = service.cache.begin_write(&contact);
             let announced = match &service.cluster {
                 None => None,
@@ -187,6 +218,9 @@ impl ConsentService {
                     Ok(announced) => Some(announced),
                     Err(refused) => {
                         write.finish(WriteOutcome::NotApplied);
+                        if let Some(record) = record {
+                            record.complete(AuditOutcome::Refused, None);
+                        }
                         return Err(refused);
                     }
                 },
@@ -205,6 +239,15 @@ impl ConsentService {
                 _ => WriteOutcome::NotApplied,
             };
             write.finish(outcome);
+            if let Some(record) = record {
+                let upstream_status = written.answer.as_ref().ok().map(|a| a.status.as_u16());
+                let audited = match outcome {
+                    WriteOutcome::Applied(_) => AuditOutcome::Applied,
+                    WriteOutcome::Unknown => AuditOutcome::Unknown,
+                    WriteOutcome::NotApplied => AuditOutcome::Refused,
+                };
+                record.complete(audited, upstream_status);
+            }
             if let Some(announced) = announced {
                 announced.finish(outcome).await;
             }

@@ -276,6 +276,16 @@ impl ConsentCache {
         Some(lifetimes.ttl_of(kind == Kind::NotFound))
     }
 
+    /// The status this cache holds for `contact` within its TTL, without counting a lookup
+    /// (the audit trail's "previous" status). `None` when it holds nothing, an expired entry
+    /// or a 404.
+    pub fn known_status(&self, contact: &ContactId) -> Option<ConsentStatus> {
+        let stored = self.inner.answers.get(contact.as_arc())?;
+        let age_ms = stored.age_ms(self.now_ms());
+        let fresh = self.inner.lifetimes.freshness(&stored, age_ms) != Freshness::Expired;
+        (fresh && !stored.is_not_found()).then(|| stored.status())
+    }
+
     /// Marks a write to `contact` as in flight until the guard is finished (or dropped).
     pub fn begin_write(&self, contact: &ContactId) -> WriteGuard {
         self.begin(contact, Origin::Local)

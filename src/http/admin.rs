@@ -1,4 +1,5 @@
-//! The admin listener: `/metrics`, `/healthz`, `/readyz` and the cache purge. Kept off the
+//! The admin listener: `/metrics`, `/healthz`, `/readyz`, the cache purge and a contact's audit
+//! history. Kept off the
 //! consent listener so it can stay on a private address. Every answer carries `x-request-id`,
 //! as on the consent listener.
 
@@ -11,6 +12,7 @@ use hyper::body::Incoming;
 use prometheus::Registry;
 use serde_json::json;
 
+use crate::audit::{Audit, Record};
 use crate::auth::{Authenticator, Permission};
 use crate::cache::ConsentCache;
 use crate::cluster::Cluster;
@@ -21,11 +23,13 @@ use crate::wire::body::{self, Body};
 use crate::wire::request_id::{request_id_of, X_REQUEST_ID};
 
 const PURGE_PREFIX: &str = "/admin/cache/";
+const AUDIT_PREFIX: &str = "/admin/audit/contacts/";
 
 pub struct AdminRoutes {
     registry: Registry,
     cache: ConsentCache,
     cluster: Option<Cluster>,
+    audit: Option<Audit>,
     tokens: TokenManager,
     auth: Arc<Authenticator>,
     /// Set once the consent listener accepts connections, cleared when it drains.
@@ -37,6 +41,7 @@ impl AdminRoutes {
         registry: Registry,
         cache: ConsentCache,
         cluster: Option<Cluster>,
+        audit: Option<Audit>,
         tokens: TokenManager,
         auth: Arc<Authenticator>,
         serving: Arc<AtomicBool>,
@@ -45,6 +50,7 @@ impl AdminRoutes {
             registry,
             cache,
             cluster,
+            audit,
             tokens,
             auth,
             serving,
@@ -72,6 +78,10 @@ impl AdminRoutes {
             }
             (method, path) if path.starts_with(PURGE_PREFIX) => {
                 self.purge(method, &path[PURGE_PREFIX.len()..], request, request_id)
+                    .await
+            }
+            (method, path) if path.starts_with(AUDIT_PREFIX) => {
+                self.audit_history(method, &path[AUDIT_PREFIX.len()..], request)
                     .await
             }
             _ => Err(ProxyError::NotFound),
@@ -106,6 +116,15 @@ impl AdminRoutes {
                 json!({"status": "not_ready", "reason": reason}),
             ),
         };
+        if let Some(audit) = &self.audit {
+            answer["audit"] = match audit.problem() {
+                None => json!({"store": "up"}),
+                Some(reason) => json!({
+                    "store": "down",
+                    "reason": format!("{reason}; PUTs are refused or go unrecorded, by audit.write_policy"),
+                }),
+            };
+        }
         if let Some(cluster) = &self.cluster {
             let cluster = cluster.status();
             answer["cluster"] = match cluster.reason {
@@ -117,6 +136,32 @@ impl AdminRoutes {
             };
         }
         body::json_response(status, &answer)
+    }
+
+    /// `GET /admin/audit/contacts/{contact_id}`: the contact's records, newest first.
+    async fn audit_history(
+        &self,
+        method: &Method,
+        segment: &str,
+        request: &Request<Incoming>,
+    ) -> Result<Response<Body>, ProxyError> {
+        if segment.is_empty() || segment.contains('/') {
+            return Err(ProxyError::NotFound);
+        }
+        if method != Method::GET {
+            return Err(ProxyError::MethodNotAllowed { allow: "GET" });
+        }
+        self.auth.authorize(request.headers(), Permission::Admin)?;
+        let audit = self.audit.as_ref().ok_or(ProxyError::AuditDisabled)?;
+        let contact = ContactId::from_path_segment(segment).ok_or(ProxyError::InvalidContactId)?;
+        let records = audit.history(&contact).await?;
+        Ok(body::json_response(
+            StatusCode::OK,
+            &json!({
+                "contact_id": contact.as_str(),
+                "records": records.iter().map(Record::to_api_json).collect::<Vec<_>>(),
+            }),
+        ))
     }
 
     async fn purge(

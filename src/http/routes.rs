@@ -21,7 +21,7 @@ use crate::error::{ErrorChain, FieldProblem, ProxyError};
 use crate::http::token_endpoint::{Refusal, TokenEndpoint};
 use crate::metrics::status_label;
 use crate::metrics::HttpMetrics;
-use crate::service::ConsentService;
+use crate::service::{Author, ConsentService};
 use crate::upstream::client::LastAttempt;
 use crate::wire::body::{self, Body, ReadBodyError};
 use crate::wire::oauth::TOKEN_PATH;
@@ -243,9 +243,13 @@ impl ConsentRoutes {
                     .collect(),
                 message: e.message,
             })?;
+            let author = Author {
+                client: self.auth.client_name(Some(&caller)).to_owned(),
+                auth: caller.method,
+            };
             let answer = self
                 .service
-                .write(&contact, status, request_id, deadline, upstream)
+                .write(&contact, status, request_id, deadline, upstream, author)
                 .await?;
             Ok(answer_response(answer))
         }

@@ -1,0 +1,359 @@
+//! The SQLite store: a local file in WAL mode with `synchronous = FULL` (a committed pending
+//! record survives a power cut). `rusqlite` is blocking, so every call runs on tokio's blocking
+//! pool; one connection writes (the instance's chain writer is its only user) and one reads
+//! (the admin route, export, verify), so reads never wait behind an fsync.
+
+use std::collections::HashSet;
+use std::path::Path;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Duration;
+
+use futures_util::future::BoxFuture;
+use rusqlite::{params, Connection, OpenFlags, OptionalExtension};
+
+use super::chain::{checkpoint_mac, without_completed, ChainHead, ChainInfo, ChainKey, ChainKeys};
+use super::record::{Entry, EntryKind, Record, Row};
+use super::sql;
+use super::store::{Appended, Store, StoreError, MIGRATIONS, PAGE};
+use crate::error::Failure;
+
+/// How long a call waits for a lock another process holds (`audit export` reading, say).
+const BUSY_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// The schema, per version of [`MIGRATIONS`].
+const SCHEMA: [&str; 1] = ["
+CREATE TABLE audit_entries (
+    chain TEXT NOT NULL,
+    seq INTEGER NOT NULL,
+    record_id TEXT NOT NULL,
+    kind TEXT NOT NULL CHECK (kind IN ('pending', 'completion')),
+    at_us INTEGER NOT NULL,
+    contact_id TEXT,
+    request_id TEXT,
+    client TEXT,
+    auth TEXT,
+    status TEXT,
+    previous TEXT,
+    outcome TEXT,
+    upstream_status INTEGER,
+    prev_hash BLOB NOT NULL,
+    hash BLOB NOT NULL,
+    PRIMARY KEY (chain, seq)
+);
+CREATE UNIQUE INDEX audit_entries_record ON audit_entries (record_id, kind);
+CREATE INDEX audit_entries_contact ON audit_entries (contact_id, at_us) WHERE kind = 'pending';
+CREATE INDEX audit_entries_at ON audit_entries (at_us) WHERE kind = 'pending';
+CREATE TABLE audit_chains (
+    chain TEXT PRIMARY KEY,
+    key_id TEXT NOT NULL,
+    head_seq INTEGER NOT NULL,
+    head_hash BLOB NOT NULL,
+    base_seq INTEGER NOT NULL DEFAULT 0,
+    base_hash BLOB NOT NULL DEFAULT x'',
+    base_mac BLOB NOT NULL DEFAULT x''
+);
+"];
+
+pub struct SqliteStore {
+    writer: Arc<Mutex<Connection>>,
+    reader: Arc<Mutex<Connection>>,
+}
+
+fn failed(err: rusqlite::Error) -> StoreError {
+    Failure::new("the SQLite audit store failed", err)
+}
+
+/// Runs `f` with `conn` on the blocking pool.
+fn blocking<T, F>(conn: &Arc<Mutex<Connection>>, f: F) -> BoxFuture<'static, Result<T, StoreError>>
+where
+    T: Send + 'static,
+    F: FnOnce(&mut Connection) -> rusqlite::Result<T> + Send + 'static,
+{
+    let conn = conn.clone();
+    Box::pin(async move {
+        tokio::task::spawn_blocking(move || {
+            let mut conn = conn.lock().unwrap_or_else(PoisonError::into_inner);
+            f(&mut conn).map_err(failed)
+        })
+        .await
+        .map_err(|e| Failure::new("the SQLite audit task failed", e))?
+    })
+}
+
+impl SqliteStore {
+    pub async fn open(path: &Path) -> Result<SqliteStore, StoreError> {
+        let path = path.to_owned();
+        tokio::task::spawn_blocking(move || {
+            let open = |flags| -> rusqlite::Result<Connection> {
+                let conn = Connection::open_with_flags(&path, flags)?;
+                conn.busy_timeout(BUSY_TIMEOUT)?;
+                conn.pragma_update(None, "journal_mode", "WAL")?;
+                conn.pragma_update(None, "synchronous", "FULL")?;
+                Ok(conn)
+            };
+            let mut writer = open(
+                OpenFlags::SQLITE_OPEN_READ_WRITE
+                    | OpenFlags::SQLITE_OPEN_CREATE
+                    | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+            )
+            .map_err(|e| Failure::new(format!("cannot open '{}'", path.display()), e))?;
+            migrate(&mut writer).map_err(failed)?;
+            let reader = open(OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX)
+                .map_err(failed)?;
+            Ok(SqliteStore {
+                writer: Arc::new(Mutex::new(writer)),
+                reader: Arc::new(Mutex::new(reader)),
+            })
+        })
+        .await
+        .map_err(|e| Failure::new("the SQLite audit task failed", e))?
+    }
+}
+
+fn migrate(conn: &mut Connection) -> rusqlite::Result<()> {
+    let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+    tx.execute_batch(
+        "CREATE TABLE IF NOT EXISTS audit_migrations (version INTEGER PRIMARY KEY, \
+         description TEXT NOT NULL, applied_at_us INTEGER NOT NULL)",
+    )?;
+    let applied: i64 = tx.query_row(
+        "SELECT COALESCE(MAX(version), 0) FROM audit_migrations",
+        [],
+        |row| row.get(0),
+    )?;
+    for (index, (description, schema)) in MIGRATIONS.iter().zip(SCHEMA).enumerate() {
+        let version = index as i64 + 1;
+        if version > applied {
+            tx.execute_batch(schema)?;
+            tx.execute(
+                "INSERT INTO audit_migrations (version, description, applied_at_us) VALUES ($1, $2, $3)",
+                params![version, description, super::record::now_us()],
+            )?;
+        }
+    }
+    tx.commit()
+}
+
+fn record_from(row: &rusqlite::Row<'_>) -> rusqlite::Result<Record> {
+    Ok(Record {
+        id: row.get(0)?,
+        at: row.get(1)?,
+        answered_at: row.get(2)?,
+        instance: row.get(3)?,
+        contact_id: row.get(4)?,
+        request_id: row.get(5)?,
+        client: row.get(6)?,
+        auth: row.get(7)?,
+        status: row.get(8)?,
+        previous: row.get(9)?,
+        outcome: row.get(10)?,
+        upstream_status: row.get(11)?,
+    })
+}
+
+fn row_from(row: &rusqlite::Row<'_>) -> rusqlite::Result<Row> {
+    let kind: String = row.get(3)?;
+    Ok(Row {
+        chain: row.get(0)?,
+        seq: row.get(1)?,
+        entry: Entry {
+            record_id: row.get(2)?,
+            // An unknown kind is tampering: kept as a completion, whose hash will not match.
+            kind: EntryKind::parse(&kind).unwrap_or(EntryKind::Completion),
+            at_us: row.get(4)?,
+            contact_id: row.get(5)?,
+            request_id: row.get(6)?,
+            client: row.get(7)?,
+            auth: row.get(8)?,
+            status: row.get(9)?,
+            previous: row.get(10)?,
+            outcome: row.get(11)?,
+            upstream_status: row.get(12)?,
+        },
+        prev_hash: row.get(13)?,
+        hash: row.get(14)?,
+    })
+}
+
+fn head_from(row: &rusqlite::Row<'_>) -> rusqlite::Result<ChainHead> {
+    Ok(ChainHead {
+        chain: row.get(0)?,
+        key_id: row.get(1)?,
+        seq: row.get(2)?,
+        hash: row.get(3)?,
+    })
+}
+
+impl Store for SqliteStore {
+    fn append(
+        &self,
+        mut head: ChainHead,
+        key: ChainKey,
+        entries: Vec<Entry>,
+    ) -> BoxFuture<'_, Result<Appended, StoreError>> {
+        blocking(&self.writer, move |conn| {
+            let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+            let mut completed = HashSet::new();
+            {
+                let mut exists = tx.prepare_cached(
+                    "SELECT 1 FROM audit_entries WHERE record_id = $1 AND kind = 'completion'",
+                )?;
+                for entry in entries.iter().filter(|e| e.kind == EntryKind::Completion) {
+                    if exists.exists(params![entry.record_id])? {
+                        completed.insert(entry.record_id.clone());
+                    }
+                }
+            }
+            let (entries, already_completed) = without_completed(entries, &completed);
+            {
+                let mut insert = tx.prepare_cached(sql::INSERT_ROW)?;
+                for entry in entries {
+                    let r = head.link(&key, entry);
+                    let e = &r.entry;
+                    insert.execute(params![
+                        r.chain,
+                        r.seq,
+                        e.record_id,
+                        e.kind.as_str(),
+                        e.at_us,
+                        e.contact_id,
+                        e.request_id,
+                        e.client,
+                        e.auth,
+                        e.status,
+                        e.previous,
+                        e.outcome,
+                        e.upstream_status,
+                        r.prev_hash,
+                        r.hash,
+                    ])?;
+                }
+            }
+            tx.execute(
+                sql::UPSERT_HEAD,
+                params![head.chain, head.key_id, head.seq, head.hash],
+            )?;
+            tx.commit()?;
+            Ok(Appended {
+                head,
+                already_completed,
+            })
+        })
+    }
+
+    fn head(&self, chain: String) -> BoxFuture<'_, Result<Option<ChainHead>, StoreError>> {
+        blocking(&self.writer, move |conn| {
+            conn.query_row(sql::HEAD, params![chain], head_from).optional()
+        })
+    }
+
+    fn history(
+        &self,
+        contact: String,
+        limit: i64,
+    ) -> BoxFuture<'_, Result<Vec<Record>, StoreError>> {
+        blocking(&self.reader, move |conn| {
+            let mut stmt = conn.prepare_cached(&sql::history())?;
+            let rows = stmt.query_map(params![contact, limit], record_from)?;
+            rows.collect()
+        })
+    }
+
+    fn export(
+        &self,
+        since_us: i64,
+        until_us: i64,
+        after: Option<(i64, String)>,
+    ) -> BoxFuture<'_, Result<Vec<Record>, StoreError>> {
+        let (after_at, after_id) = after.unwrap_or((i64::MIN, String::new()));
+        blocking(&self.reader, move |conn| {
+            let mut stmt = conn.prepare_cached(&sql::export())?;
+            let rows = stmt.query_map(
+                params![since_us, until_us, after_at, after_id, PAGE],
+                record_from,
+            )?;
+            rows.collect()
+        })
+    }
+
+    fn chains(&self) -> BoxFuture<'_, Result<Vec<ChainInfo>, StoreError>> {
+        blocking(&self.reader, |conn| {
+            let mut stmt = conn.prepare_cached(sql::CHAINS)?;
+            let rows = stmt.query_map([], |row| {
+                Ok(ChainInfo {
+                    head: head_from(row)?,
+                    base_seq: row.get(4)?,
+                    base_hash: row.get(5)?,
+                    base_mac: row.get(6)?,
+                })
+            })?;
+            rows.collect()
+        })
+    }
+
+    fn orphan_chains(&self) -> BoxFuture<'_, Result<Vec<String>, StoreError>> {
+        blocking(&self.reader, |conn| {
+            let mut stmt = conn.prepare_cached(sql::ORPHAN_CHAINS)?;
+            let rows = stmt.query_map([], |row| row.get(0))?;
+            rows.collect()
+        })
+    }
+
+    fn rows(&self, chain: String, after_seq: i64) -> BoxFuture<'_, Result<Vec<Row>, StoreError>> {
+        blocking(&self.reader, move |conn| {
+            let mut stmt = conn.prepare_cached(sql::ROWS)?;
+            let rows = stmt.query_map(params![chain, after_seq, PAGE], row_from)?;
+            rows.collect()
+        })
+    }
+
+    fn abandoned(&self, before_us: i64) -> BoxFuture<'_, Result<Vec<String>, StoreError>> {
+        blocking(&self.reader, move |conn| {
+            let mut stmt = conn.prepare_cached(sql::ABANDONED)?;
+            let rows = stmt.query_map(params![before_us], |row| row.get(0))?;
+            rows.collect()
+        })
+    }
+
+    fn remove_before(
+        &self,
+        before_us: i64,
+        keys: ChainKeys,
+    ) -> BoxFuture<'_, Result<u64, StoreError>> {
+        blocking(&self.writer, move |conn| {
+            let chains: Vec<(String, String, i64)> = {
+                let mut stmt = conn.prepare("SELECT chain, key_id, base_seq FROM audit_chains")?;
+                let rows = stmt.query_map([], |row| Ok((row.get(0)?, row.get(1)?, row.get(2)?)))?;
+                rows.collect::<rusqlite::Result<_>>()?
+            };
+            let mut removed = 0;
+            for (chain, key_id, base_seq) in chains {
+                let Some(key) = keys.by_id(&key_id) else {
+                    continue;
+                };
+                let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+                let cut: Option<(i64, Vec<u8>)> = tx
+                    .query_row(sql::RETENTION_CUT, params![chain, before_us], |row| {
+                        Ok((row.get(0)?, row.get(1)?))
+                    })
+                    .optional()?;
+                let Some((seq, hash)) = cut.filter(|(seq, _)| *seq > base_seq) else {
+                    continue;
+                };
+                removed += tx.execute(sql::RETENTION_DELETE, params![chain, seq])? as u64;
+                let mac = checkpoint_mac(key, &chain, seq, &hash);
+                tx.execute(sql::RETENTION_CHECKPOINT, params![chain, seq, hash, mac])?;
+                tx.commit()?;
+            }
+            Ok(removed)
+        })
+    }
+
+    fn ping(&self) -> BoxFuture<'_, Result<(), StoreError>> {
+        // Through the writer: a store that cannot take a write is not healthy. `BEGIN
+        // IMMEDIATE` takes the write lock without writing anything.
+        blocking(&self.writer, |conn| {
+            conn.execute_batch("BEGIN IMMEDIATE; ROLLBACK;")
+        })
+    }
+}
