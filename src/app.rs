@@ -131,13 +131,10 @@ impl App {
             AdmissionMetrics::register(&registry),
         ));
         let mut tasks = vec![refresher];
-        let (audit, audit_tasks) = Audit::start(
-            &settings.audit,
-            settings.server.request_timeout,
-            &registry,
-        )
-        .await?
-        .unzip();
+        let (audit, audit_tasks) =
+            Audit::start(&settings.audit, settings.server.request_timeout, &registry)
+                .await?
+                .unzip();
         let service = ConsentService::new(
             api,
             cache.clone(),

@@ -257,7 +257,9 @@ impl<'a> ChainCheck<'a> {
             ));
         }
         if hash != row.hash {
-            return Err(broken("was edited (its hash does not match its content)".to_owned()));
+            return Err(broken(
+                "was edited (its hash does not match its content)".to_owned(),
+            ));
         }
         self.prev = hash;
         self.expected_seq += 1;
@@ -275,10 +277,7 @@ impl<'a> ChainCheck<'a> {
                 seq: last.map(|r| r.seq),
                 record_id: last.map(|r| r.entry.record_id.clone()),
                 problem: if ends_at < head.seq {
-                    format!(
-                        "the entries after it (up to {}) were removed",
-                        head.seq
-                    )
+                    format!("the entries after it (up to {}) were removed", head.seq)
                 } else {
                     format!("the chain's head (entry {}) was altered", head.seq)
                 },
@@ -332,7 +331,10 @@ mod tests {
                 if i % 2 == 0 {
                     head.link(&key, pending(&i.to_string()))
                 } else {
-                    head.link(&key, Entry::completion((i - 1).to_string(), 2, Outcome::Applied, Some(200)))
+                    head.link(
+                        &key,
+                        Entry::completion((i - 1).to_string(), 2, Outcome::Applied, Some(200)),
+                    )
                 }
             })
             .collect();
@@ -393,6 +395,9 @@ mod tests {
         // A checkpoint moved forward without the key is refused.
         info.base_seq = 3;
         info.base_hash = rows[2].hash.clone();
-        assert!(check(&keys, &info, &rows[3..]).unwrap_err().problem.contains("checkpoint"));
+        assert!(check(&keys, &info, &rows[3..])
+            .unwrap_err()
+            .problem
+            .contains("checkpoint"));
     }
 }

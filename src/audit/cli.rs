@@ -91,6 +91,11 @@ pub async fn verify(settings: &AuditSettings) -> Result<Verdict, Failure> {
         ));
     }
     let store = open(settings).await?;
+    verify_store(store.as_ref(), &keys).await
+}
+
+/// Checks every chain of `store` with `keys`.
+pub(super) async fn verify_store(store: &dyn Store, keys: &ChainKeys) -> Result<Verdict, Failure> {
     if let Some(orphan) = store.orphan_chains().await?.into_iter().next() {
         return Ok(Verdict::Broken(Broken {
             chain: orphan,
@@ -102,7 +107,7 @@ pub async fn verify(settings: &AuditSettings) -> Result<Verdict, Failure> {
     let chains = store.chains().await?;
     let mut entries = 0;
     for info in &chains {
-        let mut check = match ChainCheck::start(info, &keys) {
+        let mut check = match ChainCheck::start(info, keys) {
             Ok(check) => check,
             Err(broken) => return Ok(Verdict::Broken(broken)),
         };

@@ -111,7 +111,10 @@ async fn remove_old(audit: &Audit, retention: Duration, keys: &ChainKeys) {
         Ok(0) => {}
         Ok(removed) => {
             audit.inner.metrics.removed.inc_by(removed);
-            tracing::info!(entries = removed, "old audit entries removed (audit.retention_days)");
+            tracing::info!(
+                entries = removed,
+                "old audit entries removed (audit.retention_days)"
+            );
         }
         Err(err) => tracing::warn!(error = %ErrorChain(&err), "audit retention failed"),
     }

@@ -114,7 +114,8 @@ impl PendingRecord {
     /// Records the outcome (queued for the chain writer; the caller does not wait for it).
     pub fn complete(mut self, outcome: Outcome, upstream_status: Option<u16>) {
         self.completed = true;
-        self.audit.complete(&self.id, outcome, upstream_status, true);
+        self.audit
+            .complete(&self.id, outcome, upstream_status, true);
     }
 }
 
@@ -137,7 +138,9 @@ impl Audit {
         let (true, Some(store_settings), Some(key)) = (
             settings.enabled,
             settings.store.as_ref(),
-            ChainKeys::from_secrets(&settings.chain_keys).current().cloned(),
+            ChainKeys::from_secrets(&settings.chain_keys)
+                .current()
+                .cloned(),
         ) else {
             return Ok(None);
         };
@@ -254,7 +257,12 @@ impl Audit {
 
     fn complete(&self, id: &str, outcome: Outcome, upstream_status: Option<u16>, own: bool) {
         let entry = Entry::completion(id.to_owned(), now_us(), outcome, upstream_status);
-        if self.inner.jobs.send(Job::Completion { entry, own }).is_err() {
+        if self
+            .inner
+            .jobs
+            .send(Job::Completion { entry, own })
+            .is_err()
+        {
             tracing::warn!(
                 record = %id,
                 "the audit writer has stopped: this outcome is not recorded"

@@ -30,7 +30,9 @@ impl MakeRustls {
                 let mut roots = rustls::RootCertStore::empty();
                 let certs = CertificateDer::pem_file_iter(path)
                     .and_then(|iter| iter.collect::<Result<Vec<_>, _>>())
-                    .map_err(|e| io::Error::other(format!("sslrootcert '{}': {e}", path.display())))?;
+                    .map_err(|e| {
+                        io::Error::other(format!("sslrootcert '{}': {e}", path.display()))
+                    })?;
                 let (added, _) = roots.add_parsable_certificates(certs);
                 if added == 0 {
                     return Err(io::Error::other(format!(

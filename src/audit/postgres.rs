@@ -175,7 +175,10 @@ async fn migrate(client: &mut Client) -> Result<(), StoreError> {
     .await
     .map_err(failed)?;
     let applied: i32 = tx
-        .query_one("SELECT COALESCE(MAX(version), 0) FROM audit_migrations", &[])
+        .query_one(
+            "SELECT COALESCE(MAX(version), 0) FROM audit_migrations",
+            &[],
+        )
         .await
         .map_err(failed)?
         .get(0);
@@ -249,7 +252,10 @@ fn all<T>(
     rows: Vec<tokio_postgres::Row>,
     convert: fn(&tokio_postgres::Row) -> Result<T, tokio_postgres::Error>,
 ) -> Result<Vec<T>, StoreError> {
-    rows.iter().map(convert).collect::<Result<_, _>>().map_err(failed)
+    rows.iter()
+        .map(convert)
+        .collect::<Result<_, _>>()
+        .map_err(failed)
 }
 
 impl PostgresStore {
@@ -455,7 +461,10 @@ impl Store for PostgresStore {
     }
 
     fn orphan_chains(&self) -> BoxFuture<'_, Result<Vec<String>, StoreError>> {
-        Box::pin(async move { self.read(sql::ORPHAN_CHAINS, &[], |row| row.try_get(0)).await })
+        Box::pin(async move {
+            self.read(sql::ORPHAN_CHAINS, &[], |row| row.try_get(0))
+                .await
+        })
     }
 
     fn rows(&self, chain: String, after_seq: i64) -> BoxFuture<'_, Result<Vec<Row>, StoreError>> {
@@ -481,9 +490,6 @@ impl Store for PostgresStore {
     }
 
     fn ping(&self) -> BoxFuture<'_, Result<(), StoreError>> {
-        Box::pin(async move {
-            self.read("SELECT 1", &[], |_| Ok(())).await.map(drop)
-        })
+        Box::pin(async move { self.read("SELECT 1", &[], |_| Ok(())).await.map(drop) })
     }
 }
-

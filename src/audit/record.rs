@@ -181,9 +181,15 @@ impl Record {
             self.status.clone(),
             self.previous.clone().unwrap_or_default(),
             self.outcome.clone(),
-            self.upstream_status.map(|s| s.to_string()).unwrap_or_default(),
+            self.upstream_status
+                .map(|s| s.to_string())
+                .unwrap_or_default(),
         ];
-        fields.iter().map(|f| csv_field(f)).collect::<Vec<_>>().join(",")
+        fields
+            .iter()
+            .map(|f| csv_field(f))
+            .collect::<Vec<_>>()
+            .join(",")
     }
 }
 
@@ -206,12 +212,15 @@ pub fn format_time(at_us: i64) -> String {
 /// An RFC 3339 time (`2026-01-31T12:00:00Z`, any offset) or a date (`2026-01-31`, midnight
 /// UTC) as microseconds since the epoch.
 pub fn parse_time(text: &str) -> Result<i64, String> {
-    let parsed = OffsetDateTime::parse(text, &Rfc3339).or_else(|_| {
-        OffsetDateTime::parse(&format!("{text}T00:00:00Z"), &Rfc3339)
-    });
+    let parsed = OffsetDateTime::parse(text, &Rfc3339)
+        .or_else(|_| OffsetDateTime::parse(&format!("{text}T00:00:00Z"), &Rfc3339));
     parsed
         .map(|t| (t.unix_timestamp_nanos() / 1000) as i64)
-        .map_err(|_| format!("{text:?} is not an RFC 3339 time (2026-01-31T12:00:00Z) or a date (2026-01-31)"))
+        .map_err(|_| {
+            format!(
+                "{text:?} is not an RFC 3339 time (2026-01-31T12:00:00Z) or a date (2026-01-31)"
+            )
+        })
 }
 
 /// Now, in microseconds since the epoch.

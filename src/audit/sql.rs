@@ -25,7 +25,8 @@ pub fn export() -> String {
 }
 
 /// A chain's rows after `$2`, in order, one page of `$3`.
-pub const ROWS: &str = "SELECT chain, seq, record_id, kind, at_us, contact_id, request_id, client, \
+pub const ROWS: &str =
+    "SELECT chain, seq, record_id, kind, at_us, contact_id, request_id, client, \
      auth, status, previous, outcome, upstream_status, prev_hash, hash FROM audit_entries \
      WHERE chain = $1 AND seq > $2 ORDER BY seq LIMIT $3";
 
@@ -39,9 +40,11 @@ pub const UPSERT_HEAD: &str = "INSERT INTO audit_chains (chain, key_id, head_seq
      VALUES ($1, $2, $3, $4) ON CONFLICT (chain) DO UPDATE SET head_seq = excluded.head_seq, \
      head_hash = excluded.head_hash";
 
-pub const HEAD: &str = "SELECT chain, key_id, head_seq, head_hash FROM audit_chains WHERE chain = $1";
+pub const HEAD: &str =
+    "SELECT chain, key_id, head_seq, head_hash FROM audit_chains WHERE chain = $1";
 
-pub const CHAINS: &str = "SELECT chain, key_id, head_seq, head_hash, base_seq, base_hash, base_mac \
+pub const CHAINS: &str =
+    "SELECT chain, key_id, head_seq, head_hash, base_seq, base_hash, base_mac \
      FROM audit_chains ORDER BY chain";
 
 pub const ORPHAN_CHAINS: &str = "SELECT DISTINCT e.chain FROM audit_entries e \

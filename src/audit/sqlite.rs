@@ -59,6 +59,12 @@ pub struct SqliteStore {
     reader: Arc<Mutex<Connection>>,
 }
 
+/// The shared SQL with SQLite's numbered placeholders: `?N` binds the N-th parameter as
+/// PostgreSQL's `$N` does, where SQLite's `$N` would be a name numbered by first appearance.
+fn q(sql: &str) -> String {
+    sql.replace('$', "?")
+}
+
 fn failed(err: rusqlite::Error) -> StoreError {
     Failure::new("the SQLite audit store failed", err)
 }
@@ -126,7 +132,7 @@ fn migrate(conn: &mut Connection) -> rusqlite::Result<()> {
         if version > applied {
             tx.execute_batch(schema)?;
             tx.execute(
-                "INSERT INTO audit_migrations (version, description, applied_at_us) VALUES ($1, $2, $3)",
+                "INSERT INTO audit_migrations (version, description, applied_at_us) VALUES (?1, ?2, ?3)",
                 params![version, description, super::record::now_us()],
             )?;
         }
@@ -196,7 +202,7 @@ impl Store for SqliteStore {
             let mut completed = HashSet::new();
             {
                 let mut exists = tx.prepare_cached(
-                    "SELECT 1 FROM audit_entries WHERE record_id = $1 AND kind = 'completion'",
+                    "SELECT 1 FROM audit_entries WHERE record_id = ?1 AND kind = 'completion'",
                 )?;
                 for entry in entries.iter().filter(|e| e.kind == EntryKind::Completion) {
                     if exists.exists(params![entry.record_id])? {
@@ -206,7 +212,7 @@ impl Store for SqliteStore {
             }
             let (entries, already_completed) = without_completed(entries, &completed);
             {
-                let mut insert = tx.prepare_cached(sql::INSERT_ROW)?;
+                let mut insert = tx.prepare_cached(&q(sql::INSERT_ROW))?;
                 for entry in entries {
                     let r = head.link(&key, entry);
                     let e = &r.entry;
@@ -230,7 +236,7 @@ impl Store for SqliteStore {
                 }
             }
             tx.execute(
-                sql::UPSERT_HEAD,
+                &q(sql::UPSERT_HEAD),
                 params![head.chain, head.key_id, head.seq, head.hash],
             )?;
             tx.commit()?;
@@ -243,7 +249,8 @@ impl Store for SqliteStore {
 
     fn head(&self, chain: String) -> BoxFuture<'_, Result<Option<ChainHead>, StoreError>> {
         blocking(&self.writer, move |conn| {
-            conn.query_row(sql::HEAD, params![chain], head_from).optional()
+            conn.query_row(&q(sql::HEAD), params![chain], head_from)
+                .optional()
         })
     }
 
@@ -253,7 +260,7 @@ impl Store for SqliteStore {
         limit: i64,
     ) -> BoxFuture<'_, Result<Vec<Record>, StoreError>> {
         blocking(&self.reader, move |conn| {
-            let mut stmt = conn.prepare_cached(&sql::history())?;
+            let mut stmt = conn.prepare_cached(&q(&sql::history()))?;
             let rows = stmt.query_map(params![contact, limit], record_from)?;
             rows.collect()
         })
@@ -267,7 +274,7 @@ impl Store for SqliteStore {
     ) -> BoxFuture<'_, Result<Vec<Record>, StoreError>> {
         let (after_at, after_id) = after.unwrap_or((i64::MIN, String::new()));
         blocking(&self.reader, move |conn| {
-            let mut stmt = conn.prepare_cached(&sql::export())?;
+            let mut stmt = conn.prepare_cached(&q(&sql::export()))?;
             let rows = stmt.query_map(
                 params![since_us, until_us, after_at, after_id, PAGE],
                 record_from,
@@ -278,7 +285,7 @@ impl Store for SqliteStore {
 
     fn chains(&self) -> BoxFuture<'_, Result<Vec<ChainInfo>, StoreError>> {
         blocking(&self.reader, |conn| {
-            let mut stmt = conn.prepare_cached(sql::CHAINS)?;
+            let mut stmt = conn.prepare_cached(&q(sql::CHAINS))?;
             let rows = stmt.query_map([], |row| {
                 Ok(ChainInfo {
                     head: head_from(row)?,
@@ -293,7 +300,7 @@ impl Store for SqliteStore {
 
     fn orphan_chains(&self) -> BoxFuture<'_, Result<Vec<String>, StoreError>> {
         blocking(&self.reader, |conn| {
-            let mut stmt = conn.prepare_cached(sql::ORPHAN_CHAINS)?;
+            let mut stmt = conn.prepare_cached(&q(sql::ORPHAN_CHAINS))?;
             let rows = stmt.query_map([], |row| row.get(0))?;
             rows.collect()
         })
@@ -301,7 +308,7 @@ impl Store for SqliteStore {
 
     fn rows(&self, chain: String, after_seq: i64) -> BoxFuture<'_, Result<Vec<Row>, StoreError>> {
         blocking(&self.reader, move |conn| {
-            let mut stmt = conn.prepare_cached(sql::ROWS)?;
+            let mut stmt = conn.prepare_cached(&q(sql::ROWS))?;
             let rows = stmt.query_map(params![chain, after_seq, PAGE], row_from)?;
             rows.collect()
         })
@@ -309,7 +316,7 @@ impl Store for SqliteStore {
 
     fn abandoned(&self, before_us: i64) -> BoxFuture<'_, Result<Vec<String>, StoreError>> {
         blocking(&self.reader, move |conn| {
-            let mut stmt = conn.prepare_cached(sql::ABANDONED)?;
+            let mut stmt = conn.prepare_cached(&q(sql::ABANDONED))?;
             let rows = stmt.query_map(params![before_us], |row| row.get(0))?;
             rows.collect()
         })
@@ -331,18 +338,22 @@ impl Store for SqliteStore {
                 let Some(key) = keys.by_id(&key_id) else {
                     continue;
                 };
-                let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+                let tx =
+                    conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
                 let cut: Option<(i64, Vec<u8>)> = tx
-                    .query_row(sql::RETENTION_CUT, params![chain, before_us], |row| {
+                    .query_row(&q(sql::RETENTION_CUT), params![chain, before_us], |row| {
                         Ok((row.get(0)?, row.get(1)?))
                     })
                     .optional()?;
                 let Some((seq, hash)) = cut.filter(|(seq, _)| *seq > base_seq) else {
                     continue;
                 };
-                removed += tx.execute(sql::RETENTION_DELETE, params![chain, seq])? as u64;
+                removed += tx.execute(&q(sql::RETENTION_DELETE), params![chain, seq])? as u64;
                 let mac = checkpoint_mac(key, &chain, seq, &hash);
-                tx.execute(sql::RETENTION_CHECKPOINT, params![chain, seq, hash, mac])?;
+                tx.execute(
+                    &q(sql::RETENTION_CHECKPOINT),
+                    params![chain, seq, hash, mac],
+                )?;
                 tx.commit()?;
             }
             Ok(removed)
@@ -355,5 +366,74 @@ impl Store for SqliteStore {
         blocking(&self.writer, |conn| {
             conn.execute_batch("BEGIN IMMEDIATE; ROLLBACK;")
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::audit::chain::ChainKeys;
+    use crate::audit::cli::{verify_store, Verdict};
+    use crate::audit::record::Outcome;
+    use crate::config::Secret;
+
+    fn pending(id: &str, at_us: i64) -> Entry {
+        Entry {
+            record_id: id.into(),
+            kind: EntryKind::Pending,
+            at_us,
+            contact_id: Some("+15550001".into()),
+            request_id: Some("req".into()),
+            client: Some("rw".into()),
+            auth: Some("api_key".into()),
+            status: Some("CONSENTED".into()),
+            previous: None,
+            outcome: None,
+            upstream_status: None,
+        }
+    }
+
+    async fn verdict(store: &SqliteStore, keys: &ChainKeys) -> Result<u64, String> {
+        match verify_store(store, keys).await.unwrap() {
+            Verdict::Intact { entries, .. } => Ok(entries),
+            Verdict::Broken(broken) => Err(broken.to_string()),
+        }
+    }
+
+    #[tokio::test]
+    async fn retention_removes_old_entries_and_the_chain_still_verifies() {
+        let dir = std::env::temp_dir().join(format!("audit-unit-{:x}", rand::random::<u64>()));
+        std::fs::create_dir(&dir).unwrap();
+        let store = SqliteStore::open(&dir.join("a.sqlite")).await.unwrap();
+        let keys = ChainKeys::from_secrets(&[Secret::new("k".repeat(32))]);
+        let key = keys.current().unwrap().clone();
+        let mut head = ChainHead::genesis("one", &key);
+        for i in 0..10 {
+            let entries = vec![
+                pending(&format!("r{i}"), i * 100),
+                Entry::completion(format!("r{i}"), i * 100 + 50, Outcome::Applied, Some(200)),
+            ];
+            head = store.append(head, key.clone(), entries).await.unwrap().head;
+        }
+        assert_eq!(verdict(&store, &keys).await, Ok(20));
+        // Everything that arrived before 450: records 0 to 4, their completions, and record 4's
+        // completion (at 450) goes with them only if older; it is not.
+        let removed = store.remove_before(450, keys.clone()).await.unwrap();
+        assert_eq!(removed, 9);
+        assert_eq!(verdict(&store, &keys).await, Ok(11));
+        // Completing a record twice is refused by the store, not by luck.
+        let again = vec![Entry::completion("r9".into(), 2000, Outcome::Unknown, None)];
+        let appended = store.append(head, key.clone(), again).await.unwrap();
+        assert_eq!(appended.already_completed.len(), 1);
+        assert_eq!(verdict(&store, &keys).await, Ok(11));
+        // Retention itself cannot be faked: a checkpoint moved without the key is found.
+        let conn = Connection::open(dir.join("a.sqlite")).unwrap();
+        conn.execute("DELETE FROM audit_entries WHERE seq = 10", [])
+            .unwrap();
+        conn.execute("UPDATE audit_chains SET base_seq = 10", [])
+            .unwrap();
+        let broken = verdict(&store, &keys).await.unwrap_err();
+        assert!(broken.contains("checkpoint"), "{broken}");
+        std::fs::remove_dir_all(dir).unwrap();
     }
 }

@@ -44,8 +44,11 @@ pub trait Store: Send + Sync + 'static {
     fn head(&self, chain: String) -> BoxFuture<'_, Result<Option<ChainHead>, StoreError>>;
 
     /// A contact's records, newest first, at most `limit`.
-    fn history(&self, contact: String, limit: i64)
-        -> BoxFuture<'_, Result<Vec<Record>, StoreError>>;
+    fn history(
+        &self,
+        contact: String,
+        limit: i64,
+    ) -> BoxFuture<'_, Result<Vec<Record>, StoreError>>;
 
     /// Records that arrived in `[since, until)`, oldest first, after `(at, id)` (paging).
     fn export(

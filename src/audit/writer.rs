@@ -157,7 +157,10 @@ impl Writer {
         let started = std::time::Instant::now();
         let result = self.append(head, entries).await;
         self.metrics.commit.observe(started.elapsed().as_secs_f64());
-        self.health.set(&self.metrics, &result.as_ref().map(|_| ()).map_err(Clone::clone));
+        self.health.set(
+            &self.metrics,
+            &result.as_ref().map(|_| ()).map_err(Clone::clone),
+        );
         match result {
             Ok(dropped) => {
                 for _ in &waiters {
@@ -218,7 +221,10 @@ impl Writer {
                 .await?
                 .unwrap_or_else(|| ChainHead::genesis(&self.chain, &self.key)),
         };
-        let appended = self.store.append(at.clone(), self.key.clone(), entries).await;
+        let appended = self
+            .store
+            .append(at.clone(), self.key.clone(), entries)
+            .await;
         match appended {
             Ok(appended) => {
                 *head = Some(appended.head);

@@ -8,9 +8,9 @@
 
 mod introspect;
 mod load;
+mod postgres_url;
 mod problems;
 mod redact;
-mod postgres_url;
 mod redis_url;
 mod schema;
 mod secret_files;

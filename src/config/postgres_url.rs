@@ -28,11 +28,9 @@ impl PostgresUrl {
         if let Some((user_info, _)) = authority.rsplit_once('@') {
             if user_info.contains(':') {
                 // Not echoed: the part after ':' is a password.
-                return Err(
-                    "must not contain a password (user:password@): put it in \
+                return Err("must not contain a password (user:password@): put it in \
                      audit.postgres_password_file"
-                        .to_owned(),
-                );
+                    .to_owned());
             }
         }
         let (base, query) = match url.split_once('?') {
@@ -89,7 +87,8 @@ mod tests {
         assert_eq!(url.config.get_ports(), &[5433]);
         assert!(url.wants_tls());
         assert_eq!(url.root_cert, Some(PathBuf::from("/etc/ca.pem")));
-        let plain = PostgresUrl::parse("postgresql://audit@127.0.0.1/consent?sslmode=disable").unwrap();
+        let plain =
+            PostgresUrl::parse("postgresql://audit@127.0.0.1/consent?sslmode=disable").unwrap();
         assert!(!plain.wants_tls());
     }
 

@@ -11,9 +11,10 @@ use super::{
     redis_url::RedisUrl,
     schema::{self, Field},
     secret_files::{read_keys, read_secret_file},
-    AuditSettings, AuditStoreKind, AuditStoreSettings, AuthSettings, BreakerSettings, CacheSettings, ClientSettings, ClusterSettings, LogSettings,
-    OAuthSettings, Permissions, Secret, ServerSettings, Settings, TalkdeskSettings, TlsFiles,
-    PostgresUrl, TokenSettings, ANONYMOUS,
+    AuditSettings, AuditStoreKind, AuditStoreSettings, AuthSettings, BreakerSettings,
+    CacheSettings, ClientSettings, ClusterSettings, LogSettings, OAuthSettings, Permissions,
+    PostgresUrl, Secret, ServerSettings, Settings, TalkdeskSettings, TlsFiles, TokenSettings,
+    ANONYMOUS,
 };
 
 const MAX_CLIENT_NAME: usize = 64;
@@ -653,7 +654,10 @@ fn audit(a: schema::Audit, p: &mut Problems) -> Option<AuditSettings> {
                 let url = p.take("audit.postgres_url", PostgresUrl::parse(&postgres_url));
                 if let Some(root_cert) = url.as_ref().and_then(|url| url.root_cert.as_ref()) {
                     let path = root_cert.display().to_string();
-                    p.take("audit.postgres_url", readable_file(&path).map_err(|e| format!("sslrootcert: {e}")));
+                    p.take(
+                        "audit.postgres_url",
+                        readable_file(&path).map_err(|e| format!("sslrootcert: {e}")),
+                    );
                 }
                 Some(AuditStoreSettings::Postgres {
                     url: postgres_url,
@@ -670,7 +674,10 @@ fn audit(a: schema::Audit, p: &mut Problems) -> Option<AuditSettings> {
             };
             p.at(
                 key,
-                format!("is required when audit.enabled = true and audit.store = \"{}\"", kind.as_str()),
+                format!(
+                    "is required when audit.enabled = true and audit.store = \"{}\"",
+                    kind.as_str()
+                ),
             );
         }
         if chain_keys.as_ref().is_some_and(Vec::is_empty) {

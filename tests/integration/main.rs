@@ -10,6 +10,7 @@
 
 mod support;
 
+mod audit;
 mod cache;
 mod cli;
 mod docs;

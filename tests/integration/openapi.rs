@@ -627,6 +627,8 @@ fn every_proxy_error() -> Vec<ProxyError> {
             retry_after: std::time::Duration::from_secs(1),
         },
         ProxyError::ClusterUnavailable("x".into()),
+        ProxyError::AuditUnavailable("x".into()),
+        ProxyError::AuditDisabled,
         ProxyError::Internal("x".into()),
     ];
     for error in &all {
@@ -646,6 +648,8 @@ fn every_proxy_error() -> Vec<ProxyError> {
             | ProxyError::UpstreamTimeout
             | ProxyError::UpstreamUnavailable { .. }
             | ProxyError::ClusterUnavailable(_)
+            | ProxyError::AuditUnavailable(_)
+            | ProxyError::AuditDisabled
             | ProxyError::Internal(_) => {}
         }
     }

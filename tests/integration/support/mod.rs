@@ -2,6 +2,8 @@
 //! HTTP client, so integration tests talk over real sockets.
 #![allow(dead_code)]
 
+pub mod audit;
+pub mod child_proxy;
 pub mod fake_upstream;
 pub mod fleet;
 pub mod history;

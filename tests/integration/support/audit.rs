@@ -1,0 +1,146 @@
+//! The audit trail in tests: a temporary directory with a SQLite store and a chain key, the
+//! contact's history as the admin route answers it, the `audit` commands of the binary, and
+//! the store made unwritable for real (`chattr +i`: root ignores file modes).
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use consent_proxy::AppHandle;
+use http::Method;
+
+use super::temp_file::TempFile;
+use super::{without_proxy_env, ProxyConfig, TestClient, ADMIN_KEY};
+
+pub const BIN: &str = env!("CARGO_BIN_EXE_consent-proxy");
+/// The chain key of these tests (the same for every instance of a test).
+pub const CHAIN_KEY: &str = "audit-chain-test-key-0123456789abcdef";
+
+/// A directory with the audit's files, removed (made writable first) when dropped.
+pub struct AuditDir {
+    dir: PathBuf,
+}
+
+impl Default for AuditDir {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl AuditDir {
+    pub fn new() -> AuditDir {
+        let dir = std::env::temp_dir().join(format!(
+            "consent-proxy-audit-{}-{:x}",
+            std::process::id(),
+            rand::random::<u64>()
+        ));
+        std::fs::create_dir_all(&dir).expect("create the audit directory");
+        std::fs::write(dir.join("chain.key"), format!("{CHAIN_KEY}\n")).expect("write the key");
+        AuditDir { dir }
+    }
+
+    pub fn sqlite_path(&self) -> PathBuf {
+        self.dir.join("audit.sqlite")
+    }
+
+    pub fn key_file(&self) -> PathBuf {
+        self.dir.join("chain.key")
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.dir
+    }
+
+    /// Auditing on in `config`, with the SQLite store here and `write_policy`.
+    pub fn sqlite<'a>(
+        &self,
+        config: &'a mut ProxyConfig,
+        write_policy: &str,
+    ) -> &'a mut ProxyConfig {
+        config
+            .set("audit.enabled", "true")
+            .set_str("audit.store", "sqlite")
+            .set_str(
+                "audit.sqlite_path",
+                &self.sqlite_path().display().to_string(),
+            )
+            .set_str(
+                "audit.chain_key_file",
+                &self.key_file().display().to_string(),
+            )
+            .set_str("audit.write_policy", write_policy)
+    }
+
+    /// The SQLite store, opened directly (as someone with access to the file would).
+    pub fn open(&self) -> rusqlite::Connection {
+        rusqlite::Connection::open(self.sqlite_path()).expect("open the audit store")
+    }
+
+    /// The store's database and write-ahead log made immutable (`chattr +i`), so that no write
+    /// reaches them, not even root's; `false` undoes it. (The shared-memory index, which SQLite
+    /// maps into memory, is left alone: a mapped page of an immutable file faults with SIGBUS.)
+    pub fn set_immutable(&self, immutable: bool) {
+        let flag = if immutable { "+i" } else { "-i" };
+        for suffix in ["", "-wal"] {
+            let file = PathBuf::from(format!("{}{suffix}", self.sqlite_path().display()));
+            if file.exists() {
+                let status = Command::new("chattr")
+                    .arg(flag)
+                    .arg(&file)
+                    .status()
+                    .expect("run chattr (e2fsprogs)");
+                assert!(status.success(), "chattr {flag} {}", file.display());
+            }
+        }
+    }
+}
+
+impl Drop for AuditDir {
+    fn drop(&mut self) {
+        self.set_immutable(false);
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// `contact`'s records from `GET /admin/audit/contacts/{contact}` (newest first).
+pub async fn history(
+    http: &TestClient,
+    proxy: &AppHandle,
+    contact: &str,
+) -> Vec<serde_json::Value> {
+    history_at(http, &proxy.admin_url(), contact).await
+}
+
+/// As [`history`], from the admin listener at `admin_url`.
+pub async fn history_at(
+    http: &TestClient,
+    admin_url: &str,
+    contact: &str,
+) -> Vec<serde_json::Value> {
+    let answer = http
+        .send(
+            Method::GET,
+            &format!("{admin_url}/admin/audit/contacts/{contact}"),
+            &[("x-api-key", ADMIN_KEY)],
+            None,
+        )
+        .await;
+    assert_eq!(answer.status, 200, "{}", answer.text());
+    answer.json()["records"]
+        .as_array()
+        .cloned()
+        .expect("records")
+}
+
+/// Runs `consent-proxy audit <args> --config <config>`.
+pub fn audit_command(config: &ProxyConfig, args: &[&str]) -> Output {
+    let file = TempFile::new("audit.toml", &config.to_toml());
+    let mut command = Command::new(BIN);
+    command
+        .arg("audit")
+        .args(args)
+        .arg("--config")
+        .arg(file.path());
+    without_proxy_env(&mut command);
+    command.output().expect("run consent-proxy audit")
+}
