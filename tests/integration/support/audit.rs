@@ -71,6 +71,31 @@ impl AuditDir {
             .set_str("audit.write_policy", write_policy)
     }
 
+    /// Auditing on in `config`, with the PostgreSQL store at `url` and `write_policy`.
+    pub fn postgres<'a>(
+        &self,
+        config: &'a mut ProxyConfig,
+        url: &str,
+        write_policy: &str,
+    ) -> &'a mut ProxyConfig {
+        config
+            .set("audit.enabled", "true")
+            .set_str("audit.store", "postgres")
+            .set_str("audit.postgres_url", url)
+            .set_str(
+                "audit.chain_key_file",
+                &self.key_file().display().to_string(),
+            )
+            .set_str("audit.write_policy", write_policy)
+    }
+
+    /// A file in this directory with `content` (a password file, say).
+    pub fn file(&self, name: &str, content: &str) -> PathBuf {
+        let path = self.dir.join(name);
+        std::fs::write(&path, content).expect("write the file");
+        path
+    }
+
     /// The SQLite store, opened directly (as someone with access to the file would).
     pub fn open(&self) -> rusqlite::Connection {
         rusqlite::Connection::open(self.sqlite_path()).expect("open the audit store")

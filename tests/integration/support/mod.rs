@@ -7,6 +7,7 @@ pub mod child_proxy;
 pub mod fake_upstream;
 pub mod fleet;
 pub mod history;
+pub mod postgres_server;
 pub mod raw_http;
 pub mod redis_server;
 pub mod relay;
