@@ -228,6 +228,9 @@ impl Spec {
     /// Validates `value` against `schema` (the JSON Schema subset the spec uses).
     fn validate(&self, schema: &Value, value: &Value, at: &str) -> Result<(), String> {
         let schema = self.resolve(schema);
+        if value.is_null() && schema["nullable"] == Value::Bool(true) {
+            return Ok(());
+        }
         for branch in schema["allOf"].as_array().into_iter().flatten() {
             self.validate(branch, value, at)?;
         }
@@ -1833,4 +1836,83 @@ async fn admin_answers_are_documented() {
         expect(&h, A, Method::DELETE, path, &admin, None, 404, P).await;
         expect(&h, A, Method::GET, path, &admin, None, 404, P).await;
     }
+}
+
+#[tokio::test]
+async fn audit_answers_are_documented() {
+    use crate::support::audit::AuditDir;
+    use Listener::{Admin as A, Consent as C};
+    use Origin::Proxy as P;
+    let dir = AuditDir::new();
+    let h = Harness::start_with(|c| {
+        dir.sqlite(c, "require");
+    })
+    .await;
+    h.wait_ready().await;
+    expect(&h, A, Method::GET, "/readyz", &[], None, 200, P).await;
+    let path = "/voicebiometrics/contacts/+15552600001/consent";
+    expect(
+        &h,
+        C,
+        Method::PUT,
+        path,
+        &[RW, JSON],
+        Some(r#"{"status":"REFUSED"}"#),
+        201,
+        P,
+    )
+    .await;
+    let admin = [("x-api-key", ADMIN_KEY)];
+    let history = "/admin/audit/contacts/%2B15552600001";
+    let r = expect(&h, A, Method::GET, history, &admin, None, 200, P).await;
+    assert_eq!(r.json()["records"].as_array().map(Vec::len), Some(1));
+    let r = expect(
+        &h,
+        A,
+        Method::GET,
+        "/admin/audit/contacts/.bad",
+        &admin,
+        None,
+        400,
+        P,
+    )
+    .await;
+    assert_eq!(r.code(), "invalid_contact_id");
+    expect(&h, A, Method::GET, history, &[], None, 401, P).await;
+    expect(&h, A, Method::GET, history, &[RW], None, 403, P).await;
+    for method in [Method::PUT, Method::POST, Method::DELETE] {
+        expect(&h, A, method, history, &admin, None, 405, P).await;
+    }
+    expect(
+        &h,
+        A,
+        Method::GET,
+        "/admin/audit/contacts/",
+        &admin,
+        None,
+        404,
+        P,
+    )
+    .await;
+    // The store unwritable: PUTs are refused (audit_unavailable), /readyz says so.
+    dir.set_immutable(true);
+    let r = expect(
+        &h,
+        C,
+        Method::PUT,
+        path,
+        &[RW, JSON],
+        Some(r#"{"status":"CONSENTED"}"#),
+        503,
+        P,
+    )
+    .await;
+    assert_eq!(r.code(), "audit_unavailable");
+    let r = expect(&h, A, Method::GET, "/readyz", &[], None, 200, P).await;
+    assert_eq!(r.json()["audit"]["store"], "down");
+    dir.set_immutable(false);
+
+    let off = Harness::start().await;
+    let r = expect(&off, A, Method::GET, history, &admin, None, 404, P).await;
+    assert_eq!(r.code(), "audit_disabled");
 }
