@@ -67,15 +67,6 @@ pub(super) struct Writer {
     pub health: Arc<Health>,
 }
 
-/// What the writer found waiting.
-enum Next {
-    Job(Job),
-    /// Every sender is gone.
-    Closed,
-    /// Nothing came within `RETRY_EVERY`: time to retry the backlog.
-    Idle,
-}
-
 struct Completion {
     entry: Entry,
     own: bool,
@@ -90,18 +81,16 @@ impl Writer {
         loop {
             let mut batch = Vec::new();
             if !stopping {
-                let next = if backlog.is_empty() {
-                    jobs.recv().await.map_or(Next::Closed, Next::Job)
+                // Err: nothing came within `RETRY_EVERY`, time to retry the backlog.
+                let received = if backlog.is_empty() {
+                    Ok(jobs.recv().await)
                 } else {
-                    match tokio::time::timeout(RETRY_EVERY, jobs.recv()).await {
-                        Ok(job) => job.map_or(Next::Closed, Next::Job),
-                        Err(_) => Next::Idle,
-                    }
+                    tokio::time::timeout(RETRY_EVERY, jobs.recv()).await
                 };
-                match next {
-                    Next::Job(Job::Stop) | Next::Closed => stopping = true,
-                    Next::Job(job) => batch.push(job),
-                    Next::Idle => {}
+                match received {
+                    Ok(Some(Job::Stop) | None) => stopping = true,
+                    Ok(Some(job)) => batch.push(job),
+                    Err(_) => {}
                 }
             }
             while batch.len() < MAX_BATCH {

@@ -11,10 +11,9 @@ use super::{
     redis_url::RedisUrl,
     schema::{self, Field},
     secret_files::{read_keys, read_secret_file},
-    AuditSettings, AuditStoreKind, AuditStoreSettings, AuthSettings, BreakerSettings,
-    CacheSettings, ClientSettings, ClusterSettings, LogSettings, OAuthSettings, Permissions,
-    PostgresUrl, Secret, ServerSettings, Settings, TalkdeskSettings, TlsFiles, TokenSettings,
-    ANONYMOUS,
+    AuthSettings, BreakerSettings, CacheSettings, ClientSettings, ClusterSettings, LogSettings,
+    OAuthSettings, Permissions, Secret, ServerSettings, Settings, TalkdeskSettings, TlsFiles,
+    TokenSettings, ANONYMOUS,
 };
 
 const MAX_CLIENT_NAME: usize = 64;
@@ -39,7 +38,7 @@ pub(super) fn settings(file: schema::ConfigFile, p: &mut Problems) -> Option<Set
     let cluster = cluster(file.cluster, p);
     shared_tier_fits(cluster.as_ref(), cache.as_ref(), server.as_ref(), p);
     let oauth = oauth(file.oauth, clustered, p);
-    let audit = audit(file.audit, p);
+    let audit = audit::audit(file.audit, p);
     let auth = p
         .value("auth.required", file.auth.required)
         .map(|required| AuthSettings { required });
@@ -595,108 +594,6 @@ fn oauth(o: schema::OAuth, clustered: bool, p: &mut Problems) -> Option<OAuthSet
     })
 }
 
-/// `[audit]`: the store's keys are checked whenever set (export and verify read a store the
-/// proxy does not write to), and required when `enabled`.
-fn audit(a: schema::Audit, p: &mut Problems) -> Option<AuditSettings> {
-    let enabled = p.value("audit.enabled", a.enabled);
-    let kind = p.value("audit.store", a.store);
-    let sqlite_path = p.value("audit.sqlite_path", a.sqlite_path);
-    let postgres_url = p.value("audit.postgres_url", a.postgres_url);
-    let password_file = p.value("audit.postgres_password_file", a.postgres_password_file);
-    let chain_keys = p.check(
-        "audit.chain_key_file",
-        a.chain_key_file,
-        key_file("an audit chain key"),
-    );
-    let retention = p.check("audit.retention_days", a.retention_days, |days| {
-        days.checked_mul(86_400)
-            .filter(|_| days <= 100 * 365)
-            .map(|secs| (secs > 0).then(|| Duration::from_secs(secs)))
-            .ok_or_else(|| format!("{days} days is more than 100 years"))
-    });
-    let write_policy = p.value("audit.write_policy", a.write_policy);
-    let (enabled, kind) = (enabled?, kind?);
-    let (sqlite_path, postgres_url, password_file) = (sqlite_path?, postgres_url?, password_file?);
-    let store = match kind {
-        AuditStoreKind::Sqlite => {
-            if !postgres_url.is_empty() || !password_file.is_empty() {
-                p.general(
-                    "audit.postgres_url and audit.postgres_password_file need \
-                     audit.store = \"postgres\"",
-                );
-            }
-            (!sqlite_path.is_empty()).then(|| AuditStoreSettings::Sqlite {
-                path: PathBuf::from(sqlite_path),
-            })
-        }
-        AuditStoreKind::Postgres => {
-            if !sqlite_path.is_empty() {
-                p.at("audit.sqlite_path", "needs audit.store = \"sqlite\"");
-            }
-            let password = if password_file.is_empty() {
-                Some(None)
-            } else {
-                p.take(
-                    "audit.postgres_password_file",
-                    read_secret_file(&password_file),
-                )
-                .map(Some)
-            };
-            if postgres_url.is_empty() {
-                if password.as_ref().is_some_and(Option::is_some) {
-                    p.at(
-                        "audit.postgres_password_file",
-                        "is set but audit.postgres_url is empty",
-                    );
-                }
-                None
-            } else {
-                let url = p.take("audit.postgres_url", PostgresUrl::parse(&postgres_url));
-                if let Some(root_cert) = url.as_ref().and_then(|url| url.root_cert.as_ref()) {
-                    let path = root_cert.display().to_string();
-                    p.take(
-                        "audit.postgres_url",
-                        readable_file(&path).map_err(|e| format!("sslrootcert: {e}")),
-                    );
-                }
-                Some(AuditStoreSettings::Postgres {
-                    url: postgres_url,
-                    password: password?,
-                })
-            }
-        }
-    };
-    if enabled {
-        if store.is_none() {
-            let key = match kind {
-                AuditStoreKind::Sqlite => "audit.sqlite_path",
-                AuditStoreKind::Postgres => "audit.postgres_url",
-            };
-            p.at(
-                key,
-                format!(
-                    "is required when audit.enabled = true and audit.store = \"{}\"",
-                    kind.as_str()
-                ),
-            );
-        }
-        if chain_keys.as_ref().is_some_and(Vec::is_empty) {
-            p.at(
-                "audit.chain_key_file",
-                "is required when audit.enabled = true (a secret of at least 32 bytes, the \
-                 same on every instance)",
-            );
-        }
-    }
-    Some(AuditSettings {
-        enabled,
-        store,
-        chain_keys: chain_keys?,
-        retention: retention?,
-        write_policy: write_policy?,
-    })
-}
-
 // ---------------------------------------------------------------------------------------------
 // Clients
 
@@ -870,5 +767,6 @@ fn permissions(list: Vec<String>) -> Result<Permissions, String> {
     }
 }
 
+mod audit;
 #[cfg(test)]
 mod tests;
