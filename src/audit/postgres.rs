@@ -25,39 +25,11 @@ const CALL_TIMEOUT: Duration = Duration::from_secs(5);
 /// The advisory lock migrations take (any constant the deployment does not use otherwise).
 const MIGRATION_LOCK: i64 = 0x636f_6e73_656e_7421;
 
-/// The schema, per version of [`MIGRATIONS`].
-const SCHEMA: [&str; 1] = ["
-CREATE TABLE audit_entries (
-    chain TEXT NOT NULL,
-    seq BIGINT NOT NULL,
-    record_id TEXT NOT NULL,
-    kind TEXT NOT NULL CHECK (kind IN ('pending', 'completion')),
-    at_us BIGINT NOT NULL,
-    contact_id TEXT,
-    request_id TEXT,
-    client TEXT,
-    auth TEXT,
-    status TEXT,
-    previous TEXT,
-    outcome TEXT,
-    upstream_status INTEGER,
-    prev_hash BYTEA NOT NULL,
-    hash BYTEA NOT NULL,
-    PRIMARY KEY (chain, seq)
-);
-CREATE UNIQUE INDEX audit_entries_record ON audit_entries (record_id, kind);
-CREATE INDEX audit_entries_contact ON audit_entries (contact_id, at_us) WHERE kind = 'pending';
-CREATE INDEX audit_entries_at ON audit_entries (at_us) WHERE kind = 'pending';
-CREATE TABLE audit_chains (
-    chain TEXT PRIMARY KEY,
-    key_id TEXT NOT NULL,
-    head_seq BIGINT NOT NULL,
-    head_hash BYTEA NOT NULL,
-    base_seq BIGINT NOT NULL DEFAULT 0,
-    base_hash BYTEA NOT NULL DEFAULT '\\x',
-    base_mac BYTEA NOT NULL DEFAULT '\\x'
-);
-"];
+const TYPES: sql::Types = sql::Types {
+    bigint: "BIGINT",
+    bytes: "BYTEA",
+    empty_bytes: "'\\x'",
+};
 
 pub struct PostgresStore {
     url: PostgresUrl,
@@ -168,31 +140,21 @@ async fn migrate(client: &mut Client) -> Result<(), StoreError> {
     tx.execute("SELECT pg_advisory_xact_lock($1)", &[&MIGRATION_LOCK])
         .await
         .map_err(failed)?;
-    tx.batch_execute(
-        "CREATE TABLE IF NOT EXISTS audit_migrations (version INTEGER PRIMARY KEY, \
-         description TEXT NOT NULL, applied_at_us BIGINT NOT NULL)",
-    )
-    .await
-    .map_err(failed)?;
+    tx.batch_execute(&sql::migrations_table(&TYPES))
+        .await
+        .map_err(failed)?;
     let applied: i32 = tx
-        .query_one(
-            "SELECT COALESCE(MAX(version), 0) FROM audit_migrations",
-            &[],
-        )
+        .query_one(sql::APPLIED_VERSION, &[])
         .await
         .map_err(failed)?
         .get(0);
-    for (index, (description, schema)) in MIGRATIONS.iter().zip(SCHEMA).enumerate() {
+    for (index, (description, schema)) in MIGRATIONS.iter().zip(sql::schema(&TYPES)).enumerate() {
         let version = index as i32 + 1;
         if version > applied {
-            tx.batch_execute(schema).await.map_err(failed)?;
-            tx.execute(
-                "INSERT INTO audit_migrations (version, description, applied_at_us) \
-                 VALUES ($1, $2, $3)",
-                &[&version, description, &now_us()],
-            )
-            .await
-            .map_err(failed)?;
+            tx.batch_execute(&schema).await.map_err(failed)?;
+            tx.execute(sql::RECORD_MIGRATION, &[&version, description, &now_us()])
+                .await
+                .map_err(failed)?;
         }
     }
     tx.commit().await.map_err(failed)

@@ -1,5 +1,73 @@
-//! SQL both stores share: the record view (a pending entry joined with its completion), with
-//! `$n` placeholders that SQLite and PostgreSQL both read.
+//! SQL both stores share: the schema, the record view (a pending entry joined with its
+//! completion) and the chain's reads and writes, with `$n` placeholders (SQLite reads them as
+//! `?n`, see `sqlite::q`).
+
+/// How a database names the column types the schema uses.
+pub struct Types {
+    /// A 64-bit integer.
+    pub bigint: &'static str,
+    /// A byte string, and its empty literal.
+    pub bytes: &'static str,
+    pub empty_bytes: &'static str,
+}
+
+/// The schema at each version of [`MIGRATIONS`](super::store::MIGRATIONS), for a database's
+/// types (documented in docs/audit.md).
+pub fn schema(types: &Types) -> [String; 1] {
+    let Types {
+        bigint,
+        bytes,
+        empty_bytes,
+    } = types;
+    [format!(
+        "
+CREATE TABLE audit_entries (
+    chain TEXT NOT NULL,
+    seq {bigint} NOT NULL,
+    record_id TEXT NOT NULL,
+    kind TEXT NOT NULL CHECK (kind IN ('pending', 'completion')),
+    at_us {bigint} NOT NULL,
+    contact_id TEXT,
+    request_id TEXT,
+    client TEXT,
+    auth TEXT,
+    status TEXT,
+    previous TEXT,
+    outcome TEXT,
+    upstream_status INTEGER,
+    prev_hash {bytes} NOT NULL,
+    hash {bytes} NOT NULL,
+    PRIMARY KEY (chain, seq)
+);
+CREATE UNIQUE INDEX audit_entries_record ON audit_entries (record_id, kind);
+CREATE INDEX audit_entries_contact ON audit_entries (contact_id, at_us) WHERE kind = 'pending';
+CREATE INDEX audit_entries_at ON audit_entries (at_us) WHERE kind = 'pending';
+CREATE TABLE audit_chains (
+    chain TEXT PRIMARY KEY,
+    key_id TEXT NOT NULL,
+    head_seq {bigint} NOT NULL,
+    head_hash {bytes} NOT NULL,
+    base_seq {bigint} NOT NULL DEFAULT 0,
+    base_hash {bytes} NOT NULL DEFAULT {empty_bytes},
+    base_mac {bytes} NOT NULL DEFAULT {empty_bytes}
+);
+"
+    )]
+}
+
+/// The table of applied versions, created first.
+pub fn migrations_table(types: &Types) -> String {
+    format!(
+        "CREATE TABLE IF NOT EXISTS audit_migrations (version INTEGER PRIMARY KEY, \
+         description TEXT NOT NULL, applied_at_us {} NOT NULL)",
+        types.bigint
+    )
+}
+
+pub const APPLIED_VERSION: &str = "SELECT COALESCE(MAX(version), 0) FROM audit_migrations";
+
+pub const RECORD_MIGRATION: &str =
+    "INSERT INTO audit_migrations (version, description, applied_at_us) VALUES ($1, $2, $3)";
 
 /// The columns of a [`Record`](super::record::Record), in `record_from` order.
 pub const SELECT_RECORDS: &str = "SELECT p.record_id, p.at_us, c.at_us, p.chain, p.contact_id, \

@@ -20,39 +20,11 @@ use crate::error::Failure;
 /// How long a call waits for a lock another process holds (`audit export` reading, say).
 const BUSY_TIMEOUT: Duration = Duration::from_secs(2);
 
-/// The schema, per version of [`MIGRATIONS`].
-const SCHEMA: [&str; 1] = ["
-CREATE TABLE audit_entries (
-    chain TEXT NOT NULL,
-    seq INTEGER NOT NULL,
-    record_id TEXT NOT NULL,
-    kind TEXT NOT NULL CHECK (kind IN ('pending', 'completion')),
-    at_us INTEGER NOT NULL,
-    contact_id TEXT,
-    request_id TEXT,
-    client TEXT,
-    auth TEXT,
-    status TEXT,
-    previous TEXT,
-    outcome TEXT,
-    upstream_status INTEGER,
-    prev_hash BLOB NOT NULL,
-    hash BLOB NOT NULL,
-    PRIMARY KEY (chain, seq)
-);
-CREATE UNIQUE INDEX audit_entries_record ON audit_entries (record_id, kind);
-CREATE INDEX audit_entries_contact ON audit_entries (contact_id, at_us) WHERE kind = 'pending';
-CREATE INDEX audit_entries_at ON audit_entries (at_us) WHERE kind = 'pending';
-CREATE TABLE audit_chains (
-    chain TEXT PRIMARY KEY,
-    key_id TEXT NOT NULL,
-    head_seq INTEGER NOT NULL,
-    head_hash BLOB NOT NULL,
-    base_seq INTEGER NOT NULL DEFAULT 0,
-    base_hash BLOB NOT NULL DEFAULT x'',
-    base_mac BLOB NOT NULL DEFAULT x''
-);
-"];
+const TYPES: sql::Types = sql::Types {
+    bigint: "INTEGER",
+    bytes: "BLOB",
+    empty_bytes: "x''",
+};
 
 pub struct SqliteStore {
     writer: Arc<Mutex<Connection>>,
@@ -118,21 +90,14 @@ impl SqliteStore {
 
 fn migrate(conn: &mut Connection) -> rusqlite::Result<()> {
     let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
-    tx.execute_batch(
-        "CREATE TABLE IF NOT EXISTS audit_migrations (version INTEGER PRIMARY KEY, \
-         description TEXT NOT NULL, applied_at_us INTEGER NOT NULL)",
-    )?;
-    let applied: i64 = tx.query_row(
-        "SELECT COALESCE(MAX(version), 0) FROM audit_migrations",
-        [],
-        |row| row.get(0),
-    )?;
-    for (index, (description, schema)) in MIGRATIONS.iter().zip(SCHEMA).enumerate() {
+    tx.execute_batch(&sql::migrations_table(&TYPES))?;
+    let applied: i64 = tx.query_row(sql::APPLIED_VERSION, [], |row| row.get(0))?;
+    for (index, (description, schema)) in MIGRATIONS.iter().zip(sql::schema(&TYPES)).enumerate() {
         let version = index as i64 + 1;
         if version > applied {
-            tx.execute_batch(schema)?;
+            tx.execute_batch(&schema)?;
             tx.execute(
-                "INSERT INTO audit_migrations (version, description, applied_at_us) VALUES (?1, ?2, ?3)",
+                &q(sql::RECORD_MIGRATION),
                 params![version, description, super::record::now_us()],
             )?;
         }

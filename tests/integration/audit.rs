@@ -10,7 +10,7 @@ use consent_proxy::consent::ConsentStatus;
 use consent_proxy::simulator::{Fault, SimRoute};
 use http::Method;
 
-use crate::support::audit::{audit_command, history, history_at, AuditDir};
+use crate::support::audit::{self, audit_command, history, AuditDir};
 use crate::support::child_proxy::ChildProxy;
 use crate::support::fake_upstream::{consent_200, Act, FakeUpstream};
 use crate::support::{
@@ -27,15 +27,13 @@ fn is_rfc3339(value: &serde_json::Value) -> bool {
 
 /// Waits until `contact`'s newest record has an outcome other than pending; returns the history.
 async fn settled_history(h: &Harness, contact: &str) -> Vec<serde_json::Value> {
-    let records = Mutex::new(Vec::new());
-    wait_until(Duration::from_secs(10), || async {
-        let found = history(&h.http, &h.proxy, contact).await;
-        let settled = found.first().is_some_and(|r| r["outcome"] != "pending");
-        *records.lock().unwrap() = found;
-        settled
-    })
-    .await;
-    records.into_inner().unwrap()
+    audit::settled_history(
+        &h.http,
+        &h.proxy.admin_url(),
+        contact,
+        Duration::from_secs(10),
+    )
+    .await
 }
 
 #[tokio::test]
@@ -294,36 +292,12 @@ async fn a_crash_while_the_put_is_at_upstream_leaves_it_pending_until_the_next_s
     let dir = AuditDir::new();
     let sim = start_simulator().await;
     // Upstream holds every PUT: the instance dies while waiting for it.
-    let upstream = FakeUpstream::start(|seen, _| {
-        if seen.method == "PUT" {
-            Act::Hang
-        } else {
-            Act::Send(consent_200("CONSENTED"))
-        }
-    })
-    .await;
+    let upstream = audit::upstream_holding_puts().await;
     let mut config = ProxyConfig::for_upstream(&upstream.url(), &sim.token_url());
     dir.sqlite(&mut config, "require")
         .set("server.request_timeout_ms", "30000")
         .set("talkdesk.timeout_ms", "30000");
-    let proxy = ChildProxy::start(&config);
-    let http = TestClient::new();
-    let url = format!("{}/voicebiometrics/contacts/{CONTACT}/consent", proxy.url);
-    let put = tokio::spawn({
-        let http = http.clone();
-        async move {
-            http.send(
-                Method::PUT,
-                &url,
-                &[("x-api-key", RW_KEY), ("content-type", "application/json")],
-                Some(r#"{"status":"REFUSED"}"#.into()),
-            )
-            .await
-        }
-    });
-    upstream.wait_for_requests(1).await;
-    proxy.kill9();
-    put.abort();
+    audit::crash_at_upstream(ChildProxy::start(&config), &upstream, CONTACT, "REFUSED").await;
     let outcomes: Vec<String> = dir
         .open()
         .prepare(
@@ -338,15 +312,13 @@ async fn a_crash_while_the_put_is_at_upstream_leaves_it_pending_until_the_next_s
     assert_eq!(outcomes, ["pending"], "the crash left the record pending");
 
     let restarted = ChildProxy::start(&config);
-    let found = Mutex::new(Vec::new());
-    wait_until(Duration::from_secs(10), || async {
-        let records = history_at(&http, &restarted.admin_url, CONTACT).await;
-        let settled = records.first().is_some_and(|r| r["outcome"] != "pending");
-        *found.lock().unwrap() = records;
-        settled
-    })
+    let records = audit::settled_history(
+        &TestClient::new(),
+        &restarted.admin_url,
+        CONTACT,
+        Duration::from_secs(10),
+    )
     .await;
-    let records = found.into_inner().unwrap();
     assert_eq!(records.len(), 1);
     assert_eq!(records[0]["outcome"], "unknown");
     assert_eq!(records[0]["upstream_status"], serde_json::Value::Null);

@@ -9,11 +9,9 @@ use std::sync::Mutex;
 use std::time::Duration;
 
 use consent_proxy::consent::ConsentStatus;
-use http::Method;
 
-use crate::support::audit::{audit_command, history, history_at, AuditDir};
+use crate::support::audit::{self, audit_command, history, AuditDir};
 use crate::support::child_proxy::ChildProxy;
-use crate::support::fake_upstream::{consent_200, Act, FakeUpstream};
 use crate::support::fleet::Instance;
 use crate::support::postgres_server::{PostgresServer, PASSWORD};
 use crate::support::{
@@ -129,14 +127,7 @@ async fn a_crash_at_upstream_leaves_the_record_pending_until_it_is_resolved_as_u
     let database = pg.create_database();
     let dir = AuditDir::new();
     let sim = start_simulator().await;
-    let upstream = FakeUpstream::start(|seen, _| {
-        if seen.method == "PUT" {
-            Act::Hang
-        } else {
-            Act::Send(consent_200("CONSENTED"))
-        }
-    })
-    .await;
+    let upstream = audit::upstream_holding_puts().await;
     let mut config = ProxyConfig::for_upstream(&upstream.url(), &sim.token_url());
     dir.postgres(
         &mut config,
@@ -144,37 +135,18 @@ async fn a_crash_at_upstream_leaves_the_record_pending_until_it_is_resolved_as_u
         "require",
     )
     .set("server.request_timeout_ms", "2000");
-    let proxy = ChildProxy::start(&config);
-    let http = TestClient::new();
-    let url = format!("{}/voicebiometrics/contacts/{CONTACT}/consent", proxy.url);
-    let put = tokio::spawn({
-        let http = http.clone();
-        async move {
-            http.send(
-                Method::PUT,
-                &url,
-                &[("x-api-key", RW_KEY), ("content-type", "application/json")],
-                Some(r#"{"status":"REFUSED"}"#.into()),
-            )
-            .await
-        }
-    });
-    upstream.wait_for_requests(1).await;
-    proxy.kill9();
-    put.abort();
+    audit::crash_at_upstream(ChildProxy::start(&config), &upstream, CONTACT, "REFUSED").await;
     assert_eq!(outcomes(&pg, &database), ["pending"]);
 
     // Any instance resolves it once the request's deadline has long passed (3 deadlines).
     let other = ChildProxy::start(&config);
-    let found = Mutex::new(Vec::new());
-    wait_until(Duration::from_secs(20), || async {
-        let records = history_at(&http, &other.admin_url, CONTACT).await;
-        let settled = records.first().is_some_and(|r| r["outcome"] != "pending");
-        *found.lock().unwrap() = records;
-        settled
-    })
+    let records = audit::settled_history(
+        &TestClient::new(),
+        &other.admin_url,
+        CONTACT,
+        Duration::from_secs(20),
+    )
     .await;
-    let records = found.into_inner().unwrap();
     assert_eq!(records[0]["outcome"], "unknown");
     assert_eq!(outcomes(&pg, &database), ["unknown"]);
     let verified = audit_command(&config, &["verify"]);

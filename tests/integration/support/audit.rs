@@ -6,11 +6,16 @@
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
+use std::sync::Mutex;
+use std::time::Duration;
+
 use consent_proxy::AppHandle;
 use http::Method;
 
+use super::child_proxy::ChildProxy;
+use super::fake_upstream::{consent_200, Act, FakeUpstream};
 use super::temp_file::TempFile;
-use super::{without_proxy_env, ProxyConfig, TestClient, ADMIN_KEY};
+use super::{wait_until, without_proxy_env, ProxyConfig, TestClient, ADMIN_KEY, RW_KEY};
 
 pub const BIN: &str = env!("CARGO_BIN_EXE_consent-proxy");
 /// The chain key of these tests (the same for every instance of a test).
@@ -155,6 +160,62 @@ pub async fn history_at(
         .as_array()
         .cloned()
         .expect("records")
+}
+
+/// Waits until `contact`'s newest record (on the admin listener at `admin_url`) has an outcome
+/// other than pending, within `limit`; returns the records, newest first.
+pub async fn settled_history(
+    http: &TestClient,
+    admin_url: &str,
+    contact: &str,
+    limit: Duration,
+) -> Vec<serde_json::Value> {
+    let found = Mutex::new(Vec::new());
+    wait_until(limit, || async {
+        let records = history_at(http, admin_url, contact).await;
+        let settled = records.first().is_some_and(|r| r["outcome"] != "pending");
+        *found.lock().unwrap() = records;
+        settled
+    })
+    .await;
+    found.into_inner().unwrap()
+}
+
+/// An upstream that holds every PUT (never answers it) and answers GETs `CONSENTED`.
+pub async fn upstream_holding_puts() -> FakeUpstream {
+    FakeUpstream::start(|seen, _| {
+        if seen.method == "PUT" {
+            Act::Hang
+        } else {
+            Act::Send(consent_200("CONSENTED"))
+        }
+    })
+    .await
+}
+
+/// Sends a PUT of `status` for `contact` through the child `proxy` and kills it (`-9`) once
+/// `upstream` holds the PUT.
+pub async fn crash_at_upstream(
+    proxy: ChildProxy,
+    upstream: &FakeUpstream,
+    contact: &str,
+    status: &str,
+) {
+    let url = format!("{}/voicebiometrics/contacts/{contact}/consent", proxy.url);
+    let body = format!(r#"{{"status":"{status}"}}"#);
+    let put = tokio::spawn(async move {
+        TestClient::new()
+            .send(
+                Method::PUT,
+                &url,
+                &[("x-api-key", RW_KEY), ("content-type", "application/json")],
+                Some(body),
+            )
+            .await
+    });
+    upstream.wait_for_requests(1).await;
+    proxy.kill9();
+    put.abort();
 }
 
 /// Runs `consent-proxy audit <args> --config <config>`.

@@ -187,12 +187,16 @@ impl PostgresServer {
         self.psql_in("postgres", sql)
     }
 
-    /// `SIGKILL` to the postmaster: new connections are refused at once and its backends end.
+    /// `SIGKILL` to the server: its backends (the postmaster's children, so that no open
+    /// connection can still commit), then the postmaster, stopped first so that it forks no
+    /// new one meanwhile.
     pub fn kill(&mut self) {
         let pid = std::fs::read_to_string(self.dir.join("data/postmaster.pid"))
             .ok()
             .and_then(|text| text.lines().next().map(str::to_owned));
         if let Some(pid) = pid {
+            let _ = Command::new("kill").args(["-STOP", &pid]).status();
+            let _ = Command::new("pkill").args(["-KILL", "-P", &pid]).status();
             let _ = Command::new("kill").args(["-KILL", &pid]).status();
         }
         if let Some(mut child) = self.child.take() {
