@@ -229,14 +229,10 @@ async fn audit_only(
     sim: &Simulator,
 ) -> (Audit, consent_proxy::audit::AuditTasks) {
     let settings = settings(sim, audit_toml);
-    Audit::start(
-        &settings.audit,
-        Duration::from_secs(10),
-        &prometheus::Registry::new(),
-    )
-    .await
-    .expect("audit starts")
-    .expect("audit on")
+    Audit::start(&settings, &prometheus::Registry::new())
+        .await
+        .expect("audit starts")
+        .expect("audit on")
 }
 
 /// `writers` tasks making records pending and completing them until `records` are made.
@@ -298,7 +294,7 @@ fn throughput_and_verify(stores: &Stores) {
             tasks.stop().await;
             let settings = settings(&sim, &toml);
             let started = Instant::now();
-            let verdict = cli::verify(&settings.audit).await.expect("verify");
+            let verdict = cli::verify(&settings).await.expect("verify");
             let verified_in = started.elapsed();
             let entries = match verdict {
                 cli::Verdict::Intact { entries, .. } => entries,

@@ -3,7 +3,8 @@
 # rule tests, the bounded soak tests (one proxy; three in cluster mode), the schemathesis run
 # against `consent-proxy demo` and the container image built and run with podman
 # (scripts/container-test.sh). Installs what a fresh machine lacks first (Debian packages:
-# prometheus, redis-server for the cluster tests, postgresql for the audit store's, podman; the oidc-provider npm package, Python
+# prometheus, redis-server for the cluster tests, tinyproxy for the egress tests, postgresql for
+# the audit store's, podman; the oidc-provider npm package, Python
 # virtualenvs for the OAuth client test and for schemathesis). Exits non-zero on the first
 # failure.
 set -euo pipefail
@@ -15,6 +16,7 @@ step() { printf '\n==> %s\n' "$*"; }
 missing=()
 command -v promtool >/dev/null 2>&1 || missing+=(prometheus)
 command -v redis-server >/dev/null 2>&1 || missing+=(redis-server)
+command -v tinyproxy >/dev/null 2>&1 || missing+=(tinyproxy)
 # The audit store's tests start their own PostgreSQL (/usr/lib/postgresql/*/bin) and make a
 # SQLite file immutable with chattr.
 compgen -G '/usr/lib/postgresql/*/bin/postgres' >/dev/null || missing+=(postgresql)

@@ -74,7 +74,7 @@ pub struct AppHandle {
 impl App {
     /// Starts the proxy with the default outbound TLS roots (webpki).
     pub async fn start(settings: Settings) -> Result<AppHandle, StartError> {
-        let transport = Transport::new(settings.talkdesk.timeout);
+        let transport = Transport::new(settings.talkdesk.timeout, &settings.egress);
         Self::start_with_transport(settings, transport).await
     }
 
@@ -131,10 +131,7 @@ impl App {
             AdmissionMetrics::register(&registry),
         ));
         let mut tasks = vec![refresher];
-        let (audit, audit_tasks) =
-            Audit::start(&settings.audit, settings.server.request_timeout, &registry)
-                .await?
-                .unzip();
+        let (audit, audit_tasks) = Audit::start(&settings, &registry).await?.unzip();
         let service = ConsentService::new(
             api,
             cache.clone(),
@@ -172,7 +169,7 @@ impl App {
         }
 
         let routes = Arc::new(ConsentRoutes::new(
-            service,
+            service.clone(),
             auth.clone(),
             HttpMetrics::register(&registry),
             RouteLimits {
@@ -185,9 +182,7 @@ impl App {
         let serving = Arc::new(AtomicBool::new(false));
         let admin = Arc::new(AdminRoutes::new(
             registry.clone(),
-            cache.clone(),
-            cluster.clone(),
-            audit.clone(),
+            service,
             tokens.clone(),
             auth,
             serving.clone(),

@@ -175,6 +175,9 @@ async fn serve(config: Option<PathBuf>) -> CommandResult {
         Settings::load(config.as_deref()).map_err(|e| format!("invalid configuration:\n{e}"))?;
     logging::init(&settings.log)?;
     log_effective_configuration(&settings);
+    for warning in settings.warnings() {
+        tracing::warn!("configuration: {warning}");
+    }
     let stop = shutdown_signal();
     let proxy = App::start(settings).await?;
     stop.await;
@@ -251,6 +254,9 @@ fn check_config(config: Option<PathBuf>) -> ExitCode {
     match Settings::load(config.as_deref()) {
         Ok(settings) => {
             print!("{}", settings.redacted_toml());
+            for warning in settings.warnings() {
+                eprintln!("warning: {warning}");
+            }
             ExitCode::SUCCESS
         }
         Err(errors) => {
@@ -292,7 +298,7 @@ async fn audit(command: AuditCommand) -> ExitCode {
             };
             let mut out = std::io::BufWriter::new(std::io::stdout().lock());
             let exported = audit_cli::export(
-                &settings.audit,
+                &settings,
                 since.as_deref(),
                 until.as_deref(),
                 format,
@@ -309,7 +315,7 @@ async fn audit(command: AuditCommand) -> ExitCode {
         }
         AuditCommand::Verify { .. } => {
             let started = std::time::Instant::now();
-            match audit_cli::verify(&settings.audit).await {
+            match audit_cli::verify(&settings).await {
                 Ok(Verdict::Intact { chains, entries }) => {
                     println!(
                         "audit trail intact: {entries} entries in {chains} chains, checked in {:.3} s",

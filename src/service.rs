@@ -3,25 +3,25 @@
 //! so that a caller hanging up cannot leave the cache behind upstream. In cluster mode a
 //! write is announced to the other instances before it goes upstream and its outcome after,
 //! and with the shared cache a fill looks in the cluster's shared tier before going upstream.
+//! With the audit trail on, a write's pending record is made durable before anything else, and
+//! completed with its outcome.
 
 use std::sync::Arc;
 
-use http::HeaderValue;
 use prometheus::{IntCounter, Registry};
 use tokio::time::Instant;
 
 use crate::audit::{Audit, Draft, Outcome as AuditOutcome};
 use crate::auth::AuthMethod;
-use crate::cache::{
-    CacheStatus, ConsentCache, FillLead, FillResult, FillWaiter, Lookup, Settled, WriteOutcome,
-};
+use crate::cache::{CacheStatus, ConsentCache, FillLead, FillResult, FillWaiter, Lookup, Settled};
 use crate::cluster::shared::FillReport;
-use crate::cluster::Cluster;
+use crate::cluster::{Cluster, ClusterStatus};
 use crate::consent::{consent_status_of, ConsentAnswer};
-use crate::consent::{ConsentStatus, ContactId};
-use crate::error::{Failure, ProxyError};
+use crate::consent::{ConsentStatus, ContactId, WriteOutcome};
+use crate::error::{ErrorChain, Failure, ProxyError};
 use crate::metrics;
-use crate::upstream::client::{ConsentApi, LastAttempt};
+use crate::request::RequestContext;
+use crate::upstream::client::ConsentApi;
 
 #[derive(Clone)]
 pub struct WriteMetrics {
@@ -59,13 +59,6 @@ pub struct ConsentService {
     writes: WriteMetrics,
 }
 
-/// Who writes, as the audit trail records it.
-pub struct Author {
-    /// The client's name (`anonymous` without authentication).
-    pub client: String,
-    pub auth: AuthMethod,
-}
-
 impl ConsentService {
     pub fn new(
         api: Arc<ConsentApi>,
@@ -84,23 +77,17 @@ impl ConsentService {
     }
 
     /// Reads through the cache. When this request's own fetch goes upstream (a miss or a
-    /// bypass), its attempts are reported to `upstream`. A hit near the end of its TTL starts
+    /// bypass), its attempts are reported to `request`. A hit near the end of its TTL starts
     /// the entry's refresh in the background; a fill upstream cannot answer may be answered
     /// from the cache (`STALE`, see `cache::settle`).
-    pub async fn read(
-        &self,
-        contact: &ContactId,
-        request_id: &HeaderValue,
-        deadline: Instant,
-        upstream: &LastAttempt,
-    ) -> Settled {
-        // Built only when the fetch runs (a miss, a bypass or a refresh): a hit clones nothing,
-        // and cloning a new request id's bytes would allocate a shared copy.
-        let fetch = |last: LastAttempt| {
+    pub async fn read(&self, contact: &ContactId, request: &RequestContext) -> Settled {
+        let deadline = request.deadline;
+        // Built only when a fill runs in its own task (a miss or a refresh): a hit clones
+        // nothing, and cloning a new request id's bytes would allocate a shared copy.
+        let fetch = |context: RequestContext| {
             let api = self.api.clone();
             let contact = contact.clone();
-            let request_id = request_id.clone();
-            async move { api.get(&contact, &request_id, deadline, &last).await }
+            async move { api.get(&contact, &context).await }
         };
         let (cache_status, answer) = match self.cache.lookup(contact) {
             Lookup::Hit(hit) => {
@@ -108,7 +95,7 @@ impl ConsentService {
                     // Straight upstream, also with the shared tier (which would answer with an
                     // entry as old as this one). Its attempts are not this request's: they are
                     // not in its log line.
-                    drop(refresh.spawn(fetch(LastAttempt::default())));
+                    drop(refresh.spawn(fetch(request.detached())));
                 }
                 return Settled {
                     status: CacheStatus::Hit,
@@ -125,7 +112,7 @@ impl ConsentService {
             }
             Lookup::Lead(lead) => {
                 let (waiter, report) =
-                    self.lead_fill(lead, contact, deadline, fetch(upstream.clone()));
+                    self.lead_fill(lead, contact, deadline, fetch(request.hand_over()));
                 let settled = self
                     .cache
                     .settle(contact, CacheStatus::Miss, waiter, deadline)
@@ -143,8 +130,8 @@ impl ConsentService {
                 }
                 return settled;
             }
-            Lookup::Bypass => (CacheStatus::Bypass, fetch(upstream.clone()).await),
-            Lookup::Unsynced => (CacheStatus::Unsynced, fetch(upstream.clone()).await),
+            Lookup::Bypass => (CacheStatus::Bypass, self.api.get(contact, request).await),
+            Lookup::Unsynced => (CacheStatus::Unsynced, self.api.get(contact, request).await),
         };
         Settled {
             status: cache_status,
@@ -179,36 +166,34 @@ impl ConsentService {
     /// Writes upstream, then updates the cache; answered 2xx only when upstream said 2xx.
     /// With the audit trail on, the write's pending record is made durable first (refused with
     /// `audit_unavailable`, upstream not called, when that fails under `audit.write_policy =
-    /// "require"`) and completed with the outcome. In a cluster the write is then announced
-    /// (refused with `cluster_unavailable`, upstream not called, when that fails under
-    /// `write_policy = "require"`), and its outcome is announced before the answer. The
-    /// upstream attempts are reported to `upstream`.
+    /// "require"`; `client` is the caller's name in it) and completed with the outcome. In a
+    /// cluster the write is then announced (refused with `cluster_unavailable`, upstream not
+    /// called, when that fails under `write_policy = "require"`), and its outcome is announced
+    /// before the answer. The upstream attempts are reported to `request`.
     pub async fn write(
         &self,
         contact: &ContactId,
         status: ConsentStatus,
-        request_id: &HeaderValue,
-        deadline: Instant,
-        upstream: &LastAttempt,
-        author: Author,
+        request: &RequestContext,
+        client: &str,
     ) -> Result<ConsentAnswer, ProxyError> {
         let service = self.clone();
         let contact = contact.clone();
-        let request_id = request_id.clone();
-        let last = upstream.clone();
+        let request = request.hand_over();
+        let client = client.to_owned();
         let task = tokio::spawn(async move {
             let record = match &service.audit {
                 None => None,
                 Some(audit) => {
                     let draft = Draft {
                         contact: contact.clone(),
-                        request_id: request_id.to_str().unwrap_or("-").to_owned(),
-                        client: author.client,
-                        auth: author.auth,
+                        request_id: request.id.to_str().unwrap_or("-").to_owned(),
+                        client,
+                        auth: request.caller.map_or(AuthMethod::None, |c| c.method),
                         status,
                         previous: service.cache.known_status(&contact),
                     };
-                    audit.begin(draft, deadline).await?
+                    audit.begin(draft, request.deadline).await?
                 }
             };
             let write = service.cache.begin_write(&contact);
@@ -225,27 +210,24 @@ impl ConsentService {
                     }
                 },
             };
-            let written = service
-                .api
-                .put(&contact, status, &request_id, deadline, &last)
-                .await;
+            let written = service.api.put(&contact, status, &request).await;
             let outcome = match &written.answer {
                 Ok(answer) if answer.status.is_success() => {
-                    let status = consent_status_of(&answer.body).unwrap_or(status);
                     service.writes.acknowledged(status);
-                    WriteOutcome::Applied(status)
+                    applied(&contact, status, consent_status_of(&answer.body))
                 }
                 _ if written.maybe_applied => WriteOutcome::Unknown,
                 _ => WriteOutcome::NotApplied,
             };
             write.finish(outcome);
             if let Some(record) = record {
-                let upstream_status = written.answer.as_ref().ok().map(|a| a.status.as_u16());
-                let audited = match outcome {
-                    WriteOutcome::Applied(_) => AuditOutcome::Applied,
-                    WriteOutcome::Unknown => AuditOutcome::Unknown,
-                    WriteOutcome::NotApplied => AuditOutcome::Refused,
+                // By upstream's answer: a 2xx applied the write, whatever the cache makes of it.
+                let audited = match &written.answer {
+                    Ok(answer) if answer.status.is_success() => AuditOutcome::Applied,
+                    _ if written.maybe_applied => AuditOutcome::Unknown,
+                    _ => AuditOutcome::Refused,
                 };
+                let upstream_status = written.answer.as_ref().ok().map(|a| a.status.as_u16());
                 record.complete(audited, upstream_status);
             }
             if let Some(announced) = announced {
@@ -255,5 +237,68 @@ impl ConsentService {
         });
         task.await
             .unwrap_or_else(|err| Err(ProxyError::Internal(Failure::new("write task failed", err))))
+    }
+
+    /// Drops the contact's cached answer here and, in a cluster, on the other instances and in
+    /// the shared tier. Without Redis they cannot be told, but then they do not answer from
+    /// their caches either, and flush them when they reconnect; the shared tier's entry,
+    /// though, stays until its TTL unless the purge is repeated once Redis is back (the
+    /// warning says so).
+    pub async fn purge(&self, contact: &ContactId) {
+        self.cache.purge(contact);
+        if let Some(cluster) = &self.cluster {
+            if let Err(problem) = cluster.announce_purge(contact).await {
+                tracing::warn!(
+                    contact = %contact.masked(),
+                    error = %ErrorChain(&problem),
+                    "the purge could not be announced to the other instances (nor applied to the \
+                     shared tier, if on): repeat it once Redis is back"
+                );
+            }
+        }
+    }
+
+    /// The audit trail, when `audit.enabled` (the admin listener reads histories through it).
+    pub fn audit(&self) -> Option<&Audit> {
+        self.audit.as_ref()
+    }
+
+    /// Brings the gauges read at scrape time up to date: the cache's entries, the cluster's
+    /// feed.
+    pub fn refresh_gauges(&self) {
+        self.cache.refresh_entry_gauge();
+        if let Some(cluster) = &self.cluster {
+            cluster.refresh_gauge();
+        }
+    }
+
+    /// The cluster feed's state, in cluster mode.
+    pub fn cluster_status(&self) -> Option<ClusterStatus> {
+        self.cluster.as_ref().map(Cluster::status)
+    }
+}
+
+/// What a write upstream acknowledged (2xx) did, given the status its answer names, if any.
+/// An answer naming another status than the one written contradicts the acknowledgement: the
+/// contact's status is then unknown, as after a timeout, and the cached answer is dropped
+/// rather than set to either (docs/ARCHITECTURE.md, "Writes"). The caller still gets
+/// upstream's answer as it is.
+fn applied(
+    contact: &ContactId,
+    written: ConsentStatus,
+    echoed: Option<ConsentStatus>,
+) -> WriteOutcome {
+    match echoed {
+        Some(echoed) if echoed != written => {
+            tracing::warn!(
+                contact = %contact.masked(),
+                written = %written,
+                echoed = %echoed,
+                "upstream acknowledged a consent write with another status; the contact's \
+                 cached answer is dropped"
+            );
+            WriteOutcome::Unknown
+        }
+        _ => WriteOutcome::Applied(written),
     }
 }

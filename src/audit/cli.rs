@@ -6,7 +6,7 @@ use std::io::Write;
 use super::chain::{Broken, ChainCheck, ChainKeys};
 use super::record::{parse_time, Record, CSV_COLUMNS};
 use super::store::{self, Store};
-use crate::config::{AuditSettings, AuditStoreSettings};
+use crate::config::{AuditStoreSettings, Settings};
 use crate::error::Failure;
 
 /// `--format` of `audit export`.
@@ -24,8 +24,8 @@ pub enum Verdict {
     Broken(Broken),
 }
 
-async fn open(settings: &AuditSettings) -> Result<std::sync::Arc<dyn Store>, Failure> {
-    let Some(store) = &settings.store else {
+async fn open(settings: &Settings) -> Result<std::sync::Arc<dyn Store>, Failure> {
+    let Some(store) = &settings.audit.store else {
         return Err(Failure::msg(
             "no audit store is configured (audit.sqlite_path or audit.postgres_url)",
         ));
@@ -39,12 +39,13 @@ async fn open(settings: &AuditSettings) -> Result<std::sync::Arc<dyn Store>, Fai
             )));
         }
     }
-    store::open(store).await
+    let extra_roots = settings.egress.extra_roots.as_ref();
+    store::open(store, extra_roots.map_or(&[], |r| &r.certificates[..])).await
 }
 
 /// Writes the records that arrived in `[since, until)` to `out`, oldest first; returns how many.
 pub async fn export(
-    settings: &AuditSettings,
+    settings: &Settings,
     since: Option<&str>,
     until: Option<&str>,
     format: ExportFormat,
@@ -83,8 +84,8 @@ pub async fn export(
 }
 
 /// Checks every chain from its checkpoint (or beginning) to its head.
-pub async fn verify(settings: &AuditSettings) -> Result<Verdict, Failure> {
-    let keys = ChainKeys::from_secrets(&settings.chain_keys);
+pub async fn verify(settings: &Settings) -> Result<Verdict, Failure> {
+    let keys = ChainKeys::from_secrets(&settings.audit.chain_keys);
     if keys.current().is_none() {
         return Err(Failure::msg(
             "audit.chain_key_file is not set: the chain cannot be checked without its key",

@@ -30,7 +30,6 @@ mod store;
 mod writer;
 
 use std::sync::Arc;
-use std::time::Duration;
 
 use prometheus::Registry;
 use tokio::sync::{mpsc, oneshot, watch};
@@ -38,7 +37,7 @@ use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
 use crate::auth::AuthMethod;
-use crate::config::{AuditSettings, WritePolicy};
+use crate::config::{Settings, WritePolicy};
 use crate::consent::{ConsentStatus, ContactId};
 use crate::error::{ErrorChain, Failure, ProxyError};
 pub use metrics::AuditMetrics;
@@ -131,10 +130,13 @@ impl Audit {
     /// Opens the store (creating and migrating its schema), resolves what a crash left pending
     /// and starts the chain writer and the maintenance task. `None` unless `audit.enabled`.
     pub async fn start(
-        settings: &AuditSettings,
-        request_timeout: Duration,
+        settings: &Settings,
         registry: &Registry,
     ) -> Result<Option<(Audit, AuditTasks)>, AuditStartError> {
+        let request_timeout = settings.server.request_timeout;
+        let extra_roots = settings.egress.extra_roots.as_ref();
+        let extra_roots = extra_roots.map_or(&[][..], |r| &r.certificates[..]);
+        let settings = &settings.audit;
         let (true, Some(store_settings), Some(key)) = (
             settings.enabled,
             settings.store.as_ref(),
@@ -144,7 +146,9 @@ impl Audit {
         ) else {
             return Ok(None);
         };
-        let store = store::open(store_settings).await.map_err(AuditStartError)?;
+        let store = store::open(store_settings, extra_roots)
+            .await
+            .map_err(AuditStartError)?;
         let metrics = AuditMetrics::register(registry);
         let health = Arc::new(Health::default());
         let instance = instance_name();

@@ -2,7 +2,8 @@
 //! in the proxy: `tokio-postgres` asks for a `MakeTlsConnect`, and this is one over
 //! `tokio-rustls` (the `tokio-postgres-rustls` crate would add x509 parsing and two proc-macro
 //! crates for channel binding, which the proxy does not use). The server's certificate is
-//! always verified: against the built-in roots, or the PEM file of `sslrootcert`.
+//! always verified: against the built-in roots and `egress.ca_file`'s, or only the PEM file of
+//! `sslrootcert` (libpq's meaning) when the URL names one.
 
 use std::io;
 use std::path::Path;
@@ -15,21 +16,29 @@ use rustls::pki_types::{pem::PemObject, CertificateDer, ServerName};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio_postgres::tls::{ChannelBinding, MakeTlsConnect, TlsConnect};
 
+use crate::config::files::FileKind;
+
 #[derive(Clone)]
 pub struct MakeRustls {
     config: Arc<rustls::ClientConfig>,
 }
 
 impl MakeRustls {
-    /// Trusting the PEM roots in `root_cert`, or the built-in ones.
-    pub fn new(root_cert: Option<&Path>) -> io::Result<MakeRustls> {
+    /// Trusting the PEM roots in `root_cert`, or else the built-in ones and `extra_roots`.
+    pub fn new(
+        root_cert: Option<&Path>,
+        extra_roots: &[CertificateDer<'static>],
+    ) -> io::Result<MakeRustls> {
         let config = match root_cert {
-            None => crate::tls::webpki_client_config(),
+            None => crate::tls::client_config(extra_roots),
             Some(path) => {
                 crate::tls::install_crypto_provider();
                 let mut roots = rustls::RootCertStore::empty();
-                let certs = CertificateDer::pem_file_iter(path)
-                    .and_then(|iter| iter.collect::<Result<Vec<_>, _>>())
+                // Read like every file the proxy reads: bounded, a regular file.
+                let pem = crate::config::files::read_text(path, FileKind::Certificates)
+                    .map_err(|e| io::Error::other(format!("sslrootcert: {e}")))?;
+                let certs = CertificateDer::pem_slice_iter(pem.text.as_bytes())
+                    .collect::<Result<Vec<_>, _>>()
                     .map_err(|e| {
                         io::Error::other(format!("sslrootcert '{}': {e}", path.display()))
                     })?;

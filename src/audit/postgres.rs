@@ -61,11 +61,15 @@ async fn bounded<T>(
 impl PostgresStore {
     /// Checks the URL and the TLS roots; the connection is made on first use (a store that is
     /// down when the proxy starts does not stop it from serving GETs).
-    pub async fn open(url: &str, password: Option<Secret>) -> Result<PostgresStore, StoreError> {
+    pub async fn open(
+        url: &str,
+        password: Option<Secret>,
+        extra_roots: &[rustls::pki_types::CertificateDer<'static>],
+    ) -> Result<PostgresStore, StoreError> {
         let url = PostgresUrl::parse(url).map_err(Failure::msg)?;
         let tls = if url.wants_tls() {
             Some(
-                MakeRustls::new(url.root_cert.as_deref())
+                MakeRustls::new(url.root_cert.as_deref(), extra_roots)
                     .map_err(|e| Failure::new("cannot set up TLS to PostgreSQL", e))?,
             )
         } else {

@@ -82,14 +82,18 @@ pub trait Store: Send + Sync + 'static {
     fn ping(&self) -> BoxFuture<'_, Result<(), StoreError>>;
 }
 
-/// Opens (creating and migrating) the configured store.
-pub async fn open(settings: &AuditStoreSettings) -> Result<Arc<dyn Store>, StoreError> {
+/// Opens (creating and migrating) the configured store; PostgreSQL over TLS trusts
+/// `extra_roots` (`egress.ca_file`) besides the built-in roots.
+pub async fn open(
+    settings: &AuditStoreSettings,
+    extra_roots: &[rustls::pki_types::CertificateDer<'static>],
+) -> Result<Arc<dyn Store>, StoreError> {
     match settings {
         AuditStoreSettings::Sqlite { path } => {
             Ok(Arc::new(super::sqlite::SqliteStore::open(path).await?))
         }
         AuditStoreSettings::Postgres { url, password } => Ok(Arc::new(
-            super::postgres::PostgresStore::open(url, password.clone()).await?,
+            super::postgres::PostgresStore::open(url, password.clone(), extra_roots).await?,
         )),
     }
 }

@@ -12,12 +12,11 @@ use hyper::body::Incoming;
 use prometheus::Registry;
 use serde_json::json;
 
-use crate::audit::{Audit, Record};
+use crate::audit::Record;
 use crate::auth::{Authenticator, Permission};
-use crate::cache::ConsentCache;
-use crate::cluster::Cluster;
 use crate::consent::ContactId;
-use crate::error::{ErrorChain, ProxyError};
+use crate::error::ProxyError;
+use crate::service::ConsentService;
 use crate::upstream::token::TokenManager;
 use crate::wire::body::{self, Body};
 use crate::wire::request_id::{request_id_of, X_REQUEST_ID};
@@ -27,9 +26,7 @@ const AUDIT_PREFIX: &str = "/admin/audit/contacts/";
 
 pub struct AdminRoutes {
     registry: Registry,
-    cache: ConsentCache,
-    cluster: Option<Cluster>,
-    audit: Option<Audit>,
+    service: ConsentService,
     tokens: TokenManager,
     auth: Arc<Authenticator>,
     /// Set once the consent listener accepts connections, cleared when it drains.
@@ -39,18 +36,14 @@ pub struct AdminRoutes {
 impl AdminRoutes {
     pub fn new(
         registry: Registry,
-        cache: ConsentCache,
-        cluster: Option<Cluster>,
-        audit: Option<Audit>,
+        service: ConsentService,
         tokens: TokenManager,
         auth: Arc<Authenticator>,
         serving: Arc<AtomicBool>,
     ) -> Self {
         AdminRoutes {
             registry,
-            cache,
-            cluster,
-            audit,
+            service,
             tokens,
             auth,
             serving,
@@ -90,10 +83,7 @@ impl AdminRoutes {
     }
 
     async fn metrics(&self) -> Response<Body> {
-        self.cache.refresh_entry_gauge();
-        if let Some(cluster) = &self.cluster {
-            cluster.refresh_gauge();
-        }
+        self.service.refresh_gauges();
         body::bytes_response(
             StatusCode::OK,
             HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
@@ -116,7 +106,7 @@ impl AdminRoutes {
                 json!({"status": "not_ready", "reason": reason}),
             ),
         };
-        if let Some(audit) = &self.audit {
+        if let Some(audit) = self.service.audit() {
             answer["audit"] = match audit.problem() {
                 None => json!({"store": "up"}),
                 Some(reason) => json!({
@@ -125,8 +115,7 @@ impl AdminRoutes {
                 }),
             };
         }
-        if let Some(cluster) = &self.cluster {
-            let cluster = cluster.status();
+        if let Some(cluster) = self.service.cluster_status() {
             answer["cluster"] = match cluster.reason {
                 None => json!({"feed": "live"}),
                 Some(reason) => json!({
@@ -152,7 +141,7 @@ impl AdminRoutes {
             return Err(ProxyError::MethodNotAllowed { allow: "GET" });
         }
         self.auth.authorize(request.headers(), Permission::Admin)?;
-        let audit = self.audit.as_ref().ok_or(ProxyError::AuditDisabled)?;
+        let audit = self.service.audit().ok_or(ProxyError::AuditDisabled)?;
         let contact = ContactId::from_path_segment(segment).ok_or(ProxyError::InvalidContactId)?;
         let records = audit.history(&contact).await?;
         Ok(body::json_response(
@@ -179,27 +168,13 @@ impl AdminRoutes {
         }
         let caller = self.auth.authorize(request.headers(), Permission::Admin)?;
         let contact = ContactId::from_path_segment(segment).ok_or(ProxyError::InvalidContactId)?;
-        self.cache.purge(&contact);
+        self.service.purge(&contact).await;
         tracing::info!(
             request_id = request_id.to_str().unwrap_or("-"),
             client = self.auth.client_name(Some(&caller)),
             contact = %contact.masked(),
             "cache entry purged"
         );
-        if let Some(cluster) = &self.cluster {
-            // The other instances drop it too (and, with the shared cache, Redis). Without Redis
-            // they cannot be told, but then they do not answer from their caches either, and
-            // flush them when they reconnect; the shared tier's entry, though, stays until its
-            // TTL unless the purge is repeated once Redis is back (the warning says so).
-            if let Err(problem) = cluster.announce_purge(&contact).await {
-                tracing::warn!(
-                    contact = %contact.masked(),
-                    error = %ErrorChain(&problem),
-                    "the purge could not be announced to the other instances (nor applied to the \
-                     shared tier, if on): repeat it once Redis is back"
-                );
-            }
-        }
         Ok(body::empty_response(StatusCode::NO_CONTENT))
     }
 }

@@ -7,6 +7,7 @@ use super::super::{
     AuditStoreSettings, PostgresUrl,
 };
 use super::{key_file, readable_file};
+use crate::config::files::FileKind;
 
 /// `[audit]`: the store's keys are checked whenever set (export and verify read a store the
 /// proxy does not write to), and required when `enabled`.
@@ -16,10 +17,11 @@ pub(super) fn audit(a: schema::Audit, p: &mut Problems) -> Option<AuditSettings>
     let sqlite_path = p.value("audit.sqlite_path", a.sqlite_path);
     let postgres_url = p.value("audit.postgres_url", a.postgres_url);
     let password_file = p.value("audit.postgres_password_file", a.postgres_password_file);
-    let chain_keys = p.check(
+    let chain_keys = key_file(
         "audit.chain_key_file",
         a.chain_key_file,
-        key_file("an audit chain key"),
+        "an audit chain key",
+        p,
     );
     let retention = p.check("audit.retention_days", a.retention_days, |days| {
         days.checked_mul(86_400)
@@ -49,7 +51,7 @@ pub(super) fn audit(a: schema::Audit, p: &mut Problems) -> Option<AuditSettings>
             let password = if password_file.is_empty() {
                 Some(None)
             } else {
-                p.take(
+                p.take_file(
                     "audit.postgres_password_file",
                     read_secret_file(&password_file),
                 )
@@ -67,9 +69,10 @@ pub(super) fn audit(a: schema::Audit, p: &mut Problems) -> Option<AuditSettings>
                 let url = p.take("audit.postgres_url", PostgresUrl::parse(&postgres_url));
                 if let Some(root_cert) = url.as_ref().and_then(|url| url.root_cert.as_ref()) {
                     let path = root_cert.display().to_string();
-                    p.take(
+                    p.take_file(
                         "audit.postgres_url",
-                        readable_file(&path).map_err(|e| format!("sslrootcert: {e}")),
+                        readable_file(&path, FileKind::Certificates)
+                            .map_err(|e| format!("sslrootcert: {e}")),
                     );
                 }
                 Some(AuditStoreSettings::Postgres {

@@ -15,7 +15,7 @@ use crate::support::child_proxy::ChildProxy;
 use crate::support::fleet::Instance;
 use crate::support::postgres_server::{PostgresServer, PASSWORD};
 use crate::support::{
-    metric, put_consent, start_simulator, wait_until, Harness, ProxyConfig, TestClient, RW_KEY,
+    metric, put_consent, start_simulator, wait_until, Harness, ProxyConfig, TestClient,
 };
 
 const CONTACT: &str = "+15558880001";
