@@ -13,7 +13,8 @@ use consent_proxy::consent::ConsentStatus;
 use crate::support::audit::{self, audit_command, history, AuditDir};
 use crate::support::child_proxy::ChildProxy;
 use crate::support::fleet::Instance;
-use crate::support::postgres_server::{PostgresServer, PASSWORD};
+use crate::support::postgres_server::{CertificateFiles, PostgresServer, PASSWORD};
+use crate::support::tls_upstream::TestPki;
 use crate::support::{
     metric, put_consent, start_simulator, wait_until, Harness, ProxyConfig, TestClient,
 };
@@ -245,11 +246,15 @@ async fn audit_verify_finds_a_record_edited_in_the_table() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tls_and_a_password_file_when_the_url_asks_for_them() {
-    let pg = PostgresServer::start_tls();
+    let pki = TestPki::new();
+    let pg = PostgresServer::start_tls(CertificateFiles {
+        cert_file: &pki.cert_file,
+        key_file: &pki.key_file,
+    });
     let database = pg.create_database();
     let dir = AuditDir::new();
     let password = dir.file("pg-password", &format!("{PASSWORD}\n"));
-    let ca = pg.ca_file.clone().unwrap();
+    let ca = pki.ca_file.clone();
     let url = pg.url(
         &database,
         &format!("sslmode=require&sslrootcert={}", ca.display()),

@@ -1,7 +1,7 @@
 //! A real PostgreSQL server for the audit tests: `initdb` into a temporary directory and
 //! `postgres` on a free loopback port, both run as the `postgres` user (`runuser`: the server
 //! refuses to run as root), killed with `SIGKILL` and restarted on the same port. Optionally
-//! TLS only, with a password (SCRAM), a CA and certificate made at test time.
+//! TLS only, with a password (SCRAM) and the certificate it is given.
 //! A missing PostgreSQL fails the test loudly (scripts/test.sh installs Debian's `postgresql`).
 #![allow(dead_code)]
 
@@ -9,8 +9,6 @@ use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
-
-use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair, KeyUsagePurpose};
 
 /// The password of the `postgres` role on a TLS server.
 pub const PASSWORD: &str = "audit-test-password";
@@ -20,8 +18,14 @@ pub struct PostgresServer {
     dir: PathBuf,
     port: u16,
     child: Option<Child>,
-    /// The CA that signed the server's certificate (TLS servers).
-    pub ca_file: Option<PathBuf>,
+    /// Whether it speaks TLS (only).
+    tls: bool,
+}
+
+/// A server certificate chain and its key, as PEM files.
+pub struct CertificateFiles<'a> {
+    pub cert_file: &'a Path,
+    pub key_file: &'a Path,
 }
 
 /// Where Debian puts the server's programs: /usr/lib/postgresql/<version>/bin, newest first.
@@ -64,15 +68,15 @@ fn as_postgres(program: &Path) -> Command {
 impl PostgresServer {
     /// Plain TCP, any local connection trusted.
     pub fn start() -> PostgresServer {
-        Self::start_with(false)
+        Self::start_with(None)
     }
 
-    /// TLS only, and a password (`PASSWORD`) for `postgres`.
-    pub fn start_tls() -> PostgresServer {
-        Self::start_with(true)
+    /// TLS only, with this certificate, and a password (`PASSWORD`) for `postgres`.
+    pub fn start_tls(certificate: CertificateFiles<'_>) -> PostgresServer {
+        Self::start_with(Some(certificate))
     }
 
-    fn start_with(tls: bool) -> PostgresServer {
+    fn start_with(certificate: Option<CertificateFiles<'_>>) -> PostgresServer {
         let bin = bin_dir();
         let dir = std::env::temp_dir().join(format!(
             "consent-proxy-pg-{}-{:x}",
@@ -93,12 +97,11 @@ impl PostgresServer {
                 .arg(dir.join("data")),
             "initdb",
         );
-        let mut ca_file = None;
-        if tls {
-            let (ca, cert, key) = test_pki();
+        let tls = certificate.is_some();
+        if let Some(certificate) = certificate {
             let data = dir.join("data");
-            std::fs::write(data.join("server.crt"), cert).unwrap();
-            std::fs::write(data.join("server.key"), key).unwrap();
+            std::fs::copy(certificate.cert_file, data.join("server.crt")).unwrap();
+            std::fs::copy(certificate.key_file, data.join("server.key")).unwrap();
             run(
                 Command::new("chown")
                     .arg("postgres:postgres")
@@ -117,9 +120,6 @@ impl PostgresServer {
                 "local all all trust\nhostssl all all 127.0.0.1/32 scram-sha-256\n",
             )
             .unwrap();
-            let ca_path = dir.join("ca.pem");
-            std::fs::write(&ca_path, ca).unwrap();
-            ca_file = Some(ca_path);
         }
         for _ in 0..5 {
             let mut server = PostgresServer {
@@ -127,7 +127,7 @@ impl PostgresServer {
                 dir: dir.clone(),
                 port: free_port(),
                 child: None,
-                ca_file: ca_file.clone(),
+                tls,
             };
             if server.spawn() {
                 if tls {
@@ -239,7 +239,7 @@ impl PostgresServer {
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::null());
-        if self.ca_file.is_some() {
+        if self.tls {
             command.args(["-c", "ssl=on"]);
         }
         let child = command.spawn().expect("spawn postgres (runuser)");
@@ -281,25 +281,4 @@ fn free_port() -> u16 {
         .and_then(|l| l.local_addr())
         .map(|a| a.port())
         .expect("a free port")
-}
-
-/// A CA, and a certificate for 127.0.0.1 and localhost it signed: (CA PEM, cert PEM, key PEM).
-fn test_pki() -> (String, String, String) {
-    let ca_key = KeyPair::generate().expect("CA key");
-    let mut ca_params = CertificateParams::new(Vec::<String>::new()).expect("CA params");
-    ca_params
-        .distinguished_name
-        .push(DnType::CommonName, "consent-proxy audit test CA");
-    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    ca_params.key_usages = vec![
-        KeyUsagePurpose::KeyCertSign,
-        KeyUsagePurpose::DigitalSignature,
-    ];
-    let ca_cert = ca_params.self_signed(&ca_key).expect("CA certificate");
-    let issuer = Issuer::new(ca_params, ca_key);
-    let key = KeyPair::generate().expect("server key");
-    let params = CertificateParams::new(vec!["127.0.0.1".to_owned(), "localhost".to_owned()])
-        .expect("server params");
-    let cert = params.signed_by(&key, &issuer).expect("server certificate");
-    (ca_cert.pem(), cert.pem(), key.serialize_pem())
 }
