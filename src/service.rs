@@ -6,9 +6,13 @@
 //! With the audit trail on, a write's pending record is made durable before anything else, and
 //! completed with its outcome.
 
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::{Context, Poll};
 
 use prometheus::{IntCounter, Registry};
+use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
 use crate::audit::{Audit, Draft, Outcome as AuditOutcome};
@@ -170,13 +174,16 @@ impl ConsentService {
     /// cluster the write is then announced (refused with `cluster_unavailable`, upstream not
     /// called, when that fails under `write_policy = "require"`), and its outcome is announced
     /// before the answer. The upstream attempts are reported to `request`.
-    pub async fn write(
+    ///
+    /// The write starts at once, in its own task; the returned [`WriteTask`] resolves to its
+    /// answer and, dropped, leaves the write running to its end.
+    pub fn write(
         &self,
         contact: &ContactId,
         status: ConsentStatus,
         request: &RequestContext,
         client: &str,
-    ) -> Result<ConsentAnswer, ProxyError> {
+    ) -> WriteTask {
         let service = self.clone();
         let contact = contact.clone();
         let request = request.hand_over();
@@ -235,8 +242,7 @@ impl ConsentService {
             }
             written.answer
         });
-        task.await
-            .unwrap_or_else(|err| Err(ProxyError::Internal(Failure::new("write task failed", err))))
+        WriteTask(task)
     }
 
     /// Drops the contact's cached answer here and, in a cluster, on the other instances and in
@@ -300,5 +306,20 @@ fn applied(
             WriteOutcome::Unknown
         }
         _ => WriteOutcome::Applied(written),
+    }
+}
+
+/// A write running in its own task: awaiting it gives the write's answer.
+pub struct WriteTask(JoinHandle<Result<ConsentAnswer, ProxyError>>);
+
+impl Future for WriteTask {
+    type Output = Result<ConsentAnswer, ProxyError>;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        Pin::new(&mut self.0).poll(cx).map(|joined| {
+            joined.unwrap_or_else(|err| {
+                Err(ProxyError::Internal(Failure::new("write task failed", err)))
+            })
+        })
     }
 }

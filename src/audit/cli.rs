@@ -4,8 +4,9 @@
 use std::io::Write;
 
 use super::chain::{Broken, ChainCheck, ChainKeys};
+use super::open;
 use super::record::{parse_time, Record, CSV_COLUMNS};
-use super::store::{self, Store};
+use super::store::Store;
 use crate::config::{AuditStoreSettings, Settings};
 use crate::error::Failure;
 
@@ -40,7 +41,7 @@ async fn open(settings: &Settings) -> Result<std::sync::Arc<dyn Store>, Failure>
         }
     }
     let extra_roots = settings.egress.extra_roots.as_ref();
-    store::open(store, extra_roots.map_or(&[], |r| &r.certificates[..])).await
+    open::open(store, extra_roots.map_or(&[], |r| &r.certificates[..])).await
 }
 
 /// Writes the records that arrived in `[since, until)` to `out`, oldest first; returns how many.

@@ -1,5 +1,5 @@
 //! The audit trail (`[audit]`): a durable, tamper-evident record of every consent write, with
-//! its caller, request id, the status known before, and upstream's outcome (contract rule 7).
+//! its caller, request id, the status known before, and upstream's outcome (rule 7 of docs/CONSISTENCY.md).
 //!
 //! - `mod` (here): [`Audit`], what the write path uses: [`Audit::begin`] makes a record durable
 //!   as pending before the PUT goes upstream (or refuses the PUT, `write_policy = "require"`),
@@ -8,7 +8,7 @@
 //!   records (what readers see), times as RFC 3339;
 //! - `chain`: the keyed hash chain over each instance's entries, and its verification;
 //! - `writer`: the one task per instance that appends to its chain, in group commits;
-//! - `store`: the store trait; `sqlite` (a local file) and `postgres` (a fleet's one table,
+//! - `store`: the store trait (`open` opens the configured one); `sqlite` (a local file) and `postgres` (a fleet's one table,
 //!   with `pg_tls`: rustls for `sslmode`), sharing their SQL in `sql`;
 //! - `maintenance`: pending records left by a crash resolved as unknown, retention, the
 //!   store's health;
@@ -21,6 +21,7 @@ mod chain;
 pub mod cli;
 mod maintenance;
 mod metrics;
+mod open;
 mod pg_tls;
 mod postgres;
 pub mod record;
@@ -146,7 +147,7 @@ impl Audit {
         ) else {
             return Ok(None);
         };
-        let store = store::open(store_settings, extra_roots)
+        let store = open::open(store_settings, extra_roots)
             .await
             .map_err(AuditStartError)?;
         let metrics = AuditMetrics::register(registry);

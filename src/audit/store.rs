@@ -2,13 +2,10 @@
 //! file, one instance) and PostgreSQL (one table for a fleet). Stores only run SQL; the chain's
 //! hashing and checking live in `chain`, the same for both.
 
-use std::sync::Arc;
-
 use futures_util::future::BoxFuture;
 
 use super::chain::{ChainHead, ChainInfo, ChainKey, ChainKeys};
 use super::record::{Entry, Record, Row};
-use crate::config::AuditStoreSettings;
 use crate::error::Failure;
 
 /// What the store said when it failed (no secret, no contact id in it).
@@ -80,20 +77,4 @@ pub trait Store: Send + Sync + 'static {
 
     /// A cheap round trip, for readiness.
     fn ping(&self) -> BoxFuture<'_, Result<(), StoreError>>;
-}
-
-/// Opens (creating and migrating) the configured store; PostgreSQL over TLS trusts
-/// `extra_roots` (`egress.ca_file`) besides the built-in roots.
-pub async fn open(
-    settings: &AuditStoreSettings,
-    extra_roots: &[rustls::pki_types::CertificateDer<'static>],
-) -> Result<Arc<dyn Store>, StoreError> {
-    match settings {
-        AuditStoreSettings::Sqlite { path } => {
-            Ok(Arc::new(super::sqlite::SqliteStore::open(path).await?))
-        }
-        AuditStoreSettings::Postgres { url, password } => Ok(Arc::new(
-            super::postgres::PostgresStore::open(url, password.clone(), extra_roots).await?,
-        )),
-    }
 }

@@ -1,4 +1,4 @@
-//! The audit trail with its SQLite store (contract rule 7): each PUT's record is durable
+//! The audit trail with its SQLite store (rule 7 of docs/CONSISTENCY.md): each PUT's record is durable
 //! before the PUT reaches upstream and completed after; a caller hanging up, a crash, an
 //! unwritable store; who wrote and how; `audit verify` finding tampering; `audit export`; the
 //! admin route. The PostgreSQL store is in `external::audit_postgres`.

@@ -15,9 +15,7 @@ use crate::support::child_proxy::ChildProxy;
 use crate::support::fleet::Instance;
 use crate::support::postgres_server::{CertificateFiles, PostgresServer, PASSWORD};
 use crate::support::tls_upstream::TestPki;
-use crate::support::{
-    metric, put_consent, start_simulator, wait_until, Harness, ProxyConfig, TestClient,
-};
+use crate::support::{start_simulator, wait_until, Harness, ProxyClient, ProxyConfig, TestClient};
 
 const CONTACT: &str = "+15558880001";
 
@@ -62,14 +60,21 @@ async fn three_instances_on_one_postgres_write_one_history_and_verify() {
     ];
     for (i, status) in statuses.iter().enumerate() {
         let proxy = &instances[i % 3].proxy;
-        assert_eq!(put_consent(&http, proxy, CONTACT, status).await.status, 200);
+        assert_eq!(
+            ProxyClient { http: &http, proxy }
+                .put(CONTACT, status)
+                .await
+                .status,
+            200
+        );
     }
     let concurrent = (0..30).map(|i| {
         let http = http.clone();
         let proxy = &instances[i % 3].proxy;
         async move {
             let contact = format!("+1555888{:04}", 100 + i % 5);
-            put_consent(&http, proxy, &contact, "CONSENTED")
+            ProxyClient { http: &http, proxy }
+                .put(&contact, "CONSENTED")
                 .await
                 .status
         }
@@ -106,13 +111,11 @@ async fn three_instances_on_one_postgres_write_one_history_and_verify() {
     }
     for instance in &instances {
         wait_until(Duration::from_secs(10), || async {
-            metric(
-                &http,
-                &instance.proxy,
-                "consent_proxy_audit_pending_records",
-            )
-            .await
-                == 0.0
+            let client = ProxyClient {
+                http: &http,
+                proxy: &instance.proxy,
+            };
+            client.metric("consent_proxy_audit_pending_records").await == 0.0
         })
         .await;
     }
@@ -188,14 +191,24 @@ async fn a_stopped_server_refuses_puts_under_require_and_counts_them_under_best_
     })
     .await;
 
-    let through = put_consent(&strict.http, &lenient, CONTACT, "NO_CONSENT").await;
+    let through = ProxyClient {
+        http: &strict.http,
+        proxy: &lenient,
+    }
+    .put(CONTACT, "NO_CONSENT")
+    .await;
     assert_eq!(through.status, 200, "{}", through.text());
     assert_eq!(
         strict.sim.stored_status(CONTACT),
         Some(ConsentStatus::NoConsent)
     );
     assert_eq!(
-        metric(&strict.http, &lenient, "consent_proxy_audit_failures_total").await,
+        ProxyClient {
+            http: &strict.http,
+            proxy: &lenient
+        }
+        .metric("consent_proxy_audit_failures_total")
+        .await,
         1.0
     );
 
