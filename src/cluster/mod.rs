@@ -32,6 +32,7 @@ mod link;
 pub mod messages;
 mod metrics;
 mod remote;
+mod sentinel;
 pub mod shared;
 
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -42,6 +43,7 @@ use prometheus::Registry;
 use redis::{AsyncCommands, IntoConnectionInfo};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
+use tokio::time::Instant;
 
 use crate::cache::{ConsentCache, WriteOutcome};
 use crate::config::{ClusterSettings, TalkdeskSettings, WritePolicy};
@@ -81,6 +83,13 @@ struct Shared {
     next_write: AtomicU64,
     /// Why the feed is not live (for `/readyz` and errors); `None` while it is.
     problem: Mutex<Option<String>>,
+    /// Something `/readyz` should say even while the feed is live (an evicting Redis).
+    warning: Mutex<Option<String>>,
+    /// With sentinels: until when a write may be announced, `max_staleness` after the latest
+    /// question a majority of them answered with the session's master (`None`: not at all).
+    /// Without sentinels this is not consulted.
+    announce_until: Mutex<Option<Instant>>,
+    sentinels: bool,
     metrics: ClusterMetrics,
 }
 
@@ -128,6 +137,45 @@ impl Shared {
     fn set_problem(&self, problem: Option<String>) {
         *self.problem.lock().unwrap_or_else(PoisonError::into_inner) = problem;
     }
+
+    fn warning(&self) -> Option<String> {
+        self.warning
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
+
+    fn set_warning(&self, warning: Option<String>) {
+        *self.warning.lock().unwrap_or_else(PoisonError::into_inner) = warning;
+    }
+
+    fn confirmed_until(&self, until: Option<Instant>) {
+        *self
+            .announce_until
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner) = until;
+    }
+
+    /// With sentinels, `Err` unless a majority of them confirmed the session's master within
+    /// `max_staleness`: an announcement taken by a master they have replaced would reach no
+    /// other instance.
+    fn master_confirmed(&self) -> Result<(), Failure> {
+        if !self.sentinels {
+            return Ok(());
+        }
+        let until = *self
+            .announce_until
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        if until.is_some_and(|until| Instant::now() < until) {
+            Ok(())
+        } else {
+            Err(Failure::msg(
+                "a majority of the sentinels has not confirmed the master within \
+                 cluster.max_staleness_ms",
+            ))
+        }
+    }
 }
 
 /// The cluster as the rest of the proxy sees it. Cheap to clone.
@@ -148,6 +196,8 @@ pub struct ClusterStatus {
     pub live: bool,
     /// Why not, when it is not.
     pub reason: Option<String>,
+    /// What the operator should know even while it is (Redis may evict the shared tier).
+    pub warning: Option<String>,
 }
 
 impl Cluster {
@@ -162,23 +212,10 @@ impl Cluster {
         registry: &Registry,
         shutdown: watch::Receiver<bool>,
     ) -> Result<(Cluster, JoinHandle<()>), ClusterStartError> {
-        let failed = |source| ClusterStartError {
+        let target = target(settings).map_err(|source| ClusterStartError {
             url: settings.redis_url.clone(),
             source,
-        };
-        let mut info = settings
-            .redis_url
-            .as_str()
-            .into_connection_info()
-            .map_err(failed)?;
-        if let Some(password) = &settings.redis_password {
-            let redis = info
-                .redis_settings()
-                .clone()
-                .set_password(password.expose());
-            info = info.set_redis_settings(redis);
-        }
-        let client = redis::Client::open(info).map_err(failed)?;
+        })?;
         cache.distrust();
         let link = Arc::new(Link::default());
         let shared = Arc::new(Shared {
@@ -188,6 +225,9 @@ impl Cluster {
             link: link.clone(),
             next_write: AtomicU64::new(1),
             problem: Mutex::new(Some("connecting to Redis".to_owned())),
+            warning: Mutex::new(None),
+            announce_until: Mutex::new(None),
+            sentinels: settings.sentinel.is_some(),
             metrics: ClusterMetrics::register(registry),
         });
         let pending_lifetime = request_timeout + 2 * ANNOUNCE_TIMEOUT + PENDING_MARGIN;
@@ -224,7 +264,7 @@ impl Cluster {
             });
         let feed = feed::Feed {
             shared: shared.clone(),
-            client,
+            target,
             cache: cache.clone(),
             shared_cache: shared_cache.clone(),
             redis_url: settings.redis_url.clone(),
@@ -280,7 +320,8 @@ impl Cluster {
                 &Announcement::pending(&shared.id, write, contact),
                 shared_part,
             )
-            .await;
+            .await
+            .and_then(|()| shared.master_confirmed());
         let announced_write = AnnouncedWrite {
             shared: shared.clone(),
             write,
@@ -342,6 +383,7 @@ impl Cluster {
                     "no heartbeat came back within cluster.max_staleness_ms".to_owned()
                 }))
             },
+            warning: self.shared.warning(),
         }
     }
 
@@ -352,6 +394,23 @@ impl Cluster {
             .connected
             .set(i64::from(self.cache.is_trusted()));
     }
+}
+
+/// Where the feed finds Redis: `cluster.redis_url`, or the master the sentinels name.
+fn target(settings: &ClusterSettings) -> Result<feed::Target, redis::RedisError> {
+    if let Some(sentinels) = &settings.sentinel {
+        let sentinels = sentinel::Sentinels::new(sentinels, settings.redis_password.clone())?;
+        return Ok(feed::Target::Sentinel(Arc::new(sentinels)));
+    }
+    let mut info = settings.redis_url.as_str().into_connection_info()?;
+    if let Some(password) = &settings.redis_password {
+        let redis = info
+            .redis_settings()
+            .clone()
+            .set_password(password.expose());
+        info = info.set_redis_settings(redis);
+    }
+    Ok(feed::Target::Direct(redis::Client::open(info)?))
 }
 
 /// A write announced (or, under `best_effort`, attempted) as pending; its outcome must be

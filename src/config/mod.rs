@@ -69,7 +69,7 @@ pub struct Settings {
     pub talkdesk: TalkdeskSettings,
     pub token: TokenSettings,
     pub cache: CacheSettings,
-    /// `None` when `cluster.redis_url` is empty: this instance runs alone.
+    /// `None` when `cluster.redis_url` and `cluster.sentinels` are empty: this instance runs alone.
     pub cluster: Option<ClusterSettings>,
     pub oauth: OAuthSettings,
     pub clients: Vec<ClientSettings>,
@@ -237,8 +237,12 @@ pub struct CacheSettings {
 /// Several instances kept coherent through Redis.
 #[derive(Debug, Clone)]
 pub struct ClusterSettings {
-    /// `redis[s]://[user@]host:port/db`, never with a password in it: safe to log.
+    /// `redis[s]://[user@]host:port/db`, never with a password in it: safe to log. With
+    /// sentinels, `sentinel://<master name>`: what the logs call the Redis.
     pub redis_url: String,
+    /// `cluster.sentinels`: the master is whichever node they name (and `redis_url` is not a
+    /// node to connect to).
+    pub sentinel: Option<SentinelSettings>,
     /// From the configured URL or `cluster.redis_password_file`.
     pub redis_password: Option<Secret>,
     /// Namespaces every Redis key and channel (non-empty, no whitespace).
@@ -254,6 +258,19 @@ pub struct ClusterSettings {
     pub shared_keys: Vec<Secret>,
     /// The longest a GET waits for each Redis call of the shared tier.
     pub shared_timeout: Duration,
+}
+
+/// Redis Sentinels that name the cluster's master.
+#[derive(Debug, Clone)]
+pub struct SentinelSettings {
+    /// `(host, port)` of each sentinel; at least one.
+    pub sentinels: Vec<(String, u16)>,
+    /// The master's name as the sentinels know it.
+    pub master: String,
+    /// TLS to the sentinels and to the data nodes they name.
+    pub tls: bool,
+    /// `cluster.sentinel_password_file`.
+    pub password: Option<Secret>,
 }
 
 /// What a PUT does when it cannot first announce itself to the cluster.

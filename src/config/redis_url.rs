@@ -93,6 +93,32 @@ impl RedisUrl {
     }
 }
 
+/// One of `cluster.sentinels`: `host:port`, or `rediss://host:port` for TLS (`redis://` may be
+/// written too). Returns whether TLS is on, the host and the port. A sentinel's password comes
+/// from `cluster.sentinel_password_file`, never from here.
+pub(super) fn parse_sentinel(entry: &str) -> Result<(bool, String, u16), String> {
+    const SENTINEL_SHAPE: &str = "host:port, or rediss://host:port for TLS";
+    let (tls, rest) = if let Some(rest) = entry.strip_prefix("rediss://") {
+        (true, rest)
+    } else {
+        (false, entry.strip_prefix("redis://").unwrap_or(entry))
+    };
+    if rest.contains(['@', '/', '?', '#']) {
+        return Err(format!(
+            "a sentinel is {SENTINEL_SHAPE}, without user, password or path \
+             (cluster.sentinel_password_file holds the password)"
+        ));
+    }
+    let has_port = rest.rsplit_once(':').is_some_and(|(host, _)| {
+        !host.ends_with(':') && (!rest.starts_with('[') || host.ends_with(']'))
+    });
+    if !has_port {
+        return Err(format!("{rest:?} has no port ({SENTINEL_SHAPE})"));
+    }
+    let (host, port) = split_host_port(rest)?;
+    Ok((tls, host, port))
+}
+
 /// `host[:port]` or `[ipv6][:port]`.
 fn split_host_port(host_port: &str) -> Result<(String, u16), String> {
     let (host, port) = if let Some(bracketed) = host_port.strip_prefix('[') {
@@ -162,6 +188,29 @@ mod tests {
         assert_eq!(url.password.as_ref().map(Secret::expose), Some("secret"));
         assert_eq!(url.without_password(), "redis://[::1]:7000/0");
         assert_eq!(url.redacted(), "redis://:<redacted>@[::1]:7000/0");
+    }
+
+    #[test]
+    fn sentinel_addresses() {
+        assert_eq!(
+            parse_sentinel("sentinel-0.redis:26379").unwrap(),
+            (false, "sentinel-0.redis".to_owned(), 26379)
+        );
+        assert_eq!(
+            parse_sentinel("rediss://[::1]:26380").unwrap(),
+            (true, "::1".to_owned(), 26380)
+        );
+        for (entry, expected) in [
+            ("sentinel-0", "has no port"),
+            ("[::1]", "has no port"),
+            ("u:hunter2@host:26379", "without user, password or path"),
+            ("host:26379/0", "without user, password or path"),
+            ("host:port", "the port \"port\""),
+        ] {
+            let err = parse_sentinel(entry).unwrap_err();
+            assert!(err.contains(expected), "{entry}: {err}");
+            assert!(!err.contains("hunter2"), "{entry}: {err}");
+        }
     }
 
     #[test]
