@@ -152,8 +152,14 @@ async fn run_id(publisher: &MultiplexedConnection) -> Option<String> {
 
 impl Feed {
     pub(super) async fn run(self, mut shutdown: watch::Receiver<bool>) {
+        // With sentinels an attempt costs a question to each (bounded) and follows a failover
+        // at once: no longer apart than a heartbeat, so that writes resume soon after it.
+        let last_delay = match self.target {
+            Target::Direct(_) => RECONNECT_LAST,
+            Target::Sentinel(_) => (self.max_staleness / 4).clamp(RECONNECT_FIRST, RECONNECT_LAST),
+        };
         let mut continuity = Continuity {
-            backoff: Backoff::new(RECONNECT_FIRST, RECONNECT_LAST),
+            backoff: Backoff::new(RECONNECT_FIRST, last_delay),
             remote: RemoteWrites::new(self.pending_lifetime),
             next_seq: 0,
             redis_seen: RedisSeen::NotYet,

@@ -16,7 +16,9 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use crate::support::fleet::{randomized_history_across, Fleet, HistoryRun, MAX_STALENESS, RULE_5_LAG};
+use crate::support::fleet::{
+    randomized_history_across, Fleet, HistoryRun, MAX_STALENESS, RULE_5_LAG,
+};
 use crate::support::redis_server::{RedisServer, SentinelSet, DOWN_AFTER, SENTINEL_MASTER};
 use crate::support::*;
 use consent_proxy::consent::ConsentStatus;
@@ -148,6 +150,14 @@ async fn healthy_then_failed_over_by_hand() {
     )
     .await;
     check("SENTINEL FAILOVER", &run);
+    // On the new master no instance caches until every write that may have been announced to
+    // the old one (and so never heard here) has ended: a pending announcement's lifetime.
+    let pending_lifetime = Duration::from_millis(REQUEST_TIMEOUT_MS + 1500);
+    assert!(
+        span(&run.bypassed_gets) >= pending_lifetime,
+        "the cache was used again {:?} after the failover",
+        span(&run.bypassed_gets)
+    );
     all_follow_the_new_master(&fleet, "+15551901199").await;
 }
 
@@ -181,24 +191,17 @@ async fn the_master_killed() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_master_frozen_past_down_after_then_thawed() {
     let slow = Duration::from_millis(2000);
-    let (fleet, set) =
-        sentinel_fleet(|i| if i == 0 { slow } else { MAX_STALENESS }).await;
+    let (fleet, set) = sentinel_fleet(|i| if i == 0 { slow } else { MAX_STALENESS }).await;
     let set = Arc::new(set);
     let replica = set.replica.port();
-    let run = history_across(
-        &fleet,
-        "+1555190300",
-        Duration::from_secs(8),
-        slow,
-        {
-            let (fleet, set) = (fleet.clone(), set.clone());
-            move || {
-                fleet.redis().freeze();
-                set.wait_master(replica, DOWN_AFTER + Duration::from_secs(10));
-                fleet.redis().thaw();
-            }
-        },
-    )
+    let run = history_across(&fleet, "+1555190300", Duration::from_secs(8), slow, {
+        let (fleet, set) = (fleet.clone(), set.clone());
+        move || {
+            fleet.redis().freeze();
+            set.wait_master(replica, DOWN_AFTER + Duration::from_secs(10));
+            fleet.redis().thaw();
+        }
+    })
     .await;
     check("master frozen past down-after, then thawed", &run);
 
@@ -225,7 +228,10 @@ async fn the_master_frozen_past_down_after_then_thawed() {
             );
         }
     } else {
-        assert_eq!((written.status, written.code().as_str()), (503, "cluster_unavailable"));
+        assert_eq!(
+            (written.status, written.code().as_str()),
+            (503, "cluster_unavailable")
+        );
     }
     all_follow_the_new_master(&fleet, "+15551903098").await;
 }
@@ -264,7 +270,11 @@ async fn sentinels_killed_one_by_one() {
     check("two sentinels of three killed", &run);
     let late = killed_at + MAX_STALENESS + Duration::from_millis(500);
     for i in 0..3 {
-        assert_eq!(fleet.feed(i).await, (200, "down".to_owned()), "instance {i}");
+        assert_eq!(
+            fleet.feed(i).await,
+            (200, "down".to_owned()),
+            "instance {i}"
+        );
         let reason = fleet.admin(i, "/readyz").await.json()["cluster"]["reason"]
             .as_str()
             .unwrap_or_default()
@@ -272,7 +282,10 @@ async fn sentinels_killed_one_by_one() {
         assert!(reason.contains("sentinels"), "{reason}");
     }
     let refused = fleet.put(0, "+15551904199", "REFUSED").await;
-    assert_eq!((refused.status, refused.code().as_str()), (503, "cluster_unavailable"));
+    assert_eq!(
+        (refused.status, refused.code().as_str()),
+        (503, "cluster_unavailable")
+    );
     assert!(
         run.refused_puts.iter().filter(|&&at| at > late).count() > 10,
         "writes go on without a majority of the sentinels"

@@ -263,7 +263,8 @@ pub async fn randomized_history_across(
         gets > 200 && puts > 40,
         "too little traffic to mean anything"
     );
-    let taken = |times: Arc<std::sync::Mutex<Vec<Instant>>>| std::mem::take(&mut *times.lock().unwrap());
+    let taken =
+        |times: Arc<std::sync::Mutex<Vec<Instant>>>| std::mem::take(&mut *times.lock().unwrap());
     HistoryRun {
         violations,
         lost_writes,

@@ -48,8 +48,14 @@ impl RedisServer {
         replica.kill();
         replica.restart();
         let deadline = Instant::now() + Duration::from_secs(10);
-        while !replica.info("replication").contains("master_link_status:up") {
-            assert!(Instant::now() < deadline, "the replica did not sync with its master");
+        while !replica
+            .info("replication")
+            .contains("master_link_status:up")
+        {
+            assert!(
+                Instant::now() < deadline,
+                "the replica did not sync with its master"
+            );
             std::thread::sleep(Duration::from_millis(20));
         }
         replica
@@ -295,8 +301,11 @@ impl SentinelSet {
         for &port in &set.ports {
             loop {
                 let knows = |what: &str| {
-                    command::<Vec<redis::Value>>(port, redis::cmd("SENTINEL").arg(what).arg(SENTINEL_MASTER))
-                        .map_or(0, |list| list.len())
+                    command::<Vec<redis::Value>>(
+                        port,
+                        redis::cmd("SENTINEL").arg(what).arg(SENTINEL_MASTER),
+                    )
+                    .map_or(0, |list| list.len())
                 };
                 if knows("replicas") == 1 && knows("sentinels") == 2 {
                     break;
@@ -310,7 +319,10 @@ impl SentinelSet {
 
     /// `["127.0.0.1:port", ...]` as `cluster.sentinels` takes it.
     pub fn addresses(&self) -> Vec<String> {
-        self.ports.iter().map(|port| format!("127.0.0.1:{port}")).collect()
+        self.ports
+            .iter()
+            .map(|port| format!("127.0.0.1:{port}"))
+            .collect()
     }
 
     /// The master's port as the sentinels still running name it, when they all agree.
@@ -323,14 +335,20 @@ impl SentinelSet {
             .map(|(&port, _)| {
                 command::<Option<(String, u16)>>(
                     port,
-                    redis::cmd("SENTINEL").arg("get-master-addr-by-name").arg(SENTINEL_MASTER),
+                    redis::cmd("SENTINEL")
+                        .arg("get-master-addr-by-name")
+                        .arg(SENTINEL_MASTER),
                 )
                 .ok()
                 .flatten()
                 .map(|(_, port)| port)
             })
             .collect();
-        named.first().copied().flatten().filter(|first| named.iter().all(|n| *n == Some(*first)))
+        named
+            .first()
+            .copied()
+            .flatten()
+            .filter(|first| named.iter().all(|n| *n == Some(*first)))
     }
 
     /// Waits until every running sentinel names the master on `port`.
@@ -354,8 +372,11 @@ impl SentinelSet {
             .find(|(_, child)| child.is_some())
             .map(|(&port, _)| port)
             .expect("a sentinel running");
-        let answer: String = command(port, redis::cmd("SENTINEL").arg("FAILOVER").arg(SENTINEL_MASTER))
-            .expect("SENTINEL FAILOVER");
+        let answer: String = command(
+            port,
+            redis::cmd("SENTINEL").arg("FAILOVER").arg(SENTINEL_MASTER),
+        )
+        .expect("SENTINEL FAILOVER");
         assert_eq!(answer, "OK");
     }
 
