@@ -17,8 +17,8 @@
 //! cache and announcing writes within `max_staleness` of the failover. The other side of it:
 //! a session on a master other than the previous session's (or the process's first) does not
 //! trust the cache until every write that may have been announced to the previous master has
-//! ended (`max_staleness` plus a pending announcement's lifetime), since those writes'
-//! announcements never reach the new master. Readers never wait for any of this: they read
+//! ended (`max_staleness` plus a pending announcement's lifetime after the sentinels switched),
+//! since those writes' announcements never reach the new master. Readers never wait for any of this: they read
 //! one atomic deadline.
 
 use std::collections::VecDeque;
@@ -227,11 +227,9 @@ impl Feed {
         self.shared.metrics.resyncs.inc();
         self.shared.link.set(publisher.clone());
         let now = Instant::now();
-        // A new master (or the first): writes announced to the previous one may still be in
-        // flight, unheard here; no answer is cached until they have ended.
-        let trusted_from = match &master {
-            Some(new) if continuity.master.as_ref() != Some(new) => {
-                now + self.max_staleness + self.pending_lifetime
+        let trusted_from = match (&self.target, &master) {
+            (Target::Sentinel(sentinels), Some(new)) if continuity.master.as_ref() != Some(new) => {
+                now + self.unheard_writes_end(sentinels, new).await
             }
             _ => now,
         };
@@ -330,6 +328,19 @@ impl Feed {
         }
         *seen = run_id.map_or(RedisSeen::Unknown, RedisSeen::RunId);
         Ok(())
+    }
+
+    /// How long until every write that may have been announced to a master replaced by `new`
+    /// has ended. An instance left on the old master announces writes for at most
+    /// `max_staleness` after the sentinels switched (its latest confirmation was asked before),
+    /// and each of those ends within a pending announcement's lifetime; their announcements
+    /// never reach `new`, so no answer may be cached here until then. Counted from the switch
+    /// as the sentinels report it, or from now when they do not say (the process's first
+    /// session long after the last failover waits for nothing).
+    async fn unheard_writes_end(&self, sentinels: &Sentinels, new: &NodeAddress) -> Duration {
+        let unheard_for = self.max_staleness + self.pending_lifetime;
+        let since_switch = sentinels.since_switch(new).await.unwrap_or_default();
+        unheard_for.saturating_sub(since_switch)
     }
 
     /// Reads `maxmemory-policy` (`CONFIG GET`, which an ACL or a managed Redis may refuse,

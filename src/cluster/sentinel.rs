@@ -8,10 +8,11 @@
 
 use std::collections::HashMap;
 use std::fmt;
+use std::time::Duration;
 
 use futures_util::future::join_all;
 use redis::aio::MultiplexedConnection;
-use redis::{AsyncConnectionConfig, Client, IntoConnectionInfo, RedisError};
+use redis::{AsyncConnectionConfig, Client, Cmd, FromRedisValue, IntoConnectionInfo, RedisError};
 use tokio::sync::Mutex;
 
 use super::ANNOUNCE_TIMEOUT;
@@ -103,7 +104,7 @@ impl Sentinels {
     /// The master a majority of the sentinels names now; `Err` naming what they said when no
     /// majority agrees (too few answered, or they disagree during a failover).
     pub async fn majority_master(&self) -> Result<NodeAddress, Failure> {
-        let answers = join_all(self.sentinels.iter().map(|s| self.ask(s))).await;
+        let answers = join_all(self.sentinels.iter().map(|s| self.ask_master(s))).await;
         let mut votes: HashMap<&NodeAddress, usize> = HashMap::new();
         let mut problems = Vec::new();
         for answer in &answers {
@@ -134,8 +135,55 @@ impl Sentinels {
         )))
     }
 
-    /// One sentinel's answer for the master, within `ANNOUNCE_TIMEOUT` (connecting included).
-    async fn ask(&self, sentinel: &Sentinel) -> Result<Option<NodeAddress>, String> {
+    /// How long ago the sentinels that answer took `master` for the master (the least of
+    /// their `role-reported-time`s, which restart at a failover); `None` when none says.
+    pub async fn since_switch(&self, master: &NodeAddress) -> Option<Duration> {
+        let command = redis::cmd("SENTINEL")
+            .arg("MASTER")
+            .arg(&self.master)
+            .clone();
+        let answers = join_all(
+            self.sentinels
+                .iter()
+                .map(|s| self.ask::<Vec<String>>(s, &command)),
+        )
+        .await;
+        answers
+            .into_iter()
+            .filter_map(Result::ok)
+            .filter_map(|fields| {
+                let field = |name: &str| {
+                    fields
+                        .chunks_exact(2)
+                        .find(|pair| pair[0] == name)
+                        .map(|pair| pair[1].as_str())
+                };
+                let named = field("ip") == Some(master.host.as_str())
+                    && field("port") == Some(master.port.to_string().as_str());
+                let ms = field("role-reported-time")?.parse().ok()?;
+                named.then(|| Duration::from_millis(ms))
+            })
+            .min()
+    }
+
+    /// One sentinel's answer for the master.
+    async fn ask_master(&self, sentinel: &Sentinel) -> Result<Option<NodeAddress>, String> {
+        let command = redis::cmd("SENTINEL")
+            .arg("get-master-addr-by-name")
+            .arg(&self.master)
+            .clone();
+        let answer = self
+            .ask::<Option<(String, u16)>>(sentinel, &command)
+            .await?;
+        Ok(answer.map(|(host, port)| NodeAddress { host, port }))
+    }
+
+    /// One sentinel's answer to `command`, within `ANNOUNCE_TIMEOUT` (connecting included).
+    async fn ask<T: FromRedisValue>(
+        &self,
+        sentinel: &Sentinel,
+        command: &Cmd,
+    ) -> Result<T, String> {
         let asked = tokio::time::timeout(ANNOUNCE_TIMEOUT, async {
             let mut slot = sentinel.connection.lock().await;
             let mut connection = match slot.as_ref() {
@@ -152,11 +200,7 @@ impl Sentinels {
                 }
             };
             drop(slot);
-            let answer = redis::cmd("SENTINEL")
-                .arg("get-master-addr-by-name")
-                .arg(&self.master)
-                .query_async::<Option<(String, u16)>>(&mut connection)
-                .await;
+            let answer = command.query_async::<T>(&mut connection).await;
             if answer.is_err() {
                 *sentinel.connection.lock().await = None;
             }
@@ -164,7 +208,7 @@ impl Sentinels {
         })
         .await;
         match asked {
-            Ok(Ok(answer)) => Ok(answer.map(|(host, port)| NodeAddress { host, port })),
+            Ok(Ok(answer)) => Ok(answer),
             Ok(Err(err)) => Err(format!("a sentinel failed: {err}")),
             Err(_) => {
                 // Its connection may be stuck (a frozen sentinel): open another next time.

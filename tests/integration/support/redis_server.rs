@@ -22,6 +22,8 @@ pub struct RedisServer {
     persistent: bool,
     /// The port of the master it replicates, if it is a replica.
     replica_of: Option<u16>,
+    /// More `redis-server` options (`--name value` pairs).
+    options: Vec<String>,
 }
 
 impl RedisServer {
@@ -39,6 +41,15 @@ impl RedisServer {
     /// restarted production Redis with persistence, or a replica taking over, has data).
     pub fn start_persistent() -> RedisServer {
         Self::start_with(None, true)
+    }
+
+    /// A server started with these more options, e.g. `["--maxmemory-policy", "allkeys-lru"]`.
+    pub fn start_with_options(options: &[&str]) -> RedisServer {
+        let mut server = Self::start();
+        server.options = options.iter().map(|option| (*option).to_owned()).collect();
+        server.kill();
+        server.restart();
+        server
     }
 
     /// A replica of `master` (which must have no password), in sync with it when this returns.
@@ -83,6 +94,7 @@ impl RedisServer {
                 frozen: false,
                 persistent,
                 replica_of: None,
+                options: Vec::new(),
             };
             if server.spawn() {
                 return server;
@@ -166,6 +178,7 @@ impl RedisServer {
         if let Some(password) = &self.password {
             command.args(["--requirepass", password]);
         }
+        command.args(&self.options);
         if let Some(master) = self.replica_of {
             command.args(["--replicaof", "127.0.0.1", &master.to_string()]);
         }
