@@ -94,8 +94,18 @@ async fn all_follow_the_new_master(fleet: &Fleet, contact: &str) {
             "instance {i}: {}",
             written.text()
         );
+        // Rule 5's bound for the other instances (through `i` itself it holds at once).
+        tokio::time::sleep(RULE_5_LAG).await;
         for j in 0..3 {
-            assert_eq!(fleet.get(j, contact).await.status_field(), status);
+            let seen = fleet.get(j, contact).await;
+            assert_eq!(
+                seen.status_field(),
+                status,
+                "written through {i}, read through {j}: {} {} ({:?})",
+                seen.status,
+                seen.text(),
+                seen.header("x-cache-status")
+            );
         }
     }
 }
