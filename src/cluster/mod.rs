@@ -17,6 +17,10 @@
 //!   the latest heartbeat that came back to it: pub/sub delivers in order, so receiving it
 //!   proves every announcement Redis took before it was received too. After any new
 //!   subscription the whole cache is flushed before it is trusted again (`feed`).
+//! - **Follow the sentinels' majority** (`cluster.sentinels`): the session's master is the one a
+//!   majority of them names, asked again with every heartbeat; a heartbeat proves the cache live
+//!   only together with such an answer, and a write is announced only within `max_staleness` of
+//!   one, so an instance left on a replaced master (split brain) stops both (`sentinel`, `feed`).
 //!
 //! - **The shared tier** (`shared_cache`, `shared_token`): a second cache tier and the fleet's
 //!   upstream token, kept in the same Redis ([`shared`]). With `shared_cache`, each

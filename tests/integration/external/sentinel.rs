@@ -19,7 +19,7 @@ use std::time::Duration;
 use crate::support::fleet::{
     randomized_history_across, Fleet, HistoryRun, MAX_STALENESS, RULE_5_LAG,
 };
-use crate::support::redis_server::{RedisServer, SentinelSet, DOWN_AFTER, SENTINEL_MASTER};
+use crate::support::redis_server::{self, RedisServer, SentinelSet, DOWN_AFTER, SENTINEL_MASTER};
 use crate::support::*;
 use consent_proxy::consent::ConsentStatus;
 use tokio::time::Instant;
@@ -130,9 +130,47 @@ async fn history_across(
     history.await.expect("history")
 }
 
+/// `cmdstat_{command}` calls so far on the Redis or sentinel at `port`.
+fn calls(port: u16, command: &str) -> u64 {
+    let stats: String = redis_server::command(port, redis::cmd("INFO").arg("commandstats"))
+        .expect("INFO commandstats");
+    stats
+        .lines()
+        .find_map(|line| line.strip_prefix(&format!("cmdstat_{command}:calls=")))
+        .and_then(|rest| rest.split(',').next()?.parse().ok())
+        .unwrap_or(0)
+}
+
+/// What the three instances cost Redis and the sentinels at rest, per instance and second:
+/// heartbeats (`PUBLISH`, on the master) and questions (`SENTINEL`, over the three sentinels).
+async fn commands_at_rest(fleet: &Fleet, set: &SentinelSet) {
+    let master = fleet.redis().port();
+    let count = || {
+        let sentinel: u64 = set
+            .ports()
+            .iter()
+            .map(|&port| calls(port, "sentinel"))
+            .sum();
+        (calls(master, "publish"), sentinel)
+    };
+    let window = Duration::from_secs(2);
+    let before = tokio::task::block_in_place(count);
+    tokio::time::sleep(window).await;
+    let after = tokio::task::block_in_place(count);
+    let per_instance_s = |n: u64| n as f64 / 3.0 / window.as_secs_f64();
+    println!(
+        "at rest, per instance (max_staleness_ms {}): {:.1} PUBLISH/s on the master (the \
+         sentinels' own hellos included), {:.1} SENTINEL questions/s over the three sentinels",
+        MAX_STALENESS.as_millis(),
+        per_instance_s(after.0 - before.0),
+        per_instance_s(after.1 - before.1)
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn healthy_then_failed_over_by_hand() {
     let (fleet, set) = sentinel_fleet(|_| MAX_STALENESS).await;
+    commands_at_rest(&fleet, &set).await;
     let healthy = randomized_history_across(
         fleet.clone(),
         "+1555190100",

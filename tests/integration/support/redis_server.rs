@@ -338,6 +338,10 @@ impl SentinelSet {
             .collect()
     }
 
+    pub fn ports(&self) -> &[u16] {
+        &self.ports
+    }
+
     /// The master's port as the sentinels still running name it, when they all agree.
     pub fn master_port(&self) -> Option<u16> {
         let named: Vec<Option<u16>> = self
