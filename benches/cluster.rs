@@ -73,19 +73,14 @@ async fn sentinel_proxy(
     set: &redis_server::SentinelSet,
     max_staleness_ms: u64,
 ) -> AppHandle {
-    let sentinels = set
-        .addresses()
-        .iter()
-        .map(|address| format!("{address:?}"))
-        .collect::<Vec<_>>()
-        .join(", ");
     let settings = Settings::from_toml_str(&proxy_toml(
         sim,
         "error",
         &format!(
-            "[cluster]\nsentinels = [{sentinels}]\nsentinel_master = {:?}\n\
+            "[cluster]\nsentinels = {}\nsentinel_master = {:?}\n\
              max_staleness_ms = {max_staleness_ms}\n[oauth]\nenabled = false\n\
              [server]\nrequest_timeout_ms = 1000\n[talkdesk]\ntimeout_ms = 500\n",
+            set.toml_list(),
             redis_server::SENTINEL_MASTER
         ),
         r#"["read", "write"]"#,

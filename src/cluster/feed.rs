@@ -135,19 +135,28 @@ enum RedisSeen {
 
 /// Redis' run id, if it tells (`INFO server` may be refused, e.g. renamed on managed services).
 async fn run_id(publisher: &MultiplexedConnection) -> Option<String> {
+    info_field(publisher, "server", "run_id").await
+}
+
+/// `field` of `INFO section`, if Redis answers it within `ANNOUNCE_TIMEOUT`.
+async fn info_field(
+    publisher: &MultiplexedConnection,
+    section: &str,
+    field: &str,
+) -> Option<String> {
     let mut connection = publisher.clone();
     let info = tokio::time::timeout(
         ANNOUNCE_TIMEOUT,
         redis::cmd("INFO")
-            .arg("server")
+            .arg(section)
             .query_async::<String>(&mut connection),
     )
     .await
     .ok()?
     .ok()?;
     info.lines()
-        .find_map(|line| line.strip_prefix("run_id:"))
-        .map(|id| id.trim().to_owned())
+        .find_map(|line| line.strip_prefix(field)?.strip_prefix(':'))
+        .map(|value| value.trim().to_owned())
 }
 
 impl Feed {
@@ -449,18 +458,7 @@ async fn memory_policy(publisher: &MultiplexedConnection) -> Option<String> {
             return Some(policy.clone());
         }
     }
-    let info = tokio::time::timeout(
-        ANNOUNCE_TIMEOUT,
-        redis::cmd("INFO")
-            .arg("memory")
-            .query_async::<String>(&mut connection),
-    )
-    .await
-    .ok()?
-    .ok()?;
-    info.lines()
-        .find_map(|line| line.strip_prefix("maxmemory_policy:"))
-        .map(|policy| policy.trim().to_owned())
+    info_field(publisher, "memory", "maxmemory_policy").await
 }
 
 /// One Redis session: its connections, the heartbeats and (with sentinels) confirmations in

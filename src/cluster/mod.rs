@@ -76,6 +76,23 @@ pub struct ClusterStartError {
     source: redis::RedisError,
 }
 
+/// A message the feed leaves for `/readyz`, or none.
+#[derive(Default)]
+struct Note(Mutex<Option<String>>);
+
+impl Note {
+    fn get(&self) -> Option<String> {
+        self.0
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
+
+    fn set(&self, note: Option<String>) {
+        *self.0.lock().unwrap_or_else(PoisonError::into_inner) = note;
+    }
+}
+
 /// State shared by the handle, the feed task and the writes in flight.
 struct Shared {
     /// This instance in the cluster's messages: random per process.
@@ -86,9 +103,9 @@ struct Shared {
     link: Arc<Link>,
     next_write: AtomicU64,
     /// Why the feed is not live (for `/readyz` and errors); `None` while it is.
-    problem: Mutex<Option<String>>,
+    problem: Note,
     /// Something `/readyz` should say even while the feed is live (an evicting Redis).
-    warning: Mutex<Option<String>>,
+    warning: Note,
     /// With sentinels: until when a write may be announced, `max_staleness` after the latest
     /// question a majority of them answered with the session's master (`None`: not at all).
     /// Without sentinels this is not consulted.
@@ -132,25 +149,19 @@ impl Shared {
     }
 
     fn problem(&self) -> Option<String> {
-        self.problem
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .clone()
+        self.problem.get()
     }
 
     fn set_problem(&self, problem: Option<String>) {
-        *self.problem.lock().unwrap_or_else(PoisonError::into_inner) = problem;
+        self.problem.set(problem);
     }
 
     fn warning(&self) -> Option<String> {
-        self.warning
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .clone()
+        self.warning.get()
     }
 
     fn set_warning(&self, warning: Option<String>) {
-        *self.warning.lock().unwrap_or_else(PoisonError::into_inner) = warning;
+        self.warning.set(warning);
     }
 
     fn confirmed_until(&self, until: Option<Instant>) {
@@ -228,8 +239,8 @@ impl Cluster {
             policy: settings.write_policy,
             link: link.clone(),
             next_write: AtomicU64::new(1),
-            problem: Mutex::new(Some("connecting to Redis".to_owned())),
-            warning: Mutex::new(None),
+            problem: Note(Mutex::new(Some("connecting to Redis".to_owned()))),
+            warning: Note::default(),
             announce_until: Mutex::new(None),
             sentinels: settings.sentinel.is_some(),
             metrics: ClusterMetrics::register(registry),

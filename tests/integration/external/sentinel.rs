@@ -30,15 +30,9 @@ const REQUEST_TIMEOUT_MS: u64 = 2000;
 
 /// Instance `i` of a fleet behind `set`'s sentinels, with `max_staleness`.
 fn behind_sentinels(config: &mut ProxyConfig, set: &SentinelSet, max_staleness: Duration) {
-    let sentinels = set
-        .addresses()
-        .iter()
-        .map(|address| format!("\"{address}\""))
-        .collect::<Vec<_>>()
-        .join(", ");
     config
         .set_str("cluster.redis_url", "")
-        .set("cluster.sentinels", &format!("[{sentinels}]"))
+        .set("cluster.sentinels", &set.toml_list())
         .set_str("cluster.sentinel_master", SENTINEL_MASTER)
         .set(
             "cluster.max_staleness_ms",

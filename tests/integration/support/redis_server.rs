@@ -330,12 +330,14 @@ impl SentinelSet {
         set
     }
 
-    /// `["127.0.0.1:port", ...]` as `cluster.sentinels` takes it.
-    pub fn addresses(&self) -> Vec<String> {
-        self.ports
+    /// `["127.0.0.1:port", ...]`: `cluster.sentinels` as a TOML value.
+    pub fn toml_list(&self) -> String {
+        let quoted: Vec<String> = self
+            .ports
             .iter()
-            .map(|port| format!("127.0.0.1:{port}"))
-            .collect()
+            .map(|port| format!("\"127.0.0.1:{port}\""))
+            .collect();
+        format!("[{}]", quoted.join(", "))
     }
 
     pub fn ports(&self) -> &[u16] {
