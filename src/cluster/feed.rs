@@ -248,7 +248,7 @@ impl Feed {
         continuity.master = master.clone();
         let (publish_failed, publish_failures) = mpsc::channel(1);
         let (confirmed, confirmations) = mpsc::channel(16);
-        let session = Session {
+        let mut session = Session {
             feed: self,
             publisher,
             messages,
@@ -267,7 +267,10 @@ impl Feed {
             live: false,
         };
         if session.master.is_some() {
-            session.confirm(asked);
+            // The majority that named this master counts as the first confirmation.
+            session.latest_confirmation = Some(asked);
+            self.shared
+                .confirmed_until(Some(asked + self.max_staleness));
         }
         self.shared.set_problem(Some(if trusted_from > now {
             format!(
