@@ -49,9 +49,9 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
-use crate::cache::{ConsentCache, WriteOutcome};
-use crate::config::{ClusterSettings, TalkdeskSettings, WritePolicy};
-use crate::consent::ContactId;
+use crate::cache::ConsentCache;
+use crate::config::{ClusterSettings, Secret, TalkdeskSettings, WritePolicy};
+use crate::consent::{ContactId, WriteOutcome};
 use crate::error::{ErrorChain, Failure, ProxyError};
 use crate::upstream::token::FleetTokens;
 use link::Link;
@@ -273,7 +273,6 @@ impl Cluster {
                     &settings.key_prefix,
                     talkdesk,
                     ANNOUNCE_TIMEOUT.max(settings.shared_timeout),
-                    CONNECT_TIMEOUT,
                     metrics,
                 ))
             });
@@ -413,19 +412,41 @@ impl Cluster {
 
 /// Where the feed finds Redis: `cluster.redis_url`, or the master the sentinels name.
 fn target(settings: &ClusterSettings) -> Result<feed::Target, redis::RedisError> {
+    let roots = settings.tls_roots_pem.as_deref();
     if let Some(sentinels) = &settings.sentinel {
-        let sentinels = sentinel::Sentinels::new(sentinels, settings.redis_password.clone())?;
+        let sentinels =
+            sentinel::Sentinels::new(sentinels, settings.redis_password.clone(), roots)?;
         return Ok(feed::Target::Sentinel(Arc::new(sentinels)));
     }
-    let mut info = settings.redis_url.as_str().into_connection_info()?;
-    if let Some(password) = &settings.redis_password {
+    let client = client(&settings.redis_url, settings.redis_password.as_ref(), roots)?;
+    Ok(feed::Target::Direct(client))
+}
+
+/// A client of the Redis (or sentinel) at `url` with `password`; with `rediss://`, trusting
+/// `roots` (`egress.ca_file`) instead of the built-in roots when given.
+fn client(
+    url: &str,
+    password: Option<&Secret>,
+    roots: Option<&[u8]>,
+) -> Result<redis::Client, redis::RedisError> {
+    let mut info = url.into_connection_info()?;
+    if let Some(password) = password {
         let redis = info
             .redis_settings()
             .clone()
             .set_password(password.expose());
         info = info.set_redis_settings(redis);
     }
-    Ok(feed::Target::Direct(redis::Client::open(info)?))
+    match roots {
+        Some(roots) if url.starts_with("rediss://") => {
+            let roots = redis::TlsCertificates {
+                client_tls: None,
+                root_cert: Some(roots.to_vec()),
+            };
+            redis::Client::build_with_tls(info, roots)
+        }
+        _ => redis::Client::open(info),
+    }
 }
 
 /// A write announced (or, under `best_effort`, attempted) as pending; its outcome must be

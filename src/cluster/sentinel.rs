@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use futures_util::future::join_all;
 use redis::aio::MultiplexedConnection;
-use redis::{AsyncConnectionConfig, Client, Cmd, FromRedisValue, IntoConnectionInfo, RedisError};
+use redis::{AsyncConnectionConfig, Client, Cmd, FromRedisValue, RedisError};
 use tokio::sync::Mutex;
 
 use super::ANNOUNCE_TIMEOUT;
@@ -49,6 +49,8 @@ pub(super) struct Sentinels {
     tls: bool,
     /// The data nodes' password (`cluster.redis_password_file`).
     node_password: Option<Secret>,
+    /// `egress.ca_file`'s roots, for TLS.
+    roots: Option<Vec<u8>>,
 }
 
 /// `redis[s]://host:port` with `password`, as a client.
@@ -56,23 +58,17 @@ fn client(
     tls: bool,
     address: &NodeAddress,
     password: Option<&Secret>,
+    roots: Option<&[u8]>,
 ) -> Result<Client, RedisError> {
     let scheme = if tls { "rediss" } else { "redis" };
-    let mut info = format!("{scheme}://{address}").into_connection_info()?;
-    if let Some(password) = password {
-        let redis = info
-            .redis_settings()
-            .clone()
-            .set_password(password.expose());
-        info = info.set_redis_settings(redis);
-    }
-    Client::open(info)
+    super::client(&format!("{scheme}://{address}"), password, roots)
 }
 
 impl Sentinels {
     pub fn new(
         settings: &SentinelSettings,
         node_password: Option<Secret>,
+        roots: Option<&[u8]>,
     ) -> Result<Self, RedisError> {
         let sentinels = settings
             .sentinels
@@ -83,7 +79,7 @@ impl Sentinels {
                     port: *port,
                 };
                 Ok(Sentinel {
-                    client: client(settings.tls, &address, settings.password.as_ref())?,
+                    client: client(settings.tls, &address, settings.password.as_ref(), roots)?,
                     connection: Mutex::new(None),
                 })
             })
@@ -93,6 +89,7 @@ impl Sentinels {
             master: settings.master.clone(),
             tls: settings.tls,
             node_password,
+            roots: roots.map(<[u8]>::to_vec),
         })
     }
 
@@ -225,8 +222,13 @@ impl Sentinels {
 
     /// A client of the data node at `address`.
     pub fn node(&self, address: &NodeAddress) -> Result<Client, Failure> {
-        client(self.tls, address, self.node_password.as_ref())
-            .map_err(|err| Failure::new("cannot use the master the sentinels name", err))
+        client(
+            self.tls,
+            address,
+            self.node_password.as_ref(),
+            self.roots.as_deref(),
+        )
+        .map_err(|err| Failure::new("cannot use the master the sentinels name", err))
     }
 }
 

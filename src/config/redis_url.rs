@@ -49,7 +49,7 @@ impl RedisUrl {
         let password = percent_decode_str(password)
             .decode_utf8()
             .map_err(|_| "the password is not valid percent-encoded UTF-8".to_owned())?;
-        let (host, port) = split_host_port(host_port)?;
+        let (host, port) = split_host_port(host_port, DEFAULT_PORT, SHAPE)?;
         let db = match path {
             "" => 0,
             db => db
@@ -93,9 +93,13 @@ impl RedisUrl {
     }
 }
 
-/// One of `cluster.sentinels`: `host:port`, or `rediss://host:port` for TLS (`redis://` may be
-/// written too). Returns whether TLS is on, the host and the port. A sentinel's password comes
-/// from `cluster.sentinel_password_file`, never from here.
+/// Sentinel's own port, when an entry of `cluster.sentinels` gives none.
+const SENTINEL_PORT: u16 = 26379;
+
+/// One of `cluster.sentinels`: `host[:port]` (port 26379 unless given), or
+/// `rediss://host[:port]` for TLS (`redis://` may be written too). Returns whether TLS is on,
+/// the host and the port. A sentinel's password comes from `cluster.sentinel_password_file`,
+/// never from here.
 pub(super) fn parse_sentinel(entry: &str) -> Result<(bool, String, u16), String> {
     const SENTINEL_SHAPE: &str = "host:port, or rediss://host:port for TLS";
     let (tls, rest) = if let Some(rest) = entry.strip_prefix("rediss://") {
@@ -109,22 +113,20 @@ pub(super) fn parse_sentinel(entry: &str) -> Result<(bool, String, u16), String>
              (cluster.sentinel_password_file holds the password)"
         ));
     }
-    let has_port = rest.rsplit_once(':').is_some_and(|(host, _)| {
-        !host.ends_with(':') && (!rest.starts_with('[') || host.ends_with(']'))
-    });
-    if !has_port {
-        return Err(format!("{rest:?} has no port ({SENTINEL_SHAPE})"));
-    }
-    let (host, port) = split_host_port(rest)?;
+    let (host, port) = split_host_port(rest, SENTINEL_PORT, SENTINEL_SHAPE)?;
     Ok((tls, host, port))
 }
 
-/// `host[:port]` or `[ipv6][:port]`.
-fn split_host_port(host_port: &str) -> Result<(String, u16), String> {
+/// `host[:port]` or `[ipv6][:port]`; `shape` is the whole URL's expected form, for messages.
+pub(super) fn split_host_port(
+    host_port: &str,
+    default_port: u16,
+    shape: &str,
+) -> Result<(String, u16), String> {
     let (host, port) = if let Some(bracketed) = host_port.strip_prefix('[') {
         let (ip, after) = bracketed
             .split_once(']')
-            .ok_or_else(|| format!("the IPv6 address has no closing ']' ({SHAPE})"))?;
+            .ok_or_else(|| format!("the IPv6 address has no closing ']' ({shape})"))?;
         if ip.parse::<Ipv6Addr>().is_err() {
             return Err(format!("{ip:?} is not an IPv6 address"));
         }
@@ -132,7 +134,7 @@ fn split_host_port(host_port: &str) -> Result<(String, u16), String> {
             match after {
                 "" => None,
                 after => Some(after.strip_prefix(':').ok_or_else(|| {
-                    format!("unexpected {after:?} after the IPv6 address ({SHAPE})")
+                    format!("unexpected {after:?} after the IPv6 address ({shape})")
                 })?),
             };
         (ip, port)
@@ -146,12 +148,12 @@ fn split_host_port(host_port: &str) -> Result<(String, u16), String> {
                 .bytes()
                 .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'-' | b'_'));
         if !valid_host {
-            return Err(format!("{host:?} is not a host name or address ({SHAPE})"));
+            return Err(format!("{host:?} is not a host name or address ({shape})"));
         }
         (host, port)
     };
     let port = match port {
-        None => DEFAULT_PORT,
+        None => default_port,
         Some(port) => port
             .parse()
             .ok()
@@ -200,9 +202,11 @@ mod tests {
             parse_sentinel("rediss://[::1]:26380").unwrap(),
             (true, "::1".to_owned(), 26380)
         );
+        assert_eq!(
+            parse_sentinel("sentinel-1").unwrap(),
+            (false, "sentinel-1".to_owned(), 26379)
+        );
         for (entry, expected) in [
-            ("sentinel-0", "has no port"),
-            ("[::1]", "has no port"),
             ("u:hunter2@host:26379", "without user, password or path"),
             ("host:26379/0", "without user, password or path"),
             ("host:port", "the port \"port\""),

@@ -10,9 +10,7 @@ use consent_proxy::simulator::Simulator;
 use consent_proxy::{App, AppHandle};
 use tokio::time::Instant;
 
-use super::history::{
-    cluster_violations, gets, lost_writes, random_client, random_upstream_delays,
-};
+use super::history::{cluster_violations, gets, lost_writes, random_upstream_delays, RandomClient};
 use super::redis_server::RedisServer;
 use super::{
     admin_get, consent_url, get_consent, metric, put_consent, start_simulator, wait_until,
@@ -199,12 +197,14 @@ pub async fn randomized_history_across(
             tokio::spawn(async move {
                 let (fleet, contacts) = (&fleet, &contacts);
                 let (refused_puts, bypassed_gets) = (&refused_puts, &bypassed_gets);
-                random_client(
-                    started + run_for,
-                    CONTACTS,
-                    3,
-                    0.2,
-                    0..0,
+                RandomClient {
+                    until: started + run_for,
+                    contacts: CONTACTS,
+                    instances: 3,
+                    put_share: 0.2,
+                    pause_ms: 0..0,
+                }
+                .run(
                     |via, contact| async move {
                         let start = Instant::now();
                         let answer = fleet.get(via, &contacts[contact]).await;
