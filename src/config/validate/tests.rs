@@ -457,8 +457,8 @@ fn sentinel_problems() {
             "cluster.sentinel_master is required with cluster.sentinels",
         ),
         (
-            "sentinels = [\"s0\"]\nsentinel_master = \"m\"",
-            "cluster.sentinels: \"s0\" has no port",
+            "sentinels = [\"s0:port\"]\nsentinel_master = \"m\"",
+            "cluster.sentinels: the port \"port\" is not a number",
         ),
         (
             "sentinels = [\"rediss://s0:1\", \"s1:2\"]\nsentinel_master = \"m\"",
