@@ -48,7 +48,7 @@ const RECONNECT_LAST: Duration = Duration::from_secs(2);
 /// Where the sessions' Redis is.
 pub(super) enum Target {
     /// `cluster.redis_url`.
-    Direct(redis::Client),
+    Direct(Box<redis::Client>),
     /// Whichever master a majority of `cluster.sentinels` names.
     Sentinel(Arc<Sentinels>),
 }
@@ -210,7 +210,7 @@ impl Feed {
     async fn open(&self, continuity: &mut Continuity) -> Result<Session<'_>, Failure> {
         let asked = Instant::now();
         let (client, master) = match &self.target {
-            Target::Direct(client) => (client.clone(), None),
+            Target::Direct(client) => ((**client).clone(), None),
             Target::Sentinel(sentinels) => {
                 let master = sentinels.majority_master().await?;
                 (sentinels.node(&master)?, Some(master))

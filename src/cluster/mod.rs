@@ -419,7 +419,7 @@ fn target(settings: &ClusterSettings) -> Result<feed::Target, redis::RedisError>
         return Ok(feed::Target::Sentinel(Arc::new(sentinels)));
     }
     let client = client(&settings.redis_url, settings.redis_password.as_ref(), roots)?;
-    Ok(feed::Target::Direct(client))
+    Ok(feed::Target::Direct(Box::new(client)))
 }
 
 /// A client of the Redis (or sentinel) at `url` with `password`; with `rediss://`, trusting
