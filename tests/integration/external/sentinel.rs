@@ -4,7 +4,7 @@
 //! 50 ms bound on a healthy cluster, at `max_staleness_ms` across a fault) and for lost
 //! acknowledged writes:
 //! - a healthy cluster, then `SENTINEL FAILOVER` by hand;
-//! - the master killed;
+//! - the master killed (with the shared tier on);
 //! - the master frozen (`SIGSTOP`) past `down-after-milliseconds`, failed over, then thawed
 //!   while still believing it is the master (split brain): an instance that stayed connected to
 //!   it must not acknowledge a write the others cannot hear;
@@ -17,7 +17,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use crate::support::fleet::{
-    randomized_history_across, Fleet, HistoryRun, MAX_STALENESS, RULE_5_LAG,
+    randomized_history_across, shared_tier, Fleet, HistoryRun, MAX_STALENESS, RULE_5_LAG,
 };
 use crate::support::redis_server::{self, RedisServer, SentinelSet, DOWN_AFTER, SENTINEL_MASTER};
 use crate::support::*;
@@ -45,19 +45,34 @@ fn behind_sentinels(config: &mut ProxyConfig, set: &SentinelSet, max_staleness: 
 /// A master, its replica, three sentinels and three proxies following them; instance `i` has
 /// `max_staleness(i)`.
 async fn sentinel_fleet(max_staleness: impl Fn(usize) -> Duration) -> (Arc<Fleet>, SentinelSet) {
+    sentinel_fleet_with(|i, config| {
+        config.set(
+            "cluster.max_staleness_ms",
+            &max_staleness(i).as_millis().to_string(),
+        );
+    })
+    .await
+}
+
+/// As [`sentinel_fleet`], each instance's configuration adjusted by `configure(i, config)`
+/// (`max_staleness_ms` is [`MAX_STALENESS`] unless it sets another).
+async fn sentinel_fleet_with(
+    configure: impl Fn(usize, &mut ProxyConfig),
+) -> (Arc<Fleet>, SentinelSet) {
     let master = RedisServer::start();
     let set = tokio::task::block_in_place(|| SentinelSet::start(&master));
-    fleet_behind(master, set, max_staleness).await
+    fleet_behind(master, set, configure).await
 }
 
 /// Three proxies following `set`'s sentinels, `master` the master they name now.
 async fn fleet_behind(
     master: RedisServer,
     set: SentinelSet,
-    max_staleness: impl Fn(usize) -> Duration,
+    configure: impl Fn(usize, &mut ProxyConfig),
 ) -> (Arc<Fleet>, SentinelSet) {
     let fleet = Fleet::start_with_redis(start_simulator().await, master, 3, |i, config| {
-        behind_sentinels(config, &set, max_staleness(i));
+        behind_sentinels(config, &set, MAX_STALENESS);
+        configure(i, config);
     })
     .await;
     (Arc::new(fleet), set)
@@ -174,7 +189,7 @@ async fn healthy_then_failed_over_by_hand() {
     let set = tokio::task::block_in_place(|| SentinelSet::start(&master));
     let master_port = master.port();
     let (quiet_publish, quiet_sentinels) = command_rates(master_port, &set).await;
-    let (fleet, set) = fleet_behind(master, set, |_| MAX_STALENESS).await;
+    let (fleet, set) = fleet_behind(master, set, |_, _| {}).await;
     let (publish, sentinels) = command_rates(master_port, &set).await;
     println!(
         "at rest, per instance (max_staleness_ms {}): {:.1} PUBLISH/s on the master, {:.1} \
@@ -221,9 +236,14 @@ async fn healthy_then_failed_over_by_hand() {
     all_follow_the_new_master(&fleet, "+15551901199").await;
 }
 
+/// With the shared tier on: the promoted replica is another Redis (its run id), so the tier
+/// starts a new epoch there.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_master_killed() {
-    let (fleet, set) = sentinel_fleet(|_| MAX_STALENESS).await;
+    let (fleet, set) = sentinel_fleet_with(|_, config| {
+        shared_tier(config, true, false);
+    })
+    .await;
     let set = Arc::new(set);
     let replica = set.replica.port();
     let run = history_across(
