@@ -12,6 +12,7 @@ mod support;
 
 mod cache;
 mod cli;
+mod client_assertion;
 mod docs;
 mod hostile_clients;
 mod hostile_upstreams;

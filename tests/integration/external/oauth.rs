@@ -89,25 +89,27 @@ async fn token(proxy: &AppHandle, client: &str, key: &str, scope: Option<&str>) 
 }
 
 async fn get_with(proxy: &AppHandle, contact: &str, token: &str) -> TestResponse {
-    TestClient::new()
-        .send(
-            Method::GET,
-            &consent_url(proxy, contact),
-            &[("authorization", &format!("Bearer {token}"))],
-            None,
-        )
-        .await
+    let http = TestClient::new();
+    let url = ProxyClient { http: &http, proxy }.consent_url(contact);
+    http.send(
+        Method::GET,
+        &url,
+        &[("authorization", &format!("Bearer {token}"))],
+        None,
+    )
+    .await
 }
 
 async fn put_with(proxy: &AppHandle, contact: &str, token: &str, status: &str) -> TestResponse {
-    TestClient::new()
-        .send(
-            Method::PUT,
-            &consent_url(proxy, contact),
-            &[("authorization", &format!("Bearer {token}")), JSON],
-            Some(format!(r#"{{"status":"{status}"}}"#)),
-        )
-        .await
+    let http = TestClient::new();
+    let url = ProxyClient { http: &http, proxy }.consent_url(contact);
+    http.send(
+        Method::PUT,
+        &url,
+        &[("authorization", &format!("Bearer {token}")), JSON],
+        Some(format!(r#"{{"status":"{status}"}}"#)),
+    )
+    .await
 }
 
 fn assert_invalid_token(response: &TestResponse, what: &str) {
@@ -738,11 +740,11 @@ async fn a_client_removed_or_narrowed_in_the_configuration_loses_its_token_at_th
         "a removed client's unexpired token",
     );
     assert_eq!(
-        metric(
-            &TestClient::new(),
-            &second,
-            r#"consent_proxy_oauth_tokens_rejected_total{reason="unknown_client"}"#
-        )
+        ProxyClient {
+            http: &TestClient::new(),
+            proxy: &second,
+        }
+        .metric(r#"consent_proxy_oauth_tokens_rejected_total{reason="unknown_client"}"#)
         .await,
         1.0
     );
