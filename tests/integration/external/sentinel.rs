@@ -1,6 +1,6 @@
 //! Cluster mode behind Redis Sentinel (`cluster.sentinels`): a real master, its replica and three
 //! sentinels (`down-after-milliseconds` 1 s, quorum 2), three in-process proxies and the
-//! randomized three-instance history running across each fault, checked for rule 5 (at the
+//! randomized three-instance history running across each fault, checked for rule 5 of docs/CONSISTENCY.md (at the
 //! 50 ms bound on a healthy cluster, at `max_staleness_ms` across a fault) and for lost
 //! acknowledged writes:
 //! - a healthy cluster, then `SENTINEL FAILOVER` by hand;
