@@ -69,7 +69,7 @@ const PENDING_MARGIN: Duration = Duration::from_secs(1);
 
 /// Why cluster mode could not start.
 #[derive(Debug, thiserror::Error)]
-#[error("cannot use cluster.redis_url {url}")]
+#[error("cannot use the cluster's Redis {url} (cluster.redis_url or cluster.sentinels)")]
 pub struct ClusterStartError {
     url: String,
     #[source]
