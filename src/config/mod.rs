@@ -28,6 +28,8 @@ use std::{
     time::Duration,
 };
 
+use crate::wire::forwarded::TrustedProxies;
+
 /// The built-in defaults, compiled into the binary (the lowest layer).
 pub const DEFAULT_CONFIG_TOML: &str = include_str!("../../config/default.toml");
 
@@ -105,6 +107,8 @@ pub struct ServerSettings {
     pub max_connections: usize,
     /// The kernel's accept queue of each listener (at least 1).
     pub listen_backlog: u32,
+    /// Load balancers whose `X-Forwarded-For` / `Forwarded` name the caller's address.
+    pub trusted_proxies: TrustedProxies,
 }
 
 #[derive(Debug, Clone)]

@@ -43,6 +43,7 @@ pub(super) struct Server {
     pub shutdown_grace_ms: Field<u64>,
     pub max_connections: Field<u64>,
     pub listen_backlog: Field<u32>,
+    pub trusted_proxies: Field<Vec<String>>,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]

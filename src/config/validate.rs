@@ -27,6 +27,7 @@ use super::{
     ProxyEndpoint, Secret, SentinelSettings, ServerSettings, Settings, TalkdeskSettings, TlsFiles,
     TokenSettings, ANONYMOUS,
 };
+use crate::wire::forwarded::{Network, TrustedProxies};
 
 const MAX_CLIENT_NAME: usize = 64;
 const MIN_API_KEY: usize = 16;
@@ -279,6 +280,13 @@ fn server(s: schema::Server, p: &mut Problems) -> Option<ServerSettings> {
     );
     let max_connections = p.check("server.max_connections", s.max_connections, at_least(1));
     let listen_backlog = p.check("server.listen_backlog", s.listen_backlog, positive);
+    let trusted_proxies = p.check("server.trusted_proxies", s.trusted_proxies, |entries| {
+        let networks = entries
+            .iter()
+            .map(|entry| Network::parse(entry))
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(TrustedProxies::new(networks))
+    });
     Some(ServerSettings {
         listen: listen?,
         admin_listen: admin_listen?,
@@ -291,6 +299,7 @@ fn server(s: schema::Server, p: &mut Problems) -> Option<ServerSettings> {
         shutdown_grace: shutdown_grace?,
         max_connections: max_connections?,
         listen_backlog: listen_backlog?,
+        trusted_proxies: trusted_proxies?,
     })
 }
 

@@ -65,6 +65,7 @@ const LISTENER_LIMITS: ListenerLimits = ListenerLimits {
     max_header_bytes: 64 * 1024,
     header_read_timeout: Duration::from_secs(3600),
     idle_timeout: Duration::from_secs(3600),
+    answer_timeout: Duration::from_secs(3600),
     max_connections: 65_536,
 };
 

@@ -10,6 +10,7 @@
 
 mod support;
 
+mod auth_throttle;
 mod cache;
 mod cli;
 mod client_assertion;

@@ -1049,3 +1049,40 @@ fn private_key_jwt_needs_a_key_that_fits_its_algorithm_and_no_secret() {
         "{list:#?}"
     );
 }
+
+#[test]
+fn trusted_proxies_are_addresses_or_networks() {
+    let s = Settings::from_toml_str(&minimal()).unwrap();
+    assert_eq!(s.server.trusted_proxies, TrustedProxies::default());
+    let s = Settings::from_toml_str(&minimal_with(
+        "server",
+        r#"trusted_proxies = ["10.0.0.0/8", "192.0.2.7", "2001:db8::/32"]"#,
+    ))
+    .unwrap();
+    let balancer: std::net::IpAddr = "10.1.2.3".parse().unwrap();
+    let mut headers = http::HeaderMap::new();
+    headers.insert("x-forwarded-for", "203.0.113.9".parse().unwrap());
+    assert_eq!(
+        s.server.trusted_proxies.client_address(balancer, &headers),
+        "203.0.113.9".parse::<std::net::IpAddr>().unwrap()
+    );
+    let list = errors(&minimal_with(
+        "server",
+        r#"trusted_proxies = ["10.0.0.1/8"]"#,
+    ));
+    assert!(
+        has(
+            &list,
+            "server.trusted_proxies: \"10.0.0.1/8\" has bits set beyond its /8 prefix"
+        ),
+        "{list:?}"
+    );
+    let list = errors(&minimal_with("server", r#"trusted_proxies = ["balancer"]"#));
+    assert!(
+        has(
+            &list,
+            "server.trusted_proxies: \"balancer\" is not an IP address or a CIDR network"
+        ),
+        "{list:?}"
+    );
+}

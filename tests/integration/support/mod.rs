@@ -392,6 +392,20 @@ impl TestResponse {
     pub fn code(&self) -> String {
         self.json()["code"].as_str().unwrap_or_default().to_owned()
     }
+
+    /// A throttle's 429: `Retry-After` in seconds, within the throttle's minute. `what` names
+    /// the attempt in the failure message.
+    pub fn assert_retry_within_a_minute(&self, what: &str) {
+        assert_eq!(self.status, 429, "{what}: {}", self.text());
+        let retry_after: u64 = self
+            .header("retry-after")
+            .and_then(|v| v.parse().ok())
+            .unwrap_or_else(|| panic!("{what}: no Retry-After in seconds"));
+        assert!(
+            (1..=60).contains(&retry_after),
+            "{what}: Retry-After {retry_after}"
+        );
+    }
 }
 
 /// A plain HTTP/1.1 client with a connection pool.
