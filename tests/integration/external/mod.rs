@@ -11,4 +11,5 @@ mod metrics_exposition;
 mod oauth;
 mod oidc_provider;
 mod prometheus;
+mod sentinel;
 mod shared_tier;
