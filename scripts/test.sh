@@ -3,7 +3,8 @@
 # rule tests, the bounded soak tests (one proxy; three in cluster mode), the schemathesis run
 # against `consent-proxy demo` and the container image built and run with podman
 # (scripts/container-test.sh). Installs what a fresh machine lacks first (Debian packages:
-# prometheus, redis-server for the cluster tests, tinyproxy for the egress tests, podman; the oidc-provider npm package, Python
+# prometheus, redis-server for the cluster tests, tinyproxy for the egress tests, postgresql for
+# the audit store's, podman; the oidc-provider npm package, Python
 # virtualenvs for the OAuth client test, the OTLP receiver and schemathesis). Exits non-zero on the first
 # failure.
 set -euo pipefail
@@ -30,6 +31,10 @@ missing=()
 command -v promtool >/dev/null 2>&1 || missing+=(prometheus)
 command -v redis-server >/dev/null 2>&1 || missing+=(redis-server)
 command -v tinyproxy >/dev/null 2>&1 || missing+=(tinyproxy)
+# The audit store's tests start their own PostgreSQL (/usr/lib/postgresql/*/bin) and make a
+# SQLite file immutable with chattr.
+compgen -G '/usr/lib/postgresql/*/bin/postgres' >/dev/null || missing+=(postgresql)
+command -v chattr >/dev/null 2>&1 || missing+=(e2fsprogs)
 command -v curl >/dev/null 2>&1 || missing+=(curl)
 command -v openssl >/dev/null 2>&1 || missing+=(openssl)
 command -v node >/dev/null 2>&1 || missing+=(nodejs npm)
@@ -42,8 +47,8 @@ if ((${#missing[@]})); then
     apt-get update -qq
     DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
 fi
-# A packaged Prometheus or Redis service that runs here is left alone: the tests start their
-# own redis-server and Prometheus on free ports.
+# A packaged Prometheus, Redis or PostgreSQL service that runs here is left alone: the tests
+# start their own redis-server, Prometheus and PostgreSQL servers on free ports.
 
 step "npm ci (oidc-provider for the OAuth compatibility test)"
 npm ci --prefix tests/oidc --no-audit --no-fund --loglevel=error

@@ -10,7 +10,7 @@ use prometheus::{IntCounter, Registry};
 use super::scope;
 use super::token::{TokenKeys, TokenRejection};
 use super::verified::{Verified, VerifiedTokens, CAPACITY};
-use super::Caller;
+use super::{AuthMethod, Caller};
 use crate::config::ClientSettings;
 use crate::metrics;
 
@@ -90,5 +90,6 @@ fn caller(verified: Verified, clients: &[ClientSettings]) -> Option<Caller> {
         client_index: Some(verified.client_index),
         permissions: scope::granted_now(verified.scopes, client.permissions),
         token_scopes: Some(verified.scopes),
+        method: AuthMethod::AccessToken,
     })
 }

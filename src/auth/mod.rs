@@ -73,6 +73,35 @@ pub struct Caller {
     /// The scopes of the access token it presented (`None` for a key): a 403 names what lacks
     /// the permission, the client or the token.
     pub token_scopes: Option<Permissions>,
+    /// How the caller proved who it is (recorded in the audit trail).
+    pub method: AuthMethod,
+}
+
+/// How a caller authenticated.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AuthMethod {
+    /// `X-API-Key: <key>`.
+    ApiKey,
+    /// `Authorization: Basic base64(<name>:<key>)`.
+    Basic,
+    /// `Authorization: Bearer <key>`.
+    BearerKey,
+    /// `Authorization: Bearer <access token>` from the proxy's token endpoint.
+    AccessToken,
+    /// No credentials (`auth.required = false`).
+    None,
+}
+
+impl AuthMethod {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            AuthMethod::ApiKey => "api_key",
+            AuthMethod::Basic => "basic",
+            AuthMethod::BearerKey => "bearer_key",
+            AuthMethod::AccessToken => "access_token",
+            AuthMethod::None => "none",
+        }
+    }
 }
 
 impl Caller {
@@ -205,6 +234,10 @@ impl Authenticator {
                 .client_with_key(
                     &ClientSettings::key_digest(key.as_bytes()),
                     claimed_name.as_deref(),
+                    match claimed_name {
+                        Some(_) => AuthMethod::Basic,
+                        None => AuthMethod::ApiKey,
+                    },
                 )
                 .ok_or(ProxyError::Unauthorized),
             Presented::Bearer(value) => self.bearer(value),
@@ -223,6 +256,7 @@ impl Authenticator {
                 write: true,
                 admin: false,
             },
+            method: AuthMethod::None,
         })
     }
 
@@ -233,6 +267,7 @@ impl Authenticator {
         self.client_with_key(
             &ClientSettings::key_digest(client_secret.as_bytes()),
             Some(client_id),
+            AuthMethod::Basic,
         )
     }
 
@@ -246,9 +281,11 @@ impl Authenticator {
         {
             return Ok(caller);
         }
-        if let Some(caller) =
-            self.client_with_key(&ClientSettings::key_digest(value.as_bytes()), None)
-        {
+        if let Some(caller) = self.client_with_key(
+            &ClientSettings::key_digest(value.as_bytes()),
+            None,
+            AuthMethod::BearerKey,
+        ) {
             return Ok(caller);
         }
         let rejected = |reason: TokenRejection| {
@@ -263,7 +300,12 @@ impl Authenticator {
 
     /// The client whose key has `digest` (and whose name is `claimed_name`, when one is
     /// claimed).
-    fn client_with_key(&self, digest: &[u8; 32], claimed_name: Option<&str>) -> Option<Caller> {
+    fn client_with_key(
+        &self,
+        digest: &[u8; 32],
+        claimed_name: Option<&str>,
+        method: AuthMethod,
+    ) -> Option<Caller> {
         // Compare against every client so the time taken does not depend on which matched.
         let mut found = None;
         for (index, client) in self.clients.iter().enumerate() {
@@ -274,6 +316,7 @@ impl Authenticator {
                     client_index: Some(index),
                     permissions: client.permissions,
                     token_scopes: None,
+                    method,
                 });
             }
         }

@@ -11,6 +11,7 @@ pub mod files;
 mod introspect;
 mod load;
 mod log_level;
+mod postgres_url;
 mod problems;
 mod redact;
 mod redis_url;
@@ -79,9 +80,10 @@ pub struct Settings {
     pub egress: EgressSettings,
     pub token: TokenSettings,
     pub cache: CacheSettings,
-    /// `None` when `cluster.redis_url` is empty: this instance runs alone.
+    /// `None` when `cluster.redis_url` and `cluster.sentinels` are empty: this instance runs alone.
     pub cluster: Option<ClusterSettings>,
     pub oauth: OAuthSettings,
+    pub audit: AuditSettings,
     pub clients: Vec<ClientSettings>,
     pub auth: AuthSettings,
     /// `None` when `otel.endpoint` is empty: no traces.
@@ -304,8 +306,12 @@ pub struct CacheSettings {
 /// Several instances kept coherent through Redis.
 #[derive(Debug, Clone)]
 pub struct ClusterSettings {
-    /// `redis[s]://[user@]host:port/db`, never with a password in it: safe to log.
+    /// `redis[s]://[user@]host:port/db`, never with a password in it: safe to log. With
+    /// sentinels, `sentinel://<master name>`: what the logs call the Redis.
     pub redis_url: String,
+    /// `cluster.sentinels`: the master is whichever node they name (and `redis_url` is not a
+    /// node to connect to).
+    pub sentinel: Option<SentinelSettings>,
     /// From the configured URL or `cluster.redis_password_file`.
     pub redis_password: Option<Secret>,
     /// Namespaces every Redis key and channel (non-empty, no whitespace).
@@ -324,6 +330,19 @@ pub struct ClusterSettings {
     /// `egress.ca_file`'s PEM: with `rediss://`, the roots Redis' certificate must chain to
     /// (the Redis client takes one set of roots: these replace the built-in ones).
     pub tls_roots_pem: Option<Vec<u8>>,
+}
+
+/// Redis Sentinels that name the cluster's master.
+#[derive(Debug, Clone)]
+pub struct SentinelSettings {
+    /// `(host, port)` of each sentinel; at least one.
+    pub sentinels: Vec<(String, u16)>,
+    /// The master's name as the sentinels know it.
+    pub master: String,
+    /// TLS to the sentinels and to the data nodes they name.
+    pub tls: bool,
+    /// `cluster.sentinel_password_file`.
+    pub password: Option<Secret>,
 }
 
 /// What a PUT does when it cannot first announce itself to the cluster.
@@ -363,6 +382,58 @@ pub struct OAuthSettings {
     /// The first signs, all verify (so a key can be rotated in); each at least 32 bytes.
     /// Empty: a random key per process.
     pub signing_keys: Vec<Secret>,
+}
+
+/// The audit trail (`[audit]`).
+#[derive(Debug, Clone)]
+pub struct AuditSettings {
+    pub enabled: bool,
+    /// `Some` whenever the store's keys are set (always when `enabled`): `consent-proxy audit
+    /// export|verify` read a store also while the proxy does not write to it.
+    pub store: Option<AuditStoreSettings>,
+    /// The chain's keys, the one that keys new chains first; at least one when `enabled`.
+    pub chain_keys: Vec<Secret>,
+    /// Records older than this are removed; `None`: kept forever.
+    pub retention: Option<Duration>,
+    pub write_policy: WritePolicy,
+}
+
+/// Where the audit trail is kept.
+#[derive(Debug, Clone)]
+pub enum AuditStoreSettings {
+    Sqlite {
+        path: PathBuf,
+    },
+    Postgres {
+        /// `postgres://user@host:port/db?...`, never with a password in it: safe to log.
+        url: String,
+        /// From `audit.postgres_password_file`.
+        password: Option<Secret>,
+    },
+}
+
+impl AuditStoreSettings {
+    pub fn kind(&self) -> &'static str {
+        match self {
+            AuditStoreSettings::Sqlite { .. } => AuditStoreKind::Sqlite.as_str(),
+            AuditStoreSettings::Postgres { .. } => AuditStoreKind::Postgres.as_str(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AuditStoreKind {
+    Sqlite,
+    Postgres,
+}
+
+impl AuditStoreKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            AuditStoreKind::Sqlite => "sqlite",
+            AuditStoreKind::Postgres => "postgres",
+        }
+    }
 }
 
 /// What a client may do: read = GET, write = PUT, admin = `/admin/*`.
@@ -442,3 +513,5 @@ impl Settings {
 
 #[cfg(test)]
 mod test_support;
+
+pub use postgres_url::PostgresUrl;

@@ -10,7 +10,7 @@
 use config::{Value, ValueKind};
 use serde::{ser::Error as _, Deserialize, Deserializer, Serialize, Serializer};
 
-use super::{ClientAuth, LogFormat, Region, WritePolicy};
+use super::{AuditStoreKind, ClientAuth, LogFormat, Region, WritePolicy};
 use crate::jws::Algorithm;
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -23,6 +23,7 @@ pub(super) struct ConfigFile {
     pub cache: Cache,
     pub cluster: Cluster,
     pub oauth: OAuth,
+    pub audit: Audit,
     pub auth: Auth,
     pub otel: Otel,
     /// Only from a file: the shipped defaults have none.
@@ -101,6 +102,9 @@ pub(super) struct Cache {
 #[derive(Debug, Clone, Deserialize, Serialize)]
 pub(super) struct Cluster {
     pub redis_url: Field<String>,
+    pub sentinels: Field<Vec<String>>,
+    pub sentinel_master: Field<String>,
+    pub sentinel_password_file: Field<String>,
     pub redis_password_file: Field<String>,
     pub key_prefix: Field<String>,
     pub max_staleness_ms: Field<u64>,
@@ -123,6 +127,18 @@ pub(super) struct Otel {
     pub endpoint: Field<String>,
     pub service_name: Field<String>,
     pub sample_ratio: Field<f64>,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+pub(super) struct Audit {
+    pub enabled: Field<bool>,
+    pub store: Field<AuditStoreKind>,
+    pub sqlite_path: Field<String>,
+    pub postgres_url: Field<String>,
+    pub postgres_password_file: Field<String>,
+    pub chain_key_file: Field<String>,
+    pub retention_days: Field<u64>,
+    pub write_policy: Field<WritePolicy>,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -379,6 +395,14 @@ impl Choice for Algorithm {
 impl Choice for WritePolicy {
     const WHAT: &'static str = "write policy";
     const ALL: &'static [Self] = &[WritePolicy::Require, WritePolicy::BestEffort];
+    fn name(self) -> &'static str {
+        self.as_str()
+    }
+}
+
+impl Choice for AuditStoreKind {
+    const WHAT: &'static str = "audit store";
+    const ALL: &'static [Self] = &[AuditStoreKind::Sqlite, AuditStoreKind::Postgres];
     fn name(self) -> &'static str {
         self.as_str()
     }

@@ -594,7 +594,11 @@ fn demo_prints_working_curl_lines_and_stops_on_sigterm() {
     assert_eq!(status, 200, "{body}");
     assert_eq!(consent_status(&body), "REFUSED");
 
-    let metrics = shell(curls[3]);
+    // The demo audits: the PUT's record, with its outcome once upstream answered.
+    let audit: serde_json::Value = serde_json::from_str(&shell(curls[3])).expect("audit JSON");
+    assert_eq!(audit["records"][0]["status"], "REFUSED", "{audit}");
+
+    let metrics = shell(curls[4]);
     assert!(
         metrics.contains("consent_proxy_cache_lookups_total"),
         "{metrics}"
