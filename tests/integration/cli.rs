@@ -567,7 +567,7 @@ fn demo_prints_working_curl_lines_and_stops_on_sigterm() {
     ]);
     let mut demo = Running::spawn(command);
     let banner = demo.read_until(Stream::Stdout, Duration::from_secs(30), |lines| {
-        lines.iter().filter(|l| l.starts_with("curl ")).count() >= 5
+        lines.iter().filter(|l| l.starts_with("curl ")).count() >= 6
     });
     let curls: Vec<&String> = banner.iter().filter(|l| l.starts_with("curl ")).collect();
     assert!(banner.iter().any(|l| l.contains(key)), "{banner:?}");
@@ -609,7 +609,7 @@ fn demo_prints_working_curl_lines_and_stops_on_sigterm() {
         banner.iter().any(|l| l.contains("OAuth client demo")),
         "{banner:?}"
     );
-    let token = shell(curls[4]);
+    let token = shell(curls[5]);
     assert!(token.contains("\"access_token\""), "{token}");
 
     // Like `serve`, it says that it drains and that it stopped.
