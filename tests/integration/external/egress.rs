@@ -31,7 +31,7 @@ fn config_for(fake: &FakeTalkdesk) -> ProxyConfig {
 }
 
 async fn readyz(http: &TestClient, proxy: &AppHandle) -> TestResponse {
-    admin_get(http, proxy, "/readyz").await
+    ProxyClient { http, proxy }.admin("/readyz").await
 }
 
 /// Waits until `/readyz` answers 503 with a reason containing `needle`; returns the reason.
@@ -55,7 +55,7 @@ async fn wait_unready_because(http: &TestClient, proxy: &AppHandle, needle: &str
 /// A GET answered 503 `token_unavailable` well before the request's deadline (10 s).
 async fn assert_refused_at_once(http: &TestClient, proxy: &AppHandle) {
     let started = Instant::now();
-    let answer = get_consent(http, proxy, CONTACT).await;
+    let answer = ProxyClient { http, proxy }.get(CONTACT).await;
     assert_eq!(answer.status, 503, "{}", answer.text());
     assert_eq!(answer.code(), "token_unavailable", "{}", answer.text());
     assert!(
@@ -66,9 +66,9 @@ async fn assert_refused_at_once(http: &TestClient, proxy: &AppHandle) {
 }
 
 async fn assert_get_and_put_work(http: &TestClient, proxy: &AppHandle) {
-    let get = get_consent(http, proxy, CONTACT).await;
+    let get = ProxyClient { http, proxy }.get(CONTACT).await;
     assert_eq!(get.status, 200, "{}", get.text());
-    let put = put_consent(http, proxy, CONTACT, "CONSENTED").await;
+    let put = ProxyClient { http, proxy }.put(CONTACT, "CONSENTED").await;
     assert_eq!(put.status, 200, "{}", put.text());
 }
 
@@ -88,9 +88,11 @@ async fn a_certificate_from_an_unknown_ca_is_refused_saying_why_and_trusted_with
         .set_str("egress.ca_file", &pki.ca_file.display().to_string())
         .start()
         .await;
-    wait_until(Duration::from_secs(10), || async {
-        readyz(&http, &trusting).await.status == 200
-    })
+    ProxyClient {
+        http: &http,
+        proxy: &trusting,
+    }
+    .wait_ready()
     .await;
     assert_get_and_put_work(&http, &trusting).await;
     trusting.shutdown().await;
@@ -107,13 +109,24 @@ async fn through_the_forward_proxy_one_tunnel_carries_every_request() {
         .set_str("egress.proxy_url", &forward.url())
         .start()
         .await;
-    wait_until(Duration::from_secs(10), || async {
-        readyz(&http, &proxy).await.status == 200
-    })
+    ProxyClient {
+        http: &http,
+        proxy: &proxy,
+    }
+    .wait_ready()
     .await;
     assert_get_and_put_work(&http, &proxy).await;
     for _ in 0..20 {
-        assert_eq!(get_consent(&http, &proxy, CONTACT).await.status, 200);
+        assert_eq!(
+            ProxyClient {
+                http: &http,
+                proxy: &proxy
+            }
+            .get(CONTACT)
+            .await
+            .status,
+            200
+        );
     }
     let upstream_requests = fake.seen().len();
     let tunnels = forward.connects();
@@ -160,9 +173,11 @@ async fn each_way_a_tunnel_fails_has_its_own_reason() {
         .set_str("egress.proxy_url", &with_credentials)
         .start()
         .await;
-    wait_until(Duration::from_secs(10), || async {
-        readyz(&http, &proxy).await.status == 200
-    })
+    ProxyClient {
+        http: &http,
+        proxy: &proxy,
+    }
+    .wait_ready()
     .await;
     assert_get_and_put_work(&http, &proxy).await;
     let reasons = readyz(&http, &proxy).await.text();

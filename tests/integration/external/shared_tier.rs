@@ -8,7 +8,7 @@
 //!   holder died is taken over;
 //! - a fill that began before a write announced through another instance does not store its
 //!   older answer into Redis (the Redis-side generation guard);
-//! - the randomized three-instance history keeps rule 5;
+//! - the randomized three-instance history keeps rule 5 (docs/CONSISTENCY.md);
 //! - a restarted instance answers the contacts cached before without upstream calls;
 //! - an admin purge clears the shared tier; during a key rotation a write clears every
 //!   keyspace; after Redis restarts with its data, the tier starts a new epoch;
