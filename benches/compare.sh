@@ -312,8 +312,11 @@ if has b && has a; then
     echo "b/a throughput $(ratio "$(m RPS Lb)" "$(m RPS La)") (target >= 0.9)"
 fi
 if has b && has c; then
-    echo "CPU per hit: b $(m COST Lb) us, c $(m COST Lc) us, d $(m COST Ld) us;" \
-        "per direct answer (a) $(m COST La) us; per proxied miss (e, proxy + simulator) $(m COST Le) us"
+    # m COST KEY for each target that ran ("-" for one that did not).
+    cost() { if has "$1"; then m COST "L$1"; else echo -; fi; }
+    echo "CPU per hit: b $(cost b) us, c $(cost c) us, d $(cost d) us, h $(cost h) us;" \
+        "per direct answer (a) $(cost a) us; per proxied miss (e, proxy + simulator)" \
+        "$(cost e) us, (f, nginx + simulator) $(cost f) us"
 fi
 if has e && has a; then
     if [[ $SINGLE_DURATION -gt 0 ]]; then
