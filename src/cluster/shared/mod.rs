@@ -107,6 +107,11 @@ mod reply {
         }
     }
 
+    /// A count (never negative).
+    pub fn count(value: Option<Value>) -> Option<u64> {
+        u64::try_from(int(value)?).ok()
+    }
+
     /// A count of milliseconds (never negative).
     pub fn millis(value: Option<Value>) -> Option<Duration> {
         Some(Duration::from_millis(u64::try_from(int(value)?).ok()?))
