@@ -443,7 +443,10 @@ impl ConsentCache {
     pub fn unchanged_since(&self, contact: &ContactId) -> Option<Instant> {
         let key = contact.as_arc();
         let shard = self.shard(key);
-        if shard.get(key).is_some_and(|state| state.writes_in_flight > 0) {
+        if shard
+            .get(key)
+            .is_some_and(|state| state.writes_in_flight > 0)
+        {
             return None;
         }
         let ms = match self.inner.changes.get() {

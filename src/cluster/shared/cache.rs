@@ -33,6 +33,7 @@ use redis::aio::MultiplexedConnection;
 use redis::Value;
 use tokio::time::Instant;
 
+use super::clock::RedisClock;
 use super::keys::{KeySet, SharedKeys};
 use super::metrics::{Lookup, Op, SharedMetrics, Store};
 use super::scripts::{
@@ -50,8 +51,6 @@ const FIRST_POLL: Duration = Duration::from_millis(2);
 const LAST_POLL: Duration = Duration::from_millis(25);
 /// The format of a stored answer's plaintext.
 const ANSWER_FORMAT: u8 = 2;
-/// Redis' times are whole milliseconds: an answer's age may be short by up to this.
-const CLOCK_MARGIN: Duration = Duration::from_millis(2);
 
 /// What a fill found when it began (or looked again).
 enum Begin {
@@ -130,6 +129,8 @@ pub struct SharedCache {
     guard_life: Duration,
     /// Fills keep this much of their deadline for their own upstream attempt.
     attempt_timeout: Duration,
+    /// Redis' clock against this instance's.
+    clock: RedisClock,
 }
 
 /// What the shared cache needs beyond its keys and Redis.
@@ -164,6 +165,7 @@ impl SharedCache {
             pending_life: settings.pending_life,
             guard_life: 2 * settings.pending_life,
             attempt_timeout: settings.attempt_timeout,
+            clock: RedisClock::new(),
         }
     }
 
@@ -219,15 +221,13 @@ impl SharedCache {
         let mut poll = FIRST_POLL;
         let mut waited = false;
         loop {
-            let asked = Instant::now();
             // An answer whose upstream read began before the latest change of the contact this
             // instance knows of may be older than that change, whatever Redis holds.
             let Some(unchanged_since) = self.local.unchanged_since(contact) else {
                 self.redis.metrics.lookup(Lookup::WritePending);
                 return Err(upstream.await);
             };
-            let max_age = allowed_age(asked.saturating_duration_since(unchanged_since));
-            let begin = match self.begin(key, &lock, max_age).await {
+            let begin = match self.begin(key, &lock, unchanged_since).await {
                 Ok(begin) => begin,
                 Err(problem) => {
                     self.redis.metrics.lookup(Lookup::Unavailable);
@@ -237,7 +237,7 @@ impl SharedCache {
             };
             match begin {
                 Begin::Answer { sealed, seen } => {
-                    if let Some(found) = self.open_answer(key, &sealed, &seen, max_age) {
+                    if let Some(found) = self.open_answer(key, &sealed, &seen, unchanged_since) {
                         self.redis.metrics.lookup(if waited {
                             Lookup::Coalesced
                         } else {
@@ -278,9 +278,15 @@ impl SharedCache {
         }
     }
 
-    /// The fill script: `max_age`, the oldest answer (since its read began) this instance may
-    /// take now.
-    async fn begin(&self, key: &str, lock: &str, max_age: Duration) -> Result<Begin, Failure> {
+    /// The fill script: answers whose read began by `unchanged_since` (as far as Redis' clock
+    /// can tell) are replaced, not handed back.
+    async fn begin(
+        &self,
+        key: &str,
+        lock: &str,
+        unchanged_since: Instant,
+    ) -> Result<Begin, Failure> {
+        let sent = Instant::now();
         let call = FILL_BEGIN
             .call()
             .key(key)
@@ -288,7 +294,7 @@ impl SharedCache {
             .arg(lock)
             .arg(millis(self.lock_ttl))
             .arg(millis(self.guard_life))
-            .arg(millis(max_age))
+            .arg(self.clock.latest_redis_ms(unchanged_since).unwrap_or(0))
             .arg(random_id());
         let answer: Value = self.redis.run(Op::Lookup, self.timeout, call).await?;
         let mut items = reply::items(answer).into_iter();
@@ -297,15 +303,21 @@ impl SharedCache {
             Some(1) => {
                 let sealed = reply::bytes(items.next());
                 let now = reply::count(items.next());
+                if let Some(now) = now {
+                    self.clock.observe(sent, now);
+                }
                 sealed
                     .zip(Seen::read(now, &mut items))
                     .map(|(sealed, seen)| Begin::Answer { sealed, seen })
             }
             Some(2) => Some(Begin::WriteInFlight),
             Some(3) => Some(Begin::Held),
-            Some(4) => Seen::read(None, &mut items).map(|seen| Begin::Lead {
-                seen,
-                replaces: reply::int(items.next()) == Some(1),
+            Some(4) => Seen::read(None, &mut items).map(|seen| {
+                self.clock.observe(sent, seen.now);
+                Begin::Lead {
+                    seen,
+                    replaces: reply::int(items.next()) == Some(1),
+                }
             }),
             _ => None,
         };
@@ -313,20 +325,21 @@ impl SharedCache {
     }
 
     /// A stored answer, if this instance may use it: it opens with the key in use under the
-    /// generation and epoch it was found with, it is cacheable here, its read began less than
-    /// `max_age` ago (after every change this instance knows of), and it is younger than this
-    /// instance's TTL for its kind. Its age counts from when its read began.
+    /// generation and epoch it was found with, it is cacheable here, its read began certainly
+    /// after `unchanged_since` (every change this instance knows of), and it is younger than
+    /// this instance's TTL for its kind. Its age counts from when its read began.
     fn open_answer(
         &self,
         key: &str,
         sealed: &[u8],
         seen: &Seen,
-        max_age: Duration,
+        unchanged_since: Instant,
     ) -> Option<(ConsentAnswer, Duration)> {
         let plaintext = self.keys.current().open(&seen.context(key), sealed)?;
         let (begun, answer) = decode_answer(&plaintext)?;
         let age = Duration::from_millis(seen.now.checked_sub(begun)?);
-        (age < max_age && age < self.local.ttl_for(&answer)?).then_some((answer, age))
+        let after_every_change = begun > self.clock.latest_redis_ms(unchanged_since)?;
+        (after_every_change && age < self.local.ttl_for(&answer)?).then_some((answer, age))
     }
 
     /// Stores a fill's answer under the guard, or gives the lock back when it is not cacheable.
@@ -458,13 +471,6 @@ impl SharedCache {
             .await
             .map(drop)
     }
-}
-
-/// The oldest answer (since its read began) an instance may take when the latest change it
-/// knows of was `since_change` ago: Redis' whole milliseconds, and its clock running up to
-/// 0.1% apart from this instance's over that span, are counted against the answer.
-fn allowed_age(since_change: Duration) -> Duration {
-    since_change.saturating_sub(CLOCK_MARGIN + since_change / 1000)
 }
 
 /// An answer as stored (before sealing): format, when its read began (Redis ms), HTTP status,

@@ -17,6 +17,7 @@
 //! only. Redis never fails a request.
 
 mod cache;
+mod clock;
 mod keys;
 mod metrics;
 mod scripts;

@@ -67,8 +67,9 @@ local function drop_answer(key)
 end
 "#;
 
-/// A fill begins. KEYS: contact, epoch. ARGV: lock id, lock ms, guard ms, the oldest answer
-/// the instance may take (ms since its read began), a generation for a contact without one.
+/// A fill begins. KEYS: contact, epoch. ARGV: lock id, lock ms, guard ms, the Redis time (ms)
+/// after which an answer's read must have begun for the instance to take it, a generation for
+/// a contact without one.
 /// {1, sealed, now, generation, epoch}: an answer (what it was sealed with) | {2}: a write in
 /// flight (or stores held off): fetch, do not store | {3}: another instance's fill holds the
 /// lock | {4, generation, epoch, now, 1 when it replaces an answer}: this fill holds it now. An
@@ -80,7 +81,7 @@ local key, now = KEYS[1], now_ms()
 local ep, quiet = epoch(KEYS[2], now)
 local f = redis.call('HMGET', key, 'a', 'ae', 'ab', 'ep', 'g', 'l', 'le')
 local answer = f[1] and f[2] and f[3] and f[5] and tonumber(f[2]) > now and f[4] == ep
-if answer and now - tonumber(f[3]) < tonumber(ARGV[4]) then
+if answer and tonumber(f[3]) > tonumber(ARGV[4]) then
   return {1, f[1], now, f[5], ep}
 end
 if quiet or write_in_flight(key, now) then return {2} end

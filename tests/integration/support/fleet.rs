@@ -127,10 +127,19 @@ pub async fn slow_fill_then_write(
     reader: usize,
     writer: usize,
 ) -> tokio::task::JoinHandle<TestResponse> {
+    slow_fill_then_write_holding(fleet, contact, reader, writer, Duration::from_millis(600)).await
+}
+
+/// As [`slow_fill_then_write`], the fill's answer held back for `hold`.
+pub async fn slow_fill_then_write_holding(
+    fleet: &Arc<Fleet>,
+    contact: &'static str,
+    reader: usize,
+    writer: usize,
+    hold: Duration,
+) -> tokio::task::JoinHandle<TestResponse> {
     fleet.sim.set_status(contact, ConsentStatus::Consented);
-    fleet
-        .sim
-        .delay_next_get(contact, Duration::from_millis(600), 1);
+    fleet.sim.delay_next_get(contact, hold, 1);
     let slow_read = tokio::spawn({
         let fleet = fleet.clone();
         async move { fleet.get(reader, contact).await }
