@@ -368,7 +368,8 @@ fn cluster_problems() {
     let list = errors(&toml);
     for needle in [
         "cluster.key_prefix: \"a b\" is not a key prefix (non-empty, no whitespace)",
-        "cluster.max_staleness_ms: must be greater than 0",
+        "cluster.max_staleness_ms: 0 is below 100 (each instance publishes a heartbeat every \
+         max_staleness_ms / 4)",
         "cluster.write_policy: \"sometimes\" is not a write policy; allowed: require, best_effort",
         "cluster.shared_cache: true needs cluster.shared_key_file",
         "cluster.shared_token: true needs cluster.shared_key_file",
