@@ -220,8 +220,9 @@ pub async fn randomized_history(fleet: Arc<Fleet>, prefix: &str) -> HistoryRun {
     let violations = cluster_violations(&history, INITIAL, RULE_5_LAG);
     println!(
         "history: {} operations ({gets} GETs, {puts} PUTs, {local_hits} local hits, \
-         {shared_hits} shared-tier hits) over 3 instances, {} violations",
+         {shared_hits} shared-tier hits, {} upstream GETs) over 3 instances, {} violations",
         history.len(),
+        fleet.sim.stats().gets,
         violations.len()
     );
     assert!(
