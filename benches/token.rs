@@ -57,7 +57,7 @@ impl Fixture {
             .expect("bench settings");
             let (shutdown, shutdown_rx) = watch::channel(false);
             let (tokens, _refresher) = TokenManager::start(
-                Transport::new(settings.talkdesk.timeout),
+                Transport::new(settings.talkdesk.timeout, &settings.egress),
                 &settings.talkdesk,
                 &settings.token,
                 TokenMetrics::register(&prometheus::Registry::new()),

@@ -3,7 +3,7 @@
 # rule tests, the bounded soak tests (one proxy; three in cluster mode), the schemathesis run
 # against `consent-proxy demo` and the container image built and run with podman
 # (scripts/container-test.sh). Installs what a fresh machine lacks first (Debian packages:
-# prometheus, redis-server for the cluster tests, podman; the oidc-provider npm package, Python
+# prometheus, redis-server for the cluster tests, tinyproxy for the egress tests, podman; the oidc-provider npm package, Python
 # virtualenvs for the OAuth client test and for schemathesis). Exits non-zero on the first
 # failure.
 set -euo pipefail
@@ -15,6 +15,7 @@ step() { printf '\n==> %s\n' "$*"; }
 missing=()
 command -v promtool >/dev/null 2>&1 || missing+=(prometheus)
 command -v redis-server >/dev/null 2>&1 || missing+=(redis-server)
+command -v tinyproxy >/dev/null 2>&1 || missing+=(tinyproxy)
 command -v curl >/dev/null 2>&1 || missing+=(curl)
 command -v node >/dev/null 2>&1 || missing+=(nodejs npm)
 python3 -c 'import venv' >/dev/null 2>&1 || missing+=(python3-venv)

@@ -68,7 +68,7 @@ pub struct AppHandle {
 impl App {
     /// Starts the proxy with the default outbound TLS roots (webpki).
     pub async fn start(settings: Settings) -> Result<AppHandle, StartError> {
-        let transport = Transport::new(settings.talkdesk.timeout);
+        let transport = Transport::new(settings.talkdesk.timeout, &settings.egress);
         Self::start_with_transport(settings, transport).await
     }
 
@@ -161,7 +161,7 @@ impl App {
         }
 
         let routes = Arc::new(ConsentRoutes::new(
-            service,
+            service.clone(),
             auth.clone(),
             HttpMetrics::register(&registry),
             RouteLimits {
@@ -174,8 +174,7 @@ impl App {
         let serving = Arc::new(AtomicBool::new(false));
         let admin = Arc::new(AdminRoutes::new(
             registry.clone(),
-            cache.clone(),
-            cluster.clone(),
+            service,
             tokens.clone(),
             auth,
             serving.clone(),

@@ -154,6 +154,20 @@ impl ProxyError {
         }
     }
 
+    /// Whether the error says upstream cannot answer now (it failed, timed out, was
+    /// unreachable, admission refused to call it, or no token could be had), as opposed to
+    /// the caller's request or the proxy being at fault. A GET that failed so may be answered
+    /// STALE (`cache.stale_if_error_s`).
+    pub fn upstream_cannot_answer(&self) -> bool {
+        matches!(
+            self,
+            ProxyError::Upstream(_)
+                | ProxyError::UpstreamTimeout
+                | ProxyError::UpstreamUnavailable { .. }
+                | ProxyError::TokenUnavailable(_)
+        )
+    }
+
     /// The contract's machine-readable `code`.
     pub fn code(&self) -> &'static str {
         match self {

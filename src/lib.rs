@@ -5,6 +5,8 @@
 //! - [`http`]: the proxy's handlers: the consent routes, the proxy's own OAuth token endpoint
 //!   and the admin routes;
 //! - [`auth`]: who the caller is (API keys, the proxy's access tokens) and what it may do;
+//! - [`request`]: one request's context (id, deadline, caller, its last upstream attempt), lent
+//!   from the handler through the service to the consent API;
 //! - [`service`]: the consent operations without HTTP (read through the cache, write through);
 //! - [`cluster`]: cluster mode: the caches of several instances kept coherent through Redis,
 //!   and the shared tier (one cache and one upstream token for the fleet);
@@ -34,6 +36,7 @@ pub mod http;
 mod layering;
 pub mod logging;
 pub mod metrics;
+pub mod request;
 pub mod service;
 pub mod simulator;
 pub mod tls;

@@ -136,6 +136,9 @@ async fn serve(config: Option<PathBuf>) -> CommandResult {
         Settings::load(config.as_deref()).map_err(|e| format!("invalid configuration:\n{e}"))?;
     logging::init(&settings.log)?;
     log_effective_configuration(&settings);
+    for warning in settings.warnings() {
+        tracing::warn!("configuration: {warning}");
+    }
     let stop = shutdown_signal();
     let proxy = App::start(settings).await?;
     stop.await;
@@ -212,6 +215,9 @@ fn check_config(config: Option<PathBuf>) -> ExitCode {
     match Settings::load(config.as_deref()) {
         Ok(settings) => {
             print!("{}", settings.redacted_toml());
+            for warning in settings.warnings() {
+                eprintln!("warning: {warning}");
+            }
             ExitCode::SUCCESS
         }
         Err(errors) => {

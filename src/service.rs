@@ -6,20 +6,18 @@
 
 use std::sync::Arc;
 
-use http::HeaderValue;
 use prometheus::{IntCounter, Registry};
 use tokio::time::Instant;
 
-use crate::cache::{
-    CacheStatus, ConsentCache, FillLead, FillResult, FillWaiter, Lookup, Settled, WriteOutcome,
-};
+use crate::cache::{CacheStatus, ConsentCache, FillLead, FillResult, FillWaiter, Lookup, Settled};
 use crate::cluster::shared::FillReport;
-use crate::cluster::Cluster;
+use crate::cluster::{Cluster, ClusterStatus};
 use crate::consent::{consent_status_of, ConsentAnswer};
-use crate::consent::{ConsentStatus, ContactId};
-use crate::error::{Failure, ProxyError};
+use crate::consent::{ConsentStatus, ContactId, WriteOutcome};
+use crate::error::{ErrorChain, Failure, ProxyError};
 use crate::metrics;
-use crate::upstream::client::{ConsentApi, LastAttempt};
+use crate::request::RequestContext;
+use crate::upstream::client::ConsentApi;
 
 #[derive(Clone)]
 pub struct WriteMetrics {
@@ -71,23 +69,17 @@ impl ConsentService {
     }
 
     /// Reads through the cache. When this request's own fetch goes upstream (a miss or a
-    /// bypass), its attempts are reported to `upstream`. A hit near the end of its TTL starts
+    /// bypass), its attempts are reported to `request`. A hit near the end of its TTL starts
     /// the entry's refresh in the background; a fill upstream cannot answer may be answered
     /// from the cache (`STALE`, see `cache::settle`).
-    pub async fn read(
-        &self,
-        contact: &ContactId,
-        request_id: &HeaderValue,
-        deadline: Instant,
-        upstream: &LastAttempt,
-    ) -> Settled {
-        // Built only when the fetch runs (a miss, a bypass or a refresh): a hit clones nothing,
-        // and cloning a new request id's bytes would allocate a shared copy.
-        let fetch = |last: LastAttempt| {
+    pub async fn read(&self, contact: &ContactId, request: &RequestContext) -> Settled {
+        let deadline = request.deadline;
+        // Built only when a fill runs in its own task (a miss or a refresh): a hit clones
+        // nothing, and cloning a new request id's bytes would allocate a shared copy.
+        let fetch = |context: RequestContext| {
             let api = self.api.clone();
             let contact = contact.clone();
-            let request_id = request_id.clone();
-            async move { api.get(&contact, &request_id, deadline, &last).await }
+            async move { api.get(&contact, &context).await }
         };
         let (cache_status, answer) = match self.cache.lookup(contact) {
             Lookup::Hit(hit) => {
@@ -95,7 +87,7 @@ impl ConsentService {
                     // Straight upstream, also with the shared tier (which would answer with an
                     // entry as old as this one). Its attempts are not this request's: they are
                     // not in its log line.
-                    drop(refresh.spawn(fetch(LastAttempt::default())));
+                    drop(refresh.spawn(fetch(request.detached())));
                 }
                 return Settled {
                     status: CacheStatus::Hit,
@@ -112,7 +104,7 @@ impl ConsentService {
             }
             Lookup::Lead(lead) => {
                 let (waiter, report) =
-                    self.lead_fill(lead, contact, deadline, fetch(upstream.clone()));
+                    self.lead_fill(lead, contact, deadline, fetch(request.hand_over()));
                 let settled = self
                     .cache
                     .settle(contact, CacheStatus::Miss, waiter, deadline)
@@ -130,8 +122,8 @@ impl ConsentService {
                 }
                 return settled;
             }
-            Lookup::Bypass => (CacheStatus::Bypass, fetch(upstream.clone()).await),
-            Lookup::Unsynced => (CacheStatus::Unsynced, fetch(upstream.clone()).await),
+            Lookup::Bypass => (CacheStatus::Bypass, self.api.get(contact, request).await),
+            Lookup::Unsynced => (CacheStatus::Unsynced, self.api.get(contact, request).await),
         };
         Settled {
             status: cache_status,
@@ -166,19 +158,16 @@ impl ConsentService {
     /// Writes upstream, then updates the cache; answered 2xx only when upstream said 2xx.
     /// In a cluster the write is first announced (refused with `cluster_unavailable`, upstream
     /// not called, when that fails under `write_policy = "require"`), and its outcome is
-    /// announced before the answer. The upstream attempts are reported to `upstream`.
+    /// announced before the answer. The upstream attempts are reported to `request`.
     pub async fn write(
         &self,
         contact: &ContactId,
         status: ConsentStatus,
-        request_id: &HeaderValue,
-        deadline: Instant,
-        upstream: &LastAttempt,
+        request: &RequestContext,
     ) -> Result<ConsentAnswer, ProxyError> {
         let service = self.clone();
         let contact = contact.clone();
-        let request_id = request_id.clone();
-        let last = upstream.clone();
+        let request = request.hand_over();
         let task = tokio::spawn(async move {
             let write = service.cache.begin_write(&contact);
             let announced = match &service.cluster {
@@ -191,15 +180,11 @@ impl ConsentService {
                     }
                 },
             };
-            let written = service
-                .api
-                .put(&contact, status, &request_id, deadline, &last)
-                .await;
+            let written = service.api.put(&contact, status, &request).await;
             let outcome = match &written.answer {
                 Ok(answer) if answer.status.is_success() => {
-                    let status = consent_status_of(&answer.body).unwrap_or(status);
                     service.writes.acknowledged(status);
-                    WriteOutcome::Applied(status)
+                    applied(&contact, status, consent_status_of(&answer.body))
                 }
                 _ if written.maybe_applied => WriteOutcome::Unknown,
                 _ => WriteOutcome::NotApplied,
@@ -212,5 +197,63 @@ impl ConsentService {
         });
         task.await
             .unwrap_or_else(|err| Err(ProxyError::Internal(Failure::new("write task failed", err))))
+    }
+
+    /// Drops the contact's cached answer here and, in a cluster, on the other instances and in
+    /// the shared tier. Without Redis they cannot be told, but then they do not answer from
+    /// their caches either, and flush them when they reconnect; the shared tier's entry,
+    /// though, stays until its TTL unless the purge is repeated once Redis is back (the
+    /// warning says so).
+    pub async fn purge(&self, contact: &ContactId) {
+        self.cache.purge(contact);
+        if let Some(cluster) = &self.cluster {
+            if let Err(problem) = cluster.announce_purge(contact).await {
+                tracing::warn!(
+                    contact = %contact.masked(),
+                    error = %ErrorChain(&problem),
+                    "the purge could not be announced to the other instances (nor applied to the \
+                     shared tier, if on): repeat it once Redis is back"
+                );
+            }
+        }
+    }
+
+    /// Brings the gauges read at scrape time up to date: the cache's entries, the cluster's
+    /// feed.
+    pub fn refresh_gauges(&self) {
+        self.cache.refresh_entry_gauge();
+        if let Some(cluster) = &self.cluster {
+            cluster.refresh_gauge();
+        }
+    }
+
+    /// The cluster feed's state, in cluster mode.
+    pub fn cluster_status(&self) -> Option<ClusterStatus> {
+        self.cluster.as_ref().map(Cluster::status)
+    }
+}
+
+/// What a write upstream acknowledged (2xx) did, given the status its answer names, if any.
+/// An answer naming another status than the one written contradicts the acknowledgement: the
+/// contact's status is then unknown, as after a timeout, and the cached answer is dropped
+/// rather than set to either (docs/ARCHITECTURE.md, "Writes"). The caller still gets
+/// upstream's answer as it is.
+fn applied(
+    contact: &ContactId,
+    written: ConsentStatus,
+    echoed: Option<ConsentStatus>,
+) -> WriteOutcome {
+    match echoed {
+        Some(echoed) if echoed != written => {
+            tracing::warn!(
+                contact = %contact.masked(),
+                written = %written,
+                echoed = %echoed,
+                "upstream acknowledged a consent write with another status; the contact's \
+                 cached answer is dropped"
+            );
+            WriteOutcome::Unknown
+        }
+        _ => WriteOutcome::Applied(written),
     }
 }

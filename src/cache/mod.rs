@@ -50,7 +50,7 @@ use moka::sync::Cache;
 use tokio::time::Instant;
 
 use crate::config::CacheSettings;
-use crate::consent::{ConsentAnswer, ConsentStatus, ContactId};
+use crate::consent::{ConsentAnswer, ContactId, WriteOutcome};
 use changes::ChangeLog;
 use entry::{Kind, StoredAnswer, MAX_TTL};
 use fill::Fill;
@@ -84,17 +84,6 @@ pub struct Hit {
     /// The entry is near its TTL's end (`refresh_ahead_s`) and this hit registered the key's
     /// refresh: run it in the background ([`FillLead::spawn`]) and answer the hit at once.
     pub refresh: Option<FillLead>,
-}
-
-/// How a write through the proxy ended, for the cache.
-#[derive(Debug, Clone, Copy)]
-pub enum WriteOutcome {
-    /// Upstream answered 2xx: the contact's status is now this.
-    Applied(ConsentStatus),
-    /// Upstream refused it (an error answer, or no connection): nothing changed.
-    NotApplied,
-    /// It may or may not have been applied (timeout, connection lost after sending).
-    Unknown,
 }
 
 /// Where a write came from.
@@ -564,6 +553,7 @@ impl Drop for WriteGuard {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::consent::ConsentStatus;
     use bytes::Bytes;
 
     fn cache() -> ConsentCache {

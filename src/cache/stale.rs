@@ -115,13 +115,7 @@ impl ConsentCache {
 fn upstream_could_not_answer(result: &FillResult) -> bool {
     match result {
         Ok(answer) => answer_is_a_failure(answer),
-        Err(error) => matches!(
-            error,
-            ProxyError::Upstream(_)
-                | ProxyError::UpstreamTimeout
-                | ProxyError::UpstreamUnavailable { .. }
-                | ProxyError::TokenUnavailable(_)
-        ),
+        Err(error) => error.upstream_cannot_answer(),
     }
 }
 
@@ -142,8 +136,9 @@ fn failure_of(result: &FillResult) -> ProxyError {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::cache::{FillLead, Lookup, WriteOutcome};
+    use crate::cache::{FillLead, Lookup};
     use crate::consent::ConsentStatus;
+    use crate::consent::WriteOutcome;
     use crate::error::Failure;
 
     const TTL: Duration = Duration::from_secs(60);

@@ -5,7 +5,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::cache::WriteOutcome;
+use crate::consent::WriteOutcome;
 use crate::consent::{ConsentStatus, ContactId};
 
 /// The format's version; a message with another one is not understood.

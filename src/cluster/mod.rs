@@ -43,9 +43,9 @@ use redis::{AsyncCommands, IntoConnectionInfo};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
-use crate::cache::{ConsentCache, WriteOutcome};
+use crate::cache::ConsentCache;
 use crate::config::{ClusterSettings, TalkdeskSettings, WritePolicy};
-use crate::consent::ContactId;
+use crate::consent::{ContactId, WriteOutcome};
 use crate::error::{ErrorChain, Failure, ProxyError};
 use crate::upstream::token::FleetTokens;
 use link::Link;
@@ -178,7 +178,17 @@ impl Cluster {
                 .set_password(password.expose());
             info = info.set_redis_settings(redis);
         }
-        let client = redis::Client::open(info).map_err(failed)?;
+        let client = match &settings.tls_roots_pem {
+            Some(roots) if settings.redis_url.starts_with("rediss://") => {
+                let roots = redis::TlsCertificates {
+                    client_tls: None,
+                    root_cert: Some(roots.clone()),
+                };
+                redis::Client::build_with_tls(info, roots)
+            }
+            _ => redis::Client::open(info),
+        }
+        .map_err(failed)?;
         cache.distrust();
         let link = Arc::new(Link::default());
         let shared = Arc::new(Shared {
@@ -218,7 +228,6 @@ impl Cluster {
                     &settings.key_prefix,
                     talkdesk,
                     ANNOUNCE_TIMEOUT.max(settings.shared_timeout),
-                    CONNECT_TIMEOUT,
                     metrics,
                 ))
             });

@@ -54,7 +54,8 @@ impl RemoteWrites {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::cache::{ConsentCache, Lookup, WriteOutcome};
+    use crate::cache::{ConsentCache, Lookup};
+    use crate::consent::WriteOutcome;
     use crate::consent::{ConsentStatus, ContactId};
 
     fn is_hit(cache: &ConsentCache, id: &ContactId) -> bool {

@@ -9,9 +9,11 @@ use config::{Config, Environment, File, FileFormat};
 use serde_ignored::Path as IgnoredPath;
 
 use super::{
+    files::{read_text, FileKind},
     introspect::{struct_fields, StructFields},
     problems::Problems,
     schema::ConfigFile,
+    suggest::closest,
     validate, ConfigErrors, Settings, DEFAULT_CONFIG_TOML, ENV_PREFIX,
 };
 
@@ -74,12 +76,15 @@ pub(super) fn from_toml_str(toml: &str) -> Result<Settings, ConfigErrors> {
 
 fn read_file(path: &Path) -> Result<FileLayer, ConfigErrors> {
     let label = format!("config file '{}'", path.display());
-    match std::fs::read_to_string(path) {
-        Ok(text) => Ok(FileLayer { label, text }),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            Err(ConfigErrors(vec![format!("{label} not found")]))
-        }
-        Err(e) => Err(ConfigErrors(vec![format!("cannot read {label}: {e}")])),
+    if !path.exists() {
+        return Err(ConfigErrors(vec![format!("{label} not found")]));
+    }
+    match read_text(path, FileKind::Configuration) {
+        Ok(read) => Ok(FileLayer {
+            label,
+            text: read.text,
+        }),
+        Err(problem) => Err(ConfigErrors(vec![format!("config file: {problem}")])),
     }
 }
 
@@ -126,7 +131,9 @@ fn load(
         })?;
     report_unknown_keys(&unknown, &mut problems);
     let settings = validate::settings(schema, &mut problems);
-    problems.finish(settings)
+    let (mut settings, warnings) = problems.finish(settings)?;
+    settings.warnings = warnings;
+    Ok(settings)
 }
 
 fn env_prefix_lowercase() -> String {
@@ -204,13 +211,13 @@ fn report_unknown_keys(unknown: &[String], problems: &mut Problems) {
     }
 }
 
-/// A known key close to `unknown`: a near spelling in the same table (`server.lisen` →
-/// `server.listen`), or for a top-level key the section that has a key of that name
-/// (`listen` → `server.listen`).
+/// A known key close to `unknown`: a near name in the same table (`server.lisen` →
+/// `server.listen`, `cache.ttl_secs` → `cache.ttl_s`), or for a top-level key the near key of
+/// any section (`listen` → `server.listen`, `ttl_secs` → `cache.ttl_s`).
 fn suggestion(unknown: &str, known: &StructFields) -> Option<String> {
     let (parent, name) = unknown.rsplit_once('.').unwrap_or(("", unknown));
     let fields = known.get(&without_indices(parent))?;
-    if let Some(close) = closest(name, fields) {
+    if let Some(close) = closest(name, fields.iter().copied()) {
         return Some(match parent {
             "" => close.to_owned(),
             parent => format!("{parent}.{close}"),
@@ -219,11 +226,20 @@ fn suggestion(unknown: &str, known: &StructFields) -> Option<String> {
     if !parent.is_empty() {
         return None;
     }
-    known
+    let sections: Vec<(&String, &&[&str])> = known
         .iter()
         .filter(|(section, _)| !section.is_empty() && !section.contains('['))
-        .find(|(_, fields)| fields.contains(&name))
-        .map(|(section, _)| format!("{section}.{name}"))
+        .collect();
+    let close = closest(
+        name,
+        sections
+            .iter()
+            .flat_map(|(_, fields)| fields.iter().copied()),
+    )?;
+    sections
+        .iter()
+        .find(|(_, fields)| fields.contains(&close))
+        .map(|(section, _)| format!("{section}.{close}"))
 }
 
 /// `clients[0]` → `clients[]`: every element of a list has the same keys.
@@ -242,17 +258,6 @@ fn without_indices(path: &str) -> String {
         }
     }
     out
-}
-
-/// The candidate a few edits away from `word` (transpositions count as one), if any.
-fn closest<'a>(word: &str, candidates: &[&'a str]) -> Option<&'a str> {
-    let limit = (word.chars().count() / 3).clamp(1, 3);
-    candidates
-        .iter()
-        .map(|candidate| (strsim::osa_distance(word, candidate), *candidate))
-        .filter(|(distance, _)| *distance <= limit)
-        .min_by_key(|(distance, _)| *distance)
-        .map(|(_, candidate)| candidate)
 }
 
 #[cfg(test)]
@@ -317,6 +322,30 @@ mod tests {
             Some("cluster.redis_url")
         );
         assert_eq!(suggestion("server.zzz", &known), None);
+        // Near names, not only near spellings (see `suggest` for the rules and more cases).
+        for (unknown, expected) in [
+            ("cache.ttl_secs", "cache.ttl_s"),
+            ("server.request_timeout", "server.request_timeout_ms"),
+            ("token.refresh_margin", "token.refresh_margin_s"),
+            ("cluster.redis_password", "cluster.redis_password_file"),
+            ("clients[0].api_key_hash", "clients[0].api_key_sha256"),
+            ("ttl_secs", "cache.ttl_s"),
+        ] {
+            assert_eq!(
+                suggestion(unknown, &known).as_deref(),
+                Some(expected),
+                "{unknown}"
+            );
+        }
+        for far in [
+            "cache.colour",
+            "server.port",
+            "oauth.issuer",
+            "bogus",
+            "log.colour",
+        ] {
+            assert_eq!(suggestion(far, &known), None, "{far}");
+        }
     }
 
     #[test]
@@ -361,6 +390,17 @@ mod tests {
             .0;
         assert_eq!(list.len(), 1, "{list:?}");
         assert!(list[0].starts_with(&format!("config file '{path}' is not valid TOML")));
+    }
+
+    #[test]
+    fn an_endless_config_file_is_refused_after_its_bound() {
+        let list = from_file_and_env(Some(Path::new("/dev/zero")), HashMap::new())
+            .unwrap_err()
+            .0;
+        assert_eq!(
+            list,
+            vec!["config file: '/dev/zero' is larger than 1 MiB".to_owned()]
+        );
     }
 
     #[test]

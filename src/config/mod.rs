@@ -6,13 +6,17 @@
 //! turns the schema into `Settings` reporting every problem at once (each naming its key), and
 //! `redact` prints the effective configuration without its secrets.
 
+mod egress;
+pub mod files;
 mod introspect;
 mod load;
+mod log_level;
 mod problems;
 mod redact;
 mod redis_url;
 mod schema;
 mod secret_files;
+mod suggest;
 mod validate;
 
 use std::{
@@ -33,6 +37,8 @@ pub const ENV_PREFIX: &str = "CONSENT_PROXY";
 pub const ANONYMOUS: &str = "anonymous";
 
 /// What is shown in place of a secret.
+pub use egress::ProxyEndpoint;
+
 const REDACTED: &str = "<redacted>";
 
 /// A secret string: `Debug` and `Display` print `<redacted>`; read it with [`Secret::expose`].
@@ -67,6 +73,7 @@ pub struct Settings {
     pub server: ServerSettings,
     pub log: LogSettings,
     pub talkdesk: TalkdeskSettings,
+    pub egress: EgressSettings,
     pub token: TokenSettings,
     pub cache: CacheSettings,
     /// `None` when `cluster.redis_url` is empty: this instance runs alone.
@@ -76,6 +83,9 @@ pub struct Settings {
     pub auth: AuthSettings,
     /// The configuration as loaded, secrets already replaced: what [`Settings::redacted_toml`] prints.
     redacted: schema::ConfigFile,
+    /// What is worth a warning though valid (a secret file others can read), each naming its
+    /// key: printed by `check-config`, logged at start.
+    warnings: Vec<String>,
 }
 
 #[derive(Debug, Clone)]
@@ -206,6 +216,24 @@ pub struct TalkdeskSettings {
     pub breaker: Option<BreakerSettings>,
 }
 
+/// How the proxy reaches Talkdesk: through which HTTP proxy, trusting which roots.
+#[derive(Debug, Clone, Default)]
+pub struct EgressSettings {
+    /// `egress.proxy_url` (or `_file`); `None`: the environment's proxy variables decide,
+    /// read when the transport is built (`upstream::egress`).
+    pub proxy: Option<ProxyEndpoint>,
+    /// `egress.ca_file`: roots trusted in addition to the built-in ones.
+    pub extra_roots: Option<ExtraRoots>,
+}
+
+/// Roots from `egress.ca_file`, each validated as a trust anchor, with the file's PEM (the
+/// Redis client takes PEM).
+#[derive(Debug, Clone)]
+pub struct ExtraRoots {
+    pub certificates: Vec<rustls::pki_types::CertificateDer<'static>>,
+    pub pem: Vec<u8>,
+}
+
 #[derive(Debug, Clone, Copy)]
 pub struct BreakerSettings {
     /// Consecutive failed upstream attempts (connect error, timeout, 5xx) that open the circuit.
@@ -254,6 +282,9 @@ pub struct ClusterSettings {
     pub shared_keys: Vec<Secret>,
     /// The longest a GET waits for each Redis call of the shared tier.
     pub shared_timeout: Duration,
+    /// `egress.ca_file`'s PEM: with `rediss://`, the roots Redis' certificate must chain to
+    /// (the Redis client takes one set of roots: these replace the built-in ones).
+    pub tls_roots_pem: Option<Vec<u8>>,
 }
 
 /// What a PUT does when it cannot first announce itself to the cluster.
@@ -352,6 +383,11 @@ impl Settings {
     /// section, derived URLs filled in, secrets as `<redacted>`, nothing of the clients' keys.
     pub fn redacted_toml(&self) -> String {
         redact::to_toml(&self.redacted)
+    }
+
+    /// The warnings found while loading, each naming its key.
+    pub fn warnings(&self) -> &[String] {
+        &self.warnings
     }
 }
 

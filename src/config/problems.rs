@@ -1,13 +1,16 @@
 //! Every problem found while loading, collected rather than stopping at the first, each naming
-//! its key and, when the environment set that key, the variable.
+//! its key and, when the environment set that key, the variable; and the warnings, which do not
+//! stop the configuration from loading.
 
 use std::{collections::BTreeMap, fmt};
 
-use super::{schema::Field, ConfigErrors};
+use super::{schema::Field, secret_files::FromFiles, ConfigErrors};
 
 #[derive(Default)]
 pub(super) struct Problems {
     list: Vec<String>,
+    /// "`key`: `warning`", for `check-config` and the start-up log.
+    warnings: Vec<String>,
     /// Keys set by the environment (`server.listen`), with the variable that set each.
     env_vars: BTreeMap<String, String>,
 }
@@ -60,6 +63,17 @@ impl Problems {
         result.map_err(|problem| self.at(key, problem)).ok()
     }
 
+    /// A value read from files for `key`, its warnings recorded; or `None` after reporting
+    /// what is wrong at `key`.
+    pub fn take_file<T>(&mut self, key: &str, result: Result<FromFiles<T>, String>) -> Option<T> {
+        let read = self.take(key, result)?;
+        for warning in read.warnings {
+            let origin = self.origin(key);
+            self.warnings.push(format!("{key}: {warning}{origin}"));
+        }
+        Some(read.value)
+    }
+
     /// `key`'s value, if it could be read.
     pub fn value<T>(&mut self, key: &str, field: Field<T>) -> Option<T> {
         self.take(key, field.0)
@@ -75,10 +89,11 @@ impl Problems {
         self.take(key, field.0.and_then(rule))
     }
 
-    /// `value` when nothing was reported (it is `Some` then), else every problem.
-    pub fn finish<T>(self, value: Option<T>) -> Result<T, ConfigErrors> {
+    /// `value` with the warnings when nothing was reported (it is `Some` then), else every
+    /// problem.
+    pub fn finish<T>(self, value: Option<T>) -> Result<(T, Vec<String>), ConfigErrors> {
         match value {
-            Some(value) if self.list.is_empty() => Ok(value),
+            Some(value) if self.list.is_empty() => Ok((value, self.warnings)),
             None if self.list.is_empty() => Err(ConfigErrors(vec![
                 "the configuration could not be loaded, and no problem was recorded (a bug)".into(),
             ])),

@@ -5,7 +5,7 @@
 use super::{
     redis_url::RedisUrl,
     schema::{ConfigFile, Field},
-    TalkdeskSettings, REDACTED,
+    ProxyEndpoint, TalkdeskSettings, REDACTED,
 };
 
 /// `file` as validated into `talkdesk`, ready to be shown.
@@ -17,6 +17,12 @@ pub(super) fn redact(mut file: ConfigFile, talkdesk: &TalkdeskSettings) -> Confi
         if !url.is_empty() {
             // Validated already; were it not, nothing of it is shown.
             *url = RedisUrl::parse(url).map_or_else(|_| REDACTED.to_owned(), |url| url.redacted());
+        }
+    }
+    if let Ok(url) = &mut file.egress.proxy_url.0 {
+        if !url.is_empty() {
+            *url = ProxyEndpoint::parse(url)
+                .map_or_else(|_| REDACTED.to_owned(), |url| url.redacted());
         }
     }
     for client in &mut file.clients {

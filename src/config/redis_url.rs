@@ -49,7 +49,7 @@ impl RedisUrl {
         let password = percent_decode_str(password)
             .decode_utf8()
             .map_err(|_| "the password is not valid percent-encoded UTF-8".to_owned())?;
-        let (host, port) = split_host_port(host_port)?;
+        let (host, port) = split_host_port(host_port, DEFAULT_PORT, SHAPE)?;
         let db = match path {
             "" => 0,
             db => db
@@ -93,12 +93,16 @@ impl RedisUrl {
     }
 }
 
-/// `host[:port]` or `[ipv6][:port]`.
-fn split_host_port(host_port: &str) -> Result<(String, u16), String> {
+/// `host[:port]` or `[ipv6][:port]`; `shape` is the whole URL's expected form, for messages.
+pub(super) fn split_host_port(
+    host_port: &str,
+    default_port: u16,
+    shape: &str,
+) -> Result<(String, u16), String> {
     let (host, port) = if let Some(bracketed) = host_port.strip_prefix('[') {
         let (ip, after) = bracketed
             .split_once(']')
-            .ok_or_else(|| format!("the IPv6 address has no closing ']' ({SHAPE})"))?;
+            .ok_or_else(|| format!("the IPv6 address has no closing ']' ({shape})"))?;
         if ip.parse::<Ipv6Addr>().is_err() {
             return Err(format!("{ip:?} is not an IPv6 address"));
         }
@@ -106,7 +110,7 @@ fn split_host_port(host_port: &str) -> Result<(String, u16), String> {
             match after {
                 "" => None,
                 after => Some(after.strip_prefix(':').ok_or_else(|| {
-                    format!("unexpected {after:?} after the IPv6 address ({SHAPE})")
+                    format!("unexpected {after:?} after the IPv6 address ({shape})")
                 })?),
             };
         (ip, port)
@@ -120,12 +124,12 @@ fn split_host_port(host_port: &str) -> Result<(String, u16), String> {
                 .bytes()
                 .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'-' | b'_'));
         if !valid_host {
-            return Err(format!("{host:?} is not a host name or address ({SHAPE})"));
+            return Err(format!("{host:?} is not a host name or address ({shape})"));
         }
         (host, port)
     };
     let port = match port {
-        None => DEFAULT_PORT,
+        None => default_port,
         Some(port) => port
             .parse()
             .ok()

@@ -17,6 +17,7 @@ pub(super) struct ConfigFile {
     pub server: Server,
     pub log: Log,
     pub talkdesk: Talkdesk,
+    pub egress: Egress,
     pub token: Token,
     pub cache: Cache,
     pub cluster: Cluster,
@@ -67,6 +68,13 @@ pub(super) struct Talkdesk {
     pub max_requests_per_s: Field<u32>,
     pub breaker_failures: Field<u32>,
     pub breaker_cooldown_ms: Field<u64>,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+pub(super) struct Egress {
+    pub proxy_url: Field<String>,
+    pub proxy_url_file: Field<String>,
+    pub ca_file: Field<String>,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]

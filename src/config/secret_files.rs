@@ -1,19 +1,49 @@
-//! Secrets read from files (`<key>_file`) and the OAuth signing keys. Messages name the file,
-//! never its content.
+//! Secrets read from files (`<key>_file`) and the OAuth signing keys, each file through the
+//! bounded, mode-checked read of `files`. Messages name the file, never its content.
 
-use std::{fs, path::Path};
+use std::path::{Path, PathBuf};
 
-use super::Secret;
+use super::{
+    files::{key_files, read_text, FileKind},
+    Secret,
+};
 
 /// The shortest accepted key (OAuth signing keys, the cluster's shared-tier keys).
 pub(super) const MIN_SIGNING_KEY_BYTES: usize = 32;
 
+/// A value read from secret files, with the warnings about those files (their modes).
+#[derive(Debug)]
+pub(super) struct FromFiles<T> {
+    pub value: T,
+    pub warnings: Vec<String>,
+}
+
+impl<T> FromFiles<T> {
+    pub fn map<U>(self, f: impl FnOnce(T) -> U) -> FromFiles<U> {
+        FromFiles {
+            value: f(self.value),
+            warnings: self.warnings,
+        }
+    }
+}
+
+/// A secret file's text (bounded, mode checked), its warning recorded in `warnings`.
+fn read_secret_text(path: &Path, warnings: &mut Vec<String>) -> Result<String, String> {
+    let read = read_text(path, FileKind::Secret)?;
+    warnings.extend(read.warning);
+    Ok(read.text)
+}
+
 /// A secret from a file: its content without trailing whitespace (the newline), not empty.
-pub(super) fn read_secret_file(path: &str) -> Result<Secret, String> {
-    let text = fs::read_to_string(path).map_err(|e| format!("cannot read '{path}': {e}"))?;
+pub(super) fn read_secret_file(path: &str) -> Result<FromFiles<Secret>, String> {
+    let mut warnings = Vec::new();
+    let text = read_secret_text(Path::new(path), &mut warnings)?;
     match text.trim_end() {
         "" => Err(format!("file '{path}' is empty")),
-        secret => Ok(Secret::new(secret)),
+        secret => Ok(FromFiles {
+            value: Secret::new(secret),
+            warnings,
+        }),
     }
 }
 
@@ -24,12 +54,13 @@ pub(super) fn read_secret_file(path: &str) -> Result<Secret, String> {
 ///
 /// Each key must be at least [`MIN_SIGNING_KEY_BYTES`] long; `what` names one of them in
 /// messages ("a signing key").
-pub(super) fn read_keys(path: &str, what: &str) -> Result<Vec<Secret>, String> {
-    let metadata = fs::metadata(path).map_err(|e| format!("cannot read '{path}': {e}"))?;
+pub(super) fn read_keys(path: &str, what: &str) -> Result<FromFiles<Vec<Secret>>, String> {
+    let metadata = std::fs::metadata(path).map_err(|e| format!("cannot read '{path}': {e}"))?;
+    let mut warnings = Vec::new();
     let keys = if metadata.is_dir() {
-        keys_in_directory(Path::new(path))?
+        keys_in_directory(Path::new(path), &mut warnings)?
     } else {
-        keys_in_file(path)?
+        keys_in_file(path, &mut warnings)?
     };
     if keys.is_empty() {
         return Err(format!("'{path}' holds no key"));
@@ -45,12 +76,15 @@ pub(super) fn read_keys(path: &str, what: &str) -> Result<Vec<Secret>, String> {
             too_short.join(", ")
         ));
     }
-    Ok(keys.into_iter().map(|(_, key)| Secret::new(key)).collect())
+    Ok(FromFiles {
+        value: keys.into_iter().map(|(_, key)| Secret::new(key)).collect(),
+        warnings,
+    })
 }
 
 /// Each key with where it came from ("line 2 of '/etc/keys'"), in file order.
-fn keys_in_file(path: &str) -> Result<Vec<(String, String)>, String> {
-    let text = fs::read_to_string(path).map_err(|e| format!("cannot read '{path}': {e}"))?;
+fn keys_in_file(path: &str, warnings: &mut Vec<String>) -> Result<Vec<(String, String)>, String> {
+    let text = read_secret_text(Path::new(path), warnings)?;
     Ok(text
         .lines()
         .enumerate()
@@ -61,30 +95,15 @@ fn keys_in_file(path: &str) -> Result<Vec<(String, String)>, String> {
 }
 
 /// Each key with its file, the signing one (the name that sorts last) first.
-fn keys_in_directory(dir: &Path) -> Result<Vec<(String, String)>, String> {
-    let cannot_read =
-        |path: &Path, e: std::io::Error| format!("cannot read '{}': {e}", path.display());
-    let mut files = Vec::new();
-    for entry in fs::read_dir(dir).map_err(|e| cannot_read(dir, e))? {
-        let path = entry.map_err(|e| cannot_read(dir, e))?.path();
-        let hidden = path
-            .file_name()
-            .is_some_and(|name| name.to_string_lossy().starts_with('.'));
-        // `metadata` follows symlinks: Kubernetes mounts each key as a link into `..data/`.
-        if !hidden
-            && fs::metadata(&path)
-                .map_err(|e| cannot_read(&path, e))?
-                .is_file()
-        {
-            files.push(path);
-        }
-    }
-    files.sort();
-    files
+fn keys_in_directory(
+    dir: &Path,
+    warnings: &mut Vec<String>,
+) -> Result<Vec<(String, String)>, String> {
+    key_files(dir)?
         .into_iter()
         .rev()
-        .map(|path| {
-            let text = fs::read_to_string(&path).map_err(|e| cannot_read(&path, e))?;
+        .map(|path: PathBuf| {
+            let text = read_secret_text(&path, warnings)?;
             Ok((format!("'{}'", path.display()), text.trim_end().to_owned()))
         })
         .collect()
@@ -108,7 +127,7 @@ mod tests {
     fn secret_file_is_trimmed_and_must_not_be_empty() {
         let dir = TempDir::new("secret-file");
         let secret = dir.file("secret", "s3cret \r\n");
-        assert_eq!(read_secret_file(&secret).unwrap().expose(), "s3cret");
+        assert_eq!(read_secret_file(&secret).unwrap().value.expose(), "s3cret");
         let empty = dir.file("empty", "\n");
         assert_eq!(
             read_secret_file(&empty).unwrap_err(),
@@ -123,7 +142,7 @@ mod tests {
             "keys",
             &format!("# rotated in on Monday\n{KEY_B}\n\n  {KEY_A}  \r\n# old\n"),
         );
-        let keys = read_keys(&file, SIGNING_KEY).unwrap();
+        let keys = read_keys(&file, SIGNING_KEY).unwrap().value;
         assert_eq!(exposed(&keys), [KEY_B, KEY_A]);
     }
 
@@ -135,7 +154,7 @@ mod tests {
         std::os::unix::fs::symlink(&target, dir.path().join("2024-06")).unwrap();
         dir.file(".ignored", "short");
         std::fs::create_dir(dir.path().join("..data")).unwrap();
-        let keys = read_keys(&dir.path_str(), SIGNING_KEY).unwrap();
+        let keys = read_keys(&dir.path_str(), SIGNING_KEY).unwrap().value;
         assert_eq!(exposed(&keys), [KEY_B, KEY_A]);
     }
 

@@ -3,17 +3,25 @@
 //! settings exist only when nothing was wrong (each section is `Some` only when all its values
 //! are).
 
-use std::{collections::HashMap, net::SocketAddr, num::NonZeroU32, path::PathBuf, time::Duration};
+use std::{
+    collections::HashMap,
+    net::{IpAddr, SocketAddr},
+    num::NonZeroU32,
+    path::{Path, PathBuf},
+    time::Duration,
+};
 
 use super::{
+    files::{read_text, FileKind},
+    log_level::log_filter,
     problems::Problems,
     redact,
     redis_url::RedisUrl,
     schema::{self, Field},
-    secret_files::{read_keys, read_secret_file},
-    AuthSettings, BreakerSettings, CacheSettings, ClientSettings, ClusterSettings, LogSettings,
-    OAuthSettings, Permissions, Secret, ServerSettings, Settings, TalkdeskSettings, TlsFiles,
-    TokenSettings, ANONYMOUS,
+    secret_files::{read_keys, read_secret_file, FromFiles},
+    AuthSettings, BreakerSettings, CacheSettings, ClientSettings, ClusterSettings, EgressSettings,
+    ExtraRoots, LogSettings, OAuthSettings, Permissions, ProxyEndpoint, Secret, ServerSettings,
+    Settings, TalkdeskSettings, TlsFiles, TokenSettings, ANONYMOUS,
 };
 
 const MAX_CLIENT_NAME: usize = 64;
@@ -27,6 +35,7 @@ pub(super) fn settings(file: schema::ConfigFile, p: &mut Problems) -> Option<Set
     let server = server(file.server, p);
     let log = log(file.log, p);
     let talkdesk = talkdesk(file.talkdesk, p);
+    let egress = egress(file.egress, p);
     let token = p
         .check(
             "token.refresh_margin_s",
@@ -35,7 +44,13 @@ pub(super) fn settings(file: schema::ConfigFile, p: &mut Problems) -> Option<Set
         )
         .map(|refresh_margin| TokenSettings { refresh_margin });
     let cache = cache(file.cache, p);
-    let cluster = cluster(file.cluster, p);
+    let mut cluster = cluster(file.cluster, p);
+    if let (Some(Some(cluster)), Some(Some(roots))) = (
+        cluster.as_mut(),
+        egress.as_ref().map(|egress| &egress.extra_roots),
+    ) {
+        cluster.tls_roots_pem = Some(roots.pem.clone());
+    }
     shared_tier_fits(cluster.as_ref(), cache.as_ref(), server.as_ref(), p);
     let oauth = oauth(file.oauth, clustered, p);
     let auth = p
@@ -54,12 +69,14 @@ pub(super) fn settings(file: schema::ConfigFile, p: &mut Problems) -> Option<Set
         server: server?,
         log: log?,
         talkdesk,
+        egress: egress?,
         token: token?,
         cache: cache?,
         cluster: cluster?,
         oauth: oauth?,
         clients: clients?,
         auth: auth?,
+        warnings: Vec::new(),
     })
 }
 
@@ -120,15 +137,18 @@ fn secs_or_off(s: u64) -> Result<Option<Duration>, String> {
     Ok((s > 0).then(|| Duration::from_secs(s)))
 }
 
-/// The keys in a key file or directory; none when the path is empty (the key is not set).
-fn key_file(what: &'static str) -> impl FnOnce(String) -> Result<Vec<Secret>, String> {
-    move |path| {
-        if path.is_empty() {
-            Ok(Vec::new())
-        } else {
-            read_keys(&path, what)
-        }
-    }
+/// The keys in the key file or directory `key` names; none when it is empty (not set).
+fn key_file(key: &str, field: Field<String>, what: &str, p: &mut Problems) -> Option<Vec<Secret>> {
+    let path = p.value(key, field)?;
+    let keys = if path.is_empty() {
+        Ok(FromFiles {
+            value: Vec::new(),
+            warnings: Vec::new(),
+        })
+    } else {
+        read_keys(&path, what)
+    };
+    p.take_file(key, keys)
 }
 
 /// A size or a count of at least `min`.
@@ -151,16 +171,27 @@ fn socket_addr(s: String) -> Result<SocketAddr, String> {
     })
 }
 
-fn readable_file(path: &str) -> Result<(), String> {
-    std::fs::metadata(path)
-        .and_then(|meta| {
-            if meta.is_file() {
-                std::fs::File::open(path).map(drop)
-            } else {
-                Err(std::io::Error::other("not a regular file"))
-            }
-        })
-        .map_err(|e| format!("cannot read '{path}': {e}"))
+/// A file that can be read within its kind's bound and checks (the TLS files, which the
+/// listener reads again when it starts).
+fn readable_file(path: &str, kind: FileKind) -> Result<FromFiles<()>, String> {
+    read_text(Path::new(path), kind).map(|read| FromFiles {
+        value: (),
+        warnings: read.warning.into_iter().collect(),
+    })
+}
+
+/// Whether two listeners could not both be bound: the same port (not 0, with which the kernel
+/// picks two) on overlapping addresses. An unspecified address covers its family, and `[::]`
+/// covers IPv4 too (Linux binds it dual-stack unless `net.ipv6.bindv6only` is set);
+/// `::ffff:a.b.c.d` is the IPv4 address `a.b.c.d`.
+pub(super) fn listeners_collide(a: SocketAddr, b: SocketAddr) -> bool {
+    if a.port() != b.port() || a.port() == 0 {
+        return false;
+    }
+    let (a, b) = (a.ip().to_canonical(), b.ip().to_canonical());
+    let covers =
+        |wide: IpAddr, other: IpAddr| wide.is_unspecified() && (wide.is_ipv6() || other.is_ipv4());
+    a == b || covers(a, b) || covers(b, a)
 }
 
 /// An absolute http(s) URL with a host and no credentials (it is logged).
@@ -211,11 +242,13 @@ fn server(s: schema::Server, p: &mut Problems) -> Option<ServerSettings> {
     let listen = p.check("server.listen", s.listen, socket_addr);
     let admin_listen = p.check("server.admin_listen", s.admin_listen, socket_addr);
     if let (Some(listen), Some(admin_listen)) = (listen, admin_listen) {
-        // Port 0 (tests) lets the kernel pick two different ports.
-        if listen == admin_listen && listen.port() != 0 {
+        if listeners_collide(listen, admin_listen) {
             p.at(
                 "server.admin_listen",
-                format!("must differ from server.listen (both are {listen})"),
+                format!(
+                    "{admin_listen} collides with server.listen ({listen}): the same port on \
+                     overlapping addresses; give it another port"
+                ),
             );
         }
     }
@@ -285,8 +318,12 @@ fn tls_files(
             None
         }
         (false, false) => {
-            let cert_readable = p.take("server.tls_cert_file", readable_file(&cert));
-            let key_readable = p.take("server.tls_key_file", readable_file(&key));
+            let cert_readable = p.take_file(
+                "server.tls_cert_file",
+                readable_file(&cert, FileKind::Certificates),
+            );
+            let key_readable =
+                p.take_file("server.tls_key_file", readable_file(&key, FileKind::Secret));
             cert_readable.and(key_readable)?;
             Some(Some(TlsFiles {
                 cert_file: PathBuf::from(cert),
@@ -297,14 +334,7 @@ fn tls_files(
 }
 
 fn log(l: schema::Log, p: &mut Problems) -> Option<LogSettings> {
-    let level = p.check(
-        "log.level",
-        l.level,
-        |level| match tracing_subscriber::EnvFilter::try_new(&level) {
-            Ok(_) => Ok(level),
-            Err(e) => Err(format!("{level:?} is not a level or tracing filter: {e}")),
-        },
-    );
+    let level = p.check("log.level", l.level, log_filter);
     let format = p.value("log.format", l.format);
     Some(LogSettings {
         level: level?,
@@ -401,7 +431,7 @@ fn client_secret(inline: Field<String>, file: Field<String>, p: &mut Problems) -
     let (inline, file) = (inline?, file?);
     match (inline.is_empty(), file.is_empty()) {
         (false, true) => Some(Secret::new(inline)),
-        (true, false) => p.take("talkdesk.client_secret_file", read_secret_file(&file)),
+        (true, false) => p.take_file("talkdesk.client_secret_file", read_secret_file(&file)),
         (false, false) => {
             p.general(
                 "talkdesk.client_secret and talkdesk.client_secret_file are both set; give exactly one",
@@ -416,6 +446,59 @@ fn client_secret(inline: Field<String>, file: Field<String>, p: &mut Problems) -
             None
         }
     }
+}
+
+fn egress(e: schema::Egress, p: &mut Problems) -> Option<EgressSettings> {
+    let inline = p.value("egress.proxy_url", e.proxy_url);
+    let file = p.value("egress.proxy_url_file", e.proxy_url_file);
+    let extra_roots = p.check("egress.ca_file", e.ca_file, |path| {
+        (!path.is_empty()).then(|| extra_roots(&path)).transpose()
+    });
+    let proxy = match (inline?, file?) {
+        (inline, file) if inline.is_empty() && file.is_empty() => None,
+        (inline, file) if !inline.is_empty() && !file.is_empty() => {
+            p.general("egress.proxy_url and egress.proxy_url_file are both set; give at most one");
+            return None;
+        }
+        (inline, _) if !inline.is_empty() => {
+            Some(p.take("egress.proxy_url", ProxyEndpoint::parse(&inline))?)
+        }
+        (_, file) => Some(p.take_file(
+            "egress.proxy_url_file",
+            read_secret_file(&file).and_then(|url| {
+                let endpoint = ProxyEndpoint::parse(url.value.expose())?;
+                Ok(url.map(|_| endpoint))
+            }),
+        )?),
+    };
+    Some(EgressSettings {
+        proxy,
+        extra_roots: extra_roots?,
+    })
+}
+
+/// PEM certificates, each usable as a trust anchor, at least one.
+fn extra_roots(path: &str) -> Result<ExtraRoots, String> {
+    use rustls::pki_types::{pem::PemObject, CertificateDer};
+    let pem = read_text(std::path::Path::new(path), FileKind::Certificates)?
+        .text
+        .into_bytes();
+    let certificates = CertificateDer::pem_slice_iter(&pem)
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| format!("'{path}' is not PEM certificates: {e}"))?;
+    if certificates.is_empty() {
+        return Err(format!("'{path}' holds no PEM certificate"));
+    }
+    let mut roots = rustls::RootCertStore::empty();
+    for (i, certificate) in certificates.iter().enumerate() {
+        roots.add(certificate.clone()).map_err(|e| {
+            format!(
+                "certificate {} of '{path}' is not a usable root: {e}",
+                i + 1
+            )
+        })?;
+    }
+    Ok(ExtraRoots { certificates, pem })
 }
 
 fn scopes(scopes: Vec<String>) -> Result<Vec<String>, String> {
@@ -502,10 +585,11 @@ fn cluster(c: schema::Cluster, p: &mut Problems) -> Option<Option<ClusterSetting
         c.shared_timeout_ms,
         positive_millis,
     );
-    let shared_keys = p.check(
+    let shared_keys = key_file(
         "cluster.shared_key_file",
         c.shared_key_file,
-        key_file("a shared-tier key"),
+        "a shared-tier key",
+        p,
     );
     let shared_on = [
         ("cluster.shared_cache", shared_cache),
@@ -547,7 +631,7 @@ fn cluster(c: schema::Cluster, p: &mut Problems) -> Option<Option<ClusterSetting
     let file_password = if password_file.is_empty() {
         Some(None)
     } else {
-        p.take(
+        p.take_file(
             "cluster.redis_password_file",
             read_secret_file(&password_file),
         )
@@ -577,16 +661,18 @@ fn cluster(c: schema::Cluster, p: &mut Problems) -> Option<Option<ClusterSetting
         shared_token: shared_token?,
         shared_keys: shared_keys?,
         shared_timeout: shared_timeout?,
+        tls_roots_pem: None,
     }))
 }
 
 fn oauth(o: schema::OAuth, clustered: bool, p: &mut Problems) -> Option<OAuthSettings> {
     let enabled = p.value("oauth.enabled", o.enabled);
     let token_ttl = p.check("oauth.token_ttl_s", o.token_ttl_s, positive_secs);
-    let signing_keys = p.check(
+    let signing_keys = key_file(
         "oauth.signing_key_file",
         o.signing_key_file,
-        key_file("a signing key"),
+        "a signing key",
+        p,
     );
     if clustered && enabled == Some(true) && signing_keys.as_ref().is_some_and(Vec::is_empty) {
         p.at(
@@ -652,10 +738,16 @@ fn client(
         (Some(api_key), None, None) => p.check(&key("api_key"), api_key, |api_key| {
             api_key_digest(&api_key, "the API key")
         }),
-        (None, Some(file), None) => p.check(&key("api_key_file"), file, |path| {
-            let api_key = read_secret_file(&path)?;
-            api_key_digest(api_key.expose(), &format!("the API key in '{path}'"))
-        }),
+        (None, Some(file), None) => {
+            let key = key("api_key_file");
+            let digest = p.check(&key, file, |path| {
+                let api_key = read_secret_file(&path)?;
+                let what = format!("the API key in '{path}'");
+                let digest = api_key_digest(api_key.value.expose(), &what)?;
+                Ok(api_key.map(|_| digest))
+            });
+            digest.and_then(|digest| p.take_file(&key, Ok(digest)))
+        }
         (None, None, Some(hex)) => p.check(&key("api_key_sha256"), hex, |hex| {
             decode_sha256_hex(&hex)
                 .ok_or_else(|| "must be 64 hexadecimal characters (the SHA-256 of the key)".into())

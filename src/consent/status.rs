@@ -3,7 +3,7 @@
 
 use std::fmt;
 
-use serde_json::{Map, Value};
+use serde_json::Value;
 
 /// A consent status, exactly as Talkdesk spells it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -80,34 +80,93 @@ impl BodyError {
 }
 
 /// Parses a consent body `{"status": "<STATUS>"}` with no other properties (the schema
-/// Talkdesk's setup guide uses: `additionalProperties: false`).
+/// Talkdesk's setup guide uses: `additionalProperties: false`) and `status` given once: a
+/// parser that kept the first or the last of two would decide a consent the caller left
+/// ambiguous.
 pub fn parse_consent_body(body: &[u8]) -> Result<ConsentStatus, BodyError> {
-    let value: Value = serde_json::from_slice(body)
-        .map_err(|_| BodyError::new("the body is not valid JSON", None))?;
-    let Value::Object(object) = value else {
+    let not_json = |_| BodyError::new("the body is not valid JSON", None);
+    // Read as a `Value` first only to tell "not JSON" from "not an object"; a `Value`'s map
+    // keeps one of two equal names, so the members are then read as they came.
+    let value: Value = serde_json::from_slice(body).map_err(not_json)?;
+    if !value.is_object() {
         return Err(BodyError::new("the body must be a JSON object", None));
-    };
-    status_from_object(&object)
+    }
+    let members: Members = serde_json::from_slice(body).map_err(not_json)?;
+    members.status()
 }
 
-fn status_from_object(object: &Map<String, Value>) -> Result<ConsentStatus, BodyError> {
-    if let Some(extra) = object.keys().find(|key| key.as_str() != "status") {
-        // Echo at most 64 characters of a caller-chosen name, in the message and in `fields`.
-        let name = truncate_for_message(extra);
-        return Err(BodyError::new(
-            format!("unexpected property '{name}'"),
-            Some(name),
-        ));
-    }
-    match object.get("status") {
-        None => Err(BodyError::new("'status' is required", Some("status"))),
-        Some(Value::String(s)) => ConsentStatus::parse(s).ok_or_else(|| {
-            BodyError::new(
-                "'status' must be one of NO_CONSENT, CONSENTED, DELETED, REFUSED",
+/// A body object's members as they came (names with their escapes decoded).
+#[derive(Default)]
+struct Members {
+    /// The first `status` value.
+    status: Option<Value>,
+    /// `status` came more than once.
+    repeated: bool,
+    /// The first name other than `status`.
+    unexpected: Option<String>,
+}
+
+impl Members {
+    fn status(self) -> Result<ConsentStatus, BodyError> {
+        if let Some(extra) = &self.unexpected {
+            // Echo at most 64 characters of a caller-chosen name, in the message and in `fields`.
+            let name = truncate_for_message(extra);
+            return Err(BodyError::new(
+                format!("unexpected property '{name}'"),
+                Some(name),
+            ));
+        }
+        if self.repeated {
+            return Err(BodyError::new(
+                "'status' is given more than once",
                 Some("status"),
-            )
-        }),
-        Some(_) => Err(BodyError::new("'status' must be a string", Some("status"))),
+            ));
+        }
+        match self.status {
+            None => Err(BodyError::new("'status' is required", Some("status"))),
+            Some(Value::String(s)) => ConsentStatus::parse(&s).ok_or_else(|| {
+                BodyError::new(
+                    "'status' must be one of NO_CONSENT, CONSENTED, DELETED, REFUSED",
+                    Some("status"),
+                )
+            }),
+            Some(_) => Err(BodyError::new("'status' must be a string", Some("status"))),
+        }
+    }
+}
+
+impl<'de> serde::Deserialize<'de> for Members {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct MembersVisitor;
+
+        impl<'de> serde::de::Visitor<'de> for MembersVisitor {
+            type Value = Members;
+
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a JSON object")
+            }
+
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut map: A,
+            ) -> Result<Members, A::Error> {
+                let mut members = Members::default();
+                while let Some(name) = map.next_key::<String>()? {
+                    if name != "status" {
+                        map.next_value::<serde::de::IgnoredAny>()?;
+                        members.unexpected.get_or_insert(name);
+                    } else if members.status.is_some() {
+                        map.next_value::<serde::de::IgnoredAny>()?;
+                        members.repeated = true;
+                    } else {
+                        members.status = Some(map.next_value()?);
+                    }
+                }
+                Ok(members)
+            }
+        }
+
+        deserializer.deserialize_map(MembersVisitor)
     }
 }
 
@@ -135,5 +194,31 @@ mod tests {
         assert!(parse_consent_body(br#"{"status":"MAYBE"}"#).is_err());
         assert!(parse_consent_body(b"[]").is_err());
         assert!(parse_consent_body(b"nope").is_err());
+    }
+
+    #[test]
+    fn a_status_given_twice_is_refused_whatever_the_values() {
+        for body in [
+            &br#"{"status":"CONSENTED","status":"REFUSED"}"#[..],
+            br#"{"status":"REFUSED","status":"REFUSED"}"#,
+            br#"{"status":"CONSENTED","st\u0061tus":"REFUSED"}"#,
+            br#"{"status":"CONSENTED","status":5}"#,
+        ] {
+            let error = parse_consent_body(body).unwrap_err();
+            assert_eq!(
+                error,
+                BodyError::new("'status' is given more than once", Some("status")),
+                "{}",
+                String::from_utf8_lossy(body)
+            );
+        }
+        // Another name repeated is an unexpected property, as once.
+        let error = parse_consent_body(br#"{"status":"REFUSED","x":1,"x":2}"#).unwrap_err();
+        assert_eq!(error.field.as_deref(), Some("x"));
+        // The same name inside a value is not a member of the body.
+        assert!(parse_consent_body(br#"{"status":{"a":1,"a":2}}"#)
+            .unwrap_err()
+            .message
+            .contains("must be a string"));
     }
 }

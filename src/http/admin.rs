@@ -12,10 +12,9 @@ use prometheus::Registry;
 use serde_json::json;
 
 use crate::auth::{Authenticator, Permission};
-use crate::cache::ConsentCache;
-use crate::cluster::Cluster;
 use crate::consent::ContactId;
-use crate::error::{ErrorChain, ProxyError};
+use crate::error::ProxyError;
+use crate::service::ConsentService;
 use crate::upstream::token::TokenManager;
 use crate::wire::body::{self, Body};
 use crate::wire::request_id::{request_id_of, X_REQUEST_ID};
@@ -24,8 +23,7 @@ const PURGE_PREFIX: &str = "/admin/cache/";
 
 pub struct AdminRoutes {
     registry: Registry,
-    cache: ConsentCache,
-    cluster: Option<Cluster>,
+    service: ConsentService,
     tokens: TokenManager,
     auth: Arc<Authenticator>,
     /// Set once the consent listener accepts connections, cleared when it drains.
@@ -35,16 +33,14 @@ pub struct AdminRoutes {
 impl AdminRoutes {
     pub fn new(
         registry: Registry,
-        cache: ConsentCache,
-        cluster: Option<Cluster>,
+        service: ConsentService,
         tokens: TokenManager,
         auth: Arc<Authenticator>,
         serving: Arc<AtomicBool>,
     ) -> Self {
         AdminRoutes {
             registry,
-            cache,
-            cluster,
+            service,
             tokens,
             auth,
             serving,
@@ -80,10 +76,7 @@ impl AdminRoutes {
     }
 
     async fn metrics(&self) -> Response<Body> {
-        self.cache.refresh_entry_gauge();
-        if let Some(cluster) = &self.cluster {
-            cluster.refresh_gauge();
-        }
+        self.service.refresh_gauges();
         body::bytes_response(
             StatusCode::OK,
             HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
@@ -106,8 +99,7 @@ impl AdminRoutes {
                 json!({"status": "not_ready", "reason": reason}),
             ),
         };
-        if let Some(cluster) = &self.cluster {
-            let cluster = cluster.status();
+        if let Some(cluster) = self.service.cluster_status() {
             answer["cluster"] = match cluster.reason {
                 None => json!({"feed": "live"}),
                 Some(reason) => json!({
@@ -134,27 +126,13 @@ impl AdminRoutes {
         }
         let caller = self.auth.authorize(request.headers(), Permission::Admin)?;
         let contact = ContactId::from_path_segment(segment).ok_or(ProxyError::InvalidContactId)?;
-        self.cache.purge(&contact);
+        self.service.purge(&contact).await;
         tracing::info!(
             request_id = request_id.to_str().unwrap_or("-"),
             client = self.auth.client_name(Some(&caller)),
             contact = %contact.masked(),
             "cache entry purged"
         );
-        if let Some(cluster) = &self.cluster {
-            // The other instances drop it too (and, with the shared cache, Redis). Without Redis
-            // they cannot be told, but then they do not answer from their caches either, and
-            // flush them when they reconnect; the shared tier's entry, though, stays until its
-            // TTL unless the purge is repeated once Redis is back (the warning says so).
-            if let Err(problem) = cluster.announce_purge(&contact).await {
-                tracing::warn!(
-                    contact = %contact.masked(),
-                    error = %ErrorChain(&problem),
-                    "the purge could not be announced to the other instances (nor applied to the \
-                     shared tier, if on): repeat it once Redis is back"
-                );
-            }
-        }
         Ok(body::empty_response(StatusCode::NO_CONTENT))
     }
 }

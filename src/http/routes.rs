@@ -13,7 +13,7 @@ use http::{header, HeaderMap, HeaderName, HeaderValue, Method, Request, Response
 use prometheus::{Histogram, IntCounter};
 use tokio::time::Instant;
 
-use crate::auth::{Authenticator, Caller, Permission};
+use crate::auth::{Authenticator, Permission};
 use crate::cache::CacheStatus;
 use crate::consent::ConsentAnswer;
 use crate::consent::{consent_path_segment, parse_consent_body, ContactId};
@@ -21,8 +21,8 @@ use crate::error::{ErrorChain, FieldProblem, ProxyError};
 use crate::http::token_endpoint::{Refusal, TokenEndpoint};
 use crate::metrics::status_label;
 use crate::metrics::HttpMetrics;
+use crate::request::RequestContext;
 use crate::service::ConsentService;
-use crate::upstream::client::LastAttempt;
 use crate::wire::body::{self, Body, ReadBodyError};
 use crate::wire::oauth::TOKEN_PATH;
 use crate::wire::request_id::{request_id_of, X_REQUEST_ID};
@@ -90,17 +90,14 @@ impl HotSeries {
     }
 }
 
-/// What the access log and metrics need to know about a handled request.
+/// What the access log and metrics need to know about a handled request, besides its
+/// context (id, caller, last upstream attempt).
 #[derive(Default)]
 struct Outcome {
     route: &'static str,
     contact: Option<ContactId>,
-    caller: Option<Caller>,
     cache_status: Option<CacheStatus>,
     error: Option<ProxyError>,
-    /// Set once the request may go upstream. Shared with the upstream call and read only
-    /// when logging, so the last attempt shows even when the deadline cut the request short.
-    upstream: Option<LastAttempt>,
     /// Why the token endpoint granted no token.
     token_refusal: Option<Refusal>,
 }
@@ -132,8 +129,11 @@ impl ConsentRoutes {
         B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
     {
         let started = Instant::now();
-        let deadline = started + self.limits.request_timeout;
-        let request_id = request_id_of(request.headers());
+        let mut context = RequestContext::new(
+            request_id_of(request.headers()),
+            started,
+            started + self.limits.request_timeout,
+        );
         let method = request.method().clone();
         let mut outcome = Outcome {
             route: "other",
@@ -141,8 +141,8 @@ impl ConsentRoutes {
         };
 
         let mut response = match tokio::time::timeout_at(
-            deadline,
-            self.route(request, peer, &request_id, deadline, &mut outcome),
+            context.deadline,
+            self.route(request, peer, &mut context, &mut outcome),
         )
         .await
         {
@@ -150,9 +150,9 @@ impl ConsentRoutes {
             Ok(Err(error)) => error_response(&mut outcome, error),
             Err(_) => error_response(&mut outcome, ProxyError::UpstreamTimeout),
         };
-        self.record(&method, &response, &outcome, &request_id, started);
+        self.record(&method, &response, &outcome, &context);
         // Moved, not cloned: cloning a new id's bytes would allocate a shared copy.
-        response.headers_mut().insert(X_REQUEST_ID, request_id);
+        response.headers_mut().insert(X_REQUEST_ID, context.id);
         response
     }
 
@@ -160,8 +160,7 @@ impl ConsentRoutes {
         &self,
         request: Request<B>,
         peer: SocketAddr,
-        request_id: &HeaderValue,
-        deadline: Instant,
+        context: &mut RequestContext,
         outcome: &mut Outcome,
     ) -> Result<Response<Body>, ProxyError>
     where
@@ -174,7 +173,7 @@ impl ConsentRoutes {
             ));
         }
         let Some(segment) = consent_path_segment(request.uri().path()) else {
-            return self.other_route(request, peer, deadline, outcome).await;
+            return self.other_route(request, peer, context, outcome).await;
         };
         outcome.route = "consent";
         let needed = match *request.method() {
@@ -183,7 +182,7 @@ impl ConsentRoutes {
             _ => {
                 // Counted under the caller's name when its credentials are valid; the 405
                 // itself does not depend on them.
-                outcome.caller = self.auth.authenticate(request.headers()).ok();
+                context.caller = self.auth.authenticate(request.headers()).ok();
                 return Err(ProxyError::MethodNotAllowed {
                     allow: ALLOWED_METHODS,
                 });
@@ -191,17 +190,13 @@ impl ConsentRoutes {
         };
         // Counted under the caller's name also when it lacks the permission (403).
         let caller = self.auth.authenticate(request.headers())?;
-        outcome.caller = Some(caller);
+        context.caller = Some(caller);
         caller.require(needed)?;
         let contact = ContactId::from_path_segment(segment).ok_or(ProxyError::InvalidContactId)?;
         outcome.contact = Some(contact.clone());
-        let upstream = outcome.upstream.insert(LastAttempt::default());
 
         if needed == Permission::Read {
-            let read = self
-                .service
-                .read(&contact, request_id, deadline, upstream)
-                .await;
+            let read = self.service.read(&contact, context).await;
             outcome.cache_status = Some(read.status);
             // Logged with the answer from the cache that stood in for upstream's.
             outcome.error = read.upstream_failure;
@@ -231,7 +226,9 @@ impl ConsentRoutes {
             Ok(response)
         } else {
             check_json_content_type(request.headers())?;
-            let body = self.read_body(request.into_body(), deadline).await?;
+            let body = self
+                .read_body(request.into_body(), context.deadline)
+                .await?;
             let status = parse_consent_body(&body).map_err(|e| ProxyError::InvalidBody {
                 fields: e
                     .field
@@ -243,10 +240,7 @@ impl ConsentRoutes {
                     .collect(),
                 message: e.message,
             })?;
-            let answer = self
-                .service
-                .write(&contact, status, request_id, deadline, upstream)
-                .await?;
+            let answer = self.service.write(&contact, status, context).await?;
             Ok(answer_response(answer))
         }
     }
@@ -256,7 +250,7 @@ impl ConsentRoutes {
         &self,
         request: Request<B>,
         peer: SocketAddr,
-        deadline: Instant,
+        context: &mut RequestContext,
         outcome: &mut Outcome,
     ) -> Result<Response<Body>, ProxyError>
     where
@@ -271,9 +265,9 @@ impl ConsentRoutes {
             return Err(ProxyError::MethodNotAllowed { allow: "POST" });
         }
         let (parts, body) = request.into_parts();
-        let body = self.read_body(body, deadline).await?;
+        let body = self.read_body(body, context.deadline).await?;
         let answer = endpoint.answer(&parts.headers, &body, peer.ip());
-        outcome.caller = answer.caller;
+        context.caller = answer.caller;
         outcome.token_refusal = answer.refusal;
         Ok(answer.response)
     }
@@ -306,12 +300,11 @@ impl ConsentRoutes {
         method: &Method,
         response: &Response<Body>,
         outcome: &Outcome,
-        request_id: &HeaderValue,
-        started: Instant,
+        context: &RequestContext,
     ) {
-        let elapsed = started.elapsed();
+        let elapsed = context.started.elapsed();
         let method_label = method_label(method);
-        let client = self.auth.client_name(outcome.caller.as_ref());
+        let client = self.auth.client_name(context.caller.as_ref());
         let status = response.status();
         let requests_labels = [outcome.route, method_label, status_label(status), client];
         let duration_labels = [outcome.route, method_label];
@@ -322,7 +315,7 @@ impl ConsentRoutes {
             .flatten()
             .and_then(|answer| {
                 let slots = hot.requests.len();
-                let slot = outcome
+                let slot = context
                     .caller
                     .and_then(|c| c.client_index)
                     .filter(|&i| i + 1 < slots)
@@ -346,9 +339,9 @@ impl ConsentRoutes {
         }
         if tracing::enabled!(tracing::Level::INFO) {
             let contact = outcome.contact.as_ref().map(ContactId::masked);
-            let upstream = outcome.upstream.as_ref().and_then(LastAttempt::get);
+            let upstream = context.last_attempt();
             tracing::info!(
-                request_id = request_id.to_str().unwrap_or("-"),
+                request_id = context.id.to_str().unwrap_or("-"),
                 client,
                 method = method_label,
                 route = outcome.route,

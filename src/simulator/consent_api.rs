@@ -8,7 +8,7 @@ use http::{header, HeaderMap, HeaderValue, Method, Request, Response, StatusCode
 use hyper::body::Incoming;
 use serde_json::json;
 
-use super::state::{Shared, TokenCheck};
+use super::state::{Simulation, TokenCheck};
 use super::SimRoute;
 use super::{deliver, faults, read_body, CloseConnection, Fault, Outcome, RecordedRequest};
 use crate::consent::{parse_consent_body, ConsentStatus, ContactId};
@@ -21,28 +21,28 @@ const MAX_CONSENT_BODY: usize = 64 * 1024;
 /// Decides a consent request on arrival (record, count, fault, token, contact, then the read
 /// or the write) and answers after the latency and any delays.
 pub(super) async fn consent_endpoint(
-    shared: &Shared,
+    sim: &Simulation,
     req: Request<Incoming>,
     segment: String,
 ) -> Result<Response<Body>, CloseConnection> {
-    record_request(shared, &req);
+    record_request(sim, &req);
     let (route, scope) = match *req.method() {
         Method::GET => (SimRoute::Get, READ_SCOPE),
         Method::PUT => (SimRoute::Put, WRITE_SCOPE),
         _ => return Ok(method_not_allowed("GET, PUT")),
     };
     let contact = ContactId::from_path_segment(&segment);
-    count_consent_request(shared, route, contact.as_ref());
+    count_consent_request(sim, route, contact.as_ref());
 
-    let mut wait = shared.latency();
-    match shared.take_fault(route) {
+    let mut wait = sim.latency();
+    match sim.take_fault(route) {
         None => {}
         Some(Fault::Delay(delay)) => wait = wait.saturating_add(delay),
-        Some(fault) => return deliver(faults::outcome(shared, route, fault), wait).await,
+        Some(fault) => return deliver(faults::outcome(sim, route, fault), wait).await,
     }
 
     let (parts, body) = req.into_parts();
-    if let Some(response) = bearer_rejection(shared, &parts.headers, scope) {
+    if let Some(response) = bearer_rejection(sim, &parts.headers, scope) {
         return deliver(Outcome::Answer(response), wait).await;
     }
     let Some(contact) = contact else {
@@ -56,11 +56,11 @@ pub(super) async fn consent_endpoint(
 
     let response = match route {
         SimRoute::Get => {
-            let (status, extra_wait) = shared.read_for_get(&contact);
+            let (status, extra_wait) = sim.read_for_get(&contact);
             wait = wait.saturating_add(extra_wait);
             match status {
                 Some(status) => status_response(StatusCode::OK, status),
-                None if shared.unknown_as_no_consent() => {
+                None if sim.unknown_as_no_consent() => {
                     status_response(StatusCode::OK, ConsentStatus::NoConsent)
                 }
                 None => talkdesk_error(StatusCode::NOT_FOUND, "not_found", "contact not found"),
@@ -77,7 +77,7 @@ pub(super) async fn consent_endpoint(
             };
             match parse_consent_body(&bytes) {
                 Ok(status) => {
-                    let previous = shared
+                    let previous = sim
                         .state()
                         .contacts
                         .insert(contact.as_str().to_owned(), status);
@@ -95,7 +95,7 @@ pub(super) async fn consent_endpoint(
     deliver(Outcome::Answer(response), wait).await
 }
 
-fn record_request(shared: &Shared, req: &Request<Incoming>) {
+fn record_request(sim: &Simulation, req: &Request<Incoming>) {
     let recorded = RecordedRequest {
         method: req.method().as_str().to_owned(),
         path_and_query: req
@@ -114,17 +114,17 @@ fn record_request(shared: &Shared, req: &Request<Incoming>) {
             })
             .collect(),
     };
-    shared.state().last_consent_request = Some(recorded);
+    sim.state().last_consent_request = Some(recorded);
 }
 
-fn count_consent_request(shared: &Shared, route: SimRoute, contact: Option<&ContactId>) {
+fn count_consent_request(sim: &Simulation, route: SimRoute, contact: Option<&ContactId>) {
     let total = match route {
-        SimRoute::Get => &shared.counters.gets,
-        _ => &shared.counters.puts,
+        SimRoute::Get => &sim.counters.gets,
+        _ => &sim.counters.puts,
     };
     total.fetch_add(1, Ordering::Relaxed);
     if let Some(contact) = contact {
-        let mut state = shared.state();
+        let mut state = sim.state();
         let per_contact = match route {
             SimRoute::Get => &mut state.gets_per_contact,
             _ => &mut state.puts_per_contact,
@@ -148,28 +148,27 @@ pub(super) fn invalid_body(message: &str, field: Option<&str>) -> Response<Body>
 }
 
 /// Checks the bearer token of a consent request: `Some` is the 401/403 answer.
-fn bearer_rejection(shared: &Shared, headers: &HeaderMap, scope: &str) -> Option<Response<Body>> {
+fn bearer_rejection(sim: &Simulation, headers: &HeaderMap, scope: &str) -> Option<Response<Body>> {
     let token = headers
         .get(header::AUTHORIZATION)
         .and_then(Authorization::parse)
         .filter(|authorization| authorization.is("Bearer"));
     let Some(token) = token else {
-        return Some(unauthorized(shared, "a bearer token is required", None));
+        return Some(unauthorized(sim, "a bearer token is required", None));
     };
-    match shared.check_token(token.credentials, scope) {
+    match sim.check_token(token.credentials, scope) {
         TokenCheck::Valid => None,
         TokenCheck::Unknown => Some(unauthorized(
-            shared,
+            sim,
             "the access token is not valid",
             Some("invalid_token"),
         )),
         TokenCheck::Expired => {
-            shared
-                .counters
+            sim.counters
                 .expired_token_uses
                 .fetch_add(1, Ordering::Relaxed);
             Some(unauthorized(
-                shared,
+                sim,
                 "the access token has expired",
                 Some("invalid_token"),
             ))
@@ -183,8 +182,8 @@ fn bearer_rejection(shared: &Shared, headers: &HeaderMap, scope: &str) -> Option
 }
 
 /// A consent-API 401, counted.
-pub(super) fn unauthorized(shared: &Shared, message: &str, error: Option<&str>) -> Response<Body> {
-    shared.counters.unauthorized.fetch_add(1, Ordering::Relaxed);
+pub(super) fn unauthorized(sim: &Simulation, message: &str, error: Option<&str>) -> Response<Body> {
+    sim.counters.unauthorized.fetch_add(1, Ordering::Relaxed);
     let mut response = talkdesk_error(StatusCode::UNAUTHORIZED, "unauthorized", message);
     let challenge = match error {
         Some(error) => format!("Bearer error=\"{error}\""),

@@ -12,7 +12,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::json;
 
 use super::consent_api::{invalid_body, method_not_allowed, status_response, talkdesk_error};
-use super::state::{millis, Shared};
+use super::state::{millis, Simulation};
 use super::{read_body, CloseConnection, Fault, SimRoute};
 use crate::consent::{parse_consent_body, ContactId};
 use crate::wire::body::{self, Body};
@@ -76,7 +76,7 @@ fn one() -> u32 {
     1
 }
 
-pub(super) async fn control_endpoint(shared: &Shared, req: Request<Incoming>) -> Response<Body> {
+pub(super) async fn control_endpoint(sim: &Simulation, req: Request<Incoming>) -> Response<Body> {
     let method = req.method().clone();
     let path = req.uri().path().to_owned();
     let Some(rest) = path.strip_prefix(CONTROL_PREFIX) else {
@@ -100,18 +100,18 @@ pub(super) async fn control_endpoint(shared: &Shared, req: Request<Incoming>) ->
         }
     };
     let result = match (rest, &method) {
-        ("stats", &Method::GET) => to_json(&shared.report()),
-        ("faults", &Method::POST) => control_fault(shared, &body),
+        ("stats", &Method::GET) => to_json(&sim.report()),
+        ("faults", &Method::POST) => control_fault(sim, &body),
         ("faults", &Method::DELETE) => {
-            shared.clear_faults();
+            sim.clear_faults();
             ok_json()
         }
         ("delay-get", &Method::POST) => parse_json::<DelayGetRequest>(&body).map(|r| {
-            shared.delay_next_get(&r.contact, Duration::from_millis(r.delay_ms), r.count);
+            sim.delay_next_get(&r.contact, Duration::from_millis(r.delay_ms), r.count);
             json!({"ok": true})
         }),
         ("latency", &Method::POST) => parse_json::<LatencyRequest>(&body).map(|r| {
-            shared.set_latency(Duration::from_millis(r.latency_ms));
+            sim.set_latency(Duration::from_millis(r.latency_ms));
             json!({"ok": true, "latency_ms": r.latency_ms})
         }),
         ("token-ttl", &Method::POST) => parse_json::<TokenTtlRequest>(&body).and_then(|r| {
@@ -120,7 +120,7 @@ pub(super) async fn control_endpoint(shared: &Shared, req: Request<Incoming>) ->
                 (None, Some(ms)) => Duration::from_millis(ms),
                 _ => return Err("give exactly one of token_ttl_s, token_ttl_ms".to_owned()),
             };
-            shared.set_token_ttl(ttl);
+            sim.set_token_ttl(ttl);
             Ok(json!({"ok": true, "token_ttl_ms": millis(ttl)}))
         }),
         ("unknown-contact", &Method::POST) => {
@@ -130,13 +130,13 @@ pub(super) async fn control_endpoint(shared: &Shared, req: Request<Incoming>) ->
                     "no_consent" | "NO_CONSENT" => true,
                     other => return Err(format!("unknown answer '{other}'")),
                 };
-                shared.set_unknown_as_no_consent(on);
+                sim.set_unknown_as_no_consent(on);
                 ok_json()
             })
         }
         ("reset", &Method::POST) => {
-            shared.reset_counters();
-            shared.clear_faults();
+            sim.reset_counters();
+            sim.clear_faults();
             ok_json()
         }
         (
@@ -152,7 +152,7 @@ pub(super) async fn control_endpoint(shared: &Shared, req: Request<Incoming>) ->
         }
         (other, _) => match other.strip_prefix("contacts/") {
             Some(segment) if !segment.is_empty() && !segment.contains('/') => {
-                return control_contact(shared, &method, segment, &body)
+                return control_contact(sim, &method, segment, &body)
             }
             _ => return talkdesk_error(StatusCode::NOT_FOUND, "not_found", "no such control"),
         },
@@ -163,7 +163,12 @@ pub(super) async fn control_endpoint(shared: &Shared, req: Request<Incoming>) ->
     }
 }
 
-fn control_contact(shared: &Shared, method: &Method, segment: &str, body: &[u8]) -> Response<Body> {
+fn control_contact(
+    sim: &Simulation,
+    method: &Method,
+    segment: &str,
+    body: &[u8],
+) -> Response<Body> {
     let Some(contact) = ContactId::from_path_segment(segment) else {
         return talkdesk_error(
             StatusCode::BAD_REQUEST,
@@ -175,24 +180,24 @@ fn control_contact(shared: &Shared, method: &Method, segment: &str, body: &[u8])
     match *method {
         Method::PUT => match parse_consent_body(body) {
             Ok(status) => {
-                shared.state().contacts.insert(key, status);
+                sim.state().contacts.insert(key, status);
                 status_response(StatusCode::OK, status)
             }
             Err(err) => invalid_body(&err.message, err.field.as_deref()),
         },
-        Method::GET => match shared.state().contacts.get(&key).copied() {
+        Method::GET => match sim.state().contacts.get(&key).copied() {
             Some(status) => status_response(StatusCode::OK, status),
             None => talkdesk_error(StatusCode::NOT_FOUND, "not_found", "contact not found"),
         },
         Method::DELETE => {
-            shared.state().contacts.remove(&key);
+            sim.state().contacts.remove(&key);
             body::empty_response(StatusCode::NO_CONTENT)
         }
         _ => method_not_allowed("GET, PUT, DELETE"),
     }
 }
 
-fn control_fault(shared: &Shared, body: &[u8]) -> Result<serde_json::Value, String> {
+fn control_fault(sim: &Simulation, body: &[u8]) -> Result<serde_json::Value, String> {
     let request: FaultRequest = parse_json(body)?;
     let route = SimRoute::parse(&request.route)
         .ok_or_else(|| format!("route must be token, get or put, not '{}'", request.route))?;
@@ -251,7 +256,7 @@ fn control_fault(shared: &Shared, body: &[u8]) -> Result<serde_json::Value, Stri
             ))
         }
     };
-    shared.inject(route, fault, request.count);
+    sim.inject(route, fault, request.count);
     Ok(json!({"ok": true, "route": route.as_str(), "count": request.count}))
 }
 

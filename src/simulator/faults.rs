@@ -4,14 +4,14 @@ use bytes::Bytes;
 use http::{header, HeaderName, HeaderValue, Response, StatusCode};
 
 use super::consent_api::{talkdesk_error, unauthorized};
-use super::state::Shared;
+use super::state::Simulation;
 use super::token::invalid_client;
 use super::{Fault, Outcome, SimRoute};
 use crate::wire::body::Body;
 use crate::wire::oauth;
 
 /// The answer `fault` makes on `route` (`Delay` is the callers' to apply).
-pub(super) fn outcome(shared: &Shared, route: SimRoute, fault: Fault) -> Outcome {
+pub(super) fn outcome(sim: &Simulation, route: SimRoute, fault: Fault) -> Outcome {
     let token = route == SimRoute::Token;
     let error = |status: StatusCode, code: &str, message: &str| {
         if token {
@@ -54,7 +54,7 @@ pub(super) fn outcome(shared: &Shared, route: SimRoute, fault: Fault) -> Outcome
         }
         Fault::Unauthorized if token => invalid_client("client authentication failed (simulated)"),
         Fault::Unauthorized => unauthorized(
-            shared,
+            sim,
             "the access token is not valid (simulated)",
             Some("invalid_token"),
         ),

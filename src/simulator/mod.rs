@@ -49,7 +49,7 @@ use tokio::task::JoinHandle;
 use crate::consent::{consent_path_segment, ConsentStatus, READ_SCOPE, WRITE_SCOPE};
 use crate::wire::body::{self, Body, ReadBodyError};
 use crate::wire::server::{self, ListenerLimits};
-use state::{lock, normalise, Shared};
+use state::{lock, normalise, Simulation};
 
 /// The token endpoint's path.
 pub use crate::wire::oauth::TOKEN_PATH;
@@ -237,7 +237,7 @@ pub struct SimReport {
 ///   none); `DELETE` forgets it.
 #[derive(Clone)]
 pub struct Simulator {
-    shared: Arc<Shared>,
+    sim: Arc<Simulation>,
     server: Arc<ServerControl>,
 }
 
@@ -263,11 +263,11 @@ impl Simulator {
         // The proxy's default accept queue, so load tests' bursts of connections are taken.
         let listener = server::bind(listen, 1024)?;
         let addr = listener.local_addr()?;
-        let shared = Arc::new(Shared::new(config));
+        let sim = Arc::new(Simulation::new(config));
         let (stop, stopped) = oneshot::channel();
         let handler = {
-            let shared = Arc::clone(&shared);
-            move |request, _peer| handle(Arc::clone(&shared), request)
+            let sim = Arc::clone(&sim);
+            move |request, _peer| handle(Arc::clone(&sim), request)
         };
         let shutdown = async { stopped.await.unwrap_or(DEFAULT_SHUTDOWN_GRACE) };
         let task = tokio::spawn(server::serve(
@@ -279,7 +279,7 @@ impl Simulator {
         ));
         tracing::debug!(%addr, "talkdesk simulator listening");
         Ok(Simulator {
-            shared,
+            sim,
             server: Arc::new(ServerControl {
                 addr,
                 stop: Mutex::new(Some(stop)),
@@ -312,91 +312,84 @@ impl Simulator {
 
     /// Queues `count` answers of `route` that will be `fault`, after those already queued.
     pub fn inject(&self, route: SimRoute, fault: Fault, count: u32) {
-        self.shared.inject(route, fault, count);
+        self.sim.inject(route, fault, count);
     }
 
     /// The next `count` GETs of `contact` (raw or percent-encoded) that read the store read it
     /// on arrival, then wait `delay` (on top of latency and any delay fault) before answering.
     /// Requests rejected before reading (401/403/faulted) do not consume it.
     pub fn delay_next_get(&self, contact: &str, delay: Duration, count: u32) {
-        self.shared.delay_next_get(contact, delay, count);
+        self.sim.delay_next_get(contact, delay, count);
     }
 
     /// Drops every queued fault and GET delay.
     pub fn clear_faults(&self) {
-        self.shared.clear_faults();
+        self.sim.clear_faults();
     }
 
     /// Sets the fixed delay before every consent-API answer.
     pub fn set_latency(&self, d: Duration) {
-        self.shared.set_latency(d);
+        self.sim.set_latency(d);
     }
 
     /// Sets the lifetime of tokens issued from now on. `Duration::ZERO` issues tokens that are
     /// already expired (handy to test expiry without sleeping).
     pub fn set_token_ttl(&self, d: Duration) {
-        self.shared.set_token_ttl(d);
+        self.sim.set_token_ttl(d);
     }
 
     /// How a GET of an unknown contact is answered: `false` (the default) → 404
     /// `{"code":"not_found"}`, `true` → 200 `{"status":"NO_CONSENT"}` (Talkdesk's behaviour is
     /// unconfirmed; the proxy must cope with both).
     pub fn set_unknown_as_no_consent(&self, on: bool) {
-        self.shared.set_unknown_as_no_consent(on);
+        self.sim.set_unknown_as_no_consent(on);
     }
 
     /// Seeds a contact's status (the contact then exists: its next PUT answers 200).
     pub fn set_status(&self, contact: &str, status: ConsentStatus) {
-        self.shared
-            .state()
-            .contacts
-            .insert(normalise(contact), status);
+        self.sim.state().contacts.insert(normalise(contact), status);
     }
 
     /// Forgets a contact (its next GET is unknown, its next PUT answers 201).
     pub fn remove_contact(&self, contact: &str) -> Option<ConsentStatus> {
-        self.shared.state().contacts.remove(&normalise(contact))
+        self.sim.state().contacts.remove(&normalise(contact))
     }
 
     /// The status stored for a contact (raw or percent-encoded id).
     pub fn stored_status(&self, contact: &str) -> Option<ConsentStatus> {
-        self.shared
-            .state()
-            .contacts
-            .get(&normalise(contact))
-            .copied()
+        self.sim.state().contacts.get(&normalise(contact)).copied()
     }
 
     /// A snapshot of the counters.
     pub fn stats(&self) -> SimStats {
-        self.shared.counters.snapshot()
+        self.sim.counters.snapshot()
     }
 
     /// The counters plus per-contact counts, pending faults and settings.
     pub fn report(&self) -> SimReport {
-        self.shared.report()
+        self.sim.report()
     }
 
     /// GETs of one contact (given raw or percent-encoded).
     pub fn gets_for(&self, contact: &str) -> u64 {
-        let gets = &self.shared.state().gets_per_contact;
+        let gets = &self.sim.state().gets_per_contact;
         gets.get(&normalise(contact)).copied().unwrap_or(0)
     }
 
     /// PUTs of one contact (given raw or percent-encoded).
     pub fn puts_for(&self, contact: &str) -> u64 {
-        let puts = &self.shared.state().puts_per_contact;
+        let puts = &self.sim.state().puts_per_contact;
         puts.get(&normalise(contact)).copied().unwrap_or(0)
     }
 
     /// The last request received on the consent path (any method).
     pub fn last_consent_request(&self) -> Option<RecordedRequest> {
-        self.shared.state().last_consent_request.clone()
+        self.sim.state().last_consent_request.clone()
     }
 
     /// Zeroes every counter (per-contact ones too) and forgets the last consent request.
     pub fn reset_counters(&self) {
-        self.shared.reset_counters();
+        self.sim.reset_counters();
     }
 
     /// Stops accepting, closes idle connections, lets in-flight requests finish for up to
@@ -434,19 +427,19 @@ impl fmt::Display for CloseConnection {
 impl std::error::Error for CloseConnection {}
 
 async fn handle(
-    shared: Arc<Shared>,
+    sim: Arc<Simulation>,
     request: Request<Incoming>,
 ) -> Result<Response<Body>, CloseConnection> {
     let path = request.uri().path();
     if path == TOKEN_PATH {
-        return token::token_endpoint(&shared, request).await;
+        return token::token_endpoint(&sim, request).await;
     }
     if let Some(segment) = consent_path_segment(path) {
         let segment = segment.to_owned();
-        return consent_api::consent_endpoint(&shared, request, segment).await;
+        return consent_api::consent_endpoint(&sim, request, segment).await;
     }
     if path.starts_with(control::CONTROL_PREFIX) {
-        return Ok(control::control_endpoint(&shared, request).await);
+        return Ok(control::control_endpoint(&sim, request).await);
     }
     Ok(consent_api::talkdesk_error(
         StatusCode::NOT_FOUND,

@@ -18,8 +18,9 @@ const TOKEN_LEN: usize = 43;
 const TOKEN_RETENTION_AFTER_EXPIRY: Duration = Duration::from_secs(600);
 const TOKEN_PRUNE_THRESHOLD: usize = 4096;
 
-/// Settings fixed at start, settings tests change, counters, and everything behind one lock.
-pub(super) struct Shared {
+/// One simulator's memory, shared by its connections: settings fixed at start, settings
+/// tests change, counters, and everything behind one lock.
+pub(super) struct Simulation {
     pub(super) client_id: String,
     pub(super) client_secret: String,
     pub(super) allowed_scopes: Vec<String>,
@@ -97,9 +98,9 @@ fn take_counted<T: Clone>(queue: &mut VecDeque<(T, u32)>) -> Option<T> {
     Some(item)
 }
 
-impl Shared {
-    pub(super) fn new(config: SimulatorConfig) -> Shared {
-        Shared {
+impl Simulation {
+    pub(super) fn new(config: SimulatorConfig) -> Simulation {
+        Simulation {
             client_id: config.client_id,
             client_secret: config.client_secret,
             allowed_scopes: config.allowed_scopes,

@@ -9,7 +9,7 @@ use http::{HeaderMap, Method, Request, Response, StatusCode};
 use hyper::body::Incoming;
 
 use super::consent_api::method_not_allowed;
-use super::state::Shared;
+use super::state::Simulation;
 use super::{deliver, faults, read_body, CloseConnection, Fault, Outcome, SimRoute};
 use crate::wire::body::Body;
 use crate::wire::oauth::{self, ClientCredentials, TokenError, TokenErrorCode};
@@ -18,21 +18,18 @@ const MAX_TOKEN_BODY: usize = 64 * 1024;
 const TOKEN_REALM: &str = "Basic realm=\"talkdesk-simulator\"";
 
 pub(super) async fn token_endpoint(
-    shared: &Shared,
+    sim: &Simulation,
     req: Request<Incoming>,
 ) -> Result<Response<Body>, CloseConnection> {
     if req.method() != Method::POST {
         return Ok(method_not_allowed("POST"));
     }
-    shared
-        .counters
-        .token_requests
-        .fetch_add(1, Ordering::Relaxed);
+    sim.counters.token_requests.fetch_add(1, Ordering::Relaxed);
     let mut wait = Duration::ZERO;
-    match shared.take_fault(SimRoute::Token) {
+    match sim.take_fault(SimRoute::Token) {
         None => {}
         Some(Fault::Delay(delay)) => wait = delay,
-        Some(fault) => return deliver(faults::outcome(shared, SimRoute::Token, fault), wait).await,
+        Some(fault) => return deliver(faults::outcome(sim, SimRoute::Token, fault), wait).await,
     }
     let (parts, body) = req.into_parts();
     let Some(body) = read_body(body, MAX_TOKEN_BODY).await? else {
@@ -43,16 +40,16 @@ pub(super) async fn token_endpoint(
         );
         return deliver(Outcome::Answer(response), wait).await;
     };
-    let response = issue(shared, &parts.headers, &body)
+    let response = issue(sim, &parts.headers, &body)
         .unwrap_or_else(|refusal| refusal.into_response(TOKEN_REALM));
     deliver(Outcome::Answer(response), wait).await
 }
 
 /// The token endpoint's decision.
-fn issue(shared: &Shared, headers: &HeaderMap, body: &[u8]) -> Result<Response<Body>, TokenError> {
+fn issue(sim: &Simulation, headers: &HeaderMap, body: &[u8]) -> Result<Response<Body>, TokenError> {
     let form = oauth::form_params(headers, body)?;
     let client = ClientCredentials::from_request(headers, &form)?;
-    if client.client_id != shared.client_id || client.client_secret != shared.client_secret {
+    if client.client_id != sim.client_id || client.client_secret != sim.client_secret {
         return Err(TokenError::new(
             TokenErrorCode::InvalidClient,
             "client authentication failed",
@@ -62,10 +59,10 @@ fn issue(shared: &Shared, headers: &HeaderMap, body: &[u8]) -> Result<Response<B
 
     let mut granted: Vec<String> = Vec::new();
     match form.get("scope").filter(|s| !s.trim().is_empty()) {
-        None => granted.clone_from(&shared.allowed_scopes),
+        None => granted.clone_from(&sim.allowed_scopes),
         Some(requested) => {
             for scope in requested.split(' ').filter(|s| !s.is_empty()) {
-                if !shared.allowed_scopes.iter().any(|allowed| allowed == scope) {
+                if !sim.allowed_scopes.iter().any(|allowed| allowed == scope) {
                     return Err(TokenError::new(
                         TokenErrorCode::InvalidScope,
                         format!("the client may not be granted the scope '{scope}'"),
@@ -79,7 +76,7 @@ fn issue(shared: &Shared, headers: &HeaderMap, body: &[u8]) -> Result<Response<B
     }
 
     let scope = granted.join(" ");
-    let (access_token, ttl) = shared.issue_token(granted);
+    let (access_token, ttl) = sim.issue_token(granted);
     Ok(oauth::token_response(&access_token, ttl.as_secs(), &scope))
 }
 

@@ -2,11 +2,10 @@
 //! the contact, the body and the request id), injects the shared token, retries what is safe
 //! to retry within the request's deadline, and renews the token once on a 401.
 
-use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use bytes::Bytes;
-use http::{header, HeaderValue, Method, Request, StatusCode};
+use http::{header, Method, Request, StatusCode};
 use http_body_util::Full;
 use prometheus::{HistogramVec, IntCounterVec, Registry};
 use tokio::time::Instant;
@@ -15,6 +14,7 @@ use crate::config::TalkdeskSettings;
 use crate::consent::{consent_path, consent_status_of, ConsentAnswer, ConsentStatus, ContactId};
 use crate::error::{ErrorChain, Failure, ProxyError};
 use crate::metrics::{self, status_label};
+use crate::request::{AttemptOutcome, AttemptReport, RequestContext};
 use crate::upstream::admission::{Admission, AdmissionMetrics, Verdict, MAX_HOLD_OFF};
 use crate::upstream::backoff::Backoff;
 use crate::upstream::token::TokenManager;
@@ -49,51 +49,6 @@ impl UpstreamMetrics {
     }
 }
 
-/// How one upstream attempt ended.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum AttemptOutcome {
-    /// Upstream answered with this status.
-    Answered(StatusCode),
-    /// The attempt's time ran out.
-    Timeout,
-    /// No usable answer: connect error, broken exchange, answer too large.
-    Error,
-}
-
-impl AttemptOutcome {
-    /// The status (`"200"`), `"timeout"` or `"error"`, as in the upstream metrics' `code`.
-    pub fn as_str(&self) -> &str {
-        match self {
-            AttemptOutcome::Answered(status) => status.as_str(),
-            AttemptOutcome::Timeout => "timeout",
-            AttemptOutcome::Error => "error",
-        }
-    }
-}
-
-/// One upstream attempt, as the access log reports it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct AttemptReport {
-    pub outcome: AttemptOutcome,
-    pub duration: Duration,
-}
-
-/// Where a call reports each attempt as it ends, so that the request that started the call
-/// can log the last one, even when the call runs in another task or outlives the request.
-#[derive(Debug, Clone, Default)]
-pub struct LastAttempt(Arc<Mutex<Option<AttemptReport>>>);
-
-impl LastAttempt {
-    /// The last attempt that ended, if any did.
-    pub fn get(&self) -> Option<AttemptReport> {
-        *self.0.lock().unwrap_or_else(PoisonError::into_inner)
-    }
-
-    fn set(&self, report: AttemptReport) {
-        *self.0.lock().unwrap_or_else(PoisonError::into_inner) = Some(report);
-    }
-}
-
 /// How a write ended.
 #[derive(Debug, Clone)]
 pub struct WriteResult {
@@ -102,6 +57,14 @@ pub struct WriteResult {
     /// Not answered 2xx, yet upstream may have applied it: an attempt timed out, broke after
     /// sending, or met a gateway's 502/504, whatever the attempts after it got.
     pub maybe_applied: bool,
+}
+
+/// How one call (all attempts) ended.
+struct CallEnd {
+    result: Result<ConsentAnswer, CallError>,
+    /// The call retried after an attempt that may have been processed (a gateway's 502/504):
+    /// however it then ended, a write may have been applied.
+    an_attempt_may_have_applied: bool,
 }
 
 /// How one call (all attempts) failed.
@@ -145,25 +108,16 @@ impl ConsentApi {
 
     /// Reads a contact's consent. `Ok` holds an answer to pass on (200 with a valid consent
     /// body, or an upstream 4xx); anything unusable is an error. Each attempt is reported to
-    /// `last`.
+    /// `request`.
     pub async fn get(
         &self,
         contact: &ContactId,
-        request_id: &HeaderValue,
-        deadline: Instant,
-        last: &LastAttempt,
+        request: &RequestContext,
     ) -> Result<ConsentAnswer, ProxyError> {
         let answer = self
-            .call(
-                Method::GET,
-                contact,
-                None,
-                request_id,
-                deadline,
-                last,
-                &mut false,
-            )
+            .call(Method::GET, contact, None, request)
             .await
+            .result
             .map_err(|e| match e {
                 CallError::Unknown(e) | CallError::NotApplied(e) => e,
             })?;
@@ -176,29 +130,16 @@ impl ConsentApi {
     }
 
     /// Writes a contact's consent. 2xx only when upstream answered 2xx. Each attempt is
-    /// reported to `last`.
+    /// reported to `request`.
     pub async fn put(
         &self,
         contact: &ContactId,
         status: ConsentStatus,
-        request_id: &HeaderValue,
-        deadline: Instant,
-        last: &LastAttempt,
+        request: &RequestContext,
     ) -> WriteResult {
         let body = Bytes::from_static(status.canonical_body());
-        let mut an_attempt_may_have_applied = false;
-        let call = self
-            .call(
-                Method::PUT,
-                contact,
-                Some(body),
-                request_id,
-                deadline,
-                last,
-                &mut an_attempt_may_have_applied,
-            )
-            .await;
-        let (answer, unknown) = match call {
+        let call = self.call(Method::PUT, contact, Some(body), request).await;
+        let (answer, unknown) = match call.result {
             Ok(answer) => (Ok(answer), false),
             Err(CallError::Unknown(error)) => (Err(error), true),
             Err(CallError::NotApplied(error)) => (Err(error), false),
@@ -206,7 +147,7 @@ impl ConsentApi {
         let applied = answer.as_ref().is_ok_and(|a| a.status.is_success());
         WriteResult {
             answer,
-            maybe_applied: !applied && (unknown || an_attempt_may_have_applied),
+            maybe_applied: !applied && (unknown || call.an_attempt_may_have_applied),
         }
     }
 
@@ -214,39 +155,35 @@ impl ConsentApi {
     /// `max_retries`, within the deadline), plus one retry after a token renewal on 401. Each
     /// attempt needs admission first (Retry-After, circuit breaker, budgets), and a 429 or 503
     /// with `Retry-After` holds off every caller's attempts, this one's retries included.
-    /// Sets `may_have_applied` when it retries after an attempt that may have been processed
-    /// (a gateway's 502/504): however the call then ends, a write may have been applied.
-    #[allow(clippy::too_many_arguments)]
     async fn call(
         &self,
         method: Method,
         contact: &ContactId,
         body: Option<Bytes>,
-        request_id: &HeaderValue,
-        deadline: Instant,
-        last: &LastAttempt,
-        may_have_applied: &mut bool,
-    ) -> Result<ConsentAnswer, CallError> {
+        context: &RequestContext,
+    ) -> CallEnd {
+        let deadline = context.deadline;
         let uri = format!("{}{}", self.api_base_url, consent_path(contact));
         let mut retries_left = self.max_retries;
         let mut renewed_after_401 = false;
+        let mut an_attempt_may_have_applied = false;
         let mut backoff = Backoff::new(RETRY_BACKOFF_FIRST, RETRY_BACKOFF_LAST);
-        loop {
-            let token = self
-                .tokens
-                .current(deadline)
-                .await
-                .map_err(CallError::NotApplied)?;
+        let result = loop {
+            let token = match self.tokens.current(deadline).await {
+                Ok(token) => token,
+                Err(error) => break Err(CallError::NotApplied(error)),
+            };
             if Instant::now() >= deadline {
-                return Err(CallError::NotApplied(ProxyError::UpstreamTimeout));
+                break Err(CallError::NotApplied(ProxyError::UpstreamTimeout));
             }
-            let permit = self
-                .admission
-                .admit(deadline)
-                .await
-                .map_err(CallError::NotApplied)?;
-            let request = build_request(&method, &uri, &token, request_id, body.clone())
-                .map_err(CallError::NotApplied)?;
+            let permit = match self.admission.admit(deadline).await {
+                Ok(permit) => permit,
+                Err(error) => break Err(CallError::NotApplied(error)),
+            };
+            let request = match build_request(&method, &uri, &token, &context.id, body.clone()) {
+                Ok(request) => request,
+                Err(error) => break Err(CallError::NotApplied(error)),
+            };
             let started = Instant::now();
             let timeout = self
                 .attempt_timeout
@@ -255,7 +192,7 @@ impl ConsentApi {
                 .transport
                 .attempt(request, timeout, self.max_response_bytes)
                 .await;
-            self.record(&method, &result, started, last);
+            self.record(&method, &result, started, context);
             permit.finish(match &result {
                 Ok(answer) if !answer.status.is_server_error() => Verdict::Answered,
                 _ => Verdict::Failed,
@@ -276,7 +213,7 @@ impl ConsentApi {
                 Ok(answer) if answer.status == StatusCode::UNAUTHORIZED => {
                     if renewed_after_401 {
                         self.tokens.metrics().rejected_again().inc();
-                        return Err(CallError::NotApplied(ProxyError::Upstream(
+                        break Err(CallError::NotApplied(ProxyError::Upstream(
                             "upstream rejected a freshly renewed token".into(),
                         )));
                     }
@@ -290,17 +227,17 @@ impl ConsentApi {
                     // Compared as durations: upstream's Retry-After may be any u64, and
                     // `Instant + Duration` panics on overflow.
                     if delay >= deadline.saturating_duration_since(Instant::now()) {
-                        return finish(answer);
+                        break finish(answer);
                     }
-                    *may_have_applied |= gateway_gave_up(answer.status);
+                    an_attempt_may_have_applied |= gateway_gave_up(answer.status);
                     retries_left -= 1;
                     delay
                 }
-                Ok(answer) => return finish(answer),
+                Ok(answer) => break finish(answer),
                 Err(err @ AttemptError::Connect(_)) => {
                     let delay = backoff.next_delay();
                     if retries_left == 0 || Instant::now() + delay >= deadline {
-                        return Err(CallError::NotApplied(ProxyError::Upstream(Failure::new(
+                        break Err(CallError::NotApplied(ProxyError::Upstream(Failure::new(
                             "consent API unreachable",
                             err,
                         ))));
@@ -310,10 +247,10 @@ impl ConsentApi {
                     delay
                 }
                 Err(AttemptError::Timeout) => {
-                    return Err(CallError::Unknown(ProxyError::UpstreamTimeout));
+                    break Err(CallError::Unknown(ProxyError::UpstreamTimeout));
                 }
                 Err(err @ (AttemptError::TooLarge(_) | AttemptError::Failed(_))) => {
-                    return Err(CallError::Unknown(ProxyError::Upstream(Failure::new(
+                    break Err(CallError::Unknown(ProxyError::Upstream(Failure::new(
                         "consent API exchange failed",
                         err,
                     ))));
@@ -323,6 +260,10 @@ impl ConsentApi {
             if !retry_delay.is_zero() {
                 tokio::time::sleep(retry_delay).await;
             }
+        };
+        CallEnd {
+            result,
+            an_attempt_may_have_applied,
         }
     }
 
@@ -331,7 +272,7 @@ impl ConsentApi {
         method: &Method,
         result: &Result<Answer, AttemptError>,
         started: Instant,
-        last: &LastAttempt,
+        context: &RequestContext,
     ) {
         let elapsed = started.elapsed();
         let (code, outcome) = match result {
@@ -350,7 +291,7 @@ impl ConsentApi {
             .duration
             .with_label_values(&[method.as_str()])
             .observe(elapsed.as_secs_f64());
-        last.set(AttemptReport {
+        context.report_attempt(AttemptReport {
             outcome,
             duration: elapsed,
         });
@@ -399,7 +340,7 @@ fn build_request(
     method: &Method,
     uri: &str,
     token: &crate::upstream::token::AccessToken,
-    request_id: &HeaderValue,
+    request_id: &http::HeaderValue,
     body: Option<Bytes>,
 ) -> Result<Request<Full<Bytes>>, ProxyError> {
     let mut builder = Request::builder()

@@ -12,6 +12,8 @@ use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
 
+use super::egress::EgressConnector;
+use crate::config::EgressSettings;
 use crate::error::SharedError;
 
 /// Sent upstream as `User-Agent` (consent API and token endpoint).
@@ -47,17 +49,30 @@ pub enum AttemptError {
 
 #[derive(Clone)]
 pub struct Transport {
-    client: Client<HttpsConnector<HttpConnector>, Full<Bytes>>,
+    client: Client<HttpsConnector<EgressConnector>, Full<Bytes>>,
 }
 
 impl Transport {
-    /// A client that speaks HTTPS (webpki roots, ALPN h2 then http/1.1) and plain HTTP.
-    pub fn new(connect_timeout: Duration) -> Self {
-        Self::with_tls(connect_timeout, crate::tls::webpki_client_config())
+    /// A client that speaks HTTPS (the webpki roots and `egress.ca_file`'s, ALPN h2 then
+    /// http/1.1) and plain HTTP, through the egress proxy when there is one.
+    pub fn new(connect_timeout: Duration, egress: &EgressSettings) -> Self {
+        let extra_roots = egress
+            .extra_roots
+            .as_ref()
+            .map_or(&[][..], |roots| &roots.certificates[..]);
+        Self::with_tls(
+            connect_timeout,
+            crate::tls::client_config(extra_roots),
+            egress,
+        )
     }
 
     /// The same with a caller-chosen TLS configuration (tests trust their own CA this way).
-    pub fn with_tls(connect_timeout: Duration, tls: rustls::ClientConfig) -> Self {
+    pub fn with_tls(
+        connect_timeout: Duration,
+        tls: rustls::ClientConfig,
+        egress: &EgressSettings,
+    ) -> Self {
         let mut http = HttpConnector::new();
         http.enforce_http(false);
         http.set_nodelay(true);
@@ -67,7 +82,7 @@ impl Transport {
             .https_or_http()
             .enable_http1()
             .enable_http2()
-            .wrap_connector(http);
+            .wrap_connector(EgressConnector::new(http, egress.proxy.as_ref()));
         let client = Client::builder(TokioExecutor::new())
             .pool_timer(TokioTimer::new())
             .timer(TokioTimer::new())
@@ -83,10 +98,11 @@ impl Transport {
         timeout: Duration,
         max_bytes: usize,
     ) -> Result<Answer, AttemptError> {
+        let host = request.uri().host().unwrap_or_default().to_owned();
         let exchange = async {
             let response = self.client.request(request).await.map_err(|err| {
                 if err.is_connect() {
-                    AttemptError::Connect(Arc::new(err))
+                    AttemptError::Connect(connect_failure(err, host))
                 } else {
                     AttemptError::Failed(Arc::new(err))
                 }
@@ -116,4 +132,37 @@ impl Transport {
             .await
             .unwrap_or(Err(AttemptError::Timeout))
     }
+}
+
+/// A certificate that no trusted root signs.
+#[derive(Debug, thiserror::Error)]
+#[error(
+    "TLS: the certificate of {host} is not trusted (no built-in root and no root of \
+     egress.ca_file signs it, or it is not valid for {host})"
+)]
+pub struct UntrustedCertificate {
+    host: String,
+    #[source]
+    source: hyper_util::client::legacy::Error,
+}
+
+/// A failed connection, said plainly when the cause is the peer's certificate (a TLS-inspecting
+/// proxy whose CA is missing from `egress.ca_file` looks like this).
+fn connect_failure(err: hyper_util::client::legacy::Error, host: String) -> SharedError {
+    let mut cause: Option<&(dyn std::error::Error + 'static)> = Some(&err);
+    while let Some(current) = cause {
+        if let Some(rustls::Error::InvalidCertificate(_)) = current.downcast_ref::<rustls::Error>()
+        {
+            return Arc::new(UntrustedCertificate { host, source: err });
+        }
+        // hyper-rustls hands rustls' error over inside `io::Error`s, whose `source` skips it.
+        cause = match current
+            .downcast_ref::<std::io::Error>()
+            .and_then(|io| io.get_ref())
+        {
+            Some(inner) => Some(inner),
+            None => current.source(),
+        };
+    }
+    Arc::new(err)
 }

@@ -9,8 +9,8 @@ use std::time::Duration;
 
 use crate::support::fake_upstream::{answer, consent_200, Act, FakeUpstream};
 use crate::support::history::{
-    gets, random_client, random_upstream_delays, random_upstream_outages, stale_violations,
-    violations, Event, Op, OutageFaults,
+    gets, random_upstream_delays, random_upstream_outages, stale_violations, violations, Event, Op,
+    OutageFaults, RandomClient,
 };
 use crate::support::*;
 use consent_proxy::consent::ConsentStatus;
@@ -720,12 +720,14 @@ async fn history_with_outages(faults: OutageFaults) {
         let first = if slow { reader * owned } else { 0 };
         let put_share = if slow { 0.0 } else { 0.1 };
         clients.push(tokio::spawn(async move {
-            let mut events = random_client(
+            let mut events = RandomClient {
                 until,
-                owned,
-                1,
+                contacts: owned,
+                instances: 1,
                 put_share,
-                5..30,
+                pause_ms: 5..30,
+            }
+            .run(
                 |_, c| get(&h, &contacts[first + c]),
                 |_, c, status| put(&h, &contacts[first + c], status),
             )
@@ -737,12 +739,14 @@ async fn history_with_outages(faults: OutageFaults) {
     if slow {
         let (h, contacts) = (h.clone(), contacts.clone());
         clients.push(tokio::spawn(async move {
-            random_client(
+            RandomClient {
                 until,
-                CONTACTS,
-                1,
-                1.0,
-                50..150,
+                contacts: CONTACTS,
+                instances: 1,
+                put_share: 1.0,
+                pause_ms: 50..150,
+            }
+            .run(
                 |_, c| get(&h, &contacts[c]),
                 |_, c, status| put(&h, &contacts[c], status),
             )
@@ -832,12 +836,14 @@ async fn randomized_history_never_reads_older_than_an_acknowledged_write() {
             let h = h.clone();
             let contacts = contacts.clone();
             tokio::spawn(async move {
-                random_client(
-                    started + run_for,
-                    CONTACTS,
-                    1,
-                    0.25,
-                    0..0,
+                RandomClient {
+                    until: started + run_for,
+                    contacts: CONTACTS,
+                    instances: 1,
+                    put_share: 0.25,
+                    pause_ms: 0..0,
+                }
+                .run(
                     |_, contact| h.get(&contacts[contact]),
                     |_, contact, status| h.put(&contacts[contact], status),
                 )

@@ -406,6 +406,90 @@ fn check_config_reads_secrets_from_files() {
     );
 }
 
+/// Sets a file's permission bits.
+fn chmod(path: &Path, mode: u32) {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).expect("chmod");
+}
+
+#[test]
+fn check_config_warns_of_a_secret_others_can_read_and_refuses_one_they_can_write() {
+    let secret = TempFile::new("modes-secret", &format!("{CLIENT_SECRET}\n"));
+    let config = valid_config(
+        &format!("client_secret_file = {:?}", secret.display()),
+        &inline_key(),
+    );
+    let file = TempFile::new("modes.toml", &config);
+
+    chmod(secret.path(), 0o640);
+    let output = check_config(file.path(), &[]);
+    assert_printed_without(&output, &[CLIENT_SECRET]);
+    assert_eq!(text(&output.stderr), "", "group-readable stays quiet");
+
+    chmod(secret.path(), 0o644);
+    let output = check_config(file.path(), &[]);
+    assert_printed_without(&output, &[CLIENT_SECRET]);
+    assert_eq!(
+        text(&output.stderr),
+        format!(
+            "warning: talkdesk.client_secret_file: '{}' can be read by others (mode 0644); \
+             owner and group suffice: chmod o-r\n",
+            secret.display()
+        )
+    );
+
+    chmod(secret.path(), 0o666);
+    let output = check_config(file.path(), &[]);
+    assert_invalid(
+        &output,
+        &["talkdesk.client_secret_file", "can be written by others"],
+    );
+    assert!(!text(&output.stderr).contains(CLIENT_SECRET));
+}
+
+#[test]
+fn check_config_refuses_an_endless_secret_file_at_once() {
+    let config = format!(
+        "{}\n[oauth]\nsigning_key_file = \"/dev/zero\"\n",
+        valid_config(&inline_secret(), &inline_key())
+    );
+    let file = TempFile::new("dev-zero.toml", &config);
+    // Read whole, /dev/zero would take all the memory there is before any answer.
+    let output = check_config(file.path(), &[]);
+    assert_invalid(
+        &output,
+        &["oauth.signing_key_file: '/dev/zero' is not a regular file"],
+    );
+}
+
+#[test]
+fn serve_logs_the_configuration_warnings_at_start() {
+    let secret = TempFile::new("serve-secret", &format!("{CLIENT_SECRET}\n"));
+    chmod(secret.path(), 0o644);
+    // Nothing answers on port 1: the proxy starts all the same (not ready), which is enough.
+    let config = config_for_simulator("127.0.0.1:1", "warned-client").replace(
+        &format!("client_secret = \"{CLIENT_SECRET}\""),
+        &format!("client_secret_file = {:?}", secret.display()),
+    );
+    let file = TempFile::new("serve-warned.toml", &config);
+    let mut command = command();
+    command.arg("serve").arg("--config").arg(file.path());
+    let mut proxy = Running::spawn(command);
+    let logs = proxy.read_until(Stream::Stderr, Duration::from_secs(30), |lines| {
+        lines.iter().any(|l| l.contains("listen_addr="))
+    });
+    let warning = logs
+        .iter()
+        .find(|l| l.contains("talkdesk.client_secret_file"))
+        .unwrap_or_else(|| panic!("no warning logged:\n{}", logs.join("\n")));
+    assert!(warning.contains("WARN"), "{warning}");
+    assert!(
+        warning.contains("can be read by others (mode 0644)"),
+        "{warning}"
+    );
+    proxy.assert_stops_cleanly(Duration::from_secs(15));
+}
+
 #[test]
 fn check_config_keeps_cluster_and_oauth_secrets_out_of_its_output() {
     const REDIS_PASSWORD: &str = "cli-redis-password-Hq3Zm8";

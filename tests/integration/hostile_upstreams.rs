@@ -195,6 +195,62 @@ async fn an_endless_upstream_body_is_cut_off_at_max_response_bytes() {
 }
 
 #[tokio::test]
+async fn a_write_acknowledged_with_another_status_drops_the_entry_instead_of_caching_either() {
+    // Upstream holds REFUSED and says so on a GET, but acknowledges every PUT with CONSENTED.
+    let fake = FakeUpstream::start(|seen, _| match seen.method.as_str() {
+        "PUT" => Act::Send(consent_200("CONSENTED")),
+        _ => Act::Send(consent_200("REFUSED")),
+    })
+    .await;
+    let h = proxy_before_fake(&fake, false, |_| {}).await;
+    let contact = "+15554250001";
+    let upstream_gets = || fake.seen().iter().filter(|s| s.method == "GET").count();
+    let cached = |r: &TestResponse| (r.status, r.header("x-cache-status").map(str::to_owned));
+    let got = h.get(contact).await;
+    assert_eq!(cached(&got), (200, Some("MISS".into())));
+    assert_eq!(cached(&h.get(contact).await), (200, Some("HIT".into())));
+
+    let put = h.put(contact, "REFUSED").await;
+    // The caller gets upstream's answer as it is (rule 1: 2xx only on upstream's 2xx) ...
+    assert_eq!(
+        (put.status, put.status_field().as_str()),
+        (200, "CONSENTED")
+    );
+    // ... but the cache holds neither status: the next GET asks upstream.
+    let after = h.get(contact).await;
+    assert_eq!(
+        cached(&after),
+        (200, Some("MISS".into())),
+        "{}",
+        after.text()
+    );
+    assert_eq!(after.status_field(), "REFUSED");
+    assert_eq!(upstream_gets(), 2);
+    // The write is counted under the status written.
+    assert_eq!(
+        h.metric(r#"consent_proxy_consent_writes_total{status="REFUSED"}"#)
+            .await,
+        1.0
+    );
+    assert_eq!(
+        h.metric(r#"consent_proxy_consent_writes_total{status="CONSENTED"}"#)
+            .await,
+        0.0
+    );
+
+    // An answer that agrees with the write stores the written status, as always.
+    let put = h.put(contact, "CONSENTED").await;
+    assert_eq!(
+        (put.status, put.status_field().as_str()),
+        (200, "CONSENTED")
+    );
+    let hit = h.get(contact).await;
+    assert_eq!(cached(&hit), (200, Some("HIT".into())));
+    assert_eq!(hit.status_field(), "CONSENTED");
+    assert_eq!(upstream_gets(), 2);
+}
+
+#[tokio::test]
 async fn redirects_are_not_followed() {
     let h = Harness::start().await;
     let contact = "+15554300001";

@@ -403,17 +403,26 @@ impl Drop for TempDir {
 }
 
 /// Writes `files` into `dir` as the kubelet projects a ConfigMap or Secret: the files in a
-/// timestamped directory, `..data` a symlink to it, and each name a symlink through `..data`.
-fn project(dir: &Path, files: &BTreeMap<String, String>) {
+/// timestamped directory with the volume's `mode`, `..data` a symlink to it, each name a
+/// symlink through `..data`, and the mount itself sticky and writable by all (`1777`, on a
+/// read-only tmpfs there).
+fn project(dir: &Path, files: &BTreeMap<String, String>, mode: u32) {
+    use std::os::unix::fs::PermissionsExt;
+    let chmod = |path: &Path, mode| {
+        fs::set_permissions(path, fs::Permissions::from_mode(mode)).expect("chmod");
+    };
     let stamp = "..2026_01_01_00_00_00.000000001";
     fs::create_dir_all(dir.join(stamp)).expect("create the projection");
     for (name, content) in files {
-        fs::write(dir.join(stamp).join(name), content).expect("write a projected file");
+        let file = dir.join(stamp).join(name);
+        fs::write(&file, content).expect("write a projected file");
+        chmod(&file, mode);
     }
     std::os::unix::fs::symlink(stamp, dir.join("..data")).expect("..data");
     for name in files.keys() {
         std::os::unix::fs::symlink(format!("..data/{name}"), dir.join(name)).expect("link");
     }
+    chmod(dir, 0o1777);
 }
 
 /// A ConfigMap's or Secret's files: `data` (base64 for a Secret) and `stringData`.
@@ -466,7 +475,16 @@ fn check_config_accepts_the_config_map_with_the_secrets_mounted() {
             .iter()
             .find(|v| v["name"] == mount["name"])
             .unwrap_or_else(|| panic!("no volume {}", mount["name"]));
-        let source = if volume["configMap"].is_object() {
+        let kind = if volume["configMap"].is_object() {
+            "configMap"
+        } else {
+            "secret"
+        };
+        // The kubelet's default mode is 0644.
+        let mode = volume[kind]["defaultMode"]
+            .as_u64()
+            .map_or(0o644, |m| m as u32);
+        let source = if kind == "configMap" {
             find("ConfigMap", str_of(&volume["configMap"]["name"], "name"))
         } else {
             secret_mounts.push(mount_path.to_owned());
@@ -476,7 +494,7 @@ fn check_config_accepts_the_config_map_with_the_secrets_mounted() {
             )
         };
         let local = scratch.0.join(mount_path.trim_start_matches('/'));
-        project(&local, &files_of(source));
+        project(&local, &files_of(source), mode);
         text = text.replace(mount_path, &local.display().to_string());
     }
 
@@ -532,6 +550,8 @@ fn check_config_accepts_the_config_map_with_the_secrets_mounted() {
         Some(0),
         "check-config refused the ConfigMap's configuration:\n{stderr}"
     );
+    // The Secrets are mounted group-readable (fsGroup), not readable by others: no warning.
+    assert_eq!(stderr, "", "check-config warned about the mounted Secrets");
     // What it printed is the configuration, without a secret.
     assert!(
         stdout.contains("redis://consent-proxy-redis:6379/0"),

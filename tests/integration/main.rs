@@ -4,7 +4,7 @@
 //! `tests/README.md` maps behaviours to modules and harness calls.
 //!
 //! The modules under [`external`] also need tools from outside Rust (`redis-server`, `promtool`,
-//! Node.js with `oidc-provider`, a Python with Authlib); `scripts/test.sh` installs and provides
+//! Node.js with `oidc-provider`, a Python with Authlib, `tinyproxy`); `scripts/test.sh` installs and provides
 //! them, and a test whose tool is missing fails loudly, never passes. Without them:
 //! `cargo test --test integration -- --skip external::`.
 

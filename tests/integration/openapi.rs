@@ -496,42 +496,66 @@ async fn call(
         .await
 }
 
-/// Sends a request, asserts the status it must get, and that the answer is documented.
-#[allow(clippy::too_many_arguments)]
-async fn expect(
-    h: &Harness,
+/// A request to send: `ask(listener, method, path)`, with `.headers(…)` and `.body(…)` when it
+/// has them, then `.expect(h, status, origin)`.
+struct Ask<'a> {
     listener: Listener,
     method: Method,
-    path: &str,
-    headers: &[(&str, &str)],
-    body: Option<&str>,
-    status: u16,
-    origin: Origin,
-) -> TestResponse {
-    let response = call(
-        h,
+    path: &'a str,
+    headers: &'a [(&'a str, &'a str)],
+    body: Option<&'a str>,
+}
+
+fn ask(listener: Listener, method: Method, path: &str) -> Ask<'_> {
+    Ask {
         listener,
-        method.clone(),
+        method,
         path,
-        headers,
-        body.map(str::to_owned),
-    )
-    .await;
-    let exchange = Exchange {
-        listener,
-        method: &method,
-        path,
-        response: &response,
-        origin,
-    };
-    assert_eq!(
-        response.status,
-        status,
-        "the scenario went wrong\n{}",
-        exchange.describe()
-    );
-    assert_documented(&exchange);
-    response
+        headers: &[],
+        body: None,
+    }
+}
+
+impl<'a> Ask<'a> {
+    fn headers(self, headers: &'a [(&'a str, &'a str)]) -> Self {
+        Ask { headers, ..self }
+    }
+
+    fn body(self, body: &'a str) -> Self {
+        Ask {
+            body: Some(body),
+            ..self
+        }
+    }
+
+    /// Sends the request, asserts the status it must get, and that the answer is documented
+    /// as coming from `origin`.
+    async fn expect(self, h: &Harness, status: u16, origin: Origin) -> TestResponse {
+        let response = call(
+            h,
+            self.listener,
+            self.method.clone(),
+            self.path,
+            self.headers,
+            self.body.map(str::to_owned),
+        )
+        .await;
+        let exchange = Exchange {
+            listener: self.listener,
+            method: &self.method,
+            path: self.path,
+            response: &response,
+            origin,
+        };
+        assert_eq!(
+            response.status,
+            status,
+            "the scenario went wrong\n{}",
+            exchange.describe()
+        );
+        assert_documented(&exchange);
+        response
+    }
 }
 
 fn consent_path(contact: &str) -> String {
@@ -758,146 +782,76 @@ async fn consent_successes_are_documented() {
     h.wait_ready().await;
 
     // GET 200: a miss, then a hit (with `age`), in both spellings of `+`, with a query string.
-    let miss = expect(
-        &h,
-        C,
-        Method::GET,
-        &consent_path("%2B15552000001"),
-        &[RW],
-        None,
-        200,
-        U,
-    )
-    .await;
+    let miss = ask(C, Method::GET, &consent_path("%2B15552000001"))
+        .headers(&[RW])
+        .expect(&h, 200, U)
+        .await;
     assert_eq!(miss.header("x-cache-status"), Some("MISS"));
-    let hit = expect(
-        &h,
-        C,
-        Method::GET,
-        &consent_path("+15552000001"),
-        &[RW],
-        None,
-        200,
-        U,
-    )
-    .await;
+    let hit = ask(C, Method::GET, &consent_path("+15552000001"))
+        .headers(&[RW])
+        .expect(&h, 200, U)
+        .await;
     assert_eq!(hit.header("x-cache-status"), Some("HIT"));
-    expect(
-        &h,
+    ask(
         C,
         Method::GET,
         &format!("{}?x=1", consent_path("+15552000001")),
-        &[RW],
-        None,
-        200,
-        U,
     )
+    .headers(&[RW])
+    .expect(&h, 200, U)
     .await;
     // The caller's request id is echoed.
-    let echoed = expect(
-        &h,
-        C,
-        Method::GET,
-        &consent_path("+15552000001"),
-        &[RW, ("x-request-id", "abc-123")],
-        None,
-        200,
-        U,
-    )
-    .await;
+    let echoed = ask(C, Method::GET, &consent_path("+15552000001"))
+        .headers(&[RW, ("x-request-id", "abc-123")])
+        .expect(&h, 200, U)
+        .await;
     assert_eq!(echoed.header("x-request-id"), Some("abc-123"));
 
     // The three credential forms.
     let bearer = format!("Bearer {RW_KEY}");
     let basic_rw = basic("rw", RW_KEY);
     for auth in [bearer.as_str(), basic_rw.as_str()] {
-        expect(
-            &h,
-            C,
-            Method::GET,
-            &consent_path("+15552000001"),
-            &[("authorization", auth)],
-            None,
-            200,
-            U,
-        )
-        .await;
+        ask(C, Method::GET, &consent_path("+15552000001"))
+            .headers(&[("authorization", auth)])
+            .expect(&h, 200, U)
+            .await;
     }
 
     // GET of an unknown contact: upstream's 404, passed through (and then from the cache).
-    let unknown = expect(
-        &h,
-        C,
-        Method::GET,
-        &consent_path("+15552000002"),
-        &[RW],
-        None,
-        404,
-        U,
-    )
-    .await;
+    let unknown = ask(C, Method::GET, &consent_path("+15552000002"))
+        .headers(&[RW])
+        .expect(&h, 404, U)
+        .await;
     assert_eq!(unknown.header("x-cache-status"), Some("MISS"));
-    let unknown = expect(
-        &h,
-        C,
-        Method::GET,
-        &consent_path("+15552000002"),
-        &[RW],
-        None,
-        404,
-        U,
-    )
-    .await;
+    let unknown = ask(C, Method::GET, &consent_path("+15552000002"))
+        .headers(&[RW])
+        .expect(&h, 404, U)
+        .await;
     assert_eq!(unknown.header("x-cache-status"), Some("HIT"));
 
     // PUT: 201 creates, 200 updates; each status; JSON content types.
     for (i, status) in ConsentStatus::ALL.into_iter().enumerate() {
         let contact = format!("+1555200010{i}");
         let body = format!(r#"{{"status":"{status}"}}"#);
-        expect(
-            &h,
-            C,
-            Method::PUT,
-            &consent_path(&contact),
-            &[RW, JSON],
-            Some(&body),
-            201,
-            U,
-        )
-        .await;
-        expect(
-            &h,
-            C,
-            Method::PUT,
-            &consent_path(&contact),
-            &[RW, ("content-type", "application/json; charset=utf-8")],
-            Some(&body),
-            200,
-            U,
-        )
-        .await;
-        expect(
-            &h,
-            C,
-            Method::PUT,
-            &consent_path(&contact),
-            &[RW],
-            Some(&body),
-            200,
-            U,
-        )
-        .await;
-        let read = expect(
-            &h,
-            C,
-            Method::GET,
-            &consent_path(&contact),
-            &[RW],
-            None,
-            200,
-            U,
-        )
-        .await;
+        ask(C, Method::PUT, &consent_path(&contact))
+            .headers(&[RW, JSON])
+            .body(&body)
+            .expect(&h, 201, U)
+            .await;
+        ask(C, Method::PUT, &consent_path(&contact))
+            .headers(&[RW, ("content-type", "application/json; charset=utf-8")])
+            .body(&body)
+            .expect(&h, 200, U)
+            .await;
+        ask(C, Method::PUT, &consent_path(&contact))
+            .headers(&[RW])
+            .body(&body)
+            .expect(&h, 200, U)
+            .await;
+        let read = ask(C, Method::GET, &consent_path(&contact))
+            .headers(&[RW])
+            .expect(&h, 200, U)
+            .await;
         assert_eq!(read.status_field(), status.as_str());
     }
 }
@@ -919,7 +873,12 @@ async fn stale_answers_are_documented() {
     let get = |contact: &str, status: u16| {
         let path = consent_path(contact);
         let h = &h;
-        async move { expect(h, C, Method::GET, &path, &[RW], None, status, U).await }
+        async move {
+            ask(C, Method::GET, &path)
+                .headers(&[RW])
+                .expect(h, status, U)
+                .await
+        }
     };
     let cached = [("+15552000301", 200), ("+15552000302", 404)];
     for (contact, status) in cached {
@@ -959,29 +918,16 @@ async fn consent_errors_made_by_the_proxy_are_documented() {
         "%252B1",
         too_long.as_str(),
     ] {
-        let r = expect(
-            &h,
-            C,
-            Method::GET,
-            &consent_path(contact),
-            &[RW],
-            None,
-            400,
-            P,
-        )
-        .await;
+        let r = ask(C, Method::GET, &consent_path(contact))
+            .headers(&[RW])
+            .expect(&h, 400, P)
+            .await;
         assert_eq!(r.code(), "invalid_contact_id", "{contact}");
-        let r = expect(
-            &h,
-            C,
-            Method::PUT,
-            &consent_path(contact),
-            &[RW, JSON],
-            Some(r#"{"status":"REFUSED"}"#),
-            400,
-            P,
-        )
-        .await;
+        let r = ask(C, Method::PUT, &consent_path(contact))
+            .headers(&[RW, JSON])
+            .body(r#"{"status":"REFUSED"}"#)
+            .expect(&h, 400, P)
+            .await;
         assert_eq!(r.code(), "invalid_contact_id", "{contact}");
     }
 
@@ -997,20 +943,18 @@ async fn consent_errors_made_by_the_proxy_are_documented() {
         r#"{"status":null}"#,
         r#"{"status":"REFUSED","x":1}"#,
     ] {
-        let r = expect(&h, C, Method::PUT, &ok, &[RW, JSON], Some(body), 400, P).await;
+        let r = ask(C, Method::PUT, &ok)
+            .headers(&[RW, JSON])
+            .body(body)
+            .expect(&h, 400, P)
+            .await;
         assert_eq!(r.code(), "invalid_body", "{body}");
     }
-    let extra = expect(
-        &h,
-        C,
-        Method::PUT,
-        &ok,
-        &[RW, JSON],
-        Some(r#"{"status":"REFUSED","extra":true}"#),
-        400,
-        P,
-    )
-    .await;
+    let extra = ask(C, Method::PUT, &ok)
+        .headers(&[RW, JSON])
+        .body(r#"{"status":"REFUSED","extra":true}"#)
+        .expect(&h, 400, P)
+        .await;
     assert_eq!(extra.json()["fields"][0]["name"], "extra");
 
     // 401: none, wrong, malformed; WWW-Authenticate is required by the spec.
@@ -1025,32 +969,23 @@ async fn consent_errors_made_by_the_proxy_are_documented() {
     ] {
         let mut put_headers = headers.clone();
         put_headers.push(JSON);
-        expect(&h, C, Method::GET, &ok, &headers, None, 401, P).await;
-        expect(
-            &h,
-            C,
-            Method::PUT,
-            &ok,
-            &put_headers,
-            Some(r#"{"status":"REFUSED"}"#),
-            401,
-            P,
-        )
-        .await;
+        ask(C, Method::GET, &ok)
+            .headers(&headers)
+            .expect(&h, 401, P)
+            .await;
+        ask(C, Method::PUT, &ok)
+            .headers(&put_headers)
+            .body(r#"{"status":"REFUSED"}"#)
+            .expect(&h, 401, P)
+            .await;
     }
 
     // 403: a read-only key writing.
-    let r = expect(
-        &h,
-        C,
-        Method::PUT,
-        &ok,
-        &[("x-api-key", READER_KEY), JSON],
-        Some(r#"{"status":"REFUSED"}"#),
-        403,
-        P,
-    )
-    .await;
+    let r = ask(C, Method::PUT, &ok)
+        .headers(&[("x-api-key", READER_KEY), JSON])
+        .body(r#"{"status":"REFUSED"}"#)
+        .expect(&h, 403, P)
+        .await;
     assert_eq!(r.code(), "forbidden");
 
     // 404 not_found: any other path, any method.
@@ -1064,7 +999,7 @@ async fn consent_errors_made_by_the_proxy_are_documented() {
         "/metrics",
     ] {
         for method in [Method::GET, Method::PUT, Method::POST] {
-            let r = expect(&h, C, method, path, &[RW], None, 404, P).await;
+            let r = ask(C, method, path).headers(&[RW]).expect(&h, 404, P).await;
             assert_eq!(r.code(), "not_found");
         }
     }
@@ -1077,64 +1012,41 @@ async fn consent_errors_made_by_the_proxy_are_documented() {
         Method::OPTIONS,
         Method::HEAD,
     ] {
-        expect(&h, C, method, &ok, &[RW], None, 405, P).await;
+        ask(C, method, &ok).headers(&[RW]).expect(&h, 405, P).await;
     }
 
     // 413: over max_body_bytes (256 here), with Content-Length.
     let big = format!(r#"{{"status":"REFUSED","pad":"{}"}}"#, "x".repeat(300));
-    let r = expect(&h, C, Method::PUT, &ok, &[RW, JSON], Some(&big), 413, P).await;
+    let r = ask(C, Method::PUT, &ok)
+        .headers(&[RW, JSON])
+        .body(&big)
+        .expect(&h, 413, P)
+        .await;
     assert_eq!(r.code(), "payload_too_large");
 
     // 415: a declared non-JSON body.
-    let r = expect(
-        &h,
-        C,
-        Method::PUT,
-        &ok,
-        &[RW, ("content-type", "text/plain")],
-        Some(r#"{"status":"REFUSED"}"#),
-        415,
-        P,
-    )
-    .await;
+    let r = ask(C, Method::PUT, &ok)
+        .headers(&[RW, ("content-type", "text/plain")])
+        .body(r#"{"status":"REFUSED"}"#)
+        .expect(&h, 415, P)
+        .await;
     assert_eq!(r.code(), "unsupported_media_type");
 
     // 431: headers over max_header_bytes (2048 here), answered by the HTTP layer...
     let pad = "y".repeat(2100);
-    expect(
-        &h,
-        C,
-        Method::GET,
-        &ok,
-        &[RW, ("x-padding", &pad)],
-        None,
-        431,
-        P,
-    )
-    .await;
+    ask(C, Method::GET, &ok)
+        .headers(&[RW, ("x-padding", &pad)])
+        .expect(&h, 431, P)
+        .await;
     // The size is checked first, on any path and method.
-    expect(
-        &h,
-        C,
-        Method::GET,
-        "/nope",
-        &[("x-padding", &pad)],
-        None,
-        431,
-        P,
-    )
-    .await;
-    expect(
-        &h,
-        C,
-        Method::POST,
-        &ok,
-        &[("x-padding", &pad)],
-        None,
-        431,
-        P,
-    )
-    .await;
+    ask(C, Method::GET, "/nope")
+        .headers(&[("x-padding", &pad)])
+        .expect(&h, 431, P)
+        .await;
+    ask(C, Method::POST, &ok)
+        .headers(&[("x-padding", &pad)])
+        .expect(&h, 431, P)
+        .await;
     // ...and far over, by hyper itself (no x-request-id then; the spec does not require it).
     let huge = "w".repeat(64 * 1024);
     let request = format!(
@@ -1164,17 +1076,10 @@ async fn upstream_answers_passed_through_are_documented() {
     let body = r#"{"status":"REFUSED"}"#;
     // With the cache off, a GET says BYPASS.
     h.sim.set_status("+15552200099", ConsentStatus::Deleted);
-    let r = expect(
-        &h,
-        C,
-        Method::GET,
-        &consent_path("+15552200099"),
-        &[RW],
-        None,
-        200,
-        U,
-    )
-    .await;
+    let r = ask(C, Method::GET, &consent_path("+15552200099"))
+        .headers(&[RW])
+        .expect(&h, 200, U)
+        .await;
     assert_eq!(r.header("x-cache-status"), Some("BYPASS"));
     let talkdesk_error = |status: u16, code: &str| Fault::Respond {
         status,
@@ -1195,29 +1100,16 @@ async fn upstream_answers_passed_through_are_documented() {
     {
         let contact = format!("+1555220000{i}");
         h.sim.inject(SimRoute::Get, talkdesk_error(status, code), 1);
-        expect(
-            &h,
-            C,
-            Method::GET,
-            &consent_path(&contact),
-            &[RW],
-            None,
-            status,
-            U,
-        )
-        .await;
+        ask(C, Method::GET, &consent_path(&contact))
+            .headers(&[RW])
+            .expect(&h, status, U)
+            .await;
         h.sim.inject(SimRoute::Put, talkdesk_error(status, code), 1);
-        expect(
-            &h,
-            C,
-            Method::PUT,
-            &consent_path(&contact),
-            &[RW, JSON],
-            Some(body),
-            status,
-            U,
-        )
-        .await;
+        ask(C, Method::PUT, &consent_path(&contact))
+            .headers(&[RW, JSON])
+            .body(body)
+            .expect(&h, status, U)
+            .await;
     }
     // 502 upstream_error: a reset, a 5xx, an unusable 200, a 401 even after a renewal.
     for fault in [
@@ -1230,77 +1122,44 @@ async fn upstream_answers_passed_through_are_documented() {
         },
     ] {
         h.sim.inject(SimRoute::Get, fault.clone(), 1);
-        let r = expect(
-            &h,
-            C,
-            Method::GET,
-            &consent_path("+15552200020"),
-            &[RW],
-            None,
-            502,
-            P,
-        )
-        .await;
+        let r = ask(C, Method::GET, &consent_path("+15552200020"))
+            .headers(&[RW])
+            .expect(&h, 502, P)
+            .await;
         assert_eq!(r.code(), "upstream_error");
         if fault != Fault::CloseConnection && !matches!(fault, Fault::Respond { .. }) {
             h.sim.inject(SimRoute::Put, fault, 1);
-            expect(
-                &h,
-                C,
-                Method::PUT,
-                &consent_path("+15552200020"),
-                &[RW, JSON],
-                Some(body),
-                502,
-                P,
-            )
-            .await;
+            ask(C, Method::PUT, &consent_path("+15552200020"))
+                .headers(&[RW, JSON])
+                .body(body)
+                .expect(&h, 502, P)
+                .await;
         }
     }
     h.sim.inject(SimRoute::Get, Fault::Unauthorized, 2);
-    expect(
-        &h,
-        C,
-        Method::GET,
-        &consent_path("+15552200021"),
-        &[RW],
-        None,
-        502,
-        P,
-    )
-    .await;
+    ask(C, Method::GET, &consent_path("+15552200021"))
+        .headers(&[RW])
+        .expect(&h, 502, P)
+        .await;
     // 429 with Retry-After once the retries are spent (last: it holds off all upstream traffic).
     h.sim.inject(
         SimRoute::Get,
         Fault::TooManyRequests { retry_after_s: 7 },
         1,
     );
-    let r = expect(
-        &h,
-        C,
-        Method::GET,
-        &consent_path("+15552200010"),
-        &[RW],
-        None,
-        429,
-        U,
-    )
-    .await;
+    let r = ask(C, Method::GET, &consent_path("+15552200010"))
+        .headers(&[RW])
+        .expect(&h, 429, U)
+        .await;
     assert_eq!(r.header("retry-after"), Some("7"));
     // Until upstream's Retry-After has passed, nothing is sent: 503 upstream_unavailable
     // with the time left.
     let puts_before = h.sim.stats().puts;
-    let r = expect(
-        &h,
-        C,
-        Method::PUT,
-        &consent_path("+15552200010"),
-        &[RW, JSON],
-        Some(body),
-        503,
-        P,
-    )
-    .await;
+    let r = ask(C, Method::PUT, &consent_path("+15552200010"))
+        .headers(&[RW, JSON])
+        .body(body)
+        .expect(&h, 503, P)
+        .await;
     assert_eq!(r.code(), "upstream_unavailable");
     let wait: u64 = r.header("retry-after").unwrap().parse().unwrap();
     assert!((1..=7).contains(&wait), "Retry-After {wait}");
@@ -1320,31 +1179,18 @@ async fn timeouts_are_documented() {
     // 504 upstream_timeout: upstream slower than the request's deadline.
     h.sim
         .inject(SimRoute::Get, Fault::Delay(Duration::from_secs(3)), 1);
-    let r = expect(
-        &h,
-        C,
-        Method::GET,
-        &consent_path("+15552300001"),
-        &[RW],
-        None,
-        504,
-        P,
-    )
-    .await;
+    let r = ask(C, Method::GET, &consent_path("+15552300001"))
+        .headers(&[RW])
+        .expect(&h, 504, P)
+        .await;
     assert_eq!(r.code(), "upstream_timeout");
     h.sim
         .inject(SimRoute::Put, Fault::Delay(Duration::from_secs(3)), 1);
-    expect(
-        &h,
-        C,
-        Method::PUT,
-        &consent_path("+15552300001"),
-        &[RW, JSON],
-        Some(r#"{"status":"REFUSED"}"#),
-        504,
-        P,
-    )
-    .await;
+    ask(C, Method::PUT, &consent_path("+15552300001"))
+        .headers(&[RW, JSON])
+        .body(r#"{"status":"REFUSED"}"#)
+        .expect(&h, 504, P)
+        .await;
 
     // A body that never arrives: the caller's fault, documented as 408 request_timeout.
     let path = consent_path("+15552300002");
@@ -1370,30 +1216,17 @@ async fn token_unavailable_and_not_ready_are_documented() {
         c.set_str("talkdesk.client_secret", "not-the-sim-secret");
     })
     .await;
-    let r = expect(
-        &h,
-        C,
-        Method::GET,
-        &consent_path("+15552400001"),
-        &[RW],
-        None,
-        503,
-        P,
-    )
-    .await;
+    let r = ask(C, Method::GET, &consent_path("+15552400001"))
+        .headers(&[RW])
+        .expect(&h, 503, P)
+        .await;
     assert_eq!(r.code(), "token_unavailable");
-    expect(
-        &h,
-        C,
-        Method::PUT,
-        &consent_path("+15552400001"),
-        &[RW, JSON],
-        Some(r#"{"status":"REFUSED"}"#),
-        503,
-        P,
-    )
-    .await;
-    expect(&h, A, Method::GET, "/readyz", &[], None, 503, P).await;
+    ask(C, Method::PUT, &consent_path("+15552400001"))
+        .headers(&[RW, JSON])
+        .body(r#"{"status":"REFUSED"}"#)
+        .expect(&h, 503, P)
+        .await;
+    ask(A, Method::GET, "/readyz").expect(&h, 503, P).await;
 }
 
 /// Cluster mode with a Redis that cannot be reached: a PUT is refused with
@@ -1414,32 +1247,19 @@ async fn cluster_unavailable_and_a_feed_that_is_down_are_documented() {
     .await;
     h.sim.set_status("+15552500001", ConsentStatus::Consented);
     h.wait_ready().await;
-    let r = expect(
-        &h,
-        C,
-        Method::PUT,
-        &consent_path("+15552500001"),
-        &[RW, JSON],
-        Some(r#"{"status":"REFUSED"}"#),
-        503,
-        P,
-    )
-    .await;
+    let r = ask(C, Method::PUT, &consent_path("+15552500001"))
+        .headers(&[RW, JSON])
+        .body(r#"{"status":"REFUSED"}"#)
+        .expect(&h, 503, P)
+        .await;
     assert_eq!(r.code(), "cluster_unavailable");
     assert_eq!(h.sim.puts_for("+15552500001"), 0, "upstream is not called");
-    let r = expect(
-        &h,
-        C,
-        Method::GET,
-        &consent_path("+15552500001"),
-        &[RW],
-        None,
-        200,
-        Origin::Upstream,
-    )
-    .await;
+    let r = ask(C, Method::GET, &consent_path("+15552500001"))
+        .headers(&[RW])
+        .expect(&h, 200, Origin::Upstream)
+        .await;
     assert_eq!(r.header("x-cache-status"), Some("BYPASS"));
-    let ready = expect(&h, A, Method::GET, "/readyz", &[], None, 200, P).await;
+    let ready = ask(A, Method::GET, "/readyz").expect(&h, 200, P).await;
     assert_eq!(ready.json()["cluster"]["feed"], "down", "{}", ready.text());
 }
 
@@ -1464,33 +1284,21 @@ async fn token_endpoint_answers_are_documented() {
     let grant = "grant_type=client_credentials";
 
     // 200, both client authentication methods, with and without a scope.
-    let issued = expect(
-        &h,
-        C,
-        Method::POST,
-        token_path,
-        &[("authorization", &rw_basic), FORM],
-        Some(grant),
-        200,
-        P,
-    )
-    .await;
+    let issued = ask(C, Method::POST, token_path)
+        .headers(&[("authorization", &rw_basic), FORM])
+        .body(grant)
+        .expect(&h, 200, P)
+        .await;
     assert_eq!(issued.header("cache-control"), Some("no-store"));
     let token = issued.json()["access_token"].as_str().unwrap().to_owned();
     let post = format!(
         "{grant}&client_id=reader&client_secret={READER_KEY}&scope=voicebiometrics-consent%3Aread"
     );
-    let read_token = expect(
-        &h,
-        C,
-        Method::POST,
-        token_path,
-        &[FORM],
-        Some(&post),
-        200,
-        P,
-    )
-    .await;
+    let read_token = ask(C, Method::POST, token_path)
+        .headers(&[FORM])
+        .body(&post)
+        .expect(&h, 200, P)
+        .await;
     let read_token = read_token.json()["access_token"]
         .as_str()
         .unwrap()
@@ -1535,31 +1343,19 @@ async fn token_endpoint_answers_are_documented() {
             "invalid_scope",
         ),
     ] {
-        let r = expect(
-            &h,
-            C,
-            Method::POST,
-            token_path,
-            &headers,
-            Some(body),
-            400,
-            P,
-        )
-        .await;
+        let r = ask(C, Method::POST, token_path)
+            .headers(&headers)
+            .body(body)
+            .expect(&h, 400, P)
+            .await;
         assert_eq!(r.json()["error"], error, "{headers:?} {body}");
     }
     let reader_basic = basic("reader", READER_KEY);
-    let r = expect(
-        &h,
-        C,
-        Method::POST,
-        token_path,
-        &[("authorization", &reader_basic), FORM],
-        Some("grant_type=client_credentials&scope=voicebiometrics-consent%3Awrite"),
-        400,
-        P,
-    )
-    .await;
+    let r = ask(C, Method::POST, token_path)
+        .headers(&[("authorization", &reader_basic), FORM])
+        .body("grant_type=client_credentials&scope=voicebiometrics-consent%3Awrite")
+        .expect(&h, 400, P)
+        .await;
     assert_eq!(r.json()["error"], "invalid_scope");
 
     // 401 invalid_client: none, wrong, unknown, malformed (from another address than the
@@ -1573,75 +1369,44 @@ async fn token_endpoint_answers_are_documented() {
         vec![("authorization", "Basic %%%"), FORM],
         vec![("authorization", "Bearer abc"), FORM],
     ] {
-        let r = expect(
-            &h,
-            C,
-            Method::POST,
-            token_path,
-            &headers,
-            Some(grant),
-            401,
-            P,
-        )
-        .await;
+        let r = ask(C, Method::POST, token_path)
+            .headers(&headers)
+            .body(grant)
+            .expect(&h, 401, P)
+            .await;
         assert_eq!(r.json()["error"], "invalid_client");
     }
 
     // 405 with Allow: POST; 413; 431.
     for method in [Method::GET, Method::PUT, Method::DELETE] {
-        expect(&h, C, method, token_path, &[], None, 405, P).await;
+        ask(C, method, token_path).expect(&h, 405, P).await;
     }
     let big = format!("{grant}&scope={}", "x".repeat(300));
-    let r = expect(
-        &h,
-        C,
-        Method::POST,
-        token_path,
-        &[("authorization", &rw_basic), FORM],
-        Some(&big),
-        413,
-        P,
-    )
-    .await;
+    let r = ask(C, Method::POST, token_path)
+        .headers(&[("authorization", &rw_basic), FORM])
+        .body(&big)
+        .expect(&h, 413, P)
+        .await;
     assert_eq!(r.code(), "payload_too_large");
     let pad = "y".repeat(2100);
-    expect(
-        &h,
-        C,
-        Method::POST,
-        token_path,
-        &[("x-padding", &pad)],
-        None,
-        431,
-        P,
-    )
-    .await;
+    ask(C, Method::POST, token_path)
+        .headers(&[("x-padding", &pad)])
+        .expect(&h, 431, P)
+        .await;
 
     // 429 with Retry-After: five more failures make ten; the eleventh attempt is throttled.
     for _ in 0..5 {
-        expect(
-            &h,
-            C,
-            Method::POST,
-            token_path,
-            &[("authorization", &wrong), FORM],
-            Some(grant),
-            401,
-            P,
-        )
-        .await;
+        ask(C, Method::POST, token_path)
+            .headers(&[("authorization", &wrong), FORM])
+            .body(grant)
+            .expect(&h, 401, P)
+            .await;
     }
-    let r = expect(
-        &h,
-        C,
-        Method::POST,
-        token_path,
-        &[("authorization", &rw_basic), FORM],
-        Some(grant),
-        429,
-        P,
-    )
-    .await;
+    let r = ask(C, Method::POST, token_path)
+        .headers(&[("authorization", &rw_basic), FORM])
+        .body(grant)
+        .expect(&h, 429, P)
+        .await;
     assert_eq!(r.json()["error"], "temporarily_unavailable");
 
     // The tokens on the consent routes: 200, 201, 403 (a read token writing) and 401 with the
@@ -1649,53 +1414,28 @@ async fn token_endpoint_answers_are_documented() {
     let bearer = format!("Bearer {token}");
     let read_bearer = format!("Bearer {read_token}");
     let path = consent_path("+15552600001");
-    expect(
-        &h,
-        C,
-        Method::GET,
-        &path,
-        &[("authorization", &bearer)],
-        None,
-        200,
-        U,
-    )
-    .await;
-    expect(
-        &h,
-        C,
-        Method::PUT,
-        &consent_path("+15552600002"),
-        &[("authorization", &bearer), JSON],
-        Some(r#"{"status":"REFUSED"}"#),
-        201,
-        U,
-    )
-    .await;
-    let r = expect(
-        &h,
-        C,
-        Method::PUT,
-        &path,
-        &[("authorization", &read_bearer), JSON],
-        Some(r#"{"status":"REFUSED"}"#),
-        403,
-        P,
-    )
-    .await;
+    ask(C, Method::GET, &path)
+        .headers(&[("authorization", &bearer)])
+        .expect(&h, 200, U)
+        .await;
+    ask(C, Method::PUT, &consent_path("+15552600002"))
+        .headers(&[("authorization", &bearer), JSON])
+        .body(r#"{"status":"REFUSED"}"#)
+        .expect(&h, 201, U)
+        .await;
+    let r = ask(C, Method::PUT, &path)
+        .headers(&[("authorization", &read_bearer), JSON])
+        .body(r#"{"status":"REFUSED"}"#)
+        .expect(&h, 403, P)
+        .await;
     assert_eq!(r.code(), "forbidden");
     let tampered = format!("{bearer}x");
     for method in [Method::GET, Method::PUT] {
-        let r = expect(
-            &h,
-            C,
-            method,
-            &path,
-            &[("authorization", &tampered), JSON],
-            Some(r#"{"status":"REFUSED"}"#),
-            401,
-            P,
-        )
-        .await;
+        let r = ask(C, method, &path)
+            .headers(&[("authorization", &tampered), JSON])
+            .body(r#"{"status":"REFUSED"}"#)
+            .expect(&h, 401, P)
+            .await;
         assert_eq!(
             r.header("www-authenticate"),
             Some(r#"Bearer realm="consent-proxy", error="invalid_token""#)
@@ -1712,13 +1452,13 @@ async fn admin_answers_are_documented() {
     use Origin::Proxy as P;
     let h = Harness::start().await;
     h.wait_ready().await;
-    let metrics = expect(&h, A, Method::GET, "/metrics", &[], None, 200, P).await;
+    let metrics = ask(A, Method::GET, "/metrics").expect(&h, 200, P).await;
     assert!(metrics.text().contains("consent_proxy_"));
-    expect(&h, A, Method::GET, "/healthz", &[], None, 200, P).await;
-    expect(&h, A, Method::GET, "/readyz", &[], None, 200, P).await;
+    ask(A, Method::GET, "/healthz").expect(&h, 200, P).await;
+    ask(A, Method::GET, "/readyz").expect(&h, 200, P).await;
     for path in ["/metrics", "/healthz", "/readyz"] {
         for method in [Method::POST, Method::PUT, Method::DELETE] {
-            expect(&h, A, method, path, &[], None, 405, P).await;
+            ask(A, method, path).expect(&h, 405, P).await;
         }
     }
 
@@ -1726,96 +1466,39 @@ async fn admin_answers_are_documented() {
     let admin = [("x-api-key", ADMIN_KEY)];
     let bearer = format!("Bearer {ADMIN_KEY}");
     let basic_ops = basic("ops", ADMIN_KEY);
-    expect(
-        &h,
-        A,
-        Method::DELETE,
-        "/admin/cache/+15552500001",
-        &admin,
-        None,
-        204,
-        P,
-    )
-    .await;
-    expect(
-        &h,
-        A,
-        Method::DELETE,
-        "/admin/cache/%2B15552500001",
-        &[("authorization", &bearer)],
-        None,
-        204,
-        P,
-    )
-    .await;
-    expect(
-        &h,
-        A,
-        Method::DELETE,
-        "/admin/cache/abc",
-        &[("authorization", &basic_ops)],
-        None,
-        204,
-        P,
-    )
-    .await;
-    let r = expect(
-        &h,
-        A,
-        Method::DELETE,
-        "/admin/cache/.bad",
-        &admin,
-        None,
-        400,
-        P,
-    )
-    .await;
-    assert_eq!(r.code(), "invalid_contact_id");
-    expect(
-        &h,
-        A,
-        Method::DELETE,
-        "/admin/cache/+15552500001",
-        &[],
-        None,
-        401,
-        P,
-    )
-    .await;
-    expect(
-        &h,
-        A,
-        Method::DELETE,
-        "/admin/cache/+15552500001",
-        &[("x-api-key", "wrong-key-0123456789")],
-        None,
-        401,
-        P,
-    )
-    .await;
-    expect(
-        &h,
-        A,
-        Method::DELETE,
-        "/admin/cache/+15552500001",
-        &[RW],
-        None,
-        403,
-        P,
-    )
-    .await;
-    for method in [Method::GET, Method::PUT, Method::POST] {
-        expect(
-            &h,
-            A,
-            method,
-            "/admin/cache/+15552500001",
-            &admin,
-            None,
-            405,
-            P,
-        )
+    ask(A, Method::DELETE, "/admin/cache/+15552500001")
+        .headers(&admin)
+        .expect(&h, 204, P)
         .await;
+    ask(A, Method::DELETE, "/admin/cache/%2B15552500001")
+        .headers(&[("authorization", &bearer)])
+        .expect(&h, 204, P)
+        .await;
+    ask(A, Method::DELETE, "/admin/cache/abc")
+        .headers(&[("authorization", &basic_ops)])
+        .expect(&h, 204, P)
+        .await;
+    let r = ask(A, Method::DELETE, "/admin/cache/.bad")
+        .headers(&admin)
+        .expect(&h, 400, P)
+        .await;
+    assert_eq!(r.code(), "invalid_contact_id");
+    ask(A, Method::DELETE, "/admin/cache/+15552500001")
+        .expect(&h, 401, P)
+        .await;
+    ask(A, Method::DELETE, "/admin/cache/+15552500001")
+        .headers(&[("x-api-key", "wrong-key-0123456789")])
+        .expect(&h, 401, P)
+        .await;
+    ask(A, Method::DELETE, "/admin/cache/+15552500001")
+        .headers(&[RW])
+        .expect(&h, 403, P)
+        .await;
+    for method in [Method::GET, Method::PUT, Method::POST] {
+        ask(A, method, "/admin/cache/+15552500001")
+            .headers(&admin)
+            .expect(&h, 405, P)
+            .await;
     }
     for path in [
         "/",
@@ -1826,7 +1509,13 @@ async fn admin_answers_are_documented() {
         "/admin",
         "/voicebiometrics/contacts/+1555/consent",
     ] {
-        expect(&h, A, Method::DELETE, path, &admin, None, 404, P).await;
-        expect(&h, A, Method::GET, path, &admin, None, 404, P).await;
+        ask(A, Method::DELETE, path)
+            .headers(&admin)
+            .expect(&h, 404, P)
+            .await;
+        ask(A, Method::GET, path)
+            .headers(&admin)
+            .expect(&h, 404, P)
+            .await;
     }
 }

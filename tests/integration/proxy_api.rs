@@ -503,6 +503,9 @@ async fn invalid_bodies_are_400_with_the_culprit_field_without_calling_upstream(
         (r#"{"status":null}"#, "status"),
         (r#"{"status":"REFUSED","note":"x"}"#, "note"),
         (r#"{"reason":"x"}"#, "reason"),
+        // Ambiguous: which status was meant is not the proxy's to guess.
+        (r#"{"status":"CONSENTED","status":"REFUSED"}"#, "status"),
+        (r#"{"status":"REFUSED","st\u0061tus":"REFUSED"}"#, "status"),
     ] {
         let put = put_body(&h, contact, body).await;
         assert_proxy_error(&put, 400, "invalid_body");

@@ -503,7 +503,7 @@ async fn dropping_the_manager_stops_its_refresher() {
     let settings = ProxyConfig::for_simulator(&sim).settings();
     let (shutdown, shutdown_rx) = tokio::sync::watch::channel(false);
     let (tokens, refresher) = TokenManager::start(
-        Transport::new(settings.talkdesk.timeout),
+        Transport::new(settings.talkdesk.timeout, &settings.egress),
         &settings.talkdesk,
         &settings.token,
         TokenMetrics::register(&prometheus::Registry::new()),

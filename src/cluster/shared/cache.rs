@@ -40,9 +40,9 @@ use super::scripts::{
     Call, FILL_BEGIN, FILL_RELEASE, FILL_STORE, NEW_EPOCH, PURGE, WRITE_DONE, WRITE_PENDING,
 };
 use super::{millis, random_id, reply, Redis};
-use crate::cache::{ConsentCache, Fetched, FillResult, WriteOutcome};
+use crate::cache::{ConsentCache, Fetched, FillResult};
 use crate::cluster::link::Link;
-use crate::consent::{ConsentAnswer, ContactId};
+use crate::consent::{ConsentAnswer, ContactId, WriteOutcome};
 use crate::error::{ErrorChain, Failure};
 
 /// A fill waiting for another instance's looks again after this, doubling...

@@ -17,6 +17,8 @@ use super::metrics::{Op, SharedMetrics};
 use super::scripts::{Call, TOKEN_LOCK, TOKEN_READ, TOKEN_RELEASE, TOKEN_STORE};
 use super::{millis, random_id, reply, Redis};
 use crate::cluster::link::{not_connected, Link};
+// A process that is starting waits for its first connection to Redis as long as the feed does.
+use crate::cluster::CONNECT_TIMEOUT;
 use crate::config::TalkdeskSettings;
 use crate::error::Failure;
 use crate::upstream::token::{
@@ -33,8 +35,6 @@ pub struct FleetTokenStore {
     lock_ttl: Duration,
     /// Each Redis call's bound (the refresher is off the requests' path).
     timeout: Duration,
-    /// How long a process that is starting waits for its first connection to Redis.
-    first_connection: Duration,
 }
 
 impl FleetTokenStore {
@@ -44,7 +44,6 @@ impl FleetTokenStore {
         key_prefix: &str,
         talkdesk: &TalkdeskSettings,
         timeout: Duration,
-        first_connection: Duration,
         metrics: SharedMetrics,
     ) -> FleetTokenStore {
         let current = keys.current();
@@ -66,7 +65,6 @@ impl FleetTokenStore {
             keys,
             lock_ttl: talkdesk.timeout + FLEET_WAIT_MARGIN,
             timeout,
-            first_connection,
         }
     }
 
@@ -78,7 +76,7 @@ impl FleetTokenStore {
         let connection = self
             .redis
             .link
-            .get_or_wait_first(self.first_connection)
+            .get_or_wait_first(CONNECT_TIMEOUT)
             .await
             .ok_or_else(|| not_connected(None))?;
         self.redis

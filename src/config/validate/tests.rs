@@ -515,6 +515,29 @@ fn bad_log_filter_is_named() {
 }
 
 #[test]
+fn log_level_typos_are_refused_with_the_level_meant() {
+    // tracing reads each of these as a target to log at every level: nothing of the proxy
+    // would be logged.
+    for (typo, meant) in [
+        ("deubg", "debug"),
+        ("warning", "warn"),
+        ("verbose", "debug"),
+    ] {
+        let list = errors(&minimal_with("log", &format!("level = {typo:?}")));
+        assert_eq!(list.len(), 1, "{list:?}");
+        assert!(
+            list[0].starts_with(&format!(
+                "log.level: {typo:?} is not a level; did you mean {meant:?}?"
+            )),
+            "{list:?}"
+        );
+    }
+    let s = Settings::from_toml_str(&minimal_with("log", "level = \"consent_proxy=debug,info\""))
+        .unwrap();
+    assert_eq!(s.log.level, "consent_proxy=debug,info");
+}
+
+#[test]
 fn missing_client_secret_is_named() {
     let toml = minimal().replace(&format!("client_secret = \"{SECRET}\""), "");
     let list = errors(&toml);
@@ -608,4 +631,254 @@ fn duplicate_names_and_keys() {
         &errors(&reserved),
         "clients[0].name: \"anonymous\" is reserved"
     ));
+}
+
+/// A CA certificate in PEM (made by rcgen).
+fn ca_pem() -> String {
+    let key = rcgen::KeyPair::generate().unwrap();
+    let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+    params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    params.self_signed(&key).unwrap().pem()
+}
+
+#[test]
+fn egress_settings_from_a_proxy_url_file_and_a_ca_file() {
+    let dir = TempDir::new("egress");
+    let url = dir.file("proxy-url", "http://corp:pr0xy-pw@proxy.internal:3128\n");
+    let roots = dir.file("corp-ca.pem", &format!("{}{}", ca_pem(), ca_pem()));
+    let toml = minimal_with(
+        "egress",
+        &format!("proxy_url_file = {url:?}\nca_file = {roots:?}"),
+    );
+    let s = Settings::from_toml_str(&toml).unwrap();
+    let proxy = s.egress.proxy.as_ref().unwrap();
+    assert_eq!(proxy.authority, "proxy.internal:3128");
+    assert!(proxy.authorization.is_some());
+    assert_eq!(s.egress.extra_roots.as_ref().unwrap().certificates.len(), 2);
+    assert!(s.cluster.is_none());
+
+    let inline = minimal_with(
+        "egress",
+        "proxy_url = \"http://corp:pr0xy-pw@proxy.internal:3128\"",
+    );
+    let out = Settings::from_toml_str(&inline).unwrap().redacted_toml();
+    assert!(
+        out.contains("http://corp:<redacted>@proxy.internal:3128"),
+        "{out}"
+    );
+    assert!(!out.contains("pr0xy-pw"), "{out}");
+    assert!(!format!("{:?}", Settings::from_toml_str(&inline).unwrap()).contains("pr0xy-pw"));
+}
+
+#[test]
+fn egress_problems_name_their_key_and_never_the_password() {
+    let dir = TempDir::new("egress-bad");
+    let not_pem = dir.file("not-pem.pem", "just text\n");
+    let broken = dir.file(
+        "broken.pem",
+        "-----BEGIN CERTIFICATE-----\nnot base64!\n-----END CERTIFICATE-----\n",
+    );
+    for (extra, key, problem) in [
+        (
+            "ca_file = \"/nonexistent/ca.pem\"",
+            "egress.ca_file",
+            "cannot read",
+        ),
+        (
+            &format!("ca_file = {not_pem:?}"),
+            "egress.ca_file",
+            "holds no PEM certificate",
+        ),
+        (&format!("ca_file = {broken:?}"), "egress.ca_file", ""),
+        (
+            "proxy_url = \"https://u:pr0xy-pw@p:3128\"",
+            "egress.proxy_url",
+            "http://",
+        ),
+        (
+            "proxy_url = \"http://u:pr0xy-pw@p\"",
+            "egress.proxy_url",
+            "port is required",
+        ),
+        (
+            "proxy_url = \"http://p:1\"\nproxy_url_file = \"/x\"",
+            "egress.proxy_url_file",
+            "both set",
+        ),
+    ] {
+        let list = errors(&minimal_with("egress", extra));
+        assert!(has(&list, key) && has(&list, problem), "{extra}: {list:?}");
+        assert!(!has(&list, "pr0xy-pw"), "{extra}: {list:?}");
+    }
+}
+
+#[test]
+fn egress_ca_roots_reach_a_rediss_cluster() {
+    let dir = TempDir::new("egress-redis");
+    let roots = dir.file("corp-ca.pem", &ca_pem());
+    let toml = minimal_with(
+        "egress",
+        &format!(
+            "ca_file = {roots:?}\n[cluster]\nredis_url = \"rediss://redis.internal\"\n\
+             [oauth]\nsigning_key_file = {:?}",
+            dir.file("keys", SIGNING_KEY)
+        ),
+    );
+    let s = Settings::from_toml_str(&toml).unwrap();
+    let pem = s.cluster.unwrap().tls_roots_pem.unwrap();
+    assert_eq!(pem, std::fs::read(&roots).unwrap());
+}
+
+/// Sets a file's permission bits.
+fn chmod(path: &str, mode: u32) {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).unwrap();
+}
+
+#[test]
+fn every_file_read_is_bounded_and_an_oversized_one_names_its_key() {
+    let dir = TempDir::new("oversized");
+    // One line of 2 MiB: read whole, it would be a valid (long) key or secret.
+    let huge = dir.file("huge", &"k".repeat(2 << 20));
+    chmod(&huge, 0o600);
+    let toml = minimal()
+        .replace(
+            &format!("client_secret = \"{SECRET}\""),
+            &format!("client_secret_file = {huge:?}"),
+        )
+        .replace(
+            &format!("api_key = \"{API_KEY}\""),
+            &format!("api_key_file = {huge:?}"),
+        )
+        + &format!(
+            "[oauth]\nsigning_key_file = {huge:?}\n[server]\ntls_cert_file = {huge:?}\n\
+             tls_key_file = {huge:?}\n"
+        );
+    let list = errors(&toml);
+    for key in [
+        "talkdesk.client_secret_file",
+        "clients[0].api_key_file",
+        "oauth.signing_key_file",
+        "server.tls_key_file",
+    ] {
+        assert!(
+            has(&list, &format!("{key}: '{huge}' is larger than 64 KiB")),
+            "{key} in {list:#?}"
+        );
+    }
+    assert!(
+        has(
+            &list,
+            &format!("server.tls_cert_file: '{huge}' is larger than 1 MiB")
+        ),
+        "{list:#?}"
+    );
+    assert_eq!(list.len(), 5, "{list:#?}");
+
+    // A key directory's files are bounded too; a device is not a file to read a key from.
+    let keys = TempDir::new("oversized-dir");
+    std::fs::copy(&huge, keys.path().join("key")).unwrap();
+    let list = errors(&minimal_with(
+        "oauth",
+        &format!("signing_key_file = {:?}", keys.path_str()),
+    ));
+    assert!(has(&list, "oauth.signing_key_file: '"), "{list:#?}");
+    assert!(has(&list, "is larger than 64 KiB"), "{list:#?}");
+    let list = errors(&minimal_with("oauth", "signing_key_file = \"/dev/zero\""));
+    assert_eq!(
+        list,
+        vec!["oauth.signing_key_file: '/dev/zero' is not a regular file".to_owned()]
+    );
+}
+
+#[test]
+fn secret_files_others_can_write_are_refused_readable_ones_warned_naming_their_key() {
+    let dir = TempDir::new("modes");
+    let secret = dir.file("secret", "file-secret\n");
+    let keys = TempDir::new("modes-keys");
+    let key = keys.file("current", &format!("{SIGNING_KEY}\n"));
+    let toml = minimal().replace(
+        &format!("client_secret = \"{SECRET}\""),
+        &format!("client_secret_file = {secret:?}"),
+    ) + &format!("[oauth]\nsigning_key_file = {:?}\n", keys.path_str());
+
+    // Owner and group (Kubernetes' fsGroup mounts, 0440): quiet.
+    chmod(&secret, 0o640);
+    chmod(&key, 0o440);
+    let s = Settings::from_toml_str(&toml).unwrap();
+    assert!(s.warnings().is_empty(), "{:?}", s.warnings());
+
+    // Readable by others: loads, with a warning naming the key and the file.
+    chmod(&secret, 0o644);
+    chmod(&key, 0o444);
+    let s = Settings::from_toml_str(&toml).unwrap();
+    assert_eq!(s.talkdesk.client_secret.expose(), "file-secret");
+    assert_eq!(
+        s.warnings(),
+        [
+            format!(
+                "talkdesk.client_secret_file: '{secret}' can be read by others (mode 0644); \
+                 owner and group suffice: chmod o-r"
+            ),
+            format!(
+                "oauth.signing_key_file: '{key}' can be read by others (mode 0444); \
+                 owner and group suffice: chmod o-r"
+            ),
+        ]
+    );
+
+    // Writable by others: refused.
+    chmod(&secret, 0o646);
+    chmod(&key, 0o442);
+    let list = errors(&toml);
+    assert_eq!(list.len(), 2, "{list:#?}");
+    assert!(has(
+        &list,
+        &format!("talkdesk.client_secret_file: '{secret}' can be written by others (mode 0646)")
+    ));
+    assert!(has(
+        &list,
+        &format!("oauth.signing_key_file: '{key}' can be written by others (mode 0442)")
+    ));
+    assert!(!has(&list, "file-secret") && !has(&list, SIGNING_KEY));
+}
+
+#[test]
+fn listeners_that_would_collide_are_refused() {
+    let addr = |s: &str| s.parse::<SocketAddr>().unwrap();
+    for (a, b, collide) in [
+        ("127.0.0.1:9000", "127.0.0.1:9000", true),
+        ("0.0.0.0:9000", "127.0.0.1:9000", true),
+        ("10.0.0.5:9000", "0.0.0.0:9000", true),
+        ("[::]:9000", "127.0.0.1:9000", true),
+        ("[::]:9000", "0.0.0.0:9000", true),
+        ("[::]:9000", "[::1]:9000", true),
+        ("[::ffff:127.0.0.1]:9000", "127.0.0.1:9000", true),
+        ("0.0.0.0:9000", "[::1]:9000", false),
+        ("127.0.0.1:9000", "127.0.0.2:9000", false),
+        ("127.0.0.1:9000", "[::1]:9000", false),
+        ("0.0.0.0:9000", "0.0.0.0:9001", false),
+        ("0.0.0.0:0", "0.0.0.0:0", false),
+    ] {
+        assert_eq!(listeners_collide(addr(a), addr(b)), collide, "{a} {b}");
+        assert_eq!(listeners_collide(addr(b), addr(a)), collide, "{b} {a}");
+    }
+
+    let list = errors(&minimal_with(
+        "server",
+        "listen = \"127.0.0.1:9000\"\nadmin_listen = \"0.0.0.0:9000\"",
+    ));
+    assert_eq!(
+        list,
+        vec![
+            "server.admin_listen: 0.0.0.0:9000 collides with server.listen (127.0.0.1:9000): \
+             the same port on overlapping addresses; give it another port"
+                .to_owned()
+        ]
+    );
+    Settings::from_toml_str(&minimal_with(
+        "server",
+        "listen = \"127.0.0.1:9000\"\nadmin_listen = \"127.0.0.2:9000\"",
+    ))
+    .unwrap();
 }

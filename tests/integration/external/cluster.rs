@@ -23,7 +23,7 @@ use crate::support::fleet::{
     cluster_config, randomized_history, slow_fill_then_write, Fleet, Instance, MAX_STALENESS,
     RULE_5_LAG,
 };
-use crate::support::history::{cluster_violations, gets, random_client, Event, Op};
+use crate::support::history::{cluster_violations, gets, Event, Op, RandomClient};
 use crate::support::redis_server::{free_port, RedisServer};
 use crate::support::relay::Relay;
 use crate::support::temp_file::TempFile;
@@ -754,12 +754,14 @@ async fn soak_three_instances_with_redis_restarts() {
             let contacts = contacts.clone();
             tokio::spawn(async move {
                 let refused = std::sync::atomic::AtomicU64::new(0);
-                let events = random_client(
+                let events = RandomClient {
                     until,
-                    CONTACTS,
-                    3,
-                    0.25,
-                    2..20,
+                    contacts: CONTACTS,
+                    instances: 3,
+                    put_share: 0.25,
+                    pause_ms: 2..20,
+                }
+                .run(
                     |via, contact| {
                         let (fleet, contacts) = (&fleet, &contacts);
                         async move {

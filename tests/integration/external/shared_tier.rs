@@ -471,9 +471,7 @@ async fn randomized_history_with_keys_deleted_and_evicted_keeps_rule_5() {
         .find(|line| line.starts_with("evicted_keys:"))
         .unwrap_or_default()
         .to_owned();
-    println!(
-        "keys deleted after {deletes} writes, {evicted}"
-    );
+    println!("keys deleted after {deletes} writes, {evicted}");
     assert!(
         run.violations.is_empty(),
         "rule 5 violated:\n{}",

@@ -10,7 +10,7 @@ use consent_proxy::simulator::Simulator;
 use consent_proxy::{App, AppHandle};
 use tokio::time::Instant;
 
-use super::history::{cluster_violations, gets, random_client, random_upstream_delays};
+use super::history::{cluster_violations, gets, random_upstream_delays, RandomClient};
 use super::redis_server::RedisServer;
 use super::{
     admin_get, consent_url, get_consent, metric, put_consent, start_simulator, wait_until,
@@ -185,12 +185,14 @@ pub async fn randomized_history(fleet: Arc<Fleet>, prefix: &str) -> HistoryRun {
             let fleet = fleet.clone();
             let contacts = contacts.clone();
             tokio::spawn(async move {
-                random_client(
-                    started + run_for,
-                    CONTACTS,
-                    3,
-                    0.2,
-                    0..0,
+                RandomClient {
+                    until: started + run_for,
+                    contacts: CONTACTS,
+                    instances: 3,
+                    put_share: 0.2,
+                    pause_ms: 0..0,
+                }
+                .run(
                     |via, contact| fleet.get(via, &contacts[contact]),
                     |via, contact, status| fleet.put(via, &contacts[contact], status),
                 )

@@ -287,46 +287,57 @@ pub const STATUSES: [&str; 4] = ["NO_CONSENT", "CONSENTED", "DELETED", "REFUSED"
 /// One client of a randomized history: until `until`, one operation after another on a random
 /// contact (of `contacts`) through a random instance (of `instances`), a PUT of a random status
 /// with probability `put_share`, else a GET, with a pause of `pause_ms` (random in the range;
-/// none when empty) after each; returns what it saw.
-pub async fn random_client<G, GF, P, PF>(
-    until: Instant,
-    contacts: usize,
-    instances: usize,
-    put_share: f64,
-    pause_ms: std::ops::Range<u64>,
-    get: G,
-    put: P,
-) -> Vec<Event>
-where
-    G: Fn(usize, usize) -> GF,
-    GF: Future<Output = TestResponse>,
-    P: Fn(usize, usize, &'static str) -> PF,
-    PF: Future<Output = TestResponse>,
-{
-    let mut events = Vec::new();
-    while Instant::now() < until {
-        let contact = rand::random_range(0..contacts);
-        let via = rand::random_range(0..instances);
-        let start = Instant::now();
-        let op = if rand::random_bool(put_share) {
-            let status = STATUSES[rand::random_range(0..STATUSES.len())];
-            Op::put(status, &put(via, contact, status).await)
-        } else {
-            Op::get(&get(via, contact).await)
-        };
-        events.push(Event {
-            contact,
-            via,
-            start,
-            end: Instant::now(),
-            op,
-        });
-        if !pause_ms.is_empty() {
-            let pause = rand::random_range(pause_ms.clone());
-            tokio::time::sleep(Duration::from_millis(pause)).await;
+/// none when empty) after each.
+pub struct RandomClient {
+    pub until: Instant,
+    pub contacts: usize,
+    pub instances: usize,
+    pub put_share: f64,
+    pub pause_ms: std::ops::Range<u64>,
+}
+
+impl RandomClient {
+    /// Runs the client, each GET by `get(instance, contact)` and each PUT by
+    /// `put(instance, contact, status)`; returns what it saw.
+    pub async fn run<G, GF, P, PF>(self, get: G, put: P) -> Vec<Event>
+    where
+        G: Fn(usize, usize) -> GF,
+        GF: Future<Output = TestResponse>,
+        P: Fn(usize, usize, &'static str) -> PF,
+        PF: Future<Output = TestResponse>,
+    {
+        let RandomClient {
+            until,
+            contacts,
+            instances,
+            put_share,
+            pause_ms,
+        } = self;
+        let mut events = Vec::new();
+        while Instant::now() < until {
+            let contact = rand::random_range(0..contacts);
+            let via = rand::random_range(0..instances);
+            let start = Instant::now();
+            let op = if rand::random_bool(put_share) {
+                let status = STATUSES[rand::random_range(0..STATUSES.len())];
+                Op::put(status, &put(via, contact, status).await)
+            } else {
+                Op::get(&get(via, contact).await)
+            };
+            events.push(Event {
+                contact,
+                via,
+                start,
+                end: Instant::now(),
+                op,
+            });
+            if !pause_ms.is_empty() {
+                let pause = rand::random_range(pause_ms.clone());
+                tokio::time::sleep(Duration::from_millis(pause)).await;
+            }
         }
+        events
     }
-    events
 }
 
 /// How many GETs a history holds.

@@ -4,11 +4,13 @@
 
 pub mod fake_upstream;
 pub mod fleet;
+pub mod forward_proxy;
 pub mod history;
 pub mod raw_http;
 pub mod redis_server;
 pub mod relay;
 pub mod temp_file;
+pub mod tls_upstream;
 pub mod yaml;
 
 use std::collections::BTreeMap;
@@ -408,6 +410,19 @@ impl TestClient {
         headers: &[(&str, &str)],
         body: Option<String>,
     ) -> TestResponse {
+        self.try_send(method, url, headers, body)
+            .await
+            .expect("request sent")
+    }
+
+    /// As [`TestClient::send`], `None` when no answer came (nothing listening, a reset).
+    pub async fn try_send(
+        &self,
+        method: Method,
+        url: &str,
+        headers: &[(&str, &str)],
+        body: Option<String>,
+    ) -> Option<TestResponse> {
         let mut builder = Request::builder().method(method).uri(url);
         for (name, value) in headers {
             builder = builder.header(*name, *value);
@@ -415,14 +430,14 @@ impl TestClient {
         let request = builder
             .body(Full::new(Bytes::from(body.unwrap_or_default())))
             .expect("valid request");
-        let response = self.client.request(request).await.expect("request sent");
+        let response = self.client.request(request).await.ok()?;
         let (parts, body) = response.into_parts();
-        let body = body.collect().await.expect("body read").to_bytes();
-        TestResponse {
+        let body = body.collect().await.ok()?.to_bytes();
+        Some(TestResponse {
             status: parts.status.as_u16(),
             headers: parts.headers,
             body,
-        }
+        })
     }
 }
 

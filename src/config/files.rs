@@ -1,0 +1,298 @@
+//! Every file the proxy reads (the configuration file, secrets, keys and key directories, the
+//! TLS certificate and key) is read here, through one bounded read: `/dev/zero`, a FIFO or a
+//! file that keeps growing cannot make the process read without end. A secret's file is also
+//! checked for who else may touch it: one that others (beyond owner and group) can write is
+//! refused, as anyone on the machine could replace the secret; one they can read is read with
+//! a warning. Group access stays quiet: Kubernetes mounts Secrets group-readable (`fsGroup`).
+//! Modes are those of the file a symlink leads to (Kubernetes' `..data/` links).
+//! Messages name the file, never its content; the caller prefixes the key.
+
+use std::{
+    fs::{self, File, Metadata},
+    io::Read,
+    os::unix::fs::{MetadataExt, PermissionsExt},
+    path::Path,
+};
+
+/// The largest secret or key file (one secret, or one key per line): far above any real one.
+pub const MAX_SECRET_FILE_BYTES: u64 = 64 * 1024;
+
+/// The largest configuration file or certificate chain.
+pub const MAX_FILE_BYTES: u64 = 1024 * 1024;
+
+/// The most key files a key directory may hold.
+pub(super) const MAX_KEYS_IN_DIRECTORY: usize = 64;
+
+/// Permission bits of "others" (neither the owner nor the group).
+const OTHERS_WRITE: u32 = 0o002;
+const OTHERS_READ: u32 = 0o004;
+const STICKY: u32 = 0o1000;
+
+/// What a file holds, which decides its bound and the checks it gets.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FileKind {
+    /// The configuration file: anything readable (a pipe too, e.g. `--config <(...)`), bounded
+    /// by [`MAX_FILE_BYTES`].
+    Configuration,
+    /// A certificate chain: a regular file of at most [`MAX_FILE_BYTES`].
+    Certificates,
+    /// A secret or a private key: a regular file of at most [`MAX_SECRET_FILE_BYTES`], not
+    /// writable by others, a warning when readable by others.
+    Secret,
+}
+
+impl FileKind {
+    fn limit(self) -> u64 {
+        match self {
+            FileKind::Configuration | FileKind::Certificates => MAX_FILE_BYTES,
+            FileKind::Secret => MAX_SECRET_FILE_BYTES,
+        }
+    }
+}
+
+/// A file's text, and what is worth a warning about it.
+#[derive(Debug)]
+pub struct FileText {
+    pub text: String,
+    pub warning: Option<String>,
+}
+
+/// Reads `path` whole as UTF-8 text, within its kind's bound and checks.
+pub fn read_text(path: &Path, kind: FileKind) -> Result<FileText, String> {
+    let shown = path.display();
+    let cannot_read = |e: std::io::Error| format!("cannot read '{shown}': {e}");
+    if kind != FileKind::Configuration {
+        // Before opening: opening a FIFO would wait for a writer.
+        regular(path, &fs::metadata(path).map_err(cannot_read)?)?;
+    }
+    let file = File::open(path).map_err(cannot_read)?;
+    // The file opened, wherever its links lead: what is checked is what is read.
+    let metadata = file.metadata().map_err(cannot_read)?;
+    let warning = if kind == FileKind::Secret {
+        regular(path, &metadata)?;
+        secret_mode(path, &metadata)?
+    } else {
+        None
+    };
+    let limit = kind.limit();
+    let mut text = String::new();
+    file.take(limit + 1)
+        .read_to_string(&mut text)
+        .map_err(cannot_read)?;
+    if text.len() as u64 > limit {
+        return Err(format!("'{shown}' is larger than {}", size(limit)));
+    }
+    Ok(FileText { text, warning })
+}
+
+/// A key directory's files (links followed, names starting with '.' skipped), sorted by name.
+/// A directory that others can write is refused, as they could add a key, unless it is sticky
+/// and everything in it belongs to the directory's owner (Kubernetes' Secret mounts: a
+/// read-only `1777` tmpfs, owned by root, like its links and files).
+pub(super) fn key_files(dir: &Path) -> Result<Vec<std::path::PathBuf>, String> {
+    let cannot_read =
+        |path: &Path, e: std::io::Error| format!("cannot read '{}': {e}", path.display());
+    let dir_metadata = fs::metadata(dir).map_err(|e| cannot_read(dir, e))?;
+    let dir_mode = dir_metadata.permissions().mode();
+    let open_to_others = dir_mode & OTHERS_WRITE != 0;
+    if open_to_others && dir_mode & STICKY == 0 {
+        return Err(format!(
+            "'{}' can be written by others (mode {:04o}): anyone could add a key; chmod o-w",
+            dir.display(),
+            dir_mode & 0o7777
+        ));
+    }
+    let mut files = Vec::new();
+    for entry in fs::read_dir(dir).map_err(|e| cannot_read(dir, e))? {
+        let path = entry.map_err(|e| cannot_read(dir, e))?.path();
+        let hidden = path
+            .file_name()
+            .is_some_and(|name| name.to_string_lossy().starts_with('.'));
+        if hidden {
+            continue;
+        }
+        // `metadata` follows symlinks: Kubernetes mounts each key as a link into `..data/`.
+        let target = fs::metadata(&path).map_err(|e| cannot_read(&path, e))?;
+        if !target.is_file() {
+            continue;
+        }
+        if open_to_others {
+            let link = fs::symlink_metadata(&path).map_err(|e| cannot_read(&path, e))?;
+            if link.uid() != dir_metadata.uid() || target.uid() != dir_metadata.uid() {
+                return Err(format!(
+                    "'{}' is in a directory others can write, and does not belong to its owner",
+                    path.display()
+                ));
+            }
+        }
+        files.push(path);
+        if files.len() > MAX_KEYS_IN_DIRECTORY {
+            return Err(format!(
+                "'{}' holds more than {MAX_KEYS_IN_DIRECTORY} key files",
+                dir.display()
+            ));
+        }
+    }
+    files.sort();
+    Ok(files)
+}
+
+fn regular(path: &Path, metadata: &Metadata) -> Result<(), String> {
+    if metadata.is_file() {
+        Ok(())
+    } else {
+        Err(format!("'{}' is not a regular file", path.display()))
+    }
+}
+
+/// Refuses a secret others can write; a warning when others can read it.
+fn secret_mode(path: &Path, metadata: &Metadata) -> Result<Option<String>, String> {
+    let mode = metadata.permissions().mode() & 0o7777;
+    if mode & OTHERS_WRITE != 0 {
+        Err(format!(
+            "'{}' can be written by others (mode {mode:04o}): anyone could replace the secret; \
+             chmod o-w",
+            path.display()
+        ))
+    } else if mode & OTHERS_READ != 0 {
+        Ok(Some(format!(
+            "'{}' can be read by others (mode {mode:04o}); owner and group suffice: chmod o-r",
+            path.display()
+        )))
+    } else {
+        Ok(None)
+    }
+}
+
+/// `65536` → "64 KiB".
+fn size(bytes: u64) -> String {
+    match bytes {
+        b if b >= 1024 * 1024 && b % (1024 * 1024) == 0 => format!("{} MiB", b / (1024 * 1024)),
+        b if b >= 1024 && b % 1024 == 0 => format!("{} KiB", b / 1024),
+        b => format!("{b} bytes"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::test_support::TempDir;
+
+    fn chmod(path: &str, mode: u32) {
+        fs::set_permissions(path, fs::Permissions::from_mode(mode)).unwrap();
+    }
+
+    #[test]
+    fn reads_are_bounded_even_where_the_size_is_unknown() {
+        // /dev/zero never ends and has no size: only a bounded read stops.
+        let err = read_text(Path::new("/dev/zero"), FileKind::Configuration).unwrap_err();
+        assert_eq!(err, "'/dev/zero' is larger than 1 MiB");
+        for kind in [FileKind::Secret, FileKind::Certificates] {
+            let err = read_text(Path::new("/dev/zero"), kind).unwrap_err();
+            assert_eq!(err, "'/dev/zero' is not a regular file", "{kind:?}");
+        }
+
+        let dir = TempDir::new("bounded");
+        let limit = MAX_SECRET_FILE_BYTES as usize;
+        let at_limit = dir.file("at-limit", &"k".repeat(limit));
+        chmod(&at_limit, 0o600);
+        assert_eq!(
+            read_text(Path::new(&at_limit), FileKind::Secret)
+                .unwrap()
+                .text
+                .len(),
+            limit
+        );
+        let over = dir.file("over", &"k".repeat(limit + 1));
+        chmod(&over, 0o600);
+        assert_eq!(
+            read_text(Path::new(&over), FileKind::Secret).unwrap_err(),
+            format!("'{over}' is larger than 64 KiB")
+        );
+        // A FIFO is refused before it is opened (which would wait for a writer).
+        let fifo = dir.path().join("fifo");
+        assert!(std::process::Command::new("mkfifo")
+            .arg(&fifo)
+            .status()
+            .unwrap()
+            .success());
+        assert!(read_text(&fifo, FileKind::Secret)
+            .unwrap_err()
+            .ends_with("is not a regular file"));
+    }
+
+    #[test]
+    fn a_secret_others_can_write_is_refused_one_they_can_read_warned_group_is_quiet() {
+        let dir = TempDir::new("modes");
+        let secret = dir.file("secret", "s3cret\n");
+        for (mode, outcome) in [
+            (0o600, Ok(None)),
+            (0o640, Ok(None)),
+            (0o440, Ok(None)),
+            (0o660, Ok(None)),
+            (0o644, Ok(Some("can be read by others (mode 0644)"))),
+            (0o604, Ok(Some("can be read by others (mode 0604)"))),
+            (0o602, Err("can be written by others (mode 0602)")),
+            (0o666, Err("can be written by others (mode 0666)")),
+        ] {
+            chmod(&secret, mode);
+            let read = read_text(Path::new(&secret), FileKind::Secret);
+            match (read, outcome) {
+                (Ok(read), Ok(expected)) => {
+                    assert_eq!(read.text, "s3cret\n");
+                    match (read.warning, expected) {
+                        (None, None) => {}
+                        (Some(warning), Some(part)) => {
+                            assert!(warning.contains(part), "{mode:o}: {warning}");
+                            assert!(!warning.contains("s3cret"), "{warning}");
+                        }
+                        (warning, expected) => panic!("{mode:o}: {warning:?} vs {expected:?}"),
+                    }
+                }
+                (Err(err), Err(part)) => {
+                    assert!(err.contains(part), "{mode:o}: {err}");
+                    assert!(!err.contains("s3cret"), "{err}");
+                }
+                (read, expected) => panic!("{mode:o}: {read:?} vs {expected:?}"),
+            }
+        }
+        // Through a symlink (Kubernetes' `..data/` links), the target's mode counts, not the
+        // link's (always 0777).
+        let link = dir.path().join("link");
+        std::os::unix::fs::symlink(&secret, &link).unwrap();
+        chmod(&secret, 0o440);
+        assert!(read_text(&link, FileKind::Secret)
+            .unwrap()
+            .warning
+            .is_none());
+        chmod(&secret, 0o646);
+        assert!(read_text(&link, FileKind::Secret).is_err());
+        // Certificates are public: no mode check.
+        assert!(read_text(Path::new(&secret), FileKind::Certificates).is_ok());
+    }
+
+    #[test]
+    fn a_key_directory_others_can_write_is_refused_unless_sticky_and_owned() {
+        let dir = TempDir::new("key-dir-modes");
+        let key = dir.file("key", "k");
+        chmod(&dir.path_str(), 0o757);
+        let err = key_files(dir.path()).unwrap_err();
+        assert!(
+            err.contains("can be written by others (mode 0757)"),
+            "{err}"
+        );
+        // Sticky and everything the owner's (as the kubelet mounts Secrets): accepted.
+        chmod(&dir.path_str(), 0o1777);
+        assert_eq!(key_files(dir.path()).unwrap(), [Path::new(&key)]);
+        chmod(&dir.path_str(), 0o750);
+        assert_eq!(key_files(dir.path()).unwrap().len(), 1);
+
+        let many = TempDir::new("key-dir-many");
+        for i in 0..=MAX_KEYS_IN_DIRECTORY {
+            many.file(&format!("key-{i:03}"), "k");
+        }
+        assert!(key_files(many.path())
+            .unwrap_err()
+            .contains(&format!("more than {MAX_KEYS_IN_DIRECTORY} key files")));
+    }
+}

@@ -1,0 +1,235 @@
+//! The token endpoint as a client sees it: the client-credentials request (RFC 6749 §4.4,
+//! client authentication by Basic or in the body) and the validation of its answer, whose
+//! errors never echo the body (it may hold a token).
+
+use std::borrow::Cow;
+use std::time::Duration;
+
+use base64::Engine;
+use bytes::Bytes;
+use http::{header, HeaderValue, Method, Request};
+use http_body_util::Full;
+use serde::Deserialize;
+
+use super::TokenFailure;
+use crate::config::{ClientAuth, Secret, TalkdeskSettings};
+use crate::upstream::transport::{Transport, USER_AGENT};
+
+/// The largest token response read.
+const MAX_TOKEN_RESPONSE_BYTES: usize = 64 * 1024;
+
+/// How to ask the token endpoint for a token.
+pub(super) struct TokenRequest {
+    url: String,
+    client_id: String,
+    client_secret: Secret,
+    client_auth: ClientAuth,
+    scopes: String,
+    pub(super) timeout: Duration,
+}
+
+impl TokenRequest {
+    pub(super) fn new(talkdesk: &TalkdeskSettings) -> Self {
+        TokenRequest {
+            url: talkdesk.token_url.clone(),
+            client_id: talkdesk.client_id.clone(),
+            client_secret: talkdesk.client_secret.clone(),
+            client_auth: talkdesk.client_auth,
+            scopes: talkdesk.scopes.join(" "),
+            timeout: talkdesk.timeout,
+        }
+    }
+
+    /// One request to the token endpoint, within `timeout`; its answer validated.
+    pub(super) async fn send(&self, transport: &Transport) -> Result<ParsedToken, TokenFailure> {
+        let request = self.build()?;
+        let answer = transport
+            .attempt(request, self.timeout, MAX_TOKEN_RESPONSE_BYTES)
+            .await
+            .map_err(TokenFailure::Transport)?;
+        if !answer.status.is_success() {
+            return Err(TokenFailure::Refused {
+                status: answer.status,
+                oauth_error: oauth_error_code(&answer.body),
+            });
+        }
+        parse_token_response(&answer.body)
+    }
+
+    fn build(&self) -> Result<Request<Full<Bytes>>, TokenFailure> {
+        let r = self;
+        let mut form = form_urlencoded::Serializer::new(String::new());
+        form.append_pair("grant_type", "client_credentials")
+            .append_pair("scope", &r.scopes);
+        let mut builder = Request::builder()
+            .method(Method::POST)
+            .uri(&r.url)
+            .header(header::CONTENT_TYPE, "application/x-www-form-urlencoded")
+            .header(header::ACCEPT, "application/json")
+            .header(header::USER_AGENT, USER_AGENT);
+        match r.client_auth {
+            ClientAuth::Basic => {
+                // RFC 6749 §2.3.1: both parts form-encoded before base64.
+                let pair = format!(
+                    "{}:{}",
+                    form_encode(&r.client_id),
+                    form_encode(r.client_secret.expose())
+                );
+                let encoded = base64::engine::general_purpose::STANDARD.encode(pair);
+                let mut value = HeaderValue::from_str(&format!("Basic {encoded}"))
+                    .map_err(|_| TokenFailure::BadRequest("client credentials"))?;
+                value.set_sensitive(true);
+                builder = builder.header(header::AUTHORIZATION, value);
+            }
+            ClientAuth::Post => {
+                form.append_pair("client_id", &r.client_id)
+                    .append_pair("client_secret", r.client_secret.expose());
+            }
+        }
+        builder
+            .body(Full::new(Bytes::from(form.finish())))
+            .map_err(|_| TokenFailure::BadRequest("token_url is not a valid request target"))
+    }
+}
+
+/// A successful token response, validated.
+pub struct ParsedToken {
+    pub authorization: HeaderValue,
+    pub expires_in: Duration,
+}
+
+/// A token endpoint's answer as RFC 6749 §5.1 describes it; other members are ignored.
+#[derive(Deserialize)]
+struct TokenResponse<'a> {
+    #[serde(borrow)]
+    access_token: Option<Cow<'a, str>>,
+    /// `Some(None)` is an explicit `null`, which is refused like any other non-Bearer type.
+    #[serde(borrow, default, deserialize_with = "present")]
+    token_type: Option<Option<Cow<'a, str>>>,
+    expires_in: Option<Lifetime<'a>>,
+}
+
+/// Deserializes a member that is present (even as `null`) as `Some`.
+fn present<'de, D, T>(deserializer: D) -> Result<Option<T>, D::Error>
+where
+    D: serde::Deserializer<'de>,
+    T: Deserialize<'de>,
+{
+    T::deserialize(deserializer).map(Some)
+}
+
+/// `expires_in` as a number, or as a numeric string (some servers send one).
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum Lifetime<'a> {
+    Seconds(f64),
+    #[serde(borrow)]
+    Text(Cow<'a, str>),
+}
+
+impl Lifetime<'_> {
+    fn seconds(&self) -> Option<f64> {
+        match self {
+            Lifetime::Seconds(s) => Some(*s),
+            Lifetime::Text(s) => s.trim().parse().ok(),
+        }
+    }
+}
+
+/// Validates a token endpoint's JSON answer. Errors never contain the body (which may hold
+/// a token): serde's own messages can echo values, so they are replaced by fixed ones.
+pub fn parse_token_response(body: &[u8]) -> Result<ParsedToken, TokenFailure> {
+    let response: TokenResponse<'_> = serde_json::from_slice(body).map_err(|e| {
+        TokenFailure::Malformed(if e.is_data() {
+            "token response is not a token answer"
+        } else {
+            "token response is not JSON"
+        })
+    })?;
+    let access_token =
+        response
+            .access_token
+            .filter(|t| !t.is_empty())
+            .ok_or(TokenFailure::Malformed(
+                "token response has no access_token",
+            ))?;
+    // Visible ASCII only (RFC 6750's b64token is a subset): `HeaderValue` would also take
+    // spaces, tabs and non-ASCII bytes, which upstream would trim, split or refuse.
+    let not_a_header =
+        TokenFailure::Malformed("access_token has characters not allowed in a header");
+    if !access_token.bytes().all(|b| b.is_ascii_graphic()) {
+        return Err(not_a_header);
+    }
+    let bearer =
+        |t: &Option<Cow<'_, str>>| t.as_ref().is_some_and(|t| t.eq_ignore_ascii_case("bearer"));
+    if response.token_type.is_some_and(|t| !bearer(&t)) {
+        return Err(TokenFailure::Malformed(
+            "token response's token_type is not Bearer",
+        ));
+    }
+    let expires_in = response
+        .expires_in
+        .and_then(|l| l.seconds())
+        .filter(|s| s.is_finite() && *s >= 1.0)
+        .ok_or(TokenFailure::Malformed(
+            "token response has no positive expires_in",
+        ))?;
+    let mut authorization =
+        HeaderValue::from_str(&format!("Bearer {access_token}")).map_err(|_| not_a_header)?;
+    authorization.set_sensitive(true);
+    Ok(ParsedToken {
+        authorization,
+        // Capped at a year so instant arithmetic cannot overflow.
+        expires_in: Duration::from_secs_f64(expires_in.min(365.0 * 86_400.0)),
+    })
+}
+
+/// The OAuth `error` code of an error answer, when it is a short plain word (never the
+/// description, which could echo input).
+fn oauth_error_code(body: &[u8]) -> Option<String> {
+    let value: serde_json::Value = serde_json::from_slice(body).ok()?;
+    let code = value.get("error")?.as_str()?;
+    (code.len() <= 40 && code.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_'))
+        .then(|| code.to_owned())
+}
+
+/// `application/x-www-form-urlencoded` encoding of one value (RFC 6749 §2.3.1 wants it for
+/// the id and secret inside a Basic header too).
+pub fn form_encode(value: &str) -> String {
+    form_urlencoded::byte_serialize(value.as_bytes()).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn valid_token_response() {
+        let parsed = parse_token_response(
+            br#"{"access_token":"abc","token_type":"Bearer","expires_in":600,"scope":"x"}"#,
+        )
+        .unwrap();
+        assert_eq!(parsed.expires_in, Duration::from_secs(600));
+        assert!(parsed.authorization.is_sensitive());
+    }
+
+    #[test]
+    fn malformed_token_responses_are_refused_without_echoing_the_body() {
+        for body in [
+            &b"not json"[..],
+            br#"{"token_type":"Bearer","expires_in":600}"#,
+            br#"{"access_token":"secret-xyz","expires_in":0}"#,
+            br#"{"access_token":"secret-xyz"}"#,
+            br#"{"access_token":"secret-xyz","expires_in":600,"token_type":"mac"}"#,
+            br#"{"access_token":"bad\nvalue","expires_in":600}"#,
+        ] {
+            let err = parse_token_response(body).err().unwrap().to_string();
+            assert!(!err.contains("secret-xyz"), "{err}");
+        }
+    }
+
+    #[test]
+    fn form_encoding() {
+        assert_eq!(form_encode("a b:c/d"), "a+b%3Ac%2Fd");
+    }
+}

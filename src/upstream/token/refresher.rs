@@ -1,0 +1,156 @@
+//! The background task that owns all talk with the token endpoint: it fetches the first token
+//! at once, renews each before it expires, and renews at once when requests find none usable.
+
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Weak};
+use std::time::Duration;
+
+use http::HeaderValue;
+use tokio::sync::{oneshot, watch, Notify};
+use tokio::time::Instant;
+
+use super::endpoint::TokenRequest;
+use super::fleet::FleetTokens;
+use super::{AccessToken, Phase, TokenFailure, TokenState};
+use crate::upstream::backoff::Backoff;
+use crate::upstream::transport::Transport;
+
+/// Renewal back-off after a failed fetch: doubles from the first to the last, with jitter.
+const BACKOFF_FIRST: Duration = Duration::from_millis(250);
+const BACKOFF_LAST: Duration = Duration::from_secs(30);
+
+/// The background task that owns all talk with the token endpoint. It holds the manager's
+/// state only weakly (and only while it works), so dropping the last handle stops it.
+pub(super) struct Refresher {
+    pub(super) state: Weak<TokenState>,
+    pub(super) wake: Arc<Notify>,
+    pub(super) manager_gone: oneshot::Receiver<()>,
+    pub(super) transport: Transport,
+    pub(super) request: TokenRequest,
+    pub(super) refresh_margin: Duration,
+    pub(super) fleet: Option<Arc<dyn FleetTokens>>,
+    /// The fleet id of the token last installed, when it is the fleet's.
+    pub(super) installed_fleet_id: Option<u64>,
+}
+
+/// A token ready to install, and how long it lives from now (for the expiry gauge).
+pub(super) type Obtained = (AccessToken, Duration);
+
+impl Refresher {
+    pub(super) async fn run(mut self, mut shutdown: watch::Receiver<bool>) {
+        let mut backoff = Backoff::new(BACKOFF_FIRST, BACKOFF_LAST);
+        loop {
+            let Some(state) = self.state.upgrade() else {
+                return;
+            };
+            state.phase.send_replace(Phase::Fetching);
+            let result = self.obtain(&state).await;
+            let (sleep_until, backing_off) = match result {
+                Ok((token, lifetime_left)) => {
+                    tracing::debug!(
+                        token_id = token.id,
+                        expires_in_s = lifetime_left.as_secs(),
+                        "token obtained"
+                    );
+                    let refresh_at = token.refresh_at;
+                    state.current.store(Some(Arc::new(token)));
+                    // After the store, so that a concurrent `reject` of the previous token
+                    // (which zeroes the gauge) cannot overwrite the new token's expiry.
+                    state
+                        .metrics
+                        .expiry
+                        .set((crate::clock::since_epoch() + lifetime_left).as_secs_f64());
+                    state.phase.send_replace(Phase::Idle);
+                    backoff.reset();
+                    (refresh_at, false)
+                }
+                Err(failure) => {
+                    let delay = backoff.next_delay();
+                    tracing::warn!(
+                        error = %crate::error::ErrorChain(&failure),
+                        retry_in_ms = delay.as_millis() as u64,
+                        "token fetch failed"
+                    );
+                    state.phase.send_replace(Phase::BackingOff(failure));
+                    (Instant::now() + delay, true)
+                }
+            };
+            drop(state);
+            if !self.sleep(sleep_until, backing_off, &mut shutdown).await {
+                return;
+            }
+        }
+    }
+
+    /// Sleeps until `until`, or until woken while no usable token is held (not while backing
+    /// off: requests fail fast then). Returns false when the proxy is shutting down or the
+    /// manager is gone.
+    async fn sleep(
+        &mut self,
+        until: Instant,
+        backing_off: bool,
+        shutdown: &mut watch::Receiver<bool>,
+    ) -> bool {
+        loop {
+            tokio::select! {
+                _ = tokio::time::sleep_until(until) => return true,
+                _ = self.wake.notified(), if !backing_off => {
+                    match self.state.upgrade() {
+                        Some(state) if state.usable_token().is_some() => {}
+                        Some(_) => return true,
+                        None => return false,
+                    }
+                }
+                _ = &mut self.manager_gone => return false,
+                _ = shutdown.changed() => return false,
+            }
+        }
+    }
+
+    /// [`Self::fetch`], counted and timed in the token metrics.
+    pub(super) async fn fetch_counted(&self, state: &TokenState) -> Result<Obtained, TokenFailure> {
+        let started = Instant::now();
+        let result = self.fetch(started, state).await;
+        let metrics = &state.metrics;
+        metrics
+            .fetch_duration
+            .observe(started.elapsed().as_secs_f64());
+        match &result {
+            Ok(_) => metrics.fetch_succeeded.inc(),
+            Err(_) => metrics.fetch_failed.inc(),
+        }
+        result
+    }
+
+    /// The refresh margin and the safety margin for a token of `lifetime`: it is renewed
+    /// `margin` before its end and never sent in its last `safety`.
+    pub(super) fn margins(&self, lifetime: Duration) -> (Duration, Duration) {
+        let margin = self.refresh_margin.min(lifetime / 2);
+        let safety = (lifetime / 4).min(Duration::from_secs(5));
+        (margin, safety)
+    }
+
+    pub(super) fn access_token(
+        &self,
+        state: &TokenState,
+        authorization: HeaderValue,
+        expires_at: Instant,
+        lifetime: Duration,
+    ) -> AccessToken {
+        let (margin, safety) = self.margins(lifetime);
+        let before_end = |d: Duration| expires_at.checked_sub(d).unwrap_or(expires_at);
+        AccessToken {
+            authorization,
+            usable_until: before_end(safety),
+            refresh_at: before_end(margin),
+            id: state.next_id.fetch_add(1, Ordering::Relaxed),
+        }
+    }
+
+    async fn fetch(&self, started: Instant, state: &TokenState) -> Result<Obtained, TokenFailure> {
+        let parsed = self.request.send(&self.transport).await?;
+        let lifetime = parsed.expires_in;
+        let token = self.access_token(state, parsed.authorization, started + lifetime, lifetime);
+        Ok((token, lifetime))
+    }
+}
