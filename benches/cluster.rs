@@ -421,7 +421,7 @@ fn shared_tier_upstream_gets() {
                 instances.push(proxy_with(&sim, Some(&redis.url()), 1_000, &keys, &cache).await);
             }
             sim.reset_counters();
-            let (empty, _) = redis_memory(&redis.url()).await;
+            let (empty, _) = redis_memory(&redis.admin_url()).await;
             let mut halfway = 0;
             for (n, &contact) in sequence.iter().enumerate() {
                 if n == calls / 2 {
@@ -434,7 +434,7 @@ fn shared_tier_upstream_gets() {
                 }
             }
             let gets = sim.stats().gets;
-            let (used, keys) = redis_memory(&redis.url()).await;
+            let (used, keys) = redis_memory(&redis.admin_url()).await;
             let redis_bytes = (used.saturating_sub(empty), keys);
             let unavailable: f64 = instances
                 .iter()

@@ -91,10 +91,15 @@ impl RedisServer {
         proxy_url(format!("127.0.0.1:{}", self.port))
     }
 
-    /// A connection as the administrator (the default user).
-    pub fn admin(&self) -> redis::Connection {
+    /// The administrator's URL (the default user).
+    pub fn admin_url(&self) -> String {
         let password = self.password.as_deref().unwrap_or_default();
-        redis::Client::open(format!("redis://:{password}@127.0.0.1:{}", self.port))
+        format!("redis://:{password}@127.0.0.1:{}", self.port)
+    }
+
+    /// A connection as the administrator.
+    pub fn admin(&self) -> redis::Connection {
+        redis::Client::open(self.admin_url())
             .and_then(|client| client.get_connection())
             .expect("connect to Redis as the administrator")
     }
