@@ -3,6 +3,8 @@
 //! call while two OS threads call it at once (both threads run the same number of calls;
 //! the time reported is the wall time divided by the calls of one thread).
 //!
+//! Also the cost of making one `private_key_jwt` client assertion (ES256).
+//!
 //! `cargo bench --bench token`
 
 use std::hint::black_box;
@@ -146,5 +148,24 @@ fn token_current(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, token_current);
+/// Making one `private_key_jwt` client assertion (a UUID, the claims, one signature). It runs
+/// only where a token is fetched (the refresher, or the fleet's renewal), never on a consent
+/// request's path; beside it for scale, a new token's whole refresh is a network round trip.
+fn client_assertion(c: &mut Criterion) {
+    use consent_proxy::jws::{Algorithm, SigningKey};
+    use consent_proxy::upstream::token::assertion::client_assertion;
+    let mut group = c.benchmark_group("client_assertion");
+    group
+        .sample_size(20)
+        .warm_up_time(Duration::from_secs(1))
+        .measurement_time(Duration::from_secs(3));
+    let es256 = SigningKey::from_text(&SigningKey::generate_es256(), Algorithm::ES256).unwrap();
+    let url = "https://acme.talkdeskid.com/oauth/token";
+    group.bench_function("es256", |b| {
+        b.iter(|| black_box(client_assertion(&es256, "kid", "client", url).unwrap()))
+    });
+    group.finish();
+}
+
+criterion_group!(benches, token_current, client_assertion);
 criterion_main!(benches);

@@ -86,6 +86,8 @@ impl App {
         let (listener, listen_addr) = listen("server.listen", settings.server.listen, backlog)?;
         let (admin_listener, admin_addr) =
             listen("server.admin_listen", settings.server.admin_listen, backlog)?;
+        // Before the first connection can come: a burst must not wait while the table grows.
+        server::reserve_descriptors(&listener, settings.server.max_connections);
 
         let registry = metrics::new_registry();
         let (shutdown, shutdown_rx) = watch::channel(false);
@@ -168,6 +170,7 @@ impl App {
                 max_body_bytes: settings.server.max_body_bytes,
                 max_header_bytes: settings.server.max_header_bytes,
                 request_timeout: settings.server.request_timeout,
+                trusted_proxies: settings.server.trusted_proxies.clone(),
             },
             token_endpoint,
         ));
@@ -178,11 +181,14 @@ impl App {
             tokens.clone(),
             auth,
             serving.clone(),
+            settings.server.max_header_bytes,
         ));
         let limits = ListenerLimits {
             max_header_bytes: settings.server.max_header_bytes,
             header_read_timeout: settings.server.header_read_timeout,
             idle_timeout: settings.server.idle_timeout,
+            // An answer may take as long to be taken as a request's head may take to come.
+            answer_timeout: settings.server.request_timeout + settings.server.header_read_timeout,
             max_connections: settings.server.max_connections,
         };
         let grace = settings.server.shutdown_grace;

@@ -92,8 +92,15 @@ pub enum ProxyError {
         message: String,
         fields: Vec<FieldProblem>,
     },
-    #[error("missing or wrong credentials")]
+    #[error("wrong credentials")]
     Unauthorized,
+    /// No credentials at all (the same answer as [`ProxyError::Unauthorized`]; counted apart).
+    #[error("no credentials")]
+    MissingCredentials,
+    /// Too many failed authentications from the caller's address (or for the Basic name it
+    /// claimed) within the throttle's window; retry after this.
+    #[error("too many failed authentications")]
+    TooManyAttempts { retry_after: Duration },
     /// An `Authorization: Bearer` value that is neither a client's key nor an acceptable
     /// access token (the cause says why).
     #[error("wrong credentials")]
@@ -137,7 +144,10 @@ impl ProxyError {
             ProxyError::InvalidContactId | ProxyError::InvalidBody { .. } => {
                 StatusCode::BAD_REQUEST
             }
-            ProxyError::Unauthorized | ProxyError::InvalidToken(_) => StatusCode::UNAUTHORIZED,
+            ProxyError::Unauthorized
+            | ProxyError::MissingCredentials
+            | ProxyError::InvalidToken(_) => StatusCode::UNAUTHORIZED,
+            ProxyError::TooManyAttempts { .. } => StatusCode::TOO_MANY_REQUESTS,
             ProxyError::Forbidden(_) => StatusCode::FORBIDDEN,
             ProxyError::NotFound => StatusCode::NOT_FOUND,
             ProxyError::MethodNotAllowed { .. } => StatusCode::METHOD_NOT_ALLOWED,
@@ -173,7 +183,10 @@ impl ProxyError {
         match self {
             ProxyError::InvalidContactId => "invalid_contact_id",
             ProxyError::InvalidBody { .. } => "invalid_body",
-            ProxyError::Unauthorized | ProxyError::InvalidToken(_) => "unauthorized",
+            ProxyError::Unauthorized
+            | ProxyError::MissingCredentials
+            | ProxyError::InvalidToken(_) => "unauthorized",
+            ProxyError::TooManyAttempts { .. } => "too_many_attempts",
             ProxyError::Forbidden(_) => "forbidden",
             ProxyError::NotFound => "not_found",
             ProxyError::MethodNotAllowed { .. } => "method_not_allowed",
@@ -194,7 +207,10 @@ impl ProxyError {
         match self {
             ProxyError::InvalidContactId => "contact_id must be 1 to 64 characters of A-Z a-z 0-9 + . _ -, starting with a letter, a digit or +".into(),
             ProxyError::InvalidBody { message, .. } => message.clone(),
-            ProxyError::Unauthorized => "a valid API key or access token is required".into(),
+            ProxyError::Unauthorized | ProxyError::MissingCredentials => {
+                "a valid API key or access token is required".into()
+            }
+            ProxyError::TooManyAttempts { .. } => "too many failed authentications from this address or for this client name; retry after the time in Retry-After".into(),
             ProxyError::InvalidToken(_) => {
                 "the Bearer credential is neither a client's key nor a valid access token".into()
             }
@@ -233,7 +249,7 @@ impl ProxyError {
         let mut response = crate::wire::body::json_response(self.status(), &body);
         let headers = response.headers_mut();
         match self {
-            ProxyError::Unauthorized => {
+            ProxyError::Unauthorized | ProxyError::MissingCredentials => {
                 headers.insert(
                     header::WWW_AUTHENTICATE,
                     HeaderValue::from_static(BASIC_CHALLENGE),
@@ -251,7 +267,8 @@ impl ProxyError {
             ProxyError::MethodNotAllowed { allow } => {
                 headers.insert(header::ALLOW, HeaderValue::from_static(allow));
             }
-            ProxyError::UpstreamUnavailable { retry_after, .. } => {
+            ProxyError::UpstreamUnavailable { retry_after, .. }
+            | ProxyError::TooManyAttempts { retry_after } => {
                 let seconds = retry_after_seconds(retry_after);
                 headers.insert(header::RETRY_AFTER, HeaderValue::from(seconds));
             }

@@ -154,6 +154,7 @@ pub fn status_label(status: StatusCode) -> &'static str {
         415 => "415",
         429 => "429",
         431 => "431",
+        499 => "499",
         500 => "500",
         502 => "502",
         503 => "503",
@@ -173,6 +174,8 @@ pub fn status_label(status: StatusCode) -> &'static str {
 pub struct HttpMetrics {
     pub requests: IntCounterVec,
     pub duration: HistogramVec,
+    /// `consent_proxy_auth_failures_total{route,reason}`.
+    pub auth_failures: IntCounterVec,
 }
 
 impl HttpMetrics {
@@ -189,6 +192,14 @@ impl HttpMetrics {
                 "consent_proxy_request_duration_seconds",
                 "Time from request head to answer on the consent listener.",
                 &["route", "method"],
+            ),
+            auth_failures: counter_vec(
+                registry,
+                "consent_proxy_auth_failures_total",
+                "Failed caller authentications on the consent listener, by route (consent: the \
+                 consent routes; other: the token endpoint) and reason (throttled: refused \
+                 unchecked after too many failures).",
+                &["route", "reason"],
             ),
         }
     }

@@ -4,9 +4,13 @@
 //! write is announced to the other instances before it goes upstream and its outcome after,
 //! and with the shared cache a fill looks in the cluster's shared tier before going upstream.
 
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::{Context, Poll};
 
 use prometheus::{IntCounter, Registry};
+use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
 use crate::cache::{CacheStatus, ConsentCache, FillLead, FillResult, FillWaiter, Lookup, Settled};
@@ -159,12 +163,15 @@ impl ConsentService {
     /// In a cluster the write is first announced (refused with `cluster_unavailable`, upstream
     /// not called, when that fails under `write_policy = "require"`), and its outcome is
     /// announced before the answer. The upstream attempts are reported to `request`.
-    pub async fn write(
+    ///
+    /// The write starts at once, in its own task; the returned [`WriteTask`] resolves to its
+    /// answer and, dropped, leaves the write running to its end.
+    pub fn write(
         &self,
         contact: &ContactId,
         status: ConsentStatus,
         request: &RequestContext,
-    ) -> Result<ConsentAnswer, ProxyError> {
+    ) -> WriteTask {
         let service = self.clone();
         let contact = contact.clone();
         let request = request.hand_over();
@@ -195,8 +202,7 @@ impl ConsentService {
             }
             written.answer
         });
-        task.await
-            .unwrap_or_else(|err| Err(ProxyError::Internal(Failure::new("write task failed", err))))
+        WriteTask(task)
     }
 
     /// Drops the contact's cached answer here and, in a cluster, on the other instances and in
@@ -255,5 +261,20 @@ fn applied(
             WriteOutcome::Unknown
         }
         _ => WriteOutcome::Applied(written),
+    }
+}
+
+/// A write running in its own task: awaiting it gives the write's answer.
+pub struct WriteTask(JoinHandle<Result<ConsentAnswer, ProxyError>>);
+
+impl Future for WriteTask {
+    type Output = Result<ConsentAnswer, ProxyError>;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        Pin::new(&mut self.0).poll(cx).map(|joined| {
+            joined.unwrap_or_else(|err| {
+                Err(ProxyError::Internal(Failure::new("write task failed", err)))
+            })
+        })
     }
 }

@@ -10,7 +10,8 @@
 //! - [`token`]: signing and verifying access tokens (HS256 JWTs, key ids, rotation);
 //! - `bearer`: access tokens on the consent routes, verified once, then found in a cache;
 //! - [`scope`]: OAuth scopes and the permissions they stand for;
-//! - [`throttle`]: failed client authentications at the token endpoint, per name and address.
+//! - [`throttle`]: failed authentications, per address and per claimed name, on the consent
+//!   routes and at the token endpoint alike (one throttle, held here).
 
 mod bearer;
 mod hs256;
@@ -19,7 +20,9 @@ pub mod throttle;
 pub mod token;
 mod verified;
 
+use std::net::IpAddr;
 use std::sync::Arc;
+use std::time::Instant;
 
 use http::{header, HeaderMap};
 use prometheus::Registry;
@@ -29,6 +32,7 @@ use crate::config::{ClientSettings, Permissions};
 use crate::error::{Failure, ProxyError};
 use crate::wire::credentials::{Authorization, BasicCredentials};
 use bearer::AccessTokens;
+use throttle::FailureThrottle;
 use token::{TokenKeys, TokenRejection};
 
 /// The metric label for a caller not (yet) authenticated.
@@ -82,6 +86,7 @@ impl Caller {
 pub struct Authenticator {
     clients: Vec<ClientSettings>,
     required: bool,
+    throttle: FailureThrottle,
     /// `None` when `oauth.enabled = false`: a Bearer value is then only ever a key.
     tokens: Option<AccessTokens>,
 }
@@ -101,6 +106,7 @@ impl Authenticator {
     /// Keys only; see [`Authenticator::with_access_tokens`].
     pub fn new(clients: Vec<ClientSettings>, required: bool) -> Self {
         Authenticator {
+            throttle: FailureThrottle::new(clients.iter().map(|c| c.name.as_str())),
             clients,
             required,
             tokens: None,
@@ -137,27 +143,80 @@ impl Authenticator {
         Ok(caller)
     }
 
+    /// The failure throttle, shared with the token endpoint.
+    pub fn throttle(&self) -> &FailureThrottle {
+        &self.throttle
+    }
+
     /// Who is calling. Wrong credentials are always refused; no credentials are refused
     /// unless `auth.required = false`, when the caller is anonymous with read and write.
     pub fn authenticate(&self, headers: &HeaderMap) -> Result<Caller, ProxyError> {
         match presented(headers)? {
-            Some(Presented::Key { claimed_name, key }) => self
+            Some(presented) => self.check(&presented),
+            None => self.without_credentials(),
+        }
+    }
+
+    /// [`Authenticator::authenticate`] under the failure throttle, for a request from
+    /// `address`: credentials from an address (or claiming a Basic name) that failed too often
+    /// lately are refused unchecked, right or wrong (429), and a failure counts against both.
+    /// A request without credentials guesses nothing: neither refused by the throttle nor
+    /// counted.
+    pub fn authenticate_from(
+        &self,
+        headers: &HeaderMap,
+        address: IpAddr,
+        now: Instant,
+    ) -> Result<Caller, ProxyError> {
+        let presented = match presented(headers) {
+            Ok(None) => return self.without_credentials(),
+            Ok(Some(presented)) => Ok(presented),
+            Err(malformed) => Err(malformed),
+        };
+        let name = match &presented {
+            Ok(Presented::Key {
+                claimed_name: Some(name),
+                ..
+            }) => Some(name.as_str()),
+            _ => None,
+        };
+        if let Some(retry_after) = self.throttle.wait(address, name, now) {
+            return Err(ProxyError::TooManyAttempts { retry_after });
+        }
+        let result = presented
+            .as_ref()
+            .map_err(Clone::clone)
+            .and_then(|p| self.check(p));
+        if result.is_err() {
+            self.throttle.record_failure(address, name, now);
+        }
+        result
+    }
+
+    fn check(&self, presented: &Presented<'_>) -> Result<Caller, ProxyError> {
+        match presented {
+            Presented::Key { claimed_name, key } => self
                 .client_with_key(
                     &ClientSettings::key_digest(key.as_bytes()),
                     claimed_name.as_deref(),
                 )
                 .ok_or(ProxyError::Unauthorized),
-            Some(Presented::Bearer(value)) => self.bearer(value),
-            None if !self.required => Ok(Caller {
-                client_index: None,
-                permissions: Permissions {
-                    read: true,
-                    write: true,
-                    admin: false,
-                },
-            }),
-            None => Err(ProxyError::Unauthorized),
+            Presented::Bearer(value) => self.bearer(value),
         }
+    }
+
+    fn without_credentials(&self) -> Result<Caller, ProxyError> {
+        if self.required {
+            return Err(ProxyError::MissingCredentials);
+        }
+        Ok(Caller {
+            client_index: None,
+            permissions: Permissions {
+                read: true,
+                write: true,
+                admin: false,
+            },
+        })
     }
 
     /// An OAuth client's credentials at the token endpoint: the client named `client_id`, if
@@ -213,6 +272,21 @@ impl Authenticator {
         found
     }
 }
+
+/// The `reason` of `consent_proxy_auth_failures_total` on the consent routes that `error`
+/// counts under, if it is a failed authentication.
+pub fn failure_reason(error: &ProxyError) -> Option<&'static str> {
+    match error {
+        ProxyError::MissingCredentials => Some("missing"),
+        ProxyError::Unauthorized => Some("invalid_key"),
+        ProxyError::InvalidToken(_) => Some("invalid_token"),
+        ProxyError::TooManyAttempts { .. } => Some("throttled"),
+        _ => None,
+    }
+}
+
+/// Every reason [`failure_reason`] gives.
+pub const FAILURE_REASONS: [&str; 4] = ["missing", "invalid_key", "invalid_token", "throttled"];
 
 /// Extracts the credential from `X-API-Key`, `Authorization: Bearer` or `Authorization:
 /// Basic`. A malformed credential header is refused rather than ignored.

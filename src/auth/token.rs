@@ -9,7 +9,9 @@
 //!
 //! Verification accepts exactly one algorithm, HS256, and a known key id: no `none`, no other
 //! HMAC, no public-key algorithm that could be confused with a shared secret. Expiry is checked
-//! with [`LEEWAY`] for clocks that differ between instances, and no more.
+//! with [`LEEWAY`] for clocks that differ between instances, and no more: here, against the
+//! clock to the nanosecond (jsonwebtoken's own check compares whole seconds, which stretches a
+//! 2 s leeway to almost 3 s).
 
 use std::time::Duration;
 
@@ -167,8 +169,10 @@ impl TokenKeys {
             })
             .collect::<Result<Vec<_>, Failure>>()?;
         let mut validation = Validation::new(Algorithm::HS256);
-        validation.leeway = LEEWAY.as_secs();
-        validation.validate_exp = true;
+        // Expiry is checked in `verify_at`; `exp` stays required (a token without one is not
+        // ours), and a non-numeric one fails to deserialise.
+        validation.leeway = 0;
+        validation.validate_exp = false;
         validation.validate_nbf = false;
         validation.set_audience(&[AUDIENCE]);
         validation.set_required_spec_claims(&["exp", "aud", "sub"]);
@@ -208,6 +212,12 @@ impl TokenKeys {
 
     /// Checks `token`: its shape, algorithm, key id, signature, audience and expiry.
     pub fn verify(&self, token: &str) -> Result<VerifiedClaims, TokenRejection> {
+        self.verify_at(token, since_epoch())
+    }
+
+    /// [`TokenKeys::verify`] with the wall clock reading `now` (since the Unix epoch): a token
+    /// is accepted while `now` is at most its `exp` plus [`LEEWAY`].
+    fn verify_at(&self, token: &str, now: Duration) -> Result<VerifiedClaims, TokenRejection> {
         if token.len() > MAX_TOKEN_BYTES {
             return Err(TokenRejection::Malformed);
         }
@@ -222,6 +232,9 @@ impl TokenKeys {
             .ok_or(TokenRejection::UnknownKey)?;
         let data = jsonwebtoken::decode::<Claims>(token, &key.decoding, &self.validation)
             .map_err(|e| rejection(e.kind()))?;
+        if now > Duration::from_secs(data.claims.exp).saturating_add(LEEWAY) {
+            return Err(TokenRejection::Expired);
+        }
         Ok(VerifiedClaims {
             client: data.claims.sub,
             scopes: scope::from_token(&data.claims.scope),
@@ -425,6 +438,20 @@ mod tests {
             .is_ok());
         assert_eq!(
             keys.verify(&with(&|c| c["exp"] = json!(now() - leeway - 2))),
+            Err(TokenRejection::Expired)
+        );
+        // Exactly at the bound, against a chosen clock: `exp` + LEEWAY is the last instant.
+        let exp = now() + 60;
+        let token = with(&|c| c["exp"] = json!(exp));
+        let at_exp = Duration::from_secs(exp);
+        assert!(keys.verify_at(&token, at_exp + LEEWAY).is_ok());
+        assert_eq!(
+            keys.verify_at(&token, at_exp + LEEWAY + Duration::from_nanos(1)),
+            Err(TokenRejection::Expired)
+        );
+        // The reported case: 2.9 s past `exp`.
+        assert_eq!(
+            keys.verify_at(&token, at_exp + Duration::from_millis(2900)),
             Err(TokenRejection::Expired)
         );
         // The type-confusion trick: an `exp` that is not a number is not "no exp".

@@ -25,7 +25,7 @@ pub enum Kind {
 
 impl Kind {
     /// `answer`'s kind, if it is cacheable: a 200 with a consent body, or (when
-    /// `not_found_cached`) a 404. Only these are ever stored (contract rule 4). Copies nothing.
+    /// `not_found_cached`) a 404. Only these are ever stored (rule 4 of docs/CONSISTENCY.md). Copies nothing.
     pub fn of(answer: &ConsentAnswer, not_found_cached: bool) -> Option<Kind> {
         match answer.status {
             StatusCode::OK => consent_status_of(&answer.body).map(Kind::Found),

@@ -20,7 +20,7 @@ pub type FillResult = Result<ConsentAnswer, ProxyError>;
 
 /// What a fill's fetch produced, with how old its answer already was: an answer another cache
 /// held (the cluster's shared tier) is stored no younger than it is, so that it is never
-/// served past its TTL (rule 3).
+/// served past its TTL (rule 3 of docs/CONSISTENCY.md).
 pub struct Fetched {
     pub result: FillResult,
     pub age: Duration,

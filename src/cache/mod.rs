@@ -19,7 +19,7 @@
 //!   background ([`Hit::refresh`]): a refresh is an ordinary fill, under the same guard.
 //! - Entries are kept `stale_if_error_s` past their TTL; a GET whose fill fails because
 //!   upstream cannot answer may be answered from the entry as it is then, never as the lookup
-//!   found it ([`ConsentCache::settle`], contract rule 6).
+//!   found it ([`ConsentCache::settle`], rule 6 of docs/CONSISTENCY.md).
 //! - In a cluster, a write announced by another instance is held as a remote [`WriteGuard`]
 //!   ([`ConsentCache::begin_remote_write`]): it drops the entry at once, and when it ends the
 //!   entry is dropped again rather than replaced (only upstream knows how it was ordered

@@ -2,7 +2,7 @@
 //! reason that says upstream cannot answer (`stale_if_error_s` set), it is answered from the
 //! entry instead, as `STALE`, if the entry is still within its TTL plus `stale_if_error_s`.
 //!
-//! Rule 6 (a STALE answer is never older than a write this instance, or the cluster, knows
+//! Rule 6 of docs/CONSISTENCY.md (a STALE answer is never older than a write this instance, or the cluster, knows
 //! of) holds because the entry is read again when the failure happens, never remembered from
 //! the lookup: a write that completed meanwhile has replaced or dropped it (under the shard
 //! lock, before its caller heard back), a write announced by another instance and a cluster

@@ -429,7 +429,10 @@ mod tests {
         )
         .unwrap();
         assert_eq!(s.server.listen, "127.0.0.1:18080".parse().unwrap());
-        assert_eq!(s.talkdesk.client_secret.expose(), "from-env");
+        assert_eq!(
+            s.talkdesk.client_credential.secret().unwrap().expose(),
+            "from-env"
+        );
         assert_eq!(
             s.talkdesk.token_url,
             "https://acme.talkdeskid.eu/oauth/token"

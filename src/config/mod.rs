@@ -24,8 +24,11 @@ use std::{
     net::SocketAddr,
     num::NonZeroU32,
     path::{Path, PathBuf},
+    sync::Arc,
     time::Duration,
 };
+
+use crate::wire::forwarded::TrustedProxies;
 
 /// The built-in defaults, compiled into the binary (the lowest layer).
 pub const DEFAULT_CONFIG_TOML: &str = include_str!("../../config/default.toml");
@@ -104,6 +107,8 @@ pub struct ServerSettings {
     pub max_connections: usize,
     /// The kernel's accept queue of each listener (at least 1).
     pub listen_backlog: u32,
+    /// Load balancers whose `X-Forwarded-For` / `Forwarded` name the caller's address.
+    pub trusted_proxies: TrustedProxies,
 }
 
 #[derive(Debug, Clone)]
@@ -182,6 +187,8 @@ pub enum ClientAuth {
     Basic,
     /// `client_secret_post`: credentials in the form body.
     Post,
+    /// `private_key_jwt` (RFC 7523): a JWT signed with the client's private key, no secret.
+    PrivateKeyJwt,
 }
 
 impl ClientAuth {
@@ -189,6 +196,36 @@ impl ClientAuth {
         match self {
             ClientAuth::Basic => "basic",
             ClientAuth::Post => "post",
+            ClientAuth::PrivateKeyJwt => "private_key_jwt",
+        }
+    }
+}
+
+/// The client's credential at Talkdesk's token endpoint, and how it is presented.
+#[derive(Debug, Clone)]
+pub enum ClientCredential {
+    /// `basic` or `post`: the client secret.
+    Secret { secret: Secret, auth: ClientAuth },
+    /// `private_key_jwt`: a fresh assertion per token request, signed with this key.
+    PrivateKey {
+        key: Arc<crate::jws::SigningKey>,
+        key_id: String,
+    },
+}
+
+impl ClientCredential {
+    pub fn client_auth(&self) -> ClientAuth {
+        match self {
+            ClientCredential::Secret { auth, .. } => *auth,
+            ClientCredential::PrivateKey { .. } => ClientAuth::PrivateKeyJwt,
+        }
+    }
+
+    /// The client secret, when that is the credential.
+    pub fn secret(&self) -> Option<&Secret> {
+        match self {
+            ClientCredential::Secret { secret, .. } => Some(secret),
+            ClientCredential::PrivateKey { .. } => None,
         }
     }
 }
@@ -202,8 +239,8 @@ pub struct TalkdeskSettings {
     /// Effective (derived from region and account when not configured).
     pub token_url: String,
     pub client_id: String,
-    pub client_secret: Secret,
-    pub client_auth: ClientAuth,
+    /// How the proxy proves who it is at the token endpoint.
+    pub client_credential: ClientCredential,
     pub scopes: Vec<String>,
     pub timeout: Duration,
     pub max_retries: u32,

@@ -11,6 +11,7 @@ use config::{Value, ValueKind};
 use serde::{ser::Error as _, Deserialize, Deserializer, Serialize, Serializer};
 
 use super::{ClientAuth, LogFormat, Region, WritePolicy};
+use crate::jws::Algorithm;
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
 pub(super) struct ConfigFile {
@@ -42,6 +43,7 @@ pub(super) struct Server {
     pub shutdown_grace_ms: Field<u64>,
     pub max_connections: Field<u64>,
     pub listen_backlog: Field<u32>,
+    pub trusted_proxies: Field<Vec<String>>,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -60,6 +62,9 @@ pub(super) struct Talkdesk {
     pub client_secret: Field<String>,
     pub client_secret_file: Field<String>,
     pub client_auth: Field<ClientAuth>,
+    pub private_key_file: Field<String>,
+    pub key_id: Field<String>,
+    pub key_algorithm: Field<Algorithm>,
     pub scopes: Field<Vec<String>>,
     pub timeout_ms: Field<u64>,
     pub max_retries: Field<u32>,
@@ -327,7 +332,19 @@ impl Choice for Region {
 
 impl Choice for ClientAuth {
     const WHAT: &'static str = "client authentication method";
-    const ALL: &'static [Self] = &[ClientAuth::Basic, ClientAuth::Post];
+    const ALL: &'static [Self] = &[
+        ClientAuth::Basic,
+        ClientAuth::Post,
+        ClientAuth::PrivateKeyJwt,
+    ];
+    fn name(self) -> &'static str {
+        self.as_str()
+    }
+}
+
+impl Choice for Algorithm {
+    const WHAT: &'static str = "key algorithm";
+    const ALL: &'static [Self] = &Algorithm::ALL;
     fn name(self) -> &'static str {
         self.as_str()
     }

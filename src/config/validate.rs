@@ -8,8 +8,11 @@ use std::{
     net::{IpAddr, SocketAddr},
     num::NonZeroU32,
     path::{Path, PathBuf},
+    sync::Arc,
     time::Duration,
 };
+
+use crate::jws::{Algorithm, SigningKey};
 
 use super::{
     files::{read_text, FileKind},
@@ -19,10 +22,12 @@ use super::{
     redis_url::RedisUrl,
     schema::{self, Field},
     secret_files::{read_keys, read_secret_file, FromFiles},
-    AuthSettings, BreakerSettings, CacheSettings, ClientSettings, ClusterSettings, EgressSettings,
-    ExtraRoots, LogSettings, OAuthSettings, Permissions, ProxyEndpoint, Secret, ServerSettings,
-    Settings, TalkdeskSettings, TlsFiles, TokenSettings, ANONYMOUS,
+    AuthSettings, BreakerSettings, CacheSettings, ClientAuth, ClientCredential, ClientSettings,
+    ClusterSettings, EgressSettings, ExtraRoots, LogSettings, OAuthSettings, Permissions,
+    ProxyEndpoint, Secret, ServerSettings, Settings, TalkdeskSettings, TlsFiles, TokenSettings,
+    ANONYMOUS,
 };
+use crate::wire::forwarded::{Network, TrustedProxies};
 
 const MAX_CLIENT_NAME: usize = 64;
 const MIN_API_KEY: usize = 16;
@@ -277,6 +282,13 @@ fn server(s: schema::Server, p: &mut Problems) -> Option<ServerSettings> {
     );
     let max_connections = p.check("server.max_connections", s.max_connections, at_least(1));
     let listen_backlog = p.check("server.listen_backlog", s.listen_backlog, positive);
+    let trusted_proxies = p.check("server.trusted_proxies", s.trusted_proxies, |entries| {
+        let networks = entries
+            .iter()
+            .map(|entry| Network::parse(entry))
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(TrustedProxies::new(networks))
+    });
     Some(ServerSettings {
         listen: listen?,
         admin_listen: admin_listen?,
@@ -289,6 +301,7 @@ fn server(s: schema::Server, p: &mut Problems) -> Option<ServerSettings> {
         shutdown_grace: shutdown_grace?,
         max_connections: max_connections?,
         listen_backlog: listen_backlog?,
+        trusted_proxies: trusted_proxies?,
     })
 }
 
@@ -376,8 +389,18 @@ fn talkdesk(t: schema::Talkdesk, p: &mut Problems) -> Option<TalkdeskSettings> {
         }
         given
     });
-    let client_secret = client_secret(t.client_secret, t.client_secret_file, p);
     let client_auth = p.value("talkdesk.client_auth", t.client_auth);
+    let client_credential = client_credential(
+        client_auth,
+        CredentialKeys {
+            secret: t.client_secret,
+            secret_file: t.client_secret_file,
+            private_key_file: t.private_key_file,
+            key_id: t.key_id,
+            key_algorithm: t.key_algorithm,
+        },
+        p,
+    );
     let scopes = p.check("talkdesk.scopes", t.scopes, scopes);
     let timeout = p.check("talkdesk.timeout_ms", t.timeout_ms, positive_millis);
     let max_retries = p.value("talkdesk.max_retries", t.max_retries);
@@ -412,8 +435,7 @@ fn talkdesk(t: schema::Talkdesk, p: &mut Problems) -> Option<TalkdeskSettings> {
         api_base_url: api_base_url?,
         token_url: token_url?,
         client_id: client_id?,
-        client_secret: client_secret?,
-        client_auth: client_auth?,
+        client_credential: client_credential?,
         scopes: scopes?,
         timeout: timeout?,
         max_retries: max_retries?,
@@ -421,6 +443,97 @@ fn talkdesk(t: schema::Talkdesk, p: &mut Problems) -> Option<TalkdeskSettings> {
         max_concurrent: max_concurrent?,
         max_requests_per_s: max_requests_per_s?,
         breaker: breaker?,
+    })
+}
+
+/// The keys of `[talkdesk]` that say how the client authenticates.
+struct CredentialKeys {
+    secret: Field<String>,
+    secret_file: Field<String>,
+    private_key_file: Field<String>,
+    key_id: Field<String>,
+    key_algorithm: Field<Algorithm>,
+}
+
+/// A client secret for `basic` and `post`; a private key and its id, and no secret, for
+/// `private_key_jwt`. Keys of the other method are refused rather than silently unused.
+fn client_credential(
+    auth: Option<ClientAuth>,
+    keys: CredentialKeys,
+    p: &mut Problems,
+) -> Option<ClientCredential> {
+    let private_key_file = p.value("talkdesk.private_key_file", keys.private_key_file);
+    let key_id = p.value("talkdesk.key_id", keys.key_id);
+    let algorithm = p.value("talkdesk.key_algorithm", keys.key_algorithm);
+    // An unreadable `client_auth` is reported already; the secret's problems are still told.
+    if auth != Some(ClientAuth::PrivateKeyJwt) {
+        for (key, value) in [
+            ("talkdesk.private_key_file", &private_key_file),
+            ("talkdesk.key_id", &key_id),
+        ] {
+            if value.as_ref().is_some_and(|value| !value.is_empty()) {
+                p.about(
+                    key,
+                    format!("{key} is used only with talkdesk.client_auth = \"private_key_jwt\""),
+                );
+            }
+        }
+        let secret = client_secret(keys.secret, keys.secret_file, p)?;
+        return Some(ClientCredential::Secret {
+            secret,
+            auth: auth?,
+        });
+    }
+    for (key, value) in [
+        (
+            "talkdesk.client_secret",
+            p.value("talkdesk.client_secret", keys.secret),
+        ),
+        (
+            "talkdesk.client_secret_file",
+            p.value("talkdesk.client_secret_file", keys.secret_file),
+        ),
+    ] {
+        if value.is_some_and(|value| !value.is_empty()) {
+            p.about(
+                key,
+                format!("{key} must be empty with talkdesk.client_auth = \"private_key_jwt\" (the key signs instead)"),
+            );
+        }
+    }
+    let key_id = key_id.filter(|id| {
+        let given = !id.trim().is_empty();
+        if !given {
+            p.about(
+                "talkdesk.key_id",
+                "talkdesk.key_id is required with private_key_jwt",
+            );
+        }
+        given
+    });
+    let key = match private_key_file?.as_str() {
+        "" => {
+            p.about(
+                "talkdesk.private_key_file",
+                "talkdesk.private_key_file is required with private_key_jwt",
+            );
+            None
+        }
+        path => {
+            let algorithm = algorithm?;
+            p.take_file(
+                "talkdesk.private_key_file",
+                read_secret_file(path).and_then(|text| {
+                    let key = SigningKey::from_text(text.value.expose(), algorithm)
+                        .map_err(|e| format!("'{path}': {e}"))?;
+                    Ok(text.map(|_| key))
+                }),
+            )
+        }
+    };
+    Some(ClientCredential::PrivateKey {
+        key: Arc::new(key?),
+        key_id: key_id?,
     })
 }
 

@@ -28,6 +28,8 @@ pub struct AdminRoutes {
     auth: Arc<Authenticator>,
     /// Set once the consent listener accepts connections, cleared when it drains.
     serving: Arc<AtomicBool>,
+    /// `server.max_header_bytes`, which applies to both listeners.
+    max_header_bytes: usize,
 }
 
 impl AdminRoutes {
@@ -37,6 +39,7 @@ impl AdminRoutes {
         tokens: TokenManager,
         auth: Arc<Authenticator>,
         serving: Arc<AtomicBool>,
+        max_header_bytes: usize,
     ) -> Self {
         AdminRoutes {
             registry,
@@ -44,6 +47,7 @@ impl AdminRoutes {
             tokens,
             auth,
             serving,
+            max_header_bytes,
         }
     }
 
@@ -55,6 +59,9 @@ impl AdminRoutes {
     }
 
     async fn route(&self, request: &Request<Incoming>, request_id: &HeaderValue) -> Response<Body> {
+        if let Some(too_large) = body::headers_too_large(request.headers(), self.max_header_bytes) {
+            return too_large;
+        }
         let path = request.uri().path();
         let result = match (request.method(), path) {
             (&Method::GET, "/metrics") => Ok(self.metrics().await),

@@ -4,7 +4,7 @@
 //! token endpoint (`POST /oauth/token`) is served here too: its request is read here, its
 //! answer decided by [`TokenEndpoint`].
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
@@ -13,7 +13,7 @@ use http::{header, HeaderMap, HeaderName, HeaderValue, Method, Request, Response
 use prometheus::{Histogram, IntCounter};
 use tokio::time::Instant;
 
-use crate::auth::{Authenticator, Permission};
+use crate::auth::{self, Authenticator, Permission};
 use crate::cache::CacheStatus;
 use crate::consent::ConsentAnswer;
 use crate::consent::{consent_path_segment, parse_consent_body, ContactId};
@@ -22,8 +22,9 @@ use crate::http::token_endpoint::{Refusal, TokenEndpoint};
 use crate::metrics::status_label;
 use crate::metrics::HttpMetrics;
 use crate::request::RequestContext;
-use crate::service::ConsentService;
+use crate::service::{ConsentService, WriteTask};
 use crate::wire::body::{self, Body, ReadBodyError};
+use crate::wire::forwarded::TrustedProxies;
 use crate::wire::oauth::TOKEN_PATH;
 use crate::wire::request_id::{request_id_of, X_REQUEST_ID};
 
@@ -36,19 +37,29 @@ pub const STALE_WARNING: &str = r#"111 consent-proxy "Revalidation Failed""#;
 /// On a `HIT` answered from the cluster's shared tier (Redis), not from this instance's cache.
 const X_CACHE_TIER: HeaderName = HeaderName::from_static("x-cache-tier");
 
-/// Limits the HTTP layer enforces itself.
+/// Limits the HTTP layer enforces itself, and whom it believes about callers' addresses.
 #[derive(Debug, Clone)]
 pub struct RouteLimits {
     pub max_body_bytes: usize,
     pub max_header_bytes: usize,
     pub request_timeout: Duration,
+    /// `server.trusted_proxies`: the caller's address (throttles, access log) is the one they
+    /// forward for.
+    pub trusted_proxies: TrustedProxies,
 }
+
+/// The status a request is counted and logged with when its caller hung up before the answer
+/// while its write was upstream (nginx's "client closed request"): the write is seen through
+/// to its end, then recorded with this status and upstream's real outcome.
+pub const CLIENT_CLOSED_REQUEST: StatusCode = match StatusCode::from_u16(499) {
+    Ok(status) => status,
+    Err(_) => panic!("499 is a valid status code"),
+};
 
 pub struct ConsentRoutes {
     service: ConsentService,
     auth: Arc<Authenticator>,
-    metrics: HttpMetrics,
-    hot: HotSeries,
+    recorder: Arc<Recorder>,
     limits: RouteLimits,
     /// `None` when `oauth.enabled = false`.
     token_endpoint: Option<TokenEndpoint>,
@@ -90,16 +101,62 @@ impl HotSeries {
     }
 }
 
+/// Counts and logs answered requests: kept apart from [`ConsentRoutes`] so that a write whose
+/// caller hung up can be recorded from its own task when it ends.
+struct Recorder {
+    auth: Arc<Authenticator>,
+    metrics: HttpMetrics,
+    hot: HotSeries,
+}
+
 /// What the access log and metrics need to know about a handled request, besides its
 /// context (id, caller, last upstream attempt).
 #[derive(Default)]
 struct Outcome {
     route: &'static str,
+    /// The caller's address (the peer's, or the one a trusted proxy forwarded for).
+    address: Option<IpAddr>,
     contact: Option<ContactId>,
     cache_status: Option<CacheStatus>,
     error: Option<ProxyError>,
     /// Why the token endpoint granted no token.
     token_refusal: Option<Refusal>,
+    /// A write sent on its way whose answer the request has not had yet.
+    write: Option<WriteTask>,
+    /// The caller hung up before its write's answer.
+    hung_up: bool,
+}
+
+/// A request being handled, recorded once answered. Dropped unanswered (its caller hung up)
+/// while its write is upstream, it leaves a task that records the write when it ends; any
+/// other request dropped unanswered never reached upstream, or only through a fill that
+/// outlives it and answers the requests that wait for it.
+struct InFlight<'a> {
+    recorder: &'a Arc<Recorder>,
+    method: Method,
+    context: RequestContext,
+    outcome: Outcome,
+}
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        let Some(write) = self.outcome.write.take() else {
+            return;
+        };
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        let recorder = self.recorder.clone();
+        let method = self.method.clone();
+        // Shares the last-attempt slot the write reports to.
+        let context = self.context.hand_over();
+        let mut outcome = std::mem::take(&mut self.outcome);
+        runtime.spawn(async move {
+            outcome.error = write.await.err();
+            outcome.hung_up = true;
+            recorder.record(&method, CLIENT_CLOSED_REQUEST, &outcome, &context);
+        });
+    }
 }
 
 impl ConsentRoutes {
@@ -110,12 +167,26 @@ impl ConsentRoutes {
         limits: RouteLimits,
         token_endpoint: Option<TokenEndpoint>,
     ) -> Self {
-        let hot = HotSeries::new(auth.client_names().count());
+        // Every series shown from the start, so that a rate over them is defined at once.
+        for reason in auth::FAILURE_REASONS {
+            metrics
+                .auth_failures
+                .with_label_values(&["consent", reason]);
+        }
+        if token_endpoint.is_some() {
+            for reason in Refusal::AUTH_FAILURE_REASONS {
+                metrics.auth_failures.with_label_values(&["other", reason]);
+            }
+        }
+        let recorder = Arc::new(Recorder {
+            hot: HotSeries::new(auth.client_names().count()),
+            auth: auth.clone(),
+            metrics,
+        });
         ConsentRoutes {
             service,
             auth,
-            metrics,
-            hot,
+            recorder,
             limits,
             token_endpoint,
         }
@@ -129,37 +200,56 @@ impl ConsentRoutes {
         B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
     {
         let started = Instant::now();
-        let mut context = RequestContext::new(
-            request_id_of(request.headers()),
-            started,
-            started + self.limits.request_timeout,
-        );
-        let method = request.method().clone();
-        let mut outcome = Outcome {
-            route: "other",
-            ..Outcome::default()
+        let address = self
+            .limits
+            .trusted_proxies
+            .client_address(peer.ip(), request.headers());
+        let mut in_flight = InFlight {
+            recorder: &self.recorder,
+            method: request.method().clone(),
+            context: RequestContext::new(
+                request_id_of(request.headers()),
+                started,
+                started + self.limits.request_timeout,
+            ),
+            outcome: Outcome {
+                route: "other",
+                address: Some(address),
+                ..Outcome::default()
+            },
         };
+        let InFlight {
+            context, outcome, ..
+        } = &mut in_flight;
 
         let mut response = match tokio::time::timeout_at(
             context.deadline,
-            self.route(request, peer, &mut context, &mut outcome),
+            self.route(request, address, context, outcome),
         )
         .await
         {
             Ok(Ok(response)) => response,
-            Ok(Err(error)) => error_response(&mut outcome, error),
-            Err(_) => error_response(&mut outcome, ProxyError::UpstreamTimeout),
+            Ok(Err(error)) => error_response(outcome, error),
+            Err(_) => error_response(outcome, ProxyError::UpstreamTimeout),
         };
-        self.record(&method, &response, &outcome, &context);
+        // Answered: a write still running (past the deadline) is not this request's to record.
+        outcome.write = None;
+        self.recorder.record(
+            &in_flight.method,
+            response.status(),
+            &in_flight.outcome,
+            &in_flight.context,
+        );
         // Moved, not cloned: cloning a new id's bytes would allocate a shared copy.
-        response.headers_mut().insert(X_REQUEST_ID, context.id);
+        let id = std::mem::replace(&mut in_flight.context.id, HeaderValue::from_static(""));
+        response.headers_mut().insert(X_REQUEST_ID, id);
         response
     }
 
     async fn route<B>(
         &self,
         request: Request<B>,
-        peer: SocketAddr,
+        address: IpAddr,
         context: &mut RequestContext,
         outcome: &mut Outcome,
     ) -> Result<Response<Body>, ProxyError>
@@ -167,13 +257,13 @@ impl ConsentRoutes {
         B: hyper::body::Body,
         B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
     {
-        if header_bytes(request.headers()) > self.limits.max_header_bytes {
-            return Ok(body::empty_response(
-                StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
-            ));
+        if let Some(too_large) =
+            body::headers_too_large(request.headers(), self.limits.max_header_bytes)
+        {
+            return Ok(too_large);
         }
         let Some(segment) = consent_path_segment(request.uri().path()) else {
-            return self.other_route(request, peer, context, outcome).await;
+            return self.other_route(request, address, context, outcome).await;
         };
         outcome.route = "consent";
         let needed = match *request.method() {
@@ -188,8 +278,11 @@ impl ConsentRoutes {
                 });
             }
         };
-        // Counted under the caller's name also when it lacks the permission (403).
-        let caller = self.auth.authenticate(request.headers())?;
+        // Counted under the caller's name also when it lacks the permission (403). Under the
+        // failure throttle, whose clock is the request's start.
+        let caller =
+            self.auth
+                .authenticate_from(request.headers(), address, context.started.into_std())?;
         context.caller = Some(caller);
         caller.require(needed)?;
         let contact = ContactId::from_path_segment(segment).ok_or(ProxyError::InvalidContactId)?;
@@ -240,8 +333,12 @@ impl ConsentRoutes {
                     .collect(),
                 message: e.message,
             })?;
-            let answer = self.service.write(&contact, status, context).await?;
-            Ok(answer_response(answer))
+            let write = outcome
+                .write
+                .insert(self.service.write(&contact, status, context));
+            let answer = write.await;
+            outcome.write = None;
+            Ok(answer_response(answer?))
         }
     }
 
@@ -249,7 +346,7 @@ impl ConsentRoutes {
     async fn other_route<B>(
         &self,
         request: Request<B>,
-        peer: SocketAddr,
+        address: IpAddr,
         context: &mut RequestContext,
         outcome: &mut Outcome,
     ) -> Result<Response<Body>, ProxyError>
@@ -266,7 +363,7 @@ impl ConsentRoutes {
         }
         let (parts, body) = request.into_parts();
         let body = self.read_body(body, context.deadline).await?;
-        let answer = endpoint.answer(&parts.headers, &body, peer.ip());
+        let answer = endpoint.answer(&parts.headers, &body, address);
         context.caller = answer.caller;
         outcome.token_refusal = answer.refusal;
         Ok(answer.response)
@@ -294,18 +391,19 @@ impl ConsentRoutes {
             Err(_) => Err(ProxyError::RequestTimeout),
         }
     }
+}
 
+impl Recorder {
     fn record(
         &self,
         method: &Method,
-        response: &Response<Body>,
+        status: StatusCode,
         outcome: &Outcome,
         context: &RequestContext,
     ) {
         let elapsed = context.started.elapsed();
         let method_label = method_label(method);
         let client = self.auth.client_name(context.caller.as_ref());
-        let status = response.status();
         let requests_labels = [outcome.route, method_label, status_label(status), client];
         let duration_labels = [outcome.route, method_label];
         let hot = &self.hot;
@@ -332,6 +430,19 @@ impl ConsentRoutes {
             ("consent", &Method::PUT) => Some(&hot.duration[1]),
             _ => None,
         };
+        let auth_failure = match outcome.route {
+            "consent" => outcome.error.as_ref().and_then(auth::failure_reason),
+            _ => outcome
+                .token_refusal
+                .as_ref()
+                .and_then(Refusal::auth_failure_reason),
+        };
+        if let Some(reason) = auth_failure {
+            self.metrics
+                .auth_failures
+                .with_label_values(&[outcome.route, reason])
+                .inc();
+        }
         let duration = || self.metrics.duration.with_label_values(&duration_labels);
         match hot_duration {
             Some(series) => series.get_or_init(duration).observe(elapsed.as_secs_f64()),
@@ -343,6 +454,7 @@ impl ConsentRoutes {
             tracing::info!(
                 request_id = context.id.to_str().unwrap_or("-"),
                 client,
+                address = outcome.address.map(tracing::field::display),
                 method = method_label,
                 route = outcome.route,
                 contact = contact.as_deref().unwrap_or("-"),
@@ -355,6 +467,11 @@ impl ConsentRoutes {
                     .as_ref()
                     .map(|e| ErrorChain(e).to_string())
                     .or_else(|| outcome.token_refusal.as_ref().map(Refusal::to_string))
+                    .or_else(|| {
+                        outcome
+                            .hung_up
+                            .then(|| "the caller hung up before the answer".to_owned())
+                    })
                     .as_deref()
                     .unwrap_or("-"),
                 duration_us = elapsed.as_micros() as u64,
@@ -391,13 +508,6 @@ fn method_label(method: &Method) -> &'static str {
         Method::HEAD => "HEAD",
         _ => "other",
     }
-}
-
-fn header_bytes(headers: &HeaderMap) -> usize {
-    headers
-        .iter()
-        .map(|(name, value)| name.as_str().len() + value.len() + 4)
-        .sum()
 }
 
 /// A PUT body must be JSON when its type is declared at all.

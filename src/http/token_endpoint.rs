@@ -16,7 +16,6 @@ use std::time::{Duration, Instant};
 use http::{header, HeaderMap, HeaderValue, Response, StatusCode};
 use prometheus::{IntCounter, IntCounterVec, Registry};
 
-use crate::auth::throttle::FailureThrottle;
 use crate::auth::token::TokenKeys;
 use crate::auth::{scope, Authenticator, Caller};
 use crate::error::{retry_after_seconds, Failure, ProxyError, BASIC_CHALLENGE};
@@ -50,6 +49,23 @@ impl fmt::Display for Refusal {
                 )
             }
             Refusal::Internal(failure) => write!(f, "{}", crate::error::ErrorChain(failure)),
+        }
+    }
+}
+
+impl Refusal {
+    /// Every reason [`Refusal::auth_failure_reason`] gives.
+    pub const AUTH_FAILURE_REASONS: [&'static str; 2] = ["invalid_client", THROTTLED];
+
+    /// The `reason` of `consent_proxy_auth_failures_total` this refusal counts under, if it is
+    /// a failed (or throttled) client authentication.
+    pub fn auth_failure_reason(&self) -> Option<&'static str> {
+        match self {
+            Refusal::Token(error) if error.code == TokenErrorCode::InvalidClient => {
+                Some(Self::AUTH_FAILURE_REASONS[0])
+            }
+            Refusal::Throttled(_) => Some(THROTTLED),
+            _ => None,
         }
     }
 }
@@ -135,7 +151,6 @@ pub struct TokenEndpoint {
     auth: Arc<Authenticator>,
     keys: Arc<TokenKeys>,
     ttl: Duration,
-    throttle: FailureThrottle,
     metrics: OAuthMetrics,
 }
 
@@ -146,13 +161,11 @@ impl TokenEndpoint {
         ttl: Duration,
         registry: &Registry,
     ) -> Self {
-        let clients = auth.client_names().count();
         let metrics = OAuthMetrics::register(registry, auth.client_names());
         TokenEndpoint {
             auth,
             keys,
             ttl,
-            throttle: FailureThrottle::new(clients),
             metrics,
         }
     }
@@ -188,17 +201,19 @@ impl TokenEndpoint {
         peer: IpAddr,
         now: Instant,
     ) -> Result<Issued, Refusal> {
-        if let Some(wait) = self.throttle.address_wait(peer, now) {
+        let throttle = self.auth.throttle();
+        if let Some(wait) = throttle.address_wait(peer, now) {
             return Err(Refusal::Throttled(wait));
         }
         let form = oauth::form_params(headers, body)?;
         let credentials = ClientCredentials::from_request(headers, &form).inspect_err(|error| {
             if error.code == TokenErrorCode::InvalidClient {
-                self.throttle.record_failure(peer, None, now);
+                throttle.record_failure(peer, None, now);
             }
         })?;
-        let named = self.auth.client_index(&credentials.client_id);
-        if let Some(wait) = named.and_then(|index| self.throttle.client_wait(index, now)) {
+        // Any name is counted, configured or not: the throttle must not tell which exist.
+        let name = credentials.client_id.as_str();
+        if let Some(wait) = throttle.name_wait(name, now) {
             return Err(Refusal::Throttled(wait));
         }
         // Every reading is tried, so the time taken does not say which one matched.
@@ -208,7 +223,7 @@ impl TokenEndpoint {
             authenticated = authenticated.or(caller.map(|caller| (caller, id.to_owned())));
         }
         let Some((client, client_name)) = authenticated else {
-            self.throttle.record_failure(peer, named, now);
+            throttle.record_failure(peer, Some(name), now);
             return Err(TokenError::new(
                 TokenErrorCode::InvalidClient,
                 "client authentication failed",

@@ -3,17 +3,18 @@
 
 use std::sync::atomic::Ordering;
 
-use bytes::Bytes;
-use http::{header, HeaderMap, HeaderValue, Method, Request, Response, StatusCode};
+use http::{header, HeaderMap, Method, Request, Response, StatusCode};
 use hyper::body::Incoming;
-use serde_json::json;
 
+use super::answers::{
+    invalid_body, method_not_allowed, status_response, talkdesk_error, unauthorized,
+};
 use super::state::{Simulation, TokenCheck};
 use super::SimRoute;
 use super::{deliver, faults, read_body, CloseConnection, Fault, Outcome, RecordedRequest};
 use crate::consent::{parse_consent_body, ConsentStatus, ContactId};
 use crate::consent::{READ_SCOPE, WRITE_SCOPE};
-use crate::wire::body::{self, Body};
+use crate::wire::body::Body;
 use crate::wire::credentials::Authorization;
 
 const MAX_CONSENT_BODY: usize = 64 * 1024;
@@ -133,20 +134,6 @@ fn count_consent_request(sim: &Simulation, route: SimRoute, contact: Option<&Con
     }
 }
 
-pub(super) fn status_response(code: StatusCode, status: ConsentStatus) -> Response<Body> {
-    let canonical = Bytes::from_static(status.canonical_body());
-    body::bytes_response(code, body::APPLICATION_JSON, canonical)
-}
-
-pub(super) fn invalid_body(message: &str, field: Option<&str>) -> Response<Body> {
-    let body = json!({
-        "code": "invalid_body",
-        "message": message,
-        "fields": [{"name": field.unwrap_or("body"), "description": message}],
-    });
-    body::json_response(StatusCode::BAD_REQUEST, &body)
-}
-
 /// Checks the bearer token of a consent request: `Some` is the 401/403 answer.
 fn bearer_rejection(sim: &Simulation, headers: &HeaderMap, scope: &str) -> Option<Response<Body>> {
     let token = headers
@@ -179,39 +166,6 @@ fn bearer_rejection(sim: &Simulation, headers: &HeaderMap, scope: &str) -> Optio
             &format!("the access token lacks the scope '{scope}'"),
         )),
     }
-}
-
-/// A consent-API 401, counted.
-pub(super) fn unauthorized(sim: &Simulation, message: &str, error: Option<&str>) -> Response<Body> {
-    sim.counters.unauthorized.fetch_add(1, Ordering::Relaxed);
-    let mut response = talkdesk_error(StatusCode::UNAUTHORIZED, "unauthorized", message);
-    let challenge = match error {
-        Some(error) => format!("Bearer error=\"{error}\""),
-        None => "Bearer".to_owned(),
-    };
-    if let Ok(value) = HeaderValue::from_str(&challenge) {
-        response
-            .headers_mut()
-            .insert(header::WWW_AUTHENTICATE, value);
-    }
-    response
-}
-
-/// Talkdesk's error shape: `{"code","message"}`.
-pub(super) fn talkdesk_error(status: StatusCode, code: &str, message: &str) -> Response<Body> {
-    body::json_response(status, &json!({"code": code, "message": message}))
-}
-
-pub(super) fn method_not_allowed(allow: &'static str) -> Response<Body> {
-    let mut response = talkdesk_error(
-        StatusCode::METHOD_NOT_ALLOWED,
-        "method_not_allowed",
-        "method not allowed",
-    );
-    response
-        .headers_mut()
-        .insert(header::ALLOW, HeaderValue::from_static(allow));
-    response
 }
 
 #[cfg(test)]

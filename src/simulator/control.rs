@@ -11,7 +11,7 @@ use hyper::body::Incoming;
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 
-use super::consent_api::{invalid_body, method_not_allowed, status_response, talkdesk_error};
+use super::answers::{invalid_body, method_not_allowed, status_response, talkdesk_error};
 use super::state::{millis, Simulation};
 use super::{read_body, CloseConnection, Fault, SimRoute};
 use crate::consent::{parse_consent_body, ContactId};

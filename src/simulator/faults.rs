@@ -3,9 +3,8 @@
 use bytes::Bytes;
 use http::{header, HeaderName, HeaderValue, Response, StatusCode};
 
-use super::consent_api::{talkdesk_error, unauthorized};
+use super::answers::{invalid_client, talkdesk_error, unauthorized};
 use super::state::Simulation;
-use super::token::invalid_client;
 use super::{Fault, Outcome, SimRoute};
 use crate::wire::body::Body;
 use crate::wire::oauth;

@@ -17,13 +17,17 @@
 //! This file holds the handle, the public types and the timing model; beside it:
 //! - `state`: what the simulator remembers (contacts, tokens, queued faults, counters);
 //! - `token`: the token endpoint;
+//! - `assertion`: `private_key_jwt` client assertions checked as Talkdesk checks them;
 //! - `consent_api`: the consent API;
 //! - `faults`: what a faulted answer is;
 //! - `control`: the `/_sim/` control surface.
 //!
 //! The product never uses this module; it uses the product's listener, body helpers,
-//! credential parsing and consent domain, and nothing else (`src/layering.rs` checks both).
+//! credential parsing, JWS verification, clock and consent domain, and nothing else
+//! (`src/layering.rs` checks both).
 
+mod answers;
+mod assertion;
 mod consent_api;
 mod control;
 mod faults;
@@ -61,6 +65,7 @@ const LISTENER_LIMITS: ListenerLimits = ListenerLimits {
     max_header_bytes: 64 * 1024,
     header_read_timeout: Duration::from_secs(3600),
     idle_timeout: Duration::from_secs(3600),
+    answer_timeout: Duration::from_secs(3600),
     max_connections: 65_536,
 };
 
@@ -328,6 +333,11 @@ impl Simulator {
     }
 
     /// Sets the fixed delay before every consent-API answer.
+    /// Accepts `private_key_jwt` assertions of the client signed with `key`, named `key_id`.
+    pub fn trust_client_key(&self, key_id: &str, key: crate::jws::VerifyingKey) {
+        self.sim.client_keys.trust(key_id, key);
+    }
+
     pub fn set_latency(&self, d: Duration) {
         self.sim.set_latency(d);
     }
@@ -441,7 +451,7 @@ async fn handle(
     if path.starts_with(control::CONTROL_PREFIX) {
         return Ok(control::control_endpoint(&sim, request).await);
     }
-    Ok(consent_api::talkdesk_error(
+    Ok(answers::talkdesk_error(
         StatusCode::NOT_FOUND,
         "not_found",
         "no such resource",

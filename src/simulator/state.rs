@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 
 use rand::Rng as _;
 
+use super::assertion::ClientKeys;
 use super::{Fault, RecordedRequest, SimReport, SimRoute, SimStats, SimulatorConfig};
 use crate::consent::{ConsentStatus, ContactId};
 
@@ -28,6 +29,8 @@ pub(super) struct Simulation {
     latency: AtomicU64,
     unknown_as_no_consent: AtomicBool,
     pub(super) counters: Counters,
+    /// Public keys a client may sign `private_key_jwt` assertions with.
+    pub(super) client_keys: ClientKeys,
     state: Mutex<State>,
 }
 
@@ -108,6 +111,7 @@ impl Simulation {
             latency: AtomicU64::new(nanos(config.latency)),
             unknown_as_no_consent: AtomicBool::new(false),
             counters: Counters::default(),
+            client_keys: ClientKeys::default(),
             state: Mutex::new(State::default()),
         }
     }

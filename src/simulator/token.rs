@@ -1,5 +1,5 @@
 //! The OAuth 2.0 token endpoint (`POST /oauth/token`): the client credentials grant, client
-//! authentication by `client_secret_basic` or `client_secret_post`, and OAuth's error shape
+//! authentication by `client_secret_basic`, `client_secret_post` or `private_key_jwt`, and OAuth's error shape
 //! (`{"error","error_description"}`), on the plumbing the proxy's own endpoint shares.
 
 use std::sync::atomic::Ordering;
@@ -8,14 +8,14 @@ use std::time::Duration;
 use http::{HeaderMap, Method, Request, Response, StatusCode};
 use hyper::body::Incoming;
 
-use super::consent_api::method_not_allowed;
+use super::answers::{method_not_allowed, TOKEN_REALM};
+use super::assertion::ClientKeys;
 use super::state::Simulation;
 use super::{deliver, faults, read_body, CloseConnection, Fault, Outcome, SimRoute};
 use crate::wire::body::Body;
 use crate::wire::oauth::{self, ClientCredentials, TokenError, TokenErrorCode};
 
 const MAX_TOKEN_BODY: usize = 64 * 1024;
-const TOKEN_REALM: &str = "Basic realm=\"talkdesk-simulator\"";
 
 pub(super) async fn token_endpoint(
     sim: &Simulation,
@@ -40,20 +40,35 @@ pub(super) async fn token_endpoint(
         );
         return deliver(Outcome::Answer(response), wait).await;
     };
-    let response = issue(sim, &parts.headers, &body)
+    let host = parts
+        .uri
+        .authority()
+        .map(|authority| authority.as_str())
+        .or_else(|| parts.headers.get(http::header::HOST)?.to_str().ok())
+        .unwrap_or_default();
+    let response = issue(sim, &parts.headers, &body, host)
         .unwrap_or_else(|refusal| refusal.into_response(TOKEN_REALM));
     deliver(Outcome::Answer(response), wait).await
 }
 
 /// The token endpoint's decision.
-fn issue(sim: &Simulation, headers: &HeaderMap, body: &[u8]) -> Result<Response<Body>, TokenError> {
+fn issue(
+    sim: &Simulation,
+    headers: &HeaderMap,
+    body: &[u8],
+    host: &str,
+) -> Result<Response<Body>, TokenError> {
     let form = oauth::form_params(headers, body)?;
-    let client = ClientCredentials::from_request(headers, &form)?;
-    if client.client_id != sim.client_id || client.client_secret != sim.client_secret {
-        return Err(TokenError::new(
-            TokenErrorCode::InvalidClient,
-            "client authentication failed",
-        ));
+    if ClientKeys::presented(&form) {
+        sim.client_keys.check(&form, &sim.client_id, host)?;
+    } else {
+        let client = ClientCredentials::from_request(headers, &form)?;
+        if client.client_id != sim.client_id || client.client_secret != sim.client_secret {
+            return Err(TokenError::new(
+                TokenErrorCode::InvalidClient,
+                "client authentication failed",
+            ));
+        }
     }
     oauth::check_grant_type(&form)?;
 
@@ -78,11 +93,6 @@ fn issue(sim: &Simulation, headers: &HeaderMap, body: &[u8]) -> Result<Response<
     let scope = granted.join(" ");
     let (access_token, ttl) = sim.issue_token(granted);
     Ok(oauth::token_response(&access_token, ttl.as_secs(), &scope))
-}
-
-/// A 401 `invalid_client`, with the Basic challenge RFC 6749 §5.2 asks for.
-pub(super) fn invalid_client(description: &'static str) -> Response<Body> {
-    TokenError::new(TokenErrorCode::InvalidClient, description).into_response(TOKEN_REALM)
 }
 
 #[cfg(test)]

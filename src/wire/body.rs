@@ -71,6 +71,23 @@ pub fn age_value(seconds: u32) -> HeaderValue {
     }
 }
 
+/// The bytes of all request headers together, as `server.max_header_bytes` counts them (name,
+/// value, and 4 for `: ` and CRLF).
+pub fn header_bytes(headers: &HeaderMap) -> usize {
+    headers
+        .iter()
+        .map(|(name, value)| name.as_str().len() + value.len() + 4)
+        .sum()
+}
+
+/// 431 when the request's headers together exceed `limit` bytes. Both listeners check it
+/// themselves: hyper's HTTP/1 read buffer only refuses far beyond it (the buffer grows in
+/// steps), and h2 counts header sizes its own way.
+pub fn headers_too_large(headers: &HeaderMap, limit: usize) -> Option<Response<Body>> {
+    (header_bytes(headers) > limit)
+        .then(|| empty_response(StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE))
+}
+
 pub fn empty_response(status: StatusCode) -> Response<Body> {
     let mut response = Response::new(Full::new(Bytes::new()));
     *response.status_mut() = status;

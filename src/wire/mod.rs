@@ -7,10 +7,13 @@
 //! - [`body`]: the buffered body type and small answer helpers;
 //! - [`credentials`]: `Authorization` schemes, Basic credentials and OAuth form bodies;
 //! - [`oauth`]: token-endpoint plumbing (client credentials, grant type, RFC 6749 answers);
-//! - [`request_id`]: the `x-request-id` every answer of both listeners carries.
+//! - [`request_id`]: the `x-request-id` every answer of both listeners carries;
+//! - [`forwarded`]: the caller's address behind trusted load balancers (`X-Forwarded-For`,
+//!   `Forwarded`).
 
 pub mod body;
 pub mod credentials;
+pub mod forwarded;
 pub mod oauth;
 pub mod request_id;
 pub mod server;

@@ -5,7 +5,10 @@
 //! once, every connection is asked to finish gracefully, in-flight requests get the grace
 //! period, and connections still open after it are cut off. A connection that brings no
 //! request within the header read timeout, or stays idle past the idle timeout, is closed
-//! too, so idle clients cannot hold `max_connections` slots.
+//! too, so idle clients cannot hold `max_connections` slots. Nor can clients that never take
+//! their answers (an HTTP/2 reader that keeps its flow-control window shut): an h2 stream not
+//! answered to its last byte within the answer timeout is reset, and a connection asked to
+//! shut down gracefully that has not within the answer timeout is cut off.
 
 use std::future::Future;
 use std::io;
@@ -18,16 +21,21 @@ use http::{Request, Response};
 use hyper::body::Incoming;
 use hyper::rt::{Read, Write};
 use hyper::service::service_fn;
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use tokio::net::{TcpListener, TcpSocket, TcpStream};
 use tokio::sync::{watch, Semaphore};
+use tokio::time::Instant;
 use tokio_rustls::TlsAcceptor;
 
 use crate::wire::body::Body;
 
 /// hyper's smallest allowed HTTP/1 read buffer.
 const MIN_HTTP1_BUFFER: usize = 8192;
+
+/// Descriptors reserved beyond a listener's `max_connections`: the other listener, upstream
+/// and Redis connections, files.
+const DESCRIPTOR_HEADROOM: usize = 1024;
 
 /// How a listener treats its connections.
 #[derive(Debug, Clone)]
@@ -38,6 +46,10 @@ pub struct ListenerLimits {
     pub header_read_timeout: Duration,
     /// A connection with no request in progress for this long is shut down gracefully.
     pub idle_timeout: Duration,
+    /// The longest a request may take from its head to its answer's last byte sent: an h2
+    /// stream still open past it is reset; a connection still open this long after it was
+    /// asked to shut down gracefully (idle, or the server draining) is cut off.
+    pub answer_timeout: Duration,
     pub max_connections: usize,
 }
 
@@ -92,6 +104,7 @@ pub async fn serve<H, F, E>(
             watcher: drain.watcher(),
             header_read_timeout: limits.header_read_timeout,
             idle_timeout: limits.idle_timeout,
+            answer_timeout: limits.answer_timeout,
             peer,
         };
         let handler = handler.clone();
@@ -125,11 +138,12 @@ pub async fn when_shut_down(mut shutdown: watch::Receiver<bool>, grace: Duration
 
 /// What one accepted connection's task needs besides its stream.
 struct Connection {
-    builder: Arc<auto::Builder<TokioExecutor>>,
+    builder: Arc<auto::Builder<StreamDeadline>>,
     watcher: DrainWatcher,
     /// Both the TLS handshake and the first request must come within it.
     header_read_timeout: Duration,
     idle_timeout: Duration,
+    answer_timeout: Duration,
     peer: SocketAddr,
 }
 
@@ -178,13 +192,22 @@ impl Connection {
         let mut draining = false;
         let mut watcher = self.watcher;
         let mut drain_requested = std::pin::pin!(watcher.draining());
+        // Armed when a graceful shutdown is asked: a peer that never takes its answers would
+        // otherwise keep the connection (and its slot) for ever.
+        let drain_deadline = tokio::time::sleep(Duration::MAX);
+        let mut drain_deadline = std::pin::pin!(drain_deadline);
         let result = loop {
             tokio::select! {
                 result = connection.as_mut() => break result.map_err(|e| e.to_string()),
                 () = &mut drain_requested, if !draining => {
                     draining = true;
                     connection.as_mut().graceful_shutdown();
+                    drain_deadline.as_mut().reset(Instant::now() + self.answer_timeout);
                 }
+                () = &mut drain_deadline, if draining => break Err(format!(
+                    "answers not taken within {} ms of a graceful shutdown",
+                    self.answer_timeout.as_millis()
+                )),
                 idle = activity.idle_for(self.header_read_timeout, self.idle_timeout), if !draining => {
                     match idle {
                         // A connection that never sent a request (or only part of an h2
@@ -196,6 +219,7 @@ impl Connection {
                         Idle::Kept => {
                             draining = true;
                             connection.as_mut().graceful_shutdown();
+                            drain_deadline.as_mut().reset(Instant::now() + self.answer_timeout);
                         }
                     }
                 }
@@ -320,8 +344,36 @@ async fn tls_handshake(
         })
 }
 
-fn connection_builder(limits: &ListenerLimits) -> auto::Builder<TokioExecutor> {
-    let mut builder = auto::Builder::new(TokioExecutor::new());
+/// The executor hyper's h2 server runs each stream on: tokio's, with every stream bounded by
+/// the answer timeout. A stream's task is its handler and then the sending of its answer,
+/// which waits for the peer's flow-control window; dropped at the deadline, the stream is
+/// reset (RST_STREAM CANCEL) and its buffers freed, and the connection goes on.
+#[derive(Clone, Copy)]
+struct StreamDeadline {
+    answer_timeout: Duration,
+}
+
+impl<F> hyper::rt::Executor<F> for StreamDeadline
+where
+    F: Future<Output = ()> + Send + 'static,
+{
+    fn execute(&self, stream: F) {
+        let answer_timeout = self.answer_timeout;
+        tokio::spawn(async move {
+            if tokio::time::timeout(answer_timeout, stream).await.is_err() {
+                tracing::debug!(
+                    "h2 stream not answered within {} ms: reset",
+                    answer_timeout.as_millis()
+                );
+            }
+        });
+    }
+}
+
+fn connection_builder(limits: &ListenerLimits) -> auto::Builder<StreamDeadline> {
+    let mut builder = auto::Builder::new(StreamDeadline {
+        answer_timeout: limits.answer_timeout,
+    });
     builder
         .http1()
         .timer(TokioTimer::new())
@@ -333,6 +385,33 @@ fn connection_builder(limits: &ListenerLimits) -> auto::Builder<TokioExecutor> {
         .timer(TokioTimer::new())
         .max_header_list_size(u32::try_from(limits.max_header_bytes).unwrap_or(u32::MAX));
     builder
+}
+
+/// Grows the process's descriptor table now to hold `connections` descriptors and some
+/// headroom (below the soft `RLIMIT_NOFILE`), so that the first burst of new connections does not grow it. Linux grows
+/// the table by doubling as descriptors are opened (64, 256, 512, 1024, ...), and in a
+/// multi-threaded process each growth waits inside `accept()` for an RCU grace period
+/// (milliseconds, tens under load): a fresh proxy stalled at its 256th, 512th and 1024th
+/// connection while the accept queue overflowed and the kernel dropped SYNs (those clients wait
+/// a second for their retransmit). The table never shrinks, so a later burst never paid it.
+/// Opening one descriptor at the top (a duplicate of the listener's, closed at once) grows it
+/// once, here, before any caller waits: call it before saying the listener is up.
+pub fn reserve_descriptors(listener: &TcpListener, connections: usize) {
+    let count = connections.saturating_add(DESCRIPTOR_HEADROOM);
+    #[cfg(target_os = "linux")]
+    {
+        use rustix::process::{getrlimit, Resource};
+        let soft_limit = getrlimit(Resource::Nofile).current.unwrap_or(u64::MAX);
+        let highest = (count as u64).min(soft_limit.saturating_sub(1));
+        let Ok(highest) = i32::try_from(highest) else {
+            return;
+        };
+        if let Err(err) = rustix::io::fcntl_dupfd_cloexec(listener, highest) {
+            tracing::debug!(error = %err, highest, "could not grow the descriptor table");
+        }
+    }
+    #[cfg(not(target_os = "linux"))]
+    let _ = (listener, count);
 }
 
 /// Binds a listener with an accept queue of `backlog` connections (std's default is 128,

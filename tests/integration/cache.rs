@@ -1,6 +1,6 @@
 //! The consent cache through the whole proxy: hits, TTLs, coalescing, what is never cached,
-//! write-through without races (including a randomized history check of the contract's
-//! read-your-writes rule), `%2B` equivalence and the admin purge; STALE answers when upstream
+//! write-through without races (including a randomized history check of
+//! read-your-writes, rule 2 of docs/CONSISTENCY.md), `%2B` equivalence and the admin purge; STALE answers when upstream
 //! cannot answer (never older than a write the proxy knows of: rule 6, also checked over a
 //! randomized history with upstream outages) and refreshing ahead of the TTL.
 
@@ -282,7 +282,7 @@ async fn a_put_retried_after_a_gateway_error_has_an_unknown_outcome_however_it_e
     }
 }
 
-/// The contract's rule 2 in its sharpest form: a read that started before a write and ends
+/// Rule 2 in its sharpest form: a read that started before a write and ends
 /// after it must not store its older answer for requests that start after the write.
 #[tokio::test]
 async fn a_slow_read_racing_a_write_never_serves_the_old_status_afterwards() {

@@ -9,6 +9,8 @@
 //!   was written on), and every repository path a Markdown document names (a link, or a path in
 //!   backticks) exists.
 //! - The README opens with the two commands a newcomer runs.
+//! - Every "rule N" the code, the tests and the documents cite is defined in
+//!   `docs/CONSISTENCY.md`, and a file that cites rules names that document.
 
 use std::fmt::Write as _;
 use std::fs;
@@ -384,7 +386,11 @@ fn named_paths(text: &str) -> Vec<String> {
 
 #[test]
 fn every_path_the_documents_name_exists() {
-    let mut files = vec![root().join("README.md"), root().join("benches/README.md")];
+    let mut files = vec![
+        root().join("README.md"),
+        root().join("benches/README.md"),
+        root().join("tests/README.md"),
+    ];
     collect_files(&root().join("docs"), &mut files);
     collect_files(&root().join("deploy"), &mut files);
     let mut missing = Vec::new();
@@ -409,8 +415,126 @@ fn every_path_the_documents_name_exists() {
     );
 }
 
+const RULES: &str = "docs/CONSISTENCY.md";
+
+/// The numbers of the rules `docs/CONSISTENCY.md` defines (`## Rule N: …`).
+fn defined_rules() -> Vec<u32> {
+    read(RULES)
+        .lines()
+        .filter_map(|line| line.strip_prefix("## Rule "))
+        .filter_map(|rest| rest.split(':').next()?.parse().ok())
+        .collect()
+}
+
+/// The rule numbers `text` cites: "rule 2", "Rule 6:", "rules 5 and 6", "rules 1–6" (every
+/// number of a range), "rule 5's".
+fn cited_rules(text: &str) -> Vec<u32> {
+    let mut cited = Vec::new();
+    let words: Vec<&str> = text.split_whitespace().collect();
+    for (at, word) in words.iter().enumerate() {
+        let word = word.trim_start_matches(|c: char| !c.is_alphanumeric());
+        if !matches!(word, "rule" | "Rule" | "rules" | "Rules") {
+            continue;
+        }
+        let mut numbers = Vec::new();
+        for next in &words[at + 1..] {
+            let bounds: Vec<u32> = next
+                .split(['–', '-'])
+                .map_while(|part| {
+                    let digits: String = part.chars().take_while(char::is_ascii_digit).collect();
+                    digits.parse().ok()
+                })
+                .collect();
+            match bounds[..] {
+                [one] => numbers.push(one),
+                [first, last] => numbers.extend(first..=last),
+                _ if *next == "and" && !numbers.is_empty() => continue,
+                _ => break,
+            }
+            if !next.ends_with(',') && !next.chars().all(|c| c.is_ascii_digit() || c == '–') {
+                break;
+            }
+        }
+        cited.extend(numbers);
+    }
+    cited
+}
+
+/// Whether `text` cites a numbered rule as the contract's ("the contract's rule 2", "contract
+/// rules 5 and 6"), which no document of the repository defines.
+fn cites_the_contract(text: &str) -> bool {
+    text.match_indices("contract").any(|(at, _)| {
+        let rest = &text[at..];
+        let rest = rest
+            .strip_prefix("contract's ")
+            .or_else(|| rest.strip_prefix("contract "));
+        rest.is_some_and(|rest| {
+            let next_two: Vec<&str> = rest.split_whitespace().take(2).collect();
+            !cited_rules(&next_two.join(" ")).is_empty()
+        })
+    })
+}
+
+#[test]
+fn every_rule_cited_is_defined_in_the_consistency_document() {
+    let defined = defined_rules();
+    assert_eq!(
+        defined,
+        (1..=7).collect::<Vec<_>>(),
+        "{RULES} defines rules 1 to 7"
+    );
+    let mut files = Vec::new();
+    collect_files(&root(), &mut files);
+    let skip = [root().join(file!()), root().join(RULES)];
+    let mut problems = Vec::new();
+    let mut citing = 0;
+    for file in files.iter().filter(|f| !skip.contains(f)) {
+        let Ok(text) = fs::read_to_string(file) else {
+            continue;
+        };
+        if cites_the_contract(&text) {
+            problems.push(format!(
+                "{}: cites the contract's rules, not {RULES}",
+                file.display()
+            ));
+        }
+        let cited = cited_rules(&text);
+        if cited.is_empty() {
+            continue;
+        }
+        citing += 1;
+        if !text.contains("CONSISTENCY.md") {
+            problems.push(format!(
+                "{}: cites rules without naming {RULES}",
+                file.display()
+            ));
+        }
+        for rule in cited.iter().filter(|rule| !defined.contains(rule)) {
+            problems.push(format!(
+                "{}: rule {rule} is not defined in {RULES}",
+                file.display()
+            ));
+        }
+    }
+    assert!(
+        citing > 10,
+        "only {citing} files cite rules: the check reads too little"
+    );
+    assert!(problems.is_empty(), "{}", problems.join("\n"));
+}
+
 #[test]
 fn the_checks_see_what_they_look_for() {
+    assert_eq!(
+        cited_rules("rule 2 and rule 6: (rules 5 and 6), rules 1–3; Rule 5's bound, rule 9."),
+        [2, 6, 5, 6, 1, 2, 3, 5, 9]
+    );
+    assert!(cited_rules("a rule of thumb, the rules of docs, 2 rules").is_empty());
+    assert!(cites_the_contract("as the contract's rule 2 says"));
+    assert!(cites_the_contract("(contract rules 5 and 6)"));
+    assert!(!cites_the_contract(
+        "the contract's rule for `{contact_id}`, rule 2"
+    ));
     let paths = named_paths(
         "see [the guide](docs/guide.md#top), [site](https://x.org), `src/main.rs`, \
          `deploy/prometheus/tests/*.yml`, `cargo run`, `tests/integration/cli.rs:12`",

@@ -9,7 +9,7 @@ use std::time::Duration;
 use crate::support::raw_http::{content_length, head_end};
 use crate::support::*;
 use consent_proxy::consent::ConsentStatus;
-use consent_proxy::simulator::Simulator;
+use consent_proxy::simulator::{Fault, SimRoute, Simulator};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::sync::mpsc;
@@ -328,6 +328,103 @@ async fn an_idle_h2_connection_gives_up_its_slot_at_the_idle_timeout() {
         .expect("closed with GOAWAY, not torn down");
 }
 
+/// HTTP/2 readers that never open their flow-control window (SETTINGS_INITIAL_WINDOW_SIZE = 0)
+/// and ask once each, as many as `max_connections`: the answers they never take are reset at
+/// the answer timeout (request + header read timeouts), their connections close once idle,
+/// and a caller waiting behind them is served.
+#[tokio::test]
+async fn h2_readers_that_never_open_their_window_give_their_slots_back() {
+    let h = Harness::start_seeded("+15553000008", ConsentStatus::Refused, |c| {
+        c.set("server.max_connections", "4")
+            .set("server.request_timeout_ms", "500")
+            .set("server.header_read_timeout_ms", "500")
+            .set("server.idle_timeout_ms", "300");
+    })
+    .await;
+    let addr = h.proxy.listen_addr;
+    let path = consent_path("%2B15553000008");
+    let mut readers = Vec::new();
+    for _ in 0..4 {
+        let tcp = TcpStream::connect(addr).await.unwrap();
+        let (client, connection) = h2::client::Builder::new()
+            .initial_window_size(0)
+            .handshake::<_, bytes::Bytes>(tcp)
+            .await
+            .expect("h2 handshake");
+        let connection = tokio::spawn(connection);
+        let mut client = client.ready().await.expect("ready");
+        let request = http::Request::get(format!("http://proxy{path}"))
+            .header("x-api-key", RW_KEY)
+            .body(())
+            .unwrap();
+        let (response, _) = client.send_request(request, true).expect("sent");
+        // The head gets through (HEADERS are not flow-controlled); the body cannot.
+        let response = response.await.expect("an answer's head");
+        assert_eq!(response.status(), 200);
+        readers.push((response.into_body(), connection, client));
+    }
+    let mut waiting = RawConn::connect(addr).await;
+    waiting.send(get_request(&path).as_bytes()).await.unwrap();
+    let served = timeout(Duration::from_secs(10), waiting.response())
+        .await
+        .expect("the waiting caller is served once the slow readers' slots are back")
+        .expect("an answer");
+    assert_eq!(served.status, 200, "{}", served.text());
+    for (mut body, connection, _client) in readers {
+        let ended = timeout(Duration::from_secs(5), body.data())
+            .await
+            .expect("the answer never taken has ended");
+        match ended {
+            Some(Err(error)) => assert_eq!(
+                error.reason(),
+                Some(h2::Reason::CANCEL),
+                "the stream is reset: {error}"
+            ),
+            other => panic!("the stream should have been reset, got {other:?}"),
+        }
+        timeout(Duration::from_secs(5), connection)
+            .await
+            .expect("the slow reader's connection is closed")
+            .expect("connection task")
+            .ok();
+    }
+}
+
+/// An HTTP/1.1 client that pipelines many requests and never reads keeps its answers from
+/// being written (its receive window is tiny): once idle, its connection is asked to close
+/// and, since the answer in progress can never be written, it is cut off at the answer
+/// timeout, giving its slot back.
+#[tokio::test]
+async fn an_http1_connection_that_never_takes_its_answers_is_cut_off() {
+    let h = Harness::start_seeded("+15553000009", ConsentStatus::Refused, |c| {
+        c.set("server.max_connections", "1")
+            .set("server.request_timeout_ms", "500")
+            .set("server.header_read_timeout_ms", "500")
+            .set("server.idle_timeout_ms", "300");
+    })
+    .await;
+    let addr = h.proxy.listen_addr;
+    let path = consent_path("%2B15553000009");
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.set_recv_buffer_size(4096).unwrap();
+    let mut stuck = socket.connect(addr).await.unwrap();
+    let pipelined = get_request(&path).repeat(30_000);
+    // Written from its own task: the proxy stops reading once it cannot write.
+    let writer = tokio::spawn(async move {
+        let _ = stuck.write_all(pipelined.as_bytes()).await;
+        stuck
+    });
+    let mut waiting = RawConn::connect(addr).await;
+    waiting.send(get_request(&path).as_bytes()).await.unwrap();
+    // Generous: the proxy first answers until the socket's buffers are full (megabytes).
+    let served = timeout(Duration::from_secs(30), waiting.response())
+        .await
+        .expect("the waiting caller is served once the stuck connection is cut off")
+        .expect("an answer");
+    assert_eq!(served.status, 200, "{}", served.text());
+    drop(writer);
+}
+
 /// The idle clock runs only while no request is in progress: a request slower than the idle
 /// timeout is answered, and the kept-alive HTTP/1.1 connection is closed once idle.
 #[tokio::test]
@@ -389,6 +486,145 @@ async fn a_burst_of_1500_connections_is_accepted_without_syn_drops() {
         slowest < Duration::from_millis(900),
         "the slowest of 1500 connects took {slowest:?}: SYNs were dropped"
     );
+}
+
+/// A fresh process takes its first burst of new connections without SYN drops. Linux grows a
+/// process's descriptor table by doubling as descriptors are opened, and in a multi-threaded
+/// process each growth (at the 256th, 512th, 1024th descriptor) stalls `accept()` for an RCU
+/// grace period: the accept queue overflowed on a fresh proxy's first burst, never on a later
+/// one. The proxy grows the table at start (its size shows in `/proc/<pid>/status`), and a
+/// burst issued back to back right after start (every connect sent before any completes) is
+/// accepted with none waiting for a SYN retransmit.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fresh_process_takes_its_first_burst_without_syn_drops() {
+    const MAX_CONNECTIONS: u64 = 2000;
+    const BURST: usize = 1500;
+    let sim = start_simulator().await;
+    let mut config = ProxyConfig::for_simulator(&sim);
+    config
+        .set("server.max_connections", &MAX_CONNECTIONS.to_string())
+        .set_str("log.level", "info");
+    let proxy = FreshProxy::start(&config.to_toml());
+
+    // The table holds max_connections descriptors before the first connection (or as many as
+    // the soft RLIMIT_NOFILE allows, which the child inherits).
+    let soft_limit = open_files_soft_limit();
+    let status = std::fs::read_to_string(format!("/proc/{}/status", proxy.child.id()))
+        .expect("the proxy's /proc status");
+    let table: u64 = status
+        .lines()
+        .find_map(|line| line.strip_prefix("FDSize:"))
+        .and_then(|size| size.trim().parse().ok())
+        .expect("FDSize in /proc status");
+    assert!(
+        table >= MAX_CONNECTIONS.min(soft_limit),
+        "descriptor table of {table} at start, below max_connections {MAX_CONNECTIONS}"
+    );
+
+    // Every connect issued before any is awaited: one tight loop of connect() calls.
+    let started = Instant::now();
+    let mut connects: Vec<_> = (0..BURST)
+        .map(|_| Box::pin(TcpStream::connect(proxy.addr)))
+        .collect();
+    let mut took: Vec<Option<Duration>> = vec![None; BURST];
+    let mut streams = Vec::with_capacity(BURST);
+    std::future::poll_fn(|cx| {
+        for (connect, took) in connects.iter_mut().zip(took.iter_mut()) {
+            if took.is_none() {
+                if let std::task::Poll::Ready(result) =
+                    std::future::Future::poll(connect.as_mut(), cx)
+                {
+                    *took = Some(started.elapsed());
+                    streams.push(result.expect("connect"));
+                }
+            }
+        }
+        if took.iter().all(Option::is_some) {
+            std::task::Poll::Ready(())
+        } else {
+            std::task::Poll::Pending
+        }
+    })
+    .await;
+    let slowest = took.into_iter().flatten().max().unwrap_or_default();
+    assert!(
+        slowest < Duration::from_millis(900),
+        "the slowest of {BURST} connects took {slowest:?}: SYNs were dropped"
+    );
+    drop(streams);
+}
+
+/// The soft limit on open files this process (and so its children) runs with.
+fn open_files_soft_limit() -> u64 {
+    std::fs::read_to_string("/proc/self/limits")
+        .ok()
+        .and_then(|limits| {
+            limits
+                .lines()
+                .find(|line| line.starts_with("Max open files"))
+                .and_then(|line| line.split_whitespace().nth(3))
+                .and_then(|soft| soft.parse().ok())
+        })
+        .unwrap_or(u64::MAX)
+}
+
+/// The proxy binary started afresh, killed when dropped.
+struct FreshProxy {
+    child: std::process::Child,
+    addr: SocketAddr,
+    _config_file: crate::support::temp_file::TempFile,
+}
+
+impl FreshProxy {
+    fn start(config_toml: &str) -> FreshProxy {
+        use std::io::BufRead;
+        let config_file = crate::support::temp_file::TempFile::new("fresh.toml", config_toml);
+        let mut child = without_proxy_env(&mut std::process::Command::new(env!(
+            "CARGO_BIN_EXE_consent-proxy"
+        )))
+        .arg("serve")
+        .arg("--config")
+        .arg(config_file.path())
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("spawn consent-proxy");
+        let stderr = child.stderr.take().expect("piped stderr");
+        let mut proxy = FreshProxy {
+            child,
+            addr: SocketAddr::from(([127, 0, 0, 1], 0)),
+            _config_file: config_file,
+        };
+        // Its "listening" line names the port it was given (the standard error is read to the
+        // end in a thread of its own, so the proxy never blocks on it).
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for line in std::io::BufReader::new(stderr).lines() {
+                let Ok(line) = line else { break };
+                if line.contains("consent-proxy listening") {
+                    let _ = tx.send(line);
+                }
+            }
+        });
+        let line = rx
+            .recv_timeout(Duration::from_secs(30))
+            .expect("the proxy did not start");
+        let start = line.find("listen_addr=").expect("listen_addr") + "listen_addr=".len();
+        let rest = &line[start..];
+        let end = rest
+            .find(|c: char| !(c.is_ascii_digit() || c == '.' || c == ':'))
+            .unwrap_or(rest.len());
+        proxy.addr = rest[..end].parse().expect("a socket address");
+        proxy
+    }
+}
+
+impl Drop for FreshProxy {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
 }
 
 /// Runs futures concurrently and collects their outputs in order.
@@ -532,6 +768,74 @@ async fn oversized_headers_are_431_and_not_forwarded() {
     );
     assert_upstream_untouched(&h.sim);
     assert_eq!(h.get("%2B15553000004").await.status, 404, "still serving");
+}
+
+#[tokio::test]
+async fn the_admin_listener_refuses_oversized_headers_too() {
+    // The default max_header_bytes (16,384): a 30,000-byte header, within what hyper's own
+    // read buffer lets through, is 431 on the admin listener as on the consent listener.
+    let h = Harness::start().await;
+    for (path, size) in [("/healthz", 30_000), ("/metrics", 17_000)] {
+        let request = format!(
+            "GET {path} HTTP/1.1\r\nHost: admin\r\nX-Big: {}\r\nConnection: close\r\n\r\n",
+            "b".repeat(size)
+        );
+        let answer = exchange(h.proxy.admin_addr, request.as_bytes())
+            .await
+            .expect("an answer");
+        assert_eq!(answer.status, 431, "{path} with {size} bytes of header");
+    }
+    let request = format!(
+        "GET /healthz HTTP/1.1\r\nHost: admin\r\nX-Big: {}\r\nConnection: close\r\n\r\n",
+        "b".repeat(16_000)
+    );
+    let answer = exchange(h.proxy.admin_addr, request.as_bytes())
+        .await
+        .expect("an answer");
+    assert_eq!(answer.status, 200, "within the limit");
+}
+
+#[tokio::test]
+async fn a_put_whose_caller_hung_up_is_still_logged_and_counted() {
+    let h = Harness::start().await;
+    h.wait_ready().await;
+    let contact = "+15553000077";
+    // Upstream holds the write long enough for the caller to give up on it.
+    h.sim
+        .inject(SimRoute::Put, Fault::Delay(Duration::from_millis(1500)), 1);
+    let body = r#"{"status":"CONSENTED"}"#;
+    let request = format!(
+        "PUT {} HTTP/1.1\r\nHost: proxy\r\nX-API-Key: {RW_KEY}\r\n\
+         Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        consent_path(contact),
+        body.len()
+    );
+    let mut caller = TcpStream::connect(h.proxy.listen_addr).await.unwrap();
+    caller.write_all(request.as_bytes()).await.unwrap();
+    wait_until(Duration::from_secs(5), || async {
+        h.sim.puts_for(contact) == 1
+    })
+    .await;
+    drop(caller);
+
+    // Counted once the write ends, as 499 under its client, with upstream's outcome applied.
+    let hung_up =
+        r#"consent_proxy_requests_total{client="rw",code="499",method="PUT",route="consent"}"#;
+    wait_until(Duration::from_secs(10), || async {
+        h.metric(hung_up).await == 1.0
+    })
+    .await;
+    assert_eq!(
+        h.metric(r#"consent_proxy_consent_writes_total{status="CONSENTED"}"#)
+            .await,
+        1.0
+    );
+    assert_eq!(h.sim.stored_status(contact), Some(ConsentStatus::Consented));
+    let read = h.get(contact).await;
+    assert_eq!(
+        (read.status, read.status_field().as_str()),
+        (200, "CONSENTED")
+    );
 }
 
 #[tokio::test]

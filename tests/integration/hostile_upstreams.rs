@@ -211,7 +211,7 @@ async fn a_write_acknowledged_with_another_status_drops_the_entry_instead_of_cac
     assert_eq!(cached(&h.get(contact).await), (200, Some("HIT".into())));
 
     let put = h.put(contact, "REFUSED").await;
-    // The caller gets upstream's answer as it is (rule 1: 2xx only on upstream's 2xx) ...
+    // The caller gets upstream's answer as it is (rule 1 of docs/CONSISTENCY.md: 2xx only on upstream's 2xx) ...
     assert_eq!(
         (put.status, put.status_field().as_str()),
         (200, "CONSENTED")

@@ -10,8 +10,10 @@
 
 mod support;
 
+mod auth_throttle;
 mod cache;
 mod cli;
+mod client_assertion;
 mod docs;
 mod hostile_clients;
 mod hostile_upstreams;

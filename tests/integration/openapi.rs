@@ -14,7 +14,7 @@
 //! PyYAML (`crate::support::yaml`); no interpreter with it is a test failure that says how to get one.
 
 use std::collections::BTreeSet;
-use std::net::SocketAddr;
+use std::net::{Ipv4Addr, SocketAddr};
 use std::path::PathBuf;
 use std::sync::OnceLock;
 use std::time::Duration;
@@ -481,29 +481,32 @@ fn check_documented(ex: &Exchange<'_>) -> Result<(), String> {
 
 async fn call(
     h: &Harness,
+    from: &TestClient,
     listener: Listener,
     method: Method,
     path: &str,
-    headers: &[(&str, &str)],
-    body: Option<String>,
+    request: (&[(&str, &str)], Option<String>),
 ) -> TestResponse {
     let base = match listener {
         Listener::Consent => h.proxy.url(),
         Listener::Admin => h.proxy.admin_url(),
     };
-    h.http
-        .send(method, &format!("{base}{path}"), headers, body)
+    let (headers, body) = request;
+    from.send(method, &format!("{base}{path}"), headers, body)
         .await
 }
 
 /// A request to send: `ask(listener, method, path)`, with `.headers(…)` and `.body(…)` when it
-/// has them, then `.expect(h, status, origin)`.
+/// has them (and `.from(client)` to send it from another address), then
+/// `.expect(h, status, origin)`.
 struct Ask<'a> {
     listener: Listener,
     method: Method,
     path: &'a str,
     headers: &'a [(&'a str, &'a str)],
     body: Option<&'a str>,
+    /// `None`: the harness's own client.
+    from: Option<&'a TestClient>,
 }
 
 fn ask(listener: Listener, method: Method, path: &str) -> Ask<'_> {
@@ -513,6 +516,7 @@ fn ask(listener: Listener, method: Method, path: &str) -> Ask<'_> {
         path,
         headers: &[],
         body: None,
+        from: None,
     }
 }
 
@@ -528,16 +532,25 @@ impl<'a> Ask<'a> {
         }
     }
 
+    /// From another client, i.e. another source address: failed authentications are
+    /// throttled per address, and some scenarios fail more than ten times.
+    fn from(self, client: &'a TestClient) -> Self {
+        Ask {
+            from: Some(client),
+            ..self
+        }
+    }
+
     /// Sends the request, asserts the status it must get, and that the answer is documented
     /// as coming from `origin`.
     async fn expect(self, h: &Harness, status: u16, origin: Origin) -> TestResponse {
         let response = call(
             h,
+            self.from.unwrap_or(&h.http),
             self.listener,
             self.method.clone(),
             self.path,
-            self.headers,
-            self.body.map(str::to_owned),
+            (self.headers, self.body.map(str::to_owned)),
         )
         .await;
         let exchange = Exchange {
@@ -636,6 +649,10 @@ fn every_proxy_error() -> Vec<ProxyError> {
             }],
         },
         ProxyError::Unauthorized,
+        ProxyError::MissingCredentials,
+        ProxyError::TooManyAttempts {
+            retry_after: std::time::Duration::from_secs(30),
+        },
         ProxyError::InvalidToken("access token expired".into()),
         ProxyError::Forbidden("write"),
         ProxyError::NotFound,
@@ -658,6 +675,8 @@ fn every_proxy_error() -> Vec<ProxyError> {
             ProxyError::InvalidContactId
             | ProxyError::InvalidBody { .. }
             | ProxyError::Unauthorized
+            | ProxyError::MissingCredentials
+            | ProxyError::TooManyAttempts { .. }
             | ProxyError::InvalidToken(_)
             | ProxyError::Forbidden(_)
             | ProxyError::NotFound
@@ -957,23 +976,30 @@ async fn consent_errors_made_by_the_proxy_are_documented() {
         .await;
     assert_eq!(extra.json()["fields"][0]["name"], "extra");
 
-    // 401: none, wrong, malformed; WWW-Authenticate is required by the spec.
+    // 401: none, wrong, malformed; WWW-Authenticate is required by the spec. Each from its own
+    // address: together they are more failures than one address may make in a minute.
     let wrong_basic = basic("ops", RW_KEY);
-    for headers in [
+    for (i, headers) in [
         vec![],
         vec![("x-api-key", "wrong-key-0123456789")],
         vec![("authorization", "Bearer wrong-key-0123456789")],
         vec![("authorization", wrong_basic.as_str())],
         vec![("authorization", "Basic %%%")],
         vec![("authorization", "Token abc")],
-    ] {
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let from = TestClient::from_address(Ipv4Addr::new(127, 0, 2, i as u8 + 1).into());
         let mut put_headers = headers.clone();
         put_headers.push(JSON);
         ask(C, Method::GET, &ok)
             .headers(&headers)
+            .from(&from)
             .expect(&h, 401, P)
             .await;
         ask(C, Method::PUT, &ok)
+            .from(&from)
             .headers(&put_headers)
             .body(r#"{"status":"REFUSED"}"#)
             .expect(&h, 401, P)
@@ -1358,8 +1384,10 @@ async fn token_endpoint_answers_are_documented() {
         .await;
     assert_eq!(r.json()["error"], "invalid_scope");
 
-    // 401 invalid_client: none, wrong, unknown, malformed (from another address than the
-    // throttle test's, but still fewer than ten failures).
+    // 401 invalid_client: none, wrong, unknown, malformed (from an address of their own: with
+    // the five below they make the ten failures that throttle it, and the tokens must still
+    // work from this test's usual address afterwards).
+    let guesser = TestClient::from_address(Ipv4Addr::new(127, 0, 3, 1).into());
     let wrong = basic("rw", "wrong-key-0123456789");
     let unknown = basic("nobody", RW_KEY);
     for headers in [
@@ -1372,6 +1400,7 @@ async fn token_endpoint_answers_are_documented() {
         let r = ask(C, Method::POST, token_path)
             .headers(&headers)
             .body(grant)
+            .from(&guesser)
             .expect(&h, 401, P)
             .await;
         assert_eq!(r.json()["error"], "invalid_client");
@@ -1399,12 +1428,14 @@ async fn token_endpoint_answers_are_documented() {
         ask(C, Method::POST, token_path)
             .headers(&[("authorization", &wrong), FORM])
             .body(grant)
+            .from(&guesser)
             .expect(&h, 401, P)
             .await;
     }
     let r = ask(C, Method::POST, token_path)
         .headers(&[("authorization", &rw_basic), FORM])
         .body(grant)
+        .from(&guesser)
         .expect(&h, 429, P)
         .await;
     assert_eq!(r.json()["error"], "temporarily_unavailable");

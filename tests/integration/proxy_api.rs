@@ -538,18 +538,21 @@ async fn missing_or_wrong_key_is_401_with_a_challenge_without_calling_upstream()
         vec![("authorization", "Basic not-base64!")],
         vec![("authorization", "Token rw-key-0123456789abcdef")],
     ];
-    for headers in &cases {
+    for (i, headers) in cases.iter().enumerate() {
+        // Each case from its own address: together they are more failures than one address
+        // may make in a minute before it is throttled.
+        let from = TestClient::from_address(std::net::Ipv4Addr::new(127, 0, 4, i as u8 + 1).into());
         for method in [Method::GET, Method::PUT] {
             let mut headers = headers.clone();
             headers.push(("content-type", "application/json"));
-            let response = send(
-                &h,
-                method.clone(),
-                &path,
-                &headers,
-                Some(r#"{"status":"REFUSED"}"#),
-            )
-            .await;
+            let response = from
+                .send(
+                    method.clone(),
+                    &format!("{}{path}", h.proxy.url()),
+                    &headers,
+                    Some(r#"{"status":"REFUSED"}"#.to_owned()),
+                )
+                .await;
             assert_proxy_error(&response, 401, "unauthorized");
             // A Bearer value is a key or an access token: RFC 6750's challenge says it was
             // refused. Anything else gets the Basic challenge.

@@ -11,6 +11,8 @@
 // Clients (secrets are test fixtures, not secrets):
 //   consent-proxy-basic  client_secret_basic
 //   consent-proxy-post   client_secret_post
+//   consent-proxy-jwt    private_key_jwt (ES256), when $OIDC_JWT_CLIENT_JWK holds its public
+//                        key as a JWK (JSON)
 // Access-token lifetime: $OIDC_TOKEN_TTL_S seconds (default 600).
 //
 // Install its dependency first: npm ci --prefix tests/oidc
@@ -38,6 +40,10 @@ if (!Number.isInteger(tokenTtl) || tokenTtl < 1) {
   process.exit(2);
 }
 
+const jwtClientJwk = process.env.OIDC_JWT_CLIENT_JWK
+  ? JSON.parse(process.env.OIDC_JWT_CLIENT_JWK)
+  : null;
+
 const client = (id, secret, method) => ({
   client_id: id,
   client_secret: secret,
@@ -60,6 +66,18 @@ const provider = new Provider(`http://127.0.0.1:${actualPort}`, {
   clients: [
     client(CLIENTS.basic.id, CLIENTS.basic.secret, 'client_secret_basic'),
     client(CLIENTS.post.id, CLIENTS.post.secret, 'client_secret_post'),
+    ...(jwtClientJwk
+      ? [{
+        client_id: 'consent-proxy-jwt',
+        grant_types: ['client_credentials'],
+        token_endpoint_auth_method: 'private_key_jwt',
+        token_endpoint_auth_signing_alg: 'ES256',
+        jwks: { keys: [jwtClientJwk] },
+        redirect_uris: [],
+        response_types: [],
+        scope: SCOPES.join(' '),
+      }]
+      : []),
   ],
   scopes: SCOPES,
   cookies: { keys: ['test-only-cookie-key-not-a-secret'] },

@@ -49,8 +49,8 @@ fn minimal_file_gives_contract_defaults() {
     assert_eq!(t.api_base_url, "https://api.talkdeskapp.com");
     assert_eq!(t.token_url, "https://acme.talkdeskid.com/oauth/token");
     assert_eq!(t.client_id, "cid");
-    assert_eq!(t.client_secret.expose(), SECRET);
-    assert_eq!(t.client_auth, ClientAuth::Basic);
+    assert_eq!(t.client_credential.secret().unwrap().expose(), SECRET);
+    assert_eq!(t.client_credential.client_auth(), ClientAuth::Basic);
     assert_eq!(
         t.scopes,
         vec![
@@ -564,7 +564,10 @@ fn secret_files_are_read_and_trimmed() {
             &format!("api_key_file = {key:?}"),
         );
     let s = Settings::from_toml_str(&toml).unwrap();
-    assert_eq!(s.talkdesk.client_secret.expose(), "file-secret");
+    assert_eq!(
+        s.talkdesk.client_credential.secret().unwrap().expose(),
+        "file-secret"
+    );
     assert_eq!(s.clients[0].key_sha256, digest("file-key-0123456789"));
 
     let missing = toml.replace(&secret, "/nonexistent/consent-proxy-secret");
@@ -812,7 +815,10 @@ fn secret_files_others_can_write_are_refused_readable_ones_warned_naming_their_k
     chmod(&secret, 0o644);
     chmod(&key, 0o444);
     let s = Settings::from_toml_str(&toml).unwrap();
-    assert_eq!(s.talkdesk.client_secret.expose(), "file-secret");
+    assert_eq!(
+        s.talkdesk.client_credential.secret().unwrap().expose(),
+        "file-secret"
+    );
     assert_eq!(
         s.warnings(),
         [
@@ -881,4 +887,121 @@ fn listeners_that_would_collide_are_refused() {
         "listen = \"127.0.0.1:9000\"\nadmin_listen = \"127.0.0.2:9000\"",
     ))
     .unwrap();
+}
+
+#[test]
+fn private_key_jwt_needs_a_key_that_fits_its_algorithm_and_no_secret() {
+    use crate::jws::SigningKey;
+    let dir = TempDir::new("jwt");
+    let key_text = SigningKey::generate_es256();
+    let key = dir.file("client.key", &key_text);
+    let not_a_key = dir.file("not-a-key", "hello\n");
+    let jwt = |extra: &str| {
+        minimal().replace(
+            &format!("client_secret = \"{SECRET}\""),
+            &format!("client_auth = \"private_key_jwt\"\n{extra}"),
+        )
+    };
+    let given = format!("private_key_file = {key:?}\nkey_id = \"kid-1\"");
+    let s = Settings::from_toml_str(&jwt(&given)).unwrap();
+    let ClientCredential::PrivateKey {
+        key_id,
+        key: signer,
+    } = &s.talkdesk.client_credential
+    else {
+        panic!("{:?}", s.talkdesk.client_credential);
+    };
+    assert_eq!(key_id, "kid-1");
+    assert_eq!(signer.algorithm(), crate::jws::Algorithm::ES256);
+    assert_eq!(
+        s.talkdesk.client_credential.client_auth(),
+        ClientAuth::PrivateKeyJwt
+    );
+    let shown = format!("{}{:?}", s.redacted_toml(), s);
+    assert!(!shown.contains(&key_text[..24]), "{shown}");
+
+    for (extra, needle) in [
+        (
+            "key_id = \"kid-1\"".to_owned(),
+            "talkdesk.private_key_file is required with private_key_jwt",
+        ),
+        (
+            format!("private_key_file = {key:?}"),
+            "talkdesk.key_id is required with private_key_jwt",
+        ),
+        (
+            format!("{given}\nclient_secret = \"{SECRET}\""),
+            "talkdesk.client_secret must be empty with talkdesk.client_auth = \"private_key_jwt\"",
+        ),
+        (
+            format!("{given}\nkey_algorithm = \"RS256\""),
+            "the key does not fit RS256: RS256 needs an RSA key",
+        ),
+        (
+            format!("{given}\nkey_algorithm = \"ES384\""),
+            "the key does not fit ES384: ES384 needs an EC P-384 key",
+        ),
+        (
+            format!("private_key_file = {not_a_key:?}\nkey_id = \"kid-1\""),
+            "not a private key: neither base64 PKCS#8",
+        ),
+        (
+            format!("{given}\nkey_algorithm = \"HS256\""),
+            "talkdesk.key_algorithm: \"HS256\" is not a key algorithm",
+        ),
+    ] {
+        let list = errors(&jwt(&extra));
+        assert!(
+            has(&list, needle),
+            "{extra}: missing {needle:?} in {list:#?}"
+        );
+        assert!(!has(&list, &key_text[..24]), "{list:#?}");
+    }
+
+    // A key for the other methods is refused rather than silently unused.
+    let list = errors(&minimal_with("talkdesk", &given));
+    assert!(
+        has(
+            &list,
+            "talkdesk.key_id is used only with talkdesk.client_auth = \"private_key_jwt\""
+        ),
+        "{list:#?}"
+    );
+}
+
+#[test]
+fn trusted_proxies_are_addresses_or_networks() {
+    let s = Settings::from_toml_str(&minimal()).unwrap();
+    assert_eq!(s.server.trusted_proxies, TrustedProxies::default());
+    let s = Settings::from_toml_str(&minimal_with(
+        "server",
+        r#"trusted_proxies = ["10.0.0.0/8", "192.0.2.7", "2001:db8::/32"]"#,
+    ))
+    .unwrap();
+    let balancer: std::net::IpAddr = "10.1.2.3".parse().unwrap();
+    let mut headers = http::HeaderMap::new();
+    headers.insert("x-forwarded-for", "203.0.113.9".parse().unwrap());
+    assert_eq!(
+        s.server.trusted_proxies.client_address(balancer, &headers),
+        "203.0.113.9".parse::<std::net::IpAddr>().unwrap()
+    );
+    let list = errors(&minimal_with(
+        "server",
+        r#"trusted_proxies = ["10.0.0.1/8"]"#,
+    ));
+    assert!(
+        has(
+            &list,
+            "server.trusted_proxies: \"10.0.0.1/8\" has bits set beyond its /8 prefix"
+        ),
+        "{list:?}"
+    );
+    let list = errors(&minimal_with("server", r#"trusted_proxies = ["balancer"]"#));
+    assert!(
+        has(
+            &list,
+            "server.trusted_proxies: \"balancer\" is not an IP address or a CIDR network"
+        ),
+        "{list:?}"
+    );
 }

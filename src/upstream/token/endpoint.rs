@@ -11,8 +11,9 @@ use http::{header, HeaderValue, Method, Request};
 use http_body_util::Full;
 use serde::Deserialize;
 
+use super::assertion::{client_assertion, JWT_BEARER};
 use super::TokenFailure;
-use crate::config::{ClientAuth, Secret, TalkdeskSettings};
+use crate::config::{ClientAuth, ClientCredential, TalkdeskSettings};
 use crate::upstream::transport::{Transport, USER_AGENT};
 
 /// The largest token response read.
@@ -22,8 +23,7 @@ const MAX_TOKEN_RESPONSE_BYTES: usize = 64 * 1024;
 pub(super) struct TokenRequest {
     url: String,
     client_id: String,
-    client_secret: Secret,
-    client_auth: ClientAuth,
+    credential: ClientCredential,
     scopes: String,
     pub(super) timeout: Duration,
 }
@@ -33,8 +33,7 @@ impl TokenRequest {
         TokenRequest {
             url: talkdesk.token_url.clone(),
             client_id: talkdesk.client_id.clone(),
-            client_secret: talkdesk.client_secret.clone(),
-            client_auth: talkdesk.client_auth,
+            credential: talkdesk.client_credential.clone(),
             scopes: talkdesk.scopes.join(" "),
             timeout: talkdesk.timeout,
         }
@@ -67,13 +66,16 @@ impl TokenRequest {
             .header(header::CONTENT_TYPE, "application/x-www-form-urlencoded")
             .header(header::ACCEPT, "application/json")
             .header(header::USER_AGENT, USER_AGENT);
-        match r.client_auth {
-            ClientAuth::Basic => {
+        match &r.credential {
+            ClientCredential::Secret {
+                secret,
+                auth: ClientAuth::Basic,
+            } => {
                 // RFC 6749 §2.3.1: both parts form-encoded before base64.
                 let pair = format!(
                     "{}:{}",
                     form_encode(&r.client_id),
-                    form_encode(r.client_secret.expose())
+                    form_encode(secret.expose())
                 );
                 let encoded = base64::engine::general_purpose::STANDARD.encode(pair);
                 let mut value = HeaderValue::from_str(&format!("Basic {encoded}"))
@@ -81,9 +83,17 @@ impl TokenRequest {
                 value.set_sensitive(true);
                 builder = builder.header(header::AUTHORIZATION, value);
             }
-            ClientAuth::Post => {
+            ClientCredential::Secret { secret, .. } => {
                 form.append_pair("client_id", &r.client_id)
-                    .append_pair("client_secret", r.client_secret.expose());
+                    .append_pair("client_secret", secret.expose());
+            }
+            ClientCredential::PrivateKey { key, key_id } => {
+                let assertion =
+                    client_assertion(key, key_id, &r.client_id, &r.url).map_err(|_| {
+                        TokenFailure::BadRequest("the client assertion could not be signed")
+                    })?;
+                form.append_pair("client_assertion_type", JWT_BEARER)
+                    .append_pair("client_assertion", &assertion);
             }
         }
         builder

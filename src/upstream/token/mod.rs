@@ -9,9 +9,10 @@
 //!
 //! Here: the handle requests use ([`TokenManager`]) and the token it hands out. Beside it:
 //! `refresher` (when to renew, the one task that does), `endpoint` (the token request and
-//! the validation of its answer), `fleet` (one token for several instances, through a store
+//! the validation of its answer), `assertion` (the `private_key_jwt` client assertion), `fleet` (one token for several instances, through a store
 //! the cluster implements), `metrics`.
 
+pub mod assertion;
 mod endpoint;
 mod fleet;
 mod metrics;

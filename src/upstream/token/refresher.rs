@@ -1,5 +1,7 @@
 //! The background task that owns all talk with the token endpoint: it fetches the first token
 //! at once, renews each before it expires, and renews at once when requests find none usable.
+//! With a fleet store it takes the fleet's token, or renews it for the fleet under the store's
+//! lock, or fetches alone when the store cannot help.
 
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Weak};
@@ -10,14 +12,19 @@ use tokio::sync::{oneshot, watch, Notify};
 use tokio::time::Instant;
 
 use super::endpoint::TokenRequest;
-use super::fleet::FleetTokens;
+use super::fleet::{
+    FleetLock, FleetToken, FleetTokens, LockAnswer, TokenSource, FLEET_WAIT_MARGIN,
+};
 use super::{AccessToken, Phase, TokenFailure, TokenState};
+use crate::error::Failure;
 use crate::upstream::backoff::Backoff;
 use crate::upstream::transport::Transport;
 
 /// Renewal back-off after a failed fetch: doubles from the first to the last, with jitter.
 const BACKOFF_FIRST: Duration = Duration::from_millis(250);
 const BACKOFF_LAST: Duration = Duration::from_secs(30);
+/// While another instance renews the fleet's token, the store is asked again this often.
+const FLEET_POLL: Duration = Duration::from_millis(20);
 
 /// The background task that owns all talk with the token endpoint. It holds the manager's
 /// state only weakly (and only while it works), so dropping the last handle stops it.
@@ -108,7 +115,7 @@ impl Refresher {
     }
 
     /// [`Self::fetch`], counted and timed in the token metrics.
-    pub(super) async fn fetch_counted(&self, state: &TokenState) -> Result<Obtained, TokenFailure> {
+    async fn fetch_counted(&self, state: &TokenState) -> Result<Obtained, TokenFailure> {
         let started = Instant::now();
         let result = self.fetch(started, state).await;
         let metrics = &state.metrics;
@@ -124,13 +131,13 @@ impl Refresher {
 
     /// The refresh margin and the safety margin for a token of `lifetime`: it is renewed
     /// `margin` before its end and never sent in its last `safety`.
-    pub(super) fn margins(&self, lifetime: Duration) -> (Duration, Duration) {
+    fn margins(&self, lifetime: Duration) -> (Duration, Duration) {
         let margin = self.refresh_margin.min(lifetime / 2);
         let safety = (lifetime / 4).min(Duration::from_secs(5));
         (margin, safety)
     }
 
-    pub(super) fn access_token(
+    fn access_token(
         &self,
         state: &TokenState,
         authorization: HeaderValue,
@@ -152,5 +159,130 @@ impl Refresher {
         let lifetime = parsed.expires_in;
         let token = self.access_token(state, parsed.authorization, started + lifetime, lifetime);
         Ok((token, lifetime))
+    }
+
+    /// A token: the fleet's when there is a fleet store and it can help, else fetched.
+    async fn obtain(&mut self, state: &TokenState) -> Result<Obtained, TokenFailure> {
+        let Some(fleet) = self.fleet.clone() else {
+            return self.fetch_counted(state).await;
+        };
+        // The token held was dropped (upstream rejected it) or ran out: if it was the fleet's,
+        // the fleet's copy is no good either.
+        let rejected = state
+            .usable_token()
+            .is_none()
+            .then_some(self.installed_fleet_id)
+            .flatten();
+        let give_up_at = Instant::now() + self.request.timeout + FLEET_WAIT_MARGIN;
+        let mut waiting = false;
+        loop {
+            let found = match fleet.read().await {
+                Ok(found) => found,
+                Err(problem) => return self.alone(state, fleet.as_ref(), problem).await,
+            };
+            let replacing = match found {
+                Some(token) if self.usable_from_fleet(&token, rejected) => {
+                    return Ok(self.install_fleet_token(state, fleet.as_ref(), token));
+                }
+                Some(token) => Some(token.id),
+                None => None,
+            };
+            match fleet.lock(replacing).await {
+                Err(problem) => return self.alone(state, fleet.as_ref(), problem).await,
+                Ok(LockAnswer::Replaced(token)) if self.usable_from_fleet(&token, rejected) => {
+                    return Ok(self.install_fleet_token(state, fleet.as_ref(), token));
+                }
+                Ok(LockAnswer::Locked(lock)) => {
+                    return self.renew_for_fleet(state, fleet.as_ref(), lock).await;
+                }
+                Ok(LockAnswer::Held) if !waiting => {
+                    waiting = true;
+                    fleet.waiting_for_lock();
+                }
+                Ok(LockAnswer::Replaced(_) | LockAnswer::Held) => {}
+            }
+            if Instant::now() + FLEET_POLL >= give_up_at {
+                let problem = Failure::msg(format!(
+                    "no token from the instance renewing it within {} ms",
+                    (self.request.timeout + FLEET_WAIT_MARGIN).as_millis()
+                ));
+                return self.alone(state, fleet.as_ref(), problem).await;
+            }
+            tokio::time::sleep(FLEET_POLL).await;
+        }
+    }
+
+    /// Whether the fleet's `token` may be installed: not the one just rejected, not due for
+    /// renewal (then this instance renews it, or waits for the one that does).
+    fn usable_from_fleet(&self, token: &FleetToken, rejected: Option<u64>) -> bool {
+        let (margin, safety) = self.margins(token.lifetime);
+        Some(token.id) != rejected && token.remaining > margin.max(safety)
+    }
+
+    fn install_fleet_token(
+        &mut self,
+        state: &TokenState,
+        fleet: &dyn FleetTokens,
+        token: FleetToken,
+    ) -> Obtained {
+        fleet.installed(TokenSource::Fleet);
+        self.installed_fleet_id = Some(token.id);
+        let expires_at = Instant::now() + token.remaining;
+        let access = self.access_token(state, token.authorization, expires_at, token.lifetime);
+        (access, token.remaining)
+    }
+
+    /// Fetches under the fleet's lock and stores the token for the others; the token is used
+    /// here even when storing fails (the lock then expires by itself).
+    async fn renew_for_fleet(
+        &mut self,
+        state: &TokenState,
+        fleet: &dyn FleetTokens,
+        lock: FleetLock,
+    ) -> Result<Obtained, TokenFailure> {
+        let started = Instant::now();
+        let (token, lifetime) = match self.fetch_counted(state).await {
+            Ok(fetched) => fetched,
+            Err(failure) => {
+                fleet.release(lock).await;
+                return Err(failure);
+            }
+        };
+        fleet.installed(TokenSource::Renewed);
+        let remaining = lifetime.saturating_sub(started.elapsed());
+        self.installed_fleet_id = match fleet
+            .store(lock, token.authorization.clone(), remaining, lifetime)
+            .await
+        {
+            Ok(id) => Some(id),
+            Err(problem) => {
+                tracing::warn!(
+                    error = %crate::error::ErrorChain(&problem),
+                    "the renewed token could not be stored for the fleet; the others renew \
+                     their own when their lock wait ends"
+                );
+                None
+            }
+        };
+        Ok((token, lifetime))
+    }
+
+    /// Fetches a token for this instance only: the fleet store could not help.
+    async fn alone(
+        &mut self,
+        state: &TokenState,
+        fleet: &dyn FleetTokens,
+        problem: Failure,
+    ) -> Result<Obtained, TokenFailure> {
+        tracing::warn!(
+            error = %crate::error::ErrorChain(&problem),
+            "the fleet's token is out of reach: fetching one for this instance"
+        );
+        self.installed_fleet_id = None;
+        let result = self.fetch_counted(state).await;
+        if result.is_ok() {
+            fleet.installed(TokenSource::Alone);
+        }
+        result
     }
 }

@@ -2,7 +2,8 @@
 //! `redis-server` fails loudly): three in-process proxies, one Redis and one simulator.
 //!
 //! - a write through one instance is seen through the others right after its answer;
-//! - a randomized history over three instances keeps rule 5 (checked by `crate::support::history`);
+//! - a randomized history over three instances keeps rule 5 of docs/CONSISTENCY.md (checked by
+//!   `crate::support::history`);
 //! - a fill that began on one instance before a write through another is not stored;
 //! - Redis killed, frozen (`SIGSTOP`) or one instance cut off from it (a paused relay):
 //!   PUTs are refused with `cluster_unavailable` and never reach upstream, GETs are answered

@@ -31,7 +31,7 @@ fn config_for(fake: &FakeTalkdesk) -> ProxyConfig {
 }
 
 async fn readyz(http: &TestClient, proxy: &AppHandle) -> TestResponse {
-    admin_get(http, proxy, "/readyz").await
+    ProxyClient { http, proxy }.admin("/readyz").await
 }
 
 /// Waits until `/readyz` answers 503 with a reason containing `needle`; returns the reason.
@@ -55,7 +55,7 @@ async fn wait_unready_because(http: &TestClient, proxy: &AppHandle, needle: &str
 /// A GET answered 503 `token_unavailable` well before the request's deadline (10 s).
 async fn assert_refused_at_once(http: &TestClient, proxy: &AppHandle) {
     let started = Instant::now();
-    let answer = get_consent(http, proxy, CONTACT).await;
+    let answer = ProxyClient { http, proxy }.get(CONTACT).await;
     assert_eq!(answer.status, 503, "{}", answer.text());
     assert_eq!(answer.code(), "token_unavailable", "{}", answer.text());
     assert!(
@@ -66,9 +66,9 @@ async fn assert_refused_at_once(http: &TestClient, proxy: &AppHandle) {
 }
 
 async fn assert_get_and_put_work(http: &TestClient, proxy: &AppHandle) {
-    let get = get_consent(http, proxy, CONTACT).await;
+    let get = ProxyClient { http, proxy }.get(CONTACT).await;
     assert_eq!(get.status, 200, "{}", get.text());
-    let put = put_consent(http, proxy, CONTACT, "CONSENTED").await;
+    let put = ProxyClient { http, proxy }.put(CONTACT, "CONSENTED").await;
     assert_eq!(put.status, 200, "{}", put.text());
 }
 
@@ -113,7 +113,16 @@ async fn through_the_forward_proxy_one_tunnel_carries_every_request() {
     .await;
     assert_get_and_put_work(&http, &proxy).await;
     for _ in 0..20 {
-        assert_eq!(get_consent(&http, &proxy, CONTACT).await.status, 200);
+        assert_eq!(
+            ProxyClient {
+                http: &http,
+                proxy: &proxy
+            }
+            .get(CONTACT)
+            .await
+            .status,
+            200
+        );
     }
     let upstream_requests = fake.seen().len();
     let tunnels = forward.connects();

@@ -43,7 +43,8 @@ struct OidcProvider {
 }
 
 impl OidcProvider {
-    fn start() -> OidcProvider {
+    /// With `jwt_client_jwk`, the provider also registers a `private_key_jwt` client.
+    fn start(jwt_client_jwk: Option<&str>) -> OidcProvider {
         let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/oidc");
         let installed = dir.join("node_modules/oidc-provider/package.json");
         assert!(
@@ -52,7 +53,11 @@ impl OidcProvider {
              in the crate root first",
             installed.display()
         );
-        let mut child = Command::new("node")
+        let mut command = Command::new("node");
+        if let Some(jwk) = jwt_client_jwk {
+            command.env("OIDC_JWT_CLIENT_JWK", jwk);
+        }
+        let mut child = command
             .arg(dir.join("server.mjs"))
             .arg("0")
             .current_dir(&dir)
@@ -214,14 +219,24 @@ struct Setup {
 
 impl Setup {
     async fn start(client_id: &str, client_secret: &str, client_auth: &str) -> Setup {
-        let provider = OidcProvider::start();
+        Self::start_with(None, |config| {
+            config
+                .set_str("talkdesk.client_id", client_id)
+                .set_str("talkdesk.client_secret", client_secret)
+                .set_str("talkdesk.client_auth", client_auth);
+        })
+        .await
+    }
+
+    async fn start_with(
+        jwt_client_jwk: Option<&str>,
+        configure: impl FnOnce(&mut ProxyConfig),
+    ) -> Setup {
+        let provider = OidcProvider::start(jwt_client_jwk);
         let api = FakeConsentApi::start().await;
         let mut config = ProxyConfig::for_upstream(&api.url, &provider.token_url());
-        config
-            .set_str("talkdesk.client_id", client_id)
-            .set_str("talkdesk.client_secret", client_secret)
-            .set_str("talkdesk.client_auth", client_auth)
-            .set("cache.enabled", "false");
+        config.set("cache.enabled", "false");
+        configure(&mut config);
         let proxy = config.start().await;
         Setup {
             provider,
@@ -352,4 +367,45 @@ async fn a_wrong_client_secret_is_reported_and_nothing_goes_upstream() {
     assert_eq!(answer.code(), "token_unavailable");
     assert!(s.api.seen().is_empty(), "{:?}", s.api.seen());
     assert_eq!(s.metric(FETCH_OK).await, 0.0);
+}
+
+/// The public JWK (RFC 7517) of an ES256 key: its uncompressed point's coordinates.
+fn es256_jwk(key: &consent_proxy::jws::VerifyingKey, kid: &str) -> String {
+    let point = &key.public;
+    assert_eq!(
+        (point.len(), point[0]),
+        (65, 4),
+        "an uncompressed P-256 point"
+    );
+    let coordinate = |bytes: &[u8]| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes);
+    serde_json::json!({
+        "kty": "EC", "crv": "P-256", "alg": "ES256", "use": "sig", "kid": kid,
+        "x": coordinate(&point[1..33]), "y": coordinate(&point[33..]),
+    })
+    .to_string()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn proxy_uses_a_token_from_oidc_provider_with_private_key_jwt() {
+    use consent_proxy::jws::{Algorithm, SigningKey};
+    const JWT_CLIENT: &str = "consent-proxy-jwt";
+    const KID: &str = "oidc-test-key";
+    let key_text = SigningKey::generate_es256();
+    let public = SigningKey::from_text(&key_text, Algorithm::ES256)
+        .expect("an ES256 key")
+        .verifying_key();
+    let key_file = crate::support::temp_file::TempFile::new("jwt-client.key", &key_text);
+    let s = Setup::start_with(Some(&es256_jwk(&public, KID)), |config| {
+        config
+            .set_str("talkdesk.client_id", JWT_CLIENT)
+            .set_str("talkdesk.client_secret", "")
+            .set_str("talkdesk.client_auth", "private_key_jwt")
+            .set_str("talkdesk.private_key_file", &key_file.display())
+            .set_str("talkdesk.key_id", KID);
+    })
+    .await;
+    s.wait_ready().await;
+    let token = s.get_through_proxy().await;
+    s.assert_issued_by_provider(&token, JWT_CLIENT).await;
+    assert_eq!(s.metric(FETCH_OK).await, 1.0);
 }

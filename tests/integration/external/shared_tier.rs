@@ -12,7 +12,7 @@
 //!   `allkeys-lru` and `volatile-lru`): a missing generation refuses the store;
 //! - a contact's entry saved before a write and put back after it by a client without the
 //!   shared key (a replay) is refused by every instance that knows of the write;
-//! - the randomized three-instance history keeps rule 5, also while the contacts' keys are
+//! - the randomized three-instance history keeps rule 5 (docs/CONSISTENCY.md), also while the contacts' keys are
 //!   deleted and evicted all along;
 //! - a restarted instance takes no answer read before it started: it reads each contact once
 //!   and replaces it for the fleet;

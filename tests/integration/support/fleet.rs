@@ -12,14 +12,11 @@ use tokio::time::Instant;
 
 use super::history::{cluster_violations, gets, random_upstream_delays, RandomClient};
 use super::redis_server::RedisServer;
-use super::{
-    admin_get, consent_url, get_consent, metric, put_consent, start_simulator, wait_until,
-    ProxyConfig, TestClient, TestResponse,
-};
+use super::{start_simulator, wait_until, ProxyClient, ProxyConfig, TestClient, TestResponse};
 
 /// `cluster.max_staleness_ms` in these tests.
 pub const MAX_STALENESS: Duration = Duration::from_millis(400);
-/// The contract's bound for a healthy cluster (rule 5).
+/// The bound for a healthy cluster (rule 5 of docs/CONSISTENCY.md).
 pub const RULE_5_LAG: Duration = Duration::from_millis(50);
 /// The secret of the cluster's shared tier in these tests (the same for every instance).
 const SHARED_KEY: &str = "shared-tier-test-key-0123456789abcdef";
@@ -287,24 +284,32 @@ impl Fleet {
         self.redis.lock().unwrap()
     }
 
+    /// Instance `i` as a test client talks to it.
+    pub fn client(&self, i: usize) -> ProxyClient<'_> {
+        ProxyClient {
+            http: &self.http,
+            proxy: &self.proxies[i].proxy,
+        }
+    }
+
     pub fn url(&self, i: usize, contact: &str) -> String {
-        consent_url(&self.proxies[i].proxy, contact)
+        self.client(i).consent_url(contact)
     }
 
     pub async fn get(&self, i: usize, contact: &str) -> TestResponse {
-        get_consent(&self.http, &self.proxies[i].proxy, contact).await
+        self.client(i).get(contact).await
     }
 
     pub async fn put(&self, i: usize, contact: &str, status: &str) -> TestResponse {
-        put_consent(&self.http, &self.proxies[i].proxy, contact, status).await
+        self.client(i).put(contact, status).await
     }
 
     pub async fn admin(&self, i: usize, path: &str) -> TestResponse {
-        admin_get(&self.http, &self.proxies[i].proxy, path).await
+        self.client(i).admin(path).await
     }
 
     pub async fn metric(&self, i: usize, sample: &str) -> f64 {
-        metric(&self.http, &self.proxies[i].proxy, sample).await
+        self.client(i).metric(sample).await
     }
 
     /// `/readyz`'s status and the feed's state in it (`live` or `down`).
@@ -330,7 +335,7 @@ impl Fleet {
     /// `DELETE /admin/cache/{contact}` through instance `via` (with the admin key), then waits
     /// until each of `others` has applied its announcement.
     pub async fn purge(&self, via: usize, contact: &str, others: &[usize]) {
-        let purged = super::purge(&self.http, &self.proxies[via].proxy, contact).await;
+        let purged = self.client(via).purge(contact).await;
         assert_eq!(purged.status, 204);
         for &i in others {
             wait_until(Duration::from_secs(2), || async {

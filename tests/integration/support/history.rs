@@ -1,6 +1,6 @@
 //! Recorded histories of consent reads and writes, and the checks over them: read-your-writes
 //! (rule 2 through one instance, rule 5 across the instances of a cluster) and the bounds on
-//! STALE answers (rule 6).
+//! STALE answers (rule 6); the rules of docs/CONSISTENCY.md.
 #![allow(dead_code)]
 
 use std::collections::BTreeMap;

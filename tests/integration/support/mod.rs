@@ -213,31 +213,39 @@ impl Harness {
         }
     }
 
+    /// The proxy as a test client talks to it.
+    pub fn client(&self) -> ProxyClient<'_> {
+        ProxyClient {
+            http: &self.http,
+            proxy: &self.proxy,
+        }
+    }
+
     pub fn consent_url(&self, contact: &str) -> String {
-        consent_url(&self.proxy, contact)
+        self.client().consent_url(contact)
     }
 
     pub async fn get(&self, contact: &str) -> TestResponse {
-        get_consent(&self.http, &self.proxy, contact).await
+        self.client().get(contact).await
     }
 
     pub async fn put(&self, contact: &str, status: &str) -> TestResponse {
-        put_consent(&self.http, &self.proxy, contact, status).await
+        self.client().put(contact, status).await
     }
 
     pub async fn admin(&self, path: &str) -> TestResponse {
-        admin_get(&self.http, &self.proxy, path).await
+        self.client().admin(path).await
     }
 
     /// Drops `contact`'s cached answer through the admin API, with the admin key.
     pub async fn purge(&self, contact: &str) -> TestResponse {
-        purge(&self.http, &self.proxy, contact).await
+        self.client().purge(contact).await
     }
 
     /// The value of one sample of the proxy's metrics, e.g.
     /// `consent_proxy_cache_lookups_total{result="hit"}`; 0 when absent.
     pub async fn metric(&self, sample: &str) -> f64 {
-        metric(&self.http, &self.proxy, sample).await
+        self.client().metric(sample).await
     }
 
     /// Waits (polling, bounded) until the proxy reports ready.
@@ -258,59 +266,71 @@ impl Harness {
     }
 }
 
-/// The consent resource of `contact` on `proxy`.
-pub fn consent_url(proxy: &AppHandle, contact: &str) -> String {
-    format!("{}/voicebiometrics/contacts/{contact}/consent", proxy.url())
+/// One running proxy as a test talks to it: the consent routes with the read-write key, the
+/// admin listener. `Harness` and `Fleet` hand one out; a test that starts its own proxy makes
+/// one with `ProxyClient { http, proxy }`.
+#[derive(Clone, Copy)]
+pub struct ProxyClient<'a> {
+    pub http: &'a TestClient,
+    pub proxy: &'a AppHandle,
 }
 
-/// `GET` of `contact`'s consent on `proxy`, with the read-write key.
-pub async fn get_consent(http: &TestClient, proxy: &AppHandle, contact: &str) -> TestResponse {
-    http.send(
-        Method::GET,
-        &consent_url(proxy, contact),
-        &[("x-api-key", RW_KEY)],
-        None,
-    )
-    .await
-}
+impl ProxyClient<'_> {
+    /// The consent resource of `contact`.
+    pub fn consent_url(&self, contact: &str) -> String {
+        format!(
+            "{}/voicebiometrics/contacts/{contact}/consent",
+            self.proxy.url()
+        )
+    }
 
-/// `PUT` of `status` as `contact`'s consent on `proxy`, with the read-write key.
-pub async fn put_consent(
-    http: &TestClient,
-    proxy: &AppHandle,
-    contact: &str,
-    status: &str,
-) -> TestResponse {
-    http.send(
-        Method::PUT,
-        &consent_url(proxy, contact),
-        &[("x-api-key", RW_KEY), ("content-type", "application/json")],
-        Some(format!(r#"{{"status":"{status}"}}"#)),
-    )
-    .await
-}
+    /// `GET` of `contact`'s consent, with the read-write key.
+    pub async fn get(&self, contact: &str) -> TestResponse {
+        self.http
+            .send(
+                Method::GET,
+                &self.consent_url(contact),
+                &[("x-api-key", RW_KEY)],
+                None,
+            )
+            .await
+    }
 
-/// `GET` of `path` on `proxy`'s admin listener, without credentials.
-pub async fn admin_get(http: &TestClient, proxy: &AppHandle, path: &str) -> TestResponse {
-    let url = format!("{}{path}", proxy.admin_url());
-    http.send(Method::GET, &url, &[], None).await
-}
+    /// `PUT` of `status` as `contact`'s consent, with the read-write key.
+    pub async fn put(&self, contact: &str, status: &str) -> TestResponse {
+        self.http
+            .send(
+                Method::PUT,
+                &self.consent_url(contact),
+                &[("x-api-key", RW_KEY), ("content-type", "application/json")],
+                Some(format!(r#"{{"status":"{status}"}}"#)),
+            )
+            .await
+    }
 
-/// `DELETE /admin/cache/{contact}` on `proxy`, with the admin key.
-pub async fn purge(http: &TestClient, proxy: &AppHandle, contact: &str) -> TestResponse {
-    let url = format!("{}/admin/cache/{contact}", proxy.admin_url());
-    http.send(Method::DELETE, &url, &[("x-api-key", ADMIN_KEY)], None)
-        .await
-}
+    /// `GET` of `path` on the admin listener, without credentials.
+    pub async fn admin(&self, path: &str) -> TestResponse {
+        let url = format!("{}{path}", self.proxy.admin_url());
+        self.http.send(Method::GET, &url, &[], None).await
+    }
 
-/// `proxy`'s metrics exposition text.
-pub async fn metrics_text(http: &TestClient, proxy: &AppHandle) -> String {
-    admin_get(http, proxy, "/metrics").await.text()
-}
+    /// `DELETE /admin/cache/{contact}`, with the admin key.
+    pub async fn purge(&self, contact: &str) -> TestResponse {
+        let url = format!("{}/admin/cache/{contact}", self.proxy.admin_url());
+        self.http
+            .send(Method::DELETE, &url, &[("x-api-key", ADMIN_KEY)], None)
+            .await
+    }
 
-/// The value of one sample of `proxy`'s metrics (see [`metric_value`]).
-pub async fn metric(http: &TestClient, proxy: &AppHandle, sample: &str) -> f64 {
-    metric_value(&metrics_text(http, proxy).await, sample)
+    /// The metrics exposition text.
+    pub async fn metrics_text(&self) -> String {
+        self.admin("/metrics").await.text()
+    }
+
+    /// The value of one sample of the metrics (see [`metric_value`]); 0 when absent.
+    pub async fn metric(&self, sample: &str) -> f64 {
+        metric_value(&self.metrics_text().await, sample)
+    }
 }
 
 /// Finds `sample` (name with labels exactly as exposed, labels sorted) in exposition text.
@@ -371,6 +391,20 @@ impl TestResponse {
 
     pub fn code(&self) -> String {
         self.json()["code"].as_str().unwrap_or_default().to_owned()
+    }
+
+    /// A throttle's 429: `Retry-After` in seconds, within the throttle's minute. `what` names
+    /// the attempt in the failure message.
+    pub fn assert_retry_within_a_minute(&self, what: &str) {
+        assert_eq!(self.status, 429, "{what}: {}", self.text());
+        let retry_after: u64 = self
+            .header("retry-after")
+            .and_then(|v| v.parse().ok())
+            .unwrap_or_else(|| panic!("{what}: no Retry-After in seconds"));
+        assert!(
+            (1..=60).contains(&retry_after),
+            "{what}: Retry-After {retry_after}"
+        );
     }
 }
 
