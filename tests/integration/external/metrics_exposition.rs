@@ -339,7 +339,12 @@ async fn shared_tier_metrics_are_promtool_clean_and_complete() {
     crate::support::fleet::shared_tier(config.clustered(&redis.url()), true, true);
     let other = crate::support::fleet::Instance::start(&config).await;
     crate::support::wait_until(std::time::Duration::from_secs(10), || async {
-        let answer = crate::support::get_consent(&h.http, &other.proxy, CONTACT_READ_WRITE).await;
+        let answer = crate::support::ProxyClient {
+            http: &h.http,
+            proxy: &other.proxy,
+        }
+        .get(CONTACT_READ_WRITE)
+        .await;
         answer.header("x-cache-status") == Some("MISS")
     })
     .await;
