@@ -164,13 +164,21 @@ pub struct HistoryRun {
 /// Rule 5 over a randomized history on three instances: six clients on random instances, 20 %
 /// PUTs, three contacts `{prefix}0..2` starting `NO_CONSENT`, random upstream delays, for 5 s.
 pub async fn randomized_history(fleet: Arc<Fleet>, prefix: &str) -> HistoryRun {
+    randomized_history_for(fleet, prefix, Duration::from_secs(5)).await
+}
+
+/// As [`randomized_history`], for `run_for`.
+pub async fn randomized_history_for(
+    fleet: Arc<Fleet>,
+    prefix: &str,
+    run_for: Duration,
+) -> HistoryRun {
     const CONTACTS: usize = 3;
     const INITIAL: &str = "NO_CONSENT";
     let contacts: Vec<String> = (0..CONTACTS).map(|i| format!("{prefix}{i}")).collect();
     for contact in &contacts {
         fleet.sim.set_status(contact, ConsentStatus::NoConsent);
     }
-    let run_for = Duration::from_secs(5);
     let started = Instant::now();
     let delays = tokio::spawn({
         let fleet = fleet.clone();
