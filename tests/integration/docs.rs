@@ -9,6 +9,7 @@
 //!   was written on), and every repository path a Markdown document names (a link, or a path in
 //!   backticks) exists.
 //! - The README opens with the two commands a newcomer runs.
+//! - `tests/README.md` maps every test module of the integration binary.
 //! - Every "rule N" the code, the tests and the documents cite is defined in
 //!   `docs/CONSISTENCY.md`, and a file that cites rules names that document.
 
@@ -521,6 +522,36 @@ fn every_rule_cited_is_defined_in_the_consistency_document() {
         "only {citing} files cite rules: the check reads too little"
     );
     assert!(problems.is_empty(), "{}", problems.join("\n"));
+}
+
+/// Every test module of the integration binary has its row in `tests/README.md`'s map.
+#[test]
+fn the_tests_map_names_every_test_module() {
+    let map = read("tests/README.md");
+    let mut missing = Vec::new();
+    for (declaring, folder) in [
+        ("tests/integration/main.rs", "tests/integration/"),
+        (
+            "tests/integration/external/mod.rs",
+            "tests/integration/external/",
+        ),
+    ] {
+        for module in read(declaring)
+            .lines()
+            .filter_map(|line| line.strip_prefix("mod ")?.strip_suffix(';'))
+            .filter(|module| !matches!(*module, "support" | "external"))
+        {
+            let file = format!("`{folder}{module}.rs`");
+            if !map.contains(&file) {
+                missing.push(file);
+            }
+        }
+    }
+    assert!(
+        missing.is_empty(),
+        "tests/README.md does not map: {}",
+        missing.join(", ")
+    );
 }
 
 #[test]

@@ -88,9 +88,11 @@ async fn a_certificate_from_an_unknown_ca_is_refused_saying_why_and_trusted_with
         .set_str("egress.ca_file", &pki.ca_file.display().to_string())
         .start()
         .await;
-    wait_until(Duration::from_secs(10), || async {
-        readyz(&http, &trusting).await.status == 200
-    })
+    ProxyClient {
+        http: &http,
+        proxy: &trusting,
+    }
+    .wait_ready()
     .await;
     assert_get_and_put_work(&http, &trusting).await;
     trusting.shutdown().await;
@@ -107,9 +109,11 @@ async fn through_the_forward_proxy_one_tunnel_carries_every_request() {
         .set_str("egress.proxy_url", &forward.url())
         .start()
         .await;
-    wait_until(Duration::from_secs(10), || async {
-        readyz(&http, &proxy).await.status == 200
-    })
+    ProxyClient {
+        http: &http,
+        proxy: &proxy,
+    }
+    .wait_ready()
     .await;
     assert_get_and_put_work(&http, &proxy).await;
     for _ in 0..20 {
@@ -169,9 +173,11 @@ async fn each_way_a_tunnel_fails_has_its_own_reason() {
         .set_str("egress.proxy_url", &with_credentials)
         .start()
         .await;
-    wait_until(Duration::from_secs(10), || async {
-        readyz(&http, &proxy).await.status == 200
-    })
+    ProxyClient {
+        http: &http,
+        proxy: &proxy,
+    }
+    .wait_ready()
     .await;
     assert_get_and_put_work(&http, &proxy).await;
     let reasons = readyz(&http, &proxy).await.text();

@@ -250,10 +250,7 @@ impl Harness {
 
     /// Waits (polling, bounded) until the proxy reports ready.
     pub async fn wait_ready(&self) {
-        wait_until(Duration::from_secs(10), || async {
-            self.admin("/readyz").await.status == 200
-        })
-        .await;
+        self.client().wait_ready().await;
     }
 
     /// Waits (polling, bounded) until the proxy is ready with its cluster feed live.
@@ -276,6 +273,14 @@ pub struct ProxyClient<'a> {
 }
 
 impl ProxyClient<'_> {
+    /// Waits (polling, bounded) until the proxy reports ready.
+    pub async fn wait_ready(&self) {
+        wait_until(Duration::from_secs(10), || async {
+            self.admin("/readyz").await.status == 200
+        })
+        .await;
+    }
+
     /// The consent resource of `contact`.
     pub fn consent_url(&self, contact: &str) -> String {
         format!(
