@@ -164,14 +164,15 @@ pub struct HistoryRun {
 /// Rule 5 over a randomized history on three instances: six clients on random instances, 20 %
 /// PUTs, three contacts `{prefix}0..2` starting `NO_CONSENT`, random upstream delays, for 5 s.
 pub async fn randomized_history(fleet: Arc<Fleet>, prefix: &str) -> HistoryRun {
-    randomized_history_for(fleet, prefix, Duration::from_secs(5)).await
+    randomized_history_for(fleet, prefix, Duration::from_secs(5), 0.2).await
 }
 
-/// As [`randomized_history`], for `run_for`.
+/// As [`randomized_history`], for `run_for`, with `put_share` of the operations PUTs.
 pub async fn randomized_history_for(
     fleet: Arc<Fleet>,
     prefix: &str,
     run_for: Duration,
+    put_share: f64,
 ) -> HistoryRun {
     const CONTACTS: usize = 3;
     const INITIAL: &str = "NO_CONSENT";
@@ -194,7 +195,7 @@ pub async fn randomized_history_for(
                     until: started + run_for,
                     contacts: CONTACTS,
                     instances: 3,
-                    put_share: 0.2,
+                    put_share,
                     pause_ms: 0..0,
                 }
                 .run(
