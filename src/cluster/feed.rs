@@ -1,11 +1,25 @@
-//! The feed task: one Redis session at a time (a publishing connection and a subscription to
-//! the cluster's channel), reconnecting with back-off when it fails. Within a session it
+//! The feed task: one Redis [`Session`] at a time (a publishing connection and a subscription
+//! to the cluster's channel), reconnecting with back-off when it fails. Within a session it
 //! applies the other instances' announcements to the cache, sends a heartbeat every
 //! `max_staleness / 4`, and trusts the cache until `max_staleness` after sending the latest
 //! heartbeat that came back. A new subscription flushes the cache first: whatever was
 //! published before it may have been missed. With the shared cache, a session that finds
 //! another Redis than the previous one (its run id changed: it restarted, or a replica took
 //! over) starts a new epoch of the shared tier first, since Redis may have lost writes.
+//!
+//! With sentinels (`cluster.sentinels`) a session opens on the master a majority of them names,
+//! and with every heartbeat asks them again. What a heartbeat proves then includes "a
+//! majority named this master when the question was sent": the cache is trusted until
+//! `max_staleness` after the older of the two, and a write is announced only within
+//! `max_staleness` of the latest such confirmation. A majority naming another master ends the
+//! session (the next one opens on the new master). So an instance left on a replaced master
+//! (split brain: it was cut off, or frozen, and came back still a master) stops trusting its
+//! cache and announcing writes within `max_staleness` of the failover. The other side of it:
+//! a session on a master other than the previous session's (or the process's first) does not
+//! trust the cache until every write that may have been announced to the previous master has
+//! ended (`max_staleness` plus a pending announcement's lifetime after the sentinels switched),
+//! since those writes' announcements never reach the new master. Readers never wait for any of this: they read
+//! one atomic deadline.
 
 use std::collections::VecDeque;
 use std::sync::Arc;
@@ -19,6 +33,7 @@ use tokio::time::{Instant, MissedTickBehavior};
 
 use super::messages::{unix_us, Announcement, Body};
 use super::remote::RemoteWrites;
+use super::sentinel::{self, NodeAddress, Sentinels};
 use super::shared::SharedCache;
 use super::{Shared, ANNOUNCE_TIMEOUT, CONNECT_TIMEOUT};
 use crate::cache::ConsentCache;
@@ -30,15 +45,43 @@ use crate::upstream::backoff::Backoff;
 const RECONNECT_FIRST: Duration = Duration::from_millis(50);
 const RECONNECT_LAST: Duration = Duration::from_secs(2);
 
+/// Where the sessions' Redis is.
+pub(super) enum Target {
+    /// `cluster.redis_url`.
+    Direct(Box<redis::Client>),
+    /// Whichever master a majority of `cluster.sentinels` names.
+    Sentinel(Arc<Sentinels>),
+}
+
 pub(super) struct Feed {
     pub shared: Arc<Shared>,
-    pub client: redis::Client,
+    pub target: Target,
     pub cache: ConsentCache,
     pub shared_cache: Option<Arc<SharedCache>>,
     /// Without a password: safe to log.
     pub redis_url: String,
     pub max_staleness: Duration,
     pub pending_lifetime: Duration,
+}
+
+/// What goes on from one session to the next.
+struct Continuity {
+    backoff: Backoff,
+    remote: RemoteWrites,
+    /// Heartbeat numbers go on across sessions, so that a late one from an earlier session is
+    /// never taken for one of the current session's.
+    next_seq: u64,
+    redis_seen: RedisSeen,
+    /// With sentinels: the master of the latest session.
+    master: Option<NodeAddress>,
+    /// The latest `maxmemory-policy` warned about.
+    memory_policy: Option<String>,
+}
+
+/// A majority of the sentinels asked at `sent`, and what it named.
+struct Confirmation {
+    sent: Instant,
+    master: Result<NodeAddress, Failure>,
 }
 
 /// How a session ended.
@@ -92,40 +135,57 @@ enum RedisSeen {
 
 /// Redis' run id, if it tells (`INFO server` may be refused, e.g. renamed on managed services).
 async fn run_id(publisher: &MultiplexedConnection) -> Option<String> {
+    info_field(publisher, "server", "run_id").await
+}
+
+/// `field` of `INFO section`, if Redis answers it within `ANNOUNCE_TIMEOUT`.
+async fn info_field(
+    publisher: &MultiplexedConnection,
+    section: &str,
+    field: &str,
+) -> Option<String> {
     let mut connection = publisher.clone();
     let info = tokio::time::timeout(
         ANNOUNCE_TIMEOUT,
         redis::cmd("INFO")
-            .arg("server")
+            .arg(section)
             .query_async::<String>(&mut connection),
     )
     .await
     .ok()?
     .ok()?;
     info.lines()
-        .find_map(|line| line.strip_prefix("run_id:"))
-        .map(|id| id.trim().to_owned())
+        .find_map(|line| line.strip_prefix(field)?.strip_prefix(':'))
+        .map(|value| value.trim().to_owned())
 }
 
 impl Feed {
     pub(super) async fn run(self, mut shutdown: watch::Receiver<bool>) {
-        let mut backoff = Backoff::new(RECONNECT_FIRST, RECONNECT_LAST);
-        let mut remote = RemoteWrites::new(self.pending_lifetime);
-        // Heartbeat numbers go on across sessions, so that a late one from an earlier
-        // session is never taken for one of the current session's.
-        let mut next_seq = 0;
-        let mut redis_seen = RedisSeen::NotYet;
+        // With sentinels an attempt costs a question to each (bounded) and follows a failover
+        // at once: no longer apart than a heartbeat, so that writes resume soon after it.
+        let last_delay = match self.target {
+            Target::Direct(_) => RECONNECT_LAST,
+            Target::Sentinel(_) => (self.max_staleness / 4).clamp(RECONNECT_FIRST, RECONNECT_LAST),
+        };
+        let mut continuity = Continuity {
+            backoff: Backoff::new(RECONNECT_FIRST, last_delay),
+            remote: RemoteWrites::new(self.pending_lifetime),
+            next_seq: 0,
+            redis_seen: RedisSeen::NotYet,
+            master: None,
+            memory_policy: None,
+        };
         loop {
-            let end = self
-                .session(
-                    &mut remote,
-                    &mut next_seq,
-                    &mut redis_seen,
-                    &mut shutdown,
-                    &mut backoff,
-                )
-                .await;
+            let opened = tokio::select! {
+                opened = self.open(&mut continuity) => opened,
+                _ = shutdown.wait_for(|stop| *stop) => return,
+            };
+            let end = match opened {
+                Ok(mut session) => session.run(&mut continuity, &mut shutdown).await,
+                Err(problem) => End::Lost(problem),
+            };
             self.shared.link.clear();
+            self.shared.confirmed_until(None);
             self.cache.distrust();
             let problem = match end {
                 End::Shutdown => return,
@@ -138,7 +198,7 @@ impl Feed {
             );
             self.shared
                 .set_problem(Some(ErrorChain(&problem).to_string()));
-            let delay = backoff.next_delay();
+            let delay = continuity.backoff.next_delay();
             tokio::select! {
                 _ = tokio::time::sleep(delay) => {}
                 _ = shutdown.wait_for(|stop| *stop) => return,
@@ -146,129 +206,99 @@ impl Feed {
         }
     }
 
-    async fn session(
-        &self,
-        remote: &mut RemoteWrites,
-        next_seq: &mut u64,
-        redis_seen: &mut RedisSeen,
-        shutdown: &mut watch::Receiver<bool>,
-        backoff: &mut Backoff,
-    ) -> End {
-        let connected = tokio::select! {
-            connected = self.connect() => connected,
-            _ = shutdown.wait_for(|stop| *stop) => return End::Shutdown,
+    /// Finds the master (with sentinels), connects and subscribes, and flushes the cache.
+    async fn open(&self, continuity: &mut Continuity) -> Result<Session<'_>, Failure> {
+        let asked = Instant::now();
+        let (client, master) = match &self.target {
+            Target::Direct(client) => ((**client).clone(), None),
+            Target::Sentinel(sentinels) => {
+                let master = sentinels.majority_master().await?;
+                (sentinels.node(&master)?, Some(master))
+            }
         };
-        let (publisher, mut messages) = match connected {
-            Ok(connected) => connected,
-            Err(problem) => return End::Lost(problem),
-        };
-        if let Some(tier) = &self.shared_cache {
-            if let Err(problem) = self
-                .same_redis_or_new_epoch(tier, &publisher, redis_seen)
-                .await
-            {
-                return End::Lost(problem);
+        let (publisher, messages) = self.connect(&client).await?;
+        if let Some(master) = &master {
+            if !sentinel::is_master(&publisher).await? {
+                return Err(Failure::msg(format!(
+                    "{master}, which the sentinels name, does not say it is a master (yet)"
+                )));
             }
         }
+        if let Some(tier) = &self.shared_cache {
+            self.same_redis_or_new_epoch(tier, &publisher, &mut continuity.redis_seen)
+                .await?;
+        }
+        self.check_memory_policy(&publisher, continuity).await;
         // Subscribed: every announcement Redis takes from now on reaches this instance.
         // Whatever came before may have been missed, so the cache forgets it all before it is
         // trusted again (when the first heartbeat comes back).
         self.cache.flush();
         self.shared.metrics.resyncs.inc();
         self.shared.link.set(publisher.clone());
-        self.shared.set_problem(Some(
-            "subscribed; waiting for the first heartbeat".to_owned(),
-        ));
-
-        let period = (self.max_staleness / 4).max(Duration::from_millis(1));
-        // A connection that brings back nothing for this long is given up, even if open.
-        let stall_limit = (self.max_staleness * 4).max(Duration::from_secs(2));
-        let mut ticks = tokio::time::interval(period);
-        ticks.set_missed_tick_behavior(MissedTickBehavior::Delay);
-        let mut heartbeats = Heartbeats {
-            next_seq: *next_seq,
-            unanswered: VecDeque::new(),
-        };
-        let (publish_failed, mut publish_failures) = mpsc::channel::<RedisError>(1);
-        let mut live = false;
-        loop {
-            tokio::select! {
-                _ = shutdown.wait_for(|stop| *stop) => return End::Shutdown,
-                _ = ticks.tick() => {
-                    let now = Instant::now();
-                    if heartbeats
-                        .oldest_unanswered()
-                        .is_some_and(|sent| now.duration_since(sent) > stall_limit)
-                    {
-                        return End::Lost(Failure::msg(format!(
-                            "no heartbeat came back for {} ms",
-                            stall_limit.as_millis()
-                        )));
-                    }
-                    let expired = remote.expire(now);
-                    if expired > 0 {
-                        self.shared.metrics.expired.inc_by(expired as u64);
-                        tracing::warn!(
-                            expired,
-                            "pending writes of other instances expired without an outcome: \
-                             their contacts were dropped"
-                        );
-                    }
-                    if live && !self.cache.is_trusted() {
-                        live = false;
-                        self.shared.set_problem(Some(format!(
-                            "no heartbeat came back within cluster.max_staleness_ms ({} ms)",
-                            self.max_staleness.as_millis()
-                        )));
-                        tracing::warn!(
-                            redis = %self.redis_url,
-                            "cluster feed not confirmed live: answering from upstream until it is"
-                        );
-                    }
-                    let seq = heartbeats.send(now);
-                    *next_seq = seq;
-                    self.send_heartbeat(seq, &publisher, &publish_failed);
-                }
-                Some(err) = publish_failures.recv() => {
-                    return End::Lost(Failure::new("the publishing connection failed", err));
-                }
-                message = messages.next() => {
-                    let Some(message) = message else {
-                        return End::Lost(Failure::msg("Redis closed the subscription"));
-                    };
-                    self.shared.metrics.received.inc();
-                    let Some(sent) = self.apply(message.get_payload_bytes(), remote, &mut heartbeats)
-                    else {
-                        continue;
-                    };
-                    let trusted_until = sent + self.max_staleness;
-                    if trusted_until > Instant::now() {
-                        self.cache.trust_until(trusted_until);
-                        if !live {
-                            live = true;
-                            backoff.reset();
-                            self.shared.set_problem(None);
-                            tracing::info!(redis = %self.redis_url, "cluster feed live: answering from the cache");
-                        }
-                    }
-                }
+        let now = Instant::now();
+        let trusted_from = match (&self.target, &master) {
+            (Target::Sentinel(sentinels), Some(new)) if continuity.master.as_ref() != Some(new) => {
+                now + self.unheard_writes_end(sentinels, new).await
             }
+            _ => now,
+        };
+        if let Some(master) = &master {
+            tracing::info!(redis = %self.redis_url, %master, "the sentinels' majority names the master");
         }
+        continuity.master = master.clone();
+        let (publish_failed, publish_failures) = mpsc::channel(1);
+        let (confirmed, confirmations) = mpsc::channel(16);
+        let mut session = Session {
+            feed: self,
+            publisher,
+            messages,
+            master,
+            heartbeats: Heartbeats {
+                next_seq: continuity.next_seq,
+                unanswered: VecDeque::new(),
+            },
+            publish_failed,
+            publish_failures,
+            confirmed,
+            confirmations,
+            latest_echo: None,
+            latest_confirmation: None,
+            trusted_from,
+            live: false,
+        };
+        if session.master.is_some() {
+            // The majority that named this master counts as the first confirmation.
+            session.latest_confirmation = Some(asked);
+            self.shared
+                .confirmed_until(Some(asked + self.max_staleness));
+        }
+        self.shared.set_problem(Some(if trusted_from > now {
+            format!(
+                "a new Redis master; the cache is used again once writes announced to the \
+                 previous one have ended ({} ms)",
+                (trusted_from - now).as_millis()
+            )
+        } else {
+            "subscribed; waiting for the first heartbeat".to_owned()
+        }));
+        Ok(session)
     }
 
     /// Opens the publishing connection and subscribes to the channel, each within
     /// `CONNECT_TIMEOUT`.
-    async fn connect(&self) -> Result<(MultiplexedConnection, PubSubStream), Failure> {
+    async fn connect(
+        &self,
+        client: &redis::Client,
+    ) -> Result<(MultiplexedConnection, PubSubStream), Failure> {
         let config = AsyncConnectionConfig::new()
             .set_connection_timeout(Some(CONNECT_TIMEOUT))
             .set_response_timeout(Some(ANNOUNCE_TIMEOUT));
-        let publisher = self
-            .client
+        let publisher = client
             .get_multiplexed_async_connection_with_config(&config)
             .await
             .map_err(|err| Failure::new("cannot connect to Redis", err))?;
         let subscribe = async {
-            let mut pubsub = self.client.get_async_pubsub().await?;
+            let mut pubsub = client.get_async_pubsub().await?;
             pubsub.subscribe(&self.shared.channel).await?;
             Ok::<_, RedisError>(pubsub.into_on_message())
         };
@@ -312,30 +342,51 @@ impl Feed {
         Ok(())
     }
 
-    /// Publishes heartbeat `seq` without holding up the loop; a failure other than a timeout
-    /// (which the stall limit covers) ends the session.
-    fn send_heartbeat(
+    /// How long until every write that may have been announced to a master replaced by `new`
+    /// has ended. An instance left on the old master announces writes for at most
+    /// `max_staleness` after the sentinels switched (its latest confirmation was asked before),
+    /// and each of those ends within a pending announcement's lifetime; their announcements
+    /// never reach `new`, so no answer may be cached here until then. Counted from the switch
+    /// as the sentinels report it, or from now when they do not say (the process's first
+    /// session long after the last failover waits for nothing).
+    async fn unheard_writes_end(&self, sentinels: &Sentinels, new: &NodeAddress) -> Duration {
+        let unheard_for = self.max_staleness + self.pending_lifetime;
+        let since_switch = sentinels.since_switch(new).await.unwrap_or_default();
+        unheard_for.saturating_sub(since_switch)
+    }
+
+    /// Reads `maxmemory-policy` (`CONFIG GET`, which an ACL or a managed Redis may refuse,
+    /// else `INFO memory`) and, when Redis may evict keys while the shared tier keeps answers
+    /// there, warns (in the log and `/readyz`): evictions cost the tier its use, never
+    /// correctness.
+    async fn check_memory_policy(
         &self,
-        seq: u64,
         publisher: &MultiplexedConnection,
-        failed: &mpsc::Sender<RedisError>,
+        continuity: &mut Continuity,
     ) {
-        let message = Announcement::new(&self.shared.id, Body::Heartbeat { seq }).encode();
-        let channel = self.shared.channel.clone();
-        let mut publisher = publisher.clone();
-        let failed = failed.clone();
-        let shared = self.shared.clone();
-        tokio::spawn(async move {
-            match redis::AsyncCommands::publish::<_, _, usize>(&mut publisher, channel, message)
-                .await
-            {
-                Ok(_) => shared.metrics.sent.inc(),
-                Err(err) if err.is_timeout() => {}
-                Err(err) => {
-                    let _ = failed.try_send(err);
-                }
+        let policy = memory_policy(publisher).await;
+        let evicting = policy
+            .as_deref()
+            .filter(|policy| *policy != "noeviction" && self.shared_cache.is_some());
+        self.shared.set_warning(evicting.map(|policy| {
+            format!(
+                "Redis' maxmemory-policy is {policy}: it may evict the shared tier's keys \
+                 (answers are then fetched from upstream again); noeviction keeps them"
+            )
+        }));
+        if policy != continuity.memory_policy {
+            if let Some(policy) = evicting {
+                tracing::warn!(
+                    redis = %self.redis_url,
+                    policy,
+                    "Redis may evict keys (maxmemory-policy): the shared tier's answers can \
+                     vanish, which costs upstream calls (never correctness); noeviction keeps them"
+                );
+            } else if policy.is_none() {
+                tracing::info!(redis = %self.redis_url, "Redis did not tell its maxmemory-policy");
             }
-        });
+            continuity.memory_policy = policy;
+        }
     }
 
     /// Applies one message. Returns when this instance sent it, if it is one of this
@@ -391,5 +442,241 @@ impl Feed {
             .propagation
             .observe(announcement.age_s(unix_us()));
         None
+    }
+}
+
+/// `maxmemory-policy`, from `CONFIG GET`, else `INFO memory`; `None` when neither answers.
+async fn memory_policy(publisher: &MultiplexedConnection) -> Option<String> {
+    let mut connection = publisher.clone();
+    let config = tokio::time::timeout(
+        ANNOUNCE_TIMEOUT,
+        redis::cmd("CONFIG")
+            .arg("GET")
+            .arg("maxmemory-policy")
+            .query_async::<Vec<String>>(&mut connection),
+    )
+    .await;
+    if let Ok(Ok(pair)) = config {
+        if let [_, policy] = pair.as_slice() {
+            return Some(policy.clone());
+        }
+    }
+    info_field(publisher, "memory", "maxmemory_policy").await
+}
+
+/// One Redis session: its connections, the heartbeats and (with sentinels) confirmations in
+/// flight, and what they proved.
+struct Session<'f> {
+    feed: &'f Feed,
+    publisher: MultiplexedConnection,
+    messages: PubSubStream,
+    /// With sentinels: the master this session is on.
+    master: Option<NodeAddress>,
+    heartbeats: Heartbeats,
+    publish_failed: mpsc::Sender<RedisError>,
+    publish_failures: mpsc::Receiver<RedisError>,
+    confirmed: mpsc::Sender<Confirmation>,
+    confirmations: mpsc::Receiver<Confirmation>,
+    /// When the latest own heartbeat that came back was sent.
+    latest_echo: Option<Instant>,
+    /// With sentinels: when the latest question that a majority answered with this session's
+    /// master was sent.
+    latest_confirmation: Option<Instant>,
+    /// The cache is not trusted before this (after a master change).
+    trusted_from: Instant,
+    /// The cache is trusted (as far as the feed last saw).
+    live: bool,
+}
+
+impl Session<'_> {
+    async fn run(
+        &mut self,
+        continuity: &mut Continuity,
+        shutdown: &mut watch::Receiver<bool>,
+    ) -> End {
+        let max_staleness = self.feed.max_staleness;
+        let period = (max_staleness / 4).max(Duration::from_millis(1));
+        let mut ticks = tokio::time::interval(period);
+        ticks.set_missed_tick_behavior(MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = shutdown.wait_for(|stop| *stop) => return End::Shutdown,
+                _ = ticks.tick() => {
+                    if let Err(problem) = self.tick(continuity) {
+                        return End::Lost(problem);
+                    }
+                }
+                Some(err) = self.publish_failures.recv() => {
+                    return End::Lost(Failure::new("the publishing connection failed", err));
+                }
+                Some(confirmation) = self.confirmations.recv() => {
+                    if let Err(problem) = self.confirmed(confirmation, continuity) {
+                        return End::Lost(problem);
+                    }
+                }
+                message = self.messages.next() => {
+                    let Some(message) = message else {
+                        return End::Lost(Failure::msg("Redis closed the subscription"));
+                    };
+                    self.feed.shared.metrics.received.inc();
+                    let payload = message.get_payload_bytes();
+                    if let Some(sent) = self.feed.apply(payload, &mut continuity.remote, &mut self.heartbeats) {
+                        self.latest_echo = Some(sent);
+                        self.refresh_trust(continuity);
+                    }
+                }
+            }
+        }
+    }
+
+    /// Every period: gives up a connection that brings nothing back, expires remote writes,
+    /// notices lapsed trust, sends a heartbeat (and, with sentinels, asks them again).
+    fn tick(&mut self, continuity: &mut Continuity) -> Result<(), Failure> {
+        let feed = self.feed;
+        let now = Instant::now();
+        // A connection that brings back nothing for this long is given up, even if open.
+        let stall_limit = (feed.max_staleness * 4).max(Duration::from_secs(2));
+        if self
+            .heartbeats
+            .oldest_unanswered()
+            .is_some_and(|sent| now.duration_since(sent) > stall_limit)
+        {
+            return Err(Failure::msg(format!(
+                "no heartbeat came back for {} ms",
+                stall_limit.as_millis()
+            )));
+        }
+        let expired = continuity.remote.expire(now);
+        if expired > 0 {
+            feed.shared.metrics.expired.inc_by(expired as u64);
+            tracing::warn!(
+                expired,
+                "pending writes of other instances expired without an outcome: \
+                 their contacts were dropped"
+            );
+        }
+        if self.live && !feed.cache.is_trusted() {
+            self.live = false;
+            feed.shared.set_problem(Some(self.why_untrusted()));
+            tracing::warn!(
+                redis = %feed.redis_url,
+                "cluster feed not confirmed live: answering from upstream until it is"
+            );
+        }
+        let seq = self.heartbeats.send(now);
+        continuity.next_seq = seq;
+        self.send_heartbeat(seq);
+        if self.master.is_some() {
+            self.confirm(now);
+        }
+        Ok(())
+    }
+
+    fn why_untrusted(&self) -> String {
+        let max_staleness = self.feed.max_staleness.as_millis();
+        match (
+            self.master.is_some(),
+            self.latest_confirmation,
+            self.latest_echo,
+        ) {
+            (true, confirmed, echoed) if confirmed < echoed => format!(
+                "a majority of the sentinels did not confirm the master within \
+                 cluster.max_staleness_ms ({max_staleness} ms)"
+            ),
+            _ => format!(
+                "no heartbeat came back within cluster.max_staleness_ms ({max_staleness} ms)"
+            ),
+        }
+    }
+
+    /// Asks the sentinels (the question sent `sent`) without holding up the loop.
+    fn confirm(&self, sent: Instant) {
+        let Target::Sentinel(sentinels) = &self.feed.target else {
+            return;
+        };
+        let sentinels = sentinels.clone();
+        let confirmed = self.confirmed.clone();
+        tokio::spawn(async move {
+            let master = sentinels.majority_master().await;
+            let _ = confirmed.send(Confirmation { sent, master }).await;
+        });
+    }
+
+    /// A majority's answer: this session's master extends the trust (and the right to
+    /// announce writes); another master ends the session; no majority proves nothing.
+    fn confirmed(
+        &mut self,
+        confirmation: Confirmation,
+        continuity: &mut Continuity,
+    ) -> Result<(), Failure> {
+        match confirmation.master {
+            Ok(named) if Some(&named) == self.master.as_ref() => {
+                if self.latest_confirmation < Some(confirmation.sent) {
+                    self.latest_confirmation = Some(confirmation.sent);
+                    self.feed
+                        .shared
+                        .confirmed_until(Some(confirmation.sent + self.feed.max_staleness));
+                    self.refresh_trust(continuity);
+                }
+                Ok(())
+            }
+            Ok(named) => Err(Failure::msg(format!(
+                "the sentinels' majority names {named} as the master now, no longer {}",
+                self.master
+                    .as_ref()
+                    .map_or_else(String::new, ToString::to_string)
+            ))),
+            Err(problem) => {
+                tracing::debug!(error = %ErrorChain(&problem), "the sentinels did not confirm the master");
+                Ok(())
+            }
+        }
+    }
+
+    /// Trusts the cache until `max_staleness` after what the feed proved last: the latest
+    /// heartbeat back (and, with sentinels, the latest confirmation, the older of the two).
+    fn refresh_trust(&mut self, continuity: &mut Continuity) {
+        let feed = self.feed;
+        let proven = if self.master.is_some() {
+            self.latest_echo.min(self.latest_confirmation)
+        } else {
+            self.latest_echo
+        };
+        let Some(proven) = proven else {
+            return;
+        };
+        let trusted_until = proven + feed.max_staleness;
+        let now = Instant::now();
+        if trusted_until <= now || now < self.trusted_from {
+            return;
+        }
+        feed.cache.trust_until(trusted_until);
+        if !self.live {
+            self.live = true;
+            continuity.backoff.reset();
+            feed.shared.set_problem(None);
+            tracing::info!(redis = %feed.redis_url, "cluster feed live: answering from the cache");
+        }
+    }
+
+    /// Publishes heartbeat `seq` without holding up the loop; a failure other than a timeout
+    /// (which the stall limit covers) ends the session.
+    fn send_heartbeat(&self, seq: u64) {
+        let shared = self.feed.shared.clone();
+        let message = Announcement::new(&shared.id, Body::Heartbeat { seq }).encode();
+        let channel = shared.channel.clone();
+        let mut publisher = self.publisher.clone();
+        let failed = self.publish_failed.clone();
+        tokio::spawn(async move {
+            match redis::AsyncCommands::publish::<_, _, usize>(&mut publisher, channel, message)
+                .await
+            {
+                Ok(_) => shared.metrics.sent.inc(),
+                Err(err) if err.is_timeout() => {}
+                Err(err) => {
+                    let _ = failed.try_send(err);
+                }
+            }
+        });
     }
 }

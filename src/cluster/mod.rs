@@ -17,6 +17,10 @@
 //!   the latest heartbeat that came back to it: pub/sub delivers in order, so receiving it
 //!   proves every announcement Redis took before it was received too. After any new
 //!   subscription the whole cache is flushed before it is trusted again (`feed`).
+//! - **Follow the sentinels' majority** (`cluster.sentinels`): the session's master is the one a
+//!   majority of them names, asked again with every heartbeat; a heartbeat proves the cache live
+//!   only together with such an answer, and a write is announced only within `max_staleness` of
+//!   one, so an instance left on a replaced master (split brain) stops both (`sentinel`, `feed`).
 //!
 //! - **The shared tier** (`shared_cache`, `shared_token`): a second cache tier and the fleet's
 //!   upstream token, kept in the same Redis ([`shared`]). With `shared_cache`, each
@@ -32,6 +36,7 @@ mod link;
 pub mod messages;
 mod metrics;
 mod remote;
+mod sentinel;
 pub mod shared;
 
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -42,9 +47,10 @@ use prometheus::Registry;
 use redis::{AsyncCommands, IntoConnectionInfo};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
+use tokio::time::Instant;
 
 use crate::cache::ConsentCache;
-use crate::config::{ClusterSettings, TalkdeskSettings, WritePolicy};
+use crate::config::{ClusterSettings, Secret, TalkdeskSettings, WritePolicy};
 use crate::consent::{ContactId, WriteOutcome};
 use crate::error::{ErrorChain, Failure, ProxyError};
 use crate::upstream::token::FleetTokens;
@@ -63,11 +69,28 @@ const PENDING_MARGIN: Duration = Duration::from_secs(1);
 
 /// Why cluster mode could not start.
 #[derive(Debug, thiserror::Error)]
-#[error("cannot use cluster.redis_url {url}")]
+#[error("cannot use the cluster's Redis {url} (cluster.redis_url or cluster.sentinels)")]
 pub struct ClusterStartError {
     url: String,
     #[source]
     source: redis::RedisError,
+}
+
+/// A message the feed leaves for `/readyz`, or none.
+#[derive(Default)]
+struct Note(Mutex<Option<String>>);
+
+impl Note {
+    fn get(&self) -> Option<String> {
+        self.0
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
+
+    fn set(&self, note: Option<String>) {
+        *self.0.lock().unwrap_or_else(PoisonError::into_inner) = note;
+    }
 }
 
 /// State shared by the handle, the feed task and the writes in flight.
@@ -80,7 +103,14 @@ struct Shared {
     link: Arc<Link>,
     next_write: AtomicU64,
     /// Why the feed is not live (for `/readyz` and errors); `None` while it is.
-    problem: Mutex<Option<String>>,
+    problem: Note,
+    /// Something `/readyz` should say even while the feed is live (an evicting Redis).
+    warning: Note,
+    /// With sentinels: until when a write may be announced, `max_staleness` after the latest
+    /// question a majority of them answered with the session's master (`None`: not at all).
+    /// Without sentinels this is not consulted.
+    announce_until: Mutex<Option<Instant>>,
+    sentinels: bool,
     metrics: ClusterMetrics,
 }
 
@@ -119,14 +149,47 @@ impl Shared {
     }
 
     fn problem(&self) -> Option<String> {
-        self.problem
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .clone()
+        self.problem.get()
     }
 
     fn set_problem(&self, problem: Option<String>) {
-        *self.problem.lock().unwrap_or_else(PoisonError::into_inner) = problem;
+        self.problem.set(problem);
+    }
+
+    fn warning(&self) -> Option<String> {
+        self.warning.get()
+    }
+
+    fn set_warning(&self, warning: Option<String>) {
+        self.warning.set(warning);
+    }
+
+    fn confirmed_until(&self, until: Option<Instant>) {
+        *self
+            .announce_until
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner) = until;
+    }
+
+    /// With sentinels, `Err` unless a majority of them confirmed the session's master within
+    /// `max_staleness`: an announcement taken by a master they have replaced would reach no
+    /// other instance.
+    fn master_confirmed(&self) -> Result<(), Failure> {
+        if !self.sentinels {
+            return Ok(());
+        }
+        let until = *self
+            .announce_until
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        if until.is_some_and(|until| Instant::now() < until) {
+            Ok(())
+        } else {
+            Err(Failure::msg(
+                "a majority of the sentinels has not confirmed the master within \
+                 cluster.max_staleness_ms",
+            ))
+        }
     }
 }
 
@@ -148,6 +211,8 @@ pub struct ClusterStatus {
     pub live: bool,
     /// Why not, when it is not.
     pub reason: Option<String>,
+    /// What the operator should know even while it is (Redis may evict the shared tier).
+    pub warning: Option<String>,
 }
 
 impl Cluster {
@@ -162,33 +227,10 @@ impl Cluster {
         registry: &Registry,
         shutdown: watch::Receiver<bool>,
     ) -> Result<(Cluster, JoinHandle<()>), ClusterStartError> {
-        let failed = |source| ClusterStartError {
+        let target = target(settings).map_err(|source| ClusterStartError {
             url: settings.redis_url.clone(),
             source,
-        };
-        let mut info = settings
-            .redis_url
-            .as_str()
-            .into_connection_info()
-            .map_err(failed)?;
-        if let Some(password) = &settings.redis_password {
-            let redis = info
-                .redis_settings()
-                .clone()
-                .set_password(password.expose());
-            info = info.set_redis_settings(redis);
-        }
-        let client = match &settings.tls_roots_pem {
-            Some(roots) if settings.redis_url.starts_with("rediss://") => {
-                let roots = redis::TlsCertificates {
-                    client_tls: None,
-                    root_cert: Some(roots.clone()),
-                };
-                redis::Client::build_with_tls(info, roots)
-            }
-            _ => redis::Client::open(info),
-        }
-        .map_err(failed)?;
+        })?;
         cache.distrust();
         let link = Arc::new(Link::default());
         let shared = Arc::new(Shared {
@@ -197,7 +239,10 @@ impl Cluster {
             policy: settings.write_policy,
             link: link.clone(),
             next_write: AtomicU64::new(1),
-            problem: Mutex::new(Some("connecting to Redis".to_owned())),
+            problem: Note(Mutex::new(Some("connecting to Redis".to_owned()))),
+            warning: Note::default(),
+            announce_until: Mutex::new(None),
+            sentinels: settings.sentinel.is_some(),
             metrics: ClusterMetrics::register(registry),
         });
         let pending_lifetime = request_timeout + 2 * ANNOUNCE_TIMEOUT + PENDING_MARGIN;
@@ -233,7 +278,7 @@ impl Cluster {
             });
         let feed = feed::Feed {
             shared: shared.clone(),
-            client,
+            target,
             cache: cache.clone(),
             shared_cache: shared_cache.clone(),
             redis_url: settings.redis_url.clone(),
@@ -289,7 +334,8 @@ impl Cluster {
                 &Announcement::pending(&shared.id, write, contact),
                 shared_part,
             )
-            .await;
+            .await
+            .and_then(|()| shared.master_confirmed());
         let announced_write = AnnouncedWrite {
             shared: shared.clone(),
             write,
@@ -351,6 +397,7 @@ impl Cluster {
                     "no heartbeat came back within cluster.max_staleness_ms".to_owned()
                 }))
             },
+            warning: self.shared.warning(),
         }
     }
 
@@ -360,6 +407,45 @@ impl Cluster {
             .metrics
             .connected
             .set(i64::from(self.cache.is_trusted()));
+    }
+}
+
+/// Where the feed finds Redis: `cluster.redis_url`, or the master the sentinels name.
+fn target(settings: &ClusterSettings) -> Result<feed::Target, redis::RedisError> {
+    let roots = settings.tls_roots_pem.as_deref();
+    if let Some(sentinels) = &settings.sentinel {
+        let sentinels =
+            sentinel::Sentinels::new(sentinels, settings.redis_password.clone(), roots)?;
+        return Ok(feed::Target::Sentinel(Arc::new(sentinels)));
+    }
+    let client = client(&settings.redis_url, settings.redis_password.as_ref(), roots)?;
+    Ok(feed::Target::Direct(Box::new(client)))
+}
+
+/// A client of the Redis (or sentinel) at `url` with `password`; with `rediss://`, trusting
+/// `roots` (`egress.ca_file`) instead of the built-in roots when given.
+fn client(
+    url: &str,
+    password: Option<&Secret>,
+    roots: Option<&[u8]>,
+) -> Result<redis::Client, redis::RedisError> {
+    let mut info = url.into_connection_info()?;
+    if let Some(password) = password {
+        let redis = info
+            .redis_settings()
+            .clone()
+            .set_password(password.expose());
+        info = info.set_redis_settings(redis);
+    }
+    match roots {
+        Some(roots) if url.starts_with("rediss://") => {
+            let roots = redis::TlsCertificates {
+                client_tls: None,
+                root_cert: Some(roots.to_vec()),
+            };
+            redis::Client::build_with_tls(info, roots)
+        }
+        _ => redis::Client::open(info),
     }
 }
 

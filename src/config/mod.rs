@@ -79,7 +79,7 @@ pub struct Settings {
     pub egress: EgressSettings,
     pub token: TokenSettings,
     pub cache: CacheSettings,
-    /// `None` when `cluster.redis_url` is empty: this instance runs alone.
+    /// `None` when `cluster.redis_url` and `cluster.sentinels` are empty: this instance runs alone.
     pub cluster: Option<ClusterSettings>,
     pub oauth: OAuthSettings,
     pub clients: Vec<ClientSettings>,
@@ -302,8 +302,12 @@ pub struct CacheSettings {
 /// Several instances kept coherent through Redis.
 #[derive(Debug, Clone)]
 pub struct ClusterSettings {
-    /// `redis[s]://[user@]host:port/db`, never with a password in it: safe to log.
+    /// `redis[s]://[user@]host:port/db`, never with a password in it: safe to log. With
+    /// sentinels, `sentinel://<master name>`: what the logs call the Redis.
     pub redis_url: String,
+    /// `cluster.sentinels`: the master is whichever node they name (and `redis_url` is not a
+    /// node to connect to).
+    pub sentinel: Option<SentinelSettings>,
     /// From the configured URL or `cluster.redis_password_file`.
     pub redis_password: Option<Secret>,
     /// Namespaces every Redis key and channel (non-empty, no whitespace).
@@ -322,6 +326,19 @@ pub struct ClusterSettings {
     /// `egress.ca_file`'s PEM: with `rediss://`, the roots Redis' certificate must chain to
     /// (the Redis client takes one set of roots: these replace the built-in ones).
     pub tls_roots_pem: Option<Vec<u8>>,
+}
+
+/// Redis Sentinels that name the cluster's master.
+#[derive(Debug, Clone)]
+pub struct SentinelSettings {
+    /// `(host, port)` of each sentinel; at least one.
+    pub sentinels: Vec<(String, u16)>,
+    /// The master's name as the sentinels know it.
+    pub master: String,
+    /// TLS to the sentinels and to the data nodes they name.
+    pub tls: bool,
+    /// `cluster.sentinel_password_file`.
+    pub password: Option<Secret>,
 }
 
 /// What a PUT does when it cannot first announce itself to the cluster.

@@ -93,6 +93,30 @@ impl RedisUrl {
     }
 }
 
+/// Sentinel's own port, when an entry of `cluster.sentinels` gives none.
+const SENTINEL_PORT: u16 = 26379;
+
+/// One of `cluster.sentinels`: `host[:port]` (port 26379 unless given), or
+/// `rediss://host[:port]` for TLS (`redis://` may be written too). Returns whether TLS is on,
+/// the host and the port. A sentinel's password comes from `cluster.sentinel_password_file`,
+/// never from here.
+pub(super) fn parse_sentinel(entry: &str) -> Result<(bool, String, u16), String> {
+    const SENTINEL_SHAPE: &str = "host:port, or rediss://host:port for TLS";
+    let (tls, rest) = if let Some(rest) = entry.strip_prefix("rediss://") {
+        (true, rest)
+    } else {
+        (false, entry.strip_prefix("redis://").unwrap_or(entry))
+    };
+    if rest.contains(['@', '/', '?', '#']) {
+        return Err(format!(
+            "a sentinel is {SENTINEL_SHAPE}, without user, password or path \
+             (cluster.sentinel_password_file holds the password)"
+        ));
+    }
+    let (host, port) = split_host_port(rest, SENTINEL_PORT, SENTINEL_SHAPE)?;
+    Ok((tls, host, port))
+}
+
 /// `host[:port]` or `[ipv6][:port]`; `shape` is the whole URL's expected form, for messages.
 pub(super) fn split_host_port(
     host_port: &str,
@@ -166,6 +190,31 @@ mod tests {
         assert_eq!(url.password.as_ref().map(Secret::expose), Some("secret"));
         assert_eq!(url.without_password(), "redis://[::1]:7000/0");
         assert_eq!(url.redacted(), "redis://:<redacted>@[::1]:7000/0");
+    }
+
+    #[test]
+    fn sentinel_addresses() {
+        assert_eq!(
+            parse_sentinel("sentinel-0.redis:26379").unwrap(),
+            (false, "sentinel-0.redis".to_owned(), 26379)
+        );
+        assert_eq!(
+            parse_sentinel("rediss://[::1]:26380").unwrap(),
+            (true, "::1".to_owned(), 26380)
+        );
+        assert_eq!(
+            parse_sentinel("sentinel-1").unwrap(),
+            (false, "sentinel-1".to_owned(), 26379)
+        );
+        for (entry, expected) in [
+            ("u:hunter2@host:26379", "without user, password or path"),
+            ("host:26379/0", "without user, password or path"),
+            ("host:port", "the port \"port\""),
+        ] {
+            let err = parse_sentinel(entry).unwrap_err();
+            assert!(err.contains(expected), "{entry}: {err}");
+            assert!(!err.contains("hunter2"), "{entry}: {err}");
+        }
     }
 
     #[test]

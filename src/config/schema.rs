@@ -100,6 +100,9 @@ pub(super) struct Cache {
 #[derive(Debug, Clone, Deserialize, Serialize)]
 pub(super) struct Cluster {
     pub redis_url: Field<String>,
+    pub sentinels: Field<Vec<String>>,
+    pub sentinel_master: Field<String>,
+    pub sentinel_password_file: Field<String>,
     pub redis_password_file: Field<String>,
     pub key_prefix: Field<String>,
     pub max_staleness_ms: Field<u64>,

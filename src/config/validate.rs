@@ -19,13 +19,13 @@ use super::{
     log_level::log_filter,
     problems::Problems,
     redact,
-    redis_url::RedisUrl,
+    redis_url::{parse_sentinel, RedisUrl},
     schema::{self, Field},
     secret_files::{read_keys, read_secret_file, FromFiles},
     AuthSettings, BreakerSettings, CacheSettings, ClientAuth, ClientCredential, ClientSettings,
     ClusterSettings, EgressSettings, ExtraRoots, LogSettings, OAuthSettings, Permissions,
-    ProxyEndpoint, Secret, ServerSettings, Settings, TalkdeskSettings, TlsFiles, TokenSettings,
-    ANONYMOUS,
+    ProxyEndpoint, Secret, SentinelSettings, ServerSettings, Settings, TalkdeskSettings, TlsFiles,
+    TokenSettings, ANONYMOUS,
 };
 use crate::wire::forwarded::{Network, TrustedProxies};
 
@@ -34,7 +34,8 @@ const MIN_API_KEY: usize = 16;
 
 pub(super) fn settings(file: schema::ConfigFile, p: &mut Problems) -> Option<Settings> {
     let shown = file.clone();
-    let clustered = matches!(&file.cluster.redis_url.0, Ok(url) if !url.is_empty());
+    let clustered = matches!(&file.cluster.redis_url.0, Ok(url) if !url.is_empty())
+        || matches!(&file.cluster.sentinels.0, Ok(sentinels) if !sentinels.is_empty());
     let client_count = file.clients.len();
 
     let server = server(file.server, p);
@@ -665,9 +666,13 @@ fn cache(c: schema::Cache, p: &mut Problems) -> Option<CacheSettings> {
     })
 }
 
-/// `Some(None)`: no cluster (`redis_url = ""`).
+/// `Some(None)`: no cluster (`redis_url = ""` and no `sentinels`).
 fn cluster(c: schema::Cluster, p: &mut Problems) -> Option<Option<ClusterSettings>> {
     let url = p.value("cluster.redis_url", c.redis_url);
+    let sentinels = p.value("cluster.sentinels", c.sentinels);
+    let sentinel_master = p.value("cluster.sentinel_master", c.sentinel_master);
+    let sentinel_password_file =
+        p.value("cluster.sentinel_password_file", c.sentinel_password_file);
     let password_file = p.value("cluster.redis_password_file", c.redis_password_file);
     let key_prefix = p.check("cluster.key_prefix", c.key_prefix, |prefix| {
         if prefix.is_empty() || prefix.chars().any(char::is_whitespace) {
@@ -714,21 +719,42 @@ fn cluster(c: schema::Cluster, p: &mut Problems) -> Option<Option<ClusterSetting
     .collect::<Vec<_>>();
 
     let (url, password_file) = (url?, password_file?);
-    if url.is_empty() {
+    let (sentinels, sentinel_master, sentinel_password_file) =
+        (sentinels?, sentinel_master?, sentinel_password_file?);
+    if url.is_empty() && sentinels.is_empty() {
         for key in &shared_on {
             p.at(
                 key,
-                "true needs cluster.redis_url (the shared tier lives in Redis)",
+                "true needs cluster.redis_url or cluster.sentinels (the shared tier lives in Redis)",
             );
         }
-        if !password_file.is_empty() {
+        let stray = [
+            ("cluster.redis_password_file", password_file.is_empty()),
+            ("cluster.sentinel_master", sentinel_master.is_empty()),
+            (
+                "cluster.sentinel_password_file",
+                sentinel_password_file.is_empty(),
+            ),
+        ]
+        .into_iter()
+        .filter(|(_, empty)| !empty)
+        .map(|(key, _)| key)
+        .collect::<Vec<_>>();
+        for key in &stray {
             p.at(
-                "cluster.redis_password_file",
-                "is set but cluster.redis_url is empty (no cluster to connect to)",
+                key,
+                "is set but cluster.redis_url and cluster.sentinels are empty (no cluster to \
+                 connect to)",
             );
-            return None;
         }
-        return shared_on.is_empty().then_some(None);
+        return (shared_on.is_empty() && stray.is_empty()).then_some(None);
+    }
+    if !url.is_empty() && !sentinels.is_empty() {
+        p.general(
+            "cluster.redis_url and cluster.sentinels are both set; give exactly one (the \
+             sentinels name the master)",
+        );
+        return None;
     }
     let keys_missing = !shared_on.is_empty() && shared_keys.as_ref().is_some_and(Vec::is_empty);
     if keys_missing {
@@ -740,18 +766,27 @@ fn cluster(c: schema::Cluster, p: &mut Problems) -> Option<Option<ClusterSetting
             );
         }
     }
-    let redis = p.take("cluster.redis_url", RedisUrl::parse(&url));
-    let file_password = if password_file.is_empty() {
-        Some(None)
+    let file_password = optional_secret_file(p, "cluster.redis_password_file", &password_file);
+    let (redis_url, url_password, sentinel) = if sentinels.is_empty() {
+        if !sentinel_master.is_empty() || !sentinel_password_file.is_empty() {
+            p.general(
+                "cluster.sentinel_master and cluster.sentinel_password_file need \
+                 cluster.sentinels (with cluster.redis_url there is no sentinel to ask)",
+            );
+            return None;
+        }
+        let mut redis = p.take("cluster.redis_url", RedisUrl::parse(&url))?;
+        let password = redis.password.take();
+        (redis.without_password(), password, None)
     } else {
-        p.take_file(
-            "cluster.redis_password_file",
-            read_secret_file(&password_file),
+        let sentinel = sentinel_settings(p, sentinels, sentinel_master, &sentinel_password_file)?;
+        (
+            format!("sentinel://{}", sentinel.master),
+            None,
+            Some(sentinel),
         )
-        .map(Some)
     };
-    let (mut redis, file_password) = (redis?, file_password?);
-    let redis_password = match (redis.password.take(), file_password) {
+    let redis_password = match (url_password, file_password?) {
         (Some(_), Some(_)) => {
             p.general(
                 "cluster.redis_url has a password and cluster.redis_password_file is set; \
@@ -765,7 +800,8 @@ fn cluster(c: schema::Cluster, p: &mut Problems) -> Option<Option<ClusterSetting
         return None;
     }
     Some(Some(ClusterSettings {
-        redis_url: redis.without_password(),
+        redis_url,
+        sentinel,
         redis_password,
         key_prefix: key_prefix?,
         max_staleness: max_staleness?,
@@ -776,6 +812,54 @@ fn cluster(c: schema::Cluster, p: &mut Problems) -> Option<Option<ClusterSetting
         shared_timeout: shared_timeout?,
         tls_roots_pem: None,
     }))
+}
+
+/// The secret in the file at `path` (`key`'s value), `Some(None)` when `path` is empty.
+fn optional_secret_file(p: &mut Problems, key: &str, path: &str) -> Option<Option<Secret>> {
+    if path.is_empty() {
+        return Some(None);
+    }
+    p.take_file(key, read_secret_file(path)).map(Some)
+}
+
+/// `cluster.sentinels` (not empty) with the master's name and the sentinels' password.
+fn sentinel_settings(
+    p: &mut Problems,
+    entries: Vec<String>,
+    master: String,
+    password_file: &str,
+) -> Option<SentinelSettings> {
+    let password = optional_secret_file(p, "cluster.sentinel_password_file", password_file);
+    if master.is_empty() {
+        p.about(
+            "cluster.sentinel_master",
+            "cluster.sentinel_master is required with cluster.sentinels",
+        );
+    }
+    let mut sentinels = Vec::new();
+    let mut tls_modes = Vec::new();
+    for entry in &entries {
+        if let Some((tls, host, port)) = p.take("cluster.sentinels", parse_sentinel(entry)) {
+            tls_modes.push(tls);
+            sentinels.push((host, port));
+        }
+    }
+    if tls_modes.iter().any(|&tls| tls != tls_modes[0]) {
+        p.at(
+            "cluster.sentinels",
+            "mixes rediss:// and plain entries; TLS is on for every sentinel or none",
+        );
+        return None;
+    }
+    if sentinels.len() != entries.len() || master.is_empty() {
+        return None;
+    }
+    Some(SentinelSettings {
+        sentinels,
+        master,
+        tls: tls_modes[0],
+        password: password?,
+    })
 }
 
 fn oauth(o: schema::OAuth, clustered: bool, p: &mut Problems) -> Option<OAuthSettings> {

@@ -114,6 +114,9 @@ impl AdminRoutes {
                     "reason": format!("{reason}; answering from upstream, not from the cache"),
                 }),
             };
+            if let Some(warning) = cluster.warning {
+                answer["cluster"]["warning"] = json!(warning);
+            }
         }
         body::json_response(status, &answer)
     }

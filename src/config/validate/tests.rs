@@ -420,11 +420,93 @@ fn cluster_problems() {
     assert_eq!(
         list,
         vec![
-            "cluster.redis_password_file: is set but cluster.redis_url is empty \
-                 (no cluster to connect to)"
+            "cluster.redis_password_file: is set but cluster.redis_url and cluster.sentinels \
+             are empty (no cluster to connect to)"
                 .to_owned()
         ]
     );
+}
+
+#[test]
+fn sentinel_settings() {
+    let dir = TempDir::new("sentinels");
+    let toml = minimal_with(
+        "cluster",
+        &format!(
+            "sentinels = [\"sentinel-0:26379\", \"[::1]:26380\"]\nsentinel_master = \"consent\"\n\
+             sentinel_password_file = {:?}\nredis_password_file = {:?}\n[oauth]\nenabled = false",
+            dir.file("sentinel-password", "sentinel-pw\n"),
+            dir.file("redis-password", "node-pw\n"),
+        ),
+    );
+    let cluster = Settings::from_toml_str(&toml).unwrap().cluster.unwrap();
+    let sentinel = cluster.sentinel.unwrap();
+    assert_eq!(
+        sentinel.sentinels,
+        vec![("sentinel-0".to_owned(), 26379), ("::1".to_owned(), 26380)]
+    );
+    assert_eq!(sentinel.master, "consent");
+    assert!(!sentinel.tls);
+    assert_eq!(
+        sentinel.password.as_ref().map(Secret::expose),
+        Some("sentinel-pw")
+    );
+    assert_eq!(
+        cluster.redis_password.as_ref().map(Secret::expose),
+        Some("node-pw")
+    );
+    assert_eq!(cluster.redis_url, "sentinel://consent");
+
+    let tls = minimal_with(
+        "cluster",
+        "sentinels = [\"rediss://s0:26379\"]\nsentinel_master = \"m\"\n[oauth]\nenabled = false",
+    );
+    assert!(
+        Settings::from_toml_str(&tls)
+            .unwrap()
+            .cluster
+            .unwrap()
+            .sentinel
+            .unwrap()
+            .tls
+    );
+}
+
+#[test]
+fn sentinel_problems() {
+    for (cluster, expected) in [
+        (
+            "redis_url = \"redis://redis\"\nsentinels = [\"s0:26379\"]\nsentinel_master = \"m\"",
+            "cluster.redis_url and cluster.sentinels are both set; give exactly one",
+        ),
+        (
+            "sentinels = [\"s0:26379\"]",
+            "cluster.sentinel_master is required with cluster.sentinels",
+        ),
+        (
+            "sentinels = [\"s0:port\"]\nsentinel_master = \"m\"",
+            "cluster.sentinels: the port \"port\" is not a number",
+        ),
+        (
+            "sentinels = [\"rediss://s0:1\", \"s1:2\"]\nsentinel_master = \"m\"",
+            "cluster.sentinels: mixes rediss:// and plain entries",
+        ),
+        (
+            "redis_url = \"redis://redis\"\nsentinel_master = \"m\"",
+            "cluster.sentinel_master and cluster.sentinel_password_file need cluster.sentinels",
+        ),
+        (
+            "sentinel_master = \"m\"",
+            "cluster.sentinel_master: is set but cluster.redis_url and cluster.sentinels are empty",
+        ),
+    ] {
+        let list = errors(&minimal_with(
+            "cluster",
+            &format!("{cluster}\n[oauth]\nenabled = false"),
+        ));
+        assert_eq!(list.len(), 1, "{cluster}: {list:#?}");
+        assert!(list[0].starts_with(expected), "{cluster}: {list:#?}");
+    }
 }
 
 #[test]

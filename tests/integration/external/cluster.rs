@@ -14,15 +14,17 @@
 //! - `best_effort`: PUTs go through while Redis is down, counted;
 //! - a STALE answer never predates a write through another instance, nor comes from a cache
 //!   that missed announcements;
-//! - a soak (ignored by default) of three instances with Redis restarts.
+//! - a soak (ignored by default) of three instances with Redis restarts;
+//! - a Redis that may evict keys (`maxmemory-policy`, read with `CONFIG GET` or, when that is
+//!   refused, `INFO memory`) is reported in `/readyz` by the instances with the shared tier on.
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use crate::support::fake_upstream::{answer, consent_200, Act, FakeUpstream};
 use crate::support::fleet::{
-    cluster_config, randomized_history, slow_fill_then_write, Fleet, Instance, MAX_STALENESS,
-    RULE_5_LAG,
+    cluster_config, randomized_history, shared_tier, slow_fill_then_write, Fleet, Instance,
+    MAX_STALENESS, RULE_5_LAG,
 };
 use crate::support::history::{cluster_violations, gets, Event, Op, RandomClient};
 use crate::support::redis_server::{free_port, RedisServer};
@@ -876,6 +878,46 @@ async fn an_admin_purge_reaches_every_instance() {
         assert_eq!(
             fleet.get(i, contact).await.header("x-cache-status"),
             Some("MISS")
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_evicting_redis_is_reported_with_the_shared_tier() {
+    for (options, told_by) in [
+        (&["--maxmemory-policy", "allkeys-lru"][..], "CONFIG GET"),
+        (
+            &[
+                "--maxmemory-policy",
+                "volatile-lru",
+                "--rename-command",
+                "CONFIG",
+                "",
+            ][..],
+            "INFO memory",
+        ),
+    ] {
+        let redis = RedisServer::start_with_options(options);
+        let fleet = Fleet::start_with_redis(start_simulator().await, redis, 2, |i, config| {
+            if i == 0 {
+                shared_tier(config, true, false);
+            }
+        })
+        .await;
+        let warning = |i| {
+            let fleet = &fleet;
+            async move { fleet.admin(i, "/readyz").await.json()["cluster"]["warning"].clone() }
+        };
+        let policy = options[1];
+        let warned = warning(0).await;
+        assert!(
+            warned.as_str().is_some_and(|w| w.contains(policy)),
+            "{told_by}: {warned}"
+        );
+        assert_eq!(fleet.feed(0).await, (200, "live".to_owned()));
+        assert!(
+            warning(1).await.is_null(),
+            "without the shared tier: nothing to warn about"
         );
     }
 }

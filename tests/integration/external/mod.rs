@@ -10,4 +10,5 @@ mod metrics_exposition;
 mod oauth;
 mod oidc_provider;
 mod prometheus;
+mod sentinel;
 mod shared_tier;

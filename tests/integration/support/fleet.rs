@@ -10,7 +10,7 @@ use consent_proxy::simulator::Simulator;
 use consent_proxy::{App, AppHandle};
 use tokio::time::Instant;
 
-use super::history::{cluster_violations, gets, random_upstream_delays, RandomClient};
+use super::history::{cluster_violations, gets, lost_writes, random_upstream_delays, RandomClient};
 use super::redis_server::RedisServer;
 use super::{start_simulator, wait_until, ProxyClient, ProxyConfig, TestClient, TestResponse};
 
@@ -155,6 +155,12 @@ pub async fn slow_fill_then_write_holding(
 /// What a [`randomized_history`] run saw.
 pub struct HistoryRun {
     pub violations: Vec<String>,
+    /// Acknowledged writes upstream does not reflect at the end ([`lost_writes`]).
+    pub lost_writes: Vec<String>,
+    /// When each PUT refused with 503 `cluster_unavailable` started.
+    pub refused_puts: Vec<Instant>,
+    /// When each GET answered `BYPASS` (the cache not trusted) started.
+    pub bypassed_gets: Vec<Instant>,
     /// Hits of the instances' own caches.
     pub local_hits: f64,
     /// Hits of the shared tier (0 without it).
@@ -164,7 +170,18 @@ pub struct HistoryRun {
 /// Rule 5 over a randomized history on three instances: six clients on random instances, 20 %
 /// PUTs, three contacts `{prefix}0..2` starting `NO_CONSENT`, random upstream delays, for 5 s.
 pub async fn randomized_history(fleet: Arc<Fleet>, prefix: &str) -> HistoryRun {
-    randomized_history_for(fleet, prefix, Duration::from_secs(5), 0.2).await
+    randomized_history_across(fleet, prefix, Duration::from_secs(5), RULE_5_LAG).await
+}
+
+/// As [`randomized_history`], for `run_for`, with rule 5 checked at `lag` (a fault the caller
+/// causes meanwhile allows `max_staleness_ms`).
+pub async fn randomized_history_across(
+    fleet: Arc<Fleet>,
+    prefix: &str,
+    run_for: Duration,
+    lag: Duration,
+) -> HistoryRun {
+    randomized_history_with(fleet, prefix, run_for, lag, 0.2).await
 }
 
 /// As [`randomized_history`], for `run_for`, with `put_share` of the operations PUTs.
@@ -174,12 +191,24 @@ pub async fn randomized_history_for(
     run_for: Duration,
     put_share: f64,
 ) -> HistoryRun {
+    randomized_history_with(fleet, prefix, run_for, RULE_5_LAG, put_share).await
+}
+
+async fn randomized_history_with(
+    fleet: Arc<Fleet>,
+    prefix: &str,
+    run_for: Duration,
+    lag: Duration,
+    put_share: f64,
+) -> HistoryRun {
     const CONTACTS: usize = 3;
     const INITIAL: &str = "NO_CONSENT";
     let contacts: Vec<String> = (0..CONTACTS).map(|i| format!("{prefix}{i}")).collect();
     for contact in &contacts {
         fleet.sim.set_status(contact, ConsentStatus::NoConsent);
     }
+    let refused_puts = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let bypassed_gets = Arc::new(std::sync::Mutex::new(Vec::new()));
     let started = Instant::now();
     let delays = tokio::spawn({
         let fleet = fleet.clone();
@@ -190,7 +219,10 @@ pub async fn randomized_history_for(
         .map(|_| {
             let fleet = fleet.clone();
             let contacts = contacts.clone();
+            let (refused_puts, bypassed_gets) = (refused_puts.clone(), bypassed_gets.clone());
             tokio::spawn(async move {
+                let (fleet, contacts) = (&fleet, &contacts);
+                let (refused_puts, bypassed_gets) = (&refused_puts, &bypassed_gets);
                 RandomClient {
                     until: started + run_for,
                     contacts: CONTACTS,
@@ -199,8 +231,22 @@ pub async fn randomized_history_for(
                     pause_ms: 0..0,
                 }
                 .run(
-                    |via, contact| fleet.get(via, &contacts[contact]),
-                    |via, contact, status| fleet.put(via, &contacts[contact], status),
+                    |via, contact| async move {
+                        let start = Instant::now();
+                        let answer = fleet.get(via, &contacts[contact]).await;
+                        if answer.header("x-cache-status") == Some("BYPASS") {
+                            bypassed_gets.lock().unwrap().push(start);
+                        }
+                        answer
+                    },
+                    |via, contact, status| async move {
+                        let start = Instant::now();
+                        let answer = fleet.put(via, &contacts[contact], status).await;
+                        if answer.status == 503 && answer.code() == "cluster_unavailable" {
+                            refused_puts.lock().unwrap().push(start);
+                        }
+                        answer
+                    },
                 )
                 .await
             })
@@ -225,20 +271,33 @@ pub async fn randomized_history_for(
     }
     let gets = gets(&history);
     let puts = history.len() - gets;
-    let violations = cluster_violations(&history, INITIAL, RULE_5_LAG);
+    let violations = cluster_violations(&history, INITIAL, lag);
+    let upstream: Vec<(usize, String)> = contacts
+        .iter()
+        .enumerate()
+        .filter_map(|(i, contact)| Some((i, fleet.sim.stored_status(contact)?.as_str().to_owned())))
+        .collect();
+    let lost_writes = lost_writes(&history, INITIAL, &upstream);
     println!(
         "history: {} operations ({gets} GETs, {puts} PUTs, {local_hits} local hits, \
-         {shared_hits} shared-tier hits, {} upstream GETs) over 3 instances, {} violations",
+         {shared_hits} shared-tier hits, {} upstream GETs) over 3 instances, {} violations at \
+         {lag:?}, {} lost writes",
         history.len(),
         fleet.sim.stats().gets,
-        violations.len()
+        violations.len(),
+        lost_writes.len()
     );
     assert!(
         gets > 200 && puts > 40,
         "too little traffic to mean anything"
     );
+    let taken =
+        |times: Arc<std::sync::Mutex<Vec<Instant>>>| std::mem::take(&mut *times.lock().unwrap());
     HistoryRun {
         violations,
+        lost_writes,
+        refused_puts: taken(refused_puts),
+        bypassed_gets: taken(bypassed_gets),
         local_hits,
         shared_hits,
     }

@@ -102,6 +102,29 @@ pub fn cluster_violations(history: &[Event], initial: &str, lag: Duration) -> Ve
     found
 }
 
+/// Acknowledged writes that upstream lost: `upstream` holds each contact's status as upstream
+/// has it now, read after every write of `history` ended; it must be one a GET starting then
+/// could see (rule 1 and 5: nothing acknowledged is lost or overtaken by an older write).
+pub fn lost_writes(history: &[Event], initial: &str, upstream: &[(usize, String)]) -> Vec<String> {
+    let now = Instant::now();
+    let mut checked: Vec<Event> = history
+        .iter()
+        .filter(|event| matches!(event.op, Op::Put { .. }))
+        .cloned()
+        .collect();
+    checked.extend(upstream.iter().map(|(contact, status)| Event {
+        contact: *contact,
+        via: usize::MAX,
+        start: now,
+        end: now,
+        op: Op::Get {
+            result: Some(status.clone()),
+            stale_age_s: None,
+        },
+    }));
+    cluster_violations(&checked, initial, Duration::ZERO)
+}
+
 /// What [`stale_violations`] found.
 #[derive(Debug, Default)]
 pub struct StaleCheck {

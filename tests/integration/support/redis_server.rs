@@ -1,6 +1,8 @@
 //! A real `redis-server` for the cluster tests, on a free loopback port, without persistence
 //! (or with an append-only file, to restart with its data): started, killed, restarted on the
-//! same port, frozen (`SIGSTOP`) and thawed (`SIGCONT`).
+//! same port, frozen (`SIGSTOP`) and thawed (`SIGCONT`); a replica of another; and a
+//! [`SentinelSet`]: a master, its replica and three sentinels (`redis-server <conf> --sentinel`)
+//! that fail it over quickly.
 //! A missing `redis-server` fails the test loudly (scripts/test.sh installs it).
 //!
 //! The proxies connect as the Redis user the README's ACL rule creates ([`PROXY_ACL_RULE`]):
@@ -39,6 +41,10 @@ pub struct RedisServer {
     frozen: bool,
     /// Every write appended to a file (fsync'd) and read back when it restarts.
     persistent: bool,
+    /// The port of the master it replicates, if it is a replica.
+    replica_of: Option<u16>,
+    /// More `redis-server` options (`--name value` pairs).
+    options: Vec<String>,
 }
 
 impl RedisServer {
@@ -58,6 +64,40 @@ impl RedisServer {
         Self::start_with(None, true)
     }
 
+    /// A server started with these more options, e.g. `["--maxmemory-policy", "allkeys-lru"]`.
+    pub fn start_with_options(options: &[&str]) -> RedisServer {
+        let mut server = Self::start();
+        server.options = options.iter().map(|option| (*option).to_owned()).collect();
+        server.kill();
+        server.restart();
+        server
+    }
+
+    /// A replica of `master` (which must have no password), in sync with it when this returns.
+    pub fn start_replica_of(master: &RedisServer) -> RedisServer {
+        let mut replica = Self::start_with(None, false);
+        replica.replica_of = Some(master.port);
+        replica.kill();
+        replica.restart();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !replica
+            .info("replication")
+            .contains("master_link_status:up")
+        {
+            assert!(
+                Instant::now() < deadline,
+                "the replica did not sync with its master"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        replica
+    }
+
+    /// `INFO section`, or "" when it does not answer.
+    pub fn info(&self, section: &str) -> String {
+        command(self.port, redis::cmd("INFO").arg(section)).unwrap_or_default()
+    }
+
     fn start_with(password: Option<&str>, persistent: bool) -> RedisServer {
         let dir = std::env::temp_dir().join(format!(
             "consent-proxy-redis-{}-{}",
@@ -74,6 +114,8 @@ impl RedisServer {
                 dir: dir.clone(),
                 frozen: false,
                 persistent,
+                replica_of: None,
+                options: Vec::new(),
             };
             if server.spawn() {
                 return server;
@@ -228,6 +270,10 @@ impl RedisServer {
         // `ACL SETUSER name rules...` as the `user name rules...` directive.
         let rule = PROXY_ACL_RULE.replace(">PASSWORD", &format!(">{PROXY_PASSWORD}"));
         command.arg("--user").args(rule.split_whitespace().skip(2));
+        command.args(&self.options);
+        if let Some(master) = self.replica_of {
+            command.args(["--replicaof", "127.0.0.1", &master.to_string()]);
+        }
         let child = match command.spawn() {
             Ok(child) => child,
             Err(err) if err.kind() == std::io::ErrorKind::NotFound => panic!(
@@ -286,6 +332,179 @@ impl RedisServer {
 impl Drop for RedisServer {
     fn drop(&mut self) {
         self.kill();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// Sends `cmd` to the Redis (or sentinel) on `port` within a second.
+pub fn command<T: redis::FromRedisValue>(port: u16, cmd: &redis::Cmd) -> redis::RedisResult<T> {
+    let client = redis::Client::open(format!("redis://127.0.0.1:{port}"))?;
+    let mut connection = client.get_connection_with_timeout(Duration::from_secs(1))?;
+    connection.set_read_timeout(Some(Duration::from_secs(1)))?;
+    cmd.query(&mut connection)
+}
+
+/// The master's name the sentinels of a [`SentinelSet`] know.
+pub const SENTINEL_MASTER: &str = "consent";
+/// The sentinels' `down-after-milliseconds`: a master silent this long is failed over.
+pub const DOWN_AFTER: Duration = Duration::from_millis(1000);
+
+/// A master (`master`), its replica and three sentinels watching it with a quorum of two,
+/// `down-after-milliseconds` [`DOWN_AFTER`], ready to fail over when this returns (the sentinels
+/// know the replica and each other).
+pub struct SentinelSet {
+    pub replica: RedisServer,
+    sentinels: Vec<Option<Child>>,
+    ports: Vec<u16>,
+    dir: PathBuf,
+}
+
+impl SentinelSet {
+    pub fn start(master: &RedisServer) -> SentinelSet {
+        let replica = RedisServer::start_replica_of(master);
+        let dir = std::env::temp_dir().join(format!(
+            "consent-proxy-sentinels-{}-{}",
+            std::process::id(),
+            rand::random::<u64>()
+        ));
+        std::fs::create_dir_all(&dir).expect("create the sentinels' directory");
+        let mut set = SentinelSet {
+            replica,
+            sentinels: Vec::new(),
+            ports: Vec::new(),
+            dir,
+        };
+        for i in 0..3 {
+            let port = free_port();
+            let conf = set.dir.join(format!("sentinel-{i}.conf"));
+            std::fs::write(
+                &conf,
+                format!(
+                    "port {port}\nbind 127.0.0.1\nprotected-mode no\ndir {dir}\n\
+                     sentinel monitor {SENTINEL_MASTER} 127.0.0.1 {master} 2\n\
+                     sentinel down-after-milliseconds {SENTINEL_MASTER} {down_after}\n\
+                     sentinel failover-timeout {SENTINEL_MASTER} 2000\n",
+                    dir = set.dir.display(),
+                    master = master.port(),
+                    down_after = DOWN_AFTER.as_millis(),
+                ),
+            )
+            .expect("write a sentinel's configuration");
+            let child = Command::new("redis-server")
+                .arg(&conf)
+                .arg("--sentinel")
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .expect("start redis-server --sentinel");
+            set.sentinels.push(Some(child));
+            set.ports.push(port);
+        }
+        // Ready when each knows the replica and the two other sentinels (hello messages).
+        let deadline = Instant::now() + Duration::from_secs(20);
+        for &port in &set.ports {
+            loop {
+                let knows = |what: &str| {
+                    command::<Vec<redis::Value>>(
+                        port,
+                        redis::cmd("SENTINEL").arg(what).arg(SENTINEL_MASTER),
+                    )
+                    .map_or(0, |list| list.len())
+                };
+                if knows("replicas") == 1 && knows("sentinels") == 2 {
+                    break;
+                }
+                assert!(Instant::now() < deadline, "the sentinels did not get ready");
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        }
+        set
+    }
+
+    /// `["127.0.0.1:port", ...]`: `cluster.sentinels` as a TOML value.
+    pub fn toml_list(&self) -> String {
+        let quoted: Vec<String> = self
+            .ports
+            .iter()
+            .map(|port| format!("\"127.0.0.1:{port}\""))
+            .collect();
+        format!("[{}]", quoted.join(", "))
+    }
+
+    pub fn ports(&self) -> &[u16] {
+        &self.ports
+    }
+
+    /// The master's port as the sentinels still running name it, when they all agree.
+    pub fn master_port(&self) -> Option<u16> {
+        let named: Vec<Option<u16>> = self
+            .ports
+            .iter()
+            .zip(&self.sentinels)
+            .filter(|(_, child)| child.is_some())
+            .map(|(&port, _)| {
+                command::<Option<(String, u16)>>(
+                    port,
+                    redis::cmd("SENTINEL")
+                        .arg("get-master-addr-by-name")
+                        .arg(SENTINEL_MASTER),
+                )
+                .ok()
+                .flatten()
+                .map(|(_, port)| port)
+            })
+            .collect();
+        named
+            .first()
+            .copied()
+            .flatten()
+            .filter(|first| named.iter().all(|n| *n == Some(*first)))
+    }
+
+    /// Waits until every running sentinel names the master on `port`.
+    pub fn wait_master(&self, port: u16, within: Duration) {
+        let deadline = Instant::now() + within;
+        while self.master_port() != Some(port) {
+            assert!(
+                Instant::now() < deadline,
+                "the sentinels did not name {port} the master within {within:?}"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// `SENTINEL FAILOVER` through the first sentinel still running.
+    pub fn failover(&self) {
+        let port = self
+            .ports
+            .iter()
+            .zip(&self.sentinels)
+            .find(|(_, child)| child.is_some())
+            .map(|(&port, _)| port)
+            .expect("a sentinel running");
+        let answer: String = command(
+            port,
+            redis::cmd("SENTINEL").arg("FAILOVER").arg(SENTINEL_MASTER),
+        )
+        .expect("SENTINEL FAILOVER");
+        assert_eq!(answer, "OK");
+    }
+
+    /// Kills sentinel `i` (`SIGKILL`).
+    pub fn kill_sentinel(&mut self, i: usize) {
+        if let Some(mut child) = self.sentinels[i].take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+impl Drop for SentinelSet {
+    fn drop(&mut self) {
+        for i in 0..self.sentinels.len() {
+            self.kill_sentinel(i);
+        }
         let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
