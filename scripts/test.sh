@@ -3,7 +3,8 @@
 # rule tests, the bounded soak tests (one proxy; three in cluster mode), the schemathesis run
 # against `consent-proxy demo` and the container image built and run with podman
 # (scripts/container-test.sh). Installs what a fresh machine lacks first (Debian packages:
-# prometheus, redis-server for the cluster tests, tinyproxy for the egress tests, podman; the oidc-provider npm package, Python
+# prometheus, redis-server for the cluster tests, tinyproxy for the egress tests, postgresql for
+# the audit store's, podman; the oidc-provider npm package, Python
 # virtualenvs for the OAuth client test and for schemathesis). Exits non-zero on the first
 # failure.
 set -euo pipefail
@@ -16,6 +17,10 @@ missing=()
 command -v promtool >/dev/null 2>&1 || missing+=(prometheus)
 command -v redis-server >/dev/null 2>&1 || missing+=(redis-server)
 command -v tinyproxy >/dev/null 2>&1 || missing+=(tinyproxy)
+# The audit store's tests start their own PostgreSQL (/usr/lib/postgresql/*/bin) and make a
+# SQLite file immutable with chattr.
+compgen -G '/usr/lib/postgresql/*/bin/postgres' >/dev/null || missing+=(postgresql)
+command -v chattr >/dev/null 2>&1 || missing+=(e2fsprogs)
 command -v curl >/dev/null 2>&1 || missing+=(curl)
 command -v openssl >/dev/null 2>&1 || missing+=(openssl)
 command -v node >/dev/null 2>&1 || missing+=(nodejs npm)
@@ -33,6 +38,8 @@ fi
 invoke-rc.d prometheus stop >/dev/null 2>&1 || true
 # Likewise the packaged Redis on :6379: the cluster tests start their own redis-server.
 invoke-rc.d redis-server stop >/dev/null 2>&1 || true
+# And the packaged PostgreSQL cluster on :5432: the audit tests run their own server.
+invoke-rc.d postgresql stop >/dev/null 2>&1 || true
 
 step "npm ci (oidc-provider for the OAuth compatibility test)"
 npm ci --prefix tests/oidc --no-audit --no-fund --loglevel=error

@@ -10,6 +10,7 @@ use prometheus::Registry;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
+use crate::audit::{Audit, AuditStartError, AuditTasks};
 use crate::auth::token::TokenKeys;
 use crate::auth::Authenticator;
 use crate::cache::{CacheMetrics, ConsentCache};
@@ -46,6 +47,8 @@ pub enum StartError {
     Cluster(#[from] ClusterStartError),
     #[error("cannot set up the OAuth token endpoint")]
     OAuth(#[source] Failure),
+    #[error(transparent)]
+    Audit(#[from] AuditStartError),
 }
 
 /// A running proxy.
@@ -56,6 +59,8 @@ pub struct AppHandle {
     pub cache: ConsentCache,
     /// `None` without `cluster.redis_url`.
     pub cluster: Option<Cluster>,
+    /// `None` unless `audit.enabled`.
+    pub audit: Option<Audit>,
     pub tokens: TokenManager,
     /// The consent listener's handler, for driving requests in-process (benchmarks).
     pub routes: Arc<ConsentRoutes>,
@@ -63,6 +68,7 @@ pub struct AppHandle {
     tasks: Vec<JoinHandle<()>>,
     feed_stop: watch::Sender<bool>,
     feed_task: Option<JoinHandle<()>>,
+    audit_tasks: Option<AuditTasks>,
 }
 
 impl App {
@@ -127,10 +133,12 @@ impl App {
             AdmissionMetrics::register(&registry),
         ));
         let mut tasks = vec![refresher];
+        let (audit, audit_tasks) = Audit::start(&settings, &registry).await?.unzip();
         let service = ConsentService::new(
             api,
             cache.clone(),
             cluster.clone(),
+            audit.clone(),
             WriteMetrics::register(&registry),
         );
         let token_keys = if settings.oauth.enabled {
@@ -235,12 +243,14 @@ impl App {
             registry,
             cache,
             cluster,
+            audit,
             tokens,
             routes,
             shutdown,
             tasks,
             feed_stop,
             feed_task,
+            audit_tasks,
         })
     }
 }
@@ -264,6 +274,10 @@ impl AppHandle {
         let _ = self.shutdown.send(true);
         for task in self.tasks {
             let _ = task.await;
+        }
+        // After the drain: the last writes' outcomes are recorded.
+        if let Some(audit) = self.audit_tasks {
+            audit.stop().await;
         }
         let _ = self.feed_stop.send(true);
         if let Some(feed) = self.feed_task {

@@ -1,8 +1,9 @@
 //! `consent-proxy demo`: the proxy and the built-in Talkdesk simulator in one process, with a
 //! generated API key and ready-to-paste `curl` lines, so a newcomer sees it work with no
-//! account or credentials.
+//! account or credentials. Auditing is on, in a temporary SQLite file removed at the end.
 
 use std::net::{Ipv4Addr, SocketAddr};
+use std::path::PathBuf;
 
 use crate::app::{App, AppHandle, StartError};
 use crate::config::{ConfigErrors, Settings};
@@ -22,6 +23,8 @@ pub struct Demo {
     pub proxy: AppHandle,
     pub simulator: Simulator,
     pub api_key: String,
+    /// The audit trail's SQLite file and chain key, removed at shutdown.
+    pub audit_dir: PathBuf,
 }
 
 /// Why the demo could not start.
@@ -29,6 +32,8 @@ pub struct Demo {
 pub enum DemoError {
     #[error("cannot start the simulator")]
     Simulator(#[source] std::io::Error),
+    #[error("cannot create the demo's audit directory")]
+    AuditDir(#[source] std::io::Error),
     #[error("invalid demo configuration:\n{0}")]
     Config(#[from] ConfigErrors),
     #[error(transparent)]
@@ -56,6 +61,11 @@ impl Demo {
         simulator.set_status(DEMO_CONTACT, ConsentStatus::Consented);
 
         let api_key = options.api_key.unwrap_or_else(random_key);
+        let audit_dir = std::env::temp_dir().join(format!("consent-proxy-demo-{}", random_key()));
+        std::fs::create_dir(&audit_dir).map_err(DemoError::AuditDir)?;
+        let chain_key = audit_dir.join("chain.key");
+        std::fs::write(&chain_key, format!("{}{}\n", random_key(), random_key()))
+            .map_err(DemoError::AuditDir)?;
         let toml = format!(
             r#"
 [server]
@@ -66,6 +76,11 @@ api_base_url = "{api}"
 token_url = "{token}"
 client_id = "demo-client"
 client_secret = "{client_secret}"
+[audit]
+enabled = true
+store = "sqlite"
+sqlite_path = {sqlite}
+chain_key_file = {chain_key}
 [[clients]]
 name = "demo"
 api_key = {api_key}
@@ -77,14 +92,25 @@ permissions = ["read", "write", "admin"]
             token = simulator.token_url(),
             // TOML string quoting of a caller-chosen key.
             api_key = toml::Value::String(api_key.clone()),
+            sqlite = toml::Value::String(audit_dir.join("audit.sqlite").display().to_string()),
+            chain_key = toml::Value::String(chain_key.display().to_string()),
         );
-        let settings = Settings::from_toml_str(&toml)?;
-        let proxy = App::start(settings).await?;
-        Ok(Demo {
-            proxy,
-            simulator,
-            api_key,
-        })
+        let started = match Settings::from_toml_str(&toml) {
+            Ok(settings) => App::start(settings).await.map_err(DemoError::from),
+            Err(errors) => Err(DemoError::from(errors)),
+        };
+        match started {
+            Ok(proxy) => Ok(Demo {
+                proxy,
+                simulator,
+                api_key,
+                audit_dir,
+            }),
+            Err(err) => {
+                let _ = std::fs::remove_dir_all(&audit_dir);
+                Err(err)
+            }
+        }
     }
 
     /// The banner printed at start: URLs, the key and curl lines that work when pasted.
@@ -98,19 +124,23 @@ permissions = ["read", "write", "admin"]
              \n  consent API  {url}/voicebiometrics/contacts/{{contact_id}}/consent\
              \n  admin        {admin}/metrics  {admin}/readyz\
              \n  simulator    {sim}\
+             \n  audit trail  {audit} (removed at exit)\
              \n  API key      {key}\
              \n\nTry (contact {DEMO_CONTACT} starts as CONSENTED):\n\
              \ncurl -i -H 'X-API-Key: {key}' {url}/voicebiometrics/contacts/{contact}/consent\
              \ncurl -i -X PUT -H 'X-API-Key: {key}' -H 'Content-Type: application/json' -d '{{\"status\":\"REFUSED\"}}' {url}/voicebiometrics/contacts/{contact}/consent\
              \ncurl -i -H 'X-API-Key: {key}' {url}/voicebiometrics/contacts/{contact}/consent\
+             \ncurl -s -H 'X-API-Key: {key}' {admin}/admin/audit/contacts/{contact}\
              \ncurl -s {admin}/metrics | grep ^consent_proxy_cache\
              \n\nCtrl-C stops it.\n",
             sim = self.simulator.base_url(),
+            audit = self.audit_dir.join("audit.sqlite").display(),
         )
     }
 
     pub async fn shutdown(self) {
         self.proxy.shutdown().await;
         self.simulator.shutdown().await;
+        let _ = std::fs::remove_dir_all(&self.audit_dir);
     }
 }

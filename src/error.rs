@@ -134,6 +134,13 @@ pub enum ProxyError {
     /// upstream was not called.
     #[error("the write could not be announced to the cluster")]
     ClusterUnavailable(#[source] Failure),
+    /// A PUT whose pending audit record could not be made durable (`audit.write_policy =
+    /// "require"`), or an audit read the store could not answer; upstream was not called.
+    #[error("the audit store is unavailable")]
+    AuditUnavailable(#[source] Failure),
+    /// `GET /admin/audit/...` while `audit.enabled = false`.
+    #[error("auditing is off")]
+    AuditDisabled,
     #[error("internal error")]
     Internal(#[source] Failure),
 }
@@ -149,15 +156,15 @@ impl ProxyError {
             | ProxyError::InvalidToken(_) => StatusCode::UNAUTHORIZED,
             ProxyError::TooManyAttempts { .. } => StatusCode::TOO_MANY_REQUESTS,
             ProxyError::Forbidden(_) => StatusCode::FORBIDDEN,
-            ProxyError::NotFound => StatusCode::NOT_FOUND,
+            ProxyError::NotFound | ProxyError::AuditDisabled => StatusCode::NOT_FOUND,
             ProxyError::MethodNotAllowed { .. } => StatusCode::METHOD_NOT_ALLOWED,
             ProxyError::PayloadTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             ProxyError::UnsupportedMediaType => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             ProxyError::RequestTimeout => StatusCode::REQUEST_TIMEOUT,
             ProxyError::Upstream(_) => StatusCode::BAD_GATEWAY,
-            ProxyError::TokenUnavailable(_) | ProxyError::ClusterUnavailable(_) => {
-                StatusCode::SERVICE_UNAVAILABLE
-            }
+            ProxyError::TokenUnavailable(_)
+            | ProxyError::ClusterUnavailable(_)
+            | ProxyError::AuditUnavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
             ProxyError::UpstreamTimeout => StatusCode::GATEWAY_TIMEOUT,
             ProxyError::UpstreamUnavailable { .. } => StatusCode::SERVICE_UNAVAILABLE,
             ProxyError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
@@ -198,6 +205,8 @@ impl ProxyError {
             ProxyError::UpstreamTimeout => "upstream_timeout",
             ProxyError::UpstreamUnavailable { .. } => "upstream_unavailable",
             ProxyError::ClusterUnavailable(_) => "cluster_unavailable",
+            ProxyError::AuditUnavailable(_) => "audit_unavailable",
+            ProxyError::AuditDisabled => "audit_disabled",
             ProxyError::Internal(_) => "internal_error",
         }
     }
@@ -231,6 +240,8 @@ impl ProxyError {
                 "the consent API is unavailable for now; retry after the time in Retry-After".into()
             }
             ProxyError::ClusterUnavailable(_) => "the write could not be announced to the other instances of the cluster, so it was not sent to the consent API; retry it".into(),
+            ProxyError::AuditUnavailable(_) => "the audit store is unavailable (a write that cannot be recorded is not sent to the consent API); retry it".into(),
+            ProxyError::AuditDisabled => "auditing is off (audit.enabled = false)".into(),
             ProxyError::Internal(_) => "internal error".into(),
         }
     }

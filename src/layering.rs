@@ -25,8 +25,8 @@ const FLOORS: &[&[&str]] = &[
     &["auth"],
     // One request as it travels down (it names the caller).
     &["request"],
-    // The consent-answer cache; the Talkdesk client.
-    &["cache", "upstream"],
+    // The consent-answer cache; the Talkdesk client; the audit trail of writes.
+    &["cache", "upstream", "audit"],
     // Cluster mode: drives the cache, and holds the fleet's token for the client.
     &["cluster"],
     // The consent operations.

@@ -6,6 +6,7 @@
 //! - [`http`]: the proxy's handlers: the consent routes, the proxy's own OAuth token endpoint
 //!   and the admin routes;
 //! - [`service`]: the consent operations without HTTP (read through the cache, write through);
+//! - [`audit`]: the audit trail of consent writes (SQLite or PostgreSQL, hash-chained);
 //! - [`cluster`]: cluster mode: the caches of several instances kept coherent through Redis,
 //!   and the shared tier (one cache and one upstream token for the fleet);
 //! - [`cache`]: the consent-answer cache and the rules that keep it correct under writes;
@@ -25,6 +26,7 @@
 //!   uses only the product's shared plumbing (the `layering` tests check both).
 
 pub mod app;
+pub mod audit;
 pub mod auth;
 pub mod build_info;
 pub mod cache;

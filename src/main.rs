@@ -1,11 +1,12 @@
-//! The `consent-proxy` command: serve, demo, simulator, check-config.
+//! The `consent-proxy` command: serve, demo, simulator, check-config, audit export|verify.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
-use clap::{Parser, Subcommand};
+use clap::{Parser, Subcommand, ValueEnum};
+use consent_proxy::audit::cli::{self as audit_cli, ExportFormat, Verdict};
 use consent_proxy::config::{LogFormat, LogSettings, Settings};
 use consent_proxy::demo::{Demo, DemoOptions};
 use consent_proxy::error::ErrorChain;
@@ -75,6 +76,43 @@ enum Command {
         #[arg(long, value_name = "FILE", help = CONFIG_HELP)]
         config: Option<PathBuf>,
     },
+    /// Read the audit trail of consent writes ([audit] in the configuration).
+    Audit {
+        #[command(subcommand)]
+        command: AuditCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum AuditCommand {
+    /// Write the records to standard output, oldest first. Exit 0, or 2 when the store cannot
+    /// be read.
+    Export {
+        #[arg(long, value_name = "FILE", help = CONFIG_HELP)]
+        config: Option<PathBuf>,
+        /// Only records of writes that arrived at or after this time (RFC 3339, e.g.
+        /// 2026-01-31T12:00:00Z, or a date: 2026-01-31 is its midnight UTC).
+        #[arg(long, value_name = "T")]
+        since: Option<String>,
+        /// Only records of writes that arrived before this time (as --since).
+        #[arg(long, value_name = "T")]
+        until: Option<String>,
+        /// jsonl: one JSON object per line; csv: RFC 4180 with a header line.
+        #[arg(long, value_enum, default_value_t = Format::Jsonl)]
+        format: Format,
+    },
+    /// Check the hash chains: exit 0 when intact, 1 naming the first record that was edited,
+    /// removed or reordered, 2 when the store cannot be read.
+    Verify {
+        #[arg(long, value_name = "FILE", help = CONFIG_HELP)]
+        config: Option<PathBuf>,
+    },
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum Format {
+    Jsonl,
+    Csv,
 }
 
 fn main() -> ExitCode {
@@ -118,6 +156,7 @@ fn main() -> ExitCode {
             },
         )),
         Command::CheckConfig { config } => return check_config(config),
+        Command::Audit { command } => return runtime.block_on(audit(command)),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -226,6 +265,70 @@ fn check_config(config: Option<PathBuf>) -> ExitCode {
                 eprintln!("  - {problem}");
             }
             ExitCode::from(2)
+        }
+    }
+}
+
+/// `audit export` and `audit verify`. Exit 2 when the configuration or the store fails.
+async fn audit(command: AuditCommand) -> ExitCode {
+    let config = match &command {
+        AuditCommand::Export { config, .. } | AuditCommand::Verify { config } => config.clone(),
+    };
+    let settings = match Settings::load(config.as_deref()) {
+        Ok(settings) => settings,
+        Err(errors) => {
+            eprintln!("invalid configuration:\n{errors}");
+            return ExitCode::from(2);
+        }
+    };
+    let failed = |err: consent_proxy::error::Failure| {
+        eprintln!("consent-proxy audit: {}", ErrorChain(&err));
+        ExitCode::from(2)
+    };
+    match command {
+        AuditCommand::Export {
+            since,
+            until,
+            format,
+            ..
+        } => {
+            let format = match format {
+                Format::Jsonl => ExportFormat::Jsonl,
+                Format::Csv => ExportFormat::Csv,
+            };
+            let mut out = std::io::BufWriter::new(std::io::stdout().lock());
+            let exported = audit_cli::export(
+                &settings,
+                since.as_deref(),
+                until.as_deref(),
+                format,
+                &mut out,
+            )
+            .await;
+            match exported {
+                Ok(count) => {
+                    eprintln!("{count} records exported");
+                    ExitCode::SUCCESS
+                }
+                Err(err) => failed(err),
+            }
+        }
+        AuditCommand::Verify { .. } => {
+            let started = std::time::Instant::now();
+            match audit_cli::verify(&settings).await {
+                Ok(Verdict::Intact { chains, entries }) => {
+                    println!(
+                        "audit trail intact: {entries} entries in {chains} chains, checked in {:.3} s",
+                        started.elapsed().as_secs_f64()
+                    );
+                    ExitCode::SUCCESS
+                }
+                Ok(Verdict::Broken(broken)) => {
+                    println!("audit trail broken: {broken}");
+                    ExitCode::from(1)
+                }
+                Err(err) => failed(err),
+            }
         }
     }
 }

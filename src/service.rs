@@ -3,6 +3,8 @@
 //! so that a caller hanging up cannot leave the cache behind upstream. In cluster mode a
 //! write is announced to the other instances before it goes upstream and its outcome after,
 //! and with the shared cache a fill looks in the cluster's shared tier before going upstream.
+//! With the audit trail on, a write's pending record is made durable before anything else, and
+//! completed with its outcome.
 
 use std::future::Future;
 use std::pin::Pin;
@@ -13,6 +15,8 @@ use prometheus::{IntCounter, Registry};
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
+use crate::audit::{Audit, Draft, Outcome as AuditOutcome};
+use crate::auth::AuthMethod;
 use crate::cache::{CacheStatus, ConsentCache, FillLead, FillResult, FillWaiter, Lookup, Settled};
 use crate::cluster::shared::FillReport;
 use crate::cluster::{Cluster, ClusterStatus};
@@ -54,6 +58,8 @@ pub struct ConsentService {
     cache: ConsentCache,
     /// `None`: this instance runs alone.
     cluster: Option<Cluster>,
+    /// `None` unless `audit.enabled`.
+    audit: Option<Audit>,
     writes: WriteMetrics,
 }
 
@@ -62,12 +68,14 @@ impl ConsentService {
         api: Arc<ConsentApi>,
         cache: ConsentCache,
         cluster: Option<Cluster>,
+        audit: Option<Audit>,
         writes: WriteMetrics,
     ) -> Self {
         ConsentService {
             api,
             cache,
             cluster,
+            audit,
             writes,
         }
     }
@@ -160,9 +168,12 @@ impl ConsentService {
     }
 
     /// Writes upstream, then updates the cache; answered 2xx only when upstream said 2xx.
-    /// In a cluster the write is first announced (refused with `cluster_unavailable`, upstream
-    /// not called, when that fails under `write_policy = "require"`), and its outcome is
-    /// announced before the answer. The upstream attempts are reported to `request`.
+    /// With the audit trail on, the write's pending record is made durable first (refused with
+    /// `audit_unavailable`, upstream not called, when that fails under `audit.write_policy =
+    /// "require"`; `client` is the caller's name in it) and completed with the outcome. In a
+    /// cluster the write is then announced (refused with `cluster_unavailable`, upstream not
+    /// called, when that fails under `write_policy = "require"`), and its outcome is announced
+    /// before the answer. The upstream attempts are reported to `request`.
     ///
     /// The write starts at once, in its own task; the returned [`WriteTask`] resolves to its
     /// answer and, dropped, leaves the write running to its end.
@@ -171,11 +182,27 @@ impl ConsentService {
         contact: &ContactId,
         status: ConsentStatus,
         request: &RequestContext,
+        client: &str,
     ) -> WriteTask {
         let service = self.clone();
         let contact = contact.clone();
         let request = request.hand_over();
+        let client = client.to_owned();
         let task = tokio::spawn(async move {
+            let record = match &service.audit {
+                None => None,
+                Some(audit) => {
+                    let draft = Draft {
+                        contact: contact.clone(),
+                        request_id: request.id.to_str().unwrap_or("-").to_owned(),
+                        client,
+                        auth: request.caller.map_or(AuthMethod::None, |c| c.method),
+                        status,
+                        previous: service.cache.known_status(&contact),
+                    };
+                    audit.begin(draft, request.deadline).await?
+                }
+            };
             let write = service.cache.begin_write(&contact);
             let announced = match &service.cluster {
                 None => None,
@@ -183,6 +210,9 @@ impl ConsentService {
                     Ok(announced) => Some(announced),
                     Err(refused) => {
                         write.finish(WriteOutcome::NotApplied);
+                        if let Some(record) = record {
+                            record.complete(AuditOutcome::Refused, None);
+                        }
                         return Err(refused);
                     }
                 },
@@ -197,6 +227,16 @@ impl ConsentService {
                 _ => WriteOutcome::NotApplied,
             };
             write.finish(outcome);
+            if let Some(record) = record {
+                // By upstream's answer: a 2xx applied the write, whatever the cache makes of it.
+                let audited = match &written.answer {
+                    Ok(answer) if answer.status.is_success() => AuditOutcome::Applied,
+                    _ if written.maybe_applied => AuditOutcome::Unknown,
+                    _ => AuditOutcome::Refused,
+                };
+                let upstream_status = written.answer.as_ref().ok().map(|a| a.status.as_u16());
+                record.complete(audited, upstream_status);
+            }
             if let Some(announced) = announced {
                 announced.finish(outcome).await;
             }
@@ -222,6 +262,11 @@ impl ConsentService {
                 );
             }
         }
+    }
+
+    /// The audit trail, when `audit.enabled` (the admin listener reads histories through it).
+    pub fn audit(&self) -> Option<&Audit> {
+        self.audit.as_ref()
     }
 
     /// Brings the gauges read at scrape time up to date: the cache's entries, the cluster's

@@ -10,7 +10,7 @@ use prometheus::{IntCounter, Registry};
 use super::scope;
 use super::token::{TokenKeys, TokenRejection};
 use super::verified::{Verified, VerifiedTokens, CAPACITY};
-use super::Caller;
+use super::{AuthMethod, Caller};
 use crate::config::ClientSettings;
 use crate::metrics;
 
@@ -89,5 +89,6 @@ fn caller(verified: Verified, clients: &[ClientSettings]) -> Option<Caller> {
     Some(Caller {
         client_index: Some(verified.client_index),
         permissions: scope::granted_now(verified.scopes, client.permissions),
+        method: AuthMethod::AccessToken,
     })
 }

@@ -70,6 +70,35 @@ impl Permission {
 pub struct Caller {
     pub client_index: Option<usize>,
     pub permissions: Permissions,
+    /// How the caller proved who it is (recorded in the audit trail).
+    pub method: AuthMethod,
+}
+
+/// How a caller authenticated.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AuthMethod {
+    /// `X-API-Key: <key>`.
+    ApiKey,
+    /// `Authorization: Basic base64(<name>:<key>)`.
+    Basic,
+    /// `Authorization: Bearer <key>`.
+    BearerKey,
+    /// `Authorization: Bearer <access token>` from the proxy's token endpoint.
+    AccessToken,
+    /// No credentials (`auth.required = false`).
+    None,
+}
+
+impl AuthMethod {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            AuthMethod::ApiKey => "api_key",
+            AuthMethod::Basic => "basic",
+            AuthMethod::BearerKey => "bearer_key",
+            AuthMethod::AccessToken => "access_token",
+            AuthMethod::None => "none",
+        }
+    }
 }
 
 impl Caller {
@@ -199,6 +228,10 @@ impl Authenticator {
                 .client_with_key(
                     &ClientSettings::key_digest(key.as_bytes()),
                     claimed_name.as_deref(),
+                    match claimed_name {
+                        Some(_) => AuthMethod::Basic,
+                        None => AuthMethod::ApiKey,
+                    },
                 )
                 .ok_or(ProxyError::Unauthorized),
             Presented::Bearer(value) => self.bearer(value),
@@ -216,6 +249,7 @@ impl Authenticator {
                 write: true,
                 admin: false,
             },
+            method: AuthMethod::None,
         })
     }
 
@@ -226,6 +260,7 @@ impl Authenticator {
         self.client_with_key(
             &ClientSettings::key_digest(client_secret.as_bytes()),
             Some(client_id),
+            AuthMethod::Basic,
         )
     }
 
@@ -239,9 +274,11 @@ impl Authenticator {
         {
             return Ok(caller);
         }
-        if let Some(caller) =
-            self.client_with_key(&ClientSettings::key_digest(value.as_bytes()), None)
-        {
+        if let Some(caller) = self.client_with_key(
+            &ClientSettings::key_digest(value.as_bytes()),
+            None,
+            AuthMethod::BearerKey,
+        ) {
             return Ok(caller);
         }
         let rejected = |reason: TokenRejection| {
@@ -256,7 +293,12 @@ impl Authenticator {
 
     /// The client whose key has `digest` (and whose name is `claimed_name`, when one is
     /// claimed).
-    fn client_with_key(&self, digest: &[u8; 32], claimed_name: Option<&str>) -> Option<Caller> {
+    fn client_with_key(
+        &self,
+        digest: &[u8; 32],
+        claimed_name: Option<&str>,
+        method: AuthMethod,
+    ) -> Option<Caller> {
         // Compare against every client so the time taken does not depend on which matched.
         let mut found = None;
         for (index, client) in self.clients.iter().enumerate() {
@@ -266,6 +308,7 @@ impl Authenticator {
                 found = Some(Caller {
                     client_index: Some(index),
                     permissions: client.permissions,
+                    method,
                 });
             }
         }

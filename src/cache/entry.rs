@@ -73,6 +73,11 @@ impl StoredAnswer {
         })
     }
 
+    /// The consent status of a 200 entry (meaningless for a 404: see `is_not_found`).
+    pub fn status(&self) -> ConsentStatus {
+        self.status
+    }
+
     pub fn is_not_found(&self) -> bool {
         self.raw
             .as_ref()

@@ -50,7 +50,7 @@ use moka::sync::Cache;
 use tokio::time::Instant;
 
 use crate::config::CacheSettings;
-use crate::consent::{ConsentAnswer, ContactId, WriteOutcome};
+use crate::consent::{ConsentAnswer, ConsentStatus, ContactId, WriteOutcome};
 use changes::ChangeLog;
 use entry::{Kind, StoredAnswer, MAX_TTL};
 use fill::Fill;
@@ -271,6 +271,16 @@ impl ConsentCache {
         let lifetimes = &self.inner.lifetimes;
         let kind = Kind::of(answer, lifetimes.caches_not_found())?;
         Some(lifetimes.ttl_of(kind == Kind::NotFound))
+    }
+
+    /// The status this cache holds for `contact` within its TTL, without counting a lookup
+    /// (the audit trail's "previous" status). `None` when it holds nothing, an expired entry
+    /// or a 404.
+    pub fn known_status(&self, contact: &ContactId) -> Option<ConsentStatus> {
+        let stored = self.inner.answers.get(contact.as_arc())?;
+        let age_ms = stored.age_ms(self.now_ms());
+        let fresh = self.inner.lifetimes.freshness(&stored, age_ms) != Freshness::Expired;
+        (fresh && !stored.is_not_found()).then(|| stored.status())
     }
 
     /// Marks a write to `contact` as in flight until the guard is finished (or dropped).

@@ -11,6 +11,7 @@ pub mod files;
 mod introspect;
 mod load;
 mod log_level;
+mod postgres_url;
 mod problems;
 mod redact;
 mod redis_url;
@@ -82,6 +83,7 @@ pub struct Settings {
     /// `None` when `cluster.redis_url` and `cluster.sentinels` are empty: this instance runs alone.
     pub cluster: Option<ClusterSettings>,
     pub oauth: OAuthSettings,
+    pub audit: AuditSettings,
     pub clients: Vec<ClientSettings>,
     pub auth: AuthSettings,
     /// The configuration as loaded, secrets already replaced: what [`Settings::redacted_toml`] prints.
@@ -370,6 +372,58 @@ pub struct OAuthSettings {
     pub signing_keys: Vec<Secret>,
 }
 
+/// The audit trail (`[audit]`).
+#[derive(Debug, Clone)]
+pub struct AuditSettings {
+    pub enabled: bool,
+    /// `Some` whenever the store's keys are set (always when `enabled`): `consent-proxy audit
+    /// export|verify` read a store also while the proxy does not write to it.
+    pub store: Option<AuditStoreSettings>,
+    /// The chain's keys, the one that keys new chains first; at least one when `enabled`.
+    pub chain_keys: Vec<Secret>,
+    /// Records older than this are removed; `None`: kept forever.
+    pub retention: Option<Duration>,
+    pub write_policy: WritePolicy,
+}
+
+/// Where the audit trail is kept.
+#[derive(Debug, Clone)]
+pub enum AuditStoreSettings {
+    Sqlite {
+        path: PathBuf,
+    },
+    Postgres {
+        /// `postgres://user@host:port/db?...`, never with a password in it: safe to log.
+        url: String,
+        /// From `audit.postgres_password_file`.
+        password: Option<Secret>,
+    },
+}
+
+impl AuditStoreSettings {
+    pub fn kind(&self) -> &'static str {
+        match self {
+            AuditStoreSettings::Sqlite { .. } => AuditStoreKind::Sqlite.as_str(),
+            AuditStoreSettings::Postgres { .. } => AuditStoreKind::Postgres.as_str(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AuditStoreKind {
+    Sqlite,
+    Postgres,
+}
+
+impl AuditStoreKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            AuditStoreKind::Sqlite => "sqlite",
+            AuditStoreKind::Postgres => "postgres",
+        }
+    }
+}
+
 /// What a client may do: read = GET, write = PUT, admin = `/admin/*`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct Permissions {
@@ -447,3 +501,5 @@ impl Settings {
 
 #[cfg(test)]
 mod test_support;
+
+pub use postgres_url::PostgresUrl;

@@ -10,7 +10,7 @@
 use config::{Value, ValueKind};
 use serde::{ser::Error as _, Deserialize, Deserializer, Serialize, Serializer};
 
-use super::{ClientAuth, LogFormat, Region, WritePolicy};
+use super::{AuditStoreKind, ClientAuth, LogFormat, Region, WritePolicy};
 use crate::jws::Algorithm;
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -23,6 +23,7 @@ pub(super) struct ConfigFile {
     pub cache: Cache,
     pub cluster: Cluster,
     pub oauth: OAuth,
+    pub audit: Audit,
     pub auth: Auth,
     /// Only from a file: the shipped defaults have none.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
@@ -118,6 +119,18 @@ pub(super) struct OAuth {
     pub enabled: Field<bool>,
     pub token_ttl_s: Field<u64>,
     pub signing_key_file: Field<String>,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+pub(super) struct Audit {
+    pub enabled: Field<bool>,
+    pub store: Field<AuditStoreKind>,
+    pub sqlite_path: Field<String>,
+    pub postgres_url: Field<String>,
+    pub postgres_password_file: Field<String>,
+    pub chain_key_file: Field<String>,
+    pub retention_days: Field<u64>,
+    pub write_policy: Field<WritePolicy>,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -356,6 +369,14 @@ impl Choice for Algorithm {
 impl Choice for WritePolicy {
     const WHAT: &'static str = "write policy";
     const ALL: &'static [Self] = &[WritePolicy::Require, WritePolicy::BestEffort];
+    fn name(self) -> &'static str {
+        self.as_str()
+    }
+}
+
+impl Choice for AuditStoreKind {
+    const WHAT: &'static str = "audit store";
+    const ALL: &'static [Self] = &[AuditStoreKind::Sqlite, AuditStoreKind::Postgres];
     fn name(self) -> &'static str {
         self.as_str()
     }

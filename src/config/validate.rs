@@ -59,6 +59,7 @@ pub(super) fn settings(file: schema::ConfigFile, p: &mut Problems) -> Option<Set
     }
     shared_tier_fits(cluster.as_ref(), cache.as_ref(), server.as_ref(), p);
     let oauth = oauth(file.oauth, clustered, p);
+    let audit = audit::audit(file.audit, p);
     let auth = p
         .value("auth.required", file.auth.required)
         .map(|required| AuthSettings { required });
@@ -80,6 +81,7 @@ pub(super) fn settings(file: schema::ConfigFile, p: &mut Problems) -> Option<Set
         cache: cache?,
         cluster: cluster?,
         oauth: oauth?,
+        audit: audit?,
         clients: clients?,
         auth: auth?,
         warnings: Vec::new(),
@@ -1064,5 +1066,6 @@ fn permissions(list: Vec<String>) -> Result<Permissions, String> {
     }
 }
 
+mod audit;
 #[cfg(test)]
 mod tests;

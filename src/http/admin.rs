@@ -1,4 +1,5 @@
-//! The admin listener: `/metrics`, `/healthz`, `/readyz` and the cache purge. Kept off the
+//! The admin listener: `/metrics`, `/healthz`, `/readyz`, the cache purge and a contact's audit
+//! history. Kept off the
 //! consent listener so it can stay on a private address. Every answer carries `x-request-id`,
 //! as on the consent listener.
 
@@ -11,6 +12,7 @@ use hyper::body::Incoming;
 use prometheus::Registry;
 use serde_json::json;
 
+use crate::audit::Record;
 use crate::auth::{Authenticator, Permission};
 use crate::consent::ContactId;
 use crate::error::ProxyError;
@@ -20,6 +22,7 @@ use crate::wire::body::{self, Body};
 use crate::wire::request_id::{request_id_of, X_REQUEST_ID};
 
 const PURGE_PREFIX: &str = "/admin/cache/";
+const AUDIT_PREFIX: &str = "/admin/audit/contacts/";
 
 pub struct AdminRoutes {
     registry: Registry,
@@ -77,6 +80,10 @@ impl AdminRoutes {
                 self.purge(method, &path[PURGE_PREFIX.len()..], request, request_id)
                     .await
             }
+            (method, path) if path.starts_with(AUDIT_PREFIX) => {
+                self.audit_history(method, &path[AUDIT_PREFIX.len()..], request)
+                    .await
+            }
             _ => Err(ProxyError::NotFound),
         };
         result.unwrap_or_else(ProxyError::into_response)
@@ -106,6 +113,15 @@ impl AdminRoutes {
                 json!({"status": "not_ready", "reason": reason}),
             ),
         };
+        if let Some(audit) = self.service.audit() {
+            answer["audit"] = match audit.problem() {
+                None => json!({"store": "up"}),
+                Some(reason) => json!({
+                    "store": "down",
+                    "reason": format!("{reason}; PUTs are refused or go unrecorded, by audit.write_policy"),
+                }),
+            };
+        }
         if let Some(cluster) = self.service.cluster_status() {
             answer["cluster"] = match cluster.reason {
                 None => json!({"feed": "live"}),
@@ -119,6 +135,32 @@ impl AdminRoutes {
             }
         }
         body::json_response(status, &answer)
+    }
+
+    /// `GET /admin/audit/contacts/{contact_id}`: the contact's records, newest first.
+    async fn audit_history(
+        &self,
+        method: &Method,
+        segment: &str,
+        request: &Request<Incoming>,
+    ) -> Result<Response<Body>, ProxyError> {
+        if segment.is_empty() || segment.contains('/') {
+            return Err(ProxyError::NotFound);
+        }
+        if method != Method::GET {
+            return Err(ProxyError::MethodNotAllowed { allow: "GET" });
+        }
+        self.auth.authorize(request.headers(), Permission::Admin)?;
+        let audit = self.service.audit().ok_or(ProxyError::AuditDisabled)?;
+        let contact = ContactId::from_path_segment(segment).ok_or(ProxyError::InvalidContactId)?;
+        let records = audit.history(&contact).await?;
+        Ok(body::json_response(
+            StatusCode::OK,
+            &json!({
+                "contact_id": contact.as_str(),
+                "records": records.iter().map(Record::to_api_json).collect::<Vec<_>>(),
+            }),
+        ))
     }
 
     async fn purge(

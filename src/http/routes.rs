@@ -333,9 +333,10 @@ impl ConsentRoutes {
                     .collect(),
                 message: e.message,
             })?;
+            let client = self.auth.client_name(context.caller.as_ref());
             let write = outcome
                 .write
-                .insert(self.service.write(&contact, status, context));
+                .insert(self.service.write(&contact, status, context, client));
             let answer = write.await;
             outcome.write = None;
             Ok(answer_response(answer?))

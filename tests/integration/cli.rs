@@ -561,7 +561,7 @@ fn demo_prints_working_curl_lines_and_stops_on_sigterm() {
     ]);
     let mut demo = Running::spawn(command);
     let banner = demo.read_until(Stream::Stdout, Duration::from_secs(30), |lines| {
-        lines.iter().filter(|l| l.starts_with("curl ")).count() >= 4
+        lines.iter().filter(|l| l.starts_with("curl ")).count() >= 5
     });
     let curls: Vec<&String> = banner.iter().filter(|l| l.starts_with("curl ")).collect();
     assert!(banner.iter().any(|l| l.contains(key)), "{banner:?}");
@@ -588,7 +588,11 @@ fn demo_prints_working_curl_lines_and_stops_on_sigterm() {
     assert_eq!(status, 200, "{body}");
     assert_eq!(consent_status(&body), "REFUSED");
 
-    let metrics = shell(curls[3]);
+    // The demo audits: the PUT's record, with its outcome once upstream answered.
+    let audit: serde_json::Value = serde_json::from_str(&shell(curls[3])).expect("audit JSON");
+    assert_eq!(audit["records"][0]["status"], "REFUSED", "{audit}");
+
+    let metrics = shell(curls[4]);
     assert!(
         metrics.contains("consent_proxy_cache_lookups_total"),
         "{metrics}"

@@ -10,6 +10,7 @@
 
 mod support;
 
+mod audit;
 mod auth_throttle;
 mod cache;
 mod cli;

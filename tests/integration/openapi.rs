@@ -228,6 +228,9 @@ impl Spec {
     /// Validates `value` against `schema` (the JSON Schema subset the spec uses).
     fn validate(&self, schema: &Value, value: &Value, at: &str) -> Result<(), String> {
         let schema = self.resolve(schema);
+        if value.is_null() && schema["nullable"] == Value::Bool(true) {
+            return Ok(());
+        }
         for branch in schema["allOf"].as_array().into_iter().flatten() {
             self.validate(branch, value, at)?;
         }
@@ -668,6 +671,8 @@ fn every_proxy_error() -> Vec<ProxyError> {
             retry_after: std::time::Duration::from_secs(1),
         },
         ProxyError::ClusterUnavailable("x".into()),
+        ProxyError::AuditUnavailable("x".into()),
+        ProxyError::AuditDisabled,
         ProxyError::Internal("x".into()),
     ];
     for error in &all {
@@ -689,6 +694,8 @@ fn every_proxy_error() -> Vec<ProxyError> {
             | ProxyError::UpstreamTimeout
             | ProxyError::UpstreamUnavailable { .. }
             | ProxyError::ClusterUnavailable(_)
+            | ProxyError::AuditUnavailable(_)
+            | ProxyError::AuditDisabled
             | ProxyError::Internal(_) => {}
         }
     }
@@ -1549,4 +1556,69 @@ async fn admin_answers_are_documented() {
             .expect(&h, 404, P)
             .await;
     }
+}
+
+#[tokio::test]
+async fn audit_answers_are_documented() {
+    use crate::support::audit::AuditDir;
+    use Listener::{Admin as A, Consent as C};
+    use Origin::Proxy as P;
+    let dir = AuditDir::new();
+    let h = Harness::start_with(|c| {
+        dir.sqlite(c, "require");
+    })
+    .await;
+    h.wait_ready().await;
+    ask(A, Method::GET, "/readyz").expect(&h, 200, P).await;
+    let path = "/voicebiometrics/contacts/+15552600001/consent";
+    ask(C, Method::PUT, path)
+        .headers(&[RW, JSON])
+        .body(r#"{"status":"REFUSED"}"#)
+        .expect(&h, 201, P)
+        .await;
+    let admin = [("x-api-key", ADMIN_KEY)];
+    let history = "/admin/audit/contacts/%2B15552600001";
+    let r = ask(A, Method::GET, history)
+        .headers(&admin)
+        .expect(&h, 200, P)
+        .await;
+    assert_eq!(r.json()["records"].as_array().map(Vec::len), Some(1));
+    let r = ask(A, Method::GET, "/admin/audit/contacts/.bad")
+        .headers(&admin)
+        .expect(&h, 400, P)
+        .await;
+    assert_eq!(r.code(), "invalid_contact_id");
+    ask(A, Method::GET, history).expect(&h, 401, P).await;
+    ask(A, Method::GET, history)
+        .headers(&[RW])
+        .expect(&h, 403, P)
+        .await;
+    for method in [Method::PUT, Method::POST, Method::DELETE] {
+        ask(A, method, history)
+            .headers(&admin)
+            .expect(&h, 405, P)
+            .await;
+    }
+    ask(A, Method::GET, "/admin/audit/contacts/")
+        .headers(&admin)
+        .expect(&h, 404, P)
+        .await;
+    // The store unwritable: PUTs are refused (audit_unavailable), /readyz says so.
+    dir.set_immutable(true);
+    let r = ask(C, Method::PUT, path)
+        .headers(&[RW, JSON])
+        .body(r#"{"status":"CONSENTED"}"#)
+        .expect(&h, 503, P)
+        .await;
+    assert_eq!(r.code(), "audit_unavailable");
+    let r = ask(A, Method::GET, "/readyz").expect(&h, 200, P).await;
+    assert_eq!(r.json()["audit"]["store"], "down");
+    dir.set_immutable(false);
+
+    let off = Harness::start().await;
+    let r = ask(A, Method::GET, history)
+        .headers(&admin)
+        .expect(&off, 404, P)
+        .await;
+    assert_eq!(r.code(), "audit_disabled");
 }

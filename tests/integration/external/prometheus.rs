@@ -43,8 +43,11 @@ async fn prometheus_scrapes_the_proxy_evaluates_the_alerts_and_runs_the_dashboar
     // shared tier's metrics, panels and alerts are exercised too; the traffic below is the
     // same as for a single instance.
     let redis = crate::support::redis_server::RedisServer::start();
+    // And with the audit trail on, for its panels and alert.
+    let audit = crate::support::audit::AuditDir::new();
     let h = Harness::start_with(|c| {
         crate::support::fleet::shared_tier(c.clustered(&redis.url()), true, true);
+        audit.sqlite(c, "require");
     })
     .await;
     h.wait_cluster_live().await;
@@ -221,6 +224,10 @@ async fn check_dashboard(
         "consent_proxy_shared_redis_duration_seconds_bucket",
         "consent_proxy_shared_token_obtained_total",
         "consent_proxy_shared_token_lock_waits_total",
+        "consent_proxy_audit_records_total",
+        "consent_proxy_audit_failures_total",
+        "consent_proxy_audit_pending_records",
+        "consent_proxy_audit_store_up",
     ] {
         assert!(
             all_exprs.contains(metric),

@@ -2,10 +2,13 @@
 //! HTTP client, so integration tests talk over real sockets.
 #![allow(dead_code)]
 
+pub mod audit;
+pub mod child_proxy;
 pub mod fake_upstream;
 pub mod fleet;
 pub mod forward_proxy;
 pub mod history;
+pub mod postgres_server;
 pub mod raw_http;
 pub mod redis_server;
 pub mod relay;
