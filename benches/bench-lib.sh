@@ -15,6 +15,7 @@ SERVER_CPU=${SERVER_CPU:-1}
 PRIORITY=${PRIORITY:-nice}
 QUIET_WAIT=${QUIET_WAIT:-0}
 PATH=$PATH:/usr/sbin:/sbin
+WRK_EXTRA=()
 
 die() { echo "$BENCH: $*" >&2; exit 2; }
 
@@ -180,10 +181,12 @@ EOF
 sim_gets() { curl -fsS "$SIM/_sim/stats" | grep -o '"gets":[0-9]*' | head -1 | cut -d: -f2; }
 
 # start_nginx NAME VALID DIRECTIVES: nginx (benches/nginx.conf) in front of the simulator,
-# caching 200 and 404 for VALID, with DIRECTIVES added to the consent location; NGINX_PORT.
+# caching 200 and 404 for VALID, with DIRECTIVES added to the consent location; NGINX_PORT,
+# and NGINX_PASS_PORT: the same nginx's plain proxy_pass, without the cache.
 start_nginx() {
     local name=$1 valid=$2 directives=$3
     NGINX_PORT=$(free_port)
+    NGINX_PASS_PORT=$(free_port)
     # Cache files on tmpfs (a hit then reads memory, like the proxy and Varnish) unless the
     # working set is large: tmpfs spends a 4 KiB page per ~300-byte cache file.
     if [[ $WORKING_SET -le 100000 && -w /dev/shm ]]; then
@@ -197,6 +200,7 @@ start_nginx() {
     sed -e "s|@WORKDIR@|$WORK|g" -e "s|@CACHE_DIR@|$NGINX_CACHE|g" \
         -e "s|@KEYS_ZONE_MB@|$keys_mb|g" -e "s|@MAX_SIZE_MB@|$size_mb|g" \
         -e "s|@BACKEND@|127.0.0.1:$SIM_PORT|g" -e "s|@PORT@|$NGINX_PORT|g" \
+        -e "s|@PASS_PORT@|$NGINX_PASS_PORT|g" \
         -e "s|@TOKEN@|$TOKEN|g" -e "s|@VALID@|$valid|g" -e "s|@DIRECTIVES@|$directives|g" \
         "$HERE/nginx.conf" >"$WORK/nginx.conf"
     # As root, workers would otherwise run as nobody, without access to the work directory.
@@ -229,13 +233,13 @@ CLK_TCK=$(getconf CLK_TCK)
 
 # wrk_run LABEL MODE URL HEADER DURATION THREADS CONNECTIONS [SET]: one wrk pass over SET
 # contacts (WORKING_SET); leaves its RESULT fields in R_* and wrk's own CPU use (% of one core)
-# in R_wrk_cpu. Non-2xx answers and socket errors set FAILED=1 unless ALLOW_NON2XX=1 (then
-# socket errors still do).
+# in R_wrk_cpu. WRK_EXTRA: more wrk options (e.g. -H "Connection: close"). Non-2xx answers
+# and socket errors set FAILED=1 unless ALLOW_NON2XX=1 (then socket errors still do).
 wrk_run() {
     local label=$1 mode=$2 url=$3 header=$4 duration=$5 threads=$6 conns=$7 set=${8:-$WORKING_SET}
     local out="$WORK/wrk-$1.txt" rc=0 TIMEFORMAT=%P
     { time "${PRIO[@]}" taskset -c "$LOADGEN_CPU" wrk -t"$threads" -c"$conns" -d"${duration}s" --timeout 5s \
-        -s "$LUA" -H "$header" "$url/" -- "$mode" "$set" "$threads" >"$out" 2>&1 \
+        -s "$LUA" -H "$header" "${WRK_EXTRA[@]}" "$url/" -- "$mode" "$set" "$threads" >"$out" 2>&1 \
         || rc=$?; } 2>"$out.cpu"
     R_wrk_cpu=$(tail -1 "$out.cpu")
     R_wrk_cpu=${R_wrk_cpu%.*}

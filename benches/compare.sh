@@ -9,11 +9,15 @@
 #   c  nginx proxy_cache + proxy_cache_lock in front of the simulator, cache hit (warmed)
 #   d  Varnish in front of the simulator, cache hit (warmed)
 #   e  consent-proxy with cache.enabled = false in front of the simulator: every GET a miss
+#   f  nginx plain proxy_pass (no cache) in front of the simulator: nginx's miss, against e
+#   h  a bare hyper 1.x server with the proxy's runtime settings answering a static consent
+#      body (benches/bare_hyper.rs): the limit a hit is measured against
 # Same connections, duration and request shape for all; every request picks one contact of the
-# working set at random. Two passes per target: throughput (CONNECTIONS connections) and
-# latency (one connection). Prints a table of each (requests/s, p50, p99, wrk's CPU use, the
-# server core's CPU use, GETs that reached the simulator) and the ratios b/c, b/d, b/a and
-# e-a at p50. Exits non-zero when any run had non-2xx answers or socket errors, or a cache
+# working set at random. Three passes per target: throughput (CONNECTIONS connections),
+# latency (one connection) and new connections (every request on its own connection,
+# `Connection: close`, for CLOSE_TARGETS). Prints a table of each (requests/s, p50, p99, wrk's
+# CPU use, the server core's CPU use, GETs that reached the simulator) and the ratios b/h, b/c,
+# b/d, b/a, e-a against f-a at p50, and b/c of new connections per second. Exits non-zero when any run had non-2xx answers or socket errors, or a cache
 # did not answer a warmed contact as a hit.
 #
 # Environment (defaults in brackets):
@@ -27,7 +31,10 @@
 #                         service time, not queueing); 0 skips it
 #   RUNS [1]              rounds of a..e; with RUNS > 1 the tables show the median and the
 #                         spread (min..max) of each figure
-#   TARGETS [a b c d e]   which targets to measure (a is needed for b/a and e-a)
+#   TARGETS [a b c d e f h]  which targets to measure (a is needed for b/a, e-a and f-a)
+#   CLOSE_DURATION [5]    seconds per run of the new-connections pass; 0 skips it
+#   CLOSE_TARGETS [b c h] the targets of that pass (those also in TARGETS)
+#   BARE_BIN              the bare hyper server [built with `cargo bench --no-run --bench bare_hyper`]
 #   LOADGEN_CPU [0], SERVER_CPU [1]
 #   PRIORITY [nice]       how wrk and the servers run against other work on the machine:
 #                         nice (nice -n -10, when root), fifo (chrt -f 10: real-time, other
@@ -49,19 +56,27 @@ THREADS=${THREADS:-1}
 WORKING_SET=${WORKING_SET:-10000}
 RUNS=${RUNS:-1}
 SINGLE_DURATION=${SINGLE_DURATION:-5}
-TARGETS=${TARGETS:-a b c d e}
+TARGETS=${TARGETS:-a b c d e f h}
+CLOSE_DURATION=${CLOSE_DURATION:-5}
+CLOSE_TARGETS=${CLOSE_TARGETS:-b c h}
 
 BENCH=compare
 # shellcheck source=benches/bench-lib.sh
 source "$(dirname "${BASH_SOURCE[0]}")/bench-lib.sh"
 
 tools=(wrk=wrk curl=curl taskset=util-linux)
-case " $TARGETS " in *" c "*) tools+=(nginx=nginx);; esac
+case " $TARGETS " in *" c "* | *" f "*) tools+=(nginx=nginx);; esac
 case " $TARGETS " in *" d "*) tools+=(varnishd=varnish);; esac
 need_tools "${tools[@]}"
 [[ $WORKING_SET =~ ^[0-9]+$ && $WORKING_SET -ge 1 && $WORKING_SET -le 10000000 ]] \
     || die "WORKING_SET must be 1..10000000"
 build_bin
+if [[ " $TARGETS " == *" h "* && -z ${BARE_BIN:-} ]]; then
+    echo "building the bare hyper server (cargo bench --no-run --bench bare_hyper)..." >&2
+    BARE_BIN=$(cd "$ROOT" && cargo bench --quiet --no-run --bench bare_hyper --message-format=json \
+        | sed -n 's/.*"executable":"\([^"]*\)".*/\1/p' | tail -1)
+fi
+[[ " $TARGETS " != *" h "* || -x ${BARE_BIN:-} ]] || die "no bare hyper server at '${BARE_BIN:-}'"
 
 API_KEY="bench-api-key-$RANDOM$RANDOM$RANDOM"
 SAMPLE_PATH="/voicebiometrics/contacts/+15550000000/consent"
@@ -97,12 +112,24 @@ URL_e="http://127.0.0.1:${NOCACHE_PORT:-0}"
 HDR_e="X-API-Key: $API_KEY"
 
 # ---- nginx (c) --------------------------------------------------------------------------
-if [[ " $TARGETS " == *" c "* ]]; then
+if [[ " $TARGETS " == *" c "* || " $TARGETS " == *" f "* ]]; then
     start_nginx nginx 1d ""
     wait_ok "http://127.0.0.1:$NGINX_PORT$SAMPLE_PATH"
+    wait_ok "http://127.0.0.1:$NGINX_PASS_PORT$SAMPLE_PATH"
 fi
 URL_c="http://127.0.0.1:${NGINX_PORT:-0}"
 HDR_c="X-Bench: 1"
+URL_f="http://127.0.0.1:${NGINX_PASS_PORT:-0}"
+HDR_f="X-Bench: 1"
+
+# ---- the bare hyper server (h) ----------------------------------------------------------
+if [[ " $TARGETS " == *" h "* ]]; then
+    BARE_PORT=$(free_port)
+    start bare "$BARE_BIN" --listen "127.0.0.1:$BARE_PORT"
+    wait_ok "http://127.0.0.1:$BARE_PORT$SAMPLE_PATH"
+fi
+URL_h="http://127.0.0.1:${BARE_PORT:-0}"
+HDR_h="X-Bench: 1"
 
 # ---- Varnish (d) --------------------------------------------------------------------------
 if [[ " $TARGETS " == *" d "* ]]; then
@@ -125,6 +152,7 @@ FAILED=0
 # The processes that do a target's work: its server, and for e the simulator too.
 declare -A SERVER_PROCS=(
     [a]=simulator [b]=proxy [c]=nginx [d]=varnish [e]="proxy-nocache simulator"
+    [f]="nginx simulator" [h]=bare
 )
 target_pids() { local n; for n in ${SERVER_PROCS[$1]}; do echo "${SPID[$n]:-}"; done; }
 
@@ -211,6 +239,13 @@ for run in $(seq "$RUNS"); do
             measure S "$t" "$run" 1 "$SINGLE_DURATION" 1
         done
     fi
+    if [[ $CLOSE_DURATION -gt 0 ]]; then
+        WRK_EXTRA=(-H "Connection: close")
+        for t in $CLOSE_TARGETS; do
+            if has "$t"; then measure C "$t" "$run" "$CONNECTIONS" "$CLOSE_DURATION" "$THREADS"; fi
+        done
+        WRK_EXTRA=()
+    fi
 done
 
 # ---- report -------------------------------------------------------------------------------
@@ -222,15 +257,18 @@ declare -A NAME=(
     [c]="nginx proxy_cache, hit"
     [d]="varnish, hit"
     [e]="consent-proxy, no cache"
+    [f]="nginx proxy_pass, no cache"
+    [h]="bare hyper server"
 )
 
-table() { # table PASS TITLE
+table() { # table PASS TITLE [TARGETS]
     local pass=$1 t k
     echo
     echo "$2"
     printf '%-2s %-29s %-24s %-20s %-22s %-16s %-8s %-7s %s\n' \
         "" target "req/s" "p50 us" "p99 us" "cpu us/req" "wrk cpu" "cpu$SERVER_CPU" "upstream GETs"
-    for t in $TARGETS; do
+    for t in ${3:-$TARGETS}; do
+        has "$t" || continue
         k=$pass$t
         # shellcheck disable=SC2086
         printf '%-2s %-29s %-24s %-20s %-22s %-16s %-8s %-7s %s\n' "$t" "${NAME[$t]}" \
@@ -249,6 +287,10 @@ table L "throughput: $CONNECTIONS connections, wrk -t$THREADS, ${DURATION} s per
 if [[ $SINGLE_DURATION -gt 0 ]]; then
     table S "latency: 1 connection, ${SINGLE_DURATION} s per run"
 fi
+if [[ $CLOSE_DURATION -gt 0 ]]; then
+    table C "new connections: Connection: close, $CONNECTIONS connections, ${CLOSE_DURATION} s per run" \
+        "$CLOSE_TARGETS"
+fi
 echo
 if has b && has c; then
     echo "b/c throughput $(ratio "$(m RPS Lb)" "$(m RPS Lc)") (target >= 1.5);" \
@@ -258,17 +300,32 @@ if has b && has d; then
     echo "b/d throughput $(ratio "$(m RPS Lb)" "$(m RPS Ld)");" \
         "p99 at $CONNECTIONS connections: b $(m P99 Lb) us, d $(m P99 Ld) us"
 fi
+if has b && has h; then
+    echo "b/h throughput $(ratio "$(m RPS Lb)" "$(m RPS Lh)") (target >= 0.95);" \
+        "p99: b $(m P99 Lb) us, h $(m P99 Lh) us"
+fi
+if [[ $CLOSE_DURATION -gt 0 ]] && has b && has c \
+    && [[ " $CLOSE_TARGETS " == *" b "* && " $CLOSE_TARGETS " == *" c "* ]]; then
+    echo "b/c new connections per second $(ratio "$(m RPS Cb)" "$(m RPS Cc)") (target >= 1)"
+fi
 if has b && has a; then
     echo "b/a throughput $(ratio "$(m RPS Lb)" "$(m RPS La)") (target >= 0.9)"
 fi
 if has b && has c; then
-    echo "CPU per hit: b $(m COST Lb) us, c $(m COST Lc) us, d $(m COST Ld) us;" \
-        "per direct answer (a) $(m COST La) us; per proxied miss (e, proxy + simulator) $(m COST Le) us"
+    # m COST KEY for each target that ran ("-" for one that did not).
+    cost() { if has "$1"; then m COST "L$1"; else echo -; fi; }
+    echo "CPU per hit: b $(cost b) us, c $(cost c) us, d $(cost d) us, h $(cost h) us;" \
+        "per direct answer (a) $(cost a) us; per proxied miss (e, proxy + simulator)" \
+        "$(cost e) us, (f, nginx + simulator) $(cost f) us"
 fi
 if has e && has a; then
     if [[ $SINGLE_DURATION -gt 0 ]]; then
         echo "e-a at p50, 1 connection: $(( $(m P50 Se) - $(m P50 Sa) )) us (target <= 100);" \
             "p99: $(( $(m P99 Se) - $(m P99 Sa) )) us"
+    fi
+    if [[ $SINGLE_DURATION -gt 0 ]] && has f; then
+        echo "miss overhead at p50, 1 connection: proxy (e-a) $(( $(m P50 Se) - $(m P50 Sa) )) us," \
+            "nginx proxy_pass (f-a) $(( $(m P50 Sf) - $(m P50 Sa) )) us (target e-a <= f-a)"
     fi
     echo "e-a at p50, $CONNECTIONS connections: $(( $(m P50 Le) - $(m P50 La) )) us" \
         "(queueing: the proxy and the simulator share one core); e/a throughput" \

@@ -1,13 +1,24 @@
 #!/usr/bin/env python3
-"""Instructions per request, counted by callgrind: repeatable whatever else the machine runs.
+"""Instructions and allocations per request, counted by callgrind: repeatable whatever else
+the machine runs.
 
 Wall-clock figures (benches/compare.sh) need quiet cores; instruction counts do not. This
 counts, for one binary:
-  sim  the simulator answering a consent GET directly (the no-proxy baseline)
-  hit  consent-proxy answering a consent GET from its cache (X-API-Key)
+  sim   the simulator answering a consent GET directly (the no-proxy baseline)
+  hit   consent-proxy answering a consent GET from its cache (X-API-Key)
+  miss  consent-proxy answering a consent GET it has not cached: every request a new contact,
+        so each one leads a fill that goes to the simulator (the proxy's instructions only; the
+        simulator runs outside valgrind and answers unknown contacts 200 NO_CONSENT)
 Each process runs under `valgrind --tool=callgrind` twice, serving N and 3N keep-alive GETs
 after a warm-up; the difference of the two totals over 2N is the cost of one request, with
-start-up and shutdown cancelled out. Prints both and their ratio (hit/sim).
+start-up and shutdown cancelled out. Allocations are the calls to malloc, calloc and realloc
+in callgrind's call graph, differenced the same way. Prints instructions and allocations per
+request of each, and hit/sim.
+
+With PROFILE=1 it also prints, for hit and miss, where a request's instructions go: the
+inclusive cost per request of the functions matching PROFILE_MATCH (a regular expression;
+default: the proxy's own functions and the libraries a request goes through), from the 3N run;
+with PROFILE_KEEP=DIR the callgrind output files too (for callgrind_annotate).
 
 Usage: benches/hit_instructions.py BIN [BIN ...]   (N from the environment, default 2000)
 Needs valgrind (Debian: apt-get install -y valgrind).
@@ -18,6 +29,7 @@ import http.client
 import json
 import os
 import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -25,7 +37,6 @@ import sys
 import tempfile
 import time
 
-N = int(os.environ.get("N", "2000"))
 KEY = "bench-key-0123456789abcdef"
 SECRET = "bench-secret-0123456789"
 CONTACT = "/voicebiometrics/contacts/%2B15550001234/consent"
@@ -48,18 +59,91 @@ def wait_port(port, limit=120):
     sys.exit(f"port {port} did not open")
 
 
-def gets(port, count, headers):
+N = int(os.environ.get("N", "2000"))
+PROFILE = os.environ.get("PROFILE") == "1"
+PROFILE_MATCH = os.environ.get(
+    "PROFILE_MATCH",
+    r"consent_proxy::|sha2::|moka::|prometheus::|tracing|hyper::proto|hyper_util::client"
+    r"|hyper::client|tokio::runtime::task|^malloc|^free|^realloc",
+)
+ALLOCATORS = {"malloc", "calloc", "realloc"}
+
+
+def wait_ready(admin_port, limit=300):
+    """Until the proxy's /readyz answers 200 (its upstream token in hand): under valgrind on a
+    loaded machine the first token can take a while."""
+    deadline = time.time() + limit
+    while time.time() < deadline:
+        try:
+            conn = http.client.HTTPConnection("127.0.0.1", admin_port, timeout=30)
+            conn.request("GET", "/readyz")
+            if conn.getresponse().status == 200:
+                return
+        except OSError:
+            pass
+        time.sleep(0.5)
+    sys.exit(f"the proxy was not ready within {limit} s")
+
+
+def contact_path(index):
+    return f"/voicebiometrics/contacts/%2B1555{index:07}/consent"
+
+
+def gets(port, count, headers, first=None):
+    """`count` GETs on one connection: of CONTACT, or of contacts first, first+1, ..."""
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=120)
-    for _ in range(count):
-        conn.request("GET", CONTACT, headers=headers)
+    for i in range(count):
+        conn.request("GET", CONTACT if first is None else contact_path(first + i), headers=headers)
         response = conn.getresponse()
-        response.read()
+        body = response.read()
         if response.status != 200:
-            sys.exit(f"GET answered {response.status}")
+            sys.exit(f"GET answered {response.status}: {body[:300]!r}")
     conn.close()
 
 
-def under_callgrind(argv, port, requests, prepare, workdir):
+def allocations(callgrind_out):
+    """Calls to the allocator's entry points in a callgrind output file."""
+    names, total, target = {}, 0, None
+    with open(callgrind_out) as f:
+        for line in f:
+            if line.startswith("cfn="):
+                match = re.match(r"cfn=\((\d+)\)(?: (.*))?", line.rstrip("\n"))
+                if match:
+                    if match.group(2):
+                        names[match.group(1)] = match.group(2)
+                    target = names.get(match.group(1))
+                else:
+                    target = line[4:].strip()
+            elif line.startswith("fn="):
+                match = re.match(r"fn=\((\d+)\) (.*)", line.rstrip("\n"))
+                if match:
+                    names[match.group(1)] = match.group(2)
+            elif line.startswith("calls=") and target in ALLOCATORS:
+                total += int(line[6:].split()[0])
+    return total
+
+
+def profile(callgrind_out, requests):
+    """Inclusive instructions per request of the functions matching PROFILE_MATCH."""
+    annotated = subprocess.run(
+        ["callgrind_annotate", "--inclusive=yes", "--threshold=100", callgrind_out],
+        capture_output=True, text=True, check=True).stdout
+    pattern = re.compile(PROFILE_MATCH)
+    rows = []
+    for line in annotated.splitlines():
+        # "  1,234 (12.3%)  /path/to/file.rs:name [/path/to/object]"; the file may be "???".
+        match = re.match(r"\s*([\d,]+)\s+\([^)]*\)\s+[^ :]+:(.*?)(?: \[[^\]]*\])?$", line)
+        if not match:
+            continue
+        cost, name = int(match.group(1).replace(",", "")), match.group(2).strip()
+        if pattern.search(name) and cost / requests >= 50:
+            rows.append((cost / requests, name))
+    return rows
+
+
+def under_callgrind(argv, port, requests, prepare, workdir, first, keep=None):
+    """Total instructions and allocations of a process serving `requests` GETs; `keep`: a
+    label to profile the run under (and keep its output as, in PROFILE_KEEP)."""
     out = os.path.join(workdir, "callgrind.out")
     proc = subprocess.Popen(
         ["valgrind", "--tool=callgrind", f"--callgrind-out-file={out}", *argv],
@@ -69,26 +153,47 @@ def under_callgrind(argv, port, requests, prepare, workdir):
     )
     wait_port(port)
     headers = prepare(port)
-    gets(port, 50, headers)  # warm-up: the token, the first fill, lazy tables
-    gets(port, requests, headers)
+    warm_up = 50  # the token, the first fill, lazy tables
+    gets(port, warm_up, headers, first)
+    gets(port, requests, headers, None if first is None else first + warm_up)
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=300)
     match = re.search(r"Collected\s*:\s*(\d+)", err)
     if not match:
         sys.exit(f"no callgrind total:\n{err[-2000:]}")
-    return int(match.group(1))
+    rows = None
+    if keep:
+        rows = profile(out, requests + warm_up)
+        if os.environ.get("PROFILE_KEEP"):
+            kept = os.path.join(os.environ["PROFILE_KEEP"], f"callgrind.{keep}.out")
+            shutil.copyfile(out, kept)
+            print(f"kept {kept}")
+    return int(match.group(1)), allocations(out), rows
 
 
-def per_request(argv, port, prepare, workdir):
-    small = under_callgrind(argv, port, N, prepare, workdir)
-    large = under_callgrind(argv, port, 3 * N, prepare, workdir)
-    return (large - small) / (2 * N)
+def per_request(argv, port, prepare, workdir, distinct=False, label=None):
+    """(instructions, allocations) per request; prints the profile of the 3N run if asked."""
+    first = 0 if distinct else None
+    small, small_allocs, _ = under_callgrind(argv, port, N, prepare, workdir, first)
+    large, large_allocs, rows = under_callgrind(
+        argv, port, 3 * N, prepare, workdir, first,
+        keep=label if PROFILE and label is not None else None)
+    if rows:
+        print(f"\n{label}: inclusive instructions per request (3N run), by function")
+        for cost, name in rows:
+            print(f"  {cost:10.0f}  {name[:150]}")
+        print()
+    return (large - small) / (2 * N), (large_allocs - small_allocs) / (2 * N)
 
 
 def seeded_simulator(port):
     """Seeds the contact in a simulator and returns the headers of a GET with its token."""
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=120)
     conn.request("PUT", "/_sim/contacts/%2B15550001234", body='{"status":"CONSENTED"}',
+                 headers={"content-type": "application/json"})
+    conn.getresponse().read()
+    # Unknown contacts (the misses) answer 200 NO_CONSENT, as in benches/compare.sh.
+    conn.request("POST", "/_sim/unknown-contact", body='{"answer":"no_consent"}',
                  headers={"content-type": "application/json"})
     conn.getresponse().read()
     basic = base64.b64encode(f"bench:{SECRET}".encode()).decode()
@@ -101,9 +206,11 @@ def seeded_simulator(port):
 
 
 def measure(binary):
+    """{scenario: (instructions, allocations) per request}"""
+    results = {}
     with tempfile.TemporaryDirectory() as workdir:
         port = free_port()
-        sim_cost = per_request(
+        results["sim"] = per_request(
             [binary, "simulator", "--listen", f"127.0.0.1:{port}", "--client-id", "bench",
              "--client-secret", SECRET],
             port, seeded_simulator, workdir)
@@ -136,22 +243,32 @@ name = "bench"
 api_key = "{KEY}"
 permissions = ["read"]
 """)
-            hit_cost = per_request([binary, "serve", "--config", config], port,
-                                   lambda _: {"x-api-key": KEY}, workdir)
+            argv = [binary, "serve", "--config", config]
+
+            def ready(_):
+                wait_ready(admin)
+                return {"x-api-key": KEY}
+
+            results["hit"] = per_request(argv, port, ready, workdir,
+                                         label=f"{os.path.basename(binary)}-hit")
+            results["miss"] = per_request(argv, port, ready, workdir,
+                                          distinct=True, label=f"{os.path.basename(binary)}-miss")
         finally:
             sim.terminate()
             sim.wait()
-    return sim_cost, hit_cost
+    return results
 
 
 def main():
     if len(sys.argv) < 2:
         sys.exit(__doc__)
-    print(f"instructions per request (callgrind, N={N}):")
-    print(f"{'binary':40} {'sim direct':>12} {'proxy hit':>12} {'hit/sim':>8}")
-    for binary in sys.argv[1:]:
-        sim_cost, hit_cost = measure(binary)
-        print(f"{binary:40} {sim_cost:12.0f} {hit_cost:12.0f} {hit_cost / sim_cost:8.2f}")
+    measured = [(binary, measure(binary)) for binary in sys.argv[1:]]
+    print(f"per request (callgrind, N={N}): instructions, and allocations in brackets")
+    print(f"{'binary':40} {'sim direct':>16} {'proxy hit':>16} {'proxy miss':>16} {'hit/sim':>8}")
+    for binary, r in measured:
+        cells = [f"{r[k][0]:.0f} ({r[k][1]:.1f})" for k in ("sim", "hit", "miss")]
+        print(f"{binary:40} {cells[0]:>16} {cells[1]:>16} {cells[2]:>16} "
+              f"{r['hit'][0] / r['sim'][0]:8.2f}")
 
 
 if __name__ == "__main__":

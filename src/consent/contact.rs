@@ -4,7 +4,9 @@
 use std::fmt;
 use std::sync::Arc;
 
-use percent_encoding::{percent_decode_str, utf8_percent_encode, AsciiSet, NON_ALPHANUMERIC};
+use percent_encoding::{
+    percent_decode_str, utf8_percent_encode, AsciiSet, PercentEncode, NON_ALPHANUMERIC,
+};
 
 /// What is percent-encoded in an upstream path segment: of the characters a contact id may
 /// hold, only `+` (so no server reads it as a space).
@@ -25,9 +27,20 @@ impl ContactId {
             // Nothing to decode: one allocation (the `Arc<str>`), and none when invalid.
             return Self::validate(segment).then(|| ContactId(Arc::from(segment)));
         }
-        // Decoded once; a malformed escape stays a literal '%', which the rule refuses.
-        let decoded = percent_decode_str(segment).decode_utf8().ok()?;
-        Self::validate(&decoded).then(|| ContactId(Arc::from(decoded)))
+        // Decoded once, on the stack (one allocation, the `Arc<str>`); a malformed escape stays
+        // a literal '%', which the rule refuses. An escape decodes 3 bytes into 1, so a longer
+        // segment cannot decode to an id short enough.
+        if segment.len() > 3 * MAX_CONTACT_ID_LEN {
+            return None;
+        }
+        let mut buffer = [0u8; 3 * MAX_CONTACT_ID_LEN];
+        let mut len = 0;
+        for byte in percent_decode_str(segment) {
+            buffer[len] = byte;
+            len += 1;
+        }
+        let decoded = std::str::from_utf8(&buffer[..len]).ok()?;
+        Self::validate(decoded).then(|| ContactId(Arc::from(decoded)))
     }
 
     fn validate(id: &str) -> bool {
@@ -53,7 +66,12 @@ impl ContactId {
     /// The id as a path segment for upstream: `+` percent-encoded so no server reads it as a
     /// space; every other allowed character is unreserved and goes as it is.
     pub fn to_path_segment(&self) -> String {
-        utf8_percent_encode(&self.0, UPSTREAM_SEGMENT).to_string()
+        self.path_segment().to_string()
+    }
+
+    /// The same, as pieces to write out without an allocation of its own.
+    pub fn path_segment(&self) -> PercentEncode<'_> {
+        utf8_percent_encode(&self.0, UPSTREAM_SEGMENT)
     }
 
     /// The id for logs: the first four and last two characters kept, the rest masked, so a
@@ -117,6 +135,12 @@ mod tests {
         ] {
             assert!(ContactId::from_path_segment(bad).is_none(), "{bad}");
         }
+        // An escape decodes three characters into one: 64 escapes are 64 characters, 65 are
+        // too many; a segment longer than the decoding buffer is refused before decoding.
+        assert!(ContactId::from_path_segment(&"%41".repeat(64)).is_some());
+        assert!(ContactId::from_path_segment(&"%41".repeat(65)).is_none());
+        let long = format!("%41{}", "a".repeat(3 * MAX_CONTACT_ID_LEN));
+        assert!(ContactId::from_path_segment(&long).is_none());
     }
 
     #[test]

@@ -8,7 +8,21 @@ const SUFFIX: &str = "/consent";
 
 /// The consent path of `contact`, its id percent-encoded for a path (as sent upstream).
 pub fn consent_path(contact: &ContactId) -> String {
-    format!("{PREFIX}{}{SUFFIX}", contact.to_path_segment())
+    consent_url("", contact)
+}
+
+/// `base` followed by the consent path of `contact`, built in one allocation (a miss builds
+/// one per upstream call).
+pub fn consent_url(base: &str, contact: &ContactId) -> String {
+    let segment = contact.path_segment();
+    let mut url = String::with_capacity(
+        base.len() + PREFIX.len() + segment.clone().map(str::len).sum::<usize>() + SUFFIX.len(),
+    );
+    url.push_str(base);
+    url.push_str(PREFIX);
+    url.extend(segment);
+    url.push_str(SUFFIX);
+    url
 }
 
 /// The raw `{contact_id}` segment when `path` is exactly a consent path.

@@ -2,23 +2,26 @@
 //! the contact, the body and the request id), injects the shared token, retries what is safe
 //! to retry within the request's deadline, and renews the token once on a 401.
 
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use bytes::Bytes;
-use http::{header, Method, Request, StatusCode};
+use http::{header, HeaderValue, Method, Request, StatusCode, Uri};
 use http_body_util::Full;
-use prometheus::{HistogramVec, IntCounterVec, Registry};
+use prometheus::{Histogram, HistogramVec, IntCounter, IntCounterVec, Registry};
 use tokio::time::Instant;
 
 use crate::config::TalkdeskSettings;
-use crate::consent::{consent_path, consent_status_of, ConsentAnswer, ConsentStatus, ContactId};
+use crate::consent::{consent_status_of, consent_url, ConsentAnswer, ConsentStatus, ContactId};
 use crate::error::{ErrorChain, Failure, ProxyError};
 use crate::metrics::{self, status_label};
 use crate::request::{AttemptOutcome, AttemptReport, RequestContext};
 use crate::upstream::admission::{Admission, AdmissionMetrics, Verdict, MAX_HOLD_OFF};
 use crate::upstream::backoff::Backoff;
 use crate::upstream::token::TokenManager;
-use crate::upstream::transport::{Answer, AttemptError, Transport};
+use crate::upstream::transport::{Answer, AttemptError, Transport, USER_AGENT};
+use crate::wire::body::APPLICATION_JSON;
+use crate::wire::request_id::X_REQUEST_ID;
 
 /// Retry back-off: the first delay, doubled each time, capped; jittered.
 const RETRY_BACKOFF_FIRST: Duration = Duration::from_millis(50);
@@ -28,6 +31,46 @@ const RETRY_BACKOFF_LAST: Duration = Duration::from_secs(2);
 pub struct UpstreamMetrics {
     requests: IntCounterVec,
     duration: HistogramVec,
+    hot: Arc<HotSeries>,
+}
+
+/// The upstream series of the common attempts (GET and PUT answered 200, 201 or 404), kept
+/// once looked up: a label lookup hashes the labels and takes the family's lock on every
+/// attempt, a kept series is one atomic load away. Each is looked up on first use, so
+/// `/metrics` shows the same series as before.
+#[derive(Default)]
+struct HotSeries {
+    /// By method (GET, PUT), then code (200, 201, 404).
+    requests: [[OnceLock<IntCounter>; 3]; 2],
+    /// By method (GET, PUT).
+    duration: [OnceLock<Histogram>; 2],
+}
+
+impl UpstreamMetrics {
+    fn count(&self, method: &Method, code: &str, elapsed: Duration) {
+        let method_index = match *method {
+            Method::GET => Some(0),
+            Method::PUT => Some(1),
+            _ => None,
+        };
+        let code_index = match code {
+            "200" => Some(0),
+            "201" => Some(1),
+            "404" => Some(2),
+            _ => None,
+        };
+        let requests = || self.requests.with_label_values(&[method.as_str(), code]);
+        match (method_index, code_index) {
+            (Some(m), Some(c)) => self.hot.requests[m][c].get_or_init(requests).inc(),
+            _ => requests().inc(),
+        }
+        let duration = || self.duration.with_label_values(&[method.as_str()]);
+        let seconds = elapsed.as_secs_f64();
+        match method_index {
+            Some(m) => self.hot.duration[m].get_or_init(duration).observe(seconds),
+            None => duration().observe(seconds),
+        }
+    }
 }
 
 impl UpstreamMetrics {
@@ -45,6 +88,7 @@ impl UpstreamMetrics {
                 "Time taken by each attempt sent to the consent API.",
                 &["method"],
             ),
+            hot: Arc::default(),
         }
     }
 }
@@ -114,8 +158,10 @@ impl ConsentApi {
         contact: &ContactId,
         request: &RequestContext,
     ) -> Result<ConsentAnswer, ProxyError> {
-        let answer = self
-            .call(Method::GET, contact, None, request)
+        // On the heap: a call's future is large, and held inline it would make every future
+        // awaiting it as large (a read's, a hit's included, and a fill's task), copied each time
+        // one moves or a task stores its output.
+        let answer = Box::pin(self.call(Method::GET, contact, None, request))
             .await
             .result
             .map_err(|e| match e {
@@ -138,7 +184,8 @@ impl ConsentApi {
         request: &RequestContext,
     ) -> WriteResult {
         let body = Bytes::from_static(status.canonical_body());
-        let call = self.call(Method::PUT, contact, Some(body), request).await;
+        // On the heap, as in `get`.
+        let call = Box::pin(self.call(Method::PUT, contact, Some(body), request)).await;
         let (answer, unknown) = match call.result {
             Ok(answer) => (Ok(answer), false),
             Err(CallError::Unknown(error)) => (Err(error), true),
@@ -163,7 +210,17 @@ impl ConsentApi {
         context: &RequestContext,
     ) -> CallEnd {
         let deadline = context.deadline;
-        let uri = format!("{}{}", self.api_base_url, consent_path(contact));
+        let uri = match Uri::try_from(consent_url(&self.api_base_url, contact)) {
+            Ok(uri) => uri,
+            Err(_) => {
+                return CallEnd {
+                    result: Err(CallError::NotApplied(ProxyError::Internal(
+                        "upstream request could not be built".into(),
+                    ))),
+                    an_attempt_may_have_applied: false,
+                }
+            }
+        };
         let mut retries_left = self.max_retries;
         let mut renewed_after_401 = false;
         let mut an_attempt_may_have_applied = false;
@@ -180,10 +237,11 @@ impl ConsentApi {
                 Ok(permit) => permit,
                 Err(error) => break Err(CallError::NotApplied(error)),
             };
-            let request = match build_request(&method, &uri, &token, &context.id, body.clone()) {
-                Ok(request) => request,
-                Err(error) => break Err(CallError::NotApplied(error)),
-            };
+            let request =
+                match build_request(&method, uri.clone(), &token, &context.id, body.clone()) {
+                    Ok(request) => request,
+                    Err(error) => break Err(CallError::NotApplied(error)),
+                };
             let started = Instant::now();
             let timeout = self
                 .attempt_timeout
@@ -283,14 +341,7 @@ impl ConsentApi {
             Err(AttemptError::Timeout) => ("timeout", AttemptOutcome::Timeout),
             Err(_) => ("error", AttemptOutcome::Error),
         };
-        self.metrics
-            .requests
-            .with_label_values(&[method.as_str(), code])
-            .inc();
-        self.metrics
-            .duration
-            .with_label_values(&[method.as_str()])
-            .observe(elapsed.as_secs_f64());
+        self.metrics.count(method, code, elapsed);
         context.report_attempt(AttemptReport {
             outcome,
             duration: elapsed,
@@ -338,7 +389,7 @@ fn finish(answer: Answer) -> Result<ConsentAnswer, CallError> {
 
 fn build_request(
     method: &Method,
-    uri: &str,
+    uri: Uri,
     token: &crate::upstream::token::AccessToken,
     request_id: &http::HeaderValue,
     body: Option<Bytes>,
@@ -347,11 +398,11 @@ fn build_request(
         .method(method.clone())
         .uri(uri)
         .header(header::AUTHORIZATION, token.authorization().clone())
-        .header(header::ACCEPT, "application/json")
-        .header(header::USER_AGENT, crate::upstream::transport::USER_AGENT)
-        .header("x-request-id", request_id.clone());
+        .header(header::ACCEPT, APPLICATION_JSON)
+        .header(header::USER_AGENT, HeaderValue::from_static(USER_AGENT))
+        .header(X_REQUEST_ID, request_id.clone());
     if body.is_some() {
-        builder = builder.header(header::CONTENT_TYPE, "application/json");
+        builder = builder.header(header::CONTENT_TYPE, APPLICATION_JSON);
     }
     builder
         .body(Full::new(body.unwrap_or_default()))

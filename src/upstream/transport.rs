@@ -98,10 +98,13 @@ impl Transport {
         timeout: Duration,
         max_bytes: usize,
     ) -> Result<Answer, AttemptError> {
-        let host = request.uri().host().unwrap_or_default().to_owned();
+        // Its bytes are shared with the request's URI: a clone, not a copy, until an error
+        // names the host.
+        let authority = request.uri().authority().cloned();
         let exchange = async {
             let response = self.client.request(request).await.map_err(|err| {
                 if err.is_connect() {
+                    let host = authority.as_ref().map_or("", |a| a.host()).to_owned();
                     AttemptError::Connect(connect_failure(err, host))
                 } else {
                     AttemptError::Failed(Arc::new(err))
