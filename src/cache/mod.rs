@@ -26,10 +26,14 @@
 //!   against this instance's own writes). The cache is answered from only while the cluster
 //!   says its feed of announcements is live ([`ConsentCache::trust_until`]); after a gap the
 //!   cluster [`flush`](ConsentCache::flush)es it. Without a cluster it is always trusted.
+//! - With the cluster's shared tier, the cache keeps a log of when each contact last changed
+//!   as far as this instance knows (`changes`): an answer from Redis whose read began before
+//!   that is refused ([`ConsentCache::unchanged_since`]).
 //!
 //! The shard locks are plain mutexes: no critical section awaits (moka's sync API). The cache
 //! knows nothing of Redis: `cluster` drives it through the methods above.
 
+mod changes;
 mod entry;
 mod fill;
 mod lifetime;
@@ -39,7 +43,7 @@ mod stale;
 use std::collections::HashMap;
 use std::hash::{BuildHasher, RandomState};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock, PoisonError};
 use std::time::Duration;
 
 use moka::sync::Cache;
@@ -47,6 +51,7 @@ use tokio::time::Instant;
 
 use crate::config::CacheSettings;
 use crate::consent::{ConsentAnswer, ConsentStatus, ContactId, WriteOutcome};
+use changes::ChangeLog;
 use entry::{Kind, StoredAnswer, MAX_TTL};
 use fill::Fill;
 pub use fill::{Fetched, FillLead, FillResult, FillWaiter};
@@ -116,6 +121,8 @@ struct Inner {
     /// Milliseconds since `epoch` until which the cache may be answered from (the cluster's
     /// feed is confirmed live until then); `u64::MAX` without a cluster.
     trusted_until_ms: AtomicU64,
+    /// Kept only for the cluster's shared tier ([`ConsentCache::keep_change_log`]).
+    changes: OnceLock<ChangeLog>,
     metrics: CacheMetrics,
 }
 
@@ -145,6 +152,7 @@ impl ConsentCache {
                 lifetimes,
                 enabled: settings.enabled,
                 trusted_until_ms: AtomicU64::new(u64::MAX),
+                changes: OnceLock::new(),
                 metrics,
             }),
         }
@@ -327,6 +335,7 @@ impl ConsentCache {
         if !matches!(outcome, WriteOutcome::NotApplied) {
             // Reads that began before this write must not store their answer.
             state.fill = None;
+            self.changed(key);
         }
         if state.is_idle() {
             shard.remove(key);
@@ -369,6 +378,7 @@ impl ConsentCache {
                 shard.remove(key);
             }
         }
+        self.changed(key);
         self.inner.answers.invalidate(key);
         self.inner.metrics.invalidated(Invalidation::Purge);
     }
@@ -398,6 +408,9 @@ impl ConsentCache {
     /// as overlapping another (it will drop the entry instead of storing). The cluster calls it
     /// when its feed resumes after a gap, before trusting the cache again.
     pub fn flush(&self) {
+        if let Some(changes) = self.inner.changes.get() {
+            changes.flushed(self.change_ms());
+        }
         for shard in self.inner.shards.iter() {
             let mut shard = shard.lock().unwrap_or_else(PoisonError::into_inner);
             shard.retain(|_, state| {
@@ -413,6 +426,47 @@ impl ConsentCache {
         let dropped = self.inner.answers.entry_count();
         self.inner.answers.invalidate_all();
         self.inner.metrics.flushed(dropped);
+    }
+
+    /// From now on, keeps the log of changes [`Self::unchanged_since`] reads (the cluster's
+    /// shared tier asks for it: 512 KiB).
+    pub fn keep_change_log(&self) {
+        let _ = self.inner.changes.set(ChangeLog::new());
+    }
+
+    /// Since when `contact` is unchanged as far as this instance knows: the latest end of a
+    /// write of it (local, or announced by another instance, or its announcement expired), of
+    /// an admin purge, or of a flush (announcements may have been missed), or when the log
+    /// began. `None` while a write of it is in flight here: any answer may be older than it.
+    /// An answer read from upstream before that moment may be older than a change.
+    pub fn unchanged_since(&self, contact: &ContactId) -> Option<Instant> {
+        let key = contact.as_arc();
+        let shard = self.shard(key);
+        if shard
+            .get(key)
+            .is_some_and(|state| state.writes_in_flight > 0)
+        {
+            return None;
+        }
+        let ms = match self.inner.changes.get() {
+            Some(changes) => changes.last_change(key),
+            None => self.change_ms(),
+        };
+        drop(shard);
+        Some(self.inner.epoch + Duration::from_millis(ms))
+    }
+
+    /// Records a change of `key` now.
+    fn changed(&self, key: &str) {
+        if let Some(changes) = self.inner.changes.get() {
+            changes.changed(key, self.change_ms());
+        }
+    }
+
+    /// Now for the change log: milliseconds since the epoch rounded up, so that a recorded
+    /// moment is never before the change.
+    fn change_ms(&self) -> u64 {
+        self.now_ms64() + 1
     }
 
     /// Updates the entries gauge (called before each scrape).

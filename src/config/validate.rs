@@ -131,6 +131,9 @@ fn positive<T: Default + PartialEq>(n: T) -> Result<T, String> {
     }
 }
 
+/// The least `cluster.max_staleness_ms`: 40 heartbeats a second per instance.
+const MIN_STALENESS_MS: u64 = 100;
+
 fn positive_millis(ms: u64) -> Result<Duration, String> {
     positive(ms).map(Duration::from_millis)
 }
@@ -684,11 +687,18 @@ fn cluster(c: schema::Cluster, p: &mut Problems) -> Option<Option<ClusterSetting
             Ok(prefix)
         }
     });
-    let max_staleness = p.check(
-        "cluster.max_staleness_ms",
-        c.max_staleness_ms,
-        positive_millis,
-    );
+    let max_staleness = p.check("cluster.max_staleness_ms", c.max_staleness_ms, |ms| {
+        // A heartbeat every max_staleness_ms / 4: below the floor an instance would spend more
+        // Redis commands on proving its feed live than a fleet's writes cost.
+        if ms < MIN_STALENESS_MS {
+            Err(format!(
+                "{ms} is below {MIN_STALENESS_MS} (each instance publishes a heartbeat every \
+                 max_staleness_ms / 4)"
+            ))
+        } else {
+            Ok(Duration::from_millis(ms))
+        }
+    });
     let write_policy = p.value("cluster.write_policy", c.write_policy);
     let shared_cache = p.value("cluster.shared_cache", c.shared_cache);
     let shared_token = p.value("cluster.shared_token", c.shared_token);

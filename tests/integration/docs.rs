@@ -601,3 +601,17 @@ fn the_readme_opens_with_the_two_commands() {
         "{first_block}"
     );
 }
+
+/// The README's Redis ACL rule is the one every cluster test runs under.
+#[test]
+fn the_readmes_redis_acl_rule_is_the_one_the_cluster_tests_run_under() {
+    let readme = read("README.md");
+    let words = |text: &str| text.split_whitespace().collect::<Vec<_>>().join(" ");
+    let rule = words(crate::support::redis_server::PROXY_ACL_RULE);
+    let quoted: Vec<String> = readme
+        .lines()
+        .filter(|line| line.starts_with("ACL SETUSER"))
+        .map(words)
+        .collect();
+    assert_eq!(quoted, [rule], "the README's ACL rule(s) and the harness's");
+}

@@ -4,14 +4,21 @@
 //! - **A fill** (this instance's own cache missed, and it leads the local fill) looks in Redis
 //!   first: an answer there is handed back with its age (so the local cache keeps it no longer
 //!   than its TTL allows). Otherwise it takes the contact's fill lock, reads the contact's
-//!   generation, fetches from upstream and stores the answer only if the generation is still
-//!   the one it read and no write is in flight (one script, atomic in Redis). While another
-//!   instance holds the lock it looks again, with back-off, until that fill's answer is there,
-//!   the lock is free again (the holder failed or died: this fill takes over), or its own
-//!   deadline nears (it fetches without storing).
+//!   generation (making one when there is none), fetches from upstream and stores the answer
+//!   only if the generation is still that very one and no write is in flight (one script,
+//!   atomic in Redis). While another instance holds the lock it looks again, with back-off,
+//!   until that fill's answer is there, the lock is free again (the holder failed or died:
+//!   this fill takes over), or its own deadline nears (it fetches without storing).
+//! - **What this instance knows decides, not what Redis kept.** Each answer is sealed with
+//!   when the fill that read it began (Redis time), the contact's generation and the epoch. An
+//!   instance takes an answer only if that read began after the latest change of the contact
+//!   it knows of ([`ConsentCache::unchanged_since`]: a write's end or a purge as announced, a
+//!   flush), never while a write of it is in flight. So an answer stored after the contact's
+//!   keys were evicted or deleted mid-fill, or an old entry replayed by a client without the
+//!   shared key, is refused (and replaced by this fill): Redis losing or rolling back keys
+//!   costs upstream GETs, never an answer older than an acknowledged write.
 //! - **A write** replaces the contact's generation and drops its answer in the same round trip
-//!   as its pending announcement, and again with its outcome, when an applied write that
-//!   overlapped no other stores its status (see `scripts`).
+//!   as its pending announcement, and again with its outcome (see `scripts`).
 //!
 //! Every call on a fill's path is bounded by `cluster.shared_timeout_ms`; when Redis cannot
 //! answer, the fill goes upstream as if the instance were alone, and stores nothing.
@@ -26,6 +33,7 @@ use redis::aio::MultiplexedConnection;
 use redis::Value;
 use tokio::time::Instant;
 
+use super::clock::RedisClock;
 use super::keys::{KeySet, SharedKeys};
 use super::metrics::{Lookup, Op, SharedMetrics, Store};
 use super::scripts::{
@@ -42,18 +50,48 @@ const FIRST_POLL: Duration = Duration::from_millis(2);
 /// ...up to this.
 const LAST_POLL: Duration = Duration::from_millis(25);
 /// The format of a stored answer's plaintext.
-const ANSWER_FORMAT: u8 = 1;
+const ANSWER_FORMAT: u8 = 2;
 
 /// What a fill found when it began (or looked again).
 enum Begin {
-    /// An answer: sealed, what is left of its TTL, its TTL.
-    Answer(Vec<u8>, Duration, Duration),
+    /// An answer, sealed, and what it must have been sealed with.
+    Answer { sealed: Vec<u8>, seen: Seen },
     /// A write of the contact is in flight: nothing may be stored.
     WriteInFlight,
     /// Another instance's fill holds the lock.
     Held,
-    /// This fill holds the lock; the contact's generation and the epoch, for its store.
-    Lead { generation: String, epoch: String },
+    /// This fill holds the lock: what its store is checked against and sealed with; whether
+    /// it replaces an answer this instance may not take.
+    Lead { seen: Seen, replaces: bool },
+}
+
+/// The contact's state in Redis as a script saw it.
+struct Seen {
+    generation: String,
+    epoch: String,
+    /// Redis' time then (ms).
+    now: u64,
+}
+
+impl Seen {
+    /// From a script's answer: generation, epoch, and Redis' time unless `now` is given.
+    fn read(now: Option<u64>, items: &mut impl Iterator<Item = Value>) -> Option<Seen> {
+        let generation = reply::text(items.next())?;
+        let epoch = reply::text(items.next())?;
+        let now = now.or_else(|| reply::count(items.next()))?;
+        Some(Seen {
+            generation,
+            epoch,
+            now,
+        })
+    }
+
+    /// What a sealed answer is bound to besides its key: it opens only under the generation
+    /// and epoch it was stored with (an answer copied into another state of the contact does
+    /// not open).
+    fn context(&self, key: &str) -> Vec<u8> {
+        [key, &self.generation, &self.epoch].join("\n").into_bytes()
+    }
 }
 
 /// How a fill was answered, read by the request that led it once the fill is over.
@@ -72,8 +110,6 @@ impl FillReport {
 pub struct SharedWrite {
     /// Its hash field while it is in flight: `p:{instance}:{write}`.
     field: String,
-    /// The generation its pending announcement set.
-    generation: String,
 }
 
 pub struct SharedCache {
@@ -93,6 +129,8 @@ pub struct SharedCache {
     guard_life: Duration,
     /// Fills keep this much of their deadline for their own upstream attempt.
     attempt_timeout: Duration,
+    /// Redis' clock against this instance's.
+    clock: RedisClock,
 }
 
 /// What the shared cache needs beyond its keys and Redis.
@@ -114,6 +152,8 @@ impl SharedCache {
         metrics: SharedMetrics,
     ) -> SharedCache {
         let prefix = format!("{}:v1", settings.key_prefix);
+        // What answers from Redis are checked against.
+        settings.local.keep_change_log();
         SharedCache {
             redis: Redis { link, metrics },
             keys,
@@ -125,6 +165,7 @@ impl SharedCache {
             pending_life: settings.pending_life,
             guard_life: 2 * settings.pending_life,
             attempt_timeout: settings.attempt_timeout,
+            clock: RedisClock::new(),
         }
     }
 
@@ -142,8 +183,9 @@ impl SharedCache {
     {
         let tier = self.clone();
         let key = tier.contact_key(tier.keys.current(), contact);
+        let contact = contact.clone();
         async move {
-            let fetched = tier.fill_through(&key, deadline, upstream).await;
+            let fetched = tier.fill_through(&key, &contact, deadline, upstream).await;
             match fetched {
                 Ok((answer, age)) => {
                     let _ = report.0.set(age);
@@ -164,6 +206,7 @@ impl SharedCache {
     async fn fill_through<F>(
         &self,
         key: &str,
+        contact: &ContactId,
         deadline: Instant,
         upstream: F,
     ) -> Result<(ConsentAnswer, Duration), FillResult>
@@ -178,7 +221,13 @@ impl SharedCache {
         let mut poll = FIRST_POLL;
         let mut waited = false;
         loop {
-            let begin = match self.begin(key, &lock).await {
+            // An answer whose upstream read began before the latest change of the contact this
+            // instance knows of may be older than that change, whatever Redis holds.
+            let Some(unchanged_since) = self.local.unchanged_since(contact) else {
+                self.redis.metrics.lookup(Lookup::WritePending);
+                return Err(upstream.await);
+            };
+            let begin = match self.begin(key, &lock, unchanged_since).await {
                 Ok(begin) => begin,
                 Err(problem) => {
                     self.redis.metrics.lookup(Lookup::Unavailable);
@@ -187,8 +236,8 @@ impl SharedCache {
                 }
             };
             match begin {
-                Begin::Answer(sealed, left, ttl) => {
-                    if let Some(found) = self.open_answer(key, &sealed, left, ttl) {
+                Begin::Answer { sealed, seen } => {
+                    if let Some(found) = self.open_answer(key, &sealed, &seen, unchanged_since) {
                         self.redis.metrics.lookup(if waited {
                             Lookup::Coalesced
                         } else {
@@ -196,19 +245,24 @@ impl SharedCache {
                         });
                         return Ok(found);
                     }
-                    // Not usable here (older than this instance's TTL, or sealed with a key
-                    // it does not have): fetched, and left to its own instance to replace.
-                    self.redis.metrics.lookup(Lookup::Miss);
+                    // Not usable here (older than this instance's TTL or than a change it
+                    // knows of, sealed with a key it does not have, altered): fetched, and
+                    // left to be replaced when it expires or its contact changes.
+                    self.redis.metrics.lookup(Lookup::Outdated);
                     return Err(upstream.await);
                 }
                 Begin::WriteInFlight => {
                     self.redis.metrics.lookup(Lookup::WritePending);
                     return Err(upstream.await);
                 }
-                Begin::Lead { generation, epoch } => {
-                    self.redis.metrics.lookup(Lookup::Miss);
+                Begin::Lead { seen, replaces } => {
+                    self.redis.metrics.lookup(if replaces {
+                        Lookup::Outdated
+                    } else {
+                        Lookup::Miss
+                    });
                     let result = upstream.await;
-                    self.store(key, &generation, &epoch, &lock, &result).await;
+                    self.store(key, &seen, &lock, &result).await;
                     return Err(result);
                 }
                 Begin::Held => {
@@ -224,62 +278,79 @@ impl SharedCache {
         }
     }
 
-    async fn begin(&self, key: &str, lock: &str) -> Result<Begin, Failure> {
+    /// The fill script: answers whose read began by `unchanged_since` (as far as Redis' clock
+    /// can tell) are replaced, not handed back.
+    async fn begin(
+        &self,
+        key: &str,
+        lock: &str,
+        unchanged_since: Instant,
+    ) -> Result<Begin, Failure> {
+        let sent = Instant::now();
         let call = FILL_BEGIN
             .call()
             .key(key)
             .key(&self.epoch_key)
             .arg(lock)
             .arg(millis(self.lock_ttl))
-            .arg(millis(self.guard_life));
+            .arg(millis(self.guard_life))
+            .arg(self.clock.latest_redis_ms(unchanged_since).unwrap_or(0))
+            .arg(random_id());
         let answer: Value = self.redis.run(Op::Lookup, self.timeout, call).await?;
         let mut items = reply::items(answer).into_iter();
         let kind = reply::int(items.next());
         let begin = match kind {
             Some(1) => {
                 let sealed = reply::bytes(items.next());
-                let (left, ttl) = (reply::millis(items.next()), reply::millis(items.next()));
+                let now = reply::count(items.next());
+                if let Some(now) = now {
+                    self.clock.observe(sent, now);
+                }
                 sealed
-                    .zip(left.zip(ttl))
-                    .map(|(sealed, (left, ttl))| Begin::Answer(sealed, left, ttl))
+                    .zip(Seen::read(now, &mut items))
+                    .map(|(sealed, seen)| Begin::Answer { sealed, seen })
             }
             Some(2) => Some(Begin::WriteInFlight),
             Some(3) => Some(Begin::Held),
-            Some(4) => reply::text(items.next())
-                .zip(reply::text(items.next()))
-                .map(|(generation, epoch)| Begin::Lead { generation, epoch }),
+            Some(4) => Seen::read(None, &mut items).map(|seen| {
+                self.clock.observe(sent, seen.now);
+                Begin::Lead {
+                    seen,
+                    replaces: reply::int(items.next()) == Some(1),
+                }
+            }),
             _ => None,
         };
         begin.ok_or_else(|| Failure::msg("Redis answered the fill script unexpectedly"))
     }
 
-    /// A stored answer, if this instance may use it: it opens with the key in use, it is
-    /// cacheable here, and it is younger than this instance's TTL for its kind.
+    /// A stored answer, if this instance may use it: it opens with the key in use under the
+    /// generation and epoch it was found with, it is cacheable here, its read began certainly
+    /// after `unchanged_since` (every change this instance knows of), and it is younger than
+    /// this instance's TTL for its kind. Its age counts from when its read began.
     fn open_answer(
         &self,
         key: &str,
         sealed: &[u8],
-        left: Duration,
-        ttl: Duration,
+        seen: &Seen,
+        unchanged_since: Instant,
     ) -> Option<(ConsentAnswer, Duration)> {
-        let plaintext = self.keys.current().open(key.as_bytes(), sealed)?;
-        let answer = decode_answer(&plaintext)?;
-        let age = ttl.saturating_sub(left);
-        (age < self.local.ttl_for(&answer)?).then_some((answer, age))
+        let plaintext = self.keys.current().open(&seen.context(key), sealed)?;
+        let (begun, answer) = decode_answer(&plaintext)?;
+        let age = Duration::from_millis(seen.now.checked_sub(begun)?);
+        let after_every_change = begun > self.clock.latest_redis_ms(unchanged_since)?;
+        (after_every_change && age < self.local.ttl_for(&answer)?).then_some((answer, age))
     }
 
     /// Stores a fill's answer under the guard, or gives the lock back when it is not cacheable.
-    async fn store(
-        &self,
-        key: &str,
-        generation: &str,
-        epoch: &str,
-        lock: &str,
-        result: &FillResult,
-    ) {
+    async fn store(&self, key: &str, seen: &Seen, lock: &str, result: &FillResult) {
         let cacheable = result.as_ref().ok().and_then(|answer| {
             let ttl = self.local.ttl_for(answer)?;
-            Some((ttl, self.seal_answer(key, answer)?))
+            let sealed = self
+                .keys
+                .current()
+                .seal(&seen.context(key), &encode_answer(seen.now, answer)?)?;
+            Some((ttl, sealed))
         });
         let Some((ttl, sealed)) = cacheable else {
             let release = FILL_RELEASE.call().key(key).arg(lock);
@@ -293,12 +364,13 @@ impl SharedCache {
             .call()
             .key(key)
             .key(&self.epoch_key)
-            .arg(generation)
-            .arg(epoch)
+            .arg(&seen.generation)
+            .arg(&seen.epoch)
             .arg(lock)
             .arg(sealed)
             .arg(millis(ttl))
-            .arg(millis(self.guard_life));
+            .arg(millis(self.guard_life))
+            .arg(seen.now);
         let outcome = match self.redis.run::<i64>(Op::Store, self.timeout, call).await {
             Ok(1) => Store::Stored,
             Ok(_) => {
@@ -311,12 +383,6 @@ impl SharedCache {
             }
         };
         self.redis.metrics.store(outcome);
-    }
-
-    fn seal_answer(&self, key: &str, answer: &ConsentAnswer) -> Option<Vec<u8>> {
-        self.keys
-            .current()
-            .seal(key.as_bytes(), &encode_answer(answer)?)
     }
 
     fn contact_key(&self, keys: &KeySet, contact: &ContactId) -> String {
@@ -347,14 +413,13 @@ impl SharedCache {
     ) -> (SharedWrite, Call<'static>) {
         let shared_write = SharedWrite {
             field: format!("p:{instance}:{write}"),
-            generation: random_id(),
         };
         let call = WRITE_PENDING
             .call()
             .key(self.contact_keys(contact))
             .arg(&shared_write.field)
             .arg(millis(self.pending_life))
-            .arg(&shared_write.generation)
+            .arg(random_id())
             .arg(millis(self.guard_life));
         (shared_write, call)
     }
@@ -366,27 +431,17 @@ impl SharedCache {
         contact: &ContactId,
         outcome: WriteOutcome,
     ) -> Call<'static> {
-        let keys = self.contact_keys(contact);
-        let (outcome, written) = match outcome {
-            WriteOutcome::Applied(status) => ("applied", Some(ConsentAnswer::canonical(status))),
-            WriteOutcome::NotApplied => ("not_applied", None),
-            WriteOutcome::Unknown => ("unknown", None),
+        let outcome = match outcome {
+            WriteOutcome::Applied(_) => "applied",
+            WriteOutcome::NotApplied => "not_applied",
+            WriteOutcome::Unknown => "unknown",
         };
-        let stored = written.and_then(|answer| {
-            let ttl = self.local.ttl_for(&answer)?;
-            Some((self.seal_answer(&keys[0], &answer)?, ttl))
-        });
-        let (sealed, ttl) = stored.unwrap_or_default();
         WRITE_DONE
             .call()
-            .key(&self.epoch_key)
-            .key(keys)
+            .key(self.contact_keys(contact))
             .arg(&write.field)
             .arg(outcome)
-            .arg(&write.generation)
             .arg(random_id())
-            .arg(sealed)
-            .arg(millis(ttl))
             .arg(millis(self.guard_life))
     }
 
@@ -418,15 +473,17 @@ impl SharedCache {
     }
 }
 
-/// An answer as stored (before sealing): format, HTTP status, content type, body.
-fn encode_answer(answer: &ConsentAnswer) -> Option<Vec<u8>> {
+/// An answer as stored (before sealing): format, when its read began (Redis ms), HTTP status,
+/// content type, body.
+fn encode_answer(begun: u64, answer: &ConsentAnswer) -> Option<Vec<u8>> {
     let content_type = answer
         .content_type
         .as_ref()
         .map_or(&b""[..], HeaderValue::as_bytes);
     let content_type_len = u8::try_from(content_type.len()).ok()?;
-    let mut encoded = Vec::with_capacity(4 + content_type.len() + answer.body.len());
+    let mut encoded = Vec::with_capacity(12 + content_type.len() + answer.body.len());
     encoded.push(ANSWER_FORMAT);
+    encoded.extend_from_slice(&begun.to_be_bytes());
     encoded.extend_from_slice(&answer.status.as_u16().to_be_bytes());
     encoded.push(content_type_len);
     encoded.extend_from_slice(content_type);
@@ -434,16 +491,17 @@ fn encode_answer(answer: &ConsentAnswer) -> Option<Vec<u8>> {
     Some(encoded)
 }
 
-fn decode_answer(encoded: &[u8]) -> Option<ConsentAnswer> {
+fn decode_answer(encoded: &[u8]) -> Option<(u64, ConsentAnswer)> {
     let (&format, rest) = encoded.split_first()?;
     if format != ANSWER_FORMAT {
         return None;
     }
+    let (begun, rest) = rest.split_first_chunk::<8>()?;
     let status = StatusCode::from_u16(u16::from_be_bytes([*rest.first()?, *rest.get(1)?])).ok()?;
     let content_type_len = usize::from(*rest.get(2)?);
     let content_type = rest.get(3..3 + content_type_len)?;
     let body = rest.get(3 + content_type_len..)?;
-    Some(ConsentAnswer {
+    let answer = ConsentAnswer {
         status,
         body: Bytes::copy_from_slice(body),
         content_type: if content_type.is_empty() {
@@ -452,7 +510,8 @@ fn decode_answer(encoded: &[u8]) -> Option<ConsentAnswer> {
             Some(HeaderValue::from_bytes(content_type).ok()?)
         },
         retry_after: None,
-    })
+    };
+    Some((u64::from_be_bytes(*begun), answer))
 }
 
 #[cfg(test)]
@@ -469,13 +528,18 @@ mod tests {
             retry_after: None,
         };
         for answer in [ConsentAnswer::canonical(ConsentStatus::Refused), not_found] {
-            let decoded = decode_answer(&encode_answer(&answer).unwrap()).unwrap();
+            let (begun, decoded) = decode_answer(&encode_answer(42, &answer).unwrap()).unwrap();
+            assert_eq!(begun, 42);
             assert_eq!(decoded.status, answer.status);
             assert_eq!(decoded.body, answer.body);
             assert_eq!(decoded.content_type, answer.content_type);
         }
         assert!(decode_answer(&[]).is_none());
-        assert!(decode_answer(&[2, 0, 200, 0]).is_none(), "another format");
-        assert!(decode_answer(&[1, 0, 200, 9, b'x']).is_none(), "cut short");
+        assert!(decode_answer(&[1, 0, 200, 0]).is_none(), "another format");
+        let mut cut = vec![ANSWER_FORMAT];
+        cut.extend_from_slice(&[0; 8]);
+        cut.extend_from_slice(&[0, 200, 9, b'x']);
+        assert!(decode_answer(&cut).is_none(), "cut short");
+        assert!(decode_answer(&[ANSWER_FORMAT, 0, 0]).is_none(), "no time");
     }
 }

@@ -15,6 +15,11 @@ pub enum Lookup {
     Coalesced,
     /// Nothing in Redis: this instance fetched from upstream for the fleet.
     Miss,
+    /// An answer in Redis this instance may not take: its read began before a change of the
+    /// contact this instance knows of (an entry replayed, or stored by a fill whose keys were
+    /// lost mid-way), or it does not open (altered, moved, another key). Fetched from
+    /// upstream; replaced in Redis when this fill could take the lock.
+    Outdated,
     /// A write of the contact was in flight: fetched from upstream, nothing stored.
     WritePending,
     /// Another instance's fill did not end in time: fetched from upstream, nothing stored.
@@ -24,10 +29,11 @@ pub enum Lookup {
 }
 
 impl Lookup {
-    const ALL: [Lookup; 6] = [
+    const ALL: [Lookup; 7] = [
         Lookup::Hit,
         Lookup::Coalesced,
         Lookup::Miss,
+        Lookup::Outdated,
         Lookup::WritePending,
         Lookup::LockTimeout,
         Lookup::Unavailable,
@@ -38,6 +44,7 @@ impl Lookup {
             Lookup::Hit => "hit",
             Lookup::Coalesced => "coalesced",
             Lookup::Miss => "miss",
+            Lookup::Outdated => "outdated",
             Lookup::WritePending => "write_pending",
             Lookup::LockTimeout => "lock_timeout",
             Lookup::Unavailable => "unavailable",
@@ -96,7 +103,7 @@ metrics::assert_in_declaration_order!(TokenSource::ALL);
 
 #[derive(Clone)]
 pub struct SharedMetrics {
-    lookups: [IntCounter; 6],
+    lookups: [IntCounter; 7],
     stores: [IntCounter; 3],
     tokens: [IntCounter; 3],
     token_lock_waits: IntCounter,
@@ -110,7 +117,8 @@ impl SharedMetrics {
             "consent_proxy_shared_cache_lookups_total",
             "Fills (GETs this instance's cache missed) by how the shared tier in Redis answered: \
              hit, coalesced (another instance's fill answered it), miss (fetched upstream for \
-             the fleet), write_pending (a write was in flight: fetched, not stored), \
+             the fleet), outdated (an answer there was older than a change this instance knows \
+             of, or did not open: fetched upstream, and replaced when possible), write_pending (a write was in flight: fetched, not stored), \
              lock_timeout (another instance's fill took too long: fetched, not stored), \
              unavailable (Redis not connected, failing or slower than \
              cluster.shared_timeout_ms: fetched as if alone).",

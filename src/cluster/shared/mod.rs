@@ -9,7 +9,8 @@
 //!   by one instance at a time (a renewal lock); the token manager sees it as a
 //!   [`FleetTokens`](crate::upstream::token::FleetTokens) store.
 //! - `keys`: the secrets' derived keys (contact digests, sealing); `scripts`: the Lua scripts,
-//!   whose module comment describes what is stored; `metrics`.
+//!   whose module comment describes what is stored; `clock`: Redis' clock bounded against this
+//!   instance's (to tell an answer read after a change this instance knows of); `metrics`.
 //!
 //! Redis is reached over the feed's connection. Every call is bounded in time, and whenever
 //! Redis cannot answer (not connected, failing, slower than the bound) the instance goes on as
@@ -17,6 +18,7 @@
 //! only. Redis never fails a request.
 
 mod cache;
+mod clock;
 mod keys;
 mod metrics;
 mod scripts;
@@ -105,6 +107,11 @@ mod reply {
             Value::BulkString(bytes) => std::str::from_utf8(&bytes).ok()?.parse().ok(),
             _ => None,
         }
+    }
+
+    /// A count (never negative).
+    pub fn count(value: Option<Value>) -> Option<u64> {
+        u64::try_from(int(value)?).ok()
     }
 
     /// A count of milliseconds (never negative).

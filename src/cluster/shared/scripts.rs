@@ -4,15 +4,17 @@
 //!
 //! One Redis hash per contact and keyspace, `{key_prefix}:v1:c:{key id}:{digest}`:
 //! - `g`: the contact's generation, a random value replaced by every write (when it is
-//!   announced, and again when it ends) and every purge;
+//!   announced, and again when it ends) and every purge, and set by a fill that finds none;
 //! - `p:{instance}:{write}`: a write in flight, until its expiry (Redis time, ms);
-//! - `a`, `ae`, `at`, `ep`: the sealed answer, when it expires (Redis ms), its TTL (ms), and the
-//!   epoch it was stored in;
+//! - `a`, `ae`, `at`, `ep`, `ab`: the sealed answer, when it expires (Redis ms), its TTL (ms),
+//!   the epoch it was stored in, and when the fill that read it began (Redis ms; sealed too);
 //! - `l`, `le`: the fill lock (who holds it, until when).
 //!
-//! The hash lives at least `guard` ms after every change (longer than any fill or write lasts,
-//! so a generation a fill has read cannot vanish and come back unchanged under it), and as long
-//! as its answer. The cluster's epoch, `{key_prefix}:v1:epoch` (`e`: the epoch, `q`: until when
+//! A fill stores only under the very generation it read when it began, and a fill that finds
+//! no generation makes one (random): when the hash is lost mid-fill (evicted, deleted), the
+//! generation is gone or another, never the one the fill saw, so nothing that was current
+//! before the loss is mistaken for current after it. The hash lives at least `guard` ms after
+//! every change, and as long as its answer. The cluster's epoch, `{key_prefix}:v1:epoch` (`e`: the epoch, `q`: until when
 //! nothing may be stored), is replaced when Redis may have lost writes (it restarted, or failed
 //! over to a replica): every answer of an older epoch is then a miss, and for one pending
 //! lifetime no fill stores (a write whose announcement was lost may still be in flight).
@@ -57,39 +59,49 @@ local function keep(key, now, guard)
   if ae and ae - now > ttl then ttl = ae - now end
   redis.call('PEXPIRE', key, ttl)
 end
-local function store_answer(key, now, sealed, ttl, ep)
-  redis.call('HSET', key, 'a', sealed, 'ae', now + ttl, 'at', ttl, 'ep', ep)
+local function store_answer(key, now, sealed, ttl, ep, begun)
+  redis.call('HSET', key, 'a', sealed, 'ae', now + ttl, 'at', ttl, 'ep', ep, 'ab', begun)
 end
 local function drop_answer(key)
-  redis.call('HDEL', key, 'a', 'ae', 'at', 'ep')
+  redis.call('HDEL', key, 'a', 'ae', 'at', 'ep', 'ab')
 end
 "#;
 
-/// A fill begins. KEYS: contact, epoch. ARGV: lock id, lock ms, guard ms.
-/// {1, sealed, ms left, ttl ms}: an answer | {2}: a write in flight (or stores held off):
-/// fetch, do not store | {3, generation, epoch}: another instance's fill holds the lock |
-/// {4, generation, epoch}: this fill holds it now.
+/// A fill begins. KEYS: contact, epoch. ARGV: lock id, lock ms, guard ms, the Redis time (ms)
+/// after which an answer's read must have begun for the instance to take it, a generation for
+/// a contact without one.
+/// {1, sealed, now, generation, epoch}: an answer (what it was sealed with) | {2}: a write in
+/// flight (or stores held off): fetch, do not store | {3}: another instance's fill holds the
+/// lock | {4, generation, epoch, now, 1 when it replaces an answer}: this fill holds it now. An
+/// answer older than the instance may take is replaced by this fill, as if there were none.
 pub static FILL_BEGIN: LazyLock<Script> = LazyLock::new(|| {
     Script::new(
         r#"
 local key, now = KEYS[1], now_ms()
 local ep, quiet = epoch(KEYS[2], now)
-local f = redis.call('HMGET', key, 'a', 'ae', 'at', 'ep', 'g', 'l', 'le')
-if f[1] and f[2] and f[3] and tonumber(f[2]) > now and f[4] == ep then
-  return {1, f[1], tonumber(f[2]) - now, tonumber(f[3])}
+local f = redis.call('HMGET', key, 'a', 'ae', 'ab', 'ep', 'g', 'l', 'le')
+local answer = f[1] and f[2] and f[3] and f[5] and tonumber(f[2]) > now and f[4] == ep
+if answer and tonumber(f[3]) > tonumber(ARGV[4]) then
+  return {1, f[1], now, f[5], ep}
 end
 if quiet or write_in_flight(key, now) then return {2} end
-local gen = f[5] or ''
-if f[6] and f[7] and tonumber(f[7]) > now then return {3, gen, ep} end
+if f[6] and f[7] and tonumber(f[7]) > now then return {3} end
+local gen = f[5]
+if not gen then
+  gen = ARGV[5]
+  redis.call('HSET', key, 'g', gen)
+end
 redis.call('HSET', key, 'l', ARGV[1], 'le', now + tonumber(ARGV[2]))
 keep(key, now, tonumber(ARGV[3]))
-return {4, gen, ep}
+return {4, gen, ep, now, answer and 1 or 0}
 "#,
     )
 });
 
-/// A fill stores its answer if no write began or ended since it began. KEYS: contact, epoch.
-/// ARGV: generation and epoch seen, lock id, sealed answer, ttl ms, guard ms. 1: stored, 0: not.
+/// A fill stores its answer if the contact's generation is still the very one it began with
+/// (no write began or ended since, and the hash was not lost: a missing generation refuses).
+/// KEYS: contact, epoch. ARGV: generation and epoch seen, lock id, sealed answer, ttl ms,
+/// guard ms, when the fill began (Redis ms). 1: stored, 0: not.
 pub static FILL_STORE: LazyLock<Script> = LazyLock::new(|| {
     Script::new(
         r#"
@@ -97,10 +109,10 @@ local key, now = KEYS[1], now_ms()
 local ep, quiet = epoch(KEYS[2], now)
 local f = redis.call('HMGET', key, 'g', 'l')
 if f[2] == ARGV[3] then redis.call('HDEL', key, 'l', 'le') end
-if (f[1] or '') ~= ARGV[1] or ep ~= ARGV[2] or quiet or write_in_flight(key, now) then
+if not f[1] or f[1] ~= ARGV[1] or ep ~= ARGV[2] or quiet or write_in_flight(key, now) then
   return 0
 end
-store_answer(key, now, ARGV[4], tonumber(ARGV[5]), ep)
+store_answer(key, now, ARGV[4], tonumber(ARGV[5]), ep, ARGV[7])
 keep(key, now, tonumber(ARGV[6]))
 return 1
 "#,
@@ -133,31 +145,23 @@ return redis.call('PUBLISH', ARGV[1], ARGV[2])
     )
 });
 
-/// A write's outcome is announced. KEYS: epoch, then the contact in every keyspace (the first:
-/// the one in use). ARGV: channel, message, pending field, outcome (applied | not_applied |
-/// unknown), the generation its pending set, new generation, sealed written answer ('' for
-/// none), ttl ms, guard ms. An applied write stores its status only if its own generation is
-/// still the contact's and no other write is in flight (overlapping writes drop the answer);
-/// a write upstream refused changes nothing.
+/// A write's outcome is announced. KEYS: the contact in every keyspace. ARGV: channel,
+/// message, pending field, outcome (applied | not_applied | unknown), new generation, guard ms.
+/// A write that may have applied replaces the generation and drops the answer: the written
+/// status is not stored (the instances read answers only from fills that began after every
+/// change they know of, and the write's end reaches them after it); a write upstream refused
+/// changes nothing.
 pub static WRITE_DONE: LazyLock<Script> = LazyLock::new(|| {
     Script::new(
         r#"
 local now = now_ms()
-local ep, quiet = epoch(KEYS[1], now)
-for i = 2, #KEYS do
-  local key = KEYS[i]
+for _, key in ipairs(KEYS) do
   redis.call('HDEL', key, ARGV[3])
   if ARGV[4] ~= 'not_applied' then
-    local mine = i == 2 and ARGV[4] == 'applied' and ARGV[7] ~= '' and not quiet
-      and redis.call('HGET', key, 'g') == ARGV[5] and not write_in_flight(key, now)
-    redis.call('HSET', key, 'g', ARGV[6])
-    if mine then
-      store_answer(key, now, ARGV[7], tonumber(ARGV[8]), ep)
-    else
-      drop_answer(key)
-    end
+    redis.call('HSET', key, 'g', ARGV[5])
+    drop_answer(key)
   end
-  keep(key, now, tonumber(ARGV[9]))
+  keep(key, now, tonumber(ARGV[6]))
 end
 return redis.call('PUBLISH', ARGV[1], ARGV[2])
 "#,

@@ -353,6 +353,32 @@ fn cluster_settings_and_password_from_a_file() {
     assert!(!cluster.shared_cache && !cluster.shared_token);
 }
 
+/// A heartbeat every `max_staleness_ms / 4`: below 100 ms an instance would flood Redis.
+#[test]
+fn max_staleness_has_a_floor_of_100_ms() {
+    for (ms, refused) in [(1, true), (99, true), (100, false)] {
+        let toml = minimal_with(
+            "cluster",
+            &format!(
+                "redis_url = \"redis://redis\"\nmax_staleness_ms = {ms}\n[oauth]\nenabled = false"
+            ),
+        );
+        let list = match Settings::from_toml_str(&toml) {
+            Ok(_) => Vec::new(),
+            Err(_) => errors(&toml),
+        };
+        assert_eq!(
+            has(
+                &list,
+                &format!("cluster.max_staleness_ms: {ms} is below 100")
+            ),
+            refused,
+            "{ms}: {list:#?}"
+        );
+        assert_eq!(list.is_empty(), !refused, "{ms}: {list:#?}");
+    }
+}
+
 #[test]
 fn cluster_problems() {
     let dir = TempDir::new("cluster-bad");
@@ -368,7 +394,8 @@ fn cluster_problems() {
     let list = errors(&toml);
     for needle in [
         "cluster.key_prefix: \"a b\" is not a key prefix (non-empty, no whitespace)",
-        "cluster.max_staleness_ms: must be greater than 0",
+        "cluster.max_staleness_ms: 0 is below 100 (each instance publishes a heartbeat every \
+         max_staleness_ms / 4)",
         "cluster.write_policy: \"sometimes\" is not a write policy; allowed: require, best_effort",
         "cluster.shared_cache: true needs cluster.shared_key_file",
         "cluster.shared_token: true needs cluster.shared_key_file",

@@ -316,7 +316,8 @@ async fn cluster_metrics_are_promtool_clean_and_complete() {
 }
 
 /// The cluster's shared tier (a real `redis-server`): its metrics are there, with their types
-/// and labels, promtool-clean, after a miss, a shared-tier hit and a write.
+/// and labels, promtool-clean, after a shared-tier hit (of a contact another instance read) and
+/// a write.
 #[tokio::test]
 async fn shared_tier_metrics_are_promtool_clean_and_complete() {
     let promtool = Promtool::find();
@@ -328,9 +329,25 @@ async fn shared_tier_metrics_are_promtool_clean_and_complete() {
     h.wait_cluster_live().await;
     h.sim
         .set_status(CONTACT_READ_WRITE, ConsentStatus::Consented);
-    assert_eq!(h.get(CONTACT_READ_WRITE).await.status, 200);
-    let id = consent_proxy::consent::ContactId::from_path_segment(CONTACT_READ_WRITE).unwrap();
-    h.proxy.cache.purge(&id);
+    // A miss of this instance, fetched and stored for the fleet.
+    let fetched = "+31642973806";
+    h.sim.set_status(fetched, ConsentStatus::Consented);
+    assert_eq!(h.get(fetched).await.header("x-cache-status"), Some("MISS"));
+    // Another instance reads the contact into Redis (once its feed is live: a MISS, not a
+    // BYPASS); this one then finds it there.
+    let mut config = crate::support::ProxyConfig::for_simulator(&h.sim);
+    crate::support::fleet::shared_tier(config.clustered(&redis.url()), true, true);
+    let other = crate::support::fleet::Instance::start(&config).await;
+    crate::support::wait_until(std::time::Duration::from_secs(10), || async {
+        let answer = crate::support::ProxyClient {
+            http: &h.http,
+            proxy: &other.proxy,
+        }
+        .get(CONTACT_READ_WRITE)
+        .await;
+        answer.header("x-cache-status") == Some("MISS")
+    })
+    .await;
     let shared = h.get(CONTACT_READ_WRITE).await;
     assert_eq!(shared.header("x-cache-tier"), Some("shared"));
     assert_eq!(h.put(CONTACT_READ_WRITE, "REFUSED").await.status / 100, 2);
@@ -375,6 +392,7 @@ async fn shared_tier_metrics_are_promtool_clean_and_complete() {
                 "hit",
                 "lock_timeout",
                 "miss",
+                "outdated",
                 "unavailable",
                 "write_pending",
             ][..],

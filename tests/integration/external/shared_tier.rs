@@ -8,8 +8,14 @@
 //!   holder died is taken over;
 //! - a fill that began before a write announced through another instance does not store its
 //!   older answer into Redis (the Redis-side generation guard);
-//! - the randomized three-instance history keeps rule 5 (docs/CONSISTENCY.md);
-//! - a restarted instance answers the contacts cached before without upstream calls;
+//! - nor when the contact's keys leave Redis mid-fill after the write (deleted; evicted under
+//!   `allkeys-lru` and `volatile-lru`): a missing generation refuses the store;
+//! - a contact's entry saved before a write and put back after it by a client without the
+//!   shared key (a replay) is refused by every instance that knows of the write;
+//! - the randomized three-instance history keeps rule 5 (docs/CONSISTENCY.md), also while the contacts' keys are
+//!   deleted and evicted all along;
+//! - a restarted instance takes no answer read before it started: it reads each contact once
+//!   and replaces it for the fleet;
 //! - an admin purge clears the shared tier; during a key rotation a write clears every
 //!   keyspace; after Redis restarts with its data, the tier starts a new epoch;
 //! - a frozen Redis never fails a GET: it is answered from upstream within its deadline.
@@ -23,9 +29,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use crate::support::fleet::{
-    cluster_config, randomized_history, shared_tier, shared_tier_with_keys, slow_fill_then_write,
-    Fleet, Instance,
+    cluster_config, randomized_history_for, shared_tier, shared_tier_with_keys,
+    slow_fill_then_write, slow_fill_then_write_holding, Fleet, Instance,
 };
+use crate::support::redis_server::RedisServer;
 use crate::support::*;
 use consent_proxy::consent::{ConsentStatus, ContactId};
 use consent_proxy::simulator::{Fault, SimRoute, Simulator, SimulatorConfig};
@@ -34,7 +41,13 @@ use tokio::time::Instant;
 
 const SHARED_HIT: &str = r#"consent_proxy_shared_cache_lookups_total{result="hit"}"#;
 const SHARED_COALESCED: &str = r#"consent_proxy_shared_cache_lookups_total{result="coalesced"}"#;
+const OUTDATED: &str = r#"consent_proxy_shared_cache_lookups_total{result="outdated"}"#;
 const STORES_REFUSED: &str = r#"consent_proxy_shared_cache_stores_total{result="refused"}"#;
+const STORED: &str = r#"consent_proxy_shared_cache_stores_total{result="stored"}"#;
+/// Announcements of other instances applied (each write: its pending and its outcome).
+const APPLIED: &str = "consent_proxy_cluster_propagation_seconds_count";
+/// Every contact's hash in Redis (the default `cluster.key_prefix`).
+const CONTACT_KEYS: &str = "consent-proxy:v1:c:*";
 const FETCHED: &str = r#"consent_proxy_token_fetches_total{result="success"}"#;
 
 /// Three instances with the shared cache on.
@@ -188,19 +201,162 @@ async fn a_fill_that_began_before_a_write_elsewhere_does_not_store_into_redis() 
     );
     assert_eq!(fleet.metric(1, STORES_REFUSED).await, 1.0);
 
-    // What Redis holds is the write's status: C, and B once its own cache forgets the
-    // contact, are answered REFUSED from the shared tier.
-    let id = ContactId::from_path_segment(contact).unwrap();
-    for i in [2, 1] {
-        fleet.proxies[i].proxy.cache.purge(&id);
+    // The write left nothing in Redis (its status is not stored there): C reads REFUSED from
+    // upstream once for the fleet, and B (whose own cache the write cleared) is answered it
+    // from the shared tier.
+    let answer = fleet.get(2, contact).await;
+    assert_eq!(
+        (answer.status_field(), source(&answer)),
+        ("REFUSED".to_owned(), local("MISS"))
+    );
+    let answer = fleet.get(1, contact).await;
+    assert_eq!(
+        (answer.status_field(), source(&answer)),
+        ("REFUSED".to_owned(), shared_hit())
+    );
+    assert_eq!(fleet.sim.gets_for(contact), 2, "one more upstream GET");
+}
+
+/// How a contact's keys leave Redis in the tests below.
+#[derive(Clone, Copy, Debug)]
+enum Loss {
+    /// An operator's `DEL`.
+    Deleted,
+    /// Evicted by Redis itself under `maxmemory-policy allkeys-lru`.
+    EvictedAllKeysLru,
+    /// Evicted under `volatile-lru` (every key of the tier has a TTL).
+    EvictedVolatileLru,
+}
+
+impl Loss {
+    /// Sets Redis up for it (before the contact is used).
+    fn prepare(self, redis: &RedisServer) {
+        match self {
+            Loss::Deleted => {}
+            Loss::EvictedAllKeysLru => redis.limit_memory("allkeys-lru"),
+            Loss::EvictedVolatileLru => redis.limit_memory("volatile-lru"),
+        }
+    }
+
+    /// Makes `key` leave Redis.
+    fn lose(self, redis: &RedisServer, key: &str) {
+        match self {
+            Loss::Deleted => {
+                redis.command(&["DEL", key]);
+            }
+            Loss::EvictedAllKeysLru => {
+                let junk = redis.evict(key, false);
+                println!("evicted under allkeys-lru after {junk} junk keys");
+            }
+            Loss::EvictedVolatileLru => {
+                let junk = redis.evict(key, true);
+                println!("evicted under volatile-lru after {junk} junk keys");
+            }
+        }
+    }
+}
+
+/// The issue's scenario: A's fill reads CONSENTED and is held; a PUT of REFUSED through B
+/// returns 200; the contact's keys leave Redis; A's fill ends. Its answer must not be stored
+/// (the generation it began under is gone), and A and C answer REFUSED, never CONSENTED from
+/// the shared tier.
+async fn keys_lost_mid_fill(loss: Loss, contact: &'static str) {
+    let fleet = Arc::new(shared_cache_fleet().await);
+    loss.prepare(&fleet.redis());
+    let slow_read =
+        slow_fill_then_write_holding(&fleet, contact, 0, 1, Duration::from_millis(2000)).await;
+    let keys = fleet.redis().keys(CONTACT_KEYS);
+    assert_eq!(keys.len(), 1, "the contact's hash: {keys:?}");
+    loss.lose(&fleet.redis(), &keys[0]);
+    assert!(
+        fleet.redis().keys(CONTACT_KEYS).is_empty(),
+        "the contact's keys are gone"
+    );
+    assert!(
+        !slow_read.is_finished(),
+        "lost while the fill was in flight"
+    );
+    let slow = slow_read.await.unwrap();
+    assert_eq!(
+        slow.status_field(),
+        "CONSENTED",
+        "it began before the write"
+    );
+    assert_eq!(
+        (
+            fleet.metric(0, STORED).await,
+            fleet.metric(0, STORES_REFUSED).await
+        ),
+        (0.0, 1.0),
+        "{loss:?}: the fill's older answer was stored into Redis"
+    );
+    for i in [0, 2] {
+        let answer = fleet.get(i, contact).await;
+        assert_eq!(
+            answer.status_field(),
+            "REFUSED",
+            "{loss:?}: instance {i} answered older than the acknowledged write ({:?})",
+            source(&answer)
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn keys_deleted_mid_fill_do_not_let_the_fill_store_its_older_answer() {
+    keys_lost_mid_fill(Loss::Deleted, "+15550900011").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn keys_evicted_mid_fill_under_allkeys_lru_do_not_let_the_fill_store_its_older_answer() {
+    keys_lost_mid_fill(Loss::EvictedAllKeysLru, "+15550900012").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn keys_evicted_mid_fill_under_volatile_lru_do_not_let_the_fill_store_its_older_answer() {
+    keys_lost_mid_fill(Loss::EvictedVolatileLru, "+15550900013").await;
+}
+
+/// A Redis client without the shared key saves a contact's hash (`HGETALL`) while it holds
+/// CONSENTED, lets a write of REFUSED happen, then puts the saved fields back (`DEL` +
+/// `HSET`): the entry opens (it is the one sealed before, generation included), but every
+/// instance knows of the write, which ended after that answer's read began, and refuses it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replayed_entry_does_not_roll_a_contact_back() {
+    let fleet = shared_cache_fleet().await;
+    let contact = "+15550900014";
+    fleet.sim.set_status(contact, ConsentStatus::Consented);
+    assert_eq!(source(&fleet.get(0, contact).await), local("MISS"));
+    let keys = fleet.redis().keys(CONTACT_KEYS);
+    assert_eq!(keys.len(), 1);
+    let key = keys[0].clone();
+    let saved: Vec<Vec<u8>> =
+        redis::from_redis_value(fleet.redis().command(&["HGETALL", &key])).unwrap();
+
+    assert_eq!(fleet.put(1, contact, "REFUSED").await.status, 200);
+    for i in [0, 2] {
+        wait_until(Duration::from_secs(2), || async {
+            fleet.metric(i, APPLIED).await == 2.0
+        })
+        .await;
+    }
+    let mut replay: Vec<&[u8]> = vec![b"HSET", key.as_bytes()];
+    replay.extend(saved.iter().map(Vec::as_slice));
+    fleet.redis().command(&["DEL", &key]);
+    fleet.redis().command(&replay);
+    fleet.redis().command(&["PEXPIRE", &key, "60000"]);
+
+    for i in [0, 2] {
         let answer = fleet.get(i, contact).await;
         assert_eq!(
             (answer.status_field(), source(&answer)),
-            ("REFUSED".to_owned(), shared_hit()),
-            "instance {i}"
+            ("REFUSED".to_owned(), local("MISS")),
+            "instance {i} was rolled back"
         );
+        assert_eq!(fleet.metric(i, OUTDATED).await, 1.0, "instance {i}");
+        // This instance's fill replaced the replayed entry: replayed again for the next one.
+        fleet.redis().command(&["DEL", &key]);
+        fleet.redis().command(&replay);
     }
-    assert_eq!(fleet.sim.gets_for(contact), 1, "nothing more went upstream");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -209,7 +365,10 @@ async fn randomized_history_with_the_shared_cache_keeps_rule_5() {
         shared_tier(c, true, false).set("talkdesk.max_retries", "0");
     })
     .await;
-    let run = randomized_history(Arc::new(fleet), "+1555091000").await;
+    // 10 s: a write's status is not stored in Redis, so the tier answers only the reads
+    // between a write's first read and the next write (about 20 in 5 s).
+    let run =
+        randomized_history_for(Arc::new(fleet), "+1555091000", Duration::from_secs(10), 0.2).await;
     assert!(
         run.shared_hits > 20.0,
         "too few shared-tier hits to mean anything"
@@ -221,8 +380,117 @@ async fn randomized_history_with_the_shared_cache_keeps_rule_5() {
     );
 }
 
+/// A restarted instance cannot know the writes it missed (nor whether Redis lost or was given
+/// back older keys meanwhile): it takes no answer read before it started. It reads each
+/// contact once from upstream and replaces the answer for the fleet, which the others then
+/// take from the shared tier.
+/// The randomized history while the contacts' keys leave Redis at the worst moments: deleted
+/// as soon as each write's outcome is announced (the vandal listens on the channel), and
+/// evicted by Redis itself all along (`allkeys-lru`, junk written all the time). 0 violations;
+/// what it costs (upstream GETs) is printed.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_restarted_instance_answers_cached_contacts_without_upstream_calls() {
+async fn randomized_history_with_keys_deleted_and_evicted_keeps_rule_5() {
+    let fleet = Arc::new(
+        Fleet::start_with(3, |_, c| {
+            shared_tier(c, true, false).set("talkdesk.max_retries", "0");
+        })
+        .await,
+    );
+    fleet.redis().limit_memory("allkeys-lru");
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let vandal = std::thread::spawn({
+        let (fleet, stop) = (fleet.clone(), stop.clone());
+        move || {
+            let mut connection = fleet.redis().admin();
+            let mut listening = fleet.redis().admin();
+            let mut channel = listening.as_pubsub();
+            channel.subscribe("consent-proxy:consent:v1").unwrap();
+            channel
+                .set_read_timeout(Some(Duration::from_millis(5)))
+                .unwrap();
+            let junk = "x".repeat(1024);
+            let (mut rounds, mut deletes) = (0, 0);
+            // Each contact's hash, learnt from the field a pending write sets in it.
+            let mut hashes = std::collections::HashMap::<String, String>::new();
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let message: Option<serde_json::Value> = channel
+                    .get_message()
+                    .ok()
+                    .and_then(|message| message.get_payload::<String>().ok())
+                    .and_then(|payload| serde_json::from_str(&payload).ok());
+                let mut pipe = redis::pipe();
+                if let Some(message) = message {
+                    let contact = message["contact"].as_str().unwrap_or_default().to_owned();
+                    match message["kind"].as_str() {
+                        Some("pending") => {
+                            let field = format!(
+                                "p:{}:{}",
+                                message["from"].as_str().unwrap(),
+                                message["write"]
+                            );
+                            let keys: Vec<String> = redis::cmd("KEYS")
+                                .arg(CONTACT_KEYS)
+                                .query(&mut connection)
+                                .unwrap();
+                            for key in keys {
+                                let has: bool = redis::cmd("HEXISTS")
+                                    .arg(&key)
+                                    .arg(&field)
+                                    .query(&mut connection)
+                                    .unwrap();
+                                if has {
+                                    hashes.insert(contact.clone(), key);
+                                }
+                            }
+                        }
+                        Some("done") => {
+                            if let Some(key) = hashes.get(&contact) {
+                                pipe.cmd("DEL").arg(key).ignore();
+                                deletes += 1;
+                            }
+                        }
+                        _ => {}
+                    }
+                }
+                for i in 0..5 {
+                    pipe.cmd("SET")
+                        .arg(format!("junk:{rounds}:{i}"))
+                        .arg(&junk)
+                        .ignore();
+                }
+                let () = pipe.query(&mut connection).unwrap();
+                rounds += 1;
+            }
+            deletes
+        }
+    });
+    // 5 % PUTs: an older answer left in Redis would live long enough after a write to be read
+    // (at 20 %, the next write often drops it within the 50 ms rule 5 allows).
+    let run =
+        randomized_history_for(fleet.clone(), "+1555091100", Duration::from_secs(8), 0.05).await;
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let deletes = vandal.join().unwrap();
+    let evicted: String =
+        redis::from_redis_value(fleet.redis().command(&["INFO", "stats"])).unwrap();
+    let evicted = evicted
+        .lines()
+        .find(|line| line.starts_with("evicted_keys:"))
+        .unwrap_or_default()
+        .to_owned();
+    println!("keys deleted after {deletes} writes, {evicted}");
+    assert!(
+        run.violations.is_empty(),
+        "rule 5 violated:\n{}",
+        run.violations.join("\n")
+    );
+    assert!(
+        run.shared_hits > 5.0,
+        "the tier never answered: proves nothing"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restarted_instance_takes_no_answer_read_before_it_started_and_replaces_them() {
     let mut fleet = shared_cache_fleet().await;
     let contacts: Vec<String> = (0..20).map(|i| format!("+155509200{i:02}")).collect();
     for contact in &contacts {
@@ -240,10 +508,15 @@ async fn a_restarted_instance_answers_cached_contacts_without_upstream_calls() {
         let answer = fleet.get(2, contact).await;
         assert_eq!(
             (answer.status_field(), source(&answer)),
-            ("DELETED".to_owned(), shared_hit())
+            ("DELETED".to_owned(), local("MISS"))
         );
     }
-    assert_eq!(fleet.sim.stats().gets, 0, "no upstream call");
+    assert_eq!(fleet.sim.stats().gets, 20, "each read once from upstream");
+    assert_eq!(fleet.metric(2, OUTDATED).await, 20.0);
+    for contact in &contacts {
+        assert_eq!(source(&fleet.get(1, contact).await), shared_hit());
+    }
+    assert_eq!(fleet.sim.stats().gets, 20, "and replaced for the fleet");
 }
 
 /// `DELETE /admin/cache/{id}` through one instance drops the contact from the shared tier too.
@@ -323,11 +596,14 @@ async fn after_redis_restarts_the_shared_tier_starts_a_new_epoch() {
         1.0,
         "stores are held off"
     );
-    // Once a pending write's lifetime (1 s + 1.5 s) has passed, the tier fills again.
+    // Once a pending write's lifetime (1 s + 1.5 s) has passed, the tier fills again. A purge
+    // is a change of the contact: B takes no answer whose read began within the clocks'
+    // uncertainty of it (a few ms), so A's read begins well after it.
     let id = ContactId::from_path_segment(contact).unwrap();
     wait_until(Duration::from_secs(10), || async {
         fleet.proxies[0].proxy.cache.purge(&id);
         fleet.proxies[1].proxy.cache.purge(&id);
+        tokio::time::sleep(Duration::from_millis(50)).await;
         fleet.get(0, contact).await;
         source(&fleet.get(1, contact).await) == shared_hit()
     })

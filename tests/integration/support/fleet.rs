@@ -124,10 +124,19 @@ pub async fn slow_fill_then_write(
     reader: usize,
     writer: usize,
 ) -> tokio::task::JoinHandle<TestResponse> {
+    slow_fill_then_write_holding(fleet, contact, reader, writer, Duration::from_millis(600)).await
+}
+
+/// As [`slow_fill_then_write`], the fill's answer held back for `hold`.
+pub async fn slow_fill_then_write_holding(
+    fleet: &Arc<Fleet>,
+    contact: &'static str,
+    reader: usize,
+    writer: usize,
+    hold: Duration,
+) -> tokio::task::JoinHandle<TestResponse> {
     fleet.sim.set_status(contact, ConsentStatus::Consented);
-    fleet
-        .sim
-        .delay_next_get(contact, Duration::from_millis(600), 1);
+    fleet.sim.delay_next_get(contact, hold, 1);
     let slow_read = tokio::spawn({
         let fleet = fleet.clone();
         async move { fleet.get(reader, contact).await }
@@ -172,6 +181,26 @@ pub async fn randomized_history_across(
     run_for: Duration,
     lag: Duration,
 ) -> HistoryRun {
+    randomized_history_with(fleet, prefix, run_for, lag, 0.2).await
+}
+
+/// As [`randomized_history`], for `run_for`, with `put_share` of the operations PUTs.
+pub async fn randomized_history_for(
+    fleet: Arc<Fleet>,
+    prefix: &str,
+    run_for: Duration,
+    put_share: f64,
+) -> HistoryRun {
+    randomized_history_with(fleet, prefix, run_for, RULE_5_LAG, put_share).await
+}
+
+async fn randomized_history_with(
+    fleet: Arc<Fleet>,
+    prefix: &str,
+    run_for: Duration,
+    lag: Duration,
+    put_share: f64,
+) -> HistoryRun {
     const CONTACTS: usize = 3;
     const INITIAL: &str = "NO_CONSENT";
     let contacts: Vec<String> = (0..CONTACTS).map(|i| format!("{prefix}{i}")).collect();
@@ -198,7 +227,7 @@ pub async fn randomized_history_across(
                     until: started + run_for,
                     contacts: CONTACTS,
                     instances: 3,
-                    put_share: 0.2,
+                    put_share,
                     pause_ms: 0..0,
                 }
                 .run(
@@ -251,8 +280,10 @@ pub async fn randomized_history_across(
     let lost_writes = lost_writes(&history, INITIAL, &upstream);
     println!(
         "history: {} operations ({gets} GETs, {puts} PUTs, {local_hits} local hits, \
-         {shared_hits} shared-tier hits) over 3 instances, {} violations at {lag:?}, {} lost writes",
+         {shared_hits} shared-tier hits, {} upstream GETs) over 3 instances, {} violations at \
+         {lag:?}, {} lost writes",
         history.len(),
+        fleet.sim.stats().gets,
         violations.len(),
         lost_writes.len()
     );

@@ -4,6 +4,10 @@
 //! [`SentinelSet`]: a master, its replica and three sentinels (`redis-server <conf> --sentinel`)
 //! that fail it over quickly.
 //! A missing `redis-server` fails the test loudly (scripts/test.sh installs it).
+//!
+//! The proxies connect as the Redis user the README's ACL rule creates ([`PROXY_ACL_RULE`]):
+//! every cluster test runs with exactly the permissions the README grants. The tests' own
+//! commands (deleting keys, filling memory) go as the default user, the administrator.
 #![allow(dead_code)]
 
 use std::io::{Read, Write};
@@ -11,6 +15,23 @@ use std::net::{TcpListener, TcpStream};
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
+
+/// The proxy's Redis user, as the README gives it (`tests/integration/docs.rs` checks that the
+/// README's rule is this one): its keys and channels (the default `cluster.key_prefix`), and the
+/// commands it sends, its scripts' included. `PASSWORD` stands for the user's password.
+pub const PROXY_ACL_RULE: &str = "ACL SETUSER consent-proxy on >PASSWORD resetkeys \
+    ~consent-proxy:* resetchannels &consent-proxy:* -@all +evalsha +eval +publish +subscribe \
+    +unsubscribe +ping +info +role +time +hget +hmget +hgetall +hset +hdel +pexpire +pttl +get \
+    +set +del";
+/// The proxy user's password in these tests.
+const PROXY_PASSWORD: &str = "proxy-user-test-password";
+
+/// The URL the proxies reach Redis by at `address` (the server, or a relay to it): as the
+/// ACL rule's user.
+pub fn proxy_url(address: impl std::fmt::Display) -> String {
+    let user = PROXY_ACL_RULE.split_whitespace().nth(2).unwrap_or_default();
+    format!("redis://{user}:{PROXY_PASSWORD}@{address}")
+}
 
 pub struct RedisServer {
     child: Option<Child>,
@@ -107,9 +128,77 @@ impl RedisServer {
         self.port
     }
 
-    /// `redis://127.0.0.1:PORT` (without the password).
+    /// The proxies' URL: `redis://consent-proxy:PASSWORD@127.0.0.1:PORT`.
     pub fn url(&self) -> String {
-        format!("redis://127.0.0.1:{}", self.port)
+        proxy_url(format!("127.0.0.1:{}", self.port))
+    }
+
+    /// The administrator's URL (the default user).
+    pub fn admin_url(&self) -> String {
+        let password = self.password.as_deref().unwrap_or_default();
+        format!("redis://:{password}@127.0.0.1:{}", self.port)
+    }
+
+    /// A connection as the administrator.
+    pub fn admin(&self) -> redis::Connection {
+        redis::Client::open(self.admin_url())
+            .and_then(|client| client.get_connection())
+            .expect("connect to Redis as the administrator")
+    }
+
+    /// Runs one command as the administrator and returns its answer.
+    pub fn command<A: AsRef<[u8]>>(&self, args: &[A]) -> redis::Value {
+        let mut command = redis::cmd(std::str::from_utf8(args[0].as_ref()).expect("a name"));
+        for arg in &args[1..] {
+            command.arg(arg.as_ref());
+        }
+        command
+            .query(&mut self.admin())
+            .expect("the command succeeds")
+    }
+
+    /// Makes Redis evict under `policy` (`allkeys-lru`, `volatile-lru`...): `maxmemory` 1 MiB
+    /// above what it uses now.
+    pub fn limit_memory(&self, policy: &str) {
+        let info: String =
+            redis::from_redis_value(self.command(&["INFO", "memory"])).expect("INFO memory");
+        let used: u64 = info
+            .lines()
+            .find_map(|line| line.strip_prefix("used_memory:"))
+            .and_then(|n| n.trim().parse().ok())
+            .expect("used_memory in INFO");
+        let limit = (used + (1 << 20)).to_string();
+        self.command(&["CONFIG", "SET", "maxmemory", &limit]);
+        self.command(&["CONFIG", "SET", "maxmemory-policy", policy]);
+    }
+
+    /// Writes junk keys of 1 KiB (each with a TTL when `volatile`, so that a `volatile-*`
+    /// policy may evict them) until Redis has evicted `key` by itself; the number written.
+    pub fn evict(&self, key: &str, volatile: bool) -> usize {
+        let mut connection = self.admin();
+        let junk = "x".repeat(1024);
+        for round in 0..400 {
+            let mut pipe = redis::pipe();
+            for i in 0..250 {
+                let name = format!("junk:{}:{round}:{i}", rand::random::<u32>());
+                pipe.cmd("SET").arg(name).arg(&junk);
+                if volatile {
+                    pipe.arg("EX").arg(3600);
+                }
+                pipe.ignore();
+            }
+            pipe.cmd("EXISTS").arg(key);
+            let exists: (u32,) = pipe.query(&mut connection).expect("junk written");
+            if exists.0 == 0 {
+                return (round + 1) * 250;
+            }
+        }
+        panic!("Redis did not evict {key} after 100,000 junk keys: is maxmemory set?");
+    }
+
+    /// The keys matching `pattern` (`KEYS`: test data is small).
+    pub fn keys(&self, pattern: &str) -> Vec<String> {
+        redis::from_redis_value(self.command(&["KEYS", pattern])).expect("a list of keys")
     }
 
     /// Kills the server (`SIGKILL`): every connection to it breaks at once.
@@ -178,6 +267,9 @@ impl RedisServer {
         if let Some(password) = &self.password {
             command.args(["--requirepass", password]);
         }
+        // `ACL SETUSER name rules...` as the `user name rules...` directive.
+        let rule = PROXY_ACL_RULE.replace(">PASSWORD", &format!(">{PROXY_PASSWORD}"));
+        command.arg("--user").args(rule.split_whitespace().skip(2));
         command.args(&self.options);
         if let Some(master) = self.replica_of {
             command.args(["--replicaof", "127.0.0.1", &master.to_string()]);

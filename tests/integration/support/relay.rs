@@ -36,9 +36,9 @@ impl Relay {
         Relay { addr, paused, task }
     }
 
-    /// `redis://` URL of the relay.
+    /// The proxies' `redis://` URL of the relay (as the proxies' Redis user).
     pub fn url(&self) -> String {
-        format!("redis://{}", self.addr)
+        super::redis_server::proxy_url(self.addr)
     }
 
     pub fn pause(&self) {
