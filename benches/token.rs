@@ -59,7 +59,10 @@ impl Fixture {
             .expect("bench settings");
             let (shutdown, shutdown_rx) = watch::channel(false);
             let (tokens, _refresher) = TokenManager::start(
-                Transport::new(settings.talkdesk.timeout, &settings.egress),
+                consent_proxy::upstream::token::EndpointClient {
+                    transport: Transport::new(settings.talkdesk.timeout, &settings.egress),
+                    tracer: consent_proxy::otel::Tracer::off(),
+                },
                 &settings.talkdesk,
                 &settings.token,
                 TokenMetrics::register(&prometheus::Registry::new()),

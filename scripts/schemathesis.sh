@@ -154,8 +154,15 @@ run consent-api-key "$URL" consent "$MAX_EXAMPLES" --header "X-API-Key: $API_KEY
 run consent-bearer "$URL" consent "$SMALL" --header "Authorization: Bearer $API_KEY"
 run consent-basic "$URL" consent "$SMALL" --auth "demo:$API_KEY"
 run consent-access-token "$URL" consent "$SMALL" --header "Authorization: Bearer $ACCESS_TOKEN"
-# The token endpoint, with the client's Basic credentials (generated bodies may also carry
-# client_secret: both methods at once, a documented 400). No stateful phase: it has no links.
+# The token endpoint, with the client's Basic credentials. No stateful phase: it has no links.
+# Expected: schemathesis warns that this operation "mostly rejected generated data". The schema
+# documents both client authentication methods, so most generated bodies carry client_id or
+# client_secret besides the Basic header: both methods at once, which RFC 6749 §2.3 forbids and
+# the endpoint refuses (a documented 400 invalid_request); the others carry a secret that is not
+# the client's (401). Narrowing the schema to what this run can send would drop
+# client_secret_post from the documentation; the valid path is covered by the examples phase
+# and by tests/integration/external/oauth.rs (Authlib), the refusals are what is tested here.
+log "oauth-token: a warning that the operation mostly rejected generated data is expected (see the comment in $0)"
 run oauth-token "$URL" oauth "$SMALL" --auth "demo:$API_KEY" --phases examples,coverage,fuzzing
 # The admin listener. No stateful phase: the admin operations have no links between them.
 run admin "$ADMIN_URL" admin "$MAX_EXAMPLES" --header "X-API-Key: $API_KEY" \

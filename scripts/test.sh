@@ -5,12 +5,26 @@
 # (scripts/container-test.sh). Installs what a fresh machine lacks first (Debian packages:
 # prometheus, redis-server for the cluster tests, tinyproxy for the egress tests, postgresql for
 # the audit store's, podman; the oidc-provider npm package, Python
-# virtualenvs for the OAuth client test and for schemathesis). Exits non-zero on the first
+# virtualenvs for the OAuth client test, the OTLP receiver and schemathesis). Exits non-zero on the first
 # failure.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-step() { printf '\n==> %s\n' "$*"; }
+# Each step is announced, and the one before it is closed with the time it took.
+step_name=""
+step_started=$SECONDS
+script_started=$SECONDS
+step() {
+    end_step
+    step_name="$*"
+    step_started=$SECONDS
+    printf '\n==> %s\n' "$*"
+}
+end_step() {
+    if [[ -n $step_name ]]; then
+        printf '<== %s: %ds\n' "$step_name" $((SECONDS - step_started))
+    fi
+}
 
 # --- what the tests need --------------------------------------------------------------------
 missing=()
@@ -33,19 +47,17 @@ if ((${#missing[@]})); then
     apt-get update -qq
     DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
 fi
-# The Debian package may start its own Prometheus on :9090; the tests run their own instance
-# on a free port, so only the packaged service is stopped (if it runs at all).
-invoke-rc.d prometheus stop >/dev/null 2>&1 || true
-# Likewise the packaged Redis on :6379: the cluster tests start their own redis-server.
-invoke-rc.d redis-server stop >/dev/null 2>&1 || true
-# And the packaged PostgreSQL cluster on :5432: the audit tests run their own server.
-invoke-rc.d postgresql stop >/dev/null 2>&1 || true
+# A packaged Prometheus, Redis or PostgreSQL service that runs here is left alone: the tests
+# start their own redis-server, Prometheus and PostgreSQL servers on free ports.
 
 step "npm ci (oidc-provider for the OAuth compatibility test)"
 npm ci --prefix tests/oidc --no-audit --no-fund --loglevel=error
 
 step "Python virtualenv with Authlib (the independent client of tests/integration/external/oauth.rs)"
 bash scripts/python-venv.sh .venv-oauth-client scripts/requirements-oauth-client.txt
+
+step "Python virtualenv with opentelemetry-proto (the independent OTLP receiver of tests/integration/external/otel.rs)"
+bash scripts/python-venv.sh .venv-otlp-receiver scripts/requirements-otlp-receiver.txt
 
 # --- the tests ------------------------------------------------------------------------------
 step "cargo test"
@@ -66,4 +78,6 @@ bash scripts/schemathesis.sh
 step "container image (podman build, run demo and serve inside it)"
 bash scripts/container-test.sh
 
-step "all tests passed"
+end_step
+step_name=""
+printf '\n==> all tests passed in %ds\n' $((SECONDS - script_started))

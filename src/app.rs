@@ -15,17 +15,18 @@ use crate::auth::token::TokenKeys;
 use crate::auth::Authenticator;
 use crate::cache::{CacheMetrics, ConsentCache};
 use crate::cluster::{Cluster, ClusterStartError};
-use crate::config::Settings;
-use crate::error::Failure;
+use crate::config::{OtelSettings, Settings};
+use crate::error::{ErrorChain, Failure};
 use crate::http::admin::AdminRoutes;
 use crate::http::routes::{ConsentRoutes, RouteLimits};
 use crate::http::token_endpoint::TokenEndpoint;
 use crate::metrics::{self, HttpMetrics};
+use crate::otel::{self, Tracer};
 use crate::service::{ConsentService, WriteMetrics};
 use crate::tls::TlsError;
 use crate::upstream::admission::AdmissionMetrics;
 use crate::upstream::client::{ConsentApi, UpstreamMetrics};
-use crate::upstream::token::{TokenManager, TokenMetrics};
+use crate::upstream::token::{EndpointClient, TokenManager, TokenMetrics};
 use crate::upstream::transport::Transport;
 use crate::wire::server::{self, ListenerLimits};
 
@@ -68,6 +69,9 @@ pub struct AppHandle {
     tasks: Vec<JoinHandle<()>>,
     feed_stop: watch::Sender<bool>,
     feed_task: Option<JoinHandle<()>>,
+    /// The trace exporter, stopped last (it sends what the drained requests recorded).
+    export_stop: watch::Sender<bool>,
+    export_task: Option<JoinHandle<()>>,
     audit_tasks: Option<AuditTasks>,
 }
 
@@ -117,8 +121,21 @@ impl App {
             }
             None => None,
         };
+        let (export_stop, export_stop_rx) = watch::channel(false);
+        let (tracer, export_task) = match &settings.otel {
+            Some(otel) => {
+                let (tracer, task) =
+                    start_tracer(otel, transport.clone(), &registry, export_stop_rx);
+                tracing::info!(endpoint = %otel.endpoint, sample_ratio = otel.sample_ratio, "OpenTelemetry trace export on");
+                (tracer, Some(task))
+            }
+            None => (Tracer::off(), None),
+        };
         let (tokens, refresher) = TokenManager::start(
-            transport.clone(),
+            EndpointClient {
+                transport: transport.clone(),
+                tracer: tracer.clone(),
+            },
             &settings.talkdesk,
             &settings.token,
             TokenMetrics::register(&registry),
@@ -181,6 +198,7 @@ impl App {
                 trusted_proxies: settings.server.trusted_proxies.clone(),
             },
             token_endpoint,
+            tracer,
         ));
         let serving = Arc::new(AtomicBool::new(false));
         let admin = Arc::new(AdminRoutes::new(
@@ -250,9 +268,41 @@ impl App {
             tasks,
             feed_stop,
             feed_task,
+            export_stop,
+            export_task,
             audit_tasks,
         })
     }
+}
+
+/// The trace exporter, posting through the upstream transport (TLS roots and egress proxy as
+/// for Talkdesk; a collector inside the network belongs in `NO_PROXY`).
+fn start_tracer(
+    otel: &OtelSettings,
+    transport: Transport,
+    registry: &prometheus::Registry,
+    stop: watch::Receiver<bool>,
+) -> (Tracer, JoinHandle<()>) {
+    /// A collector's answer is small; its body is read only to reuse the connection.
+    const MAX_ANSWER_BYTES: usize = 64 * 1024;
+    let post: otel::Post = Arc::new(move |request| {
+        let transport = transport.clone();
+        Box::pin(async move {
+            transport
+                .attempt(request, otel::EXPORT_TIMEOUT, MAX_ANSWER_BYTES)
+                .await
+                .map(|answer| answer.status)
+                .map_err(|error| ErrorChain(&error).to_string())
+        })
+    });
+    Tracer::start(
+        &otel.endpoint,
+        otel.service_name.clone(),
+        otel.sample_ratio,
+        post,
+        registry,
+        stop,
+    )
 }
 
 /// Binds the listener configured under `key`, and says where it listens (port 0 resolved).
@@ -282,6 +332,12 @@ impl AppHandle {
         let _ = self.feed_stop.send(true);
         if let Some(feed) = self.feed_task {
             let _ = feed.await;
+        }
+        let _ = self.export_stop.send(true);
+        if let Some(export) = self.export_task {
+            // What is queued gets one more chance; a collector that stays slow does not hold
+            // the exit up for long.
+            let _ = tokio::time::timeout(otel::EXPORT_TIMEOUT * 2, export).await;
         }
     }
 

@@ -66,13 +66,19 @@ pub struct ErrorChain<'a>(pub &'a (dyn std::error::Error + 'static));
 
 impl fmt::Display for ErrorChain<'_> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}", self.0)?;
+        // Some errors (redis', io-wrapping ones) already end their own text with their
+        // cause's: such a cause is not written twice.
+        let mut written = self.0.to_string();
         let mut source = self.0.source();
         while let Some(cause) = source {
-            write!(f, ": {cause}")?;
+            let text = cause.to_string();
+            if !written.ends_with(&text) {
+                written.push_str(": ");
+                written.push_str(&text);
+            }
             source = cause.source();
         }
-        Ok(())
+        f.write_str(&written)
     }
 }
 
@@ -107,6 +113,9 @@ pub enum ProxyError {
     InvalidToken(#[source] Failure),
     #[error("the client lacks the '{0}' permission")]
     Forbidden(&'static str),
+    /// The client holds the permission, or may, but the access token's scope does not.
+    #[error("the access token's scope lacks '{0}'")]
+    ScopeLacks(&'static str),
     #[error("no such route")]
     NotFound,
     #[error("method not allowed")]
@@ -155,7 +164,7 @@ impl ProxyError {
             | ProxyError::MissingCredentials
             | ProxyError::InvalidToken(_) => StatusCode::UNAUTHORIZED,
             ProxyError::TooManyAttempts { .. } => StatusCode::TOO_MANY_REQUESTS,
-            ProxyError::Forbidden(_) => StatusCode::FORBIDDEN,
+            ProxyError::Forbidden(_) | ProxyError::ScopeLacks(_) => StatusCode::FORBIDDEN,
             ProxyError::NotFound | ProxyError::AuditDisabled => StatusCode::NOT_FOUND,
             ProxyError::MethodNotAllowed { .. } => StatusCode::METHOD_NOT_ALLOWED,
             ProxyError::PayloadTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
@@ -194,7 +203,7 @@ impl ProxyError {
             | ProxyError::MissingCredentials
             | ProxyError::InvalidToken(_) => "unauthorized",
             ProxyError::TooManyAttempts { .. } => "too_many_attempts",
-            ProxyError::Forbidden(_) => "forbidden",
+            ProxyError::Forbidden(_) | ProxyError::ScopeLacks(_) => "forbidden",
             ProxyError::NotFound => "not_found",
             ProxyError::MethodNotAllowed { .. } => "method_not_allowed",
             ProxyError::PayloadTooLarge { .. } => "payload_too_large",
@@ -226,6 +235,10 @@ impl ProxyError {
             ProxyError::Forbidden(permission) => {
                 format!("this client lacks the '{permission}' permission")
             }
+            ProxyError::ScopeLacks(permission) => format!(
+                "this access token's scope lacks '{permission}': request a token with the scope \
+                 voicebiometrics-consent:{permission}, or none (every permission the client holds)"
+            ),
             ProxyError::NotFound => "no such route".into(),
             ProxyError::MethodNotAllowed { allow } => format!("allowed methods: {allow}"),
             ProxyError::PayloadTooLarge { limit } => {
@@ -358,5 +371,31 @@ mod tests {
             ErrorChain(&err).to_string().contains("abc123"),
             "kept for the logs"
         );
+    }
+
+    #[test]
+    fn a_cause_the_error_already_ends_with_is_not_repeated() {
+        /// Like redis' error: its text ends with its cause's.
+        #[derive(Debug)]
+        struct Wrapping(std::io::Error);
+        impl fmt::Display for Wrapping {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                write!(f, "connecting: {}", self.0)
+            }
+        }
+        impl std::error::Error for Wrapping {
+            fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+                Some(&self.0)
+            }
+        }
+        let refused = || std::io::Error::new(std::io::ErrorKind::ConnectionRefused, "refused");
+        let failure = Failure::new("cluster feed", Wrapping(refused()));
+        assert_eq!(
+            ErrorChain(&failure).to_string(),
+            "cluster feed: connecting: refused"
+        );
+        // A cause that adds something is kept.
+        let failure = Failure::new("cluster feed", refused());
+        assert_eq!(ErrorChain(&failure).to_string(), "cluster feed: refused");
     }
 }

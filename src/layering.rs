@@ -3,7 +3,7 @@
 //! - the top-level modules stand on floors ([`FLOORS`]), and each imports only from floors
 //!   below its own: no arrow runs up or sideways, so no circle can form;
 //! - inside a folder, the files (and subfolders) import each other without a circle;
-//! - the HTTP plumbing (`wire/`) uses nothing of the product;
+//! - the HTTP plumbing (`wire/`) and tracing (`otel/`) use nothing of the product;
 //! - the product never uses the simulator, and the simulator uses only the plumbing (the
 //!   listener, body helpers, credential parsing, the OAuth token-endpoint plumbing) and the
 //!   consent domain.
@@ -21,8 +21,8 @@ const FLOORS: &[&[&str]] = &[
     // What every component uses: the error type, the metrics registry, logging, rustls (whose
     // roots may come from a configured file).
     &["error", "metrics", "logging", "tls"],
-    // Who the caller is.
-    &["auth"],
+    // Who the caller is; tracing (it registers its own metrics, and knows nothing else).
+    &["auth", "otel"],
     // One request as it travels down (it names the caller).
     &["request"],
     // The consent-answer cache; the Talkdesk client; the audit trail of writes.
@@ -323,17 +323,22 @@ fn the_product_does_not_use_the_simulator() {
     );
 }
 
-#[test]
-fn the_simulator_uses_only_shared_plumbing() {
+/// Fails listing every line of the folder `top_level` that uses more than `may_use`.
+fn assert_uses_only(top_level: &str, may_use: &[&str], what: &str) {
     let offending: Vec<String> = code_lines()
-        .filter(|line| line.top_level == "simulator")
-        .filter(|line| uses_more_than(&line.code, SIMULATOR_MAY_USE))
+        .filter(|line| line.top_level == top_level)
+        .filter(|line| uses_more_than(&line.code, may_use))
         .map(|line| line.to_string())
         .collect();
-    assert!(
-        offending.is_empty(),
-        "the simulator uses more of the product than its shared plumbing:\n{}",
-        offending.join("\n")
+    assert!(offending.is_empty(), "{what}:\n{}", offending.join("\n"));
+}
+
+#[test]
+fn the_simulator_uses_only_shared_plumbing() {
+    assert_uses_only(
+        "simulator",
+        SIMULATOR_MAY_USE,
+        "the simulator uses more of the product than its shared plumbing",
     );
 }
 
@@ -342,16 +347,20 @@ const PLUMBING_MAY_USE: &[&str] = &["crate::wire"];
 
 #[test]
 fn the_plumbing_uses_nothing_of_the_product() {
-    let offending: Vec<String> = code_lines()
-        .filter(|line| line.top_level == "wire")
-        .filter(|line| uses_more_than(&line.code, PLUMBING_MAY_USE))
-        .map(|line| line.to_string())
-        .collect();
-    assert!(
-        offending.is_empty(),
-        "the plumbing in wire/ uses the product:\n{}",
-        offending.join("\n")
+    assert_uses_only(
+        "wire",
+        PLUMBING_MAY_USE,
+        "the plumbing in wire/ uses the product",
     );
+}
+
+/// Tracing knows nothing of the product either: callers name their spans and attributes. It
+/// registers its own metrics through the shared helpers.
+const TRACING_MAY_USE: &[&str] = &["crate::otel", "crate::metrics"];
+
+#[test]
+fn tracing_uses_nothing_of_the_product() {
+    assert_uses_only("otel", TRACING_MAY_USE, "otel/ uses the product");
 }
 
 #[test]

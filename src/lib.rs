@@ -42,6 +42,7 @@ pub mod jws;
 mod layering;
 pub mod logging;
 pub mod metrics;
+pub mod otel;
 pub mod request;
 pub mod service;
 pub mod simulator;

@@ -53,6 +53,9 @@ enum Command {
         api_key: Option<String>,
     },
     /// Run the Talkdesk simulator alone (token endpoint /oauth/token, API at its root).
+    ///
+    /// It starts with no contacts: a GET answers 404 until a PUT sets the contact's status
+    /// (unlike `demo`, which seeds +15551234567 as CONSENTED). /_sim/stats shows what it saw.
     Simulator {
         /// Address of the token endpoint and the consent API.
         #[arg(long, default_value = "127.0.0.1:8081")]
@@ -197,15 +200,22 @@ fn log_stopped() {
     tracing::info!("stopped");
 }
 
-/// The configuration in effect, secrets redacted, at start-up: as readable TOML lines in the
-/// text format, as one `config` string field in JSON (which keeps one object per line).
+/// The configuration in effect, secrets redacted, at start-up. In the text format its ~70
+/// TOML lines are logged at debug, and one line at info says where to find them; in JSON it is
+/// one `config` string field (one object per line) at info.
 fn log_effective_configuration(settings: &Settings) {
     let config = settings.redacted_toml();
     match settings.log.format {
-        LogFormat::Text => tracing::info!(
-            "effective configuration (secrets redacted):\n{}",
-            config.trim_end()
-        ),
+        LogFormat::Text => {
+            tracing::info!(
+                "configuration loaded; `consent-proxy check-config` prints the effective \
+                 configuration, as does this log at debug"
+            );
+            tracing::debug!(
+                "effective configuration (secrets redacted):\n{}",
+                config.trim_end()
+            );
+        }
         LogFormat::Json => tracing::info!(
             config = %config,
             "effective configuration (secrets redacted)"

@@ -10,6 +10,7 @@ use http::{HeaderValue, StatusCode};
 use tokio::time::Instant;
 
 use crate::auth::Caller;
+use crate::otel::Span;
 
 /// The per-request context.
 pub struct RequestContext {
@@ -20,6 +21,10 @@ pub struct RequestContext {
     pub deadline: Instant,
     /// Who asked, once authenticated.
     pub caller: Option<Caller>,
+    /// The span the work at hand belongs to: the request's server span, or in a task it
+    /// handed over to, a handle on it (or on a span of that task, e.g. the fill). Spans of
+    /// deeper steps (upstream attempts) are its children. Nothing when tracing is off.
+    pub trace: Span,
     /// Made on the first upstream attempt or the first hand-over to another task: a hit
     /// allocates nothing.
     upstream: OnceLock<LastAttempt>,
@@ -32,6 +37,7 @@ impl RequestContext {
             started,
             deadline,
             caller: None,
+            trace: Span::none(),
             upstream: OnceLock::new(),
         }
     }
@@ -44,6 +50,7 @@ impl RequestContext {
             started: self.started,
             deadline: self.deadline,
             caller: self.caller,
+            trace: self.trace.handle(),
             upstream: OnceLock::from(self.last_attempt_slot().clone()),
         }
     }
@@ -51,7 +58,10 @@ impl RequestContext {
     /// A context for work this request starts on behalf of the cache (a refresh-ahead): the
     /// same id and deadline, but neither the caller's nor in this request's log line.
     pub fn detached(&self) -> RequestContext {
-        RequestContext::new(self.id.clone(), self.started, self.deadline)
+        RequestContext {
+            trace: self.trace.handle(),
+            ..RequestContext::new(self.id.clone(), self.started, self.deadline)
+        }
     }
 
     /// Records an upstream attempt that ended.

@@ -24,6 +24,7 @@ use crate::consent::{consent_status_of, ConsentAnswer};
 use crate::consent::{ConsentStatus, ContactId, WriteOutcome};
 use crate::error::{ErrorChain, Failure, ProxyError};
 use crate::metrics;
+use crate::otel::SpanKind;
 use crate::request::RequestContext;
 use crate::upstream::client::ConsentApi;
 
@@ -85,13 +86,39 @@ impl ConsentService {
     /// the entry's refresh in the background; a fill upstream cannot answer may be answered
     /// from the cache (`STALE`, see `cache::settle`).
     pub async fn read(&self, contact: &ContactId, request: &RequestContext) -> Settled {
+        // The lookup's span lasts until the GET is settled: a wait for a fill is part of it.
+        let mut lookup = request.trace.child("cache lookup", SpanKind::Internal);
+        let settled = self.read_through_cache(contact, request).await;
+        if lookup.is_recording() {
+            lookup.set("consent_proxy.cache.status", settled.status.header_value());
+            if let Some(detail) = settled.status.log_detail() {
+                lookup.set("consent_proxy.cache.detail", detail);
+            }
+        }
+        settled
+    }
+
+    async fn read_through_cache(&self, contact: &ContactId, request: &RequestContext) -> Settled {
         let deadline = request.deadline;
         // Built only when a fill runs in its own task (a miss or a refresh): a hit clones
         // nothing, and cloning a new request id's bytes would allocate a shared copy.
-        let fetch = |context: RequestContext| {
+        let fetch = |mut context: RequestContext| {
             let api = self.api.clone();
             let contact = contact.clone();
-            async move { api.get(&contact, &context).await }
+            async move {
+                // The fill's span, parent of its upstream attempts.
+                let mut fill = context.trace.child("cache fill", SpanKind::Internal);
+                context.trace = fill.handle();
+                let result = api.get(&contact, &context).await;
+                match &result {
+                    Ok(answer) => fill.set(
+                        "http.response.status_code",
+                        i64::from(answer.status.as_u16()),
+                    ),
+                    Err(error) => fill.fail(error.code()),
+                }
+                result
+            }
         };
         let (cache_status, answer) = match self.cache.lookup(contact) {
             Lookup::Hit(hit) => {
@@ -200,22 +227,29 @@ impl ConsentService {
                         status,
                         previous: service.cache.known_status(&contact),
                     };
+                    // The pending record, made durable before the write goes upstream.
+                    let _span = request.trace.child("audit write", SpanKind::Client);
                     audit.begin(draft, request.deadline).await?
                 }
             };
             let write = service.cache.begin_write(&contact);
             let announced = match &service.cluster {
                 None => None,
-                Some(cluster) => match cluster.announce_write(&contact).await {
-                    Ok(announced) => Some(announced),
-                    Err(refused) => {
-                        write.finish(WriteOutcome::NotApplied);
-                        if let Some(record) = record {
-                            record.complete(AuditOutcome::Refused, None);
+                Some(cluster) => {
+                    let mut span = request.trace.child("cluster announce", SpanKind::Client);
+                    span.set("consent_proxy.announcement", "pending");
+                    match cluster.announce_write(&contact).await {
+                        Ok(announced) => Some(announced),
+                        Err(refused) => {
+                            span.fail(refused.code());
+                            write.finish(WriteOutcome::NotApplied);
+                            if let Some(record) = record {
+                                record.complete(AuditOutcome::Refused, None);
+                            }
+                            return Err(refused);
                         }
-                        return Err(refused);
                     }
-                },
+                }
             };
             let written = service.api.put(&contact, status, &request).await;
             let outcome = match &written.answer {
@@ -238,6 +272,8 @@ impl ConsentService {
                 record.complete(audited, upstream_status);
             }
             if let Some(announced) = announced {
+                let mut span = request.trace.child("cluster announce", SpanKind::Client);
+                span.set("consent_proxy.announcement", "outcome");
                 announced.finish(outcome).await;
             }
             written.answer

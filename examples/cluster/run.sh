@@ -61,6 +61,7 @@ python3 -c 'import secrets; print(secrets.token_hex(32))' >"$work/signing-key"
 "$BIN" simulator --listen "127.0.0.1:$sim_port" --client-id example --client-secret example-secret \
     >"$work/simulator.log" 2>&1 &
 pids+=($!)
+serving=($!) # the simulator and the instances: what the example waits on (not Redis)
 
 for i in 0 1 2; do
     cat >"$work/instance-$((i + 1)).toml" <<EOF
@@ -87,6 +88,7 @@ permissions = ["read", "write", "admin"]
 EOF
     "$BIN" serve --config "$work/instance-$((i + 1)).toml" >"$work/instance-$((i + 1)).log" 2>&1 &
     pids+=($!)
+    serving+=($!)
 done
 
 # Waits until every instance is ready with its cluster feed live.
@@ -123,10 +125,14 @@ API key: $api_key
   curl -i -H 'X-API-Key: $api_key' $(url 1)      # REFUSED at once: instance 1 announced the write
   curl -s http://127.0.0.1:${admin[1]}/readyz  # "cluster":{"feed":"live"}
   kill $redis_pid                                # Redis gone: GETs say BYPASS, PUTs 503 cluster_unavailable
+  redis-server --port $redis_port --bind 127.0.0.1 --save '' --appendonly no --dir $work &   # back: the instances reconnect
 Logs and configurations: $work. Ctrl-C stops everything.
 EOF
-    wait "${pids[0]}" || true
-    exit 0
+    # Runs until Ctrl-C, or until the simulator or an instance exits; Redis may come and go.
+    wait -n "${serving[@]}" || true
+    echo "a process of the example exited; see the logs in $work" >&2
+    KEEP_WORKDIR=1
+    exit 1
 fi
 
 # --check: the walkthrough, asserted.

@@ -89,6 +89,7 @@ fn caller(verified: Verified, clients: &[ClientSettings]) -> Option<Caller> {
     Some(Caller {
         client_index: Some(verified.client_index),
         permissions: scope::granted_now(verified.scopes, client.permissions),
+        token_scopes: Some(verified.scopes),
         method: AuthMethod::AccessToken,
     })
 }

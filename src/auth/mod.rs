@@ -70,6 +70,9 @@ impl Permission {
 pub struct Caller {
     pub client_index: Option<usize>,
     pub permissions: Permissions,
+    /// The scopes of the access token it presented (`None` for a key): a 403 names what lacks
+    /// the permission, the client or the token.
+    pub token_scopes: Option<Permissions>,
     /// How the caller proved who it is (recorded in the audit trail).
     pub method: AuthMethod,
 }
@@ -104,10 +107,13 @@ impl AuthMethod {
 impl Caller {
     /// 403 unless this caller holds `needed`.
     pub fn require(&self, needed: Permission) -> Result<(), ProxyError> {
-        if needed.granted_by(self.permissions) {
-            Ok(())
-        } else {
-            Err(ProxyError::Forbidden(needed.as_str()))
+        match self.token_scopes {
+            _ if needed.granted_by(self.permissions) => Ok(()),
+            // (Admin is no scope: a token never grants it, whatever its client holds.)
+            Some(scopes) if needed != Permission::Admin && !needed.granted_by(scopes) => {
+                Err(ProxyError::ScopeLacks(needed.as_str()))
+            }
+            _ => Err(ProxyError::Forbidden(needed.as_str())),
         }
     }
 }
@@ -244,6 +250,7 @@ impl Authenticator {
         }
         Ok(Caller {
             client_index: None,
+            token_scopes: None,
             permissions: Permissions {
                 read: true,
                 write: true,
@@ -308,6 +315,7 @@ impl Authenticator {
                 found = Some(Caller {
                     client_index: Some(index),
                     permissions: client.permissions,
+                    token_scopes: None,
                     method,
                 });
             }
@@ -525,6 +533,22 @@ mod tests {
         assert!(auth
             .authorize(&bearer(&ivr_token), Permission::Read)
             .is_ok());
+        // A read-scoped token of a client that may write: the token's scope is what lacks it.
+        let read_token = keys
+            .issue(
+                "ops",
+                Permissions {
+                    write: false,
+                    ..READ_WRITE
+                },
+                hour,
+            )
+            .unwrap();
+        let refused = auth.authorize(&bearer(&read_token), Permission::Write);
+        assert!(
+            matches!(refused, Err(ProxyError::ScopeLacks("write"))),
+            "{refused:?}"
+        );
         assert!(matches!(
             auth.authorize(&bearer(&ivr_token), Permission::Write),
             Err(ProxyError::Forbidden("write"))

@@ -22,12 +22,15 @@ pub enum CacheStatus {
 }
 
 impl CacheStatus {
-    /// The name in logs.
-    pub fn as_str(self) -> &'static str {
+    /// What the access log adds to the `x-cache-status` value (which it logs as `cache`, the
+    /// same word the caller saw): `shared` for an answer from the cluster's shared tier
+    /// (`x-cache-tier: shared`), `unsynced` for a bypass because the cluster's feed was not
+    /// live (the `result` label counting it); nothing for the others.
+    pub fn log_detail(self) -> Option<&'static str> {
         match self {
-            CacheStatus::Unsynced => "UNSYNCED",
-            CacheStatus::SharedHit => "HIT_SHARED",
-            status => status.header_value(),
+            CacheStatus::Unsynced => Some("unsynced"),
+            CacheStatus::SharedHit => Some("shared"),
+            _ => None,
         }
     }
 

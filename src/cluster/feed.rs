@@ -64,9 +64,56 @@ pub(super) struct Feed {
     pub pending_lifetime: Duration,
 }
 
+/// While Redis stays unreachable, a reminder at WARN this often; the failures between are at
+/// DEBUG (a wrong URL would otherwise log a warning every 2 s, forever).
+const STILL_DOWN_WARNING_EVERY: Duration = Duration::from_secs(60);
+
+/// An outage of the feed as the log tells it: the first failure, then a reminder a minute.
+#[derive(Default)]
+struct Outage {
+    /// Since the first failure after the feed was last live (or since start).
+    down_since: Option<Instant>,
+    failures: u64,
+    last_warning: Option<Instant>,
+}
+
+/// How a failed session is logged.
+#[derive(Debug, PartialEq, Eq)]
+enum Report {
+    /// The first failure of an outage: a warning.
+    Lost,
+    /// A reminder: still down after this many failures over this long.
+    StillDown { failures: u64, down_for: Duration },
+    /// Otherwise: debug only.
+    Quiet,
+}
+
+impl Outage {
+    fn failed(&mut self, now: Instant) -> Report {
+        self.failures += 1;
+        let Some(since) = self.down_since else {
+            self.down_since = Some(now);
+            self.last_warning = Some(now);
+            return Report::Lost;
+        };
+        if self
+            .last_warning
+            .is_none_or(|warned| now.duration_since(warned) >= STILL_DOWN_WARNING_EVERY)
+        {
+            self.last_warning = Some(now);
+            return Report::StillDown {
+                failures: self.failures,
+                down_for: now.duration_since(since),
+            };
+        }
+        Report::Quiet
+    }
+}
 /// What goes on from one session to the next.
 struct Continuity {
     backoff: Backoff,
+    /// How long the feed has been down: whether a failure is worth a warning.
+    outage: Outage,
     remote: RemoteWrites,
     /// Heartbeat numbers go on across sessions, so that a late one from an earlier session is
     /// never taken for one of the current session's.
@@ -169,6 +216,7 @@ impl Feed {
         };
         let mut continuity = Continuity {
             backoff: Backoff::new(RECONNECT_FIRST, last_delay),
+            outage: Outage::default(),
             remote: RemoteWrites::new(self.pending_lifetime),
             next_seq: 0,
             redis_seen: RedisSeen::NotYet,
@@ -191,13 +239,28 @@ impl Feed {
                 End::Shutdown => return,
                 End::Lost(problem) => problem,
             };
-            tracing::warn!(
-                redis = %self.redis_url,
-                error = %ErrorChain(&problem),
-                "cluster feed lost: answering from upstream, writes cannot be announced; reconnecting"
-            );
-            self.shared
-                .set_problem(Some(ErrorChain(&problem).to_string()));
+            let error = ErrorChain(&problem).to_string();
+            match continuity.outage.failed(Instant::now()) {
+                Report::Lost => tracing::warn!(
+                    redis = %self.redis_url,
+                    error,
+                    "cluster feed lost: answering from upstream, writes cannot be announced; \
+                     reconnecting (further failures at debug, a reminder every minute)"
+                ),
+                Report::StillDown { failures, down_for } => tracing::warn!(
+                    redis = %self.redis_url,
+                    error,
+                    failures,
+                    down_for_s = down_for.as_secs(),
+                    "cluster feed still down: answering from upstream, writes cannot be announced"
+                ),
+                Report::Quiet => tracing::debug!(
+                    redis = %self.redis_url,
+                    error,
+                    "cluster feed: reconnecting failed"
+                ),
+            }
+            self.shared.set_problem(Some(error));
             let delay = continuity.backoff.next_delay();
             tokio::select! {
                 _ = tokio::time::sleep(delay) => {}
@@ -654,6 +717,7 @@ impl Session<'_> {
         if !self.live {
             self.live = true;
             continuity.backoff.reset();
+            continuity.outage = Outage::default();
             feed.shared.set_problem(None);
             tracing::info!(redis = %feed.redis_url, "cluster feed live: answering from the cache");
         }
@@ -678,5 +742,35 @@ impl Session<'_> {
                 }
             }
         });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_outage_warns_once_then_reminds_every_minute() {
+        let start = Instant::now();
+        let mut outage = Outage::default();
+        assert_eq!(outage.failed(start), Report::Lost);
+        for s in 1..60 {
+            let at = start + Duration::from_secs(s);
+            assert_eq!(outage.failed(at), Report::Quiet, "{s} s");
+        }
+        assert_eq!(
+            outage.failed(start + Duration::from_secs(60)),
+            Report::StillDown {
+                failures: 61,
+                down_for: Duration::from_secs(60)
+            }
+        );
+        assert_eq!(
+            outage.failed(start + Duration::from_secs(61)),
+            Report::Quiet
+        );
+        // Live again: the next failure is a new outage, warned at once.
+        outage = Outage::default();
+        assert_eq!(outage.failed(start + Duration::from_secs(62)), Report::Lost);
     }
 }

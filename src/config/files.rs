@@ -59,8 +59,7 @@ pub struct FileText {
 
 /// Reads `path` whole as UTF-8 text, within its kind's bound and checks.
 pub fn read_text(path: &Path, kind: FileKind) -> Result<FileText, String> {
-    let shown = path.display();
-    let cannot_read = |e: std::io::Error| format!("cannot read '{shown}': {e}");
+    let cannot_read = |e: std::io::Error| cannot_read(path, e);
     if kind != FileKind::Configuration {
         // Before opening: opening a FIFO would wait for a writer.
         regular(path, &fs::metadata(path).map_err(cannot_read)?)?;
@@ -80,7 +79,11 @@ pub fn read_text(path: &Path, kind: FileKind) -> Result<FileText, String> {
         .read_to_string(&mut text)
         .map_err(cannot_read)?;
     if text.len() as u64 > limit {
-        return Err(format!("'{shown}' is larger than {}", size(limit)));
+        return Err(format!(
+            "'{}' is larger than {}",
+            path.display(),
+            size(limit)
+        ));
     }
     Ok(FileText { text, warning })
 }
@@ -90,8 +93,6 @@ pub fn read_text(path: &Path, kind: FileKind) -> Result<FileText, String> {
 /// and everything in it belongs to the directory's owner (Kubernetes' Secret mounts: a
 /// read-only `1777` tmpfs, owned by root, like its links and files).
 pub(super) fn key_files(dir: &Path) -> Result<Vec<std::path::PathBuf>, String> {
-    let cannot_read =
-        |path: &Path, e: std::io::Error| format!("cannot read '{}': {e}", path.display());
     let dir_metadata = fs::metadata(dir).map_err(|e| cannot_read(dir, e))?;
     let dir_mode = dir_metadata.permissions().mode();
     let open_to_others = dir_mode & OTHERS_WRITE != 0;
@@ -137,6 +138,24 @@ pub(super) fn key_files(dir: &Path) -> Result<Vec<std::path::PathBuf>, String> {
     Ok(files)
 }
 
+/// A failed read, naming the file; a permission refused also names who this process runs as,
+/// since a file mounted into a container must be readable by the image's user (65532), which
+/// is rarely the owner of the file on the host.
+fn cannot_read(path: &Path, e: std::io::Error) -> String {
+    let shown = path.display();
+    if e.kind() != std::io::ErrorKind::PermissionDenied {
+        return format!("cannot read '{shown}': {e}");
+    }
+    // `/proc/self` belongs to the process' effective user and group: no libc call needed.
+    let who = fs::metadata("/proc/self")
+        .map(|me| format!("uid {} gid {}", me.uid(), me.gid()))
+        .unwrap_or_else(|_| "this process' user".to_owned());
+    format!(
+        "cannot read '{shown}': {e}; it must be readable by {who} (the container image runs as \
+         uid 65532: give the file to that user or group, or make it group-readable with fsGroup)"
+    )
+}
+
 fn regular(path: &Path, metadata: &Metadata) -> Result<(), String> {
     if metadata.is_file() {
         Ok(())
@@ -180,6 +199,25 @@ mod tests {
 
     fn chmod(path: &str, mode: u32) {
         fs::set_permissions(path, fs::Permissions::from_mode(mode)).unwrap();
+    }
+
+    #[test]
+    fn a_refused_read_names_the_user_the_file_must_be_readable_by() {
+        let denied = std::io::Error::from(std::io::ErrorKind::PermissionDenied);
+        let message = cannot_read(Path::new("/etc/consent-proxy/secret"), denied);
+        assert!(
+            message.starts_with("cannot read '/etc/consent-proxy/secret': "),
+            "{message}"
+        );
+        let me = fs::metadata("/proc/self").unwrap();
+        assert!(
+            message.contains(&format!("readable by uid {} gid {}", me.uid(), me.gid())),
+            "{message}"
+        );
+        assert!(message.contains("uid 65532"), "{message}");
+        // Other failures say only what failed.
+        let missing = std::io::Error::from(std::io::ErrorKind::NotFound);
+        assert!(!cannot_read(Path::new("/x"), missing).contains("65532"));
     }
 
     #[test]

@@ -86,6 +86,8 @@ pub struct Settings {
     pub audit: AuditSettings,
     pub clients: Vec<ClientSettings>,
     pub auth: AuthSettings,
+    /// `None` when `otel.endpoint` is empty: no traces.
+    pub otel: Option<OtelSettings>,
     /// The configuration as loaded, secrets already replaced: what [`Settings::redacted_toml`] prints.
     redacted: schema::ConfigFile,
     /// What is worth a warning though valid (a secret file others can read), each naming its
@@ -359,6 +361,16 @@ impl WritePolicy {
             WritePolicy::BestEffort => "best_effort",
         }
     }
+}
+
+/// OpenTelemetry trace export (`[otel]`, when `endpoint` is set).
+#[derive(Debug, Clone)]
+pub struct OtelSettings {
+    /// The collector's base URL; spans are POSTed to `{endpoint}/v1/traces`.
+    pub endpoint: String,
+    pub service_name: String,
+    /// Of the traces started here (0 to 1); a caller's sampled `traceparent` is always followed.
+    pub sample_ratio: f64,
 }
 
 /// The proxy's own OAuth 2.0 token endpoint for callers.

@@ -25,6 +25,7 @@ pub(super) struct ConfigFile {
     pub oauth: OAuth,
     pub audit: Audit,
     pub auth: Auth,
+    pub otel: Otel,
     /// Only from a file: the shipped defaults have none.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub clients: Vec<Client>,
@@ -119,6 +120,13 @@ pub(super) struct OAuth {
     pub enabled: Field<bool>,
     pub token_ttl_s: Field<u64>,
     pub signing_key_file: Field<String>,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+pub(super) struct Otel {
+    pub endpoint: Field<String>,
+    pub service_name: Field<String>,
+    pub sample_ratio: Field<f64>,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -238,6 +246,24 @@ impl Leaf for u32 {
 
     fn to_toml(&self) -> toml::Value {
         toml::Value::Integer(i64::from(*self))
+    }
+}
+
+impl Leaf for f64 {
+    fn from_value(value: Value) -> Result<Self, String> {
+        match &value.kind {
+            ValueKind::Float(x) => Some(*x),
+            ValueKind::I64(n) => Some(*n as f64),
+            ValueKind::U64(n) => Some(*n as f64),
+            ValueKind::String(s) => s.trim().parse().ok(),
+            _ => None,
+        }
+        .filter(|x: &f64| x.is_finite())
+        .ok_or_else(|| expected("a number", &value))
+    }
+
+    fn to_toml(&self) -> toml::Value {
+        toml::Value::Float(*self)
     }
 }
 

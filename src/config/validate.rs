@@ -23,9 +23,9 @@ use super::{
     schema::{self, Field},
     secret_files::{read_keys, read_secret_file, FromFiles},
     AuthSettings, BreakerSettings, CacheSettings, ClientAuth, ClientCredential, ClientSettings,
-    ClusterSettings, EgressSettings, ExtraRoots, LogSettings, OAuthSettings, Permissions,
-    ProxyEndpoint, Secret, SentinelSettings, ServerSettings, Settings, TalkdeskSettings, TlsFiles,
-    TokenSettings, ANONYMOUS,
+    ClusterSettings, EgressSettings, ExtraRoots, LogSettings, OAuthSettings, OtelSettings,
+    Permissions, ProxyEndpoint, Secret, SentinelSettings, ServerSettings, Settings,
+    TalkdeskSettings, TlsFiles, TokenSettings, ANONYMOUS,
 };
 use crate::wire::forwarded::{Network, TrustedProxies};
 
@@ -64,6 +64,7 @@ pub(super) fn settings(file: schema::ConfigFile, p: &mut Problems) -> Option<Set
         .value("auth.required", file.auth.required)
         .map(|required| AuthSettings { required });
     let clients = clients(file.clients, p);
+    let otel = otel(file.otel, p);
     if auth.as_ref().is_some_and(|auth| auth.required) && client_count == 0 {
         p.general(
             "clients: at least one [[clients]] entry is required unless auth.required = false",
@@ -84,6 +85,7 @@ pub(super) fn settings(file: schema::ConfigFile, p: &mut Problems) -> Option<Set
         audit: audit?,
         clients: clients?,
         auth: auth?,
+        otel: otel?,
         warnings: Vec::new(),
     })
 }
@@ -885,6 +887,37 @@ fn oauth(o: schema::OAuth, clustered: bool, p: &mut Problems) -> Option<OAuthSet
         token_ttl: token_ttl?,
         signing_keys: signing_keys?,
     })
+}
+
+fn otel(o: schema::Otel, p: &mut Problems) -> Option<Option<OtelSettings>> {
+    let endpoint = p.check("otel.endpoint", o.endpoint, |url| {
+        if url.is_empty() {
+            return Ok(url);
+        }
+        http_url(&url, false)?;
+        Ok(url.trim_end_matches('/').to_owned())
+    });
+    let service_name = p.check("otel.service_name", o.service_name, |name| {
+        if name.is_empty() || name.chars().any(char::is_control) {
+            Err("must be a non-empty name without control characters".to_owned())
+        } else {
+            Ok(name)
+        }
+    });
+    let sample_ratio = p.check("otel.sample_ratio", o.sample_ratio, |ratio| {
+        if (0.0..=1.0).contains(&ratio) {
+            Ok(ratio)
+        } else {
+            Err(format!("must be between 0 and 1, got {ratio}"))
+        }
+    });
+    let endpoint = endpoint?;
+    let (service_name, sample_ratio) = (service_name?, sample_ratio?);
+    Some((!endpoint.is_empty()).then_some(OtelSettings {
+        endpoint,
+        service_name,
+        sample_ratio,
+    }))
 }
 
 // ---------------------------------------------------------------------------------------------

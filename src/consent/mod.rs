@@ -13,7 +13,7 @@ mod write;
 
 pub use answer::ConsentAnswer;
 pub use contact::{mask_contact_id, ContactId, MAX_CONTACT_ID_LEN};
-pub use path::{consent_path, consent_path_segment, consent_url};
+pub use path::{consent_path, consent_path_segment, consent_url, CONSENT_ROUTE};
 pub use status::{consent_status_of, parse_consent_body, BodyError, ConsentStatus};
 pub use write::WriteOutcome;
 

@@ -5,6 +5,8 @@ use super::ContactId;
 
 const PREFIX: &str = "/voicebiometrics/contacts/";
 const SUFFIX: &str = "/consent";
+/// The path as a template, for traces (`http.route`, `url.template`): never the contact id.
+pub const CONSENT_ROUTE: &str = "/voicebiometrics/contacts/{contact_id}/consent";
 
 /// The consent path of `contact`, its id percent-encoded for a path (as sent upstream).
 pub fn consent_path(contact: &ContactId) -> String {

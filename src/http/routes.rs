@@ -16,11 +16,12 @@ use tokio::time::Instant;
 use crate::auth::{self, Authenticator, Permission};
 use crate::cache::CacheStatus;
 use crate::consent::ConsentAnswer;
-use crate::consent::{consent_path_segment, parse_consent_body, ContactId};
+use crate::consent::{consent_path_segment, parse_consent_body, ContactId, CONSENT_ROUTE};
 use crate::error::{ErrorChain, FieldProblem, ProxyError};
 use crate::http::token_endpoint::{Refusal, TokenEndpoint};
 use crate::metrics::status_label;
 use crate::metrics::HttpMetrics;
+use crate::otel::{Span, Tracer};
 use crate::request::RequestContext;
 use crate::service::{ConsentService, WriteTask};
 use crate::wire::body::{self, Body, ReadBodyError};
@@ -63,6 +64,7 @@ pub struct ConsentRoutes {
     limits: RouteLimits,
     /// `None` when `oauth.enabled = false`.
     token_endpoint: Option<TokenEndpoint>,
+    tracer: Tracer,
 }
 
 /// The answers common enough to keep their `consent_proxy_requests_total` series at hand.
@@ -116,6 +118,8 @@ struct Outcome {
     route: &'static str,
     /// The caller's address (the peer's, or the one a trusted proxy forwarded for).
     address: Option<IpAddr>,
+    /// The matched route's template, for traces (`http.route`).
+    http_route: Option<&'static str>,
     contact: Option<ContactId>,
     cache_status: Option<CacheStatus>,
     error: Option<ProxyError>,
@@ -166,6 +170,7 @@ impl ConsentRoutes {
         metrics: HttpMetrics,
         limits: RouteLimits,
         token_endpoint: Option<TokenEndpoint>,
+        tracer: Tracer,
     ) -> Self {
         // Every series shown from the start, so that a rate over them is defined at once.
         for reason in auth::FAILURE_REASONS {
@@ -189,6 +194,7 @@ impl ConsentRoutes {
             recorder,
             limits,
             token_endpoint,
+            tracer,
         }
     }
 
@@ -218,6 +224,8 @@ impl ConsentRoutes {
                 ..Outcome::default()
             },
         };
+        // Named and described once the route is known (`describe_server_span`).
+        in_flight.context.trace = self.tracer.server_span(request.headers(), "HTTP");
         let InFlight {
             context, outcome, ..
         } = &mut in_flight;
@@ -240,6 +248,14 @@ impl ConsentRoutes {
             &in_flight.outcome,
             &in_flight.context,
         );
+        if in_flight.context.trace.is_recording() {
+            describe_server_span(
+                &mut in_flight.context.trace,
+                &in_flight.method,
+                &response,
+                &in_flight.outcome,
+            );
+        }
         // Moved, not cloned: cloning a new id's bytes would allocate a shared copy.
         let id = std::mem::replace(&mut in_flight.context.id, HeaderValue::from_static(""));
         response.headers_mut().insert(X_REQUEST_ID, id);
@@ -266,6 +282,7 @@ impl ConsentRoutes {
             return self.other_route(request, address, context, outcome).await;
         };
         outcome.route = "consent";
+        outcome.http_route = Some(CONSENT_ROUTE);
         let needed = match *request.method() {
             Method::GET => Permission::Read,
             Method::PUT => Permission::Write,
@@ -359,6 +376,7 @@ impl ConsentRoutes {
             Some(endpoint) if request.uri().path() == TOKEN_PATH => endpoint,
             _ => return Err(ProxyError::NotFound),
         };
+        outcome.http_route = Some(TOKEN_PATH);
         if request.method() != Method::POST {
             return Err(ProxyError::MethodNotAllowed { allow: "POST" });
         }
@@ -460,7 +478,8 @@ impl Recorder {
                 route = outcome.route,
                 contact = contact.as_deref().unwrap_or("-"),
                 status = status.as_u16(),
-                cache = outcome.cache_status.map_or("-", CacheStatus::as_str),
+                cache = outcome.cache_status.map_or("-", CacheStatus::header_value),
+                cache_detail = outcome.cache_status.and_then(CacheStatus::log_detail),
                 upstream_status = upstream.as_ref().map_or("-", |u| u.outcome.as_str()),
                 upstream_duration_us = upstream.map(|u| u.duration.as_micros() as u64),
                 error = outcome
@@ -478,6 +497,45 @@ impl Recorder {
                 duration_us = elapsed.as_micros() as u64,
                 "request"
             );
+        }
+    }
+}
+
+/// The server span in OpenTelemetry's HTTP semantic conventions: named `{method} {route}`
+/// after the route template (never the path, which holds the contact id), the answer's
+/// status, a 5xx as an error, and how the cache answered.
+fn describe_server_span(
+    span: &mut Span,
+    method: &Method,
+    response: &Response<Body>,
+    outcome: &Outcome,
+) {
+    let method = match *method {
+        Method::GET => "GET",
+        Method::PUT => "PUT",
+        Method::POST => "POST",
+        _ => "_OTHER",
+    };
+    let route = outcome.http_route;
+    span.rename(match (method, route) {
+        ("GET", Some(CONSENT_ROUTE)) => "GET /voicebiometrics/contacts/{contact_id}/consent",
+        ("PUT", Some(CONSENT_ROUTE)) => "PUT /voicebiometrics/contacts/{contact_id}/consent",
+        ("POST", Some(TOKEN_PATH)) => "POST /oauth/token",
+        (method, _) => method,
+    });
+    span.set("http.request.method", method);
+    if let Some(route) = route {
+        span.set("http.route", route);
+    }
+    let status = response.status();
+    span.set("http.response.status_code", i64::from(status.as_u16()));
+    if let Some(cache) = outcome.cache_status {
+        span.set("consent_proxy.cache.status", cache.header_value());
+    }
+    if status.is_server_error() {
+        span.set("error.type", status_label(status));
+        if let Some(error) = &outcome.error {
+            span.fail(error.code());
         }
     }
 }

@@ -240,6 +240,7 @@ impl TokenEndpoint {
         Ok(Issued {
             caller: Caller {
                 permissions: scopes,
+                token_scopes: Some(scopes),
                 ..client
             },
             access_token,

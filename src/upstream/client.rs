@@ -12,9 +12,12 @@ use prometheus::{Histogram, HistogramVec, IntCounter, IntCounterVec, Registry};
 use tokio::time::Instant;
 
 use crate::config::TalkdeskSettings;
-use crate::consent::{consent_status_of, consent_url, ConsentAnswer, ConsentStatus, ContactId};
+use crate::consent::{
+    consent_status_of, consent_url, ConsentAnswer, ConsentStatus, ContactId, CONSENT_ROUTE,
+};
 use crate::error::{ErrorChain, Failure, ProxyError};
 use crate::metrics::{self, status_label};
+use crate::otel::{Span, SpanKind};
 use crate::request::{AttemptOutcome, AttemptReport, RequestContext};
 use crate::upstream::admission::{Admission, AdmissionMetrics, Verdict, MAX_HOLD_OFF};
 use crate::upstream::backoff::Backoff;
@@ -225,6 +228,7 @@ impl ConsentApi {
         let mut renewed_after_401 = false;
         let mut an_attempt_may_have_applied = false;
         let mut backoff = Backoff::new(RETRY_BACKOFF_FIRST, RETRY_BACKOFF_LAST);
+        let mut attempts: i64 = 0;
         let result = loop {
             let token = match self.tokens.current(deadline).await {
                 Ok(token) => token,
@@ -237,11 +241,19 @@ impl ConsentApi {
                 Ok(permit) => permit,
                 Err(error) => break Err(CallError::NotApplied(error)),
             };
-            let request =
+            // Named after the method (HTTP client conventions); only GET and PUT go upstream.
+            let name = if method == Method::PUT { "PUT" } else { "GET" };
+            let mut span = context.trace.child(name, SpanKind::Client);
+            if span.is_recording() {
+                self.describe_attempt(&mut span, &method, attempts);
+            }
+            attempts += 1;
+            let mut request =
                 match build_request(&method, uri.clone(), &token, &context.id, body.clone()) {
                     Ok(request) => request,
                     Err(error) => break Err(CallError::NotApplied(error)),
                 };
+            span.inject(request.headers_mut());
             let started = Instant::now();
             let timeout = self
                 .attempt_timeout
@@ -251,6 +263,29 @@ impl ConsentApi {
                 .attempt(request, timeout, self.max_response_bytes)
                 .await;
             self.record(&method, &result, started, context);
+            match &result {
+                Ok(answer) => {
+                    span.set(
+                        "http.response.status_code",
+                        i64::from(answer.status.as_u16()),
+                    );
+                    if answer.status.is_server_error() {
+                        span.set("error.type", status_label(answer.status));
+                        span.fail(format!("upstream answered {}", answer.status.as_u16()));
+                    }
+                }
+                Err(error) => {
+                    let kind = match error {
+                        AttemptError::Timeout => "timeout",
+                        AttemptError::Connect(_) => "connect",
+                        AttemptError::TooLarge(_) => "response_too_large",
+                        AttemptError::Failed(_) => "exchange_failed",
+                    };
+                    span.set("error.type", kind);
+                    span.fail(error.to_string());
+                }
+            }
+            drop(span);
             permit.finish(match &result {
                 Ok(answer) if !answer.status.is_server_error() => Verdict::Answered,
                 _ => Verdict::Failed,
@@ -322,6 +357,34 @@ impl ConsentApi {
         CallEnd {
             result,
             an_attempt_may_have_applied,
+        }
+    }
+
+    /// An upstream attempt's span in OpenTelemetry's HTTP client conventions: the method,
+    /// Talkdesk's host and port, the path template (the real path holds the contact id), and
+    /// which retry it is.
+    fn describe_attempt(&self, span: &mut Span, method: &Method, retries_before: i64) {
+        span.set(
+            "http.request.method",
+            if *method == Method::PUT { "PUT" } else { "GET" },
+        );
+        if let Ok(base) = self.api_base_url.parse::<http::Uri>() {
+            if let Some(host) = base.host() {
+                span.set("server.address", host.to_owned());
+            }
+            let port = base
+                .port_u16()
+                .unwrap_or(if base.scheme_str() == Some("http") {
+                    80
+                } else {
+                    443
+                });
+            span.set("server.port", i64::from(port));
+            let base_path = base.path().trim_end_matches('/');
+            span.set("url.template", format!("{base_path}{CONSENT_ROUTE}"));
+        }
+        if retries_before > 0 {
+            span.set("http.request.resend_count", retries_before);
         }
     }
 

@@ -487,6 +487,12 @@ fn serve_logs_the_configuration_warnings_at_start() {
         warning.contains("can be read by others (mode 0644)"),
         "{warning}"
     );
+    // At info in the text format the configuration is one line, not its ~70 TOML lines
+    // (those are at debug; `check-config` prints them).
+    let start = logs.join("\n");
+    assert!(start.contains("configuration loaded"), "{start}");
+    assert!(!start.contains("[[clients]]"), "{start}");
+    assert!(logs.len() < 15, "{} lines at start:\n{start}", logs.len());
     proxy.assert_stops_cleanly(Duration::from_secs(15));
 }
 
@@ -561,7 +567,7 @@ fn demo_prints_working_curl_lines_and_stops_on_sigterm() {
     ]);
     let mut demo = Running::spawn(command);
     let banner = demo.read_until(Stream::Stdout, Duration::from_secs(30), |lines| {
-        lines.iter().filter(|l| l.starts_with("curl ")).count() >= 5
+        lines.iter().filter(|l| l.starts_with("curl ")).count() >= 6
     });
     let curls: Vec<&String> = banner.iter().filter(|l| l.starts_with("curl ")).collect();
     assert!(banner.iter().any(|l| l.contains(key)), "{banner:?}");
@@ -598,9 +604,55 @@ fn demo_prints_working_curl_lines_and_stops_on_sigterm() {
         "{metrics}"
     );
 
+    // The OAuth client is named, and its token line works as printed.
+    assert!(
+        banner.iter().any(|l| l.contains("OAuth client demo")),
+        "{banner:?}"
+    );
+    let token = shell(curls[5]);
+    assert!(token.contains("\"access_token\""), "{token}");
+
     // Like `serve`, it says that it drains and that it stopped.
     let transcript = demo.assert_stops_cleanly(Duration::from_secs(10));
     assert_logs_shutdown(&transcript);
+}
+
+#[test]
+fn demo_flag_errors_are_named_after_the_flags_and_said_once() {
+    let short = command()
+        .args([
+            "demo",
+            "--listen",
+            "127.0.0.1:0",
+            "--admin-listen",
+            "127.0.0.1:0",
+        ])
+        .args(["--api-key", "short"])
+        .output()
+        .expect("run demo");
+    assert!(!short.status.success());
+    let stderr = text(&short.stderr);
+    assert!(stderr.contains("--api-key: "), "{stderr}");
+    assert!(!stderr.contains("clients[0]"), "{stderr}");
+    assert_eq!(
+        stderr.matches("must be at least 16 characters").count(),
+        1,
+        "said twice: {stderr}"
+    );
+
+    let busy = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let addr = busy.local_addr().expect("addr").to_string();
+    let taken = command()
+        .args(["demo", "--listen", &addr, "--admin-listen", "127.0.0.1:0"])
+        .output()
+        .expect("run demo");
+    assert!(!taken.status.success());
+    let stderr = text(&taken.stderr);
+    assert!(
+        stderr.contains(&format!("cannot listen on {addr} (--listen)")),
+        "{stderr}"
+    );
+    assert!(!stderr.contains("server.listen"), "{stderr}");
 }
 
 /// The two lines every serving command logs on SIGTERM, in order.
@@ -838,6 +890,7 @@ fn help_works_for_every_command() {
                 "--client-secret",
                 "--latency-ms",
                 "--token-ttl-s",
+                "starts with no contacts",
             ],
         ),
         (

@@ -658,6 +658,7 @@ fn every_proxy_error() -> Vec<ProxyError> {
         },
         ProxyError::InvalidToken("access token expired".into()),
         ProxyError::Forbidden("write"),
+        ProxyError::ScopeLacks("write"),
         ProxyError::NotFound,
         ProxyError::MethodNotAllowed { allow: "GET, PUT" },
         ProxyError::PayloadTooLarge { limit: 4096 },
@@ -684,6 +685,7 @@ fn every_proxy_error() -> Vec<ProxyError> {
             | ProxyError::TooManyAttempts { .. }
             | ProxyError::InvalidToken(_)
             | ProxyError::Forbidden(_)
+            | ProxyError::ScopeLacks(_)
             | ProxyError::NotFound
             | ProxyError::MethodNotAllowed { .. }
             | ProxyError::PayloadTooLarge { .. }

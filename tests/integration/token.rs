@@ -503,7 +503,10 @@ async fn dropping_the_manager_stops_its_refresher() {
     let settings = ProxyConfig::for_simulator(&sim).settings();
     let (shutdown, shutdown_rx) = tokio::sync::watch::channel(false);
     let (tokens, refresher) = TokenManager::start(
-        Transport::new(settings.talkdesk.timeout, &settings.egress),
+        consent_proxy::upstream::token::EndpointClient {
+            transport: Transport::new(settings.talkdesk.timeout, &settings.egress),
+            tracer: consent_proxy::otel::Tracer::off(),
+        },
         &settings.talkdesk,
         &settings.token,
         TokenMetrics::register(&prometheus::Registry::new()),

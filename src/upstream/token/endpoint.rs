@@ -39,6 +39,16 @@ impl TokenRequest {
         }
     }
 
+    /// The token endpoint in a span's attributes: where it is, never what is sent.
+    pub(super) fn describe(&self, span: &mut crate::otel::Span) {
+        if let Ok(uri) = self.url.parse::<http::Uri>() {
+            if let Some(host) = uri.host() {
+                span.set("server.address", host.to_owned());
+            }
+            span.set("url.path", uri.path().to_owned());
+        }
+    }
+
     /// One request to the token endpoint, within `timeout`; its answer validated.
     pub(super) async fn send(&self, transport: &Transport) -> Result<ParsedToken, TokenFailure> {
         let request = self.build()?;

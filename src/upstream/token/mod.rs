@@ -18,6 +18,7 @@ mod fleet;
 mod metrics;
 mod refresher;
 
+use crate::otel::Tracer;
 use std::fmt;
 use std::sync::atomic::AtomicU64;
 use std::sync::Arc;
@@ -137,6 +138,13 @@ impl TokenState {
     }
 }
 
+/// How the refresher reaches the token endpoint: the transport, and the tracer each fetch
+/// reports a span to (`Tracer::off()` for none).
+pub struct EndpointClient {
+    pub transport: Transport,
+    pub tracer: Tracer,
+}
+
 /// The handle requests use. Cheap to clone.
 #[derive(Clone)]
 pub struct TokenManager {
@@ -148,13 +156,14 @@ impl TokenManager {
     /// returned manager and all its clones are dropped, or when `shutdown` fires; the handle
     /// says when it has.
     pub fn start(
-        transport: Transport,
+        endpoint: EndpointClient,
         talkdesk: &TalkdeskSettings,
         settings: &TokenSettings,
         metrics: TokenMetrics,
         fleet: Option<Arc<dyn FleetTokens>>,
         shutdown: watch::Receiver<bool>,
     ) -> (Self, JoinHandle<()>) {
+        let EndpointClient { transport, tracer } = endpoint;
         let (phase, _) = watch::channel(Phase::Fetching);
         let (alive, manager_gone) = oneshot::channel();
         let wake = Arc::new(Notify::new());
@@ -176,6 +185,7 @@ impl TokenManager {
             refresh_margin: settings.refresh_margin,
             fleet,
             installed_fleet_id: None,
+            tracer,
         };
         let task = tokio::spawn(refresher.run(shutdown));
         (TokenManager { state }, task)

@@ -16,7 +16,8 @@ use super::fleet::{
     FleetLock, FleetToken, FleetTokens, LockAnswer, TokenSource, FLEET_WAIT_MARGIN,
 };
 use super::{AccessToken, Phase, TokenFailure, TokenState};
-use crate::error::Failure;
+use crate::error::{ErrorChain, Failure};
+use crate::otel::{SpanKind, Tracer};
 use crate::upstream::backoff::Backoff;
 use crate::upstream::transport::Transport;
 
@@ -38,6 +39,8 @@ pub(super) struct Refresher {
     pub(super) fleet: Option<Arc<dyn FleetTokens>>,
     /// The fleet id of the token last installed, when it is the fleet's.
     pub(super) installed_fleet_id: Option<u64>,
+    /// Each fetch is the root span of a trace of its own: no request asked for it.
+    pub(super) tracer: Tracer,
 }
 
 /// A token ready to install, and how long it lives from now (for the expiry gauge).
@@ -117,7 +120,18 @@ impl Refresher {
     /// [`Self::fetch`], counted and timed in the token metrics.
     async fn fetch_counted(&self, state: &TokenState) -> Result<Obtained, TokenFailure> {
         let started = Instant::now();
+        let mut span = self.tracer.root_span("POST", SpanKind::Client);
+        if span.is_recording() {
+            span.set("http.request.method", "POST");
+            span.set("consent_proxy.operation", "token fetch");
+            self.request.describe(&mut span);
+        }
         let result = self.fetch(started, state).await;
+        match &result {
+            Ok(_) => span.set("http.response.status_code", 200i64),
+            Err(failure) => span.fail(ErrorChain(failure).to_string()),
+        }
+        drop(span);
         let metrics = &state.metrics;
         metrics
             .fetch_duration

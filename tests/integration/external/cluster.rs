@@ -938,3 +938,75 @@ fn the_local_example_runs() {
         "examples/cluster/run.sh --check: {status}"
     );
 }
+
+/// The example run by hand: killing Redis, one of the steps it prints, leaves the instances
+/// running (answering from upstream, their caches bypassed) instead of ending the example.
+#[test]
+fn the_local_example_outlives_its_redis() {
+    use std::io::{BufRead, BufReader};
+    use std::process::{Command, Stdio};
+    let mut example = without_proxy_env(&mut Command::new("bash"))
+        .arg("examples/cluster/run.sh")
+        .env("BIN", BIN)
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("run bash");
+    let (mut redis_pid, mut instance, mut api_key) = (None, None, None);
+    for line in BufReader::new(example.stdout.take().expect("stdout")).lines() {
+        let line = line.expect("the example's output");
+        match line.split_whitespace().collect::<Vec<_>>().as_slice() {
+            ["kill", pid, ..] => redis_pid = Some(pid.to_string()),
+            ["instance", "2:", consent, "(admin", admin] => {
+                instance = Some((consent.to_string(), admin.trim_end_matches(')').to_owned()))
+            }
+            ["API", "key:", key] => api_key = Some(key.to_string()),
+            _ => {}
+        }
+        if line.contains("Ctrl-C stops everything") {
+            break;
+        }
+    }
+    let redis_pid = redis_pid.expect("a `kill <redis pid>` line");
+    let (consent, admin) = instance.expect("instance 2's addresses");
+    let api_key = api_key.expect("the API key");
+    let curl = |args: &[&str]| {
+        let out = Command::new("curl")
+            .args(["-sS", "--max-time", "5"])
+            .args(args)
+            .output()
+            .expect("run curl");
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let killed = Command::new("kill").arg(&redis_pid).status().expect("kill");
+    assert!(killed.success(), "kill {redis_pid}");
+    // Awaits the instance's own word that its feed is down.
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while curl(&[&format!("{admin}/readyz")]).contains("\"feed\":\"live\"") {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "instance 2 still says its feed is live"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let answer = curl(&[
+        "-D",
+        "-",
+        "-o",
+        "/dev/null",
+        "-H",
+        &format!("X-API-Key: {api_key}"),
+        &format!("{consent}/voicebiometrics/contacts/%2B15551234567/consent"),
+    ])
+    .to_ascii_lowercase();
+    let running = example.try_wait().expect("try_wait").is_none();
+    let _ = Command::new("kill")
+        .args(["-TERM", &example.id().to_string()])
+        .status();
+    let _ = example.wait();
+    assert!(running, "the example ended when its Redis was killed");
+    assert!(
+        answer.contains("x-cache-status: bypass"),
+        "instance 2 without Redis: {answer}"
+    );
+}

@@ -137,23 +137,12 @@ async fn harness_with_keys(keys: &TempFile, configure: impl FnOnce(&mut ProxyCon
 
 /// The interpreter of the virtualenv `scripts/test.sh` prepares, with Authlib in it.
 fn oauth_client_python() -> PathBuf {
-    let python = std::env::var_os("OAUTH_CLIENT_PYTHON")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| {
-            Path::new(env!("CARGO_MANIFEST_DIR")).join(".venv-oauth-client/bin/python")
-        });
-    let has_authlib = Command::new(&python)
-        .args(["-c", "import authlib.integrations.requests_client"])
-        .output()
-        .is_ok_and(|out| out.status.success());
-    assert!(
-        has_authlib,
-        "no Python with Authlib at {} (OAUTH_CLIENT_PYTHON or .venv-oauth-client): run \
-         `bash scripts/python-venv.sh .venv-oauth-client scripts/requirements-oauth-client.txt` \
-         (scripts/test.sh does)",
-        python.display()
-    );
-    python
+    crate::support::python_venv::venv_python(
+        "OAUTH_CLIENT_PYTHON",
+        ".venv-oauth-client",
+        "authlib.integrations.requests_client",
+        "scripts/requirements-oauth-client.txt",
+    )
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -20,6 +20,8 @@ use super::raw_http::{content_length, head_end};
 pub struct Seen {
     pub method: String,
     pub target: String,
+    /// The request line and headers, as received.
+    pub head: String,
     /// When it had arrived whole.
     pub at: Instant,
 }
@@ -181,6 +183,7 @@ async fn read_request(stream: &mut TcpStream) -> Option<Seen> {
         method: words.next()?.to_owned(),
         target: words.next()?.to_owned(),
         at: Instant::now(),
+        head: head.clone(),
     })
 }
 

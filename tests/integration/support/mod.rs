@@ -9,6 +9,7 @@ pub mod fleet;
 pub mod forward_proxy;
 pub mod history;
 pub mod postgres_server;
+pub mod python_venv;
 pub mod raw_http;
 pub mod redis_server;
 pub mod relay;
