@@ -35,7 +35,7 @@ use super::messages::{unix_us, Announcement, Body};
 use super::remote::RemoteWrites;
 use super::sentinel::{self, NodeAddress, Sentinels};
 use super::shared::SharedCache;
-use super::{Shared, ANNOUNCE_TIMEOUT, CONNECT_TIMEOUT};
+use super::{Member, ANNOUNCE_TIMEOUT, CONNECT_TIMEOUT};
 use crate::cache::ConsentCache;
 use crate::error::{ErrorChain, Failure};
 use crate::upstream::backoff::Backoff;
@@ -54,7 +54,7 @@ pub(super) enum Target {
 }
 
 pub(super) struct Feed {
-    pub shared: Arc<Shared>,
+    pub member: Arc<Member>,
     pub target: Target,
     pub cache: ConsentCache,
     pub shared_cache: Option<Arc<SharedCache>>,
@@ -232,8 +232,8 @@ impl Feed {
                 Ok(mut session) => session.run(&mut continuity, &mut shutdown).await,
                 Err(problem) => End::Lost(problem),
             };
-            self.shared.link.clear();
-            self.shared.confirmed_until(None);
+            self.member.link.clear();
+            self.member.confirmed_until(None);
             self.cache.distrust();
             let problem = match end {
                 End::Shutdown => return,
@@ -260,7 +260,7 @@ impl Feed {
                     "cluster feed: reconnecting failed"
                 ),
             }
-            self.shared.set_problem(Some(error));
+            self.member.set_problem(Some(error));
             let delay = continuity.backoff.next_delay();
             tokio::select! {
                 _ = tokio::time::sleep(delay) => {}
@@ -296,8 +296,8 @@ impl Feed {
         // Whatever came before may have been missed, so the cache forgets it all before it is
         // trusted again (when the first heartbeat comes back).
         self.cache.flush();
-        self.shared.metrics.resyncs.inc();
-        self.shared.link.set(publisher.clone());
+        self.member.metrics.resyncs.inc();
+        self.member.link.set(publisher.clone());
         let now = Instant::now();
         let trusted_from = match (&self.target, &master) {
             (Target::Sentinel(sentinels), Some(new)) if continuity.master.as_ref() != Some(new) => {
@@ -332,10 +332,10 @@ impl Feed {
         if session.master.is_some() {
             // The majority that named this master counts as the first confirmation.
             session.latest_confirmation = Some(asked);
-            self.shared
+            self.member
                 .confirmed_until(Some(asked + self.max_staleness));
         }
-        self.shared.set_problem(Some(if trusted_from > now {
+        self.member.set_problem(Some(if trusted_from > now {
             format!(
                 "a new Redis master; the cache is used again once writes announced to the \
                  previous one have ended ({} ms)",
@@ -362,7 +362,7 @@ impl Feed {
             .map_err(|err| Failure::new("cannot connect to Redis", err))?;
         let subscribe = async {
             let mut pubsub = client.get_async_pubsub().await?;
-            pubsub.subscribe(&self.shared.channel).await?;
+            pubsub.subscribe(&self.member.channel).await?;
             Ok::<_, RedisError>(pubsub.into_on_message())
         };
         let messages = tokio::time::timeout(CONNECT_TIMEOUT, subscribe)
@@ -431,7 +431,7 @@ impl Feed {
         let evicting = policy
             .as_deref()
             .filter(|policy| *policy != "noeviction" && self.shared_cache.is_some());
-        self.shared.set_warning(evicting.map(|policy| {
+        self.member.set_warning(evicting.map(|policy| {
             format!(
                 "Redis' maxmemory-policy is {policy}: it may evict the shared tier's keys \
                  (answers are then fetched from upstream again); noeviction keeps them"
@@ -464,7 +464,7 @@ impl Feed {
             Ok(announcement) => announcement,
             Err(err) => {
                 // It might have been about a write: forget everything rather than risk it.
-                self.shared.metrics.undecodable.inc();
+                self.member.metrics.undecodable.inc();
                 self.cache.flush();
                 tracing::warn!(
                     error = %err,
@@ -473,7 +473,7 @@ impl Feed {
                 return None;
             }
         };
-        let own = announcement.from == self.shared.id;
+        let own = announcement.from == self.member.id;
         match &announcement.body {
             Body::Heartbeat { seq } if own => return heartbeats.answered(*seq),
             Body::Heartbeat { .. } => return None,
@@ -500,7 +500,7 @@ impl Feed {
                 return None;
             }
         }
-        self.shared
+        self.member
             .metrics
             .propagation
             .observe(announcement.age_s(unix_us()));
@@ -581,7 +581,7 @@ impl Session<'_> {
                     let Some(message) = message else {
                         return End::Lost(Failure::msg("Redis closed the subscription"));
                     };
-                    self.feed.shared.metrics.received.inc();
+                    self.feed.member.metrics.received.inc();
                     let payload = message.get_payload_bytes();
                     if let Some(sent) = self.feed.apply(payload, &mut continuity.remote, &mut self.heartbeats) {
                         self.latest_echo = Some(sent);
@@ -611,7 +611,7 @@ impl Session<'_> {
         }
         let expired = continuity.remote.expire(now);
         if expired > 0 {
-            feed.shared.metrics.expired.inc_by(expired as u64);
+            feed.member.metrics.expired.inc_by(expired as u64);
             tracing::warn!(
                 expired,
                 "pending writes of other instances expired without an outcome: \
@@ -620,7 +620,7 @@ impl Session<'_> {
         }
         if self.live && !feed.cache.is_trusted() {
             self.live = false;
-            feed.shared.set_problem(Some(self.why_untrusted()));
+            feed.member.set_problem(Some(self.why_untrusted()));
             tracing::warn!(
                 redis = %feed.redis_url,
                 "cluster feed not confirmed live: answering from upstream until it is"
@@ -677,7 +677,7 @@ impl Session<'_> {
                 if self.latest_confirmation < Some(confirmation.sent) {
                     self.latest_confirmation = Some(confirmation.sent);
                     self.feed
-                        .shared
+                        .member
                         .confirmed_until(Some(confirmation.sent + self.feed.max_staleness));
                     self.refresh_trust(continuity);
                 }
@@ -718,7 +718,7 @@ impl Session<'_> {
             self.live = true;
             continuity.backoff.reset();
             continuity.outage = Outage::default();
-            feed.shared.set_problem(None);
+            feed.member.set_problem(None);
             tracing::info!(redis = %feed.redis_url, "cluster feed live: answering from the cache");
         }
     }
@@ -726,16 +726,16 @@ impl Session<'_> {
     /// Publishes heartbeat `seq` without holding up the loop; a failure other than a timeout
     /// (which the stall limit covers) ends the session.
     fn send_heartbeat(&self, seq: u64) {
-        let shared = self.feed.shared.clone();
-        let message = Announcement::new(&shared.id, Body::Heartbeat { seq }).encode();
-        let channel = shared.channel.clone();
+        let member = self.feed.member.clone();
+        let message = Announcement::new(&member.id, Body::Heartbeat { seq }).encode();
+        let channel = member.channel.clone();
         let mut publisher = self.publisher.clone();
         let failed = self.publish_failed.clone();
         tokio::spawn(async move {
             match redis::AsyncCommands::publish::<_, _, usize>(&mut publisher, channel, message)
                 .await
             {
-                Ok(_) => shared.metrics.sent.inc(),
+                Ok(_) => member.metrics.sent.inc(),
                 Err(err) if err.is_timeout() => {}
                 Err(err) => {
                     let _ = failed.try_send(err);

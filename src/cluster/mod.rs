@@ -93,8 +93,9 @@ impl Note {
     }
 }
 
-/// State shared by the handle, the feed task and the writes in flight.
-struct Shared {
+/// This instance as a member of the cluster: what the handle, the feed task and the writes in
+/// flight share (not the shared tier, which is `shared`).
+struct Member {
     /// This instance in the cluster's messages: random per process.
     id: String,
     channel: String,
@@ -114,7 +115,7 @@ struct Shared {
     metrics: ClusterMetrics,
 }
 
-impl Shared {
+impl Member {
     /// Publishes one message, by `PUBLISH` or, when the shared tier has its part in it, by
     /// that script (which publishes it after applying it); `Ok` once Redis has taken it.
     async fn publish(
@@ -196,7 +197,7 @@ impl Shared {
 /// The cluster as the rest of the proxy sees it. Cheap to clone.
 #[derive(Clone)]
 pub struct Cluster {
-    shared: Arc<Shared>,
+    member: Arc<Member>,
     cache: ConsentCache,
     /// `cluster.shared_cache`.
     shared_cache: Option<Arc<SharedCache>>,
@@ -233,7 +234,7 @@ impl Cluster {
         })?;
         cache.distrust();
         let link = Arc::new(Link::default());
-        let shared = Arc::new(Shared {
+        let member = Arc::new(Member {
             id: shared::random_id(),
             channel: format!("{}:consent:v1", settings.key_prefix),
             policy: settings.write_policy,
@@ -277,7 +278,7 @@ impl Cluster {
                 ))
             });
         let feed = feed::Feed {
-            shared: shared.clone(),
+            member: member.clone(),
             target,
             cache: cache.clone(),
             shared_cache: shared_cache.clone(),
@@ -287,8 +288,8 @@ impl Cluster {
         };
         tracing::info!(
             redis = %settings.redis_url,
-            channel = %shared.channel,
-            instance = %shared.id,
+            channel = %member.channel,
+            instance = %member.id,
             write_policy = settings.write_policy.as_str(),
             shared_cache = shared_cache.is_some(),
             shared_token = fleet_tokens.is_some(),
@@ -296,7 +297,7 @@ impl Cluster {
         );
         let task = tokio::spawn(feed.run(shutdown));
         let cluster = Cluster {
-            shared,
+            member,
             cache,
             shared_cache,
             fleet_tokens,
@@ -320,24 +321,24 @@ impl Cluster {
     /// `cluster_unavailable`) when Redis did not take it and the policy is `require`: the
     /// write must then not be sent.
     pub async fn announce_write(&self, contact: &ContactId) -> Result<AnnouncedWrite, ProxyError> {
-        let shared = &self.shared;
-        let write = shared.next_write.fetch_add(1, Ordering::Relaxed);
+        let member = &self.member;
+        let write = member.next_write.fetch_add(1, Ordering::Relaxed);
         let (tier, shared_part) = match &self.shared_cache {
             Some(cache) => {
-                let (tier_write, call) = cache.begin_write(contact, &shared.id, write);
+                let (tier_write, call) = cache.begin_write(contact, &member.id, write);
                 (Some((cache.clone(), tier_write)), Some(call))
             }
             None => (None, None),
         };
-        let announced = shared
+        let announced = member
             .publish(
-                &Announcement::pending(&shared.id, write, contact),
+                &Announcement::pending(&member.id, write, contact),
                 shared_part,
             )
             .await
-            .and_then(|()| shared.master_confirmed());
+            .and_then(|()| member.master_confirmed());
         let announced_write = AnnouncedWrite {
-            shared: shared.clone(),
+            member: member.clone(),
             write,
             contact: contact.clone(),
             tier,
@@ -345,8 +346,8 @@ impl Cluster {
         let Err(problem) = announced else {
             return Ok(announced_write);
         };
-        shared.metrics.pending_failed.inc();
-        match shared.policy {
+        member.metrics.pending_failed.inc();
+        match member.policy {
             WritePolicy::Require => {
                 tracing::warn!(
                     contact = %contact.masked(),
@@ -355,13 +356,13 @@ impl Cluster {
                 );
                 // A slow Redis may still take the pending announcement later (not one that is
                 // not connected): its outcome follows it, so that the others release the contact.
-                if shared.link.is_up() {
+                if member.link.is_up() {
                     tokio::spawn(announced_write.finish(WriteOutcome::NotApplied));
                 }
                 Err(ProxyError::ClusterUnavailable(problem))
             }
             WritePolicy::BestEffort => {
-                shared.metrics.unannounced.inc();
+                member.metrics.unannounced.inc();
                 tracing::warn!(
                     contact = %contact.masked(),
                     error = %ErrorChain(&problem),
@@ -377,13 +378,13 @@ impl Cluster {
     /// not take it.
     pub async fn announce_purge(&self, contact: &ContactId) -> Result<(), Failure> {
         let purge = Announcement::new(
-            &self.shared.id,
+            &self.member.id,
             messages::Body::Purge {
                 contact: contact.as_str().to_owned(),
             },
         );
         let shared_part = self.shared_cache.as_ref().map(|cache| cache.purge(contact));
-        self.shared.publish(&purge, shared_part).await
+        self.member.publish(&purge, shared_part).await
     }
 
     pub fn status(&self) -> ClusterStatus {
@@ -393,17 +394,17 @@ impl Cluster {
             reason: if live {
                 None
             } else {
-                Some(self.shared.problem().unwrap_or_else(|| {
+                Some(self.member.problem().unwrap_or_else(|| {
                     "no heartbeat came back within cluster.max_staleness_ms".to_owned()
                 }))
             },
-            warning: self.shared.warning(),
+            warning: self.member.warning(),
         }
     }
 
     /// Sets `consent_proxy_cluster_connected` from the cache's trust now (before a scrape).
     pub fn refresh_gauge(&self) {
-        self.shared
+        self.member
             .metrics
             .connected
             .set(i64::from(self.cache.is_trusted()));
@@ -452,7 +453,7 @@ fn client(
 /// A write announced (or, under `best_effort`, attempted) as pending; its outcome must be
 /// announced with [`AnnouncedWrite::finish`].
 pub struct AnnouncedWrite {
-    shared: Arc<Shared>,
+    member: Arc<Member>,
     write: u64,
     contact: ContactId,
     /// Its part in the shared tier, with `cluster.shared_cache`.
@@ -463,14 +464,14 @@ impl AnnouncedWrite {
     /// Announces how the write ended. When Redis does not take it, the other instances drop
     /// the contact when the pending announcement expires.
     pub async fn finish(self, outcome: WriteOutcome) {
-        let shared = &self.shared;
-        let message = Announcement::done(&shared.id, self.write, &self.contact, outcome);
+        let member = &self.member;
+        let message = Announcement::done(&member.id, self.write, &self.contact, outcome);
         let shared_part = self
             .tier
             .as_ref()
             .map(|(cache, write)| cache.end_write(write, &self.contact, outcome));
-        if let Err(problem) = shared.publish(&message, shared_part).await {
-            shared.metrics.outcome_failed.inc();
+        if let Err(problem) = member.publish(&message, shared_part).await {
+            member.metrics.outcome_failed.inc();
             tracing::warn!(
                 contact = %self.contact.masked(),
                 error = %ErrorChain(&problem),
