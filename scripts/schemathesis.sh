@@ -153,7 +153,7 @@ run() {
 }
 # The consent API with each of the three credential forms (the API key at full size).
 # Failed authentications are throttled per address (10 a minute, then 429 too_many_attempts for
-# every request from it, valid or not: README "Hostile input and limits"), and every run here
+# every request from it, valid or not: docs/operations.md, "Hostile input and limits"), and every run here
 # comes from 127.0.0.1. schemathesis' `ignored_auth` check sends missing and wrong credentials,
 # so it runs in the last consent run only: earlier, it would throttle the runs after it, which
 # would then test little but 429s. The 401s of every credential form are also checked, each from

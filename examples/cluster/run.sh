@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Three consent-proxy instances and one Redis on this machine, in front of the built-in Talkdesk
-# simulator: cluster mode to try by hand (README, "Running several instances").
+# simulator: cluster mode to try by hand (docs/cluster.md).
 #
 #   bash examples/cluster/run.sh            # start everything, print curl lines, wait for Ctrl-C
 #   bash examples/cluster/run.sh --check    # run the walkthrough below by itself, then stop

@@ -602,10 +602,10 @@ fn the_readme_opens_with_the_two_commands() {
     );
 }
 
-/// The README's Redis ACL rule is the one every cluster test runs under.
+/// The documented Redis ACL rule (`docs/cluster.md`) is the one every cluster test runs under.
 #[test]
-fn the_readmes_redis_acl_rule_is_the_one_the_cluster_tests_run_under() {
-    let readme = read("README.md");
+fn the_documented_redis_acl_rule_is_the_one_the_cluster_tests_run_under() {
+    let readme = read("docs/cluster.md");
     let words = |text: &str| text.split_whitespace().collect::<Vec<_>>().join(" ");
     let rule = words(crate::support::redis_server::PROXY_ACL_RULE);
     let quoted: Vec<String> = readme
@@ -613,5 +613,5 @@ fn the_readmes_redis_acl_rule_is_the_one_the_cluster_tests_run_under() {
         .filter(|line| line.starts_with("ACL SETUSER"))
         .map(words)
         .collect();
-    assert_eq!(quoted, [rule], "the README's ACL rule(s) and the harness's");
+    assert_eq!(quoted, [rule], "docs/cluster.md's ACL rule(s) and the harness's");
 }

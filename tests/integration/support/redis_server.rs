@@ -5,7 +5,7 @@
 //! that fail it over quickly.
 //! A missing `redis-server` fails the test loudly (scripts/test.sh installs it).
 //!
-//! The proxies connect as the Redis user the README's ACL rule creates ([`PROXY_ACL_RULE`]):
+//! The proxies connect as the Redis user the ACL rule in docs/cluster.md creates ([`PROXY_ACL_RULE`]):
 //! every cluster test runs with exactly the permissions the README grants. The tests' own
 //! commands (deleting keys, filling memory) go as the default user, the administrator.
 #![allow(dead_code)]
