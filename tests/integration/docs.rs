@@ -613,5 +613,9 @@ fn the_documented_redis_acl_rule_is_the_one_the_cluster_tests_run_under() {
         .filter(|line| line.starts_with("ACL SETUSER"))
         .map(words)
         .collect();
-    assert_eq!(quoted, [rule], "docs/cluster.md's ACL rule(s) and the harness's");
+    assert_eq!(
+        quoted,
+        [rule],
+        "docs/cluster.md's ACL rule(s) and the harness's"
+    );
 }

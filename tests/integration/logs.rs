@@ -1002,6 +1002,20 @@ async fn the_redis_password_stays_secret() {
             log.contains("cluster mode"),
             "the cluster's start-up is logged"
         );
+        // The access log names how the GET was answered as its `x-cache-status` does: BYPASS
+        // while the feed is down, the reason in `cache_detail`.
+        let get = log
+            .lines()
+            .filter_map(|line| serde_json::from_str::<serde_json::Value>(line).ok())
+            .find(|event| event["message"] == "request" && event["request_id"] == "get-1")
+            .expect("the GET's access-log line");
+        let (cache, detail) = if accepted {
+            ("HIT", serde_json::Value::Null)
+        } else {
+            ("BYPASS", "unsynced".into())
+        };
+        assert_eq!(get["cache"], cache, "{get}");
+        assert_eq!(get["cache_detail"], detail, "{get}");
         for text in answers.iter().chain([&log]) {
             if let Some(line) = text.lines().find(|line| line.contains(password)) {
                 panic!("the Redis password is shown:\n{line}");
