@@ -10,7 +10,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::io::{BufRead, BufReader};
-use std::process::{Child, Command, Stdio};
+use std::process::Child;
 use std::sync::{mpsc, Arc, Mutex};
 use std::thread;
 use std::time::{Duration, Instant};
@@ -26,7 +26,6 @@ use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
 
-const BIN: &str = env!("CARGO_BIN_EXE_consent-proxy");
 /// A key no client has: callers' wrong keys must not be logged either.
 const WRONG_KEY: &str = "wrong-key-fedcba9876543210";
 /// The proxy's token signing key.
@@ -63,16 +62,9 @@ struct Proxy {
 impl Proxy {
     fn start(config_toml: &str) -> Proxy {
         let config_file = TempFile::new("logs.toml", config_toml);
-        let mut command = Command::new(BIN);
-        command
-            .arg("serve")
-            .arg("--config")
-            .arg(config_file.path())
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped());
-        without_proxy_env(&mut command);
-        let mut child = command.spawn().expect("spawn consent-proxy");
+        let mut child = serve_command(config_file.path())
+            .spawn()
+            .expect("spawn consent-proxy");
         let stderr = child.stderr.take().expect("piped stderr");
         let lines = Arc::new(Mutex::new(Vec::new()));
         let (tx, listening) = mpsc::channel();

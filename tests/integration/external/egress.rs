@@ -9,7 +9,7 @@
 //! - without `egress.proxy_url`, `HTTPS_PROXY` and `NO_PROXY` from the environment are followed
 //!   as curl follows them, and `egress.proxy_url` wins over them.
 
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Stdio};
 use std::time::{Duration, Instant};
 
 use consent_proxy::AppHandle;
@@ -200,13 +200,8 @@ impl Served {
             .set_str("server.listen", &format!("127.0.0.1:{}", free_port()))
             .set_str("server.admin_listen", &admin);
         let file = TempFile::new("egress.toml", &config.to_toml());
-        let mut command = Command::new(env!("CARGO_BIN_EXE_consent-proxy"));
-        without_proxy_env(&mut command)
-            .args(["serve", "--config"])
-            .arg(file.path())
-            .envs(env.iter().copied())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null());
+        let mut command = serve_command(file.path());
+        command.envs(env.iter().copied()).stderr(Stdio::null());
         for name in [
             "HTTPS_PROXY",
             "https_proxy",

@@ -2,12 +2,12 @@
 #![allow(dead_code)]
 
 use std::io::{BufRead, BufReader};
-use std::process::{Child, Command, Stdio};
+use std::process::Child;
 use std::sync::mpsc;
 use std::time::Duration;
 
 use super::temp_file::TempFile;
-use super::{without_proxy_env, ProxyConfig};
+use super::ProxyConfig;
 
 pub struct ChildProxy {
     child: Child,
@@ -21,16 +21,9 @@ impl ChildProxy {
     /// Starts `consent-proxy serve` with `config` (text logs) and waits until it listens.
     pub fn start(config: &ProxyConfig) -> ChildProxy {
         let config = TempFile::new("child.toml", &config.to_toml());
-        let mut command = Command::new(super::audit::BIN);
-        command
-            .arg("serve")
-            .arg("--config")
-            .arg(config.path())
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped());
-        without_proxy_env(&mut command);
-        let mut child = command.spawn().expect("spawn consent-proxy");
+        let mut child = super::serve_command(config.path())
+            .spawn()
+            .expect("spawn consent-proxy");
         let stderr = child.stderr.take().expect("piped stderr");
         let (tx, listening) = mpsc::channel();
         std::thread::spawn(move || {

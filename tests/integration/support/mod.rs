@@ -498,6 +498,22 @@ pub fn without_proxy_env(command: &mut std::process::Command) -> &mut std::proce
     command
 }
 
+/// `consent-proxy serve --config <config>` as a child process: no input, no standard output,
+/// its log (standard error) piped, and no `CONSENT_PROXY*` variable of the test's own.
+pub fn serve_command(config: &std::path::Path) -> std::process::Command {
+    use std::process::Stdio;
+    let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_consent-proxy"));
+    command
+        .arg("serve")
+        .arg("--config")
+        .arg(config)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped());
+    without_proxy_env(&mut command);
+    command
+}
+
 /// Sends SIGTERM to a child process (`kill -TERM`; libc is not a dependency).
 pub fn send_sigterm(child: &std::process::Child) {
     let sent = std::process::Command::new("kill")
