@@ -9,6 +9,11 @@ counts, for one binary:
   miss  consent-proxy answering a consent GET it has not cached: every request a new contact,
         so each one leads a fill that goes to the simulator (the proxy's instructions only; the
         simulator runs outside valgrind and answers unknown contacts 200 NO_CONSENT)
+With OTEL_SAMPLE_RATIOS (e.g. "0.01,1.0") it also counts, for each ratio, a cache hit with
+tracing on (`otel.sample_ratio` = that ratio, spans exported to a collector stand-in outside
+valgrind that answers 200), printed as "hit, traced at R" beside the plain hit of the same run.
+SCENARIOS (default "sim,hit,miss") picks which of the three above to count.
+
 Each process runs under `valgrind --tool=callgrind` twice, serving N and 3N keep-alive GETs
 after a warm-up; the difference of the two totals over 2N is the cost of one request, with
 start-up and shutdown cancelled out. Allocations are the calls to malloc, calloc and realloc
@@ -35,7 +40,9 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 KEY = "bench-key-0123456789abcdef"
 SECRET = "bench-secret-0123456789"
@@ -67,6 +74,28 @@ PROFILE_MATCH = os.environ.get(
     r"|hyper::client|tokio::runtime::task|^malloc|^free|^realloc",
 )
 ALLOCATORS = {"malloc", "calloc", "realloc"}
+SCENARIOS = os.environ.get("SCENARIOS", "sim,hit,miss").split(",")
+OTEL_SAMPLE_RATIOS = [r for r in os.environ.get("OTEL_SAMPLE_RATIOS", "").split(",") if r]
+
+
+class Collector(BaseHTTPRequestHandler):
+    """An OTLP/HTTP collector stand-in: every export answered 200, its body dropped."""
+
+    def do_POST(self):
+        self.rfile.read(int(self.headers.get("Content-Length", "0")))
+        self.send_response(200)
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+
+    def log_message(self, *args):
+        pass
+
+
+def start_collector():
+    """A collector stand-in on a thread of this script (outside valgrind); returns its URL."""
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Collector)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return f"http://127.0.0.1:{server.server_address[1]}"
 
 
 def wait_ready(admin_port, limit=300):
@@ -205,29 +234,8 @@ def seeded_simulator(port):
     return {"authorization": f"Bearer {token}"}
 
 
-def measure(binary):
-    """{scenario: (instructions, allocations) per request}"""
-    results = {}
-    with tempfile.TemporaryDirectory() as workdir:
-        port = free_port()
-        results["sim"] = per_request(
-            [binary, "simulator", "--listen", f"127.0.0.1:{port}", "--client-id", "bench",
-             "--client-secret", SECRET],
-            port, seeded_simulator, workdir)
-
-        sim_port = free_port()
-        sim = subprocess.Popen(
-            [binary, "simulator", "--listen", f"127.0.0.1:{sim_port}",
-             "--client-id", "bench", "--client-secret", SECRET, "--token-ttl-s", "86400"],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-        )
-        try:
-            wait_port(sim_port)
-            seeded_simulator(sim_port)
-            port, admin = free_port(), free_port()
-            config = os.path.join(workdir, "proxy.toml")
-            with open(config, "w") as f:
-                f.write(f"""
+def proxy_config(port, admin, sim_port, otel=""):
+    return f"""
 [server]
 listen = "127.0.0.1:{port}"
 admin_listen = "127.0.0.1:{admin}"
@@ -242,17 +250,47 @@ client_secret = "{SECRET}"
 name = "bench"
 api_key = "{KEY}"
 permissions = ["read"]
-""")
-            argv = [binary, "serve", "--config", config]
+{otel}"""
 
-            def ready(_):
-                wait_ready(admin)
-                return {"x-api-key": KEY}
 
-            results["hit"] = per_request(argv, port, ready, workdir,
-                                         label=f"{os.path.basename(binary)}-hit")
-            results["miss"] = per_request(argv, port, ready, workdir,
-                                          distinct=True, label=f"{os.path.basename(binary)}-miss")
+def measure(binary):
+    """{scenario: (instructions, allocations) per request}"""
+    results = {}
+    with tempfile.TemporaryDirectory() as workdir:
+        if "sim" in SCENARIOS:
+            port = free_port()
+            results["sim"] = per_request(
+                [binary, "simulator", "--listen", f"127.0.0.1:{port}", "--client-id", "bench",
+                 "--client-secret", SECRET],
+                port, seeded_simulator, workdir)
+
+        sim_port = free_port()
+        sim = subprocess.Popen(
+            [binary, "simulator", "--listen", f"127.0.0.1:{sim_port}",
+             "--client-id", "bench", "--client-secret", SECRET, "--token-ttl-s", "86400"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )
+        try:
+            wait_port(sim_port)
+            seeded_simulator(sim_port)
+            collector = start_collector() if OTEL_SAMPLE_RATIOS else None
+            runs = [(name, "") for name in ("hit", "miss") if name in SCENARIOS]
+            runs += [(f"hit, traced at {ratio}",
+                      f'[otel]\nendpoint = "{collector}"\nsample_ratio = {ratio}\n')
+                     for ratio in OTEL_SAMPLE_RATIOS]
+            for name, otel in runs:
+                port, admin = free_port(), free_port()
+                config = os.path.join(workdir, "proxy.toml")
+                with open(config, "w") as f:
+                    f.write(proxy_config(port, admin, sim_port, otel))
+
+                def ready(_, admin=admin):
+                    wait_ready(admin)
+                    return {"x-api-key": KEY}
+
+                label = f"{os.path.basename(binary)}-{name.replace(' ', '').replace(',', '-')}"
+                results[name] = per_request([binary, "serve", "--config", config], port, ready,
+                                            workdir, distinct=name == "miss", label=label)
         finally:
             sim.terminate()
             sim.wait()
@@ -265,10 +303,18 @@ def main():
     measured = [(binary, measure(binary)) for binary in sys.argv[1:]]
     print(f"per request (callgrind, N={N}): instructions, and allocations in brackets")
     print(f"{'binary':40} {'sim direct':>16} {'proxy hit':>16} {'proxy miss':>16} {'hit/sim':>8}")
+
+    def cell(r, k):
+        return f"{r[k][0]:.0f} ({r[k][1]:.1f})" if k in r else "-"
+
     for binary, r in measured:
-        cells = [f"{r[k][0]:.0f} ({r[k][1]:.1f})" for k in ("sim", "hit", "miss")]
-        print(f"{binary:40} {cells[0]:>16} {cells[1]:>16} {cells[2]:>16} "
-              f"{r['hit'][0] / r['sim'][0]:8.2f}")
+        cells = [cell(r, k) for k in ("sim", "hit", "miss")]
+        ratio = f"{r['hit'][0] / r['sim'][0]:.2f}" if "hit" in r and "sim" in r else "-"
+        print(f"{binary:40} {cells[0]:>16} {cells[1]:>16} {cells[2]:>16} {ratio:>8}")
+        for ratio in OTEL_SAMPLE_RATIOS:
+            name = f"hit, traced at {ratio}"
+            against = f", {r[name][0] / r['hit'][0]:.3f} of the plain hit's" if "hit" in r else ""
+            print(f"  {name}: {cell(r, name)}{against}")
 
 
 if __name__ == "__main__":

@@ -24,7 +24,7 @@ use crate::consent::{consent_status_of, ConsentAnswer};
 use crate::consent::{ConsentStatus, ContactId, WriteOutcome};
 use crate::error::{ErrorChain, Failure, ProxyError};
 use crate::metrics;
-use crate::otel::SpanKind;
+use crate::otel::{Span, SpanKind};
 use crate::request::RequestContext;
 use crate::upstream::client::ConsentApi;
 
@@ -228,16 +228,26 @@ impl ConsentService {
                         previous: service.cache.known_status(&contact),
                     };
                     // The pending record, made durable before the write goes upstream.
-                    let _span = request.trace.child("audit write", SpanKind::Client);
-                    audit.begin(draft, request.deadline).await?
+                    let mut span = request.trace.child("audit write", SpanKind::Client);
+                    if span.is_recording() {
+                        span.set("db.system.name", audit.db_system());
+                        span.set("db.operation.name", "INSERT");
+                        span.set("consent_proxy.audit.record", "pending");
+                    }
+                    let begun = audit.begin(draft, request.deadline).await;
+                    match &begun {
+                        Ok(Some(_)) => {}
+                        Ok(None) => span.fail("not durable; the PUT goes on (best_effort)"),
+                        Err(refused) => span.fail(refused.code()),
+                    }
+                    begun?
                 }
             };
             let write = service.cache.begin_write(&contact);
             let announced = match &service.cluster {
                 None => None,
                 Some(cluster) => {
-                    let mut span = request.trace.child("cluster announce", SpanKind::Client);
-                    span.set("consent_proxy.announcement", "pending");
+                    let mut span = announce_span(&request, "pending");
                     match cluster.announce_write(&contact).await {
                         Ok(announced) => Some(announced),
                         Err(refused) => {
@@ -272,8 +282,7 @@ impl ConsentService {
                 record.complete(audited, upstream_status);
             }
             if let Some(announced) = announced {
-                let mut span = request.trace.child("cluster announce", SpanKind::Client);
-                span.set("consent_proxy.announcement", "outcome");
+                let _span = announce_span(&request, "outcome");
                 announced.finish(outcome).await;
             }
             written.answer
@@ -358,4 +367,15 @@ impl Future for WriteTask {
             })
         })
     }
+}
+
+/// The span of a write's announcement to the cluster through Redis, `stage` `pending` (before
+/// the write goes upstream) or `outcome` (after).
+fn announce_span(request: &RequestContext, stage: &'static str) -> Span {
+    let mut span = request.trace.child("cluster announce", SpanKind::Client);
+    if span.is_recording() {
+        span.set("db.system.name", "redis");
+        span.set("consent_proxy.announcement", stage);
+    }
+    span
 }

@@ -38,7 +38,7 @@ use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
 use crate::auth::AuthMethod;
-use crate::config::{Settings, WritePolicy};
+use crate::config::{AuditStoreSettings, Settings, WritePolicy};
 use crate::consent::{ConsentStatus, ContactId};
 use crate::error::{ErrorChain, Failure, ProxyError};
 pub use metrics::AuditMetrics;
@@ -66,6 +66,8 @@ struct Inner {
     policy: WritePolicy,
     metrics: AuditMetrics,
     health: Arc<Health>,
+    /// The store's `db.system.name` in OpenTelemetry's database conventions.
+    db_system: &'static str,
 }
 
 /// Why auditing could not start.
@@ -172,6 +174,10 @@ impl Audit {
                 policy: settings.write_policy,
                 metrics,
                 health,
+                db_system: match store_settings {
+                    AuditStoreSettings::Sqlite { .. } => "sqlite",
+                    AuditStoreSettings::Postgres { .. } => "postgresql",
+                },
             }),
         };
         let (stop, stopped) = watch::channel(false);
@@ -195,6 +201,11 @@ impl Audit {
                 jobs,
             },
         )))
+    }
+
+    /// The store's `db.system.name` (OpenTelemetry): `sqlite` or `postgresql`.
+    pub fn db_system(&self) -> &'static str {
+        self.inner.db_system
     }
 
     /// Makes the PUT's pending record durable before it goes upstream, waiting at most half

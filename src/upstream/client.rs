@@ -22,7 +22,7 @@ use crate::request::{AttemptOutcome, AttemptReport, RequestContext};
 use crate::upstream::admission::{Admission, AdmissionMetrics, Verdict, MAX_HOLD_OFF};
 use crate::upstream::backoff::Backoff;
 use crate::upstream::token::TokenManager;
-use crate::upstream::transport::{Answer, AttemptError, Transport, USER_AGENT};
+use crate::upstream::transport::{describe_server, Answer, AttemptError, Transport, USER_AGENT};
 use crate::wire::body::APPLICATION_JSON;
 use crate::wire::request_id::X_REQUEST_ID;
 
@@ -275,13 +275,7 @@ impl ConsentApi {
                     }
                 }
                 Err(error) => {
-                    let kind = match error {
-                        AttemptError::Timeout => "timeout",
-                        AttemptError::Connect(_) => "connect",
-                        AttemptError::TooLarge(_) => "response_too_large",
-                        AttemptError::Failed(_) => "exchange_failed",
-                    };
-                    span.set("error.type", kind);
+                    span.set("error.type", error.kind());
                     span.fail(error.to_string());
                 }
             }
@@ -369,17 +363,7 @@ impl ConsentApi {
             if *method == Method::PUT { "PUT" } else { "GET" },
         );
         if let Ok(base) = self.api_base_url.parse::<http::Uri>() {
-            if let Some(host) = base.host() {
-                span.set("server.address", host.to_owned());
-            }
-            let port = base
-                .port_u16()
-                .unwrap_or(if base.scheme_str() == Some("http") {
-                    80
-                } else {
-                    443
-                });
-            span.set("server.port", i64::from(port));
+            describe_server(span, &base);
             let base_path = base.path().trim_end_matches('/');
             span.set("url.template", format!("{base_path}{CONSENT_ROUTE}"));
         }

@@ -5,7 +5,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use http::{HeaderMap, Request, StatusCode};
+use http::{HeaderMap, Request, StatusCode, Uri};
 use http_body_util::{BodyExt, Full, Limited};
 use hyper_rustls::HttpsConnector;
 use hyper_util::client::legacy::connect::HttpConnector;
@@ -15,6 +15,7 @@ use hyper_util::rt::{TokioExecutor, TokioTimer};
 use super::egress::EgressConnector;
 use crate::config::EgressSettings;
 use crate::error::SharedError;
+use crate::otel::Span;
 
 /// Sent upstream as `User-Agent` (consent API and token endpoint).
 pub const USER_AGENT: &str = concat!("consent-proxy/", env!("CARGO_PKG_VERSION"));
@@ -45,6 +46,35 @@ pub enum AttemptError {
     /// The exchange broke after the request may have been sent (reset, protocol error).
     #[error("exchange failed")]
     Failed(#[source] SharedError),
+}
+
+impl AttemptError {
+    /// Its `error.type` in a client span (OpenTelemetry's HTTP conventions: a short name).
+    pub fn kind(&self) -> &'static str {
+        match self {
+            AttemptError::Timeout => "timeout",
+            AttemptError::Connect(_) => "connect",
+            AttemptError::TooLarge(_) => "response_too_large",
+            AttemptError::Failed(_) => "exchange_failed",
+        }
+    }
+}
+
+/// Where a request to `uri` goes, in its client span (OpenTelemetry's HTTP conventions):
+/// `server.address` and `server.port` (the scheme's default when the URL names none).
+pub fn describe_server(span: &mut Span, uri: &Uri) {
+    if let Some(host) = uri.host() {
+        span.set("server.address", host.to_owned());
+    }
+    let default_port = if uri.scheme_str() == Some("http") {
+        80
+    } else {
+        443
+    };
+    span.set(
+        "server.port",
+        i64::from(uri.port_u16().unwrap_or(default_port)),
+    );
 }
 
 #[derive(Clone)]

@@ -14,7 +14,8 @@ use serde::Deserialize;
 use super::assertion::{client_assertion, JWT_BEARER};
 use super::TokenFailure;
 use crate::config::{ClientAuth, ClientCredential, TalkdeskSettings};
-use crate::upstream::transport::{Transport, USER_AGENT};
+use crate::otel::Span;
+use crate::upstream::transport::{describe_server, Transport, USER_AGENT};
 
 /// The largest token response read.
 const MAX_TOKEN_RESPONSE_BYTES: usize = 64 * 1024;
@@ -39,23 +40,36 @@ impl TokenRequest {
         }
     }
 
-    /// The token endpoint in a span's attributes: where it is, never what is sent.
-    pub(super) fn describe(&self, span: &mut crate::otel::Span) {
+    /// The token request's client span in OpenTelemetry's HTTP conventions: the method, where
+    /// it goes (`url.full` without the query, which this proxy does not control the content
+    /// of; `token_url` cannot hold credentials), never what is sent.
+    pub(super) fn describe(&self, span: &mut Span) {
+        span.set("http.request.method", "POST");
         if let Ok(uri) = self.url.parse::<http::Uri>() {
-            if let Some(host) = uri.host() {
-                span.set("server.address", host.to_owned());
+            describe_server(span, &uri);
+            if let (Some(scheme), Some(authority)) = (uri.scheme_str(), uri.authority()) {
+                span.set("url.full", format!("{scheme}://{authority}{}", uri.path()));
             }
-            span.set("url.path", uri.path().to_owned());
         }
     }
 
-    /// One request to the token endpoint, within `timeout`; its answer validated.
-    pub(super) async fn send(&self, transport: &Transport) -> Result<ParsedToken, TokenFailure> {
-        let request = self.build()?;
+    /// One request to the token endpoint, within `timeout`; its answer validated. The request
+    /// carries `span`'s `traceparent`, and the answer's status goes into it.
+    pub(super) async fn send(
+        &self,
+        transport: &Transport,
+        span: &mut Span,
+    ) -> Result<ParsedToken, TokenFailure> {
+        let mut request = self.build()?;
+        span.inject(request.headers_mut());
         let answer = transport
             .attempt(request, self.timeout, MAX_TOKEN_RESPONSE_BYTES)
             .await
             .map_err(TokenFailure::Transport)?;
+        span.set(
+            "http.response.status_code",
+            i64::from(answer.status.as_u16()),
+        );
         if !answer.status.is_success() {
             return Err(TokenFailure::Refused {
                 status: answer.status,

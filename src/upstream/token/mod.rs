@@ -96,6 +96,21 @@ pub enum TokenFailure {
     Stopped,
 }
 
+impl TokenFailure {
+    /// Its `error.type` in the token fetch's span: the attempt's failure, the status the
+    /// endpoint answered, or what was wrong with its answer.
+    pub fn error_type(&self) -> &'static str {
+        match self {
+            TokenFailure::Transport(error) => error.kind(),
+            TokenFailure::Refused { status, .. } => crate::metrics::status_label(*status),
+            TokenFailure::Malformed(_) => "malformed_response",
+            TokenFailure::BadRequest(_) => "bad_request",
+            TokenFailure::WaitTimedOut => "timeout",
+            TokenFailure::Stopped => "stopped",
+        }
+    }
+}
+
 fn oauth_error_note(code: &Option<String>) -> String {
     code.as_deref()
         .map(|c| format!(" ({c})"))

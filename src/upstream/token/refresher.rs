@@ -17,7 +17,7 @@ use super::fleet::{
 };
 use super::{AccessToken, Phase, TokenFailure, TokenState};
 use crate::error::{ErrorChain, Failure};
-use crate::otel::{SpanKind, Tracer};
+use crate::otel::{Span, SpanKind, Tracer};
 use crate::upstream::backoff::Backoff;
 use crate::upstream::transport::Transport;
 
@@ -122,14 +122,13 @@ impl Refresher {
         let started = Instant::now();
         let mut span = self.tracer.root_span("POST", SpanKind::Client);
         if span.is_recording() {
-            span.set("http.request.method", "POST");
             span.set("consent_proxy.operation", "token fetch");
             self.request.describe(&mut span);
         }
-        let result = self.fetch(started, state).await;
-        match &result {
-            Ok(_) => span.set("http.response.status_code", 200i64),
-            Err(failure) => span.fail(ErrorChain(failure).to_string()),
+        let result = self.fetch(started, state, &mut span).await;
+        if let Err(failure) = &result {
+            span.set("error.type", failure.error_type());
+            span.fail(ErrorChain(failure).to_string());
         }
         drop(span);
         let metrics = &state.metrics;
@@ -168,8 +167,13 @@ impl Refresher {
         }
     }
 
-    async fn fetch(&self, started: Instant, state: &TokenState) -> Result<Obtained, TokenFailure> {
-        let parsed = self.request.send(&self.transport).await?;
+    async fn fetch(
+        &self,
+        started: Instant,
+        state: &TokenState,
+        span: &mut Span,
+    ) -> Result<Obtained, TokenFailure> {
+        let parsed = self.request.send(&self.transport, span).await?;
         let lifetime = parsed.expires_in;
         let token = self.access_token(state, parsed.authorization, started + lifetime, lifetime);
         Ok((token, lifetime))

@@ -119,7 +119,12 @@ impl AuditDir {
                     .arg(&file)
                     .status()
                     .expect("run chattr (e2fsprogs)");
-                assert!(status.success(), "chattr {flag} {}", file.display());
+                // The write-ahead log may go meanwhile: a proxy shutting down removes it.
+                assert!(
+                    status.success() || !file.exists(),
+                    "chattr {flag} {}",
+                    file.display()
+                );
             }
         }
     }
