@@ -74,13 +74,21 @@ impl Receiver {
             .set("otel.sample_ratio", "1.0");
     }
 
-    /// The spans of the trace `trace_id` once `count` of them arrived (others are passed over).
-    fn trace(&self, trace_id: &str, count: usize) -> Vec<Value> {
-        let of_trace = |s: &&Value| s["trace_id"] == trace_id;
+    /// The spans of the trace `trace_id` once those `named` arrived (a name twice: two of
+    /// them); spans of other traces are passed over.
+    fn trace(&self, trace_id: &str, named: &[&str]) -> Vec<Value> {
+        let of_trace = |s: &Value| s["trace_id"] == trace_id;
         let spans = self.spans_until(Duration::from_secs(20), |spans| {
-            spans.iter().filter(of_trace).count() >= count
+            named.iter().all(|name| {
+                let wanted = named.iter().filter(|n| *n == name).count();
+                spans
+                    .iter()
+                    .filter(|s| of_trace(s) && s["name"] == *name)
+                    .count()
+                    >= wanted
+            })
         });
-        spans.into_iter().filter(|s| of_trace(&s)).collect()
+        spans.into_iter().filter(of_trace).collect()
     }
 
     /// Spans as they arrive until `done` holds for those received, within `limit`.
@@ -209,8 +217,11 @@ async fn a_traced_get_is_one_trace_under_the_callers_span_with_each_attempt_and_
         .await;
     assert_eq!(answer.status, 200, "{}", answer.text());
 
-    let trace = receiver.trace(CALLER_TRACE, 5);
     let name = "GET /voicebiometrics/contacts/{contact_id}/consent";
+    let trace = receiver.trace(
+        CALLER_TRACE,
+        &[name, "cache lookup", "cache fill", "GET", "GET"],
+    );
     let server = by_name(&trace, name);
     assert_eq!(server.len(), 1, "{trace:#?}");
     let server = server[0];
@@ -297,7 +308,7 @@ async fn a_put_with_the_audit_trail_on_has_its_audit_write_under_the_put_before_
     traced_put(&h).await;
 
     // The PUT's server span, its audit write and its upstream attempt.
-    let trace = receiver.trace(CALLER_TRACE, 3);
+    let trace = receiver.trace(CALLER_TRACE, &[PUT_SPAN, "audit write", "PUT"]);
     let server = put_server_span(&trace);
     let write = the_one(&trace, "audit write");
     assert_eq!(write["parent_span_id"], server["span_id"]);
@@ -330,7 +341,10 @@ async fn a_put_in_a_cluster_has_its_two_announcements_under_the_put() {
 
     // The PUT's server span, its upstream attempt, and the announcements of the write
     // (before it goes upstream) and of its outcome (after).
-    let trace = receiver.trace(CALLER_TRACE, 4);
+    let trace = receiver.trace(
+        CALLER_TRACE,
+        &[PUT_SPAN, "PUT", "cluster announce", "cluster announce"],
+    );
     let server = put_server_span(&trace);
     let attempt = the_one(&trace, "PUT");
     let announcements = by_name(&trace, "cluster announce");
