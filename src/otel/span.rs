@@ -104,8 +104,9 @@ thread_local! {
     /// Where ids and sampling draws come from: a small fast generator per thread (xoshiro),
     /// seeded from `rand::rng()` (ChaCha, seeded by the OS). Ids must not collide, they need
     /// not be secret (they travel in headers); `opentelemetry_sdk` draws its ids the same way.
-    /// `rand::random()` (ChaCha, through a reference-counted handle) cost each request about
-    /// 10 times more, for every request at any `sample_ratio` (benches/hit_instructions.py).
+    /// Every request starting a trace pays for it, recorded or not: `rand::random()` (ChaCha,
+    /// through a reference-counted handle) took about 620 instructions per request, this
+    /// about 200 with the span built (benches/hit_instructions.py, PROFILE=1).
     static RNG: RefCell<SmallRng> = RefCell::new(SmallRng::from_rng(&mut rand::rng()));
 }
 

@@ -157,27 +157,27 @@ const CALLER_SPAN: &str = "00f067aa0ba902b7";
 const CONTACT: &str = "+15550240001";
 const PUT_SPAN: &str = "PUT /voicebiometrics/contacts/{contact_id}/consent";
 
-/// The caller's `traceparent`: its span, sampled.
-fn caller_traceparent() -> String {
-    format!("00-{CALLER_TRACE}-{CALLER_SPAN}-01")
+/// A request for `CONTACT`'s consent with the read-write key under the caller's trace (its
+/// span, sampled), with these more headers.
+async fn traced_request(
+    h: &Harness,
+    method: Method,
+    more: &[(&str, &str)],
+    body: Option<String>,
+) -> TestResponse {
+    let traceparent = format!("00-{CALLER_TRACE}-{CALLER_SPAN}-01");
+    let mut headers = vec![("x-api-key", RW_KEY), ("traceparent", &traceparent)];
+    headers.extend_from_slice(more);
+    h.http
+        .send(method, &h.consent_url(CONTACT), &headers, body)
+        .await
 }
 
 /// A PUT of `CONTACT` as REFUSED under the caller's trace, answered 2xx.
 async fn traced_put(h: &Harness) {
-    let traceparent = caller_traceparent();
-    let answer = h
-        .http
-        .send(
-            Method::PUT,
-            &h.consent_url(CONTACT),
-            &[
-                ("x-api-key", RW_KEY),
-                ("content-type", "application/json"),
-                ("traceparent", &traceparent),
-            ],
-            Some(r#"{"status":"REFUSED"}"#.into()),
-        )
-        .await;
+    let json = [("content-type", "application/json")];
+    let body = Some(r#"{"status":"REFUSED"}"#.into());
+    let answer = traced_request(h, Method::PUT, &json, body).await;
     assert_eq!(answer.status / 100, 2, "{}", answer.text());
 }
 
@@ -201,20 +201,7 @@ async fn a_traced_get_is_one_trace_under_the_callers_span_with_each_attempt_and_
     })
     .await;
     let h = Harness::start_for_api(&upstream.url(), |c| receiver.export_from(c)).await;
-    let traceparent = caller_traceparent();
-    let answer = h
-        .http
-        .send(
-            Method::GET,
-            &h.consent_url(CONTACT),
-            &[
-                ("x-api-key", RW_KEY),
-                ("traceparent", &traceparent),
-                ("tracestate", "vendor=opaque"),
-            ],
-            None,
-        )
-        .await;
+    let answer = traced_request(&h, Method::GET, &[("tracestate", "vendor=opaque")], None).await;
     assert_eq!(answer.status, 200, "{}", answer.text());
 
     let name = "GET /voicebiometrics/contacts/{contact_id}/consent";
