@@ -9,6 +9,8 @@ counts, for one binary:
   miss  consent-proxy answering a consent GET it has not cached: every request a new contact,
         so each one leads a fill that goes to the simulator (the proxy's instructions only; the
         simulator runs outside valgrind and answers unknown contacts 200 NO_CONSENT)
+  bare  with BARE_BIN set, the bare hyper server of benches/bare_hyper.rs answering a static
+        consent body: the limit a hit is measured against (hit/bare)
 Each process runs under `valgrind --tool=callgrind` twice, serving N and 3N keep-alive GETs
 after a warm-up; the difference of the two totals over 2N is the cost of one request, with
 start-up and shutdown cancelled out. Allocations are the calls to malloc, calloc and realloc
@@ -20,7 +22,8 @@ inclusive cost per request of the functions matching PROFILE_MATCH (a regular ex
 default: the proxy's own functions and the libraries a request goes through), from the 3N run;
 with PROFILE_KEEP=DIR the callgrind output files too (for callgrind_annotate).
 
-Usage: benches/hit_instructions.py BIN [BIN ...]   (N from the environment, default 2000)
+Usage: benches/hit_instructions.py BIN [BIN ...]   (N from the environment, default 2000;
+       BARE_BIN: `cargo bench --no-run --bench bare_hyper`'s executable)
 Needs valgrind (Debian: apt-get install -y valgrind).
 """
 
@@ -60,6 +63,7 @@ def wait_port(port, limit=120):
 
 
 N = int(os.environ.get("N", "2000"))
+BARE_BIN = os.environ.get("BARE_BIN")
 PROFILE = os.environ.get("PROFILE") == "1"
 PROFILE_MATCH = os.environ.get(
     "PROFILE_MATCH",
@@ -259,11 +263,23 @@ permissions = ["read"]
     return results
 
 
+def measure_bare():
+    """(instructions, allocations) per request of the bare hyper server."""
+    with tempfile.TemporaryDirectory() as workdir:
+        port = free_port()
+        return per_request([BARE_BIN, "--listen", f"127.0.0.1:{port}"], port, lambda _: {},
+                           workdir, label="bare")
+
+
 def main():
     if len(sys.argv) < 2:
         sys.exit(__doc__)
     measured = [(binary, measure(binary)) for binary in sys.argv[1:]]
     print(f"per request (callgrind, N={N}): instructions, and allocations in brackets")
+    if BARE_BIN:
+        instructions, allocs = measure_bare()
+        print(f"bare hyper server: {instructions:.0f} ({allocs:.1f}); hit/bare: "
+              + ", ".join(f"{r['hit'][0] / instructions:.2f}" for _, r in measured))
     print(f"{'binary':40} {'sim direct':>16} {'proxy hit':>16} {'proxy miss':>16} {'hit/sim':>8}")
     for binary, r in measured:
         cells = [f"{r[k][0]:.0f} ({r[k][1]:.1f})" for k in ("sim", "hit", "miss")]
