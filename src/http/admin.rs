@@ -1,19 +1,22 @@
 //! The admin listener: `/metrics`, `/healthz`, `/readyz`, the cache purge and a contact's audit
 //! history. Kept off the
 //! consent listener so it can stay on a private address. Every answer carries `x-request-id`,
-//! as on the consent listener.
+//! as on the consent listener. The admin key is checked under the failure throttle the consent
+//! routes and the token endpoint share (per peer address), so it cannot be guessed faster.
 
+use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
+use std::time::Instant;
 
 use bytes::Bytes;
 use http::{HeaderValue, Method, Request, Response, StatusCode};
 use hyper::body::Incoming;
-use prometheus::Registry;
+use prometheus::{IntCounterVec, Registry};
 use serde_json::json;
 
 use crate::audit::Record;
-use crate::auth::{Authenticator, Permission};
+use crate::auth::{self, Authenticator, Caller, Permission};
 use crate::consent::ContactId;
 use crate::error::ProxyError;
 use crate::service::ConsentService;
@@ -24,11 +27,21 @@ use crate::wire::request_id::{request_id_of, X_REQUEST_ID};
 const PURGE_PREFIX: &str = "/admin/cache/";
 const AUDIT_PREFIX: &str = "/admin/audit/contacts/";
 
+/// Who may use the admin routes, and where their failures are counted.
+pub struct AdminAuth {
+    pub authenticator: Arc<Authenticator>,
+    /// `consent_proxy_auth_failures_total`, counted under `route="admin"`.
+    pub failures: IntCounterVec,
+}
+
+/// The `route` label of the admin routes' failed authentications.
+const ADMIN_ROUTE: &str = "admin";
+
 pub struct AdminRoutes {
     registry: Registry,
     service: ConsentService,
     tokens: TokenManager,
-    auth: Arc<Authenticator>,
+    auth: AdminAuth,
     /// Set once the consent listener accepts connections, cleared when it drains.
     serving: Arc<AtomicBool>,
     /// `server.max_header_bytes`, which applies to both listeners.
@@ -40,10 +53,14 @@ impl AdminRoutes {
         registry: Registry,
         service: ConsentService,
         tokens: TokenManager,
-        auth: Arc<Authenticator>,
+        auth: AdminAuth,
         serving: Arc<AtomicBool>,
         max_header_bytes: usize,
     ) -> Self {
+        // Every series shown from the start, as the consent routes' are.
+        for reason in auth::FAILURE_REASONS {
+            auth.failures.with_label_values(&[ADMIN_ROUTE, reason]);
+        }
         AdminRoutes {
             registry,
             service,
@@ -54,14 +71,19 @@ impl AdminRoutes {
         }
     }
 
-    pub async fn handle(&self, request: Request<Incoming>) -> Response<Body> {
+    /// Answers one request from `peer`.
+    pub async fn handle(&self, request: Request<Incoming>, peer: SocketAddr) -> Response<Body> {
         let request_id = request_id_of(request.headers());
-        let mut response = self.route(&request, &request_id).await;
+        let caller = Peer {
+            address: peer.ip(),
+            request_id: &request_id,
+        };
+        let mut response = self.route(&request, caller).await;
         response.headers_mut().insert(X_REQUEST_ID, request_id);
         response
     }
 
-    async fn route(&self, request: &Request<Incoming>, request_id: &HeaderValue) -> Response<Body> {
+    async fn route(&self, request: &Request<Incoming>, peer: Peer<'_>) -> Response<Body> {
         if let Some(too_large) = body::headers_too_large(request.headers(), self.max_header_bytes) {
             return too_large;
         }
@@ -77,16 +99,33 @@ impl AdminRoutes {
                 Err(ProxyError::MethodNotAllowed { allow: "GET" })
             }
             (method, path) if path.starts_with(PURGE_PREFIX) => {
-                self.purge(method, &path[PURGE_PREFIX.len()..], request, request_id)
+                self.purge(method, &path[PURGE_PREFIX.len()..], request, peer)
                     .await
             }
             (method, path) if path.starts_with(AUDIT_PREFIX) => {
-                self.audit_history(method, &path[AUDIT_PREFIX.len()..], request)
+                self.audit_history(method, &path[AUDIT_PREFIX.len()..], request, peer)
                     .await
             }
             _ => Err(ProxyError::NotFound),
         };
         result.unwrap_or_else(ProxyError::into_response)
+    }
+
+    /// The caller, if its key has the `admin` permission: under the failure throttle, and
+    /// counted when refused.
+    fn authorize(&self, request: &Request<Incoming>, peer: Peer<'_>) -> Result<Caller, ProxyError> {
+        let result = self
+            .auth
+            .authenticator
+            .authenticate_from(request.headers(), peer.address, Instant::now())
+            .and_then(|caller| caller.require(Permission::Admin).map(|()| caller));
+        if let Some(reason) = result.as_ref().err().and_then(auth::failure_reason) {
+            self.auth
+                .failures
+                .with_label_values(&[ADMIN_ROUTE, reason])
+                .inc();
+        }
+        result
     }
 
     async fn metrics(&self) -> Response<Body> {
@@ -143,6 +182,7 @@ impl AdminRoutes {
         method: &Method,
         segment: &str,
         request: &Request<Incoming>,
+        peer: Peer<'_>,
     ) -> Result<Response<Body>, ProxyError> {
         if segment.is_empty() || segment.contains('/') {
             return Err(ProxyError::NotFound);
@@ -150,7 +190,7 @@ impl AdminRoutes {
         if method != Method::GET {
             return Err(ProxyError::MethodNotAllowed { allow: "GET" });
         }
-        self.auth.authorize(request.headers(), Permission::Admin)?;
+        self.authorize(request, peer)?;
         let audit = self.service.audit().ok_or(ProxyError::AuditDisabled)?;
         let contact = ContactId::from_path_segment(segment).ok_or(ProxyError::InvalidContactId)?;
         let records = audit.history(&contact).await?;
@@ -168,7 +208,7 @@ impl AdminRoutes {
         method: &Method,
         segment: &str,
         request: &Request<Incoming>,
-        request_id: &HeaderValue,
+        peer: Peer<'_>,
     ) -> Result<Response<Body>, ProxyError> {
         if segment.is_empty() || segment.contains('/') {
             return Err(ProxyError::NotFound);
@@ -176,15 +216,22 @@ impl AdminRoutes {
         if method != Method::DELETE {
             return Err(ProxyError::MethodNotAllowed { allow: "DELETE" });
         }
-        let caller = self.auth.authorize(request.headers(), Permission::Admin)?;
+        let caller = self.authorize(request, peer)?;
         let contact = ContactId::from_path_segment(segment).ok_or(ProxyError::InvalidContactId)?;
         self.service.purge(&contact).await;
         tracing::info!(
-            request_id = request_id.to_str().unwrap_or("-"),
-            client = self.auth.client_name(Some(&caller)),
+            request_id = peer.request_id.to_str().unwrap_or("-"),
+            client = self.auth.authenticator.client_name(Some(&caller)),
             contact = %contact.masked(),
             "cache entry purged"
         );
         Ok(body::empty_response(StatusCode::NO_CONTENT))
     }
+}
+
+/// Who sent an admin request: its peer's address (the throttle's key) and its request id.
+#[derive(Clone, Copy)]
+struct Peer<'a> {
+    address: IpAddr,
+    request_id: &'a HeaderValue,
 }
