@@ -184,15 +184,14 @@ impl AdminRoutes {
         request: &Request<Incoming>,
         peer: Peer<'_>,
     ) -> Result<Response<Body>, ProxyError> {
-        if segment.is_empty() || segment.contains('/') {
-            return Err(ProxyError::NotFound);
-        }
-        if method != Method::GET {
-            return Err(ProxyError::MethodNotAllowed { allow: "GET" });
-        }
-        self.authorize(request, peer)?;
+        let (_, contact) = self.contact_route(ContactRoute {
+            method,
+            allow: "GET",
+            segment,
+            request,
+            peer,
+        })?;
         let audit = self.service.audit().ok_or(ProxyError::AuditDisabled)?;
-        let contact = ContactId::from_path_segment(segment).ok_or(ProxyError::InvalidContactId)?;
         let records = audit.history(&contact).await?;
         Ok(body::json_response(
             StatusCode::OK,
@@ -203,6 +202,7 @@ impl AdminRoutes {
         ))
     }
 
+    /// `DELETE /admin/cache/{contact_id}`: drops the contact's cached answer.
     async fn purge(
         &self,
         method: &Method,
@@ -210,14 +210,13 @@ impl AdminRoutes {
         request: &Request<Incoming>,
         peer: Peer<'_>,
     ) -> Result<Response<Body>, ProxyError> {
-        if segment.is_empty() || segment.contains('/') {
-            return Err(ProxyError::NotFound);
-        }
-        if method != Method::DELETE {
-            return Err(ProxyError::MethodNotAllowed { allow: "DELETE" });
-        }
-        let caller = self.authorize(request, peer)?;
-        let contact = ContactId::from_path_segment(segment).ok_or(ProxyError::InvalidContactId)?;
+        let (caller, contact) = self.contact_route(ContactRoute {
+            method,
+            allow: "DELETE",
+            segment,
+            request,
+            peer,
+        })?;
         self.service.purge(&contact).await;
         tracing::info!(
             request_id = peer.request_id.to_str().unwrap_or("-"),
@@ -227,6 +226,32 @@ impl AdminRoutes {
         );
         Ok(body::empty_response(StatusCode::NO_CONTENT))
     }
+
+    /// What every `/admin/.../{contact_id}` route checks first, in this order: one path
+    /// segment (else 404), the method, the admin key, the contact id.
+    fn contact_route(&self, route: ContactRoute<'_>) -> Result<(Caller, ContactId), ProxyError> {
+        if route.segment.is_empty() || route.segment.contains('/') {
+            return Err(ProxyError::NotFound);
+        }
+        if route.method.as_str() != route.allow {
+            return Err(ProxyError::MethodNotAllowed { allow: route.allow });
+        }
+        let caller = self.authorize(route.request, route.peer)?;
+        let contact =
+            ContactId::from_path_segment(route.segment).ok_or(ProxyError::InvalidContactId)?;
+        Ok((caller, contact))
+    }
+}
+
+/// An admin request to a route that ends in a contact id.
+struct ContactRoute<'a> {
+    method: &'a Method,
+    /// The one method the route answers.
+    allow: &'static str,
+    /// The path after the route's prefix.
+    segment: &'a str,
+    request: &'a Request<Incoming>,
+    peer: Peer<'a>,
 }
 
 /// Who sent an admin request: its peer's address (the throttle's key) and its request id.
