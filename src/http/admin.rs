@@ -99,12 +99,22 @@ impl AdminRoutes {
                 Err(ProxyError::MethodNotAllowed { allow: "GET" })
             }
             (method, path) if path.starts_with(PURGE_PREFIX) => {
-                self.purge(method, &path[PURGE_PREFIX.len()..], request, peer)
-                    .await
+                self.purge(ContactRoute {
+                    method,
+                    segment: &path[PURGE_PREFIX.len()..],
+                    request,
+                    peer,
+                })
+                .await
             }
             (method, path) if path.starts_with(AUDIT_PREFIX) => {
-                self.audit_history(method, &path[AUDIT_PREFIX.len()..], request, peer)
-                    .await
+                self.audit_history(ContactRoute {
+                    method,
+                    segment: &path[AUDIT_PREFIX.len()..],
+                    request,
+                    peer,
+                })
+                .await
             }
             _ => Err(ProxyError::NotFound),
         };
@@ -177,20 +187,8 @@ impl AdminRoutes {
     }
 
     /// `GET /admin/audit/contacts/{contact_id}`: the contact's records, newest first.
-    async fn audit_history(
-        &self,
-        method: &Method,
-        segment: &str,
-        request: &Request<Incoming>,
-        peer: Peer<'_>,
-    ) -> Result<Response<Body>, ProxyError> {
-        let (_, contact) = self.contact_route(ContactRoute {
-            method,
-            allow: "GET",
-            segment,
-            request,
-            peer,
-        })?;
+    async fn audit_history(&self, route: ContactRoute<'_>) -> Result<Response<Body>, ProxyError> {
+        let (_, contact) = self.admit(&route, "GET")?;
         let audit = self.service.audit().ok_or(ProxyError::AuditDisabled)?;
         let records = audit.history(&contact).await?;
         Ok(body::json_response(
@@ -203,23 +201,11 @@ impl AdminRoutes {
     }
 
     /// `DELETE /admin/cache/{contact_id}`: drops the contact's cached answer.
-    async fn purge(
-        &self,
-        method: &Method,
-        segment: &str,
-        request: &Request<Incoming>,
-        peer: Peer<'_>,
-    ) -> Result<Response<Body>, ProxyError> {
-        let (caller, contact) = self.contact_route(ContactRoute {
-            method,
-            allow: "DELETE",
-            segment,
-            request,
-            peer,
-        })?;
+    async fn purge(&self, route: ContactRoute<'_>) -> Result<Response<Body>, ProxyError> {
+        let (caller, contact) = self.admit(&route, "DELETE")?;
         self.service.purge(&contact).await;
         tracing::info!(
-            request_id = peer.request_id.to_str().unwrap_or("-"),
+            request_id = route.peer.request_id.to_str().unwrap_or("-"),
             client = self.auth.authenticator.client_name(Some(&caller)),
             contact = %contact.masked(),
             "cache entry purged"
@@ -228,13 +214,17 @@ impl AdminRoutes {
     }
 
     /// What every `/admin/.../{contact_id}` route checks first, in this order: one path
-    /// segment (else 404), the method, the admin key, the contact id.
-    fn contact_route(&self, route: ContactRoute<'_>) -> Result<(Caller, ContactId), ProxyError> {
+    /// segment (else 404), the one method it `allow`s, the admin key, the contact id.
+    fn admit(
+        &self,
+        route: &ContactRoute<'_>,
+        allow: &'static str,
+    ) -> Result<(Caller, ContactId), ProxyError> {
         if route.segment.is_empty() || route.segment.contains('/') {
             return Err(ProxyError::NotFound);
         }
-        if route.method.as_str() != route.allow {
-            return Err(ProxyError::MethodNotAllowed { allow: route.allow });
+        if route.method.as_str() != allow {
+            return Err(ProxyError::MethodNotAllowed { allow });
         }
         let caller = self.authorize(route.request, route.peer)?;
         let contact =
@@ -246,8 +236,6 @@ impl AdminRoutes {
 /// An admin request to a route that ends in a contact id.
 struct ContactRoute<'a> {
     method: &'a Method,
-    /// The one method the route answers.
-    allow: &'static str,
     /// The path after the route's prefix.
     segment: &'a str,
     request: &'a Request<Incoming>,
