@@ -164,27 +164,7 @@ async fn migrate(client: &mut Client) -> Result<(), StoreError> {
     tx.commit().await.map_err(failed)
 }
 
-impl sql::Columns for tokio_postgres::Row {
-    type Error = tokio_postgres::Error;
-    fn text(&self, column: usize) -> Result<String, tokio_postgres::Error> {
-        self.try_get(column)
-    }
-    fn maybe_text(&self, column: usize) -> Result<Option<String>, tokio_postgres::Error> {
-        self.try_get(column)
-    }
-    fn int(&self, column: usize) -> Result<i64, tokio_postgres::Error> {
-        self.try_get(column)
-    }
-    fn maybe_int(&self, column: usize) -> Result<Option<i64>, tokio_postgres::Error> {
-        self.try_get(column)
-    }
-    fn maybe_int32(&self, column: usize) -> Result<Option<i32>, tokio_postgres::Error> {
-        self.try_get(column)
-    }
-    fn bytes(&self, column: usize) -> Result<Vec<u8>, tokio_postgres::Error> {
-        self.try_get(column)
-    }
-}
+sql::impl_columns!(tokio_postgres::Row, tokio_postgres::Error, try_get);
 
 fn all<T>(
     rows: Vec<tokio_postgres::Row>,

@@ -146,6 +146,35 @@ pub trait Columns {
     fn bytes(&self, column: usize) -> Result<Vec<u8>, Self::Error>;
 }
 
+/// Implements [`Columns`] for a store's row type (`$row`) with its typed getter (`$get`) and
+/// error type: each method is that getter at the asked type.
+macro_rules! impl_columns {
+    ($row:ty, $error:ty, $get:ident) => {
+        impl $crate::audit::sql::Columns for $row {
+            type Error = $error;
+            fn text(&self, column: usize) -> Result<String, $error> {
+                self.$get(column)
+            }
+            fn maybe_text(&self, column: usize) -> Result<Option<String>, $error> {
+                self.$get(column)
+            }
+            fn int(&self, column: usize) -> Result<i64, $error> {
+                self.$get(column)
+            }
+            fn maybe_int(&self, column: usize) -> Result<Option<i64>, $error> {
+                self.$get(column)
+            }
+            fn maybe_int32(&self, column: usize) -> Result<Option<i32>, $error> {
+                self.$get(column)
+            }
+            fn bytes(&self, column: usize) -> Result<Vec<u8>, $error> {
+                self.$get(column)
+            }
+        }
+    };
+}
+pub(super) use impl_columns;
+
 /// A row of [`SELECT_RECORDS`].
 pub fn record_from<C: Columns + ?Sized>(row: &C) -> Result<Record, C::Error> {
     Ok(Record {

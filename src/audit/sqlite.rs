@@ -119,27 +119,7 @@ fn head_from(row: &rusqlite::Row<'_>) -> rusqlite::Result<ChainHead> {
     sql::head_from(row)
 }
 
-impl sql::Columns for rusqlite::Row<'_> {
-    type Error = rusqlite::Error;
-    fn text(&self, column: usize) -> Result<String, rusqlite::Error> {
-        self.get(column)
-    }
-    fn maybe_text(&self, column: usize) -> Result<Option<String>, rusqlite::Error> {
-        self.get(column)
-    }
-    fn int(&self, column: usize) -> Result<i64, rusqlite::Error> {
-        self.get(column)
-    }
-    fn maybe_int(&self, column: usize) -> Result<Option<i64>, rusqlite::Error> {
-        self.get(column)
-    }
-    fn maybe_int32(&self, column: usize) -> Result<Option<i32>, rusqlite::Error> {
-        self.get(column)
-    }
-    fn bytes(&self, column: usize) -> Result<Vec<u8>, rusqlite::Error> {
-        self.get(column)
-    }
-}
+sql::impl_columns!(rusqlite::Row<'_>, rusqlite::Error, get);
 
 impl Store for SqliteStore {
     fn append(
