@@ -9,10 +9,13 @@ counts, for one binary:
   miss  consent-proxy answering a consent GET it has not cached: every request a new contact,
         so each one leads a fill that goes to the simulator (the proxy's instructions only; the
         simulator runs outside valgrind and answers unknown contacts 200 NO_CONSENT)
+  bare  with BARE_BIN set, the bare hyper server of benches/bare_hyper.rs answering a static
+        consent body: the limit a hit is measured against (hit/bare)
+
 With OTEL_SAMPLE_RATIOS (e.g. "0.01,1.0") it also counts, for each ratio, a cache hit with
 tracing on (`otel.sample_ratio` = that ratio, spans exported to a collector stand-in outside
 valgrind that answers 200), printed as "hit, traced at R" beside the plain hit of the same run.
-SCENARIOS (default "sim,hit,miss") picks which of the three above to count.
+SCENARIOS (default "sim,hit,miss") picks which of sim, hit and miss to count.
 
 Each process runs under `valgrind --tool=callgrind` twice, serving N and 3N keep-alive GETs
 after a warm-up; the difference of the two totals over 2N is the cost of one request, with
@@ -25,7 +28,8 @@ inclusive cost per request of the functions matching PROFILE_MATCH (a regular ex
 default: the proxy's own functions and the libraries a request goes through), from the 3N run;
 with PROFILE_KEEP=DIR the callgrind output files too (for callgrind_annotate).
 
-Usage: benches/hit_instructions.py BIN [BIN ...]   (N from the environment, default 2000)
+Usage: benches/hit_instructions.py BIN [BIN ...]   (N from the environment, default 2000;
+       BARE_BIN: `cargo bench --no-run --bench bare_hyper`'s executable)
 Needs valgrind (Debian: apt-get install -y valgrind).
 """
 
@@ -67,6 +71,7 @@ def wait_port(port, limit=120):
 
 
 N = int(os.environ.get("N", "2000"))
+BARE_BIN = os.environ.get("BARE_BIN")
 PROFILE = os.environ.get("PROFILE") == "1"
 PROFILE_MATCH = os.environ.get(
     "PROFILE_MATCH",
@@ -297,11 +302,23 @@ def measure(binary):
     return results
 
 
+def measure_bare():
+    """(instructions, allocations) per request of the bare hyper server."""
+    with tempfile.TemporaryDirectory() as workdir:
+        port = free_port()
+        return per_request([BARE_BIN, "--listen", f"127.0.0.1:{port}"], port, lambda _: {},
+                           workdir, label="bare")
+
+
 def main():
     if len(sys.argv) < 2:
         sys.exit(__doc__)
     measured = [(binary, measure(binary)) for binary in sys.argv[1:]]
     print(f"per request (callgrind, N={N}): instructions, and allocations in brackets")
+    if BARE_BIN:
+        instructions, allocs = measure_bare()
+        print(f"bare hyper server: {instructions:.0f} ({allocs:.1f}); hit/bare: "
+              + ", ".join(f"{r['hit'][0] / instructions:.2f}" for _, r in measured if "hit" in r))
     print(f"{'binary':40} {'sim direct':>16} {'proxy hit':>16} {'proxy miss':>16} {'hit/sim':>8}")
 
     def cell(r, k):
@@ -313,7 +330,7 @@ def main():
         print(f"{binary:40} {cells[0]:>16} {cells[1]:>16} {cells[2]:>16} {ratio:>8}")
         for ratio in OTEL_SAMPLE_RATIOS:
             name = f"hit, traced at {ratio}"
-            against = f", {r[name][0] / r['hit'][0]:.3f} of the plain hit's" if "hit" in r else ""
+            against = f", {r[name][0] / r['hit'][0]:.3f} x the plain hit" if "hit" in r else ""
             print(f"  {name}: {cell(r, name)}{against}")
 
 

@@ -66,11 +66,11 @@ cargo test
 step "Prometheus rules (promtool check/test rules)"
 bash scripts/check-deploy.sh
 
-step "soak test (bounded, release build)"
-cargo test --release --test integration -- --ignored --nocapture soak::
+step "soak test (bounded)"
+cargo test --test integration -- --ignored --nocapture soak::
 
-step "cluster soak: three instances, Redis restarts (bounded, release build)"
-cargo test --release --test integration -- --ignored --nocapture external::cluster::
+step "cluster soak: three instances, Redis restarts (bounded)"
+cargo test --test integration -- --ignored --nocapture external::cluster::
 
 step "schemathesis against consent-proxy demo"
 bash scripts/schemathesis.sh

@@ -17,7 +17,7 @@ use crate::cache::{CacheMetrics, ConsentCache};
 use crate::cluster::{Cluster, ClusterStartError};
 use crate::config::{OtelSettings, Settings};
 use crate::error::{ErrorChain, Failure};
-use crate::http::admin::AdminRoutes;
+use crate::http::admin::{AdminAuth, AdminRoutes};
 use crate::http::routes::{ConsentRoutes, RouteLimits};
 use crate::http::token_endpoint::TokenEndpoint;
 use crate::metrics::{self, HttpMetrics};
@@ -187,10 +187,15 @@ impl App {
             );
         }
 
+        let http_metrics = HttpMetrics::register(&registry);
+        let admin_auth = AdminAuth {
+            authenticator: auth.clone(),
+            failures: http_metrics.auth_failures.clone(),
+        };
         let routes = Arc::new(ConsentRoutes::new(
             service.clone(),
-            auth.clone(),
-            HttpMetrics::register(&registry),
+            auth,
+            http_metrics,
             RouteLimits {
                 max_body_bytes: settings.server.max_body_bytes,
                 max_header_bytes: settings.server.max_header_bytes,
@@ -205,7 +210,7 @@ impl App {
             registry.clone(),
             service,
             tokens.clone(),
-            auth,
+            admin_auth,
             serving.clone(),
             settings.server.max_header_bytes,
         ));
@@ -247,9 +252,9 @@ impl App {
             admin_listener,
             None,
             admin_limits,
-            move |request, _peer| {
+            move |request, peer| {
                 let admin = admin.clone();
-                async move { Ok::<_, Infallible>(admin.handle(request).await) }
+                async move { Ok::<_, Infallible>(admin.handle(request, peer).await) }
             },
             server::when_shut_down(shutdown_rx, grace),
         ));

@@ -196,9 +196,9 @@ impl HttpMetrics {
             auth_failures: counter_vec(
                 registry,
                 "consent_proxy_auth_failures_total",
-                "Failed caller authentications on the consent listener, by route (consent: the \
-                 consent routes; other: the token endpoint) and reason (throttled: refused \
-                 unchecked after too many failures).",
+                "Failed caller authentications, by route (consent: the consent routes; other: \
+                 the token endpoint; admin: the admin listener's routes) and reason (throttled: \
+                 refused unchecked after too many failures).",
                 &["route", "reason"],
             ),
         }

@@ -14,7 +14,7 @@ use tokio_postgres::{Client, NoTls};
 use super::chain::{checkpoint_mac, without_completed, ChainHead, ChainInfo, ChainKey, ChainKeys};
 use super::pg_tls::MakeRustls;
 use super::record::{now_us, Entry, EntryKind, Record, Row};
-use super::sql;
+use super::sql::{self, head_from, record_from, row_from};
 use super::store::{Appended, Store, StoreError, MIGRATIONS, PAGE};
 use crate::config::{PostgresUrl, Secret};
 use crate::error::{ErrorChain, Failure};
@@ -164,55 +164,7 @@ async fn migrate(client: &mut Client) -> Result<(), StoreError> {
     tx.commit().await.map_err(failed)
 }
 
-fn record_from(row: &tokio_postgres::Row) -> Result<Record, tokio_postgres::Error> {
-    Ok(Record {
-        id: row.try_get(0)?,
-        at: row.try_get(1)?,
-        answered_at: row.try_get(2)?,
-        instance: row.try_get(3)?,
-        contact_id: row.try_get(4)?,
-        request_id: row.try_get(5)?,
-        client: row.try_get(6)?,
-        auth: row.try_get(7)?,
-        status: row.try_get(8)?,
-        previous: row.try_get(9)?,
-        outcome: row.try_get(10)?,
-        upstream_status: row.try_get(11)?,
-    })
-}
-
-fn row_from(row: &tokio_postgres::Row) -> Result<Row, tokio_postgres::Error> {
-    let kind: String = row.try_get(3)?;
-    Ok(Row {
-        chain: row.try_get(0)?,
-        seq: row.try_get(1)?,
-        entry: Entry {
-            record_id: row.try_get(2)?,
-            // An unknown kind is tampering: kept as a completion, whose hash will not match.
-            kind: EntryKind::parse(&kind).unwrap_or(EntryKind::Completion),
-            at_us: row.try_get(4)?,
-            contact_id: row.try_get(5)?,
-            request_id: row.try_get(6)?,
-            client: row.try_get(7)?,
-            auth: row.try_get(8)?,
-            status: row.try_get(9)?,
-            previous: row.try_get(10)?,
-            outcome: row.try_get(11)?,
-            upstream_status: row.try_get(12)?,
-        },
-        prev_hash: row.try_get(13)?,
-        hash: row.try_get(14)?,
-    })
-}
-
-fn head_from(row: &tokio_postgres::Row) -> Result<ChainHead, tokio_postgres::Error> {
-    Ok(ChainHead {
-        chain: row.try_get(0)?,
-        key_id: row.try_get(1)?,
-        seq: row.try_get(2)?,
-        hash: row.try_get(3)?,
-    })
-}
+sql::impl_columns!(tokio_postgres::Row, tokio_postgres::Error, try_get);
 
 fn all<T>(
     rows: Vec<tokio_postgres::Row>,

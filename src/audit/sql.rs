@@ -1,6 +1,9 @@
 //! SQL both stores share: the schema, the record view (a pending entry joined with its
 //! completion) and the chain's reads and writes, with `$n` placeholders (SQLite reads them as
-//! `?n`, see `sqlite::q`).
+//! `?n`, see `sqlite::q`), and the mapping of each query's columns to a type.
+
+use super::chain::ChainHead;
+use super::record::{Entry, EntryKind, Record, Row};
 
 /// How a database names the column types the schema uses.
 pub struct Types {
@@ -130,3 +133,97 @@ pub const RETENTION_DELETE: &str = "DELETE FROM audit_entries WHERE chain = $1 A
 
 pub const RETENTION_CHECKPOINT: &str = "UPDATE audit_chains SET base_seq = $2, base_hash = $3, \
      base_mac = $4 WHERE chain = $1";
+
+/// One answer row of either store, read by column: what the mappings below need of it, so
+/// that each query's columns are mapped to a type once, whichever store ran it.
+pub trait Columns {
+    type Error;
+    fn text(&self, column: usize) -> Result<String, Self::Error>;
+    fn maybe_text(&self, column: usize) -> Result<Option<String>, Self::Error>;
+    fn int(&self, column: usize) -> Result<i64, Self::Error>;
+    fn maybe_int(&self, column: usize) -> Result<Option<i64>, Self::Error>;
+    fn maybe_int32(&self, column: usize) -> Result<Option<i32>, Self::Error>;
+    fn bytes(&self, column: usize) -> Result<Vec<u8>, Self::Error>;
+}
+
+/// Implements [`Columns`] for a store's row type (`$row`) with its typed getter (`$get`) and
+/// error type: each method is that getter at the asked type.
+macro_rules! impl_columns {
+    ($row:ty, $error:ty, $get:ident) => {
+        impl $crate::audit::sql::Columns for $row {
+            type Error = $error;
+            fn text(&self, column: usize) -> Result<String, $error> {
+                self.$get(column)
+            }
+            fn maybe_text(&self, column: usize) -> Result<Option<String>, $error> {
+                self.$get(column)
+            }
+            fn int(&self, column: usize) -> Result<i64, $error> {
+                self.$get(column)
+            }
+            fn maybe_int(&self, column: usize) -> Result<Option<i64>, $error> {
+                self.$get(column)
+            }
+            fn maybe_int32(&self, column: usize) -> Result<Option<i32>, $error> {
+                self.$get(column)
+            }
+            fn bytes(&self, column: usize) -> Result<Vec<u8>, $error> {
+                self.$get(column)
+            }
+        }
+    };
+}
+pub(super) use impl_columns;
+
+/// A row of [`SELECT_RECORDS`].
+pub fn record_from<C: Columns + ?Sized>(row: &C) -> Result<Record, C::Error> {
+    Ok(Record {
+        id: row.text(0)?,
+        at: row.int(1)?,
+        answered_at: row.maybe_int(2)?,
+        instance: row.text(3)?,
+        contact_id: row.text(4)?,
+        request_id: row.text(5)?,
+        client: row.text(6)?,
+        auth: row.text(7)?,
+        status: row.text(8)?,
+        previous: row.maybe_text(9)?,
+        outcome: row.text(10)?,
+        upstream_status: row.maybe_int32(11)?,
+    })
+}
+
+/// A row of [`ROWS`].
+pub fn row_from<C: Columns + ?Sized>(row: &C) -> Result<Row, C::Error> {
+    let kind = row.text(3)?;
+    Ok(Row {
+        chain: row.text(0)?,
+        seq: row.int(1)?,
+        entry: Entry {
+            record_id: row.text(2)?,
+            // An unknown kind is tampering: kept as a completion, whose hash will not match.
+            kind: EntryKind::parse(&kind).unwrap_or(EntryKind::Completion),
+            at_us: row.int(4)?,
+            contact_id: row.maybe_text(5)?,
+            request_id: row.maybe_text(6)?,
+            client: row.maybe_text(7)?,
+            auth: row.maybe_text(8)?,
+            status: row.maybe_text(9)?,
+            previous: row.maybe_text(10)?,
+            outcome: row.maybe_text(11)?,
+            upstream_status: row.maybe_int32(12)?,
+        },
+        prev_hash: row.bytes(13)?,
+        hash: row.bytes(14)?,
+    })
+}
+
+/// A row of [`HEAD`].
+pub fn head_from<C: Columns + ?Sized>(row: &C) -> Result<ChainHead, C::Error> {
+    Ok(ChainHead {
+        chain: row.text(0)?,
+        key_id: row.text(1)?,
+        seq: row.int(2)?,
+        hash: row.bytes(3)?,
+    })
+}

@@ -105,55 +105,21 @@ fn migrate(conn: &mut Connection) -> rusqlite::Result<()> {
     tx.commit()
 }
 
+// rusqlite takes mappers over a row of any statement's lifetime, which a generic function
+// instantiated for one lifetime is not: these pin the shared mappings to that.
 fn record_from(row: &rusqlite::Row<'_>) -> rusqlite::Result<Record> {
-    Ok(Record {
-        id: row.get(0)?,
-        at: row.get(1)?,
-        answered_at: row.get(2)?,
-        instance: row.get(3)?,
-        contact_id: row.get(4)?,
-        request_id: row.get(5)?,
-        client: row.get(6)?,
-        auth: row.get(7)?,
-        status: row.get(8)?,
-        previous: row.get(9)?,
-        outcome: row.get(10)?,
-        upstream_status: row.get(11)?,
-    })
+    sql::record_from(row)
 }
 
 fn row_from(row: &rusqlite::Row<'_>) -> rusqlite::Result<Row> {
-    let kind: String = row.get(3)?;
-    Ok(Row {
-        chain: row.get(0)?,
-        seq: row.get(1)?,
-        entry: Entry {
-            record_id: row.get(2)?,
-            // An unknown kind is tampering: kept as a completion, whose hash will not match.
-            kind: EntryKind::parse(&kind).unwrap_or(EntryKind::Completion),
-            at_us: row.get(4)?,
-            contact_id: row.get(5)?,
-            request_id: row.get(6)?,
-            client: row.get(7)?,
-            auth: row.get(8)?,
-            status: row.get(9)?,
-            previous: row.get(10)?,
-            outcome: row.get(11)?,
-            upstream_status: row.get(12)?,
-        },
-        prev_hash: row.get(13)?,
-        hash: row.get(14)?,
-    })
+    sql::row_from(row)
 }
 
 fn head_from(row: &rusqlite::Row<'_>) -> rusqlite::Result<ChainHead> {
-    Ok(ChainHead {
-        chain: row.get(0)?,
-        key_id: row.get(1)?,
-        seq: row.get(2)?,
-        hash: row.get(3)?,
-    })
+    sql::head_from(row)
 }
+
+sql::impl_columns!(rusqlite::Row<'_>, rusqlite::Error, get);
 
 impl Store for SqliteStore {
     fn append(

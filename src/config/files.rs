@@ -1,9 +1,11 @@
 //! Every file the proxy reads (the configuration file, secrets, keys and key directories, the
 //! TLS certificate and key) is read here, through one bounded read: `/dev/zero`, a FIFO or a
-//! file that keeps growing cannot make the process read without end. A secret's file is also
-//! checked for who else may touch it: one that others (beyond owner and group) can write is
-//! refused, as anyone on the machine could replace the secret; one they can read is read with
-//! a warning. Group access stays quiet: Kubernetes mounts Secrets group-readable (`fsGroup`).
+//! file that keeps growing cannot make the process read without end. Every file is also
+//! checked for who else may change it: one that others (beyond owner and group) can write is
+//! refused, as anyone on the machine could replace a secret, add a trusted root certificate, or
+//! point the configuration's `token_url` at themselves and be sent the client secret. A secret
+//! others can read is read with a warning. Group access stays quiet: Kubernetes mounts Secrets
+//! group-readable (`fsGroup`).
 //! Modes are those of the file a symlink leads to (Kubernetes' `..data/` links).
 //! Messages name the file, never its content; the caller prefixes the key.
 
@@ -32,9 +34,10 @@ const STICKY: u32 = 0o1000;
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum FileKind {
     /// The configuration file: anything readable (a pipe too, e.g. `--config <(...)`), bounded
-    /// by [`MAX_FILE_BYTES`].
+    /// by [`MAX_FILE_BYTES`], not writable by others.
     Configuration,
-    /// A certificate chain: a regular file of at most [`MAX_FILE_BYTES`].
+    /// A certificate chain: a regular file of at most [`MAX_FILE_BYTES`], not writable by
+    /// others.
     Certificates,
     /// A secret or a private key: a regular file of at most [`MAX_SECRET_FILE_BYTES`], not
     /// writable by others, a warning when readable by others.
@@ -46,6 +49,17 @@ impl FileKind {
         match self {
             FileKind::Configuration | FileKind::Certificates => MAX_FILE_BYTES,
             FileKind::Secret => MAX_SECRET_FILE_BYTES,
+        }
+    }
+
+    /// What anyone could do with a file of this kind they can write.
+    fn others_could(self) -> &'static str {
+        match self {
+            FileKind::Configuration => {
+                "anyone could change the configuration (token_url: where the client secret goes)"
+            }
+            FileKind::Certificates => "anyone could replace the certificates (add a trusted root)",
+            FileKind::Secret => "anyone could replace the secret",
         }
     }
 }
@@ -67,9 +81,10 @@ pub fn read_text(path: &Path, kind: FileKind) -> Result<FileText, String> {
     let file = File::open(path).map_err(cannot_read)?;
     // The file opened, wherever its links lead: what is checked is what is read.
     let metadata = file.metadata().map_err(cannot_read)?;
+    not_writable_by_others(path, &metadata, kind)?;
     let warning = if kind == FileKind::Secret {
         regular(path, &metadata)?;
-        secret_mode(path, &metadata)?
+        readable_by_others(path, &metadata)
     } else {
         None
     };
@@ -164,23 +179,29 @@ fn regular(path: &Path, metadata: &Metadata) -> Result<(), String> {
     }
 }
 
-/// Refuses a secret others can write; a warning when others can read it.
-fn secret_mode(path: &Path, metadata: &Metadata) -> Result<Option<String>, String> {
+/// Refuses a regular file others can write (a pipe or a device, e.g. `--config <(...)`, holds
+/// nothing anyone could change later).
+fn not_writable_by_others(path: &Path, metadata: &Metadata, kind: FileKind) -> Result<(), String> {
     let mode = metadata.permissions().mode() & 0o7777;
-    if mode & OTHERS_WRITE != 0 {
-        Err(format!(
-            "'{}' can be written by others (mode {mode:04o}): anyone could replace the secret; \
-             chmod o-w",
-            path.display()
-        ))
-    } else if mode & OTHERS_READ != 0 {
-        Ok(Some(format!(
+    if !metadata.is_file() || mode & OTHERS_WRITE == 0 {
+        return Ok(());
+    }
+    Err(format!(
+        "'{}' can be written by others (mode {mode:04o}): {}; chmod o-w",
+        path.display(),
+        kind.others_could()
+    ))
+}
+
+/// A warning about a secret others can read.
+fn readable_by_others(path: &Path, metadata: &Metadata) -> Option<String> {
+    let mode = metadata.permissions().mode() & 0o7777;
+    (mode & OTHERS_READ != 0).then(|| {
+        format!(
             "'{}' can be read by others (mode {mode:04o}); owner and group suffice: chmod o-r",
             path.display()
-        )))
-    } else {
-        Ok(None)
-    }
+        )
+    })
 }
 
 /// `65536` → "64 KiB".
@@ -305,8 +326,34 @@ mod tests {
             .is_none());
         chmod(&secret, 0o646);
         assert!(read_text(&link, FileKind::Secret).is_err());
-        // Certificates are public: no mode check.
-        assert!(read_text(Path::new(&secret), FileKind::Certificates).is_ok());
+    }
+
+    #[test]
+    fn a_configuration_or_certificate_file_others_can_write_is_refused_readable_is_quiet() {
+        let dir = TempDir::new("public-modes");
+        let file = dir.file("file", "x = 1\n");
+        for (kind, consequence) in [
+            (
+                FileKind::Configuration,
+                "token_url: where the client secret goes",
+            ),
+            (FileKind::Certificates, "add a trusted root"),
+        ] {
+            for mode in [0o644, 0o664, 0o444] {
+                chmod(&file, mode);
+                let read = read_text(Path::new(&file), kind).unwrap();
+                assert!(read.warning.is_none(), "{kind:?} {mode:o}");
+            }
+            for mode in [0o646, 0o666] {
+                chmod(&file, mode);
+                let err = read_text(Path::new(&file), kind).unwrap_err();
+                assert!(
+                    err.contains(&format!("can be written by others (mode {mode:04o})"))
+                        && err.contains(consequence),
+                    "{kind:?}: {err}"
+                );
+            }
+        }
     }
 
     #[test]

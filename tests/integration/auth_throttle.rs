@@ -2,7 +2,8 @@
 //! Basic) are throttled per caller address and per Basic name, configured or not, like the
 //! token endpoint's; behind trusted load balancers the caller's forwarded address counts, and
 //! from any other peer the forwarding headers are ignored. Each caller is a different loopback
-//! address (127.0.0.x), so the tests do not throttle one another.
+//! address (127.0.0.x), so the tests do not throttle one another. The admin listener's key is
+//! under the same throttle.
 
 use std::net::{IpAddr, Ipv4Addr};
 
@@ -190,4 +191,36 @@ async fn behind_a_trusted_balancer_each_caller_is_throttled_by_its_own_address()
     )
     .await;
     assert_throttled(&forged, "a forged X-Forwarded-For from an untrusted peer");
+}
+
+async fn purge_from(from: &TestClient, url: &str, key: &str) -> TestResponse {
+    from.send(Method::DELETE, url, &[("x-api-key", key)], None)
+        .await
+}
+
+#[tokio::test]
+async fn the_admin_key_is_guessed_no_faster_than_a_consent_key() {
+    let h = Harness::start().await;
+    h.wait_ready().await;
+    let purge = format!("{}/admin/cache/{CONTACT}", h.proxy.admin_url());
+    let guesser = TestClient::from_address(loopback(41));
+    for attempt in 0..10 {
+        let answer = purge_from(&guesser, &purge, WRONG).await;
+        assert_eq!(answer.status, 401, "attempt {}", attempt + 1);
+    }
+    assert_throttled(
+        &purge_from(&guesser, &purge, ADMIN_KEY).await,
+        "the admin key after ten failures",
+    );
+    // A key without the admin permission is refused (403), not counted as a guess.
+    let reader = TestClient::from_address(loopback(42));
+    for _ in 0..11 {
+        assert_eq!(purge_from(&reader, &purge, RW_KEY).await.status, 403);
+    }
+    assert_eq!(purge_from(&reader, &purge, ADMIN_KEY).await.status, 204);
+
+    assert_eq!(failures(&h, "admin", "invalid_key").await, 10.0);
+    assert_eq!(failures(&h, "admin", "throttled").await, 1.0);
+    assert_eq!(failures(&h, "admin", "missing").await, 0.0);
+    assert_eq!(failures(&h, "consent", "invalid_key").await, 0.0);
 }

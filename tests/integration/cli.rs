@@ -448,6 +448,28 @@ fn check_config_warns_of_a_secret_others_can_read_and_refuses_one_they_can_write
 }
 
 #[test]
+fn check_config_refuses_a_config_file_others_can_write() {
+    // Anyone who can write it could point token_url at themselves and be sent the secret.
+    let file = TempFile::new(
+        "writable.toml",
+        &valid_config(&inline_secret(), &inline_key()),
+    );
+    chmod(file.path(), 0o644);
+    assert_eq!(check_config(file.path(), &[]).status.code(), Some(0));
+    chmod(file.path(), 0o646);
+    let output = check_config(file.path(), &[]);
+    assert_invalid(
+        &output,
+        &[
+            "config file: ",
+            "can be written by others (mode 0646)",
+            "chmod o-w",
+        ],
+    );
+    assert!(!text(&output.stderr).contains(CLIENT_SECRET));
+}
+
+#[test]
 fn check_config_refuses_an_endless_secret_file_at_once() {
     let config = format!(
         "{}\n[oauth]\nsigning_key_file = \"/dev/zero\"\n",

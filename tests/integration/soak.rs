@@ -1,7 +1,8 @@
-//! A bounded soak test (ignored by default; CI runs it in release mode):
+//! A bounded soak test (ignored by default; CI runs it with the test build `cargo test` made:
+//! a few hundred requests a second need no optimised build):
 //!
 //! ```text
-//! cargo test --release --test integration -- --ignored soak:: --nocapture
+//! cargo test --test integration -- --ignored soak:: --nocapture
 //! ```
 //!
 //! Several workers send mixed GET/PUT traffic, a few hundred requests a second, over a fixed
@@ -240,7 +241,7 @@ async fn worker(h: Arc<Harness>, contacts: Arc<Vec<String>>, until: Instant) -> 
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "soak test: cargo test --release --test integration -- --ignored soak:: --nocapture"]
+#[ignore = "soak test: cargo test --test integration -- --ignored soak:: --nocapture"]
 async fn soak_mixed_traffic_under_upstream_chaos() {
     let run_for = Duration::from_secs(
         std::env::var("SOAK_SECS")

@@ -711,7 +711,7 @@ async fn a_writer_that_dies_between_its_announcements() {
 /// seconds; at the end rule 5 holds over the whole history and upstream holds every
 /// acknowledged write (unless a later write replaced it). `CLUSTER_SOAK_SECS` (default 60).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "soak: cargo test --release --test integration -- --ignored external::cluster:: --nocapture"]
+#[ignore = "soak: cargo test --test integration -- --ignored external::cluster:: --nocapture"]
 async fn soak_three_instances_with_redis_restarts() {
     let run_for = Duration::from_secs(
         std::env::var("CLUSTER_SOAK_SECS")
