@@ -135,18 +135,25 @@ impl ConsentService {
                     upstream_failure: None,
                 };
             }
+            // The waits on the heap: inline, they would make a hit's future as large (see
+            // `ConsentRoutes::route`).
             Lookup::Join(waiter) => {
-                return self
-                    .cache
-                    .settle(contact, CacheStatus::Coalesced, waiter, deadline)
-                    .await
+                return Box::pin(self.cache.settle(
+                    contact,
+                    CacheStatus::Coalesced,
+                    waiter,
+                    deadline,
+                ))
+                .await
             }
             Lookup::Lead(lead) => {
                 let (waiter, report) =
                     self.lead_fill(lead, contact, deadline, fetch(request.hand_over()));
-                let settled = self
-                    .cache
-                    .settle(contact, CacheStatus::Miss, waiter, deadline)
+                let settled =
+                    Box::pin(
+                        self.cache
+                            .settle(contact, CacheStatus::Miss, waiter, deadline),
+                    )
                     .await;
                 let shared_age = report.as_ref().and_then(FillReport::shared_age);
                 if let Some(age) = shared_age.filter(|_| settled.status == CacheStatus::Miss) {
