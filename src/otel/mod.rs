@@ -108,8 +108,9 @@ impl Inner {
     /// ids are what an unrecorded request pays for that: with the thread's small generator
     /// (`span::draw`) about 200 instructions, the span included, of a hit's 26,000; drawing
     /// them lazily, at the first upstream attempt (a hit makes none), would save part of that
-    /// and need the id shared with the tasks a request hands work to. A caller's `traceparent`, sampled or not, is always passed on
-    /// with a parent id of this proxy's ([`Tracer::server_span`]).
+    /// and need the id shared with the tasks a request hands work to. A caller's
+    /// `traceparent`, sampled or not, is always passed on with a parent id of this proxy's
+    /// ([`Tracer::server_span`]).
     fn root(&self, name: &'static str, kind: SpanKind) -> Span {
         let sampled = span::sampled_at(self.sample_ratio);
         let context = SpanContext {
