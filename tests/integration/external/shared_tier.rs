@@ -58,6 +58,20 @@ async fn shared_cache_fleet() -> Fleet {
     .await
 }
 
+/// Lets every instance of a fresh fleet time Redis' clock before a test reads what it expects
+/// from the shared tier. An instance takes a shared answer only if the answer's upstream read
+/// certainly began after the instance's session did, by a bound on Redis' clock it tightens
+/// with each script it runs. Just started, an instance has a sample or two, which a loaded
+/// machine can make loose by tens of milliseconds, so a read right after the fleet is up may
+/// be rightly refused: a MISS where a test looks for a shared HIT (seen in full runs, twice,
+/// always on the instance started last). Each instance reads a contact of its own (a shared
+/// miss: one more hash in Redis, no shared hit counted).
+async fn time_redis_everywhere(fleet: &Fleet) {
+    for i in 0..fleet.proxies.len() {
+        fleet.get(i, &format!("+155509998{i:02}")).await;
+    }
+}
+
 /// Where an answer came from: `x-cache-status` and `x-cache-tier`.
 fn source(response: &TestResponse) -> (String, Option<String>) {
     (
@@ -83,16 +97,7 @@ fn local(status: &str) -> (String, Option<String>) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_contact_read_through_one_instance_is_answered_by_the_others_from_the_shared_tier() {
     let fleet = shared_cache_fleet().await;
-    // An instance takes a shared answer only if the answer's upstream read certainly began
-    // after the instance's session did, by a bound on Redis' clock it tightens with each
-    // script it runs. Just started, an instance has a sample or two, which a loaded machine
-    // can make loose by tens of milliseconds, and a read right after the fleet is up may be
-    // rightly refused (a MISS where this test looks for a shared HIT: seen once in a full
-    // run, this the likely cause). So each instance times Redis first, through a contact of
-    // its own (shared misses).
-    for i in 0..3 {
-        fleet.get(i, &format!("+155509998{i:02}")).await;
-    }
+    time_redis_everywhere(&fleet).await;
     let contact = "+15550900001";
     fleet.sim.set_status(contact, ConsentStatus::Consented);
 
@@ -533,6 +538,7 @@ async fn a_restarted_instance_takes_no_answer_read_before_it_started_and_replace
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_admin_purge_clears_the_shared_tier() {
     let fleet = shared_cache_fleet().await;
+    time_redis_everywhere(&fleet).await;
     let contact = "+15550900004";
     fleet.sim.set_status(contact, ConsentStatus::Consented);
     fleet.get(0, contact).await;
@@ -554,6 +560,7 @@ async fn during_a_key_rotation_a_write_clears_every_keyspace() {
         shared_tier_with_keys(c, true, false, &keys);
     })
     .await;
+    time_redis_everywhere(&fleet).await;
     let contact = "+15550900005";
     fleet.sim.set_status(contact, ConsentStatus::Consented);
     assert_eq!(source(&fleet.get(1, contact).await), local("MISS"));
@@ -561,8 +568,8 @@ async fn during_a_key_rotation_a_write_clears_every_keyspace() {
     assert_eq!(fleet.put(0, contact, "REFUSED").await.status, 200);
     let id = ContactId::from_path_segment(contact).unwrap();
     fleet.proxies[1].proxy.cache.purge(&id);
-    // On a loaded machine a late heartbeat can leave B unsynced (BYPASS: no cache used at all,
-    // which would prove nothing here): B's feed is live again before it reads.
+    // A late heartbeat on a loaded machine would leave B unsynced (BYPASS: no cache used at
+    // all, which would prove nothing here): B's feed is live again before it reads.
     fleet.wait_live([1]).await;
     let answer = fleet.get(1, contact).await;
     assert_eq!(
