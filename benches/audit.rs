@@ -32,13 +32,11 @@ mod consent_requests;
 mod postgres_server;
 #[path = "support/stats.rs"]
 mod stats;
-use consent_requests::{get, proxy_toml, put};
+use consent_requests::{get, interleaved_put_latencies, proxy_toml, PEER};
 use postgres_server::PostgresServer;
 use stats::median;
 
 const WORKING_SET: usize = 10_000;
-const PEER: std::net::SocketAddr =
-    std::net::SocketAddr::new(std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST), 40_000);
 
 fn scaled(n: usize) -> usize {
     let scale: f64 = std::env::var("AUDIT_BENCH_SCALE")
@@ -172,7 +170,6 @@ fn put_latency(stores: &Stores) {
         .build()
         .expect("runtime");
     let puts = scaled(3_000);
-    let statuses = ["CONSENTED", "REFUSED"];
     let postgres = stores.postgres();
     let latencies = runtime.block_on(async {
         let sim = simulator().await;
@@ -181,23 +178,7 @@ fn put_latency(stores: &Stores) {
             proxy(&sim, &stores.sqlite("puts")).await,
             proxy(&sim, &postgres).await,
         ];
-        let mut latencies = [Vec::new(), Vec::new(), Vec::new()];
-        for proxy in &modes {
-            for i in 0..200 {
-                proxy.routes.handle(put(i, statuses[i % 2]), PEER).await;
-            }
-        }
-        for block in 0..(puts / 100).max(1) {
-            for (mode, proxy) in modes.iter().enumerate() {
-                for i in 0..100 {
-                    let request = put(block * 100 + i, statuses[i % 2]);
-                    let started = Instant::now();
-                    let response = proxy.routes.handle(request, PEER).await;
-                    latencies[mode].push(started.elapsed());
-                    assert!(response.status().is_success(), "{}", response.status());
-                }
-            }
-        }
+        let latencies = interleaved_put_latencies(&modes, puts).await;
         for proxy in modes {
             proxy.shutdown().await;
         }

@@ -33,13 +33,10 @@ mod consent_requests;
 mod redis_server;
 #[path = "support/stats.rs"]
 mod stats;
-use consent_requests::{get, proxy_toml, put};
+use consent_requests::{get, interleaved_put_latencies, proxy_toml, put, PEER};
 use stats::median;
 
 const WORKING_SET: usize = 10_000;
-/// The callers' address, as the listener would pass it.
-const PEER: std::net::SocketAddr =
-    std::net::SocketAddr::new(std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST), 40_000);
 
 fn scale() -> f64 {
     std::env::var("CLUSTER_BENCH_SCALE")
@@ -279,7 +276,6 @@ fn put_latency() {
     let runtime = one_worker_runtime();
     let redis = redis_server::RedisServer::start();
     let puts = scaled(3_000);
-    let statuses = ["CONSENTED", "REFUSED"];
     let [mut off, mut on, mut shared] = runtime.block_on(async {
         let sim = simulator().await;
         let modes = [
@@ -287,24 +283,7 @@ fn put_latency() {
             proxy(&sim, Some(&redis.url()), 1_000).await,
             proxy_with(&sim, Some(&redis.url()), 1_000, &shared_cache_keys(), "").await,
         ];
-        let mut latencies = [Vec::new(), Vec::new(), Vec::new()];
-        // Warm each (connections, token, scripts), then alternate blocks of 100.
-        for proxy in &modes {
-            for i in 0..200 {
-                proxy.routes.handle(put(i, statuses[i % 2]), PEER).await;
-            }
-        }
-        for block in 0..(puts / 100).max(1) {
-            for (mode, proxy) in modes.iter().enumerate() {
-                for i in 0..100 {
-                    let request = put(block * 100 + i, statuses[i % 2]);
-                    let started = Instant::now();
-                    let response = proxy.routes.handle(request, PEER).await;
-                    latencies[mode].push(started.elapsed());
-                    assert!(response.status().is_success(), "{}", response.status());
-                }
-            }
-        }
+        let latencies = interleaved_put_latencies(&modes, puts).await;
         for proxy in &modes[1..] {
             let refused = counter(
                 proxy,

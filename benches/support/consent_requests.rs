@@ -3,13 +3,48 @@
 //! are sent to and the proxy configuration in front of it.
 #![allow(dead_code)]
 
+use std::time::{Duration, Instant};
+
 use bytes::Bytes;
 use consent_proxy::simulator::{Simulator, SimulatorConfig};
+use consent_proxy::AppHandle;
 use http::Request;
 use http_body_util::Full;
 
 pub const KEY: &str = "bench-key-0123456789abcdef";
 pub const SIM_CLIENT_SECRET: &str = "bench-secret";
+/// The callers' address, as the listener would pass it.
+pub const PEER: std::net::SocketAddr =
+    std::net::SocketAddr::new(std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST), 40_000);
+
+/// The latency of each of `puts` PUTs through each proxy of `modes` (alternating statuses),
+/// after 200 to warm each (connections, token, scripts): blocks of 100 PUTs, one block per
+/// proxy in turn, so that whatever else the machine does falls on all of them alike. Panics
+/// on an answer that is not 2xx.
+pub async fn interleaved_put_latencies<const N: usize>(
+    modes: &[AppHandle; N],
+    puts: usize,
+) -> [Vec<Duration>; N] {
+    let statuses = ["CONSENTED", "REFUSED"];
+    for proxy in modes {
+        for i in 0..200 {
+            proxy.routes.handle(put(i, statuses[i % 2]), PEER).await;
+        }
+    }
+    let mut latencies = std::array::from_fn(|_| Vec::new());
+    for block in 0..(puts / 100).max(1) {
+        for (mode, proxy) in modes.iter().enumerate() {
+            for i in 0..100 {
+                let request = put(block * 100 + i, statuses[i % 2]);
+                let started = Instant::now();
+                let response = proxy.routes.handle(request, PEER).await;
+                latencies[mode].push(started.elapsed());
+                assert!(response.status().is_success(), "{}", response.status());
+            }
+        }
+    }
+    latencies
+}
 
 /// The consent resource of the working set's `contact`.
 pub fn path(contact: usize) -> String {
