@@ -32,7 +32,7 @@ mod consent_requests;
 mod postgres_server;
 #[path = "support/stats.rs"]
 mod stats;
-use consent_requests::{get, interleaved_put_latencies, proxy_toml, PEER};
+use consent_requests::{get, hit_rounds, interleaved_put_latencies, proxy_toml, PEER};
 use postgres_server::PostgresServer;
 use stats::median;
 
@@ -137,19 +137,7 @@ fn hit_path(stores: &Stores) {
         (modes, sim)
     });
     let hits = scaled(200_000);
-    let mut per_hit = [Vec::new(), Vec::new()];
-    for _round in 0..7 {
-        for (mode, proxy) in modes.iter().enumerate() {
-            let started = Instant::now();
-            runtime.block_on(async {
-                for i in 0..hits {
-                    let response = proxy.routes.handle(get(i % WORKING_SET), PEER).await;
-                    debug_assert_eq!(response.headers()["x-cache-status"], "HIT");
-                }
-            });
-            per_hit[mode].push(started.elapsed().as_nanos() as f64 / hits as f64);
-        }
-    }
+    let per_hit = hit_rounds(&runtime, &modes, hits, WORKING_SET);
     let [off_ns, on_ns] = per_hit.map(|mut rounds| median(&mut rounds));
     println!(
         "hit path (in-process handler, one core, {hits} hits x 7 rounds, medians): audit off \

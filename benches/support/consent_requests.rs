@@ -17,6 +17,31 @@ pub const SIM_CLIENT_SECRET: &str = "bench-secret";
 pub const PEER: std::net::SocketAddr =
     std::net::SocketAddr::new(std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST), 40_000);
 
+/// Nanoseconds per hit of each proxy of `modes` in each of 7 rounds: `hits` GETs over the
+/// first `working_set` contacts (cached already), the proxies in turn within each round so that
+/// whatever else the machine does falls on all of them alike.
+pub fn hit_rounds<const N: usize>(
+    runtime: &tokio::runtime::Runtime,
+    modes: &[AppHandle; N],
+    hits: usize,
+    working_set: usize,
+) -> [Vec<f64>; N] {
+    let mut per_hit = std::array::from_fn(|_| Vec::new());
+    for _round in 0..7 {
+        for (mode, proxy) in modes.iter().enumerate() {
+            let started = Instant::now();
+            runtime.block_on(async {
+                for i in 0..hits {
+                    let response = proxy.routes.handle(get(i % working_set), PEER).await;
+                    debug_assert_eq!(response.headers()["x-cache-status"], "HIT");
+                }
+            });
+            per_hit[mode].push(started.elapsed().as_nanos() as f64 / hits as f64);
+        }
+    }
+    per_hit
+}
+
 /// The latency of each of `puts` PUTs through each proxy of `modes` (alternating statuses),
 /// after 200 to warm each (connections, token, scripts): blocks of 100 PUTs, one block per
 /// proxy in turn, so that whatever else the machine does falls on all of them alike. Panics
