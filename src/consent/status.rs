@@ -54,6 +54,19 @@ impl fmt::Display for ConsentStatus {
 
 /// The consent status in an upstream body, if it is a valid consent body.
 pub fn consent_status_of(body: &[u8]) -> Option<ConsentStatus> {
+    // Upstream's usual answer is a canonical body: told by comparing bytes, not parsing JSON
+    // (a miss reads the body twice: to accept the answer and to store it).
+    if let Some(status) = ConsentStatus::ALL
+        .into_iter()
+        .find(|status| status.canonical_body() == body)
+    {
+        return Some(status);
+    }
+    parsed_status_of(body)
+}
+
+/// The consent status in any consent body, read as JSON.
+fn parsed_status_of(body: &[u8]) -> Option<ConsentStatus> {
     #[derive(serde::Deserialize)]
     struct Body<'a> {
         #[serde(borrow)]
@@ -180,6 +193,29 @@ fn truncate_for_message(s: &str) -> &str {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn upstream_bodies_are_read_alike_canonical_or_not() {
+        for status in ConsentStatus::ALL {
+            let canonical = status.canonical_body();
+            assert_eq!(consent_status_of(canonical), Some(status));
+            assert_eq!(
+                parsed_status_of(canonical),
+                Some(status),
+                "the bytes compared"
+            );
+            let spaced = format!("{{ \"status\" : \"{status}\", \"updatedAt\": 1 }}");
+            assert_eq!(consent_status_of(spaced.as_bytes()), Some(status));
+        }
+        for body in [
+            &b""[..],
+            b"{}",
+            br#"{"status":"MAYBE"}"#,
+            br#"{"status":"REFUSED""#,
+        ] {
+            assert_eq!(consent_status_of(body), None);
+        }
+    }
 
     #[test]
     fn body_rules() {

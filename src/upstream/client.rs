@@ -6,6 +6,7 @@ use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use bytes::Bytes;
+use http::uri::{Authority, Parts, PathAndQuery, Scheme};
 use http::{header, HeaderValue, Method, Request, StatusCode, Uri};
 use http_body_util::Full;
 use prometheus::{Histogram, HistogramVec, IntCounter, IntCounterVec, Registry};
@@ -126,7 +127,9 @@ pub struct ConsentApi {
     transport: Transport,
     tokens: TokenManager,
     admission: Admission,
-    api_base_url: String,
+    /// `talkdesk.api_base_url` parsed once; `None` when it does not parse (each call then
+    /// fails).
+    uris: Option<ConsentUris>,
     attempt_timeout: Duration,
     max_retries: u32,
     max_response_bytes: usize,
@@ -145,7 +148,7 @@ impl ConsentApi {
             transport,
             tokens,
             admission: Admission::new(talkdesk, admission),
-            api_base_url: talkdesk.api_base_url.clone(),
+            uris: ConsentUris::new(&talkdesk.api_base_url),
             attempt_timeout: talkdesk.timeout,
             max_retries: talkdesk.max_retries,
             max_response_bytes: talkdesk.max_response_bytes,
@@ -213,9 +216,9 @@ impl ConsentApi {
         context: &RequestContext,
     ) -> CallEnd {
         let deadline = context.deadline;
-        let uri = match Uri::try_from(consent_url(&self.api_base_url, contact)) {
-            Ok(uri) => uri,
-            Err(_) => {
+        let uri = match self.uris.as_ref().and_then(|uris| uris.of(contact)) {
+            Some(uri) => uri,
+            None => {
                 return CallEnd {
                     result: Err(CallError::NotApplied(ProxyError::Internal(
                         "upstream request could not be built".into(),
@@ -245,14 +248,11 @@ impl ConsentApi {
             let name = if method == Method::PUT { "PUT" } else { "GET" };
             let mut span = context.trace.child(name, SpanKind::Client);
             if span.is_recording() {
-                self.describe_attempt(&mut span, &method, attempts);
+                self.describe_attempt(&mut span, &method, &uri, attempts);
             }
             attempts += 1;
             let mut request =
-                match build_request(&method, uri.clone(), &token, &context.id, body.clone()) {
-                    Ok(request) => request,
-                    Err(error) => break Err(CallError::NotApplied(error)),
-                };
+                build_request(&method, uri.clone(), &token, &context.id, body.clone());
             span.inject(request.headers_mut());
             let started = Instant::now();
             let timeout = self
@@ -357,14 +357,14 @@ impl ConsentApi {
     /// An upstream attempt's span in OpenTelemetry's HTTP client conventions: the method,
     /// Talkdesk's host and port, the path template (the real path holds the contact id), and
     /// which retry it is.
-    fn describe_attempt(&self, span: &mut Span, method: &Method, retries_before: i64) {
+    fn describe_attempt(&self, span: &mut Span, method: &Method, uri: &Uri, retries_before: i64) {
         span.set(
             "http.request.method",
             if *method == Method::PUT { "PUT" } else { "GET" },
         );
-        if let Ok(base) = self.api_base_url.parse::<http::Uri>() {
-            describe_server(span, &base);
-            let base_path = base.path().trim_end_matches('/');
+        describe_server(span, uri);
+        if let Some(uris) = &self.uris {
+            let base_path = uris.base_path.trim_end_matches('/');
             span.set("url.template", format!("{base_path}{CONSENT_ROUTE}"));
         }
         if retries_before > 0 {
@@ -434,26 +434,63 @@ fn finish(answer: Answer) -> Result<ConsentAnswer, CallError> {
     }
 }
 
+/// Where consent requests go: `talkdesk.api_base_url`'s scheme and authority parsed once, so
+/// that a call parses only its own path (the URI is what parsing the whole URL would give).
+struct ConsentUris {
+    scheme: Scheme,
+    authority: Authority,
+    /// The base URL's path as written (empty, or from its `/`): the consent path follows it.
+    base_path: String,
+}
+
+impl ConsentUris {
+    fn new(api_base_url: &str) -> Option<ConsentUris> {
+        let base = api_base_url.parse::<Uri>().ok()?;
+        let authority = base.authority()?.clone();
+        let (_, after_scheme) = api_base_url.split_once("://")?;
+        Some(ConsentUris {
+            scheme: base.scheme()?.clone(),
+            base_path: after_scheme.get(authority.as_str().len()..)?.to_owned(),
+            authority,
+        })
+    }
+
+    /// `contact`'s consent URI.
+    fn of(&self, contact: &ContactId) -> Option<Uri> {
+        let path = consent_url(&self.base_path, contact);
+        let mut parts = Parts::default();
+        parts.scheme = Some(self.scheme.clone());
+        parts.authority = Some(self.authority.clone());
+        parts.path_and_query = Some(PathAndQuery::from_maybe_shared(Bytes::from(path)).ok()?);
+        Uri::from_parts(parts).ok()
+    }
+}
+
+/// Headers an upstream request may carry: `build_request`'s five, the trace context's two and
+/// the `Host` hyper-util adds; room for them at once, so the map never grows.
+const UPSTREAM_HEADERS: usize = 8;
+
 fn build_request(
     method: &Method,
     uri: Uri,
     token: &crate::upstream::token::AccessToken,
     request_id: &http::HeaderValue,
     body: Option<Bytes>,
-) -> Result<Request<Full<Bytes>>, ProxyError> {
-    let mut builder = Request::builder()
-        .method(method.clone())
-        .uri(uri)
-        .header(header::AUTHORIZATION, token.authorization().clone())
-        .header(header::ACCEPT, APPLICATION_JSON)
-        .header(header::USER_AGENT, HeaderValue::from_static(USER_AGENT))
-        .header(X_REQUEST_ID, request_id.clone());
-    if body.is_some() {
-        builder = builder.header(header::CONTENT_TYPE, APPLICATION_JSON);
+) -> Request<Full<Bytes>> {
+    let has_body = body.is_some();
+    let mut request = Request::new(Full::new(body.unwrap_or_default()));
+    *request.method_mut() = method.clone();
+    *request.uri_mut() = uri;
+    let headers = request.headers_mut();
+    headers.reserve(UPSTREAM_HEADERS);
+    headers.insert(header::AUTHORIZATION, token.authorization().clone());
+    headers.insert(header::ACCEPT, APPLICATION_JSON);
+    headers.insert(header::USER_AGENT, HeaderValue::from_static(USER_AGENT));
+    headers.insert(X_REQUEST_ID, request_id.clone());
+    if has_body {
+        headers.insert(header::CONTENT_TYPE, APPLICATION_JSON);
     }
-    builder
-        .body(Full::new(body.unwrap_or_default()))
-        .map_err(|_| ProxyError::Internal("upstream request could not be built".into()))
+    request
 }
 
 /// A gateway in front of Talkdesk gave up (502/504): the request may have been applied behind it.
@@ -479,4 +516,30 @@ fn retry_after(answer: &Answer) -> Option<Duration> {
         .parse()
         .ok()?;
     Some(Duration::from_secs(seconds))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_consent_uri_is_the_whole_url_parsed() {
+        let contact = ContactId::from_path_segment("%2B15551234567").expect("valid id");
+        for base in [
+            "https://api.talkdeskapp.com",
+            "http://127.0.0.1:9000",
+            "https://gateway.example:8443/talkdesk/v1",
+            "https://gateway.example/talkdesk/",
+            "HTTPS://API.TALKDESKAPP.COM",
+            "http://[::1]:9000/api",
+        ] {
+            let whole = Uri::try_from(consent_url(base, &contact)).expect("valid URL");
+            let uris = ConsentUris::new(base).expect("a base URL");
+            assert_eq!(uris.of(&contact), Some(whole.clone()), "{base}");
+            assert_eq!(
+                uris.of(&contact).map(|u| u.to_string()),
+                Some(whole.to_string())
+            );
+        }
+    }
 }
