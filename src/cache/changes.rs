@@ -5,11 +5,10 @@
 //! answer whose upstream read began before that moment may be older than the change, whatever
 //! Redis says (its keys may have been evicted or replayed since).
 //!
-//! Contacts share 65,536 slots by a keyed hash; each slot keeps the latest moment of any of
+//! Contacts share 65,536 slots by their keyed hash (`key`); each slot keeps the latest moment of any of
 //! its contacts. A collision can only make an answer look older than it is (one more upstream
 //! GET), never younger, and the memory is bounded (512 KiB) however many contacts change.
 
-use std::hash::{BuildHasher, RandomState};
 use std::sync::atomic::{AtomicU64, Ordering};
 
 /// A power of two.
@@ -18,7 +17,6 @@ const SLOTS: usize = 1 << 16;
 pub(super) struct ChangeLog {
     /// Per slot: milliseconds since the cache's epoch, rounded up, of its latest change.
     slots: Box<[AtomicU64]>,
-    hasher: RandomState,
     /// The latest flush (every contact changed, as far as this instance can tell).
     flushed_ms: AtomicU64,
 }
@@ -27,18 +25,18 @@ impl ChangeLog {
     pub fn new() -> ChangeLog {
         ChangeLog {
             slots: (0..SLOTS).map(|_| AtomicU64::new(0)).collect(),
-            hasher: RandomState::new(),
             flushed_ms: AtomicU64::new(0),
         }
     }
 
-    fn slot(&self, key: &str) -> &AtomicU64 {
-        &self.slots[self.hasher.hash_one(key) as usize & (SLOTS - 1)]
+    /// The slot of the contact whose key hashes to `hash`.
+    fn slot(&self, hash: u64) -> &AtomicU64 {
+        &self.slots[hash as usize & (SLOTS - 1)]
     }
 
-    /// `key` changed at `now_ms`.
-    pub fn changed(&self, key: &str, now_ms: u64) {
-        self.slot(key).fetch_max(now_ms, Ordering::AcqRel);
+    /// The contact whose key hashes to `hash` changed at `now_ms`.
+    pub fn changed(&self, hash: u64, now_ms: u64) {
+        self.slot(hash).fetch_max(now_ms, Ordering::AcqRel);
     }
 
     /// Every contact may have changed at `now_ms`.
@@ -46,9 +44,10 @@ impl ChangeLog {
         self.flushed_ms.fetch_max(now_ms, Ordering::AcqRel);
     }
 
-    /// The latest change of `key` known, in milliseconds since the epoch (0: none since it).
-    pub fn last_change(&self, key: &str) -> u64 {
-        let slot = self.slot(key).load(Ordering::Acquire);
+    /// The latest change known of the contact whose key hashes to `hash`, in milliseconds
+    /// since the epoch (0: none since it).
+    pub fn last_change(&self, hash: u64) -> u64 {
+        let slot = self.slot(hash).load(Ordering::Acquire);
         slot.max(self.flushed_ms.load(Ordering::Acquire))
     }
 }
@@ -60,12 +59,14 @@ mod tests {
     #[test]
     fn a_change_is_never_forgotten_and_a_flush_counts_for_every_contact() {
         let log = ChangeLog::new();
-        assert_eq!(log.last_change("+15550000001"), 0);
-        log.changed("+15550000001", 20);
-        log.changed("+15550000001", 10);
-        assert_eq!(log.last_change("+15550000001"), 20, "never goes back");
+        // Two contacts' hashes, in different slots.
+        let (contact, other) = (0x1234_5678_0000_0001, 0x1234_5678_0000_0002);
+        assert_eq!(log.last_change(contact), 0);
+        log.changed(contact, 20);
+        log.changed(contact, 10);
+        assert_eq!(log.last_change(contact), 20, "never goes back");
         log.flushed(15);
-        assert_eq!(log.last_change("+15550000001"), 20);
-        assert!(log.last_change("+15550000002") >= 15, "a flush changes all");
+        assert_eq!(log.last_change(contact), 20);
+        assert!(log.last_change(other) >= 15, "a flush changes all");
     }
 }

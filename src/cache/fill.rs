@@ -11,6 +11,7 @@ use std::time::Duration;
 use tokio::sync::watch;
 use tokio::time::Instant;
 
+use super::key::Key;
 use super::ConsentCache;
 use crate::consent::ConsentAnswer;
 use crate::error::ProxyError;
@@ -75,7 +76,7 @@ fn abandoned() -> ProxyError {
 /// The permit to run a key's fill. See the module comment.
 pub struct FillLead {
     cache: ConsentCache,
-    key: Arc<str>,
+    key: Key,
     fill: Arc<Fill>,
     sender: watch::Sender<Option<FillResult>>,
     finished: bool,
@@ -83,7 +84,7 @@ pub struct FillLead {
 
 impl FillLead {
     /// Registers a new fill for `key`; the caller holds the key's shard lock.
-    pub(super) fn new(cache: ConsentCache, key: Arc<str>) -> (Self, Arc<Fill>) {
+    pub(super) fn new(cache: ConsentCache, key: Key) -> (Self, Arc<Fill>) {
         let (sender, result) = watch::channel(None);
         let fill = Arc::new(Fill { result });
         let lead = FillLead {

@@ -36,12 +36,12 @@
 mod changes;
 mod entry;
 mod fill;
+mod key;
 mod lifetime;
 mod metrics;
 mod stale;
 
 use std::collections::HashMap;
-use std::hash::{BuildHasher, RandomState};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock, PoisonError};
 use std::time::Duration;
@@ -55,6 +55,7 @@ use changes::ChangeLog;
 use entry::{Kind, StoredAnswer, MAX_TTL};
 use fill::Fill;
 pub use fill::{Fetched, FillLead, FillResult, FillWaiter};
+use key::{Key, KeyHashing, Keys};
 use lifetime::{Freshness, Lifetimes};
 pub use metrics::{CacheMetrics, CacheStatus, Invalidation};
 pub use stale::Settled;
@@ -109,12 +110,12 @@ impl KeyState {
     }
 }
 
-type Shard = Mutex<HashMap<Arc<str>, KeyState>>;
+type Shard = Mutex<HashMap<Key, KeyState, KeyHashing>>;
 
 struct Inner {
-    answers: Cache<Arc<str>, StoredAnswer>,
+    answers: Cache<Key, StoredAnswer, KeyHashing>,
     shards: Box<[Shard]>,
-    hasher: RandomState,
+    keys: Keys,
     epoch: Instant,
     lifetimes: Lifetimes,
     enabled: bool,
@@ -141,13 +142,13 @@ impl ConsentCache {
         let answers = Cache::builder()
             .max_capacity(settings.max_entries)
             .time_to_live(lifetimes.retention())
-            .build();
-        let shards = (0..SHARDS).map(|_| Mutex::new(HashMap::new())).collect();
+            .build_with_hasher(KeyHashing::default());
+        let shards = (0..SHARDS).map(|_| Mutex::default()).collect();
         ConsentCache {
             inner: Arc::new(Inner {
                 answers,
                 shards,
-                hasher: RandomState::new(),
+                keys: Keys::new(),
                 epoch: Instant::now(),
                 lifetimes,
                 enabled: settings.enabled,
@@ -174,21 +175,21 @@ impl ConsentCache {
             inner.metrics.lookup(CacheStatus::Unsynced);
             return Lookup::Unsynced;
         }
-        let key = contact.as_arc();
-        if let Some(stored) = inner.answers.get(key) {
+        let key = inner.keys.of(contact);
+        if let Some(stored) = inner.answers.get(&key) {
             let age_ms = stored.age_ms(now_ms as u32);
             match inner.lifetimes.freshness(&stored, age_ms) {
                 Freshness::Fresh => return Lookup::Hit(self.hit(&stored, age_ms, None)),
                 Freshness::RefreshDue => {
-                    let refresh = self.register_refresh(key);
+                    let refresh = self.register_refresh(&key);
                     return Lookup::Hit(self.hit(&stored, age_ms, refresh));
                 }
                 Freshness::Expired => {}
             }
         }
-        let mut shard = self.shard(key);
+        let mut shard = self.shard(&key);
         // A fill may have stored the answer while this request waited for the lock.
-        if let Some(stored) = inner.answers.get(key) {
+        if let Some(stored) = inner.answers.get(&key) {
             let age_ms = stored.age_ms(self.now_ms());
             if inner.lifetimes.freshness(&stored, age_ms) != Freshness::Expired {
                 return Lookup::Hit(self.hit(&stored, age_ms, None));
@@ -198,7 +199,7 @@ impl ConsentCache {
         match &state.fill {
             Some(fill) => Lookup::Join(fill.waiter()),
             None => {
-                let (lead, fill) = FillLead::new(self.clone(), key.clone());
+                let (lead, fill) = FillLead::new(self.clone(), key);
                 state.fill = Some(fill);
                 Lookup::Lead(lead)
             }
@@ -217,7 +218,7 @@ impl ConsentCache {
 
     /// Registers a refresh of `key` as its fill, unless a fill is already in flight (it
     /// refreshes the entry anyway) or a write is (a fill would not store).
-    fn register_refresh(&self, key: &Arc<str>) -> Option<FillLead> {
+    fn register_refresh(&self, key: &Key) -> Option<FillLead> {
         let mut shard = self.shard(key);
         if shard.get(key).is_some_and(|state| !state.is_idle()) {
             return None;
@@ -237,7 +238,7 @@ impl ConsentCache {
     /// was abandoned.
     fn complete_fill(
         &self,
-        key: &Arc<str>,
+        key: &Key,
         fill: &Arc<Fill>,
         answer: Option<&ConsentAnswer>,
         age: Duration,
@@ -277,7 +278,7 @@ impl ConsentCache {
     /// (the audit trail's "previous" status). `None` when it holds nothing, an expired entry
     /// or a 404.
     pub fn known_status(&self, contact: &ContactId) -> Option<ConsentStatus> {
-        let stored = self.inner.answers.get(contact.as_arc())?;
+        let stored = self.inner.answers.get(&self.inner.keys.of(contact))?;
         let age_ms = stored.age_ms(self.now_ms());
         let fresh = self.inner.lifetimes.freshness(&stored, age_ms) != Freshness::Expired;
         (fresh && !stored.is_not_found()).then(|| stored.status())
@@ -300,7 +301,7 @@ impl ConsentCache {
     }
 
     fn begin(&self, contact: &ContactId, origin: Origin) -> WriteGuard {
-        let key = contact.as_arc().clone();
+        let key = self.inner.keys.of(contact);
         let mut shard = self.shard(&key);
         let state = shard.entry(key.clone()).or_default();
         state.writes_in_flight += 1;
@@ -324,7 +325,7 @@ impl ConsentCache {
 
     /// Applies a write's outcome: a fill in flight is superseded, and the entry is replaced
     /// by the written status (a local write's only), dropped, or left alone.
-    fn finish_write(&self, key: &Arc<str>, origin: Origin, outcome: WriteOutcome) {
+    fn finish_write(&self, key: &Key, origin: Origin, outcome: WriteOutcome) {
         let mut shard = self.shard(key);
         let state = shard.entry(key.clone()).or_default();
         state.writes_in_flight = state.writes_in_flight.saturating_sub(1);
@@ -370,7 +371,7 @@ impl ConsentCache {
 
     /// Drops a contact's answer (admin purge); a fill in flight will not store its answer.
     pub fn purge(&self, contact: &ContactId) {
-        let key = contact.as_arc();
+        let key = &self.inner.keys.of(contact);
         let mut shard = self.shard(key);
         if let Some(state) = shard.get_mut(key) {
             state.fill = None;
@@ -440,7 +441,7 @@ impl ConsentCache {
     /// began. `None` while a write of it is in flight here: any answer may be older than it.
     /// An answer read from upstream before that moment may be older than a change.
     pub fn unchanged_since(&self, contact: &ContactId) -> Option<Instant> {
-        let key = contact.as_arc();
+        let key = &self.inner.keys.of(contact);
         let shard = self.shard(key);
         if shard
             .get(key)
@@ -449,7 +450,7 @@ impl ConsentCache {
             return None;
         }
         let ms = match self.inner.changes.get() {
-            Some(changes) => changes.last_change(key),
+            Some(changes) => changes.last_change(key.hash()),
             None => self.change_ms(),
         };
         drop(shard);
@@ -457,9 +458,9 @@ impl ConsentCache {
     }
 
     /// Records a change of `key` now.
-    fn changed(&self, key: &str) {
+    fn changed(&self, key: &Key) {
         if let Some(changes) = self.inner.changes.get() {
-            changes.changed(key, self.change_ms());
+            changes.changed(key.hash(), self.change_ms());
         }
     }
 
@@ -501,9 +502,10 @@ impl ConsentCache {
 
     /// The key's shard, locked. No critical section panics or awaits, so a poisoned lock
     /// (impossible in practice) is simply taken over.
-    fn shard(&self, key: &str) -> MutexGuard<'_, HashMap<Arc<str>, KeyState>> {
-        let hash = self.inner.hasher.hash_one(key) as usize;
-        self.inner.shards[hash & (SHARDS - 1)]
+    fn shard(&self, key: &Key) -> MutexGuard<'_, HashMap<Key, KeyState, KeyHashing>> {
+        // Bits the shard's own map does not index by (its low bits) nor tag by (its top 7).
+        let index = (key.hash() >> 32) as usize & (SHARDS - 1);
+        self.inner.shards[index]
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
     }
@@ -539,7 +541,7 @@ impl ConsentCache {
 /// write's task failed), it counts as an unknown outcome: the entry is dropped, never kept.
 pub struct WriteGuard {
     cache: ConsentCache,
-    key: Arc<str>,
+    key: Key,
     origin: Origin,
     finished: bool,
 }

@@ -9,7 +9,6 @@
 //! flush have dropped it, and a cache that is not trusted (the cluster's feed not confirmed
 //! live) answers nothing.
 
-use std::sync::Arc;
 use std::time::Duration;
 
 use http::StatusCode;
@@ -46,7 +45,6 @@ impl ConsentCache {
         mut waiter: FillWaiter,
         deadline: Instant,
     ) -> Settled {
-        let key = contact.as_arc();
         let settled = if !self.serves_stale() {
             self.fill_result(joined_as, waiter.wait(deadline).await)
         } else {
@@ -56,11 +54,11 @@ impl ConsentCache {
             match waiter.result_by(give_up).await {
                 Some(result) if upstream_could_not_answer(&result) => {
                     let failure = failure_of(&result);
-                    self.answer_from_entry(key, failure)
+                    self.answer_from_entry(contact, failure)
                         .unwrap_or_else(|| self.fill_result(joined_as, result))
                 }
                 Some(result) => self.fill_result(joined_as, result),
-                None => match self.answer_from_entry(key, ProxyError::UpstreamTimeout) {
+                None => match self.answer_from_entry(contact, ProxyError::UpstreamTimeout) {
                     Some(settled) => settled,
                     None => self.fill_result(joined_as, waiter.wait(deadline).await),
                 },
@@ -86,11 +84,11 @@ impl ConsentCache {
     /// The key's entry, read now, as the answer to a GET upstream could not answer: `Stale`
     /// past its TTL, `Hit` before (a write stored it meanwhile); `None` when there is no
     /// entry within its TTL plus `stale_if_error_s`, or the cache is not trusted.
-    fn answer_from_entry(&self, key: &Arc<str>, failure: ProxyError) -> Option<Settled> {
+    fn answer_from_entry(&self, contact: &ContactId, failure: ProxyError) -> Option<Settled> {
         if !self.is_trusted() {
             return None;
         }
-        let stored = self.inner.answers.get(key)?;
+        let stored = self.inner.answers.get(&self.inner.keys.of(contact))?;
         let age_ms = stored.age_ms(self.now_ms());
         let lifetimes = &self.inner.lifetimes;
         if !lifetimes.stale_usable(&stored, age_ms) {
