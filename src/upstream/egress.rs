@@ -11,15 +11,16 @@
 //! `Proxy-Authorization` header; no message shows them.
 
 use std::future::Future;
+use std::io::IoSlice;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use http::{HeaderValue, Uri};
-use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::client::legacy::connect::{Connected, Connection, HttpConnector};
 use hyper_util::client::proxy::matcher::Matcher;
 use hyper_util::rt::TokioIo;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::TcpStream;
 use tower_service::Service;
 
@@ -126,7 +127,7 @@ struct Hop {
 }
 
 impl Service<Uri> for EgressConnector {
-    type Response = TokioIo<TcpStream>;
+    type Response = TokioIo<EgressStream>;
     type Error = EgressError;
     type Future = Pin<Box<dyn Future<Output = Result<Self::Response, EgressError>> + Send>>;
 
@@ -141,13 +142,14 @@ impl Service<Uri> for EgressConnector {
         Box::pin(async move {
             let target = target_of(&destination)?;
             let Some(hop) = hop? else {
-                return tcp
+                let stream = tcp
                     .call(destination)
                     .await
                     .map_err(|source| EgressError::Direct {
                         target,
                         source: source.into(),
-                    });
+                    })?;
+                return Ok(TokioIo::new(EgressStream(stream.into_inner())));
             };
             let proxy_uri = Uri::try_from(format!("http://{}", hop.authority)).map_err(|_| {
                 EgressError::UnsupportedProxy {
@@ -162,8 +164,59 @@ impl Service<Uri> for EgressConnector {
                         source: source.into(),
                     })?;
             let stream = tunnel(stream.into_inner(), &hop, &target).await?;
-            Ok(TokioIo::new(stream))
+            Ok(TokioIo::new(EgressStream(stream)))
         })
+    }
+}
+
+/// A connection to Talkdesk (or a tunnel to it) as the client's pool keeps it: the TCP stream,
+/// described to hyper-util without the addresses `TcpStream` adds (`HttpInfo`), which it would
+/// copy into every response's extensions (two allocations per response) for nobody to read.
+pub struct EgressStream(TcpStream);
+
+impl Connection for EgressStream {
+    fn connected(&self) -> Connected {
+        Connected::new()
+    }
+}
+
+impl AsyncRead for EgressStream {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.0).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for EgressStream {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.0).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.0).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.0.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.0).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.0).poll_shutdown(cx)
     }
 }
 
@@ -247,5 +300,29 @@ fn meaning_of(status: u16) -> &'static str {
         502 | 504 => "the proxy could not reach the destination",
         503 => "the proxy is overloaded or shutting down",
         _ => "the proxy refused",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use hyper_util::client::legacy::connect::HttpInfo;
+
+    /// What the pool keeps of a connection is copied into every response's extensions: the
+    /// addresses `TcpStream` describes itself with would cost two allocations per response.
+    #[tokio::test]
+    async fn a_connection_brings_nothing_into_each_response() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let destination: Uri = format!("http://{}/", listener.local_addr().unwrap())
+            .parse()
+            .unwrap();
+        let mut connector = EgressConnector {
+            tcp: HttpConnector::new(),
+            route: Route::Environment(Arc::new(Matcher::builder().build())),
+        };
+        let stream = connector.call(destination).await.expect("connected");
+        let mut extensions = http::Extensions::new();
+        stream.connected().get_extras(&mut extensions);
+        assert!(extensions.get::<HttpInfo>().is_none());
     }
 }
