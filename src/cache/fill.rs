@@ -5,10 +5,10 @@
 //! the next request starts afresh, and everyone waiting on it gets an error at once.
 
 use std::future::Future;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
-use tokio::sync::watch;
+use tokio::sync::Notify;
 use tokio::time::Instant;
 
 use super::key::Key;
@@ -29,21 +29,30 @@ pub struct Fetched {
 
 /// One upstream read in flight for a key. Its identity (the `Arc`) is the key's generation:
 /// a fill stores its answer only if it is still the key's registered fill when it ends.
+///
+/// Its result is set once and then announced: a one-shot broadcast in one allocation (a
+/// `watch` channel took two with the `Arc`, and woke its receivers twice, on the value and
+/// on the sender's drop).
 pub(super) struct Fill {
-    result: watch::Receiver<Option<FillResult>>,
+    result: OnceLock<FillResult>,
+    ended: Notify,
 }
 
 impl Fill {
-    pub(super) fn waiter(&self) -> FillWaiter {
-        FillWaiter {
-            result: self.result.clone(),
-        }
+    pub(super) fn waiter(self: &Arc<Self>) -> FillWaiter {
+        FillWaiter { fill: self.clone() }
+    }
+
+    /// Sets the result, unless one was, and wakes every waiter.
+    fn end(&self, result: FillResult) {
+        let _ = self.result.set(result);
+        self.ended.notify_waiters();
     }
 }
 
 /// A request waiting on a fill it did not start (`COALESCED`), or on its own (`MISS`).
 pub struct FillWaiter {
-    result: watch::Receiver<Option<FillResult>>,
+    fill: Arc<Fill>,
 }
 
 impl FillWaiter {
@@ -56,15 +65,18 @@ impl FillWaiter {
 
     /// The fill's result, or `None` when `deadline` comes first (the waiter can wait on).
     pub async fn result_by(&mut self, deadline: Instant) -> Option<FillResult> {
-        let outcome =
-            tokio::time::timeout_at(deadline, self.result.wait_for(Option::is_some)).await;
-        match outcome {
-            Ok(Ok(done)) => Some(match &*done {
-                Some(result) => result.clone(),
-                None => Err(abandoned()),
-            }),
-            Ok(Err(_)) => Some(Err(abandoned())),
-            Err(_) => None,
+        tokio::time::timeout_at(deadline, self.result()).await.ok()
+    }
+
+    async fn result(&self) -> FillResult {
+        loop {
+            // Made before the result is read: `notify_waiters` wakes a `Notified` from its
+            // making on, so a result set after this read is announced to it.
+            let ended = self.fill.ended.notified();
+            if let Some(result) = self.fill.result.get() {
+                return result.clone();
+            }
+            ended.await;
         }
     }
 }
@@ -78,20 +90,20 @@ pub struct FillLead {
     cache: ConsentCache,
     key: Key,
     fill: Arc<Fill>,
-    sender: watch::Sender<Option<FillResult>>,
     finished: bool,
 }
 
 impl FillLead {
     /// Registers a new fill for `key`; the caller holds the key's shard lock.
     pub(super) fn new(cache: ConsentCache, key: Key) -> (Self, Arc<Fill>) {
-        let (sender, result) = watch::channel(None);
-        let fill = Arc::new(Fill { result });
+        let fill = Arc::new(Fill {
+            result: OnceLock::new(),
+            ended: Notify::new(),
+        });
         let lead = FillLead {
             cache,
             key,
             fill: fill.clone(),
-            sender,
             finished: false,
         };
         (lead, fill)
@@ -129,7 +141,7 @@ impl FillLead {
         self.cache
             .complete_fill(&self.key, &self.fill, result.as_ref().ok(), age);
         self.finished = true;
-        self.sender.send_replace(Some(result));
+        self.fill.end(result);
     }
 }
 
@@ -138,6 +150,7 @@ impl Drop for FillLead {
         if !self.finished {
             self.cache
                 .complete_fill(&self.key, &self.fill, None, Duration::ZERO);
+            self.fill.end(Err(abandoned()));
         }
     }
 }
