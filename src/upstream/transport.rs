@@ -4,9 +4,10 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 use http::{HeaderMap, Request, StatusCode, Uri};
 use http_body_util::{BodyExt, Full, Limited};
+use hyper::body::Body;
 use hyper_rustls::HttpsConnector;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
@@ -141,8 +142,7 @@ impl Transport {
                 }
             })?;
             let (parts, body) = response.into_parts();
-            let body = Limited::new(body, max_bytes)
-                .collect()
+            let body = whole_body(Limited::new(body, max_bytes))
                 .await
                 .map_err(|err| {
                     if err
@@ -153,8 +153,7 @@ impl Transport {
                     } else {
                         AttemptError::Failed(SharedError::from(err))
                     }
-                })?
-                .to_bytes();
+                })?;
             Ok(Answer {
                 status: parts.status,
                 headers: parts.headers,
@@ -165,6 +164,35 @@ impl Transport {
             .await
             .unwrap_or(Err(AttemptError::Timeout))
     }
+}
+
+/// A body's data, joined (its trailers, if any, dropped): what `collect().to_bytes()` gives,
+/// without the list of chunks it keeps (an allocation) for an answer that comes in one.
+async fn whole_body<B>(mut body: B) -> Result<Bytes, B::Error>
+where
+    B: Body<Data = Bytes> + Unpin,
+{
+    let mut first = Bytes::new();
+    let mut joined: Option<BytesMut> = None;
+    while let Some(frame) = body.frame().await {
+        let Ok(data) = frame?.into_data() else {
+            continue;
+        };
+        if data.is_empty() {
+            continue;
+        }
+        match &mut joined {
+            Some(joined) => joined.extend_from_slice(&data),
+            None if first.is_empty() => first = data,
+            None => {
+                let mut both = BytesMut::with_capacity(first.len() + data.len());
+                both.extend_from_slice(&first);
+                both.extend_from_slice(&data);
+                joined = Some(both);
+            }
+        }
+    }
+    Ok(joined.map_or(first, BytesMut::freeze))
 }
 
 /// A certificate that no trusted root signs.
@@ -198,4 +226,49 @@ fn connect_failure(err: hyper_util::client::legacy::Error, host: String) -> Shar
         };
     }
     Arc::new(err)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http_body_util::StreamBody;
+    use hyper::body::Frame;
+
+    fn body_of(
+        frames: Vec<Frame<Bytes>>,
+    ) -> StreamBody<futures_util::stream::Iter<std::vec::IntoIter<Result<Frame<Bytes>, String>>>>
+    {
+        StreamBody::new(futures_util::stream::iter(
+            frames.into_iter().map(Ok).collect::<Vec<_>>(),
+        ))
+    }
+
+    #[tokio::test]
+    async fn a_body_is_read_whole_as_collect_reads_it() {
+        let data = |s: &'static str| Frame::data(Bytes::from_static(s.as_bytes()));
+        let mut trailers = HeaderMap::new();
+        trailers.insert("x-checksum", http::HeaderValue::from_static("1"));
+        let frames = || {
+            vec![
+                data(""),
+                data("{\"status\""),
+                data(""),
+                Frame::trailers(trailers.clone()),
+                data(":\"REFU"),
+                data("SED\"}"),
+            ]
+        };
+        let whole = whole_body(body_of(frames())).await.unwrap();
+        assert_eq!(whole, br#"{"status":"REFUSED"}"#[..]);
+        let collected = body_of(frames()).collect().await.unwrap().to_bytes();
+        assert_eq!(whole, collected);
+
+        // One chunk is handed over as it is, not copied.
+        let one = Bytes::from_static(br#"{"status":"CONSENTED"}"#);
+        let whole = whole_body(body_of(vec![Frame::data(one.clone())]))
+            .await
+            .unwrap();
+        assert_eq!(whole.as_ptr(), one.as_ptr());
+        assert!(whole_body(body_of(Vec::new())).await.unwrap().is_empty());
+    }
 }
