@@ -4,9 +4,7 @@
 use std::fmt;
 use std::sync::Arc;
 
-use percent_encoding::{
-    percent_decode_str, utf8_percent_encode, AsciiSet, PercentEncode, NON_ALPHANUMERIC,
-};
+use percent_encoding::{utf8_percent_encode, AsciiSet, PercentEncode, NON_ALPHANUMERIC};
 
 /// What is percent-encoded in an upstream path segment: of the characters a contact id may
 /// hold, only `+` (so no server reads it as a space).
@@ -27,32 +25,40 @@ impl ContactId {
             // Nothing to decode: one allocation (the `Arc<str>`), and none when invalid.
             return Self::validate(segment).then(|| ContactId(Arc::from(segment)));
         }
-        // Decoded once, on the stack (one allocation, the `Arc<str>`); a malformed escape stays
-        // a literal '%', which the rule refuses. An escape decodes 3 bytes into 1, so a longer
-        // segment cannot decode to an id short enough.
-        if segment.len() > 3 * MAX_CONTACT_ID_LEN {
-            return None;
-        }
-        let mut buffer = [0u8; 3 * MAX_CONTACT_ID_LEN];
-        let mut len = 0;
-        for byte in percent_decode_str(segment) {
+        // Decoded once and checked as it goes, on the stack (one allocation, the `Arc<str>`).
+        // A malformed escape would stay a literal '%', which the rule refuses; so would any
+        // byte outside the rule's ASCII, so what is decoded is UTF-8.
+        let bytes = segment.as_bytes();
+        let mut buffer = [0u8; MAX_CONTACT_ID_LEN];
+        let (mut read, mut len) = (0, 0);
+        while read < bytes.len() {
+            let byte = if bytes[read] == b'%' {
+                let hex = |at: usize| bytes.get(at).and_then(|&b| (b as char).to_digit(16));
+                let (high, low) = (hex(read + 1)?, hex(read + 2)?);
+                read += 3;
+                (high * 16 + low) as u8
+            } else {
+                read += 1;
+                bytes[read - 1]
+            };
+            if len == MAX_CONTACT_ID_LEN || !allowed(byte, len == 0) {
+                return None;
+            }
             buffer[len] = byte;
             len += 1;
         }
         let decoded = std::str::from_utf8(&buffer[..len]).ok()?;
-        Self::validate(decoded).then(|| ContactId(Arc::from(decoded)))
+        (len > 0).then(|| ContactId(Arc::from(decoded)))
     }
 
     fn validate(id: &str) -> bool {
         let bytes = id.as_bytes();
-        let Some(&first) = bytes.first() else {
-            return false;
-        };
-        bytes.len() <= MAX_CONTACT_ID_LEN
-            && (first.is_ascii_alphanumeric() || first == b'+')
+        !bytes.is_empty()
+            && bytes.len() <= MAX_CONTACT_ID_LEN
             && bytes
                 .iter()
-                .all(|&b| b.is_ascii_alphanumeric() || matches!(b, b'+' | b'.' | b'_' | b'-'))
+                .enumerate()
+                .all(|(at, &byte)| allowed(byte, at == 0))
     }
 
     pub fn as_str(&self) -> &str {
@@ -87,6 +93,11 @@ impl fmt::Debug for ContactId {
     }
 }
 
+/// Whether the rule allows `byte` in a contact id, `first` or not.
+fn allowed(byte: u8, first: bool) -> bool {
+    byte.is_ascii_alphanumeric() || byte == b'+' || (!first && matches!(byte, b'.' | b'_' | b'-'))
+}
+
 /// Masks all but the first four and the last two characters; short ids are masked whole.
 pub fn mask_contact_id(id: &str) -> String {
     let chars: Vec<char> = id.chars().collect();
@@ -115,7 +126,16 @@ mod tests {
 
     #[test]
     fn contact_rule() {
-        for ok in ["a", "1", "+1", "abc.DEF_9-+", &"9".repeat(64)] {
+        for ok in [
+            "a",
+            "1",
+            "+1",
+            "abc.DEF_9-+",
+            &"9".repeat(64),
+            "%2B1",
+            "%2b1%2E%5f%2D",
+            "%41%7a",
+        ] {
             assert!(ContactId::from_path_segment(ok).is_some(), "{ok}");
         }
         for bad in [
@@ -132,6 +152,16 @@ mod tests {
             "a%00",
             "é",
             &"9".repeat(65),
+            // Decoded, the same rule: the first character, the alphabet, UTF-8, whole escapes.
+            "%2Ea",
+            "%2d1",
+            "%5F1",
+            "%C3%A9",
+            "%FF",
+            "%4",
+            "1%2",
+            "1%2G",
+            "%20",
         ] {
             assert!(ContactId::from_path_segment(bad).is_none(), "{bad}");
         }
