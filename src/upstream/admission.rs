@@ -199,8 +199,12 @@ impl Admission {
 
     /// How long upstream's `Retry-After` still holds, if it does.
     fn hold_off_remaining(&self) -> Option<Duration> {
-        let until = Duration::from_millis(self.hold_off_until_ms.load(Ordering::Acquire));
-        until
+        let until_ms = self.hold_off_until_ms.load(Ordering::Acquire);
+        if until_ms == 0 {
+            // Never held off: no need to read the clock.
+            return None;
+        }
+        Duration::from_millis(until_ms)
             .checked_sub(self.epoch.elapsed())
             .filter(|d| !d.is_zero())
     }
