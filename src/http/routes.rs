@@ -349,7 +349,7 @@ impl ConsentRoutes {
             return Ok(Routed::Answered(too_large));
         }
         let Some(segment) = consent_path_segment(request.uri().path()) else {
-            return self.other_route(request);
+            return self.other_route(request, outcome);
         };
         outcome.route = "consent";
         outcome.http_route = Some(CONSENT_ROUTE);
@@ -387,10 +387,15 @@ impl ConsentRoutes {
     }
 
     /// Any path but the consent routes: the token endpoint, when enabled, or 404.
-    fn other_route<B>(&self, request: Request<B>) -> Result<Routed<B>, ProxyError> {
+    fn other_route<B>(
+        &self,
+        request: Request<B>,
+        outcome: &mut Outcome,
+    ) -> Result<Routed<B>, ProxyError> {
         if self.token_endpoint(request.uri().path()).is_none() {
             return Err(ProxyError::NotFound);
         }
+        outcome.http_route = Some(TOKEN_PATH);
         if request.method() != Method::POST {
             return Err(ProxyError::MethodNotAllowed { allow: "POST" });
         }
@@ -443,7 +448,6 @@ impl ConsentRoutes {
                 Ok(answer_response(answer?))
             }
             Wait::TokenRequest(request) => {
-                outcome.http_route = Some(TOKEN_PATH);
                 let (parts, body) = request.into_parts();
                 let body = self.read_body(body, context.deadline).await?;
                 // Found by `other_route`.
