@@ -100,44 +100,28 @@ proxy_cache_config() {
         "$1" $((WORKING_SET * 2))
 }
 
+# start_proxy TARGET NAME BIN CACHE: when TARGET is measured, consent-proxy BIN as process
+# NAME, with the cache on (true) or off (false); URL_<TARGET> and HDR_<TARGET> say how to ask it.
+start_proxy() {
+    local target=$1 name=$2 bin=$3 cache=$4 port=0 admin
+    if [[ " $TARGETS " == *" $target "* ]]; then
+        port=$(free_port); admin=$(free_port)
+        proxy_config "$WORK/$name.toml" "$port" "$admin" warn "$(proxy_cache_config "$cache")"
+        start "$name" "$bin" serve --config "$WORK/$name.toml"
+        wait_ok "http://127.0.0.1:$admin/readyz"
+    fi
+    printf -v "URL_$target" '%s' "http://127.0.0.1:$port"
+    printf -v "HDR_$target" '%s' "X-API-Key: $API_KEY"
+}
+
 URL_a="$SIM"
 HDR_a="Authorization: Bearer $TOKEN"
-if [[ " $TARGETS " == *" b "* ]]; then
-    PROXY_PORT=$(free_port); PROXY_ADMIN=$(free_port)
-    proxy_config "$WORK/proxy.toml" "$PROXY_PORT" "$PROXY_ADMIN" warn "$(proxy_cache_config true)"
-    start proxy "$BIN" serve --config "$WORK/proxy.toml"
-    wait_ok "http://127.0.0.1:$PROXY_ADMIN/readyz"
-fi
-URL_b="http://127.0.0.1:${PROXY_PORT:-0}"
-HDR_b="X-API-Key: $API_KEY"
-if [[ " $TARGETS " == *" e "* ]]; then
-    NOCACHE_PORT=$(free_port); NOCACHE_ADMIN=$(free_port)
-    proxy_config "$WORK/proxy-nocache.toml" "$NOCACHE_PORT" "$NOCACHE_ADMIN" warn \
-        "$(proxy_cache_config false)"
-    start proxy-nocache "$BIN" serve --config "$WORK/proxy-nocache.toml"
-    wait_ok "http://127.0.0.1:$NOCACHE_ADMIN/readyz"
-fi
-URL_e="http://127.0.0.1:${NOCACHE_PORT:-0}"
-HDR_e="X-API-Key: $API_KEY"
+start_proxy b proxy "$BIN" true
+start_proxy e proxy-nocache "$BIN" false
 
 # ---- the other build: with cache (g) and without (i) ---------------------------------------
-if [[ " $TARGETS " == *" g "* ]]; then
-    BASE_PORT=$(free_port); BASE_ADMIN=$(free_port)
-    proxy_config "$WORK/base.toml" "$BASE_PORT" "$BASE_ADMIN" warn "$(proxy_cache_config true)"
-    start proxy-base "$BASE_BIN" serve --config "$WORK/base.toml"
-    wait_ok "http://127.0.0.1:$BASE_ADMIN/readyz"
-fi
-URL_g="http://127.0.0.1:${BASE_PORT:-0}"
-HDR_g="X-API-Key: $API_KEY"
-if [[ " $TARGETS " == *" i "* ]]; then
-    BASE_NOCACHE_PORT=$(free_port); BASE_NOCACHE_ADMIN=$(free_port)
-    proxy_config "$WORK/base-nocache.toml" "$BASE_NOCACHE_PORT" "$BASE_NOCACHE_ADMIN" warn \
-        "$(proxy_cache_config false)"
-    start proxy-base-nocache "$BASE_BIN" serve --config "$WORK/base-nocache.toml"
-    wait_ok "http://127.0.0.1:$BASE_NOCACHE_ADMIN/readyz"
-fi
-URL_i="http://127.0.0.1:${BASE_NOCACHE_PORT:-0}"
-HDR_i="X-API-Key: $API_KEY"
+start_proxy g proxy-base "${BASE_BIN:-}" true
+start_proxy i proxy-base-nocache "${BASE_BIN:-}" false
 
 # ---- nginx (c) --------------------------------------------------------------------------
 if [[ " $TARGETS " == *" c "* || " $TARGETS " == *" f "* ]]; then

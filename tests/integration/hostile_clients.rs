@@ -6,10 +6,11 @@
 use std::net::SocketAddr;
 use std::time::Duration;
 
+use crate::support::calls::{assert_upstream_untouched, consent_path};
 use crate::support::raw_http::{content_length, head_end};
 use crate::support::*;
 use consent_proxy::consent::ConsentStatus;
-use consent_proxy::simulator::{Fault, SimRoute, Simulator};
+use consent_proxy::simulator::{Fault, SimRoute};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::sync::mpsc;
@@ -117,10 +118,6 @@ impl RawConn {
     }
 }
 
-fn consent_path(contact: &str) -> String {
-    format!("/voicebiometrics/contacts/{contact}/consent")
-}
-
 /// A keep-alive GET with the read-write key.
 fn get_request(path: &str) -> String {
     format!("GET {path} HTTP/1.1\r\nHost: proxy\r\nX-API-Key: {RW_KEY}\r\n\r\n")
@@ -144,16 +141,6 @@ async fn exchange(addr: SocketAddr, request: &[u8]) -> Option<RawResponse> {
     timeout(Duration::from_secs(10), conn.response_to(head_only))
         .await
         .expect("an answer or a close within 10 s")
-}
-
-fn assert_upstream_untouched(sim: &Simulator) {
-    let stats = sim.stats();
-    assert_eq!((stats.gets, stats.puts), (0, 0), "upstream saw {stats:?}");
-    assert!(
-        sim.last_consent_request().is_none(),
-        "upstream saw {:?}",
-        sim.last_consent_request()
-    );
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -153,13 +153,7 @@ async fn a_just_started_instance_takes_shared_answers_though_its_first_round_tri
             .set("cluster.max_staleness_ms", "2000");
         proxies.push(Instance::start(&config).await);
     }
-    let fleet = Fleet {
-        sim,
-        redis: std::sync::Mutex::new(redis),
-        proxies,
-        http: TestClient::new(),
-    };
-    fleet.wait_live(0..2).await;
+    let fleet = Fleet::of(sim, redis, proxies).await;
     let contact = "+15550900071";
     fleet.sim.set_status(contact, ConsentStatus::Consented);
     assert_eq!(source(&fleet.get(0, contact).await), local("MISS"));
