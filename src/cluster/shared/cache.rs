@@ -457,29 +457,33 @@ impl SharedCache {
             .arg(millis(self.guard_life))
     }
 
-    /// Reads Redis' clock a few times on `connection` (`TIME`, each within `timeout`), so that
-    /// a new session's first shared lookups can tell an answer read after the session began:
+    /// Reads Redis' clock a few times on `connection` (`TIME`, all within `budget`), so that a
+    /// new session's first shared lookups can tell an answer read after the session began:
     /// otherwise the first bound would come from the first lookup's own round trip, and one
     /// slow round trip right after a start (a loaded machine) made it loose enough to refuse
-    /// good answers (safe, but Talkdesk read again). Best effort: stops at the first failure.
+    /// good answers (safe, but Talkdesk read again). Best effort: a failure or the budget's end
+    /// stops it, and the session starts all the same.
     pub(in crate::cluster) async fn time_redis(
         &self,
         connection: &MultiplexedConnection,
-        timeout: Duration,
+        budget: Duration,
     ) {
-        let command = redis::cmd("TIME");
-        for _ in 0..SESSION_CLOCK_SAMPLES {
-            let mut connection = connection.clone();
-            let sent = Instant::now();
-            let time = command.query_async::<(u64, u64)>(&mut connection);
-            match tokio::time::timeout(timeout, time).await {
+        let samples = async {
+            let command = redis::cmd("TIME");
+            for _ in 0..SESSION_CLOCK_SAMPLES {
+                let mut connection = connection.clone();
+                let sent = Instant::now();
+                let Ok((seconds, micros)) =
+                    command.query_async::<(u64, u64)>(&mut connection).await
+                else {
+                    return;
+                };
                 // As the scripts read it: whole milliseconds.
-                Ok(Ok((seconds, micros))) => self
-                    .clock
-                    .observe(sent, seconds.saturating_mul(1000) + micros / 1000),
-                _ => return,
+                self.clock
+                    .observe(sent, seconds.saturating_mul(1000) + micros / 1000);
             }
-        }
+        };
+        let _ = tokio::time::timeout(budget, samples).await;
     }
 
     /// Starts a new epoch: Redis may have lost writes (it restarted or failed over), so no
