@@ -271,6 +271,30 @@ async fn silent_connections_cannot_use_up_max_connections() {
     );
 }
 
+/// A proxy with `contact` seeded, `max_connections` slots and short request, header read and
+/// idle timeouts (500, 500 and 300 ms), for the callers that hold a slot without using it.
+async fn short_timeouts(contact: &str, max_connections: usize) -> Harness {
+    Harness::start_seeded(contact, ConsentStatus::Refused, |c| {
+        c.set("server.max_connections", &max_connections.to_string())
+            .set("server.request_timeout_ms", "500")
+            .set("server.header_read_timeout_ms", "500")
+            .set("server.idle_timeout_ms", "300");
+    })
+    .await
+}
+
+/// A caller waiting in the backlog for a connection slot is served (a GET of `path`) within
+/// `limit` once `freed` (what gives the slot back).
+async fn a_waiting_caller_is_served(addr: SocketAddr, path: &str, limit: Duration, freed: &str) {
+    let mut waiting = RawConn::connect(addr).await;
+    waiting.send(get_request(path).as_bytes()).await.unwrap();
+    let served = timeout(limit, waiting.response())
+        .await
+        .unwrap_or_else(|_| panic!("the waiting caller is not served once {freed}"))
+        .expect("an answer");
+    assert_eq!(served.status, 200, "{}", served.text());
+}
+
 /// An HTTP/2 connection that made one request and then sits idle must not hold its
 /// `max_connections` slot for ever: past `server.idle_timeout_ms` the proxy says GOAWAY and
 /// closes it, and the caller waiting for the slot is served.
@@ -298,16 +322,13 @@ async fn an_idle_h2_connection_gives_up_its_slot_at_the_idle_timeout() {
 
     // The only slot is taken by the idle h2 connection: this caller waits in the backlog
     // until the proxy closes it.
-    let mut waiting = RawConn::connect(h.proxy.listen_addr).await;
-    waiting
-        .send(get_request(&consent_path("%2B15553000005")).as_bytes())
-        .await
-        .unwrap();
-    let served = timeout(Duration::from_secs(10), waiting.response())
-        .await
-        .expect("the waiting caller is served once the idle connection is closed")
-        .expect("an answer");
-    assert_eq!(served.status, 200, "{}", served.text());
+    a_waiting_caller_is_served(
+        h.proxy.listen_addr,
+        &consent_path("%2B15553000005"),
+        Duration::from_secs(10),
+        "the idle connection is closed",
+    )
+    .await;
     timeout(Duration::from_secs(5), connection)
         .await
         .expect("the idle h2 connection was closed by the proxy")
@@ -321,13 +342,7 @@ async fn an_idle_h2_connection_gives_up_its_slot_at_the_idle_timeout() {
 /// and a caller waiting behind them is served.
 #[tokio::test]
 async fn h2_readers_that_never_open_their_window_give_their_slots_back() {
-    let h = Harness::start_seeded("+15553000008", ConsentStatus::Refused, |c| {
-        c.set("server.max_connections", "4")
-            .set("server.request_timeout_ms", "500")
-            .set("server.header_read_timeout_ms", "500")
-            .set("server.idle_timeout_ms", "300");
-    })
-    .await;
+    let h = short_timeouts("+15553000008", 4).await;
     let addr = h.proxy.listen_addr;
     let path = consent_path("%2B15553000008");
     let mut readers = Vec::new();
@@ -350,13 +365,13 @@ async fn h2_readers_that_never_open_their_window_give_their_slots_back() {
         assert_eq!(response.status(), 200);
         readers.push((response.into_body(), connection, client));
     }
-    let mut waiting = RawConn::connect(addr).await;
-    waiting.send(get_request(&path).as_bytes()).await.unwrap();
-    let served = timeout(Duration::from_secs(10), waiting.response())
-        .await
-        .expect("the waiting caller is served once the slow readers' slots are back")
-        .expect("an answer");
-    assert_eq!(served.status, 200, "{}", served.text());
+    a_waiting_caller_is_served(
+        addr,
+        &path,
+        Duration::from_secs(10),
+        "the slow readers' slots are back",
+    )
+    .await;
     for (mut body, connection, _client) in readers {
         let ended = timeout(Duration::from_secs(5), body.data())
             .await
@@ -383,13 +398,7 @@ async fn h2_readers_that_never_open_their_window_give_their_slots_back() {
 /// timeout, giving its slot back.
 #[tokio::test]
 async fn an_http1_connection_that_never_takes_its_answers_is_cut_off() {
-    let h = Harness::start_seeded("+15553000009", ConsentStatus::Refused, |c| {
-        c.set("server.max_connections", "1")
-            .set("server.request_timeout_ms", "500")
-            .set("server.header_read_timeout_ms", "500")
-            .set("server.idle_timeout_ms", "300");
-    })
-    .await;
+    let h = short_timeouts("+15553000009", 1).await;
     let addr = h.proxy.listen_addr;
     let path = consent_path("%2B15553000009");
     let socket = tokio::net::TcpSocket::new_v4().unwrap();
@@ -401,14 +410,14 @@ async fn an_http1_connection_that_never_takes_its_answers_is_cut_off() {
         let _ = stuck.write_all(pipelined.as_bytes()).await;
         stuck
     });
-    let mut waiting = RawConn::connect(addr).await;
-    waiting.send(get_request(&path).as_bytes()).await.unwrap();
     // Generous: the proxy first answers until the socket's buffers are full (megabytes).
-    let served = timeout(Duration::from_secs(30), waiting.response())
-        .await
-        .expect("the waiting caller is served once the stuck connection is cut off")
-        .expect("an answer");
-    assert_eq!(served.status, 200, "{}", served.text());
+    a_waiting_caller_is_served(
+        addr,
+        &path,
+        Duration::from_secs(30),
+        "the stuck connection is cut off",
+    )
+    .await;
     drop(writer);
 }
 
