@@ -12,6 +12,9 @@
 #   f  nginx plain proxy_pass (no cache) in front of the simulator: nginx's miss, against e
 #   h  a bare hyper 1.x server with the proxy's runtime settings answering a static consent
 #      body (benches/bare_hyper.rs): the limit a hit is measured against
+#   g, i  with BASE_BIN set: b and e with that other consent-proxy build (the code before a
+#      change), measured in the same rounds: the same-run baseline of a change (b/g, e-a
+#      against i-a)
 # Same connections, duration and request shape for all; every request picks one contact of the
 # working set at random. Three passes per target: throughput (CONNECTIONS connections),
 # latency (one connection) and new connections (every request on its own connection,
@@ -31,7 +34,8 @@
 #                         service time, not queueing); 0 skips it
 #   RUNS [1]              rounds of a..e; with RUNS > 1 the tables show the median and the
 #                         spread (min..max) of each figure
-#   TARGETS [a b c d e f h]  which targets to measure (a is needed for b/a, e-a and f-a)
+#   TARGETS [a b c d e f h; with BASE_BIN: a b g c d e i f h]  which targets to measure (a is
+#                         needed for b/a, e-a and f-a)
 #   CLOSE_DURATION [5]    seconds per run of the new-connections pass; 0 skips it
 #   CLOSE_TARGETS [b c h] the targets of that pass (those also in TARGETS)
 #   BARE_BIN              the bare hyper server [built with `cargo bench --no-run --bench bare_hyper`]
@@ -40,6 +44,7 @@
 #                         nice (nice -n -10, when root), fifo (chrt -f 10: real-time, other
 #                         work on those cores waits for the run), none
 #   BIN                   consent-proxy binary [built with `cargo build --release`]
+#   BASE_BIN              another consent-proxy binary, for targets g and i [none]
 #   QUIET_WAIT [0]        before each round, wait up to this many seconds for both cores to
 #                         be at least 90% idle (other people's builds skew every figure)
 #   KEEP_WORKDIR=1        keep the work directory (configs, logs, raw wrk output)
@@ -56,7 +61,11 @@ THREADS=${THREADS:-1}
 WORKING_SET=${WORKING_SET:-10000}
 RUNS=${RUNS:-1}
 SINGLE_DURATION=${SINGLE_DURATION:-5}
-TARGETS=${TARGETS:-a b c d e f h}
+if [[ -n ${BASE_BIN:-} ]]; then
+    TARGETS=${TARGETS:-a b g c d e i f h}
+else
+    TARGETS=${TARGETS:-a b c d e f h}
+fi
 CLOSE_DURATION=${CLOSE_DURATION:-5}
 CLOSE_TARGETS=${CLOSE_TARGETS:-b c h}
 
@@ -91,25 +100,28 @@ proxy_cache_config() {
         "$1" $((WORKING_SET * 2))
 }
 
+# start_proxy TARGET NAME BIN CACHE: when TARGET is measured, consent-proxy BIN as process
+# NAME, with the cache on (true) or off (false); URL_<TARGET> and HDR_<TARGET> say how to ask it.
+start_proxy() {
+    local target=$1 name=$2 bin=$3 cache=$4 port=0 admin
+    if [[ " $TARGETS " == *" $target "* ]]; then
+        port=$(free_port); admin=$(free_port)
+        proxy_config "$WORK/$name.toml" "$port" "$admin" warn "$(proxy_cache_config "$cache")"
+        start "$name" "$bin" serve --config "$WORK/$name.toml"
+        wait_ok "http://127.0.0.1:$admin/readyz"
+    fi
+    printf -v "URL_$target" '%s' "http://127.0.0.1:$port"
+    printf -v "HDR_$target" '%s' "X-API-Key: $API_KEY"
+}
+
 URL_a="$SIM"
 HDR_a="Authorization: Bearer $TOKEN"
-if [[ " $TARGETS " == *" b "* ]]; then
-    PROXY_PORT=$(free_port); PROXY_ADMIN=$(free_port)
-    proxy_config "$WORK/proxy.toml" "$PROXY_PORT" "$PROXY_ADMIN" warn "$(proxy_cache_config true)"
-    start proxy "$BIN" serve --config "$WORK/proxy.toml"
-    wait_ok "http://127.0.0.1:$PROXY_ADMIN/readyz"
-fi
-URL_b="http://127.0.0.1:${PROXY_PORT:-0}"
-HDR_b="X-API-Key: $API_KEY"
-if [[ " $TARGETS " == *" e "* ]]; then
-    NOCACHE_PORT=$(free_port); NOCACHE_ADMIN=$(free_port)
-    proxy_config "$WORK/proxy-nocache.toml" "$NOCACHE_PORT" "$NOCACHE_ADMIN" warn \
-        "$(proxy_cache_config false)"
-    start proxy-nocache "$BIN" serve --config "$WORK/proxy-nocache.toml"
-    wait_ok "http://127.0.0.1:$NOCACHE_ADMIN/readyz"
-fi
-URL_e="http://127.0.0.1:${NOCACHE_PORT:-0}"
-HDR_e="X-API-Key: $API_KEY"
+start_proxy b proxy "$BIN" true
+start_proxy e proxy-nocache "$BIN" false
+
+# ---- the other build: with cache (g) and without (i) ---------------------------------------
+start_proxy g proxy-base "${BASE_BIN:-}" true
+start_proxy i proxy-base-nocache "${BASE_BIN:-}" false
 
 # ---- nginx (c) --------------------------------------------------------------------------
 if [[ " $TARGETS " == *" c "* || " $TARGETS " == *" f "* ]]; then
@@ -152,7 +164,7 @@ FAILED=0
 # The processes that do a target's work: its server, and for e the simulator too.
 declare -A SERVER_PROCS=(
     [a]=simulator [b]=proxy [c]=nginx [d]=varnish [e]="proxy-nocache simulator"
-    [f]="nginx simulator" [h]=bare
+    [f]="nginx simulator" [h]=bare [g]=proxy-base [i]="proxy-base-nocache simulator"
 )
 target_pids() { local n; for n in ${SERVER_PROCS[$1]}; do echo "${SPID[$n]:-}"; done; }
 
@@ -187,10 +199,11 @@ has() { [[ " $TARGETS " == *" $1 "* ]]; }
 # A direct pass first, so the simulator's own per-contact bookkeeping is warm for (a) as well.
 echo "$(date +%T) load average: $(cut -d' ' -f1-3 /proc/loadavg)" >&2
 warm a
-for t in b c d; do
+for t in b g c d; do
     if has "$t"; then warm "$t"; fi
 done
 if has b; then expect_header "$URL_b$SAMPLE_PATH" x-cache-status HIT -H "$HDR_b"; fi
+if has g; then expect_header "$URL_g$SAMPLE_PATH" x-cache-status HIT -H "$HDR_g"; fi
 if has c; then expect_header "$URL_c$SAMPLE_PATH" x-cache-status HIT; fi
 if has d; then expect_header "$URL_d$SAMPLE_PATH" x-cache-status HIT; fi
 
@@ -259,6 +272,8 @@ declare -A NAME=(
     [e]="consent-proxy, no cache"
     [f]="nginx proxy_pass, no cache"
     [h]="bare hyper server"
+    [g]="BASE_BIN, cache hit"
+    [i]="BASE_BIN, no cache"
 )
 
 table() { # table PASS TITLE [TARGETS]
@@ -330,6 +345,15 @@ if has e && has a; then
     echo "e-a at p50, $CONNECTIONS connections: $(( $(m P50 Le) - $(m P50 La) )) us" \
         "(queueing: the proxy and the simulator share one core); e/a throughput" \
         "$(ratio "$(m RPS Le)" "$(m RPS La)")"
+fi
+if has b && has g; then
+    echo "b/g throughput (this build's hits against BASE_BIN's) $(ratio "$(m RPS Lb)" "$(m RPS Lg)");" \
+        "p99: b $(m P99 Lb) us, g $(m P99 Lg) us; CPU per hit: b $(m COST Lb) us, g $(m COST Lg) us"
+fi
+if has e && has i && has a && [[ $SINGLE_DURATION -gt 0 ]]; then
+    echo "miss overhead at p50, 1 connection: this build (e-a) $(( $(m P50 Se) - $(m P50 Sa) )) us," \
+        "BASE_BIN (i-a) $(( $(m P50 Si) - $(m P50 Sa) )) us; e/i throughput" \
+        "$(ratio "$(m RPS Le)" "$(m RPS Li)"); CPU per miss (with the simulator's): e $(m COST Le) us, i $(m COST Li) us"
 fi
 echo "load average at the end: $(cut -d' ' -f1-3 /proc/loadavg) (other work on these cores skews every figure)"
 if [[ $FAILED -ne 0 ]]; then

@@ -9,13 +9,16 @@ counts, for one binary:
   miss  consent-proxy answering a consent GET it has not cached: every request a new contact,
         so each one leads a fill that goes to the simulator (the proxy's instructions only; the
         simulator runs outside valgrind and answers unknown contacts 200 NO_CONSENT)
+  close (only when SCENARIOS names it) a cache hit on a new connection each
+        (`Connection: close`): what a connection's accept, task and teardown add to a hit
   bare  with BARE_BIN set, the bare hyper server of benches/bare_hyper.rs answering a static
         consent body: the limit a hit is measured against (hit/bare)
 
 With OTEL_SAMPLE_RATIOS (e.g. "0.01,1.0") it also counts, for each ratio, a cache hit with
 tracing on (`otel.sample_ratio` = that ratio, spans exported to a collector stand-in outside
 valgrind that answers 200), printed as "hit, traced at R" beside the plain hit of the same run.
-SCENARIOS (default "sim,hit,miss") picks which of sim, hit and miss to count.
+SCENARIOS (default "sim,hit,miss") picks which of sim, hit, miss and close to count (with
+BARE_BIN, close counts the bare server's new connections too).
 
 Each process runs under `valgrind --tool=callgrind` twice, serving N and 3N keep-alive GETs
 after a warm-up; the difference of the two totals over 2N is the cost of one request, with
@@ -123,16 +126,24 @@ def contact_path(index):
     return f"/voicebiometrics/contacts/%2B1555{index:07}/consent"
 
 
-def gets(port, count, headers, first=None):
-    """`count` GETs on one connection: of CONTACT, or of contacts first, first+1, ..."""
-    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=120)
+def gets(port, count, headers, first=None, close=False):
+    """`count` GETs on one connection (`close`: each on a new one): of CONTACT, or of contacts
+    first, first+1, ..."""
+    conn = None
     for i in range(count):
-        conn.request("GET", CONTACT if first is None else contact_path(first + i), headers=headers)
+        if conn is None:
+            conn = http.client.HTTPConnection("127.0.0.1", port, timeout=120)
+        path = CONTACT if first is None else contact_path(first + i)
+        conn.request("GET", path, headers={**headers, "connection": "close"} if close else headers)
         response = conn.getresponse()
         body = response.read()
         if response.status != 200:
             sys.exit(f"GET answered {response.status}: {body[:300]!r}")
-    conn.close()
+        if close:
+            conn.close()
+            conn = None
+    if conn is not None:
+        conn.close()
 
 
 def allocations(callgrind_out):
@@ -175,7 +186,7 @@ def profile(callgrind_out, requests):
     return rows
 
 
-def under_callgrind(argv, port, requests, prepare, workdir, first, keep=None):
+def under_callgrind(argv, port, requests, prepare, workdir, first, keep=None, close=False):
     """Total instructions and allocations of a process serving `requests` GETs; `keep`: a
     label to profile the run under (and keep its output as, in PROFILE_KEEP)."""
     out = os.path.join(workdir, "callgrind.out")
@@ -188,8 +199,8 @@ def under_callgrind(argv, port, requests, prepare, workdir, first, keep=None):
     wait_port(port)
     headers = prepare(port)
     warm_up = 50  # the token, the first fill, lazy tables
-    gets(port, warm_up, headers, first)
-    gets(port, requests, headers, None if first is None else first + warm_up)
+    gets(port, warm_up, headers, first, close)
+    gets(port, requests, headers, None if first is None else first + warm_up, close)
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=300)
     match = re.search(r"Collected\s*:\s*(\d+)", err)
@@ -205,13 +216,13 @@ def under_callgrind(argv, port, requests, prepare, workdir, first, keep=None):
     return int(match.group(1)), allocations(out), rows
 
 
-def per_request(argv, port, prepare, workdir, distinct=False, label=None):
+def per_request(argv, port, prepare, workdir, distinct=False, label=None, close=False):
     """(instructions, allocations) per request; prints the profile of the 3N run if asked."""
     first = 0 if distinct else None
-    small, small_allocs, _ = under_callgrind(argv, port, N, prepare, workdir, first)
+    small, small_allocs, _ = under_callgrind(argv, port, N, prepare, workdir, first, close=close)
     large, large_allocs, rows = under_callgrind(
         argv, port, 3 * N, prepare, workdir, first,
-        keep=label if PROFILE and label is not None else None)
+        keep=label if PROFILE and label is not None else None, close=close)
     if rows:
         print(f"\n{label}: inclusive instructions per request (3N run), by function")
         for cost, name in rows:
@@ -279,7 +290,7 @@ def measure(binary):
             wait_port(sim_port)
             seeded_simulator(sim_port)
             collector = start_collector() if OTEL_SAMPLE_RATIOS else None
-            runs = [(name, "") for name in ("hit", "miss") if name in SCENARIOS]
+            runs = [(name, "") for name in ("hit", "miss", "close") if name in SCENARIOS]
             runs += [(f"hit, traced at {ratio}",
                       f'[otel]\nendpoint = "{collector}"\nsample_ratio = {ratio}\n')
                      for ratio in OTEL_SAMPLE_RATIOS]
@@ -295,19 +306,21 @@ def measure(binary):
 
                 label = f"{os.path.basename(binary)}-{name.replace(' ', '').replace(',', '-')}"
                 results[name] = per_request([binary, "serve", "--config", config], port, ready,
-                                            workdir, distinct=name == "miss", label=label)
+                                            workdir, distinct=name == "miss", label=label,
+                                            close=name == "close")
         finally:
             sim.terminate()
             sim.wait()
     return results
 
 
-def measure_bare():
-    """(instructions, allocations) per request of the bare hyper server."""
+def measure_bare(close=False):
+    """(instructions, allocations) per request of the bare hyper server (`close`: each on a new
+    connection)."""
     with tempfile.TemporaryDirectory() as workdir:
         port = free_port()
         return per_request([BARE_BIN, "--listen", f"127.0.0.1:{port}"], port, lambda _: {},
-                           workdir, label="bare")
+                           workdir, label="bare-close" if close else "bare", close=close)
 
 
 def main():
@@ -319,6 +332,12 @@ def main():
         instructions, allocs = measure_bare()
         print(f"bare hyper server: {instructions:.0f} ({allocs:.1f}); hit/bare: "
               + ", ".join(f"{r['hit'][0] / instructions:.2f}" for _, r in measured if "hit" in r))
+    if BARE_BIN and "close" in SCENARIOS:
+        instructions, allocs = measure_bare(close=True)
+        print(f"bare hyper server, new connection each: {instructions:.0f} ({allocs:.1f}); "
+              "close/bare: "
+              + ", ".join(f"{r['close'][0] / instructions:.2f}" for _, r in measured
+                          if "close" in r))
     print(f"{'binary':40} {'sim direct':>16} {'proxy hit':>16} {'proxy miss':>16} {'hit/sim':>8}")
 
     def cell(r, k):
@@ -328,6 +347,8 @@ def main():
         cells = [cell(r, k) for k in ("sim", "hit", "miss")]
         ratio = f"{r['hit'][0] / r['sim'][0]:.2f}" if "hit" in r and "sim" in r else "-"
         print(f"{binary:40} {cells[0]:>16} {cells[1]:>16} {cells[2]:>16} {ratio:>8}")
+        if "close" in r:
+            print(f"  hit on a new connection each: {cell(r, 'close')}")
         for ratio in OTEL_SAMPLE_RATIOS:
             name = f"hit, traced at {ratio}"
             against = f", {r[name][0] / r['hit'][0]:.3f} x the plain hit" if "hit" in r else ""

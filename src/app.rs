@@ -6,6 +6,7 @@ use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
+use futures_util::FutureExt;
 use prometheus::Registry;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
@@ -239,8 +240,9 @@ impl App {
                     tls,
                     limits,
                     move |request, peer| {
-                        let routes = consent_routes.clone();
-                        async move { Ok::<_, Infallible>(routes.handle(request, peer).await) }
+                        consent_routes
+                            .handle(request, peer)
+                            .map(Ok::<_, Infallible>)
                     },
                     server::when_shut_down(shutdown_rx, grace),
                 )

@@ -17,7 +17,9 @@ use tokio::time::Instant;
 
 use crate::audit::{Audit, Draft, Outcome as AuditOutcome};
 use crate::auth::AuthMethod;
-use crate::cache::{CacheStatus, ConsentCache, FillLead, FillResult, FillWaiter, Lookup, Settled};
+use crate::cache::{
+    CacheStatus, ConsentCache, FillLead, FillResult, FillWaiter, Hit, Lookup, Settled,
+};
 use crate::cluster::shared::FillReport;
 use crate::cluster::{Cluster, ClusterStatus};
 use crate::consent::{consent_status_of, ConsentAnswer};
@@ -53,6 +55,31 @@ impl WriteMetrics {
 }
 metrics::assert_in_declaration_order!(ConsentStatus::ALL);
 
+/// A GET's read, begun by [`ConsentService::begin_read`].
+pub enum Read {
+    /// Answered from the cache at once.
+    Settled(Settled),
+    /// Waiting for a fill, or for upstream: [`ConsentService::finish_read`].
+    Pending(PendingRead),
+}
+
+/// A read that waits: the cache's lookup, and the lookup's span, which lasts until the GET
+/// is settled.
+pub struct PendingRead {
+    lookup: Lookup,
+    span: Span,
+}
+
+/// How the cache answered, on the lookup's span.
+fn describe_lookup(span: &mut Span, settled: &Settled) {
+    if span.is_recording() {
+        span.set("consent_proxy.cache.status", settled.status.header_value());
+        if let Some(detail) = settled.status.log_detail() {
+            span.set("consent_proxy.cache.detail", detail);
+        }
+    }
+}
+
 #[derive(Clone)]
 pub struct ConsentService {
     api: Arc<ConsentApi>,
@@ -81,79 +108,108 @@ impl ConsentService {
         }
     }
 
-    /// Reads through the cache. When this request's own fetch goes upstream (a miss or a
-    /// bypass), its attempts are reported to `request`. A hit near the end of its TTL starts
-    /// the entry's refresh in the background; a fill upstream cannot answer may be answered
-    /// from the cache (`STALE`, see `cache::settle`).
-    pub async fn read(&self, contact: &ContactId, request: &RequestContext) -> Settled {
+    /// Begins a GET's read through the cache. A hit is settled at once, with no waiting
+    /// (near the end of its TTL it also starts the entry's refresh in the background); any
+    /// other lookup is left to [`ConsentService::finish_read`]. When this request's own fetch
+    /// goes upstream (a miss or a bypass), its attempts are reported to `request`; a fill
+    /// upstream cannot answer may be answered from the cache (`STALE`, see `cache::settle`).
+    ///
+    /// Two steps so that the HTTP layer can answer a hit without an asynchronous state
+    /// machine: a hit's future would be a miss's size, moved several times on its way into
+    /// hyper's connection task.
+    pub fn begin_read(&self, contact: &ContactId, request: &RequestContext) -> Read {
         // The lookup's span lasts until the GET is settled: a wait for a fill is part of it.
-        let mut lookup = request.trace.child("cache lookup", SpanKind::Internal);
-        let settled = self.read_through_cache(contact, request).await;
-        if lookup.is_recording() {
-            lookup.set("consent_proxy.cache.status", settled.status.header_value());
-            if let Some(detail) = settled.status.log_detail() {
-                lookup.set("consent_proxy.cache.detail", detail);
+        let mut span = request.trace.child("cache lookup", SpanKind::Internal);
+        match self.cache.lookup(contact) {
+            Lookup::Hit(hit) => {
+                let settled = self.hit(hit, contact, request);
+                describe_lookup(&mut span, &settled);
+                Read::Settled(settled)
             }
+            lookup => Read::Pending(PendingRead { lookup, span }),
         }
+    }
+
+    /// Settles a read [`ConsentService::begin_read`] could not: waits for the fill it joins
+    /// or leads, or reads upstream when the cache cannot be used.
+    pub async fn finish_read(
+        &self,
+        pending: PendingRead,
+        contact: &ContactId,
+        request: &RequestContext,
+    ) -> Settled {
+        let PendingRead { lookup, mut span } = pending;
+        let settled = self.settle_lookup(lookup, contact, request).await;
+        describe_lookup(&mut span, &settled);
         settled
     }
 
-    async fn read_through_cache(&self, contact: &ContactId, request: &RequestContext) -> Settled {
+    /// A hit's answer. Near the end of its TTL it starts the entry's refresh, straight
+    /// upstream, also with the shared tier (which would answer with an entry as old as this
+    /// one). The refresh's attempts are not this request's: they are not in its log line.
+    fn hit(&self, hit: Hit, contact: &ContactId, request: &RequestContext) -> Settled {
+        if let Some(refresh) = hit.refresh {
+            drop(refresh.spawn(self.upstream_fill(contact, request.detached())));
+        }
+        Settled {
+            status: CacheStatus::Hit,
+            age_s: Some(hit.age_s),
+            answer: Ok(hit.answer),
+            upstream_failure: None,
+        }
+    }
+
+    /// A fill's upstream read, in its own task: built only when a fill runs (a miss or a
+    /// refresh), so a hit clones nothing (cloning a new request id's bytes would allocate a
+    /// shared copy).
+    fn upstream_fill(
+        &self,
+        contact: &ContactId,
+        mut context: RequestContext,
+    ) -> impl Future<Output = FillResult> + Send + 'static {
+        let api = self.api.clone();
+        let contact = contact.clone();
+        async move {
+            // The fill's span, parent of its upstream attempts.
+            let mut fill = context.trace.child("cache fill", SpanKind::Internal);
+            context.trace = fill.handle();
+            let result = api.get(&contact, &context).await;
+            match &result {
+                Ok(answer) => fill.set(
+                    "http.response.status_code",
+                    i64::from(answer.status.as_u16()),
+                ),
+                Err(error) => fill.fail(error.code()),
+            }
+            result
+        }
+    }
+
+    async fn settle_lookup(
+        &self,
+        lookup: Lookup,
+        contact: &ContactId,
+        request: &RequestContext,
+    ) -> Settled {
         let deadline = request.deadline;
-        // Built only when a fill runs in its own task (a miss or a refresh): a hit clones
-        // nothing, and cloning a new request id's bytes would allocate a shared copy.
-        let fetch = |mut context: RequestContext| {
-            let api = self.api.clone();
-            let contact = contact.clone();
-            async move {
-                // The fill's span, parent of its upstream attempts.
-                let mut fill = context.trace.child("cache fill", SpanKind::Internal);
-                context.trace = fill.handle();
-                let result = api.get(&contact, &context).await;
-                match &result {
-                    Ok(answer) => fill.set(
-                        "http.response.status_code",
-                        i64::from(answer.status.as_u16()),
-                    ),
-                    Err(error) => fill.fail(error.code()),
-                }
-                result
-            }
-        };
-        let (cache_status, answer) = match self.cache.lookup(contact) {
-            Lookup::Hit(hit) => {
-                if let Some(refresh) = hit.refresh {
-                    // Straight upstream, also with the shared tier (which would answer with an
-                    // entry as old as this one). Its attempts are not this request's: they are
-                    // not in its log line.
-                    drop(refresh.spawn(fetch(request.detached())));
-                }
-                return Settled {
-                    status: CacheStatus::Hit,
-                    age_s: Some(hit.age_s),
-                    answer: Ok(hit.answer),
-                    upstream_failure: None,
-                };
-            }
-            // The waits on the heap: inline, they would make a hit's future as large (see
-            // `ConsentRoutes::route`).
+        let (cache_status, answer) = match lookup {
+            Lookup::Hit(hit) => return self.hit(hit, contact, request),
             Lookup::Join(waiter) => {
-                return Box::pin(self.cache.settle(
-                    contact,
-                    CacheStatus::Coalesced,
-                    waiter,
-                    deadline,
-                ))
-                .await
+                return self
+                    .cache
+                    .settle(contact, CacheStatus::Coalesced, waiter, deadline)
+                    .await
             }
             Lookup::Lead(lead) => {
-                let (waiter, report) =
-                    self.lead_fill(lead, contact, deadline, fetch(request.hand_over()));
-                let settled =
-                    Box::pin(
-                        self.cache
-                            .settle(contact, CacheStatus::Miss, waiter, deadline),
-                    )
+                let (waiter, report) = self.lead_fill(
+                    lead,
+                    contact,
+                    deadline,
+                    self.upstream_fill(contact, request.hand_over()),
+                );
+                let settled = self
+                    .cache
+                    .settle(contact, CacheStatus::Miss, waiter, deadline)
                     .await;
                 let shared_age = report.as_ref().and_then(FillReport::shared_age);
                 if let Some(age) = shared_age.filter(|_| settled.status == CacheStatus::Miss) {

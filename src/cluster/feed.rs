@@ -290,6 +290,7 @@ impl Feed {
         if let Some(tier) = &self.shared_cache {
             self.same_redis_or_new_epoch(tier, &publisher, &mut continuity.redis_seen)
                 .await?;
+            tier.time_redis(&publisher, ANNOUNCE_TIMEOUT).await;
         }
         self.check_memory_policy(&publisher, continuity).await;
         // Subscribed: every announcement Redis takes from now on reaches this instance.

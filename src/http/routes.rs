@@ -4,8 +4,11 @@
 //! token endpoint (`POST /oauth/token`) is served here too: its request is read here, its
 //! answer decided by [`TokenEndpoint`].
 
+use std::future::Future;
 use std::net::{IpAddr, SocketAddr};
+use std::pin::Pin;
 use std::sync::{Arc, OnceLock};
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -14,7 +17,7 @@ use prometheus::{Histogram, IntCounter};
 use tokio::time::Instant;
 
 use crate::auth::{self, Authenticator, Permission};
-use crate::cache::CacheStatus;
+use crate::cache::{CacheStatus, Settled};
 use crate::consent::ConsentAnswer;
 use crate::consent::{consent_path_segment, parse_consent_body, ContactId, CONSENT_ROUTE};
 use crate::error::{ErrorChain, FieldProblem, ProxyError};
@@ -23,7 +26,7 @@ use crate::metrics::status_label;
 use crate::metrics::HttpMetrics;
 use crate::otel::{Span, Tracer};
 use crate::request::RequestContext;
-use crate::service::{ConsentService, WriteTask};
+use crate::service::{ConsentService, PendingRead, Read, WriteTask};
 use crate::wire::body::{self, Body, ReadBodyError};
 use crate::wire::forwarded::TrustedProxies;
 use crate::wire::oauth::TOKEN_PATH;
@@ -65,6 +68,46 @@ pub struct ConsentRoutes {
     /// `None` when `oauth.enabled = false`.
     token_endpoint: Option<TokenEndpoint>,
     tracer: Tracer,
+}
+
+/// A handled request's answer: ready at once when nothing had to be waited for, else to come
+/// from a future on the heap ([`ConsentRoutes::handle`]).
+pub enum Handled {
+    Now(std::future::Ready<Response<Body>>),
+    Later(Pin<Box<dyn Future<Output = Response<Body>> + Send>>),
+}
+
+impl Future for Handled {
+    type Output = Response<Body>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Response<Body>> {
+        match self.get_mut() {
+            Handled::Now(ready) => Pin::new(ready).poll(cx),
+            Handled::Later(later) => later.as_mut().poll(cx),
+        }
+    }
+}
+
+/// How far a request got without waiting.
+enum Routed<B> {
+    Answered(Response<Body>),
+    Waits(Wait<B>),
+}
+
+/// What a request waits for.
+enum Wait<B> {
+    /// A GET the cache could not answer at once: a fill, or upstream.
+    Read {
+        contact: ContactId,
+        pending: PendingRead,
+    },
+    /// A PUT: its body, then the write.
+    Write {
+        contact: ContactId,
+        request: Request<B>,
+    },
+    /// `POST /oauth/token`: its body.
+    TokenRequest(Request<B>),
 }
 
 /// The answers common enough to keep their `consent_proxy_requests_total` series at hand.
@@ -135,14 +178,14 @@ struct Outcome {
 /// while its write is upstream, it leaves a task that records the write when it ends; any
 /// other request dropped unanswered never reached upstream, or only through a fill that
 /// outlives it and answers the requests that wait for it.
-struct InFlight<'a> {
-    recorder: &'a Arc<Recorder>,
+struct InFlight {
+    recorder: Arc<Recorder>,
     method: Method,
     context: RequestContext,
     outcome: Outcome,
 }
 
-impl Drop for InFlight<'_> {
+impl Drop for InFlight {
     fn drop(&mut self) {
         let Some(write) = self.outcome.write.take() else {
             return;
@@ -200,9 +243,16 @@ impl ConsentRoutes {
 
     /// Handles one request from `peer`. Generic over the body so benchmarks can drive the
     /// handler in-process; the server passes hyper's `Incoming`.
-    pub async fn handle<B>(&self, request: Request<B>, peer: SocketAddr) -> Response<Body>
+    ///
+    /// What needs no waiting (a cache hit, any refusal) is answered here, before the
+    /// returned future is first polled: only a request that waits (a miss, a write, the token
+    /// endpoint's body) gets an asynchronous state machine, on the heap, under the request
+    /// deadline. A hit's future would otherwise be as large as a miss's and be moved
+    /// (copied) several times on its way into hyper's connection task.
+    pub fn handle<B>(self: &Arc<Self>, request: Request<B>, peer: SocketAddr) -> Handled
     where
-        B: hyper::body::Body,
+        B: hyper::body::Body + Send + 'static,
+        B::Data: Send,
         B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
     {
         let started = Instant::now();
@@ -211,7 +261,7 @@ impl ConsentRoutes {
             .trusted_proxies
             .client_address(peer.ip(), request.headers());
         let mut in_flight = InFlight {
-            recorder: &self.recorder,
+            recorder: self.recorder.clone(),
             method: request.method().clone(),
             context: RequestContext::new(
                 request_id_of(request.headers()),
@@ -226,64 +276,80 @@ impl ConsentRoutes {
         };
         // Named and described once the route is known (`describe_server_span`).
         in_flight.context.trace = self.tracer.server_span(request.headers(), "HTTP");
-        let InFlight {
-            context, outcome, ..
-        } = &mut in_flight;
+        let routed = self.route(
+            request,
+            address,
+            &mut in_flight.context,
+            &mut in_flight.outcome,
+        );
+        let wait = match routed {
+            Ok(Routed::Waits(wait)) => wait,
+            Ok(Routed::Answered(response)) => {
+                return Handled::Now(std::future::ready(self.answer(in_flight, Ok(response))))
+            }
+            Err(error) => {
+                return Handled::Now(std::future::ready(self.answer(in_flight, Err(error))))
+            }
+        };
+        let routes = self.clone();
+        Handled::Later(Box::pin(async move {
+            let InFlight {
+                context, outcome, ..
+            } = &mut in_flight;
+            let deadline = context.deadline;
+            let waited = routes.wait(wait, address, context, outcome);
+            let result = tokio::time::timeout_at(deadline, waited)
+                .await
+                .unwrap_or(Err(ProxyError::UpstreamTimeout));
+            routes.answer(in_flight, result)
+        }))
+    }
 
-        let mut response = match tokio::time::timeout_at(
-            context.deadline,
-            self.route(request, address, context, outcome),
-        )
-        .await
-        {
-            Ok(Ok(response)) => response,
-            Ok(Err(error)) => error_response(outcome, error),
-            Err(_) => error_response(outcome, ProxyError::UpstreamTimeout),
+    /// The answer to a handled request, counted, logged and with its request id.
+    fn answer(
+        &self,
+        mut in_flight: InFlight,
+        result: Result<Response<Body>, ProxyError>,
+    ) -> Response<Body> {
+        let InFlight {
+            method,
+            context,
+            outcome,
+            ..
+        } = &mut in_flight;
+        let mut response = match result {
+            Ok(response) => response,
+            Err(error) => error_response(outcome, error),
         };
         // Answered: a write still running (past the deadline) is not this request's to record.
         outcome.write = None;
-        self.recorder.record(
-            &in_flight.method,
-            response.status(),
-            &in_flight.outcome,
-            &in_flight.context,
-        );
-        if in_flight.context.trace.is_recording() {
-            describe_server_span(
-                &mut in_flight.context.trace,
-                &in_flight.method,
-                &response,
-                &in_flight.outcome,
-            );
+        self.recorder
+            .record(method, response.status(), outcome, context);
+        if context.trace.is_recording() {
+            describe_server_span(&mut context.trace, method, &response, outcome);
         }
         // Moved, not cloned: cloning a new id's bytes would allocate a shared copy.
-        let id = std::mem::replace(&mut in_flight.context.id, HeaderValue::from_static(""));
+        let id = std::mem::replace(&mut context.id, HeaderValue::from_static(""));
         response.headers_mut().insert(X_REQUEST_ID, id);
         response
     }
 
-    async fn route<B>(
+    /// What can be decided without waiting: the route, the caller, the contact, and a read's
+    /// cache lookup.
+    fn route<B>(
         &self,
         request: Request<B>,
         address: IpAddr,
         context: &mut RequestContext,
         outcome: &mut Outcome,
-    ) -> Result<Response<Body>, ProxyError>
-    where
-        B: hyper::body::Body,
-        B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
-    {
+    ) -> Result<Routed<B>, ProxyError> {
         if let Some(too_large) =
             body::headers_too_large(request.headers(), self.limits.max_header_bytes)
         {
-            return Ok(too_large);
+            return Ok(Routed::Answered(too_large));
         }
         let Some(segment) = consent_path_segment(request.uri().path()) else {
-            // On the heap, as the write's body read below: held inline, the futures of the
-            // routes a hit does not take would make every request's future as large (3,368
-            // bytes before, 2,432 after), and it is moved (copied) several times on its way
-            // into hyper's connection task.
-            return Box::pin(self.other_route(request, address, context, outcome)).await;
+            return self.other_route(request, outcome);
         };
         outcome.route = "consent";
         outcome.http_route = Some(CONSENT_ROUTE);
@@ -310,63 +376,41 @@ impl ConsentRoutes {
         outcome.contact = Some(contact.clone());
 
         if needed == Permission::Read {
-            let read = self.service.read(&contact, context).await;
-            outcome.cache_status = Some(read.status);
-            // Logged with the answer from the cache that stood in for upstream's.
-            outcome.error = read.upstream_failure;
-            let answer = read.answer?;
-            let mut response = answer_response(answer);
-            if matches!(response.status(), StatusCode::OK | StatusCode::NOT_FOUND) {
-                response.headers_mut().insert(
-                    X_CACHE_STATUS,
-                    HeaderValue::from_static(read.status.header_value()),
-                );
-                if read.status == CacheStatus::SharedHit {
-                    response
-                        .headers_mut()
-                        .insert(X_CACHE_TIER, HeaderValue::from_static("shared"));
-                }
+            match self.service.begin_read(&contact, context) {
+                Read::Settled(read) => read_response(read, outcome).map(Routed::Answered),
+                Read::Pending(pending) => Ok(Routed::Waits(Wait::Read { contact, pending })),
             }
-            if read.status == CacheStatus::Stale {
-                response
-                    .headers_mut()
-                    .insert(header::WARNING, HeaderValue::from_static(STALE_WARNING));
-            }
-            if let Some(age) = read.age_s {
-                response
-                    .headers_mut()
-                    .insert(header::AGE, body::age_value(age));
-            }
-            Ok(response)
         } else {
             check_json_content_type(request.headers())?;
-            // On the heap (see above).
-            let body = Box::pin(self.read_body(request.into_body(), context.deadline)).await?;
-            let status = parse_consent_body(&body).map_err(|e| ProxyError::InvalidBody {
-                fields: e
-                    .field
-                    .map(|name| FieldProblem {
-                        name,
-                        description: e.message.clone(),
-                    })
-                    .into_iter()
-                    .collect(),
-                message: e.message,
-            })?;
-            let client = self.auth.client_name(context.caller.as_ref());
-            let write = outcome
-                .write
-                .insert(self.service.write(&contact, status, context, client));
-            let answer = write.await;
-            outcome.write = None;
-            Ok(answer_response(answer?))
+            Ok(Routed::Waits(Wait::Write { contact, request }))
         }
     }
 
     /// Any path but the consent routes: the token endpoint, when enabled, or 404.
-    async fn other_route<B>(
+    fn other_route<B>(
         &self,
         request: Request<B>,
+        outcome: &mut Outcome,
+    ) -> Result<Routed<B>, ProxyError> {
+        if self.token_endpoint(request.uri().path()).is_none() {
+            return Err(ProxyError::NotFound);
+        }
+        outcome.http_route = Some(TOKEN_PATH);
+        if request.method() != Method::POST {
+            return Err(ProxyError::MethodNotAllowed { allow: "POST" });
+        }
+        Ok(Routed::Waits(Wait::TokenRequest(request)))
+    }
+
+    /// The token endpoint, when enabled and `path` is its path.
+    fn token_endpoint(&self, path: &str) -> Option<&TokenEndpoint> {
+        self.token_endpoint.as_ref().filter(|_| path == TOKEN_PATH)
+    }
+
+    /// What a request waits for: a fill or upstream, a body.
+    async fn wait<B>(
+        &self,
+        wait: Wait<B>,
         address: IpAddr,
         context: &mut RequestContext,
         outcome: &mut Outcome,
@@ -375,20 +419,47 @@ impl ConsentRoutes {
         B: hyper::body::Body,
         B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
     {
-        let endpoint = match &self.token_endpoint {
-            Some(endpoint) if request.uri().path() == TOKEN_PATH => endpoint,
-            _ => return Err(ProxyError::NotFound),
-        };
-        outcome.http_route = Some(TOKEN_PATH);
-        if request.method() != Method::POST {
-            return Err(ProxyError::MethodNotAllowed { allow: "POST" });
+        match wait {
+            Wait::Read { contact, pending } => {
+                let read = self.service.finish_read(pending, &contact, context).await;
+                read_response(read, outcome)
+            }
+            Wait::Write { contact, request } => {
+                let body = self
+                    .read_body(request.into_body(), context.deadline)
+                    .await?;
+                let status = parse_consent_body(&body).map_err(|e| ProxyError::InvalidBody {
+                    fields: e
+                        .field
+                        .map(|name| FieldProblem {
+                            name,
+                            description: e.message.clone(),
+                        })
+                        .into_iter()
+                        .collect(),
+                    message: e.message,
+                })?;
+                let client = self.auth.client_name(context.caller.as_ref());
+                let write = outcome
+                    .write
+                    .insert(self.service.write(&contact, status, context, client));
+                let answer = write.await;
+                outcome.write = None;
+                Ok(answer_response(answer?))
+            }
+            Wait::TokenRequest(request) => {
+                let (parts, body) = request.into_parts();
+                let body = self.read_body(body, context.deadline).await?;
+                // Found by `other_route`.
+                let endpoint = self
+                    .token_endpoint(parts.uri.path())
+                    .ok_or(ProxyError::NotFound)?;
+                let answer = endpoint.answer(&parts.headers, &body, address);
+                context.caller = answer.caller;
+                outcome.token_refusal = answer.refusal;
+                Ok(answer.response)
+            }
         }
-        let (parts, body) = request.into_parts();
-        let body = self.read_body(body, context.deadline).await?;
-        let answer = endpoint.answer(&parts.headers, &body, address);
-        context.caller = answer.caller;
-        outcome.token_refusal = answer.refusal;
-        Ok(answer.response)
     }
 
     async fn read_body<B>(&self, body: B, deadline: Instant) -> Result<Bytes, ProxyError>
@@ -541,6 +612,33 @@ fn describe_server_span(
             span.fail(error.code());
         }
     }
+}
+
+/// A GET's answer, from the cache or upstream.
+fn read_response(read: Settled, outcome: &mut Outcome) -> Result<Response<Body>, ProxyError> {
+    outcome.cache_status = Some(read.status);
+    // Logged with the answer from the cache that stood in for upstream's.
+    outcome.error = read.upstream_failure;
+    let answer = read.answer?;
+    let status = answer.status;
+    let mut response = answer_response(answer);
+    let headers = response.headers_mut();
+    if matches!(status, StatusCode::OK | StatusCode::NOT_FOUND) {
+        headers.insert(
+            X_CACHE_STATUS,
+            HeaderValue::from_static(read.status.header_value()),
+        );
+        if read.status == CacheStatus::SharedHit {
+            headers.insert(X_CACHE_TIER, HeaderValue::from_static("shared"));
+        }
+    }
+    if read.status == CacheStatus::Stale {
+        headers.insert(header::WARNING, HeaderValue::from_static(STALE_WARNING));
+    }
+    if let Some(age) = read.age_s {
+        headers.insert(header::AGE, body::age_value(age));
+    }
+    Ok(response)
 }
 
 fn error_response(outcome: &mut Outcome, error: ProxyError) -> Response<Body> {

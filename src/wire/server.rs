@@ -110,14 +110,17 @@ pub async fn serve<H, F, E>(
         let handler = handler.clone();
         let tls = tls.clone();
         let mut alive = connections_alive.clone();
-        tokio::spawn(async move {
+        // On the heap: a connection's future is several kilobytes (hyper's HTTP/1 and HTTP/2
+        // state), and tokio copies a task's future whole as it spawns it, stores its output
+        // and drops it; boxed, each copy is a pointer's.
+        tokio::spawn(Box::pin(async move {
             tokio::select! {
                 () = connection.serve(stream, tls, handler) => {}
                 // Nothing is ever sent: this resolves when `cut_off` is dropped.
                 _ = alive.changed() => {}
             }
             drop(permit);
-        });
+        }));
     };
     drop(listener);
     tokio::select! {

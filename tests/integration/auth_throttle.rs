@@ -7,9 +7,8 @@
 
 use std::net::{IpAddr, Ipv4Addr};
 
+use crate::support::calls::basic;
 use crate::support::*;
-use base64::engine::general_purpose::STANDARD;
-use base64::Engine as _;
 use http::Method;
 
 /// A contact the simulator does not know: a caller let through is answered 404 from upstream.
@@ -19,10 +18,6 @@ const WRONG: &str = "wrong-key-0123456789abcdef";
 
 fn loopback(last: u8) -> IpAddr {
     IpAddr::V4(Ipv4Addr::new(127, 0, 0, last))
-}
-
-fn basic(name: &str, key: &str) -> String {
-    format!("Basic {}", STANDARD.encode(format!("{name}:{key}")))
 }
 
 async fn get(h: &Harness, from: &TestClient, headers: &[(&str, &str)]) -> TestResponse {

@@ -6,10 +6,11 @@
 use std::net::SocketAddr;
 use std::time::Duration;
 
+use crate::support::calls::{assert_upstream_untouched, consent_path};
 use crate::support::raw_http::{content_length, head_end};
 use crate::support::*;
 use consent_proxy::consent::ConsentStatus;
-use consent_proxy::simulator::{Fault, SimRoute, Simulator};
+use consent_proxy::simulator::{Fault, SimRoute};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::sync::mpsc;
@@ -117,10 +118,6 @@ impl RawConn {
     }
 }
 
-fn consent_path(contact: &str) -> String {
-    format!("/voicebiometrics/contacts/{contact}/consent")
-}
-
 /// A keep-alive GET with the read-write key.
 fn get_request(path: &str) -> String {
     format!("GET {path} HTTP/1.1\r\nHost: proxy\r\nX-API-Key: {RW_KEY}\r\n\r\n")
@@ -144,16 +141,6 @@ async fn exchange(addr: SocketAddr, request: &[u8]) -> Option<RawResponse> {
     timeout(Duration::from_secs(10), conn.response_to(head_only))
         .await
         .expect("an answer or a close within 10 s")
-}
-
-fn assert_upstream_untouched(sim: &Simulator) {
-    let stats = sim.stats();
-    assert_eq!((stats.gets, stats.puts), (0, 0), "upstream saw {stats:?}");
-    assert!(
-        sim.last_consent_request().is_none(),
-        "upstream saw {:?}",
-        sim.last_consent_request()
-    );
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -284,6 +271,30 @@ async fn silent_connections_cannot_use_up_max_connections() {
     );
 }
 
+/// A proxy with `contact` seeded, `max_connections` slots and short request, header read and
+/// idle timeouts (500, 500 and 300 ms), for the callers that hold a slot without using it.
+async fn short_timeouts(contact: &str, max_connections: usize) -> Harness {
+    Harness::start_seeded(contact, ConsentStatus::Refused, |c| {
+        c.set("server.max_connections", &max_connections.to_string())
+            .set("server.request_timeout_ms", "500")
+            .set("server.header_read_timeout_ms", "500")
+            .set("server.idle_timeout_ms", "300");
+    })
+    .await
+}
+
+/// A caller waiting in the backlog for a connection slot is served (a GET of `path`) within
+/// `limit` once `freed` (what gives the slot back).
+async fn a_waiting_caller_is_served(addr: SocketAddr, path: &str, limit: Duration, freed: &str) {
+    let mut waiting = RawConn::connect(addr).await;
+    waiting.send(get_request(path).as_bytes()).await.unwrap();
+    let served = timeout(limit, waiting.response())
+        .await
+        .unwrap_or_else(|_| panic!("the waiting caller is not served once {freed}"))
+        .expect("an answer");
+    assert_eq!(served.status, 200, "{}", served.text());
+}
+
 /// An HTTP/2 connection that made one request and then sits idle must not hold its
 /// `max_connections` slot for ever: past `server.idle_timeout_ms` the proxy says GOAWAY and
 /// closes it, and the caller waiting for the slot is served.
@@ -311,16 +322,13 @@ async fn an_idle_h2_connection_gives_up_its_slot_at_the_idle_timeout() {
 
     // The only slot is taken by the idle h2 connection: this caller waits in the backlog
     // until the proxy closes it.
-    let mut waiting = RawConn::connect(h.proxy.listen_addr).await;
-    waiting
-        .send(get_request(&consent_path("%2B15553000005")).as_bytes())
-        .await
-        .unwrap();
-    let served = timeout(Duration::from_secs(10), waiting.response())
-        .await
-        .expect("the waiting caller is served once the idle connection is closed")
-        .expect("an answer");
-    assert_eq!(served.status, 200, "{}", served.text());
+    a_waiting_caller_is_served(
+        h.proxy.listen_addr,
+        &consent_path("%2B15553000005"),
+        Duration::from_secs(10),
+        "the idle connection is closed",
+    )
+    .await;
     timeout(Duration::from_secs(5), connection)
         .await
         .expect("the idle h2 connection was closed by the proxy")
@@ -334,13 +342,7 @@ async fn an_idle_h2_connection_gives_up_its_slot_at_the_idle_timeout() {
 /// and a caller waiting behind them is served.
 #[tokio::test]
 async fn h2_readers_that_never_open_their_window_give_their_slots_back() {
-    let h = Harness::start_seeded("+15553000008", ConsentStatus::Refused, |c| {
-        c.set("server.max_connections", "4")
-            .set("server.request_timeout_ms", "500")
-            .set("server.header_read_timeout_ms", "500")
-            .set("server.idle_timeout_ms", "300");
-    })
-    .await;
+    let h = short_timeouts("+15553000008", 4).await;
     let addr = h.proxy.listen_addr;
     let path = consent_path("%2B15553000008");
     let mut readers = Vec::new();
@@ -363,13 +365,13 @@ async fn h2_readers_that_never_open_their_window_give_their_slots_back() {
         assert_eq!(response.status(), 200);
         readers.push((response.into_body(), connection, client));
     }
-    let mut waiting = RawConn::connect(addr).await;
-    waiting.send(get_request(&path).as_bytes()).await.unwrap();
-    let served = timeout(Duration::from_secs(10), waiting.response())
-        .await
-        .expect("the waiting caller is served once the slow readers' slots are back")
-        .expect("an answer");
-    assert_eq!(served.status, 200, "{}", served.text());
+    a_waiting_caller_is_served(
+        addr,
+        &path,
+        Duration::from_secs(10),
+        "the slow readers' slots are back",
+    )
+    .await;
     for (mut body, connection, _client) in readers {
         let ended = timeout(Duration::from_secs(5), body.data())
             .await
@@ -396,13 +398,7 @@ async fn h2_readers_that_never_open_their_window_give_their_slots_back() {
 /// timeout, giving its slot back.
 #[tokio::test]
 async fn an_http1_connection_that_never_takes_its_answers_is_cut_off() {
-    let h = Harness::start_seeded("+15553000009", ConsentStatus::Refused, |c| {
-        c.set("server.max_connections", "1")
-            .set("server.request_timeout_ms", "500")
-            .set("server.header_read_timeout_ms", "500")
-            .set("server.idle_timeout_ms", "300");
-    })
-    .await;
+    let h = short_timeouts("+15553000009", 1).await;
     let addr = h.proxy.listen_addr;
     let path = consent_path("%2B15553000009");
     let socket = tokio::net::TcpSocket::new_v4().unwrap();
@@ -414,14 +410,14 @@ async fn an_http1_connection_that_never_takes_its_answers_is_cut_off() {
         let _ = stuck.write_all(pipelined.as_bytes()).await;
         stuck
     });
-    let mut waiting = RawConn::connect(addr).await;
-    waiting.send(get_request(&path).as_bytes()).await.unwrap();
     // Generous: the proxy first answers until the socket's buffers are full (megabytes).
-    let served = timeout(Duration::from_secs(30), waiting.response())
-        .await
-        .expect("the waiting caller is served once the stuck connection is cut off")
-        .expect("an answer");
-    assert_eq!(served.status, 200, "{}", served.text());
+    a_waiting_caller_is_served(
+        addr,
+        &path,
+        Duration::from_secs(30),
+        "the stuck connection is cut off",
+    )
+    .await;
     drop(writer);
 }
 
@@ -495,36 +491,58 @@ async fn a_burst_of_1500_connections_is_accepted_without_syn_drops() {
 /// one. The proxy grows the table at start (its size shows in `/proc/<pid>/status`), and a
 /// burst issued back to back right after start (every connect sent before any completes) is
 /// accepted with none waiting for a SYN retransmit.
+///
+/// The table's size is what fails without the growth at start (checked: on a quiet machine the
+/// RCU stalls are short and the burst alone gets through). The burst shows the outcome, and a
+/// machine loaded by the rest of the suite can drop a SYN now and then whatever the table
+/// (seen once in a full CI run: 1.04 s), so up to three fresh processes are tried.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_fresh_process_takes_its_first_burst_without_syn_drops() {
     const MAX_CONNECTIONS: u64 = 2000;
-    const BURST: usize = 1500;
+    const ATTEMPTS: usize = 3;
     let sim = start_simulator().await;
     let mut config = ProxyConfig::for_simulator(&sim);
     config
         .set("server.max_connections", &MAX_CONNECTIONS.to_string())
         .set_str("log.level", "info");
-    let proxy = FreshProxy::start(&config.to_toml());
-
-    // The table holds max_connections descriptors before the first connection (or as many as
-    // the soft RLIMIT_NOFILE allows, which the child inherits).
-    let soft_limit = open_files_soft_limit();
-    let status = std::fs::read_to_string(format!("/proc/{}/status", proxy.child.id()))
-        .expect("the proxy's /proc status");
-    let table: u64 = status
-        .lines()
-        .find_map(|line| line.strip_prefix("FDSize:"))
-        .and_then(|size| size.trim().parse().ok())
-        .expect("FDSize in /proc status");
-    assert!(
-        table >= MAX_CONNECTIONS.min(soft_limit),
-        "descriptor table of {table} at start, below max_connections {MAX_CONNECTIONS}"
+    let mut slowest_of_each = Vec::new();
+    for _ in 0..ATTEMPTS {
+        let proxy = FreshProxy::start(&config.to_toml());
+        // The table holds max_connections descriptors before the first connection (or as many
+        // as the soft RLIMIT_NOFILE allows, which the child inherits).
+        let soft_limit = open_files_soft_limit();
+        let status = std::fs::read_to_string(format!("/proc/{}/status", proxy.child.id()))
+            .expect("the proxy's /proc status");
+        let table: u64 = status
+            .lines()
+            .find_map(|line| line.strip_prefix("FDSize:"))
+            .and_then(|size| size.trim().parse().ok())
+            .expect("FDSize in /proc status");
+        assert!(
+            table >= MAX_CONNECTIONS.min(soft_limit),
+            "descriptor table of {table} at start, below max_connections {MAX_CONNECTIONS}"
+        );
+        let slowest = slowest_connect_of_a_burst(proxy.addr).await;
+        if slowest < Duration::from_millis(900) {
+            return;
+        }
+        slowest_of_each.push(slowest);
+    }
+    panic!(
+        "the slowest of {BURST} connects took {slowest_of_each:?} in each of {ATTEMPTS} fresh \
+         processes: SYNs were dropped"
     );
+}
 
-    // Every connect issued before any is awaited: one tight loop of connect() calls.
+/// Connects in a fresh process's first burst.
+const BURST: usize = 1500;
+
+/// How long the slowest of [`BURST`] connects to `addr` took, every connect issued before any
+/// is awaited: one tight loop of connect() calls.
+async fn slowest_connect_of_a_burst(addr: SocketAddr) -> Duration {
     let started = Instant::now();
     let mut connects: Vec<_> = (0..BURST)
-        .map(|_| Box::pin(TcpStream::connect(proxy.addr)))
+        .map(|_| Box::pin(TcpStream::connect(addr)))
         .collect();
     let mut took: Vec<Option<Duration>> = vec![None; BURST];
     let mut streams = Vec::with_capacity(BURST);
@@ -546,12 +564,7 @@ async fn a_fresh_process_takes_its_first_burst_without_syn_drops() {
         }
     })
     .await;
-    let slowest = took.into_iter().flatten().max().unwrap_or_default();
-    assert!(
-        slowest < Duration::from_millis(900),
-        "the slowest of {BURST} connects took {slowest:?}: SYNs were dropped"
-    );
-    drop(streams);
+    took.into_iter().flatten().max().unwrap_or_default()
 }
 
 /// The soft limit on open files this process (and so its children) runs with.

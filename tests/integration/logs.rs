@@ -15,6 +15,7 @@ use std::sync::{mpsc, Arc, Mutex};
 use std::thread;
 use std::time::{Duration, Instant};
 
+use crate::support::calls::basic;
 use crate::support::temp_file::TempFile;
 use crate::support::*;
 use base64::Engine as _;
@@ -213,10 +214,6 @@ impl Caller {
         let url = format!("{}/readyz", self.admin);
         self.send(Method::GET, &url, "readyz", &[], None).await.0 == 200
     }
-}
-
-fn basic(user: &str, key: &str) -> String {
-    format!("Basic {}", base64_of(&format!("{user}:{key}")))
 }
 
 fn base64_of(text: &str) -> String {

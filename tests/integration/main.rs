@@ -10,6 +10,7 @@
 
 mod support;
 
+mod admin_listener;
 mod audit;
 mod auth_throttle;
 mod cache;

@@ -19,10 +19,10 @@ use std::path::PathBuf;
 use std::sync::OnceLock;
 use std::time::Duration;
 
+use crate::support::calls::{basic, consent_path};
 use crate::support::raw_http::read_raw_answer;
 use crate::support::yaml::yaml_to_json;
 use crate::support::*;
-use base64::Engine as _;
 use bytes::Bytes;
 use consent_proxy::consent::ConsentStatus;
 use consent_proxy::error::{FieldProblem, ProxyError};
@@ -572,15 +572,6 @@ impl<'a> Ask<'a> {
         assert_documented(&exchange);
         response
     }
-}
-
-fn consent_path(contact: &str) -> String {
-    format!("/voicebiometrics/contacts/{contact}/consent")
-}
-
-fn basic(user: &str, key: &str) -> String {
-    let encoded = base64::engine::general_purpose::STANDARD.encode(format!("{user}:{key}"));
-    format!("Basic {encoded}")
 }
 
 const RW: (&str, &str) = ("x-api-key", RW_KEY);

@@ -1,16 +1,26 @@
 //! The shared OAuth token, end to end over real sockets (proxy and simulator in-process, on
 //! port 0): one fetch for a cold burst, renewal before expiry, one renewal for a burst of
 //! upstream 401s, fail-fast while the token endpoint is down and recovery without a restart,
-//! malformed token answers, and the same 401 handling for PUT.
+//! malformed token answers, and the same 401 handling for PUT. How the token is asked for
+//! (HTTP Basic or form credentials, the configured scopes, against a stub token endpoint that
+//! records every request) and what a refused or hanging token endpoint means for callers.
 
+use std::convert::Infallible;
 use std::io;
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
+use crate::support::calls::{assert_proxy_error, assert_upstream_untouched, basic};
 use crate::support::*;
 use bytes::Bytes;
 use consent_proxy::consent::ConsentStatus;
 use consent_proxy::simulator::{Fault, SimRoute, Simulator, SimulatorConfig};
+use http::{Method, Request, Response};
+use http_body_util::{BodyExt, Full};
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper_util::rt::TokioIo;
+use tokio::net::TcpListener;
 use tokio::task::JoinSet;
 use tokio::time::Instant;
 
@@ -555,4 +565,277 @@ impl io::Write for LogSink {
     fn flush(&mut self) -> io::Result<()> {
         Ok(())
     }
+}
+
+// ---------------------------------------------------------------------------------------------
+// How the proxy asks for its token (a stub token endpoint that records every request)
+
+/// Decodes an `application/x-www-form-urlencoded` body into pairs.
+fn form_pairs(body: &[u8]) -> Vec<(String, String)> {
+    fn decode(s: &str) -> String {
+        let bytes = s.as_bytes();
+        let mut out = Vec::new();
+        let mut i = 0;
+        while i < bytes.len() {
+            match bytes[i] {
+                b'+' => out.push(b' '),
+                b'%' => {
+                    let hex = std::str::from_utf8(&bytes[i + 1..i + 3]).unwrap();
+                    out.push(u8::from_str_radix(hex, 16).unwrap());
+                    i += 2;
+                }
+                b => out.push(b),
+            }
+            i += 1;
+        }
+        String::from_utf8(out).unwrap()
+    }
+    std::str::from_utf8(body)
+        .unwrap()
+        .split('&')
+        .filter(|p| !p.is_empty())
+        .map(|pair| {
+            let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
+            (decode(k), decode(v))
+        })
+        .collect()
+}
+
+/// A token request as a stub token endpoint received it.
+#[derive(Debug, Clone)]
+struct SeenTokenRequest {
+    method: Method,
+    path: String,
+    headers: http::HeaderMap,
+    body: Bytes,
+}
+
+/// A token endpoint that records every request and answers a fixed token, so tests can see
+/// exactly how the proxy asks for tokens.
+struct TokenStub {
+    url: String,
+    seen: Arc<Mutex<Vec<SeenTokenRequest>>>,
+}
+
+impl TokenStub {
+    async fn start() -> TokenStub {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let recorded = seen.clone();
+        tokio::spawn(async move {
+            while let Ok((stream, _)) = listener.accept().await {
+                let recorded = recorded.clone();
+                tokio::spawn(async move {
+                    let service = service_fn(move |request: Request<Incoming>| {
+                        let recorded = recorded.clone();
+                        async move {
+                            let (parts, body) = request.into_parts();
+                            let body = body.collect().await.map(|b| b.to_bytes());
+                            recorded.lock().unwrap().push(SeenTokenRequest {
+                                method: parts.method,
+                                path: parts.uri.path().to_owned(),
+                                headers: parts.headers,
+                                body: body.unwrap_or_default(),
+                            });
+                            let answer = Response::builder()
+                                .header("content-type", "application/json")
+                                .body(Full::new(Bytes::from_static(
+                                    br#"{"access_token":"stub-token","token_type":"Bearer","expires_in":600}"#,
+                                )))
+                                .unwrap();
+                            Ok::<_, Infallible>(answer)
+                        }
+                    });
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(TokioIo::new(stream), service)
+                        .await;
+                });
+            }
+        });
+        TokenStub {
+            url: format!("http://{addr}/oauth/token"),
+            seen,
+        }
+    }
+
+    fn requests(&self) -> Vec<SeenTokenRequest> {
+        self.seen.lock().unwrap().clone()
+    }
+}
+
+/// A proxy whose token endpoint is a [`TokenStub`]; returns once it holds the stub's token.
+async fn proxy_with_token_stub(configure: impl FnOnce(&mut ProxyConfig)) -> (TokenStub, Harness) {
+    let stub = TokenStub::start().await;
+    let h = Harness::start_with_upstream(|sim| (sim.base_url(), stub.url.clone()), configure).await;
+    h.wait_ready().await;
+    (stub, h)
+}
+
+#[tokio::test]
+async fn token_is_requested_with_http_basic_and_the_configured_scopes() {
+    let (stub, _h) = proxy_with_token_stub(|_| {}).await;
+    let requests = stub.requests();
+    assert_eq!(requests.len(), 1, "{requests:?}");
+    let request = &requests[0];
+    assert_eq!(request.method, Method::POST);
+    assert_eq!(request.path, "/oauth/token");
+    assert_eq!(
+        request.headers["content-type"],
+        "application/x-www-form-urlencoded"
+    );
+    assert_eq!(
+        request.headers["authorization"],
+        basic(SIM_CLIENT_ID, SIM_CLIENT_SECRET).as_str()
+    );
+    let form = form_pairs(&request.body);
+    assert_eq!(
+        form,
+        vec![
+            ("grant_type".to_owned(), "client_credentials".to_owned()),
+            (
+                "scope".to_owned(),
+                "voicebiometrics-consent:read voicebiometrics-consent:write".to_owned()
+            ),
+        ]
+    );
+}
+
+#[tokio::test]
+async fn token_request_with_client_auth_post_puts_the_credentials_in_the_form() {
+    let (stub, _h) = proxy_with_token_stub(|c| {
+        c.set_str("talkdesk.client_auth", "post")
+            .set("talkdesk.scopes", r#"["voicebiometrics-consent:read"]"#);
+    })
+    .await;
+    let request = &stub.requests()[0];
+    assert!(!request.headers.contains_key("authorization"));
+    let form = form_pairs(&request.body);
+    let param = |name: &str| {
+        form.iter()
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| v.as_str())
+    };
+    assert_eq!(param("grant_type"), Some("client_credentials"));
+    assert_eq!(param("scope"), Some("voicebiometrics-consent:read"));
+    assert_eq!(param("client_id"), Some(SIM_CLIENT_ID));
+    assert_eq!(param("client_secret"), Some(SIM_CLIENT_SECRET));
+}
+
+#[tokio::test]
+async fn client_auth_post_works_against_the_simulator() {
+    let h = Harness::start_with(|c| {
+        c.set_str("talkdesk.client_auth", "post");
+    })
+    .await;
+    h.sim.set_status("+15550100003", ConsentStatus::Deleted);
+    let get = h.get("+15550100003").await;
+    assert_eq!(get.status, 200);
+    assert_eq!(get.status_field(), "DELETED");
+    assert_eq!(h.put("+15550100003", "CONSENTED").await.status, 200);
+    assert_eq!(h.sim.stats().tokens_issued, 1);
+}
+
+#[tokio::test]
+async fn configured_scopes_are_the_ones_granted() {
+    // Only the read scope: reads work, upstream refuses writes (403, passed through).
+    let h = Harness::start_with(|c| {
+        c.set("talkdesk.scopes", r#"["voicebiometrics-consent:read"]"#);
+    })
+    .await;
+    h.sim.set_status("+15550100004", ConsentStatus::Consented);
+    assert_eq!(h.get("+15550100004").await.status, 200);
+    let put = h.put("+15550100004", "REFUSED").await;
+    assert_eq!(put.status, 403, "{}", put.text());
+    assert_eq!(put.code(), "forbidden");
+    assert!(put.json()["message"]
+        .as_str()
+        .unwrap()
+        .contains("voicebiometrics-consent:write"));
+    assert_eq!(h.sim.puts_for("+15550100004"), 1);
+    assert_eq!(
+        h.sim.stored_status("+15550100004"),
+        Some(ConsentStatus::Consented)
+    );
+}
+
+#[tokio::test]
+async fn wrong_client_secret_is_token_unavailable_quickly() {
+    let h = Harness::start_with(|c| {
+        c.set_str("talkdesk.client_secret", "not-the-sim-secret")
+            .set("server.request_timeout_ms", "10000");
+    })
+    .await;
+    let started = Instant::now();
+    let get = h.get("+15550100005").await;
+    let elapsed = started.elapsed();
+    assert_proxy_error(&get, 503, "token_unavailable");
+    assert!(
+        elapsed < Duration::from_millis(1500),
+        "took {elapsed:?}, the request timeout is 10 s"
+    );
+    assert_upstream_untouched(&h.sim);
+    assert!(h.sim.stats().token_requests >= 1);
+    assert_eq!(h.sim.stats().tokens_issued, 0);
+
+    let ready = h.admin("/readyz").await;
+    assert_eq!(ready.status, 503);
+    assert!(ready.json()["reason"].is_string(), "{}", ready.text());
+}
+
+#[tokio::test]
+async fn hanging_token_endpoint_is_token_unavailable_within_a_second() {
+    let sim = start_simulator().await;
+    // The first token request hangs far longer than a caller may wait for a token.
+    sim.inject(SimRoute::Token, Fault::Delay(Duration::from_secs(5)), 1);
+    let proxy = ProxyConfig::for_simulator(&sim)
+        .set("server.request_timeout_ms", "10000")
+        .set("talkdesk.timeout_ms", "8000")
+        .start()
+        .await;
+    let h = Harness {
+        sim,
+        proxy,
+        http: TestClient::new(),
+    };
+    let started = Instant::now();
+    let get = h.get("+15550100007").await;
+    let elapsed = started.elapsed();
+    assert_proxy_error(&get, 503, "token_unavailable");
+    assert!(
+        elapsed < Duration::from_millis(2000),
+        "took {elapsed:?}, the request timeout is 10 s"
+    );
+    assert_upstream_untouched(&h.sim);
+}
+
+#[tokio::test]
+async fn unknown_scope_is_token_unavailable() {
+    let h = Harness::start_with(|c| {
+        c.set("talkdesk.scopes", r#"["voicebiometrics-consent:admin"]"#);
+    })
+    .await;
+    assert_proxy_error(&h.get("+15550100006").await, 503, "token_unavailable");
+    assert_upstream_untouched(&h.sim);
+    assert_eq!(h.sim.stats().tokens_issued, 0);
+}
+
+#[tokio::test]
+async fn one_token_serves_many_requests() {
+    let h = Harness::start_with(|c| {
+        c.set("cache.enabled", "false");
+    })
+    .await;
+    for i in 0..10 {
+        let contact = format!("+1555020{i:04}");
+        assert_eq!(h.put(&contact, "CONSENTED").await.status, 201);
+        let get = h.get(&contact).await;
+        assert_eq!(get.status, 200);
+        assert_eq!(get.header("x-cache-status"), Some("BYPASS"));
+    }
+    let stats = h.sim.stats();
+    assert_eq!(stats.gets, 10);
+    assert_eq!(stats.puts, 10);
+    assert_eq!(stats.token_requests, 1, "{stats:?}");
+    assert_eq!(stats.unauthorized, 0);
 }

@@ -52,6 +52,9 @@ const LAST_POLL: Duration = Duration::from_millis(25);
 /// The format of a stored answer's plaintext.
 const ANSWER_FORMAT: u8 = 2;
 
+/// Readings of Redis' clock when a session starts (the fastest kept).
+const SESSION_CLOCK_SAMPLES: usize = 5;
+
 /// What a fill found when it began (or looked again).
 enum Begin {
     /// An answer, sealed, and what it must have been sealed with.
@@ -452,6 +455,35 @@ impl SharedCache {
             .key(self.contact_keys(contact))
             .arg(random_id())
             .arg(millis(self.guard_life))
+    }
+
+    /// Reads Redis' clock a few times on `connection` (`TIME`, all within `budget`), so that a
+    /// new session's first shared lookups can tell an answer read after the session began:
+    /// otherwise the first bound would come from the first lookup's own round trip, and one
+    /// slow round trip right after a start (a loaded machine) made it loose enough to refuse
+    /// good answers (safe, but Talkdesk read again). Best effort: a failure or the budget's end
+    /// stops it, and the session starts all the same.
+    pub(in crate::cluster) async fn time_redis(
+        &self,
+        connection: &MultiplexedConnection,
+        budget: Duration,
+    ) {
+        let samples = async {
+            let command = redis::cmd("TIME");
+            for _ in 0..SESSION_CLOCK_SAMPLES {
+                let mut connection = connection.clone();
+                let sent = Instant::now();
+                let Ok((seconds, micros)) =
+                    command.query_async::<(u64, u64)>(&mut connection).await
+                else {
+                    return;
+                };
+                // As the scripts read it: whole milliseconds.
+                self.clock
+                    .observe(sent, seconds.saturating_mul(1000) + micros / 1000);
+            }
+        };
+        let _ = tokio::time::timeout(budget, samples).await;
     }
 
     /// Starts a new epoch: Redis may have lost writes (it restarted or failed over), so no

@@ -264,13 +264,7 @@ async fn a_stale_answer_never_predates_a_write_through_another_instance() {
             .set("cache.stale_if_error_s", "30");
         proxies.push(Instance::start(&config).await);
     }
-    let fleet = Arc::new(Fleet {
-        sim,
-        redis: std::sync::Mutex::new(redis),
-        proxies,
-        http: TestClient::new(),
-    });
-    fleet.wait_live(0..2).await;
+    let fleet = Arc::new(Fleet::of(sim, redis, proxies).await);
     let (written, read) = ("+15550500001", "+15550500002");
     for contact in [written, read] {
         fleet.cache_everywhere(contact, "CONSENTED").await;
@@ -368,13 +362,7 @@ async fn outage(kind: Outage) {
             };
         proxies.push(Instance::start(&cluster_config(&sim, &url)).await);
     }
-    let fleet = Fleet {
-        sim,
-        redis: std::sync::Mutex::new(redis),
-        proxies,
-        http: TestClient::new(),
-    };
-    fleet.wait_live(0..3).await;
+    let fleet = Fleet::of(sim, redis, proxies).await;
 
     let read = "+15550400001";
     let written = "+15550400002";

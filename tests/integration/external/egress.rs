@@ -34,6 +34,20 @@ async fn readyz(http: &TestClient, proxy: &AppHandle) -> TestResponse {
     ProxyClient { http, proxy }.admin("/readyz").await
 }
 
+/// Waits (bounded) until `proxy` reports ready.
+async fn wait_ready(http: &TestClient, proxy: &AppHandle) {
+    ProxyClient { http, proxy }.wait_ready().await
+}
+
+/// A proxy in front of `fake` that trusts `ca_file` and reaches it through `proxy_url`.
+async fn start_through(fake: &FakeTalkdesk, ca_file: &str, proxy_url: &str) -> AppHandle {
+    config_for(fake)
+        .set_str("egress.ca_file", ca_file)
+        .set_str("egress.proxy_url", proxy_url)
+        .start()
+        .await
+}
+
 /// Waits until `/readyz` answers 503 with a reason containing `needle`; returns the reason.
 async fn wait_unready_because(http: &TestClient, proxy: &AppHandle, needle: &str) -> String {
     let mut last = String::new();
@@ -88,12 +102,7 @@ async fn a_certificate_from_an_unknown_ca_is_refused_saying_why_and_trusted_with
         .set_str("egress.ca_file", &pki.ca_file.display().to_string())
         .start()
         .await;
-    ProxyClient {
-        http: &http,
-        proxy: &trusting,
-    }
-    .wait_ready()
-    .await;
+    wait_ready(&http, &trusting).await;
     assert_get_and_put_work(&http, &trusting).await;
     trusting.shutdown().await;
 }
@@ -104,29 +113,16 @@ async fn through_the_forward_proxy_one_tunnel_carries_every_request() {
     let fake = FakeTalkdesk::start(&pki, ALPN).await;
     let forward = ForwardProxy::start(&[fake.addr.port()], None);
     let http = TestClient::new();
-    let proxy = config_for(&fake)
-        .set_str("egress.ca_file", &pki.ca_file.display().to_string())
-        .set_str("egress.proxy_url", &forward.url())
-        .start()
-        .await;
-    ProxyClient {
+    let ca_file = pki.ca_file.display().to_string();
+    let proxy = start_through(&fake, &ca_file, &forward.url()).await;
+    wait_ready(&http, &proxy).await;
+    assert_get_and_put_work(&http, &proxy).await;
+    let client = ProxyClient {
         http: &http,
         proxy: &proxy,
-    }
-    .wait_ready()
-    .await;
-    assert_get_and_put_work(&http, &proxy).await;
+    };
     for _ in 0..20 {
-        assert_eq!(
-            ProxyClient {
-                http: &http,
-                proxy: &proxy
-            }
-            .get(CONTACT)
-            .await
-            .status,
-            200
-        );
+        assert_eq!(client.get(CONTACT).await.status, 200);
     }
     let upstream_requests = fake.seen().len();
     let tunnels = forward.connects();
@@ -157,28 +153,15 @@ async fn each_way_a_tunnel_fails_has_its_own_reason() {
         (refusing.url(), "403 (the proxy's policy forbids"),
         (down, "is unreachable"),
     ] {
-        let proxy = config_for(&fake)
-            .set_str("egress.ca_file", &ca_file)
-            .set_str("egress.proxy_url", &proxy_url)
-            .start()
-            .await;
+        let proxy = start_through(&fake, &ca_file, &proxy_url).await;
         let reason = wait_unready_because(&http, &proxy, needle).await;
         assert!(reason.contains("the egress proxy 127.0.0.1:"), "{reason}");
         assert_refused_at_once(&http, &proxy).await;
         proxy.shutdown().await;
     }
 
-    let proxy = config_for(&fake)
-        .set_str("egress.ca_file", &ca_file)
-        .set_str("egress.proxy_url", &with_credentials)
-        .start()
-        .await;
-    ProxyClient {
-        http: &http,
-        proxy: &proxy,
-    }
-    .wait_ready()
-    .await;
+    let proxy = start_through(&fake, &ca_file, &with_credentials).await;
+    wait_ready(&http, &proxy).await;
     assert_get_and_put_work(&http, &proxy).await;
     let reasons = readyz(&http, &proxy).await.text();
     assert!(!reasons.contains("pr0xy-pw"), "{reasons}");

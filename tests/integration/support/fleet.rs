@@ -338,13 +338,19 @@ impl Fleet {
             configure(i, &mut config);
             proxies.push(Instance::start(&config).await);
         }
+        Self::of(sim, redis, proxies).await
+    }
+
+    /// The fleet of these instances, once each is ready with its feed live (for tests that
+    /// start their instances themselves, e.g. some behind a relay).
+    pub async fn of(sim: Simulator, redis: RedisServer, proxies: Vec<Instance>) -> Fleet {
         let fleet = Fleet {
             sim,
             redis: std::sync::Mutex::new(redis),
             proxies,
             http: TestClient::new(),
         };
-        fleet.wait_live(0..instances).await;
+        fleet.wait_live(0..fleet.proxies.len()).await;
         fleet
     }
 

@@ -3,6 +3,7 @@
 #![allow(dead_code)]
 
 pub mod audit;
+pub mod calls;
 pub mod child_proxy;
 pub mod fake_upstream;
 pub mod fleet;
