@@ -11,6 +11,12 @@ counts, for one binary:
         simulator runs outside valgrind and answers unknown contacts 200 NO_CONSENT)
   close (only when SCENARIOS names it) a cache hit on a new connection each
         (`Connection: close`): what a connection's accept, task and teardown add to a hit
+
+With NGINX=1 it also counts nginx (one process, `master_process off`) with benches/nginx.conf,
+the configuration of benches/compare.sh's targets c and f, in front of the same simulator:
+  nginx hit   a `proxy_cache` hit (target c)
+  nginx pass  plain `proxy_pass` of a new contact each (target f: nginx's miss, against the
+              proxy's)
   bare  with BARE_BIN set, the bare hyper server of benches/bare_hyper.rs answering a static
         consent body: the limit a hit is measured against (hit/bare)
 
@@ -84,6 +90,8 @@ PROFILE_MATCH = os.environ.get(
 ALLOCATORS = {"malloc", "calloc", "realloc"}
 SCENARIOS = os.environ.get("SCENARIOS", "sim,hit,miss").split(",")
 OTEL_SAMPLE_RATIOS = [r for r in os.environ.get("OTEL_SAMPLE_RATIOS", "").split(",") if r]
+NGINX = os.environ.get("NGINX") == "1"
+NGINX_CONF = os.path.join(os.path.dirname(os.path.abspath(__file__)), "nginx.conf")
 
 
 class Collector(BaseHTTPRequestHandler):
@@ -288,7 +296,9 @@ def measure(binary):
         )
         try:
             wait_port(sim_port)
-            seeded_simulator(sim_port)
+            token = seeded_simulator(sim_port)["authorization"].removeprefix("Bearer ")
+            if NGINX and binary == sys.argv[1]:
+                results.update(measure_nginx(sim_port, token))
             collector = start_collector() if OTEL_SAMPLE_RATIOS else None
             runs = [(name, "") for name in ("hit", "miss", "close") if name in SCENARIOS]
             runs += [(f"hit, traced at {ratio}",
@@ -311,6 +321,40 @@ def measure(binary):
         finally:
             sim.terminate()
             sim.wait()
+    return results
+
+
+def nginx_config(workdir, port, pass_port, sim_port, token):
+    """benches/nginx.conf as compare.sh fills it in, as one process (valgrind follows one)."""
+    cache = os.path.join(workdir, "nginx-cache")
+    os.makedirs(cache, exist_ok=True)
+    with open(NGINX_CONF) as f:
+        text = f.read()
+    for name, value in {
+        "@WORKDIR@": workdir, "@CACHE_DIR@": cache, "@KEYS_ZONE_MB@": "16",
+        "@MAX_SIZE_MB@": "256", "@BACKEND@": f"127.0.0.1:{sim_port}", "@PORT@": str(port),
+        "@PASS_PORT@": str(pass_port), "@TOKEN@": token, "@VALID@": "1d", "@DIRECTIVES@": "",
+    }.items():
+        text = text.replace(name, value)
+    text = text.replace("master_process on;", "master_process off;")
+    if os.geteuid() == 0:
+        text = "user root;\n" + text
+    config = os.path.join(workdir, "nginx.conf")
+    with open(config, "w") as f:
+        f.write(text)
+    return ["nginx", "-p", workdir, "-e", os.path.join(workdir, "nginx-error.log"), "-c", config]
+
+
+def measure_nginx(sim_port, token):
+    """{"nginx hit": ..., "nginx pass": ...}: (instructions, allocations) per request."""
+    results = {}
+    for name in ("nginx hit", "nginx pass"):
+        with tempfile.TemporaryDirectory() as workdir:
+            port, pass_port = free_port(), free_port()
+            argv = nginx_config(workdir, port, pass_port, sim_port, token)
+            results[name] = per_request(
+                argv, port if name == "nginx hit" else pass_port, lambda _: {}, workdir,
+                distinct=name == "nginx pass", label=name.replace(" ", "-"))
     return results
 
 
@@ -349,6 +393,9 @@ def main():
         print(f"{binary:40} {cells[0]:>16} {cells[1]:>16} {cells[2]:>16} {ratio:>8}")
         if "close" in r:
             print(f"  hit on a new connection each: {cell(r, 'close')}")
+        if "nginx hit" in r:
+            print(f"  nginx (benches/nginx.conf), proxy_cache hit: {cell(r, 'nginx hit')};"
+                  f" proxy_pass of a new contact: {cell(r, 'nginx pass')}")
         for ratio in OTEL_SAMPLE_RATIOS:
             name = f"hit, traced at {ratio}"
             against = f", {r[name][0] / r['hit'][0]:.3f} x the plain hit" if "hit" in r else ""
