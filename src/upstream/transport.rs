@@ -234,10 +234,7 @@ mod tests {
     use http_body_util::StreamBody;
     use hyper::body::Frame;
 
-    fn body_of(
-        frames: Vec<Frame<Bytes>>,
-    ) -> StreamBody<futures_util::stream::Iter<std::vec::IntoIter<Result<Frame<Bytes>, String>>>>
-    {
+    fn body_of(frames: Vec<Frame<Bytes>>) -> impl Body<Data = Bytes, Error = String> + Unpin {
         StreamBody::new(futures_util::stream::iter(
             frames.into_iter().map(Ok).collect::<Vec<_>>(),
         ))
