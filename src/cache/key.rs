@@ -20,7 +20,7 @@ pub struct Key {
 
 impl Key {
     /// The id's hash (low bits: the change log's slot; bits 32 and up: the shard).
-    pub fn hash(&self) -> u64 {
+    pub fn keyed_hash(&self) -> u64 {
         self.hash
     }
 }
@@ -88,19 +88,22 @@ mod tests {
     }
 
     #[test]
-    fn a_key_hashes_as_its_id_did_and_is_equal_by_id() {
+    fn one_contact_one_key_and_the_maps_hash_it_as_its_keyed_hash() {
         let keys = Keys::new();
         let (a, b) = (
             keys.of(&contact("+15550000001")),
             keys.of(&contact("%2B15550000001")),
         );
-        assert!(a == b && a.hash() == b.hash(), "one contact, one key");
-        assert_eq!(KeyHashing::default().hash_one(&a), a.hash());
+        assert!(
+            a == b && a.keyed_hash() == b.keyed_hash(),
+            "one contact, one key"
+        );
+        assert_eq!(KeyHashing::default().hash_one(&a), a.keyed_hash());
         assert!(a != keys.of(&contact("+15550000002")));
-        let other_process = Keys::new();
+        let another_cache = Keys::new();
         assert_ne!(
-            other_process.of(&contact("+15550000001")).hash(),
-            a.hash(),
+            another_cache.of(&contact("+15550000001")).keyed_hash(),
+            a.keyed_hash(),
             "seeded per cache"
         );
     }

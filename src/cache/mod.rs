@@ -450,7 +450,7 @@ impl ConsentCache {
             return None;
         }
         let ms = match self.inner.changes.get() {
-            Some(changes) => changes.last_change(key.hash()),
+            Some(changes) => changes.last_change(key.keyed_hash()),
             None => self.change_ms(),
         };
         drop(shard);
@@ -460,7 +460,7 @@ impl ConsentCache {
     /// Records a change of `key` now.
     fn changed(&self, key: &Key) {
         if let Some(changes) = self.inner.changes.get() {
-            changes.changed(key.hash(), self.change_ms());
+            changes.changed(key.keyed_hash(), self.change_ms());
         }
     }
 
@@ -504,7 +504,7 @@ impl ConsentCache {
     /// (impossible in practice) is simply taken over.
     fn shard(&self, key: &Key) -> MutexGuard<'_, HashMap<Key, KeyState, KeyHashing>> {
         // Bits the shard's own map does not index by (its low bits) nor tag by (its top 7).
-        let index = (key.hash() >> 32) as usize & (SHARDS - 1);
+        let index = (key.keyed_hash() >> 32) as usize & (SHARDS - 1);
         self.inner.shards[index]
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
