@@ -50,6 +50,8 @@ fn any_segment() -> impl Strategy<Value = String> {
         valid_contact_id(),
         valid_contact_id().prop_map(|id| format!("{id}%")),
         "[A-Za-z0-9+._-]{60,70}",
+        // A first character the rule refuses there only, escaped or not, then valid ones.
+        "(%2[eEdD]|%5[fF]|[._-])(%[0-9A-Fa-f]{2}|[A-Za-z0-9+._-]){0,63}",
     ]
 }
 
