@@ -392,7 +392,7 @@ impl ConsentRoutes {
         request: Request<B>,
         outcome: &mut Outcome,
     ) -> Result<Routed<B>, ProxyError> {
-        if self.token_endpoint(request.uri().path()).is_none() {
+        if self.token_endpoint.is_none() || request.uri().path() != TOKEN_PATH {
             return Err(ProxyError::NotFound);
         }
         outcome.http_route = Some(TOKEN_PATH);
@@ -400,11 +400,6 @@ impl ConsentRoutes {
             return Err(ProxyError::MethodNotAllowed { allow: "POST" });
         }
         Ok(Routed::Waits(Wait::TokenRequest(request)))
-    }
-
-    /// The token endpoint, when enabled and `path` is its path.
-    fn token_endpoint(&self, path: &str) -> Option<&TokenEndpoint> {
-        self.token_endpoint.as_ref().filter(|_| path == TOKEN_PATH)
     }
 
     /// What a request waits for: a fill or upstream, a body.
@@ -450,10 +445,8 @@ impl ConsentRoutes {
             Wait::TokenRequest(request) => {
                 let (parts, body) = request.into_parts();
                 let body = self.read_body(body, context.deadline).await?;
-                // Found by `other_route`.
-                let endpoint = self
-                    .token_endpoint(parts.uri.path())
-                    .ok_or(ProxyError::NotFound)?;
+                // `other_route` matched the path to the enabled endpoint.
+                let endpoint = self.token_endpoint.as_ref().ok_or(ProxyError::NotFound)?;
                 let answer = endpoint.answer(&parts.headers, &body, address);
                 context.caller = answer.caller;
                 outcome.token_refusal = answer.refusal;

@@ -252,7 +252,7 @@ async fn a_stale_answer_never_predates_a_write_through_another_instance() {
     .await;
     let sim = start_simulator().await;
     let redis = RedisServer::start();
-    let relay = Relay::start(([127, 0, 0, 1], redis.port()).into()).await;
+    let relay = Relay::before(&redis).await;
     let mut proxies = Vec::new();
     for redis_url in [relay.url(), redis.url()] {
         let mut config = cluster_config(&sim, &redis_url);
@@ -351,7 +351,7 @@ enum Outage {
 async fn outage(kind: Outage) {
     let sim = start_simulator().await;
     let redis = RedisServer::start();
-    let relay = Relay::start(([127, 0, 0, 1], redis.port()).into()).await;
+    let relay = Relay::before(&redis).await;
     let mut proxies = Vec::new();
     for i in 0..3 {
         let url =

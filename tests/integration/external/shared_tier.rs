@@ -143,7 +143,7 @@ async fn a_just_started_instance_takes_shared_answers_though_its_first_round_tri
     const HELD: Duration = Duration::from_millis(200);
     let sim = start_simulator().await;
     let redis = RedisServer::start();
-    let relay = Relay::start(([127, 0, 0, 1], redis.port()).into()).await;
+    let relay = Relay::before(&redis).await;
     let mut proxies = Vec::new();
     for redis_url in [redis.url(), relay.url()] {
         let mut config = cluster_config(&sim, &redis_url);

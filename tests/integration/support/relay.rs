@@ -10,6 +10,8 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 
+use super::redis_server::RedisServer;
+
 pub struct Relay {
     addr: SocketAddr,
     paused: watch::Sender<bool>,
@@ -17,8 +19,9 @@ pub struct Relay {
 }
 
 impl Relay {
-    /// A relay on a free loopback port to `target`.
-    pub async fn start(target: SocketAddr) -> Relay {
+    /// A relay on a free loopback port to `redis`.
+    pub async fn before(redis: &RedisServer) -> Relay {
+        let target = SocketAddr::from(([127, 0, 0, 1], redis.port()));
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind relay");
         let addr = listener.local_addr().expect("relay address");
         let (paused, watch_paused) = watch::channel(false);
