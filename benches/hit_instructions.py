@@ -87,7 +87,7 @@ PROFILE_MATCH = os.environ.get(
     r"consent_proxy::|sha2::|moka::|prometheus::|tracing|hyper::proto|hyper_util::client"
     r"|hyper::client|tokio::runtime::task|^malloc|^free|^realloc",
 )
-ALLOCATORS = {"malloc", "calloc", "realloc"}
+ALLOCATORS = {"malloc", "calloc", "realloc", "mi_malloc_aligned", "mi_zalloc_aligned", "mi_realloc_aligned"}
 SCENARIOS = os.environ.get("SCENARIOS", "sim,hit,miss").split(",")
 OTEL_SAMPLE_RATIOS = [r for r in os.environ.get("OTEL_SAMPLE_RATIOS", "").split(",") if r]
 NGINX = os.environ.get("NGINX") == "1"
