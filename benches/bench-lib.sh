@@ -52,7 +52,7 @@ case $PRIORITY in
 esac
 
 # WORK: a work directory; every process started with `start` is stopped on exit, NGINX_CACHE
-# removed, WORK too unless KEEP_WORKDIR=1.
+# removed, WORK too unless KEEP_WORKDIR=1 or the run failed (its logs say why).
 WORK=$(mktemp -d "/tmp/consent-$BENCH.XXXXXX")
 chmod 755 "$WORK"
 NGINX_CACHE=""
@@ -68,7 +68,7 @@ cleanup() {
         wait "$pid" 2>/dev/null || true
     done
     if [[ -n $NGINX_CACHE ]]; then rm -rf "$NGINX_CACHE"; fi
-    if [[ ${KEEP_WORKDIR:-0} == 1 ]]; then
+    if [[ ${KEEP_WORKDIR:-0} == 1 || $status != 0 ]]; then
         echo "work directory kept: $WORK" >&2
     else
         rm -rf "$WORK"
@@ -80,16 +80,18 @@ trap 'echo "$BENCH: line $LINENO: \"$BASH_COMMAND\" failed" >&2' ERR
 trap 'exit 130' INT TERM
 
 # Ports below the kernel's ephemeral range, which wrk's thousands of connections (and their
-# TIME_WAIT) cover: a port nobody listens on there may still be taken for binding.
-USED_PORTS=" "
+# TIME_WAIT) cover: a port nobody listens on there may still be taken for binding. Ports handed
+# out are remembered in a file, not a variable: callers take them as `$(free_port)`, a subshell,
+# and two ports taken before either server binds (a proxy's two, nginx's two) must differ.
 EPHEMERAL_FROM=$(cut -f1 /proc/sys/net/ipv4/ip_local_port_range 2>/dev/null || echo 32768)
+: >"$WORK/ports-taken"
 free_port() {
     local port
     for _ in $(seq 200); do
         port=$((10000 + RANDOM % (EPHEMERAL_FROM - 10000)))
-        [[ $USED_PORTS == *" $port "* ]] && continue
+        grep -qx "$port" "$WORK/ports-taken" && continue
         if ! (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null; then
-            USED_PORTS+="$port "
+            echo "$port" >>"$WORK/ports-taken"
             echo "$port"
             return
         fi
@@ -119,7 +121,7 @@ wait_ok() {
         curl -fsS -o /dev/null "$@" "$url" 2>/dev/null && return
         sleep 0.1
     done
-    die "$url did not come up; logs in $WORK (KEEP_WORKDIR=1 keeps them)"
+    die "$url did not come up; logs in $WORK"
 }
 
 # header_of URL HEADER [CURL ARGS...]: the value of HEADER in one GET's answer.

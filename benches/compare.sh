@@ -47,7 +47,7 @@
 #   BASE_BIN              another consent-proxy binary, for targets g and i [none]
 #   QUIET_WAIT [0]        before each round, wait up to this many seconds for both cores to
 #                         be at least 90% idle (other people's builds skew every figure)
-#   KEEP_WORKDIR=1        keep the work directory (configs, logs, raw wrk output)
+#   KEEP_WORKDIR=1        keep the work directory (configs, logs, raw wrk output); a failed run keeps it anyway
 # Needs: wrk, nginx, varnishd, curl, taskset (Debian: apt-get install -y wrk nginx varnish).
 #
 # The simulator answers unknown contacts 200 {"status":"NO_CONSENT"} (its /_sim/unknown-contact
