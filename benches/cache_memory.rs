@@ -2,6 +2,7 @@
 //! by default, and with `stale_if_error_s` set: its entries live longer, not larger), side by
 //! side with a bare moka cache of the same keys holding unit values with a TTL (moka's floor).
 //! Each variant runs in its own child process so one's freed memory cannot hide the other's.
+//! The allocator is the binary's (mimalloc), so the figures are what ships.
 //!
 //! `cargo bench --bench cache_memory` (optionally `ENTRIES=N`).
 
@@ -13,6 +14,9 @@ use consent_proxy::cache::{CacheMetrics, ConsentCache, Lookup};
 use consent_proxy::config::CacheSettings;
 use consent_proxy::consent::ConsentAnswer;
 use consent_proxy::consent::{ConsentStatus, ContactId};
+
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 fn rss_bytes() -> u64 {
     let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
